@@ -1,0 +1,1 @@
+"""fleetpki enrollment service: CA, registry, EST, admin API and the embedded broker."""

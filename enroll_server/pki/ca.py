@@ -1,0 +1,186 @@
+"""The CA hierarchy: an offline-style root, an online issuing CA and the TLS server certificate."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from enroll_server.pki.keys import PrivateKey, PublicKey, signature_hash
+from enroll_server.pki.serial import new_serial
+
+# Certificates are backdated a little so that a relying party whose clock lags (a Pi that has
+# just synced, a broker in another zone) does not see them as "not yet valid".
+CA_BACKDATE = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class PkiUrls:
+    """Where relying parties find revocation data (RFC 5280 4.2.1.13, 4.2.2.1)."""
+
+    crl: str
+    ocsp: str
+    ca_issuers: str
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """A CA certificate, its signing key and the URLs its certificates point to."""
+
+    cert: x509.Certificate
+    key: PrivateKey
+    urls: PkiUrls | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CaHierarchy:
+    root_cert: x509.Certificate
+    root_key: PrivateKey
+    issuing_cert: x509.Certificate
+    issuing_key: PrivateKey
+    server_cert: x509.Certificate
+    server_key: PrivateKey
+
+
+def _name(common_name: str, organization: str = "fleetpki") -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    # RFC 5280 4.2.1.3: a CA signs certificates and CRLs; digitalSignature for OCSP responses.
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def build_root_ca(
+    key: PrivateKey, common_name: str, now: datetime, days: int = 3650
+) -> x509.Certificate:
+    """Self-signed root, pathLen 1: it may sign one level of CA (the issuing CA) and no more."""
+    name = _name(common_name)
+    pub = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(pub)
+        .serial_number(new_serial())
+        .not_valid_before(now - CA_BACKDATE)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+        .sign(key, signature_hash(key))
+    )
+
+
+def build_issuing_ca(
+    key: PrivateKey, root: Issuer, common_name: str, now: datetime, days: int = 1825
+) -> x509.Certificate:
+    """The online CA that signs device and server certificates, pathLen 0 (RFC 5280 4.2.1.9)."""
+    pub = key.public_key()
+    not_after = min(now + timedelta(days=days), root.cert.not_valid_after_utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(root.cert.subject)
+        .public_key(pub)
+        .serial_number(new_serial())
+        .not_valid_before(now - CA_BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+        .add_extension(_aki(root.cert), critical=False)
+        .sign(root.key, signature_hash(root.key))
+    )
+
+
+def _aki(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def authority_key_identifier(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """AKI for certificates and CRLs signed by `issuer_cert` (RFC 5280 4.2.1.1, 5.2.1)."""
+    return _aki(issuer_cert)
+
+
+def _san_entries(hostnames: Sequence[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for host in hostnames:
+        if host in seen:
+            continue
+        seen.add(host)
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            out.append(x509.DNSName(host))
+    return out
+
+
+def server_hostnames(extra: Sequence[str]) -> list[str]:
+    """localhost, 127.0.0.1 and ::1 always; then each operator-given --hostname."""
+    return ["localhost", "127.0.0.1", "::1", *extra]
+
+
+def build_server_certificate(
+    public_key: PublicKey,
+    issuer: Issuer,
+    hostnames: Sequence[str],
+    now: datetime,
+    days: int = 397,
+) -> x509.Certificate:
+    """TLS server certificate for the EST service and the broker: serverAuth EKU only."""
+    if not hostnames:
+        raise ValueError("a server certificate needs at least one host name")
+    not_after = min(now + timedelta(days=days), issuer.cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hostnames[0]))
+        .issuer_name(issuer.cert.subject)
+        .public_key(public_key)
+        .serial_number(new_serial())
+        .not_valid_before(now - CA_BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                # RSA key transport (TLS 1.2 RSA kx) needs keyEncipherment; EC/Ed25519 never do.
+                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_san_entries(hostnames)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_aki(issuer.cert), critical=False)
+    )
+    return builder.sign(issuer.key, signature_hash(issuer.key))

@@ -1,0 +1,110 @@
+"""CSR policy: what a certificate request may ask for, checked against the caller's grant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from enroll_server.pki.errors import CsrRejected, UnsupportedKey
+from enroll_server.pki.keys import KeyType, PublicKey, key_type_of
+from enroll_server.pki.profile import EndEntityRole
+from fleetpki.identity import SERVICE_URN_PREFIX, URN_PREFIX, DeviceId
+
+# A P-384 or RSA-4096 CSR with a few extensions is < 2 KiB of DER; 16 KiB leaves ample room
+# for any honest request and bounds what an unauthenticated peer can make us parse.
+MAX_CSR_DER = 16 * 1024
+DEFAULT_KEY_TYPES = frozenset(KeyType)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an authenticated caller may obtain: authorization yields it, the issuer enforces it."""
+
+    device_id: DeviceId
+    role: EndEntityRole = EndEntityRole.DEVICE
+    key_types: frozenset[KeyType] = field(default=DEFAULT_KEY_TYPES)
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovedCsr:
+    public_key: PublicKey
+    key_type: KeyType | None
+
+
+def load_csr(der: bytes) -> x509.CertificateSigningRequest:
+    """Parse a DER PKCS#10 request (RFC 2986), refusing oversized or garbage input."""
+    if len(der) > MAX_CSR_DER:
+        raise CsrRejected(f"CSR of {len(der)} bytes exceeds the {MAX_CSR_DER}-byte limit")
+    try:
+        return x509.load_der_x509_csr(der)
+    except ValueError as exc:
+        raise CsrRejected("body is not a DER-encoded PKCS#10 certificate request") from exc
+
+
+def _subject_cn(csr: x509.CertificateSigningRequest) -> str:
+    try:
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as exc:
+        raise CsrRejected("CSR subject cannot be decoded") from exc
+    if len(cns) != 1:
+        raise CsrRejected(f"CSR subject must hold exactly one CN, found {len(cns)}")
+    value = cns[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def _check_extensions(csr: x509.CertificateSigningRequest, grant: Grant) -> None:
+    """Refuse requests for what the grant does not allow; nothing requested is ever copied."""
+    try:
+        extensions = csr.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise CsrRejected(f"CSR extension request cannot be decoded: {exc}") from exc
+    for ext in extensions:
+        value = ext.value
+        if isinstance(value, x509.BasicConstraints) and value.ca:
+            raise CsrRejected("CSR requests CA:TRUE; end-entity certificates are never CAs")
+        if isinstance(value, x509.ExtendedKeyUsage):
+            wrong = [oid for oid in value if oid != ExtendedKeyUsageOID.CLIENT_AUTH]
+            if wrong:
+                names = ", ".join(
+                    "serverAuth" if o == ExtendedKeyUsageOID.SERVER_AUTH else o.dotted_string
+                    for o in wrong
+                )
+                raise CsrRejected(f"CSR requests extended key usage {names}; only clientAuth")
+        if isinstance(value, x509.KeyUsage) and (value.key_cert_sign or value.crl_sign):
+            raise CsrRejected("CSR requests keyCertSign/cRLSign key usage")
+        if isinstance(value, x509.SubjectAlternativeName):
+            prefix = SERVICE_URN_PREFIX if grant.role is EndEntityRole.SERVICE else URN_PREFIX
+            ours = prefix + grant.device_id.value
+            for name in value:
+                if not (isinstance(name, x509.UniformResourceIdentifier) and name.value == ours):
+                    raise CsrRejected(
+                        f"CSR requests subject alternative name {name.value!s}; only {ours}"
+                    )
+
+
+def check_csr(csr: x509.CertificateSigningRequest, grant: Grant) -> ApprovedCsr:
+    """Apply the policy: proof of possession, key type, CN = authenticated id, extensions."""
+    # RFC 2986 4.2 / RFC 7030 3.4: the self-signature proves possession of the private key.
+    if not csr.is_signature_valid:
+        raise CsrRejected("CSR signature is invalid (no proof of possession of the private key)")
+    try:
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedKey) as exc:
+        raise CsrRejected(f"CSR public key cannot be used: {exc}") from exc
+    try:
+        key_type = key_type_of(public_key)
+    except UnsupportedKey as exc:
+        raise CsrRejected(exc.reason) from exc
+    if key_type is not None and key_type not in grant.key_types:
+        raise CsrRejected(f"key type {key_type.value} is not accepted by this CA")
+    cn = _subject_cn(csr)
+    if cn != grant.device_id.value:
+        raise CsrRejected(
+            f"CSR subject CN {cn!r} does not match the authenticated id {grant.device_id.value!r}"
+        )
+    _check_extensions(csr, grant)
+    if not isinstance(public_key, PublicKey):
+        raise CsrRejected(f"key type {type(public_key).__name__} is not accepted")
+    return ApprovedCsr(public_key=public_key, key_type=key_type)

@@ -1,0 +1,124 @@
+"""End-entity certificate profiles: devices (clientAuth) and backend services (clientAuth)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from cryptography import x509
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+
+from enroll_server.pki.ca import Issuer, authority_key_identifier
+from enroll_server.pki.keys import PublicKey, signature_hash
+from enroll_server.pki.serial import new_serial
+from fleetpki.identity import SERVICE_URN_PREFIX, URN_PREFIX, DeviceId
+
+
+class EndEntityRole(StrEnum):
+    DEVICE = "device"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfile:
+    """Validity rules of end-entity certificates.
+
+    `backdate`: devices without a real-time clock boot with a clock that lags until NTP syncs;
+    a notBefore a little in the past keeps a freshly issued certificate usable on them.
+    """
+
+    validity: timedelta = timedelta(days=30)
+    backdate: timedelta = timedelta(minutes=5)
+
+    def __post_init__(self) -> None:
+        if self.validity <= timedelta(0):
+            raise ValueError(f"certificate validity must be positive, got {self.validity}")
+        if self.backdate < timedelta(0):
+            raise ValueError(f"backdate must not be negative, got {self.backdate}")
+
+
+def _uri(device_id: DeviceId, role: EndEntityRole) -> str:
+    prefix = SERVICE_URN_PREFIX if role is EndEntityRole.SERVICE else URN_PREFIX
+    return prefix + device_id.value
+
+
+def build_device_certificate(
+    public_key: PublicKey,
+    device_id: DeviceId,
+    issuer: Issuer,
+    now: datetime,
+    profile: DeviceProfile,
+    role: EndEntityRole = EndEntityRole.DEVICE,
+    serial: int | None = None,
+) -> x509.Certificate:
+    """Build and sign the client certificate of one device (the profile of DESIGN.md).
+
+    Nothing from the CSR but its public key is used: the subject, SAN and every extension come
+    from the authenticated grant, so requested extensions are never copied (RFC 7030 4.2.1
+    leaves this to CA policy).
+    """
+    not_after = now + profile.validity
+    # RFC 5280 4.1.2.5: a certificate must not outlive its issuer.
+    not_after = min(not_after, issuer.cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id.value)]))
+        .issuer_name(issuer.cert.subject)
+        .public_key(public_key)
+        .serial_number(serial if serial is not None else new_serial())
+        .not_valid_before(now - profile.backdate)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        # RFC 5280 4.2.1.6: the subject DN is non-empty, so the SAN is not critical.
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(_uri(device_id, role))]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(authority_key_identifier(issuer.cert), critical=False)
+    )
+    if issuer.urls is not None:
+        builder = builder.add_extension(
+            x509.CRLDistributionPoints(
+                [
+                    x509.DistributionPoint(
+                        full_name=[x509.UniformResourceIdentifier(issuer.urls.crl)],
+                        relative_name=None,
+                        reasons=None,
+                        crl_issuer=None,
+                    )
+                ]
+            ),
+            critical=False,
+        ).add_extension(
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.OCSP,
+                        x509.UniformResourceIdentifier(issuer.urls.ocsp),
+                    ),
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.CA_ISSUERS,
+                        x509.UniformResourceIdentifier(issuer.urls.ca_issuers),
+                    ),
+                ]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer.key, signature_hash(issuer.key))

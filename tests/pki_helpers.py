@@ -1,0 +1,93 @@
+"""Test helpers: an in-memory CA and CSR builders (real keys, real signatures)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from enroll_server.pki.ca import (
+    Issuer,
+    PkiUrls,
+    build_issuing_ca,
+    build_root_ca,
+    build_server_certificate,
+    server_hostnames,
+)
+from enroll_server.pki.keys import KeyType, PrivateKey, generate_key, signature_hash
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate
+from fleetpki.identity import DeviceId
+
+URLS = PkiUrls(
+    crl="http://127.0.0.1:8080/crl",
+    ocsp="http://127.0.0.1:8080/ocsp",
+    ca_issuers="http://127.0.0.1:8080/ca.pem",
+)
+
+
+@dataclass
+class MemoryCa:
+    root: Issuer
+    issuing: Issuer
+    server_cert: x509.Certificate
+    server_key: PrivateKey
+
+    def device_cert(
+        self,
+        device_id: str,
+        *,
+        key: PrivateKey | None = None,
+        now: datetime | None = None,
+        profile: DeviceProfile | None = None,
+    ) -> tuple[x509.Certificate, PrivateKey]:
+        key = key or generate_key(KeyType.EC_P256)
+        cert = build_device_certificate(
+            key.public_key(),
+            DeviceId(device_id),
+            self.issuing,
+            now or datetime.now(UTC),
+            profile or DeviceProfile(),
+        )
+        return cert, key
+
+    def chain_pem(self) -> bytes:
+        return b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (self.issuing.cert, self.root.cert)
+        )
+
+
+def make_ca(kind: KeyType = KeyType.EC_P256, now: datetime | None = None) -> MemoryCa:
+    now = now or datetime.now(UTC)
+    root_key = generate_key(kind)
+    root_cert = build_root_ca(root_key, "Test Root CA", now)
+    root = Issuer(root_cert, root_key)
+    issuing_key = generate_key(kind)
+    issuing_cert = build_issuing_ca(issuing_key, root, "Test Issuing CA", now)
+    issuing = Issuer(issuing_cert, issuing_key, URLS)
+    server_key = generate_key(kind)
+    server_cert = build_server_certificate(
+        server_key.public_key(), issuing, server_hostnames([]), now
+    )
+    return MemoryCa(root, issuing, server_cert, server_key)
+
+
+def make_csr(
+    key: PrivateKey,
+    cn: str | None,
+    extensions: list[tuple[x509.ExtensionType, bool]] | None = None,
+    extra_names: list[x509.NameAttribute] | None = None,
+) -> x509.CertificateSigningRequest:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn is not None else []
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name(attrs + (extra_names or []))
+    )
+    for ext, critical in extensions or []:
+        builder = builder.add_extension(ext, critical=critical)
+    return builder.sign(key, signature_hash(key))
+
+
+def csr_der(csr: x509.CertificateSigningRequest) -> bytes:
+    return csr.public_bytes(serialization.Encoding.DER)

@@ -1,0 +1,135 @@
+"""CSR policy, tested with real signed requests and no server."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from enroll_server.pki.csr_policy import MAX_CSR_DER, Grant, check_csr, load_csr
+from enroll_server.pki.errors import CsrRejected
+from enroll_server.pki.keys import KeyType, generate_key
+from enroll_server.pki.profile import EndEntityRole
+from fleetpki.identity import DeviceId
+from tests.pki_helpers import csr_der, make_csr
+
+GRANT = Grant(DeviceId("dev-1"))
+
+
+def test_good_csr_is_approved() -> None:
+    key = generate_key(KeyType.EC_P256)
+    approved = check_csr(load_csr(csr_der(make_csr(key, "dev-1"))), GRANT)
+    assert approved.key_type is KeyType.EC_P256
+    assert approved.public_key.public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+
+
+def test_our_own_san_is_allowed() -> None:
+    key = generate_key(KeyType.ED25519)
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:fleetpki:device:dev-1")])
+    check_csr(make_csr(key, "dev-1", [(san, False)]), GRANT)
+
+
+def test_garbage_is_rejected() -> None:
+    with pytest.raises(CsrRejected, match="not a DER-encoded PKCS#10"):
+        load_csr(b"\x30\x03garbage")
+
+
+def test_oversized_is_rejected() -> None:
+    with pytest.raises(CsrRejected, match="exceeds"):
+        load_csr(b"\x00" * (MAX_CSR_DER + 1))
+
+
+def test_bad_signature_is_rejected() -> None:
+    key = generate_key(KeyType.EC_P256)
+    der = bytearray(csr_der(make_csr(key, "dev-1")))
+    der[-5] ^= 0xFF  # flip bits inside the signature value
+    csr = load_csr(bytes(der))
+    with pytest.raises(CsrRejected, match="signature is invalid"):
+        check_csr(csr, GRANT)
+
+
+def test_weak_rsa_is_rejected() -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")]))
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(CsrRejected, match="1024 bits"):
+        check_csr(csr, GRANT)
+
+
+def test_unknown_curve_is_rejected() -> None:
+    key = ec.generate_private_key(ec.SECP256K1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")]))
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(CsrRejected, match="curve secp256k1"):
+        check_csr(csr, GRANT)
+
+
+def test_key_type_outside_grant_is_rejected() -> None:
+    grant = Grant(DeviceId("dev-1"), key_types=frozenset({KeyType.EC_P256}))
+    with pytest.raises(CsrRejected, match="ed25519 is not accepted"):
+        check_csr(make_csr(generate_key(KeyType.ED25519), "dev-1"), grant)
+
+
+def test_cn_mismatch_is_rejected() -> None:
+    with pytest.raises(CsrRejected, match="'dev-2' does not match the authenticated id 'dev-1'"):
+        check_csr(make_csr(generate_key(KeyType.EC_P256), "dev-2"), GRANT)
+
+
+def test_missing_cn_is_rejected() -> None:
+    with pytest.raises(CsrRejected, match="exactly one CN, found 0"):
+        check_csr(make_csr(generate_key(KeyType.EC_P256), None), GRANT)
+
+
+def test_two_cns_are_rejected() -> None:
+    extra = [x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")]
+    with pytest.raises(CsrRejected, match="found 2"):
+        check_csr(make_csr(generate_key(KeyType.EC_P256), "dev-1", extra_names=extra), GRANT)
+
+
+def test_ca_true_is_rejected() -> None:
+    bc = x509.BasicConstraints(ca=True, path_length=None)
+    with pytest.raises(CsrRejected, match="CA:TRUE"):
+        check_csr(make_csr(generate_key(KeyType.EC_P256), "dev-1", [(bc, True)]), GRANT)
+
+
+def test_server_auth_is_rejected() -> None:
+    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    with pytest.raises(CsrRejected, match="serverAuth"):
+        check_csr(make_csr(generate_key(KeyType.EC_P256), "dev-1", [(eku, False)]), GRANT)
+
+
+def test_key_cert_sign_is_rejected() -> None:
+    ku = x509.KeyUsage(True, False, False, False, False, True, False, False, False)
+    with pytest.raises(CsrRejected, match="keyCertSign"):
+        check_csr(make_csr(generate_key(KeyType.EC_P256), "dev-1", [(ku, True)]), GRANT)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        x509.DNSName("evil.example"),
+        x509.UniformResourceIdentifier("urn:fleetpki:device:dev-2"),
+        x509.RFC822Name("a@b.c"),
+    ],
+)
+def test_foreign_san_is_rejected(name: x509.GeneralName) -> None:
+    san = x509.SubjectAlternativeName([name])
+    with pytest.raises(CsrRejected, match="subject alternative name"):
+        check_csr(make_csr(generate_key(KeyType.EC_P256), "dev-1", [(san, False)]), GRANT)
+
+
+def test_service_grant_expects_service_urn() -> None:
+    grant = Grant(DeviceId("backend"), role=EndEntityRole.SERVICE)
+    san = x509.SubjectAlternativeName(
+        [x509.UniformResourceIdentifier("urn:fleetpki:device:backend")]
+    )
+    with pytest.raises(CsrRejected):
+        check_csr(make_csr(generate_key(KeyType.EC_P256), "backend", [(san, False)]), grant)
