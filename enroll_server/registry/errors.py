@@ -1,0 +1,130 @@
+"""The error tree of the fleet registry; each error carries the offending value."""
+
+from __future__ import annotations
+
+from fleetpki.identity import DeviceId
+
+
+class RegistryError(Exception):
+    """Base of every error raised by enroll_server.registry."""
+
+
+class DuplicateDevice(RegistryError):
+    """A device id that is already registered (or appears twice in one batch)."""
+
+    def __init__(self, device_id: DeviceId) -> None:
+        super().__init__(f"device {device_id} is already registered")
+        self.device_id = device_id
+
+
+class UnknownDevice(RegistryError):
+    """A device id the registry has never seen."""
+
+    def __init__(self, device_id: DeviceId) -> None:
+        super().__init__(f"device {device_id} is not registered")
+        self.device_id = device_id
+
+
+class DuplicateBatch(RegistryError):
+    """A batch id that is already in use."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"batch {batch_id!r} already exists")
+        self.batch_id = batch_id
+
+
+class UnknownBatch(RegistryError):
+    """A batch id the registry has never seen."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"batch {batch_id!r} does not exist")
+        self.batch_id = batch_id
+
+
+class TokenRejected(RegistryError):
+    """A one-time enrollment token that cannot be used.
+
+    `reason` is one of 'unknown', 'used', 'expired', 'wrong-device'. The token (and its hash)
+    is deliberately not part of the message: messages end up in logs.
+    """
+
+    REASONS = frozenset({"unknown", "used", "expired", "wrong-device"})
+
+    def __init__(self, device_id: DeviceId, reason: str) -> None:
+        super().__init__(f"enrollment token for device {device_id} rejected: {reason}")
+        self.device_id = device_id
+        self.reason = reason
+
+
+class DeviceNotActive(RegistryError):
+    """A device whose state forbids the operation (issuing to a revoked device, ...)."""
+
+    def __init__(self, device_id: DeviceId, state: str) -> None:
+        super().__init__(f"device {device_id} is {state}")
+        self.device_id = device_id
+        self.state = state
+
+
+class SchemaTooNew(RegistryError):
+    """A registry file written by a newer fleetpki than this one."""
+
+    def __init__(self, found: int, known: int) -> None:
+        super().__init__(
+            f"registry schema version {found} is newer than the newest this fleetpki knows "
+            f"({known}); upgrade fleetpki"
+        )
+        self.found = found
+        self.known = known
+
+
+class DuplicateToken(RegistryError):
+    """A token hash that is already recorded (the same token handed to two devices)."""
+
+    def __init__(self, device_id: DeviceId) -> None:
+        super().__init__(f"the enrollment token given for device {device_id} is already in use")
+        self.device_id = device_id
+
+
+class DuplicateSerial(RegistryError):
+    """A certificate serial number that is already recorded (RFC 5280 4.1.2.2: unique per CA)."""
+
+    def __init__(self, serial: int) -> None:
+        super().__init__(f"certificate serial {serial:x} is already recorded")
+        self.serial = serial
+
+
+class DuplicateFingerprint(RegistryError):
+    """A certificate (by SHA-256 fingerprint) that is already recorded."""
+
+    def __init__(self, fingerprint_sha256: str) -> None:
+        super().__init__(f"certificate with SHA-256 {fingerprint_sha256} is already recorded")
+        self.fingerprint_sha256 = fingerprint_sha256
+
+
+class UnknownCertificate(RegistryError):
+    """A certificate serial the registry does not hold (for the device named)."""
+
+    def __init__(self, serial: int, device_id: DeviceId | None = None) -> None:
+        whose = f" for device {device_id}" if device_id is not None else ""
+        super().__init__(f"no certificate with serial {serial:x}{whose}")
+        self.serial = serial
+        self.device_id = device_id
+
+
+class InvalidValue(RegistryError, ValueError):
+    """A field value outside its allowed set (a state, role, reason, naive datetime, ...)."""
+
+    def __init__(self, field: str, value: object, why: str) -> None:
+        super().__init__(f"invalid {field} {value!r}: {why}")
+        self.field = field
+        self.value = value
+        self.why = why
+
+
+class RegistryBusy(RegistryError):
+    """Another process held the registry's write lock longer than the busy timeout."""
+
+    def __init__(self, path: str, waited_ms: int) -> None:
+        super().__init__(f"registry {path} stayed locked by another writer for {waited_ms} ms")
+        self.path = path
+        self.waited_ms = waited_ms

@@ -1,0 +1,191 @@
+"""Value types of the fleet registry: devices, batches, tokens, certificates, events, audit."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from enroll_server.registry.errors import InvalidValue
+from fleetpki.identity import DeviceId
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Role(StrEnum):
+    DEVICE = "device"
+    SERVICE = "service"
+
+
+class DeviceState(StrEnum):
+    """Lifecycle of a device: provisioned (has a token) -> active (has a cert) ->
+    suspended (certs on hold, reversible) / revoked (terminal)."""
+
+    PROVISIONED = "provisioned"
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    REVOKED = "revoked"
+
+
+class CertStatus(StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    ON_HOLD = "on_hold"  # RFC 5280 5.3.1 certificateHold: listed on the CRL, reversible
+    SUPERSEDED = "superseded"  # replaced by a renewal; still valid until notAfter
+
+
+class BatchKind(StrEnum):
+    TOKEN = "token"  # first enrollment with a one-time token (HTTP Basic, RFC 7030 3.2.3)
+    IDEVID = "idevid"  # first enrollment with a factory certificate
+
+
+class EventKind(StrEnum):
+    REVOKED = "revoked"
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+    ISSUED = "issued"
+
+
+# RFC 5280 5.3.1 CRLReason names, spelled as in the RFC (and as cryptography's
+# x509.ReasonFlags values, so the CRL builder can do `x509.ReasonFlags(reason)`).
+REVOCATION_REASONS: tuple[str, ...] = (
+    "unspecified",
+    "keyCompromise",
+    "cACompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "certificateHold",
+    "removeFromCRL",
+    "privilegeWithdrawn",
+    "aACompromise",
+)
+# certificateHold is what suspend_device records; removeFromCRL only exists in delta CRLs
+# (RFC 5280 5.3.1), so neither is a reason an operator can revoke with.
+REVOKE_REASONS: frozenset[str] = frozenset(REVOCATION_REASONS) - {
+    "certificateHold",
+    "removeFromCRL",
+}
+_REASON_BY_KEY = {r.lower(): r for r in REVOCATION_REASONS}
+
+
+def parse_reason(text: str) -> str:
+    """'key-compromise', 'key_compromise', 'keyCompromise' -> 'keyCompromise' (RFC 5280 name)."""
+    key = text.replace("-", "").replace("_", "").lower()
+    try:
+        return _REASON_BY_KEY[key]
+    except KeyError:
+        raise InvalidValue(
+            "revocation reason", text, "not an RFC 5280 reason: " + ", ".join(REVOCATION_REASONS)
+        ) from None
+
+
+def check_sha256_hex(what: str, value: str) -> str:
+    """A SHA-256 digest as 64 lowercase hex characters (the one form the registry stores)."""
+    if not isinstance(value, str) or not _SHA256_HEX.match(value):
+        raise InvalidValue(what, value, "expected 64 lowercase hex characters (SHA-256)")
+    return value
+
+
+def check_aware(what: str, value: datetime) -> datetime:
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise InvalidValue(what, value, "expected a timezone-aware datetime")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class NewDevice:
+    """One device of a factory batch. `token_hash` is the SHA-256 hex of its one-time token
+    (None for IDevID batches); `token_expires_at` None means batch creation time + token_ttl."""
+
+    device_id: DeviceId
+    token_hash: str | None = None
+    token_expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device_id: DeviceId
+    role: Role
+    batch_id: str | None
+    state: DeviceState
+    created_at: datetime
+    updated_at: datetime
+    enrolled_at: datetime | None  # first successful enrollment
+    token_expires_at: datetime | None  # expiry of the latest enrollment token, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    batch_id: str
+    created_at: datetime
+    device_count: int
+    token_ttl: timedelta
+    note: str
+    kind: BatchKind
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    """What the issuer hands to record_issuance: the certificate just signed."""
+
+    serial: int
+    device_id: DeviceId
+    fingerprint_sha256: str  # lowercase hex of SHA-256 over the DER certificate
+    not_before: datetime
+    not_after: datetime
+    pem: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.serial, int) or self.serial <= 0:
+            # RFC 5280 4.1.2.2: serial numbers are positive integers.
+            raise InvalidValue("certificate serial", self.serial, "must be a positive integer")
+        check_sha256_hex("certificate fingerprint", self.fingerprint_sha256)
+        check_aware("not_before", self.not_before)
+        check_aware("not_after", self.not_after)
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    serial: int
+    device_id: DeviceId
+    fingerprint_sha256: str
+    not_before: datetime
+    not_after: datetime
+    issued_at: datetime
+    status: CertStatus
+    revoked_at: datetime | None
+    revocation_reason: str | None  # RFC 5280 5.3.1 name, e.g. 'keyCompromise'
+    pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedEntry:
+    """One CRL entry (RFC 5280 5.3): serial, revocationDate, reasonCode name."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A change other processes must react to (the broker drops sessions on 'revoked')."""
+
+    seq: int
+    at: datetime
+    kind: EventKind
+    device_id: DeviceId
+    serials: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    device_id: DeviceId | None
+    detail: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,154 @@
+"""The registry's SQL schema as an ordered list of migrations, and the code that applies them."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from enroll_server.registry.errors import SchemaTooNew
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    # Separate statements, not one script: sqlite3's executescript() commits first, which
+    # would break "all missing migrations in one transaction".
+    statements: tuple[str, ...]
+
+
+_V1 = Migration(
+    1,
+    "devices, batches, tokens, certificates, audit, events, admin tokens, counters",
+    (
+        """CREATE TABLE batches (
+            id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            device_count INTEGER NOT NULL DEFAULT 0,
+            token_ttl_seconds INTEGER NOT NULL,
+            note TEXT NOT NULL DEFAULT '',
+            kind TEXT NOT NULL CHECK (kind IN ('token', 'idevid'))
+        )""",
+        """CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('device', 'service')),
+            batch_id TEXT REFERENCES batches(id),
+            state TEXT NOT NULL
+                CHECK (state IN ('provisioned', 'active', 'suspended', 'revoked')),
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            enrolled_at TEXT,
+            token_expires_at TEXT
+        )""",
+        "CREATE INDEX devices_batch_state ON devices(batch_id, state)",
+        "CREATE INDEX devices_state ON devices(state)",
+        # The token itself is never stored, only SHA-256(token): a leaked registry file
+        # must not let anyone enroll.
+        """CREATE TABLE tokens (
+            token_hash TEXT PRIMARY KEY,
+            device_id TEXT NOT NULL REFERENCES devices(id),
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            used_at TEXT
+        )""",
+        "CREATE INDEX tokens_device ON tokens(device_id)",
+        # serial as lowercase hex TEXT: serials carry up to 159 random bits (RFC 5280 4.1.2.2
+        # allows 20 octets), more than SQLite's 64-bit INTEGER; the PRIMARY KEY makes the
+        # database itself enforce per-CA uniqueness.
+        """CREATE TABLE certificates (
+            serial TEXT PRIMARY KEY,
+            device_id TEXT NOT NULL REFERENCES devices(id),
+            fingerprint_sha256 TEXT NOT NULL UNIQUE,
+            not_before TEXT NOT NULL,
+            not_after TEXT NOT NULL,
+            issued_at TEXT NOT NULL,
+            status TEXT NOT NULL
+                CHECK (status IN ('active', 'revoked', 'on_hold', 'superseded')),
+            revoked_at TEXT,
+            revocation_reason TEXT,
+            pem TEXT NOT NULL
+        )""",
+        "CREATE INDEX certificates_device ON certificates(device_id)",
+        # Serves revoked_entries() (CRL input): status IN (...) AND not_after > now.
+        "CREATE INDEX certificates_status_expiry ON certificates(status, not_after)",
+        """CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            device_id TEXT,
+            detail TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX audit_device ON audit(device_id, seq)",
+        # Append-only, enforced by the database rather than by convention.
+        """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+           BEGIN SELECT RAISE(ABORT, 'audit log is append-only: UPDATE refused'); END""",
+        """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+           BEGIN SELECT RAISE(ABORT, 'audit log is append-only: DELETE refused'); END""",
+        # AUTOINCREMENT: seq never goes back, even after the newest row is deleted, so a
+        # poller's "last seen seq" stays meaningful. Writers are serialized (BEGIN
+        # IMMEDIATE), so seq order is commit order and a poller never skips a row.
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('revoked', 'suspended', 'resumed', 'issued')),
+            device_id TEXT NOT NULL,
+            serials TEXT NOT NULL DEFAULT '[]'
+        )""",
+        """CREATE TABLE admin_tokens (
+            token_hash TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        # RFC 5280 5.2.3: cRLNumber is monotonically increasing; the first CRL gets 1.
+        "INSERT INTO counters (name, value) VALUES ('crl_number', 0)",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1,)
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def _check_order() -> None:
+    for expected, migration in enumerate(MIGRATIONS, start=1):
+        if migration.version != expected:
+            raise AssertionError(f"migration {migration.version} is out of order")
+
+
+_check_order()
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    """The schema version of the open database; 0 for a fresh file."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if exists is None:
+        return 0
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Apply every missing migration; the caller holds an open write transaction.
+
+    Returns (version before, version after). Raises SchemaTooNew for a file from a newer
+    fleetpki, before touching anything.
+    """
+    before = current_version(conn)
+    if before > LATEST_VERSION:
+        raise SchemaTooNew(before, LATEST_VERSION)
+    if before == 0:
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)"
+        )
+    for migration in MIGRATIONS[before:]:
+        for statement in migration.statements:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_version (version, applied_at) "
+            "VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+            (migration.version,),
+        )
+    return before, LATEST_VERSION
