@@ -1,0 +1,35 @@
+"""Clock sanity: is the system time plausible enough to judge certificate validity? (pure)"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+# A Pi without a real-time clock boots in 1970 (or at its last fake-hwclock save) until NTP
+# syncs. No real clock can be earlier than this agent's release, nor than the creation of the
+# trust anchor the factory put on the device.
+RELEASE_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def clock_floor(trust_anchor_not_before: datetime | None) -> datetime:
+    """The earliest plausible 'now': the release date or the trust anchor's notBefore."""
+    if trust_anchor_not_before is None:
+        return RELEASE_FLOOR
+    return max(RELEASE_FLOOR, trust_anchor_not_before)
+
+
+def is_sane(now: datetime, floor: datetime) -> bool:
+    return now >= floor
+
+
+def parse_http_date(value: str | None) -> datetime | None:
+    """An HTTP Date header (RFC 9110 5.6.7) as an aware UTC datetime, or None if unparseable."""
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)

@@ -1,0 +1,185 @@
+"""agent.toml: load and validate the device agent's configuration into an AgentConfig."""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from device_agent.errors import ConfigError
+from device_agent.keys import KeyType
+from fleetpki.identity import DeviceId, InvalidIdentifier
+
+log = logging.getLogger("fleetpki.agent")
+
+# Keys each section knows; anything else is logged (not fatal) so that a newer factory can add
+# keys without bricking older agents.
+_KNOWN: dict[str, set[str]] = {
+    "device": {"id", "key_type"},
+    "enroll": {"server", "token_file", "trust_anchor", "timeout"},
+    "mqtt": {"host", "port", "telemetry_interval", "keepalive", "queue_size"},
+    "state": {"dir"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EstServer:
+    """The EST base URL split into what a socket needs; paths live under /.well-known/est/."""
+
+    url: str
+    host: str
+    port: int
+    path_prefix: str
+
+    def path(self, operation: str) -> str:
+        # RFC 7030 3.2.2: operations sit under /.well-known/est/ below the base path.
+        return f"{self.path_prefix}/.well-known/est/{operation}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything the agent reads from agent.toml; relative paths already resolved."""
+
+    path: Path
+    device_id: DeviceId
+    key_type: KeyType
+    server: EstServer
+    token_file: Path
+    trust_anchor: Path
+    mqtt_host: str
+    mqtt_port: int
+    telemetry_interval: float
+    state_dir: Path
+    mqtt_keepalive: int = 30
+    queue_size: int = 1000
+    http_timeout: float = 30.0
+
+
+def _section(path: Path, doc: dict[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name)
+    if value is None:
+        raise ConfigError(path, name, "section is missing")
+    if not isinstance(value, dict):
+        raise ConfigError(path, name, "must be a table")
+    for key in value:
+        if key not in _KNOWN[name]:
+            log.warning("%s: [%s] %s: unknown key ignored", path, name, key)
+    return value
+
+
+def _get(
+    path: Path, sec: dict[str, Any], section: str, key: str, kind: type, default: Any = None
+) -> Any:
+    full = f"{section}.{key}"
+    if key not in sec:
+        if default is not None:
+            return default
+        raise ConfigError(path, full, "is missing")
+    value = sec[key]
+    # TOML has distinct int and float; an int is fine where a float is wanted (30 vs 30.0).
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(
+            path, full, f"must be a {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(path, full, "must not be empty")
+    return value
+
+
+def _server(path: Path, url: str) -> EstServer:
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        raise ConfigError(path, "enroll.server", f"must be an https:// URL, got {url!r}")
+    if not parts.hostname:
+        raise ConfigError(path, "enroll.server", f"has no host name: {url!r}")
+    if parts.query or parts.fragment or parts.username:
+        raise ConfigError(
+            path, "enroll.server", f"must be a plain base URL (no user, query or fragment): {url!r}"
+        )
+    try:
+        port = parts.port or 443
+    except ValueError as exc:
+        raise ConfigError(path, "enroll.server", f"bad port in {url!r}") from exc
+    return EstServer(url=url, host=parts.hostname, port=port, path_prefix=parts.path.rstrip("/"))
+
+
+def _port(path: Path, key: str, value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ConfigError(path, key, f"must be a port number 1..65535, got {value}")
+    return value
+
+
+def parse_config(text: str, path: Path) -> AgentConfig:
+    """Validate agent.toml's text; `path` names the file in errors and anchors relative paths."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, None, f"not valid TOML: {exc}") from exc
+    for name in doc:
+        if name not in _KNOWN:
+            log.warning("%s: unknown section [%s] ignored", path, name)
+    base = path.parent
+    device = _section(path, doc, "device")
+    enroll = _section(path, doc, "enroll")
+    mqtt = _section(path, doc, "mqtt")
+    state = doc.get("state", {})
+    if not isinstance(state, dict):
+        raise ConfigError(path, "state", "must be a table")
+
+    raw_id = _get(path, device, "device", "id", str)
+    try:
+        device_id = DeviceId(raw_id)
+    except InvalidIdentifier as exc:
+        raise ConfigError(path, "device.id", exc.why + f" ({raw_id!r})") from exc
+    raw_kt = _get(path, device, "device", "key_type", str, default="ec-p256")
+    try:
+        key_type = KeyType(raw_kt)
+    except ValueError as exc:
+        allowed = ", ".join(k.value for k in KeyType)
+        raise ConfigError(path, "device.key_type", f"{raw_kt!r} is not one of {allowed}") from exc
+
+    interval = _get(path, mqtt, "mqtt", "telemetry_interval", float, default=30.0)
+    if not interval > 0:
+        raise ConfigError(path, "mqtt.telemetry_interval", f"must be > 0 seconds, got {interval}")
+    keepalive = _get(path, mqtt, "mqtt", "keepalive", int, default=30)
+    if not 5 <= keepalive <= 65535:
+        raise ConfigError(path, "mqtt.keepalive", f"must be 5..65535 seconds, got {keepalive}")
+    queue_size = _get(path, mqtt, "mqtt", "queue_size", int, default=1000)
+    if queue_size < 1:
+        raise ConfigError(path, "mqtt.queue_size", f"must be >= 1, got {queue_size}")
+    timeout = _get(path, enroll, "enroll", "timeout", float, default=30.0)
+    if not timeout > 0:
+        raise ConfigError(path, "enroll.timeout", f"must be > 0 seconds, got {timeout}")
+
+    return AgentConfig(
+        path=path,
+        device_id=device_id,
+        key_type=key_type,
+        server=_server(path, _get(path, enroll, "enroll", "server", str)),
+        token_file=base / _get(path, enroll, "enroll", "token_file", str, default="token"),
+        trust_anchor=base / _get(path, enroll, "enroll", "trust_anchor", str, default="ca.pem"),
+        mqtt_host=_get(path, mqtt, "mqtt", "host", str),
+        mqtt_port=_port(path, "mqtt.port", _get(path, mqtt, "mqtt", "port", int, default=8883)),
+        telemetry_interval=interval,
+        state_dir=base / _get(path, state, "state", "dir", str, default="state"),
+        mqtt_keepalive=keepalive,
+        queue_size=queue_size,
+        http_timeout=timeout,
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate agent.toml (relative paths in it are relative to its folder)."""
+    path = Path(path).absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(path, None, "file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, None, f"cannot read: {exc}") from exc
+    return parse_config(text, path)

@@ -1,0 +1,135 @@
+"""The EST client (RFC 7030): cacerts, simpleenroll with the token, simplereenroll over mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from device_agent import __version__, http11
+from device_agent.clock import parse_http_date
+from device_agent.config import EstServer
+from device_agent.errors import (
+    DeviceRevoked,
+    EstProtocolError,
+    EstRejected,
+    EstRetryLater,
+    EstUnavailable,
+    TlsVerificationFailed,
+)
+from device_agent.est_wire import WireError, decode_certs_only, encode_csr, parse_retry_after
+from device_agent.tls import client_context
+from fleetpki.identity import DeviceId
+
+_REASON_MAX = 300
+
+
+class EstClient:
+    """Talks to one EST server; every connection verifies the server against the trust anchor.
+
+    `last_server_date` keeps the Date header of the last answer: a hint of the real time for a
+    device whose clock has not been set yet.
+    """
+
+    def __init__(self, server: EstServer, trust_anchor: Path, *, timeout: float = 30.0) -> None:
+        self.server = server
+        self.trust_anchor = trust_anchor
+        self.timeout = timeout
+        self.last_server_date: datetime | None = None
+
+    def _url(self, operation: str) -> str:
+        return f"https://{self.server.host}:{self.server.port}{self.server.path(operation)}"
+
+    async def _call(
+        self,
+        method: str,
+        operation: str,
+        ctx: ssl.SSLContext,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+    ) -> http11.HttpResponse:
+        url = self._url(operation)
+        all_headers = {"User-Agent": f"fleetpki-agent/{__version__}", **(headers or {})}
+        try:
+            async with asyncio.timeout(self.timeout):
+                response = await http11.request(
+                    method,
+                    self.server.host,
+                    self.server.port,
+                    self.server.path(operation),
+                    ctx,
+                    headers=all_headers,
+                    body=body,
+                )
+        except ssl.SSLCertVerificationError as exc:
+            raise TlsVerificationFailed(url, exc.verify_message or str(exc)) from exc
+        except TimeoutError as exc:
+            raise EstUnavailable(url, f"no answer within {self.timeout:.0f} s") from exc
+        except (OSError, http11.HttpError) as exc:
+            raise EstUnavailable(url, str(exc) or type(exc).__name__) from exc
+        self.last_server_date = parse_http_date(response.header("date")) or self.last_server_date
+        return response
+
+    def _certs(self, response: http11.HttpResponse, operation: str) -> list[x509.Certificate]:
+        """Map an EST answer to certificates or to the error it means (RFC 7030 4.2.3)."""
+        url = self._url(operation)
+        status = response.status
+        if status == 200:
+            try:
+                return decode_certs_only(
+                    response.body, response.header("content-transfer-encoding")
+                )
+            except WireError as exc:
+                raise EstProtocolError(url, exc.why) from exc
+        if status == 202:
+            now = datetime.now(UTC)  # the header may be an absolute date; entry-point clock
+            raise EstRetryLater(url, parse_retry_after(response.header("retry-after"), now))
+        reason = _reason(response)
+        if 500 <= status <= 599 or status == 429:
+            raise EstUnavailable(url, f"HTTP {status}: {reason}", status)
+        if status == 403 and "revoked" in reason.lower():
+            raise DeviceRevoked(url, status, reason)
+        if 400 <= status <= 499:
+            raise EstRejected(url, status, reason)
+        raise EstProtocolError(url, f"unexpected HTTP status {status}: {reason}")
+
+    async def cacerts(self) -> list[x509.Certificate]:
+        """GET /cacerts (RFC 7030 4.1): the CA certificates; the caller checks them against the
+        trust anchor (the TLS connection already did for the server's own chain)."""
+        ctx = client_context(self.trust_anchor)
+        return self._certs(await self._call("GET", "cacerts", ctx), "cacerts")
+
+    async def simpleenroll(
+        self, csr: x509.CertificateSigningRequest, device_id: DeviceId, token: str
+    ) -> list[x509.Certificate]:
+        """POST /simpleenroll (RFC 7030 4.2.1), authenticated with HTTP Basic (RFC 7030 3.2.3):
+        user = device id, password = the one-time token."""
+        credentials = base64.b64encode(f"{device_id}:{token}".encode()).decode("ascii")
+        headers = {
+            "Content-Type": "application/pkcs10",
+            "Content-Transfer-Encoding": "base64",
+            "Authorization": f"Basic {credentials}",
+        }
+        ctx = client_context(self.trust_anchor)
+        response = await self._call("POST", "simpleenroll", ctx, headers, encode_csr(csr))
+        return self._certs(response, "simpleenroll")
+
+    async def simplereenroll(
+        self, csr: x509.CertificateSigningRequest, cert_path: Path, key_path: Path
+    ) -> list[x509.Certificate]:
+        """POST /simplereenroll (RFC 7030 4.2.2), authenticated by the current certificate."""
+        headers = {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"}
+        ctx = client_context(self.trust_anchor, cert_path, key_path)
+        response = await self._call("POST", "simplereenroll", ctx, headers, encode_csr(csr))
+        return self._certs(response, "simplereenroll")
+
+
+def _reason(response: http11.HttpResponse) -> str:
+    """The server's one-line reason (text/plain body), or the status phrase."""
+    text = response.body.decode("utf-8", "replace").strip().splitlines()
+    line = text[0] if text else response.reason or f"HTTP {response.status}"
+    return line[:_REASON_MAX]

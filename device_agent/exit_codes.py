@@ -1,0 +1,25 @@
+"""The agent's process exit codes (documented in README and the systemd unit)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What `fleetpki-agent` returns; systemd restarts only on CRASH (RestartPreventExitStatus).
+
+    0 OK        stopped on request (SIGTERM / Ctrl-C) or the command succeeded.
+    1 CRASH     an unexpected error (a bug or the OS); restarting is the right reaction.
+    2 USAGE     bad command line (argparse's own code).
+    3 REFUSED   the service or the broker refused or revoked this device; restarting won't help.
+    4 CONFIG    agent.toml or the local state is unusable; the message names the file.
+    5 REBOOTSTRAP  no valid certificate (expired, or never enrolled) and no token: the device
+                   needs a new token from the operator.
+    """
+
+    OK = 0
+    CRASH = 1
+    USAGE = 2
+    REFUSED = 3
+    CONFIG = 4
+    REBOOTSTRAP = 5

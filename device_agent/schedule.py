@@ -1,0 +1,49 @@
+"""The renewal schedule: when to renew a certificate (pure; time and randomness passed in)."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+
+# Renew at 2/3 of the lifetime: a third of it remains to ride out a server outage. The jitter
+# (up to 1/12 of the lifetime) spreads a factory batch enrolled in the same minute so that
+# thousands of devices do not all renew in the same second.
+RENEW_FRACTION = 2 / 3
+JITTER_FRACTION = 1 / 12
+
+
+def next_renewal(
+    not_before: datetime,
+    not_after: datetime,
+    now: datetime,
+    rng: random.Random,
+    *,
+    fraction: float = RENEW_FRACTION,
+    jitter: float = JITTER_FRACTION,
+) -> datetime:
+    """The moment to start renewing: `fraction` of the lifetime plus up to `jitter` of it.
+
+    Never later than the end of the lifetime, and never in the past (a certificate found
+    already due is renewed now).
+    """
+    if not_after <= not_before:
+        raise ValueError(f"certificate lifetime is empty: {not_before} .. {not_after}")
+    lifetime = not_after - not_before
+    due = not_before + lifetime * fraction + lifetime * (jitter * rng.random())
+    due = min(due, not_after)
+    return max(due, now)
+
+
+def retry_deadline_delay(delay: float, not_after: datetime, now: datetime) -> float:
+    """Clamp a retry delay so that a renewal retry still happens before the certificate
+    expires: at most half of the remaining validity, and at least one second."""
+    remaining = (not_after - now).total_seconds()
+    return max(1.0, min(delay, remaining / 2))
+
+
+def is_expired(not_after: datetime, now: datetime) -> bool:
+    return now >= not_after
+
+
+def remaining(not_after: datetime, now: datetime) -> timedelta:
+    return not_after - now

@@ -1,0 +1,23 @@
+"""TLS client contexts: the trust anchor is the only root; hostnames checked; TLS >= 1.2."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+
+def client_context(
+    trust_anchor: Path, cert_path: Path | None = None, key_path: Path | None = None
+) -> ssl.SSLContext:
+    """A context that trusts only `trust_anchor` (never the system store) and, if given,
+    presents the device certificate chain for mutual TLS.
+
+    There is deliberately no way to turn verification off: a device that cannot verify the
+    server keeps retrying or stops; it never talks to an unverified peer.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname + CERT_REQUIRED by default
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(trust_anchor))
+    if cert_path is not None:
+        ctx.load_cert_chain(certfile=str(cert_path), keyfile=str(key_path) if key_path else None)
+    return ctx

@@ -1,0 +1,124 @@
+"""EST wire format: CSR bodies, PKCS#7 certs-only bodies, Retry-After, chain checks."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+from cryptography.x509.oid import ExtensionOID, NameOID
+
+from device_agent.est_wire import (
+    WireError,
+    build_csr,
+    check_cacerts,
+    check_issued,
+    decode_certs_only,
+    encode_csr,
+    order_chain,
+    parse_retry_after,
+)
+from device_agent.keys import KeyType, generate_key
+from enroll_server.pki.profile import DeviceProfile
+from fleetpki.identity import DeviceId
+from tests.pki_helpers import MemoryCa, make_ca
+
+DEV = DeviceId("dev-000001")
+
+
+@pytest.mark.parametrize("kind", list(KeyType))
+def test_csr_body_is_base64_der_with_subject_and_urn(kind: KeyType) -> None:
+    key = generate_key(kind)
+    body = encode_csr(build_csr(key, DEV))
+    assert all(len(line) <= 64 for line in body.splitlines())
+    csr = x509.load_der_x509_csr(base64.b64decode(body))
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == DEV.value
+    san = csr.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [DEV.urn]
+
+
+def _p7(*certs: x509.Certificate) -> bytes:
+    return pkcs7.serialize_certificates(list(certs), Encoding.DER)
+
+
+def test_decode_base64_with_newlines_and_raw_der(ca: MemoryCa) -> None:
+    cert, _ = ca.device_cert(DEV.value)
+    der = _p7(cert, ca.issuing.cert)
+    b64 = base64.encodebytes(der)  # 76-column lines, as many servers send
+    want = {cert, ca.issuing.cert}  # a DER SET OF: order is not preserved
+    assert set(decode_certs_only(b64)) == want
+    assert set(decode_certs_only(b64, "base64")) == want
+    assert set(decode_certs_only(der, "binary")) == want
+    assert set(decode_certs_only(der)) == want
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"   \n", b"not base64 at all!", base64.b64encode(b"0\x03abc")]
+)
+def test_decode_rejects_garbage(body: bytes) -> None:
+    with pytest.raises(WireError):
+        decode_certs_only(body)
+
+
+def test_retry_after_forms() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_retry_after("30", now) == 30
+    assert parse_retry_after("0", now) == 1  # never a tight loop
+    assert parse_retry_after("999999999", now) == 86400
+    assert parse_retry_after("Thu, 01 Jan 2026 00:02:00 GMT", now) == 120
+    assert parse_retry_after("soon", now, default=45) == 45
+    assert parse_retry_after(None, now) == 60
+
+
+def test_order_chain_and_check_issued(ca: MemoryCa) -> None:
+    key = generate_key(KeyType.EC_P256)
+    cert, _ = ca.device_cert(DEV.value, key=key)  # type: ignore[arg-type]
+    # Response with the issuing CA first, root included: reordered, root dropped.
+    chain = order_chain(key, [ca.issuing.cert, cert, ca.root.cert], [])
+    assert chain == [cert, ca.issuing.cert]
+    # Response with the leaf alone: the issuing CA comes from /cacerts.
+    assert order_chain(key, [cert], [ca.issuing.cert]) == [cert, ca.issuing.cert]
+    check_issued(chain, key, DEV, ca.root.cert, datetime.now(UTC))
+
+
+def test_check_issued_refusals(ca: MemoryCa) -> None:
+    key = generate_key(KeyType.EC_P256)
+    now = datetime.now(UTC)
+    cert, _ = ca.device_cert(DEV.value, key=key)  # type: ignore[arg-type]
+    with pytest.raises(WireError, match="public key"):
+        check_issued([cert, ca.issuing.cert], generate_key(KeyType.EC_P256), DEV, ca.root.cert, now)
+    other, _ = ca.device_cert("dev-000002", key=key)  # type: ignore[arg-type]
+    with pytest.raises(WireError, match="CN=dev-000001"):
+        check_issued([other, ca.issuing.cert], key, DEV, ca.root.cert, now)
+    stranger = make_ca()
+    with pytest.raises(WireError, match="trust anchor"):
+        check_issued([cert, ca.issuing.cert], key, DEV, stranger.root.cert, now)
+    with pytest.raises(WireError, match="trust anchor"):
+        check_issued([cert, ca.issuing.cert], key, DEV, ca.root.cert, now + timedelta(days=90))
+    with pytest.raises(WireError, match="no certificate"):
+        order_chain(generate_key(KeyType.EC_P256), [cert], [])
+    # Expired short-lived cert
+    short, _ = ca.device_cert(
+        DEV.value,
+        key=key,
+        now=now - timedelta(hours=1),
+        profile=DeviceProfile(timedelta(minutes=1)),
+    )  # type: ignore[arg-type]
+    with pytest.raises(WireError):
+        check_issued([short, ca.issuing.cert], key, DEV, ca.root.cert, now)
+
+
+def test_check_cacerts(ca: MemoryCa) -> None:
+    assert check_cacerts([ca.issuing.cert, ca.root.cert], ca.root.cert) == [ca.issuing.cert]
+    assert check_cacerts([ca.issuing.cert], ca.root.cert) == [ca.issuing.cert]
+    assert check_cacerts([ca.root.cert], ca.root.cert) == []
+    stranger = make_ca()
+    with pytest.raises(WireError, match="trust anchor"):
+        check_cacerts([stranger.issuing.cert, stranger.root.cert], ca.root.cert)
+    # A foreign CA mixed in is dropped, not trusted.
+    assert check_cacerts([stranger.issuing.cert, ca.issuing.cert], ca.root.cert) == [
+        ca.issuing.cert
+    ]
