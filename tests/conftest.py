@@ -10,3 +10,15 @@ from tests.pki_helpers import MemoryCa, make_ca
 @pytest.fixture(scope="session")
 def ca() -> MemoryCa:
     return make_ca()
+
+
+@pytest.fixture
+def live_server(tmp_path):  # type: ignore[no-untyped-def]
+    """A real service (EST over HTTPS, admin API, CRL/OCSP over HTTP) on 127.0.0.1:0."""
+    from tests.live_server import start_live_server
+
+    server = start_live_server(tmp_path / "home")
+    try:
+        yield server
+    finally:
+        server.stop()

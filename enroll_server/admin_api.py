@@ -1,0 +1,232 @@
+"""Operator HTTP API (bearer admin token): devices, revocation, batches, audit."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any
+
+from aiohttp import web
+
+from enroll_server.errors import AuthenticationFailed, BadRequest, NotFound
+from enroll_server.home import hash_secret
+from enroll_server.registry import (
+    CertificateRecord,
+    Device,
+    InvalidValue,
+    UnknownBatch,
+    UnknownDevice,
+    parse_reason,
+)
+from enroll_server.state import APP_STATE, AppState
+from fleetpki.identity import DeviceId, InvalidIdentifier
+
+ADMIN_PREFIX = "/admin"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def device_json(device: Device) -> dict[str, Any]:
+    return {
+        "device_id": device.device_id.value,
+        "role": device.role.value,
+        "batch_id": device.batch_id,
+        "state": device.state.value,
+        "created_at": device.created_at.isoformat(),
+        "updated_at": device.updated_at.isoformat(),
+        "enrolled_at": device.enrolled_at.isoformat() if device.enrolled_at else None,
+        "token_expires_at": (
+            device.token_expires_at.isoformat() if device.token_expires_at else None
+        ),
+    }
+
+
+def certificate_json(cert: CertificateRecord) -> dict[str, Any]:
+    return {
+        "serial": f"{cert.serial:x}",
+        "fingerprint_sha256": cert.fingerprint_sha256,
+        "not_before": cert.not_before.isoformat(),
+        "not_after": cert.not_after.isoformat(),
+        "issued_at": cert.issued_at.isoformat(),
+        "status": cert.status.value,
+        "revoked_at": cert.revoked_at.isoformat() if cert.revoked_at else None,
+        "revocation_reason": cert.revocation_reason,
+    }
+
+
+def _require_admin(handler: Handler) -> Handler:
+    @wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not hmac.compare_digest(scheme.lower(), "bearer") or not token.strip():
+            raise AuthenticationFailed("admin API needs 'Authorization: Bearer <admin token>'")
+        if not request.app[APP_STATE].registry.admin_token_valid(hash_secret(token.strip())):
+            raise AuthenticationFailed("admin token is not valid")
+        return await handler(request)
+
+    return wrapped
+
+
+def _st(request: web.Request) -> AppState:
+    return request.app[APP_STATE]
+
+
+def _device_id(request: web.Request) -> DeviceId:
+    try:
+        return DeviceId.parse(request.match_info["device_id"])
+    except InvalidIdentifier as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise BadRequest("request body is not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+@_require_admin
+async def list_devices(request: web.Request) -> web.Response:
+    q = request.query
+    try:
+        limit = int(q.get("limit", "1000"))
+        offset = int(q.get("offset", "0"))
+    except ValueError as exc:
+        raise BadRequest("limit and offset must be integers") from exc
+    try:
+        devices = _st(request).registry.list_devices(
+            state=q.get("state"), batch_id=q.get("batch"), limit=limit, offset=offset
+        )
+    except InvalidValue as exc:
+        raise BadRequest(str(exc)) from exc
+    return web.json_response({"devices": [device_json(d) for d in devices]})
+
+
+@_require_admin
+async def show_device(request: web.Request) -> web.Response:
+    device_id = _device_id(request)
+    registry = _st(request).registry
+    device = registry.get_device(device_id)
+    if device is None:
+        raise NotFound(f"device {device_id} does not exist")
+    certs = registry.certificates_of(device_id)
+    return web.json_response(
+        {**device_json(device), "certificates": [certificate_json(c) for c in certs]}
+    )
+
+
+async def _notify(st: AppState, device_id: DeviceId) -> None:
+    for hook in st.on_revocation:
+        result = hook(device_id.value)
+        if hasattr(result, "__await__"):
+            await result
+
+
+def _transition(action: str) -> Handler:
+    @_require_admin
+    async def handler(request: web.Request) -> web.Response:
+        st = _st(request)
+        device_id = _device_id(request)
+        body = await _json_body(request)
+        now = st.clock()
+        actor = "admin-api"
+        try:
+            if action == "revoke":
+                reason = parse_reason(str(body.get("reason", "unspecified")))
+                serials = st.registry.revoke_device(device_id, reason=reason, now=now, actor=actor)
+            elif action == "suspend":
+                serials = st.registry.suspend_device(device_id, now=now, actor=actor)
+            else:
+                serials = st.registry.resume_device(device_id, now=now, actor=actor)
+        except UnknownDevice as exc:
+            raise NotFound(str(exc)) from exc
+        except InvalidValue as exc:
+            raise BadRequest(str(exc)) from exc
+        if action in ("revoke", "suspend"):
+            await _notify(st, device_id)
+        st.on_registry_change()
+        return web.json_response(
+            {"device_id": device_id.value, "action": action, "serials": [f"{s:x}" for s in serials]}
+        )
+
+    return handler
+
+
+@_require_admin
+async def list_batches(request: web.Request) -> web.Response:
+    registry = _st(request).registry
+    now = _st(request).clock()
+    out = []
+    for b in registry.list_batches():
+        out.append(
+            {
+                "batch_id": b.batch_id,
+                "kind": b.kind.value,
+                "created_at": b.created_at.isoformat(),
+                "device_count": b.device_count,
+                "counts": registry.batch_counts(b.batch_id, now),
+            }
+        )
+    return web.json_response({"batches": out})
+
+
+@_require_admin
+async def revoke_batch(request: web.Request) -> web.Response:
+    st = _st(request)
+    body = await _json_body(request)
+    batch_id = request.match_info["batch_id"]
+    try:
+        reason = parse_reason(str(body.get("reason", "unspecified")))
+        count = st.registry.revoke_batch(batch_id, reason=reason, now=st.clock(), actor="admin-api")
+    except UnknownBatch as exc:
+        raise NotFound(str(exc)) from exc
+    except InvalidValue as exc:
+        raise BadRequest(str(exc)) from exc
+    st.on_registry_change()
+    return web.json_response({"batch_id": batch_id, "revoked_devices": count})
+
+
+@_require_admin
+async def audit(request: web.Request) -> web.Response:
+    registry = _st(request).registry
+    device = request.query.get("device")
+    try:
+        device_id = DeviceId.parse(device) if device else None
+    except InvalidIdentifier as exc:
+        raise BadRequest(str(exc)) from exc
+    entries = registry.audit_log(device_id=device_id, limit=int(request.query.get("limit", "100")))
+    return web.json_response(
+        {
+            "audit": [
+                {
+                    "seq": e.seq,
+                    "at": e.at.isoformat(),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "device_id": e.device_id.value if e.device_id else None,
+                    "detail": e.detail,
+                }
+                for e in entries
+            ]
+        }
+    )
+
+
+def admin_routes() -> list[web.RouteDef]:
+    p = ADMIN_PREFIX
+    return [
+        web.get(f"{p}/devices", list_devices),
+        web.get(f"{p}/devices/{{device_id}}", show_device),
+        web.post(f"{p}/devices/{{device_id}}/revoke", _transition("revoke")),
+        web.post(f"{p}/devices/{{device_id}}/suspend", _transition("suspend")),
+        web.post(f"{p}/devices/{{device_id}}/resume", _transition("resume")),
+        web.get(f"{p}/batches", list_batches),
+        web.post(f"{p}/batches/{{batch_id}}/revoke", revoke_batch),
+        web.get(f"{p}/audit", audit),
+    ]

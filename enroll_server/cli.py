@@ -1,0 +1,369 @@
+"""The `fleetpki` operator CLI: init, serve, devices, services; other areas mount sub-apps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from enroll_server.config import ConfigError, ServerConfig
+from enroll_server.home import HomeError, hash_secret, init_home, resolve_home
+from enroll_server.identities import ServiceIdentityError, issue_service_identity
+from enroll_server.pki.errors import PkiError, UnsupportedKey
+from enroll_server.pki.keys import KeyType
+from enroll_server.registry import (
+    InvalidValue,
+    Registry,
+    RegistryError,
+    UnknownDevice,
+    parse_reason,
+)
+from fleetpki.identity import DeviceId, InvalidIdentifier
+
+app = typer.Typer(
+    name="fleetpki",
+    help="IoT device enrollment (EST), mTLS MQTT broker and revocation, for operators.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+device_app = typer.Typer(help="Inspect devices and change their state.", no_args_is_help=True)
+service_app = typer.Typer(help="Backend service identities (telemetry readers, commanders).")
+app.add_typer(device_app, name="device")
+app.add_typer(service_app, name="service")
+
+console = Console()
+err = Console(stderr=True)
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _home(home: Path | None) -> Path:
+    try:
+        return resolve_home(home)
+    except HomeError as exc:
+        fail(str(exc))
+        raise  # unreachable
+
+
+def open_registry(home: Path | None) -> Registry:
+    from enroll_server.home import HomeLayout
+
+    root = _home(home)
+    layout = HomeLayout(root)
+    if not layout.config.exists():
+        fail(f"{root}: not initialized: run `fleetpki init --home {root}` first")
+    return Registry.open(layout.registry)
+
+
+@app.command()
+def init(
+    home: HomeOpt = None,
+    hostname: Annotated[
+        list[str] | None,
+        typer.Option("--hostname", help="Extra server host name or IP (repeatable)."),
+    ] = None,
+    key_type: Annotated[
+        str, typer.Option("--key-type", help="CA and server key type.")
+    ] = "ec-p256",
+    public_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Name devices use to reach the server (default: first --hostname or localhost)."
+        ),
+    ] = None,
+    est_port: int = 8443,
+    http_port: int = 8080,
+    mqtt_port: int = 8883,
+    device_validity: Annotated[str, typer.Option(help="Device certificate lifetime.")] = "30d",
+    force: Annotated[bool, typer.Option(help="Overwrite an existing home.")] = False,
+) -> None:
+    """Create the CA hierarchy, the TLS server certificate, the registry and an admin token."""
+    from fleetpki.duration import InvalidDuration, parse_duration
+
+    root = _home(home)
+    try:
+        kind = KeyType.parse(key_type)
+        validity = parse_duration(device_validity)
+    except (UnsupportedKey, InvalidDuration) as exc:
+        fail(str(exc))
+        raise
+    extra = list(hostname or [])
+    hosts = [
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        *[h for h in extra if h not in ("localhost", "127.0.0.1", "::1")],
+    ]
+    cfg = ServerConfig(
+        key_type=kind,
+        hostnames=tuple(hosts),
+        public_host=public_host or (extra[0] if extra else "localhost"),
+        est_port=est_port,
+        http_port=http_port,
+        mqtt_port=mqtt_port,
+        device_validity=validity,
+    )
+    now = now_utc()
+    try:
+        result = init_home(root, cfg, now, force=force)
+    except HomeError as exc:
+        fail(str(exc))
+        raise
+    with Registry.open(result.layout.registry) as registry:
+        # The registry holds token hashes and the audit trail: operator-only, like the CA files.
+        os.chmod(result.layout.registry, 0o600)
+        registry.add_admin_token(hash_secret(result.admin_token), "init", now)
+        registry.append_audit(
+            actor="cli",
+            action="ca.init",
+            device_id=None,
+            detail={"key_type": kind.value, "hostnames": hosts},
+            now=now,
+        )
+    console.print(f"[green]initialized[/green] {root}")
+    console.print(f"  root CA      {result.layout.root_cert}  (give this to devices as ca.pem)")
+    console.print(f"  issuing CA   {result.layout.issuing_cert}")
+    console.print(f"  TLS server   {result.layout.server_cert}  SANs: {', '.join(hosts)}")
+    console.print(f"  registry     {result.layout.registry}")
+    console.print(f"  admin token  {result.layout.admin_token}  (0600; keep it secret)")
+
+
+@app.command()
+def serve(
+    home: HomeOpt = None,
+    est_port: Annotated[
+        int | None, typer.Option(help="HTTPS port for EST and the admin API.")
+    ] = None,
+    http_port: Annotated[int | None, typer.Option(help="Plain HTTP port for CRL and OCSP.")] = None,
+    mqtt_port: Annotated[int | None, typer.Option(help="MQTT over TLS port.")] = None,
+    no_broker: Annotated[
+        bool, typer.Option("--no-broker", help="Do not run the embedded broker.")
+    ] = False,
+    bind: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+) -> None:
+    """Run EST + admin API (HTTPS), CRL + OCSP (HTTP) and the embedded mTLS MQTT broker."""
+    from enroll_server.runtime import run_service
+
+    root = _home(home)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(
+            run_service(
+                root,
+                est_port=est_port,
+                http_port=http_port,
+                mqtt_port=mqtt_port,
+                broker=not no_broker,
+                bind=bind,
+            )
+        )
+    except (HomeError, ConfigError, PkiError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot listen: {exc}")
+
+
+def _parse_device(device_id: str) -> DeviceId:
+    try:
+        return DeviceId.parse(device_id)
+    except InvalidIdentifier as exc:
+        fail(str(exc))
+        raise
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@device_app.command("list")
+def device_list(
+    home: HomeOpt = None,
+    state: Annotated[
+        str | None, typer.Option(help="provisioned, active, suspended or revoked")
+    ] = None,
+    batch: Annotated[str | None, typer.Option(help="Only devices of this batch.")] = None,
+    limit: int = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """List devices."""
+    from enroll_server.admin_api import device_json
+
+    with open_registry(home) as registry:
+        try:
+            devices = registry.list_devices(state=state, batch_id=batch, limit=limit)
+        except InvalidValue as exc:
+            fail(str(exc))
+            raise
+    if as_json:
+        _print_json([device_json(d) for d in devices])
+        return
+    table = Table("device", "state", "batch", "role", "enrolled at")
+    for d in devices:
+        table.add_row(
+            d.device_id.value,
+            d.state.value,
+            d.batch_id or "-",
+            d.role.value,
+            d.enrolled_at.isoformat(timespec="seconds") if d.enrolled_at else "-",
+        )
+    console.print(table)
+
+
+@device_app.command("show")
+def device_show(device_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show one device, its certificates and recent audit entries."""
+    from enroll_server.admin_api import certificate_json, device_json
+
+    did = _parse_device(device_id)
+    with open_registry(home) as registry:
+        device = registry.get_device(did)
+        if device is None:
+            fail(f"device {did} does not exist", 1)
+            return
+        certs = registry.certificates_of(did)
+        audit = registry.audit_log(device_id=did, limit=20)
+    data = {**device_json(device), "certificates": [certificate_json(c) for c in certs]}
+    if as_json:
+        _print_json(data)
+        return
+    for key in (
+        "device_id",
+        "state",
+        "role",
+        "batch_id",
+        "created_at",
+        "enrolled_at",
+        "token_expires_at",
+    ):
+        console.print(f"{key:>17}: {data[key]}")
+    table = Table("serial", "status", "not after", "reason")
+    for c in certs:
+        table.add_row(
+            f"{c.serial:x}",
+            c.status.value,
+            c.not_after.isoformat(timespec="seconds"),
+            c.revocation_reason or "",
+        )
+    console.print(table)
+    for e in audit:
+        console.print(f"  {e.at.isoformat(timespec='seconds')} {e.actor:>10} {e.action}")
+
+
+def _transition(action: str, device_id: str, home: Path | None, reason: str) -> None:
+    did = _parse_device(device_id)
+    now = now_utc()
+    with open_registry(home) as registry:
+        try:
+            if action == "revoke":
+                serials = registry.revoke_device(
+                    did, reason=parse_reason(reason), now=now, actor="cli"
+                )
+            elif action == "suspend":
+                serials = registry.suspend_device(did, now=now, actor="cli")
+            else:
+                serials = registry.resume_device(did, now=now, actor="cli")
+        except UnknownDevice as exc:
+            fail(str(exc), 1)
+            raise
+        except (InvalidValue, RegistryError) as exc:
+            fail(str(exc))
+            raise
+    done = {"revoke": "revoked", "suspend": "suspended", "resume": "resumed"}[action]
+    console.print(
+        f"{did}: {done} ({len(serials)} certificate(s)); live sessions are dropped by the broker"
+    )
+
+
+@device_app.command("revoke")
+def device_revoke(
+    device_id: str,
+    home: HomeOpt = None,
+    reason: Annotated[
+        str,
+        typer.Option(
+            help="RFC 5280 reason: key-compromise, superseded, cessation-of-operation, "
+            "affiliation-changed, unspecified, ..."
+        ),
+    ] = "unspecified",
+) -> None:
+    """Revoke every unexpired certificate of a device; it can never enroll again."""
+    _transition("revoke", device_id, home, reason)
+
+
+@device_app.command("suspend")
+def device_suspend(device_id: str, home: HomeOpt = None) -> None:
+    """Put a device's certificates on hold (certificateHold); reversible with resume."""
+    _transition("suspend", device_id, home, "certificateHold")
+
+
+@device_app.command("resume")
+def device_resume(device_id: str, home: HomeOpt = None) -> None:
+    """Lift a suspension (removeFromCRL)."""
+    _transition("resume", device_id, home, "removeFromCRL")
+
+
+@service_app.command("issue")
+def service_issue(
+    name: str,
+    home: HomeOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for cert.pem, key.pem, ca.pem.")] = None,
+) -> None:
+    """Issue a backend service identity (reads devices/+/telemetry, sends devices/+/commands)."""
+    root = _home(home)
+    try:
+        result = issue_service_identity(root, name, out, now_utc())
+    except (ServiceIdentityError, HomeError, InvalidIdentifier, RegistryError, PkiError) as exc:
+        fail(str(exc))
+        raise
+    console.print(f"service identity {name}: {result.folder} (serial {result.serial:x})")
+
+
+def _mount_optional() -> None:
+    """Mount sub-apps owned by other areas (batch, broker, simulate, demo)."""
+    from importlib import import_module
+
+    for module, name in (("provisioning.cli", "batch"), ("enroll_server.broker.cli", "broker")):
+        try:
+            sub = import_module(module).app
+        except ModuleNotFoundError:
+            continue
+        app.add_typer(sub, name=name)
+    try:
+        import_module("simulators.cli").register(app)
+    except ModuleNotFoundError:
+        pass
+
+
+_mount_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The server configuration `H/fleetpki.toml`: reading, validating and writing it."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from enroll_server.pki.ca import PkiUrls
+from enroll_server.pki.keys import KeyType
+from fleetpki.duration import InvalidDuration, format_duration, parse_duration
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing or wrong; names the file and the key."""
+
+    def __init__(self, path: Path, key: str, why: str) -> None:
+        super().__init__(f"{path}: [{key}] {why}")
+        self.path = path
+        self.key = key
+        self.why = why
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    key_type: KeyType = KeyType.EC_P256
+    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    # The host name devices use to reach us; it goes into CDP/AIA URLs and bundles.
+    public_host: str = "localhost"
+    bind: str = "127.0.0.1"
+    est_port: int = 8443
+    http_port: int = 8080
+    mqtt_port: int = 8883
+    device_validity: timedelta = timedelta(days=30)
+    backdate: timedelta = timedelta(minutes=5)
+    token_ttl: timedelta = timedelta(days=7)
+    crl_next_update: timedelta = timedelta(hours=24)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def urls(self) -> PkiUrls:
+        base = f"http://{_url_host(self.public_host)}:{self.http_port}"
+        return PkiUrls(crl=f"{base}/crl", ocsp=f"{base}/ocsp", ca_issuers=f"{base}/issuing-ca.der")
+
+    def est_url(self) -> str:
+        return f"https://{_url_host(self.public_host)}:{self.est_port}"
+
+    def with_ports(self, est_port: int, http_port: int, mqtt_port: int) -> ServerConfig:
+        return replace(self, est_port=est_port, http_port=http_port, mqtt_port=mqtt_port)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _get(data: dict[str, Any], path: Path, section: str, key: str, kind: type, default: Any) -> Any:
+    value = data.get(section, {}).get(key, default)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(path, f"{section}.{key}", f"must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _duration(data: dict[str, Any], path: Path, section: str, key: str, default: str) -> timedelta:
+    raw = _get(data, path, section, key, str, default)
+    try:
+        return parse_duration(raw)
+    except InvalidDuration as exc:
+        raise ConfigError(path, f"{section}.{key}", str(exc)) from exc
+
+
+def _port(data: dict[str, Any], path: Path, key: str, default: int) -> int:
+    value: int = _get(data, path, "server", key, int, default)
+    if not 0 <= value <= 65535:
+        raise ConfigError(path, f"server.{key}", f"port {value} is out of range 0..65535")
+    return value
+
+
+def load_config(path: Path) -> ServerConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(path, "-", "file not found (run `fleetpki init` first)") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "-", f"not valid TOML: {exc}") from exc
+    raw_kind = _get(data, path, "ca", "key_type", str, "ec-p256")
+    try:
+        key_type = KeyType(raw_kind)
+    except ValueError as exc:
+        raise ConfigError(path, "ca.key_type", f"unknown key type {raw_kind!r}") from exc
+    hostnames = _get(data, path, "server", "hostnames", list, ["localhost", "127.0.0.1", "::1"])
+    if not hostnames or not all(isinstance(h, str) and h for h in hostnames):
+        raise ConfigError(path, "server.hostnames", "must be a non-empty list of host names")
+    return ServerConfig(
+        key_type=key_type,
+        hostnames=tuple(hostnames),
+        public_host=_get(data, path, "server", "public_host", str, "localhost"),
+        bind=_get(data, path, "server", "bind", str, "127.0.0.1"),
+        est_port=_port(data, path, "est_port", 8443),
+        http_port=_port(data, path, "http_port", 8080),
+        mqtt_port=_port(data, path, "mqtt_port", 8883),
+        device_validity=_duration(data, path, "ca", "device_validity", "30d"),
+        backdate=_duration(data, path, "ca", "backdate", "5m"),
+        token_ttl=_duration(data, path, "enroll", "token_ttl", "7d"),
+        crl_next_update=_duration(data, path, "crl", "next_update", "24h"),
+        extra=data,
+    )
+
+
+def render_config(cfg: ServerConfig) -> str:
+    hosts = ", ".join(f'"{h}"' for h in cfg.hostnames)
+    return f"""# fleetpki server configuration (written by `fleetpki init`).
+[ca]
+key_type = "{cfg.key_type.value}"
+device_validity = "{format_duration(cfg.device_validity)}"   # lifetime of device certificates
+backdate = "{format_duration(cfg.backdate)}"   # notBefore in the past: devices without RTC
+
+[server]
+hostnames = [{hosts}]
+public_host = "{cfg.public_host}"   # the name devices use; goes into CRL/OCSP URLs and bundles
+bind = "{cfg.bind}"
+est_port = {cfg.est_port}
+http_port = {cfg.http_port}
+mqtt_port = {cfg.mqtt_port}
+
+[enroll]
+token_ttl = "{format_duration(cfg.token_ttl)}"
+
+[crl]
+next_update = "{format_duration(cfg.crl_next_update)}"
+"""

@@ -1,0 +1,49 @@
+"""The service-level error tree; http_app maps each class to one HTTP status."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of errors the enrollment service reports to a client; `reason` is one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadRequest(ServiceError):
+    """The request itself is malformed or asks for what policy refuses (HTTP 400)."""
+
+
+class AuthenticationFailed(ServiceError):
+    """No or wrong credentials (HTTP 401 with WWW-Authenticate).
+
+    The reason never tells an unknown device from a wrong token (no enumeration oracle).
+    """
+
+
+class Forbidden(ServiceError):
+    """Authenticated, but not allowed: revoked, suspended, another device's certificate (403)."""
+
+
+class DeviceRevoked(Forbidden):
+    def __init__(self, device_id: str, state: str = "revoked") -> None:
+        super().__init__(f"device {device_id} is {state}")
+        self.device_id = device_id
+        self.state = state
+
+
+class NotFound(ServiceError):
+    """An operator asked about something that does not exist (HTTP 404)."""
+
+
+class Conflict(ServiceError):
+    """The request conflicts with the current state (HTTP 409)."""
+
+
+class TooManyRequests(ServiceError):
+    """Throttled (HTTP 429 with Retry-After)."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after

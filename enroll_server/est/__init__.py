@@ -1,0 +1,1 @@
+"""EST (RFC 7030) wire format and routes."""

@@ -1,0 +1,76 @@
+"""EST message bodies: base64 PKCS#10 in, base64 PKCS#7 certs-only out (RFC 7030 4.2, RFC 8951)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+CSR_CONTENT_TYPE = "application/pkcs10"
+CERTS_ONLY_CONTENT_TYPE = "application/pkcs7-mime; smime-type=certs-only"
+CACERTS_CONTENT_TYPE = "application/pkcs7-mime"
+CSRATTRS_CONTENT_TYPE = "application/csrattrs"
+
+_WS = re.compile(rb"\s+")
+_PEM_CSR = re.compile(
+    rb"-----BEGIN (?:NEW )?CERTIFICATE REQUEST-----(.*?)-----END (?:NEW )?CERTIFICATE REQUEST-----",
+    re.S,
+)
+
+
+class BadEstBody(ValueError):
+    """A request body that is not base64 DER as RFC 7030 requires; `reason` is for the client."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_base64_body(body: bytes, what: str = "PKCS#10 request") -> bytes:
+    """Decode the base64 body of simpleenroll/simplereenroll.
+
+    RFC 8951 section 3 settles that EST bodies are base64 whatever Content-Transfer-Encoding
+    says, and that line breaks may appear; a PEM-armoured CSR is accepted too, since openssl
+    users paste one.
+    """
+    m = _PEM_CSR.search(body)
+    if m:
+        body = m.group(1)
+    compact = _WS.sub(b"", body)
+    if not compact:
+        raise BadEstBody(f"empty body: expected a base64-encoded {what}")
+    try:
+        der = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadEstBody(f"body is not valid base64 (expected a base64-encoded {what})") from exc
+    if not der:
+        raise BadEstBody(f"empty body: expected a base64-encoded {what}")
+    return der
+
+
+def _b64_lines(der: bytes) -> bytes:
+    text = base64.b64encode(der)
+    return b"\n".join(text[i : i + 64] for i in range(0, len(text), 64)) + b"\n"
+
+
+def encode_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
+    """A degenerate (certs-only) PKCS#7 SignedData, base64 with line breaks (RFC 7030 4.1.3)."""
+    return _b64_lines(pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER))
+
+
+def decode_certs_only(body: bytes) -> list[x509.Certificate]:
+    """Client side / tests: the certificates of a base64 certs-only PKCS#7."""
+    der = decode_base64_body(body, "PKCS#7 certs-only message")
+    try:
+        return pkcs7.load_der_pkcs7_certificates(der)
+    except ValueError as exc:
+        raise BadEstBody("body is not a DER PKCS#7 certs-only message") from exc
+
+
+def encode_der_b64(der: bytes) -> bytes:
+    return _b64_lines(der)

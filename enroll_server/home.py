@@ -1,0 +1,218 @@
+"""The operator's home folder: where each CA file lives, how init creates and serve loads it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from enroll_server.config import ServerConfig, load_config, render_config
+from enroll_server.pki.ca import (
+    Issuer,
+    build_issuing_ca,
+    build_root_ca,
+    build_server_certificate,
+    server_hostnames,
+)
+from enroll_server.pki.keys import (
+    PrivateKey,
+    generate_key,
+    load_private_key_pem,
+    private_key_pem,
+)
+from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
+
+PASSPHRASE_ENV = "FLEETPKI_CA_PASSPHRASE"
+HOME_ENV = "FLEETPKI_HOME"
+
+
+class HomeError(Exception):
+    """The home folder is missing, incomplete or already initialized."""
+
+    def __init__(self, home: Path, why: str) -> None:
+        super().__init__(f"{home}: {why}")
+        self.home = home
+        self.why = why
+
+
+@dataclass(frozen=True, slots=True)
+class HomeLayout:
+    """Paths inside a home folder; nothing here touches the disk."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "fleetpki.toml"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def root_cert(self) -> Path:
+        """The trust anchor handed to devices (bundle ca.pem) and relying parties."""
+        return self.ca_dir / "root.pem"
+
+    @property
+    def root_key(self) -> Path:
+        return self.ca_dir / "root.key"
+
+    @property
+    def issuing_cert(self) -> Path:
+        return self.ca_dir / "issuing.pem"
+
+    @property
+    def issuing_key(self) -> Path:
+        return self.ca_dir / "issuing.key"
+
+    @property
+    def chain(self) -> Path:
+        """issuing + root, PEM: the CA file relying parties (brokers, openssl) load."""
+        return self.ca_dir / "chain.pem"
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.ca_dir / "passphrase"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def server_cert(self) -> Path:
+        """Server certificate followed by the issuing CA (what a TLS server sends)."""
+        return self.tls_dir / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.tls_dir / "server.key"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry.db"
+
+    @property
+    def admin_token(self) -> Path:
+        return self.root / "admin.token"
+
+
+def resolve_home(home: Path | None) -> Path:
+    if home is not None:
+        return home
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env)
+    raise HomeError(Path("."), f"no home folder: pass --home or set {HOME_ENV}")
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 hex of a high-entropy token: tokens are stored only this way (never in clear)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    """A 256-bit URL-safe random token."""
+    return secrets.token_urlsafe(32)
+
+
+def _passphrase(layout: HomeLayout, create: bool) -> bytes:
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env:
+        return env.encode()
+    if layout.passphrase_file.exists():
+        return layout.passphrase_file.read_bytes().strip()
+    if not create:
+        raise HomeError(
+            layout.root,
+            f"CA keys are encrypted: set {PASSPHRASE_ENV} or restore {layout.passphrase_file}",
+        )
+    phrase = new_secret().encode()
+    write_atomic(layout.passphrase_file, phrase + b"\n")
+    return phrase
+
+
+@dataclass(frozen=True, slots=True)
+class InitResult:
+    layout: HomeLayout
+    admin_token: str
+    root_cert: x509.Certificate
+    issuing_cert: x509.Certificate
+    server_cert: x509.Certificate
+
+
+def init_home(
+    home: Path, config: ServerConfig, now: datetime, *, force: bool = False
+) -> InitResult:
+    """Create the CA hierarchy, the TLS server certificate, the config and the admin token.
+
+    The registry is created by the caller (it owns SQL); this function only writes files.
+    """
+    layout = HomeLayout(home)
+    if layout.config.exists() and not force:
+        raise HomeError(home, "already initialized (fleetpki.toml exists); use --force to redo")
+    make_private_dir(home)
+    make_private_dir(layout.ca_dir)
+    make_private_dir(layout.tls_dir)
+    phrase = _passphrase(layout, create=True)
+
+    root_key = generate_key(config.key_type)
+    root_cert = build_root_ca(root_key, "fleetpki Root CA", now)
+    issuing_key = generate_key(config.key_type)
+    issuing_cert = build_issuing_ca(
+        issuing_key, Issuer(root_cert, root_key), "fleetpki Issuing CA", now
+    )
+    issuing = Issuer(issuing_cert, issuing_key, config.urls())
+    server_key = generate_key(config.key_type)
+    server_cert = build_server_certificate(
+        server_key.public_key(), issuing, server_hostnames(list(config.hostnames)), now
+    )
+    write_atomic(layout.root_key, private_key_pem(root_key, phrase))
+    write_atomic(layout.issuing_key, private_key_pem(issuing_key, phrase))
+    # The TLS key is not encrypted: servers must restart unattended; it is 0600 and can only
+    # impersonate the server, not issue certificates.
+    write_atomic(layout.server_key, private_key_pem(server_key, None))
+    write_atomic(layout.root_cert, _pem(root_cert), PUBLIC_MODE)
+    write_atomic(layout.issuing_cert, _pem(issuing_cert), PUBLIC_MODE)
+    write_atomic(layout.chain, _pem(issuing_cert) + _pem(root_cert), PUBLIC_MODE)
+    write_atomic(layout.server_cert, _pem(server_cert) + _pem(issuing_cert), PUBLIC_MODE)
+    admin_token = new_secret()
+    write_atomic(layout.admin_token, admin_token.encode() + b"\n")
+    write_atomic(layout.config, render_config(config).encode(), 0o600)
+    return InitResult(layout, admin_token, root_cert, issuing_cert, server_cert)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedHome:
+    layout: HomeLayout
+    config: ServerConfig
+    root_cert: x509.Certificate
+    issuer: Issuer
+
+
+def load_home(home: Path) -> LoadedHome:
+    """Load config and the issuing CA (decrypting its key) for `serve` and operator commands."""
+    layout = HomeLayout(home)
+    if not layout.config.exists():
+        raise HomeError(home, "not initialized: run `fleetpki init --home` first")
+    config = load_config(layout.config)
+    try:
+        root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
+        issuing_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
+        key_pem = layout.issuing_key.read_bytes()
+    except (OSError, ValueError) as exc:
+        raise HomeError(home, f"CA files unreadable: {exc}") from exc
+    key: PrivateKey = load_private_key_pem(
+        key_pem, _passphrase(layout, create=False), "issuing CA key"
+    )
+    return LoadedHome(layout, config, root_cert, Issuer(issuing_cert, key, config.urls()))

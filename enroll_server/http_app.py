@@ -1,0 +1,155 @@
+"""The aiohttp apps: HTTPS (EST, admin API, metrics) and plain HTTP (CRL, OCSP, CA certs)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from enroll_server.admin_api import admin_routes
+from enroll_server.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceError,
+    TooManyRequests,
+)
+from enroll_server.est.routes import EST_PREFIX, est_routes
+from enroll_server.state import APP_STATE, AppState
+
+log = logging.getLogger("fleetpki.http")
+
+# One table maps the error tree to HTTP status codes (RFC 7030 4.2.3 leaves codes to HTTP).
+ERROR_STATUS: dict[type[ServiceError], int] = {
+    BadRequest: 400,
+    AuthenticationFailed: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    TooManyRequests: 429,
+}
+# A base64 CSR of the largest accepted size (16 KiB DER) is about 22 KiB; refuse much more
+# before reading it (HTTP 413).
+MAX_BODY = 64 * 1024
+WWW_AUTHENTICATE = 'Basic realm="fleetpki EST", charset="UTF-8"'
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _status_of(exc: ServiceError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 400
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    st = request.app[APP_STATE]
+    is_est = request.path.startswith(EST_PREFIX + "/simple")
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ServiceError as exc:
+        status = _status_of(exc)
+        if is_est:
+            st.metrics.enrollments.inc(f"rejected_{status}")
+        # Reasons name what was wrong but never carry a secret (tokens are not echoed).
+        log.info("%s %s -> %d %s", request.method, request.path, status, exc.reason)
+        headers = {}
+        if status == 401:
+            headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+        if isinstance(exc, TooManyRequests):
+            headers["Retry-After"] = str(exc.retry_after)
+        return web.Response(status=status, text=exc.reason + "\n", headers=headers)
+    except web.HTTPException as exc:
+        if is_est and exc.status >= 400:
+            st.metrics.enrollments.inc(f"rejected_{exc.status}")
+        raise
+    if is_est:
+        st.metrics.latency.observe(time.perf_counter() - started)
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = request.app[APP_STATE].metrics.render()
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+async def issuing_ca_der(request: web.Request) -> web.Response:
+    """caIssuers target (RFC 5280 4.2.2.1): the issuing CA certificate, DER."""
+    cert = request.app[APP_STATE].ca_chain[0]
+    return web.Response(
+        body=cert.public_bytes(serialization.Encoding.DER), content_type="application/pkix-cert"
+    )
+
+
+def build_https_app(state: AppState) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app[APP_STATE] = state
+    app.add_routes(
+        [
+            *est_routes(),
+            *admin_routes(),
+            web.get("/healthz", healthz),
+            web.get("/metrics", metrics),
+        ]
+    )
+    return app
+
+
+def build_http_app(state: AppState, extra: list[web.RouteDef] | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app[APP_STATE] = state
+    app.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get("/issuing-ca.der", issuing_ca_der),
+            *(extra or []),
+        ]
+    )
+    return app
+
+
+def server_ssl_context(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    """TLS >= 1.2; client certificates optional (first enrollment has none), verified if sent."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_chain, key)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(cafile=str(client_ca))
+    return ctx
+
+
+@dataclass
+class RunningSite:
+    runner: web.AppRunner
+    port: int
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_site(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> RunningSite:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return RunningSite(runner, bound)

@@ -1,0 +1,120 @@
+"""Running the service: open the home and registry, start HTTPS (EST, admin) and HTTP sites."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from enroll_server.home import LoadedHome, hash_secret, load_home
+from enroll_server.http_app import (
+    RunningSite,
+    build_http_app,
+    build_https_app,
+    server_ssl_context,
+    start_site,
+)
+from enroll_server.pki.profile import DeviceProfile
+from enroll_server.registry import Registry
+from enroll_server.service import EnrollmentService
+from enroll_server.state import AppState, utc_now
+
+log = logging.getLogger("fleetpki.server")
+
+
+@dataclass
+class ServerHandle:
+    home: LoadedHome
+    state: AppState
+    registry: Registry
+    https: RunningSite
+    http: RunningSite
+    stoppers: list[Callable[[], Any]] = field(default_factory=list)
+
+    @property
+    def est_port(self) -> int:
+        return self.https.port
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
+
+    async def stop(self) -> None:
+        for stop in reversed(self.stoppers):
+            result = stop()
+            if asyncio.iscoroutine(result):
+                await result
+        await self.https.stop()
+        await self.http.stop()
+        self.registry.close()
+
+
+def ensure_admin_token(loaded: LoadedHome, registry: Registry, now: datetime) -> None:
+    """Register the admin token written by init (stored hashed; idempotent)."""
+    path = loaded.layout.admin_token
+    if path.exists():
+        digest = hash_secret(path.read_text().strip())
+        if not registry.admin_token_valid(digest):
+            registry.add_admin_token(digest, "init", now)
+
+
+async def start_server(
+    home: Path,
+    *,
+    est_port: int | None = None,
+    http_port: int | None = None,
+    bind: str | None = None,
+    profile: DeviceProfile | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> ServerHandle:
+    loaded = load_home(home)
+    cfg = loaded.config
+    registry = Registry.open(loaded.layout.registry)
+    try:
+        ensure_admin_token(loaded, registry, clock())
+        profile = profile or DeviceProfile(validity=cfg.device_validity, backdate=cfg.backdate)
+        service = EnrollmentService(registry, loaded.issuer, profile)
+        state = AppState(
+            service=service,
+            registry=registry,
+            ca_chain=(loaded.issuer.cert, loaded.root_cert),
+            clock=clock,
+        )
+        host = bind or cfg.bind
+        tls = server_ssl_context(
+            loaded.layout.server_cert, loaded.layout.server_key, loaded.layout.chain
+        )
+        https = await start_site(build_https_app(state), host, _port(est_port, cfg.est_port), tls)
+        http = await start_site(build_http_app(state), host, _port(http_port, cfg.http_port))
+    except BaseException:
+        registry.close()
+        raise
+    log.info(
+        "EST + admin API on https://%s:%d, CRL/OCSP on http://%s:%d",
+        host,
+        https.port,
+        host,
+        http.port,
+    )
+    return ServerHandle(loaded, state, registry, https, http)
+
+
+def _port(override: int | None, configured: int) -> int:
+    return configured if override is None else override
+
+
+async def serve_forever(handle: ServerHandle) -> None:
+    """Block until SIGINT/SIGTERM, then stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await handle.stop()

@@ -1,0 +1,177 @@
+"""EnrollmentService: authorize -> check CSR -> issue -> record. No HTTP, no clock of its own."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from enroll_server.errors import AuthenticationFailed, BadRequest, DeviceRevoked, Forbidden
+from enroll_server.pki.ca import Issuer
+from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
+from enroll_server.pki.errors import CsrRejected
+from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
+from enroll_server.registry import Registry
+from enroll_server.registry.errors import DeviceNotActive, TokenRejected
+from enroll_server.registry.models import CertStatus, DeviceState, IssuedCertificate, Role
+from fleetpki.identity import DeviceId, InvalidIdentifier
+
+# One message for unknown device, wrong token and a token of another device: the difference
+# would let an attacker enumerate device ids (issue: no enumeration oracle).
+BAD_CREDENTIALS = "unknown device or wrong enrollment token"
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """A grant plus what issuance must consume or supersede, produced by one authorize_* call."""
+
+    grant: Grant
+    token_hash: str | None = None
+    supersedes_serial: int | None = None
+    actor: str = "device"
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # certificate first, then the issuing CA
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _role(role: Role) -> EndEntityRole:
+    return EndEntityRole.SERVICE if role is Role.SERVICE else EndEntityRole.DEVICE
+
+
+class EnrollmentService:
+    def __init__(self, registry: Registry, issuer: Issuer, profile: DeviceProfile) -> None:
+        self.registry = registry
+        self.issuer = issuer
+        self.profile = profile
+        self._issuer_ski = issuer.cert.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        ).value.digest
+
+    # --- authorization -----------------------------------------------------------------
+    def authorize_token(self, username: str, token: str, now: datetime) -> Authorization:
+        """First enrollment (RFC 7030 3.2.3 HTTP Basic): device id + one-time token."""
+        try:
+            device_id = DeviceId.parse(username)
+        except InvalidIdentifier:
+            raise AuthenticationFailed(BAD_CREDENTIALS) from None
+        digest = token_hash(token)
+        try:
+            self.registry.check_token(device_id, digest, now)
+        except TokenRejected as exc:
+            if exc.reason in ("unknown", "wrong-device"):
+                raise AuthenticationFailed(BAD_CREDENTIALS) from None
+            # The caller proved knowledge of the token, so saying why it fails leaks nothing.
+            raise AuthenticationFailed(f"enrollment token {exc.reason}") from None
+        device = self.registry.get_device(device_id)
+        if device is None:  # a token row exists, so this is a registry invariant breach
+            raise AuthenticationFailed(BAD_CREDENTIALS)
+        if device.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
+            raise DeviceRevoked(device_id.value, device.state.value)
+        return Authorization(Grant(device_id, _role(device.role)), token_hash=digest)
+
+    def authorize_certificate(self, cert: x509.Certificate, now: datetime) -> Authorization:
+        """Re-enrollment (RFC 7030 4.2.2) with the current certificate, already TLS-verified.
+
+        TLS proved possession and chain; here the registry decides: the certificate must be
+        one we issued, still active, of an active device, unexpired, with clientAuth.
+        """
+        aki = _aki(cert)
+        if aki is not None and not hmac.compare_digest(aki, self._issuer_ski):
+            raise Forbidden("client certificate was not issued by this CA's issuing CA")
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            raise Forbidden("client certificate has no extended key usage") from None
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+            raise Forbidden("client certificate lacks clientAuth extended key usage")
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise Forbidden("client certificate is expired or not yet valid")
+        record = self.registry.get_certificate(cert.serial_number)
+        if record is None:
+            raise Forbidden("client certificate is unknown to the registry")
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not cn or cn[0].value != record.device_id.value:
+            raise Forbidden("client certificate subject does not match the registry")
+        if record.status is CertStatus.REVOKED:
+            raise DeviceRevoked(record.device_id.value)
+        if record.status is CertStatus.ON_HOLD:
+            raise DeviceRevoked(record.device_id.value, "suspended")
+        if record.status is CertStatus.SUPERSEDED:
+            raise Forbidden("client certificate was superseded by a newer one; use that one")
+        device = self.registry.get_device(record.device_id)
+        if device is None or device.state is not DeviceState.ACTIVE:
+            state = device.state.value if device else "unknown"
+            raise DeviceRevoked(record.device_id.value, state)
+        return Authorization(
+            Grant(record.device_id, _role(device.role)),
+            supersedes_serial=cert.serial_number,
+        )
+
+    def authorize_bootstrap_certificate(
+        self, cert: x509.Certificate, now: datetime
+    ) -> Authorization:
+        """simpleenroll over mTLS with a factory birth certificate (IDevID)."""
+        raise Forbidden("simpleenroll with a client certificate needs a factory (IDevID) batch")
+
+    # --- issuance ----------------------------------------------------------------------
+    def enroll(self, csr_der: bytes, auth: Authorization, now: datetime) -> Enrollment:
+        """Check the CSR against the grant, sign, commit to the registry, then return.
+
+        The certificate is committed (and the token consumed in the same transaction) before
+        it leaves this function; if the commit fails the certificate is discarded unseen.
+        """
+        try:
+            approved = check_csr(load_csr(csr_der), auth.grant)
+        except CsrRejected as exc:
+            raise BadRequest(exc.reason) from exc
+        cert = build_device_certificate(
+            approved.public_key,
+            auth.grant.device_id,
+            self.issuer,
+            now,
+            self.profile,
+            role=auth.grant.role,
+        )
+        der = cert.public_bytes(serialization.Encoding.DER)
+        record = IssuedCertificate(
+            serial=cert.serial_number,
+            device_id=auth.grant.device_id,
+            fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        )
+        try:
+            self.registry.record_issuance(
+                record,
+                consume_token_hash=auth.token_hash,
+                supersedes_serial=auth.supersedes_serial,
+                now=now,
+                actor=auth.actor,
+            )
+        except TokenRejected as exc:
+            # Lost a race for the same one-time token: the other request won.
+            raise AuthenticationFailed(f"enrollment token {exc.reason}") from exc
+        except DeviceNotActive as exc:
+            raise DeviceRevoked(str(exc.device_id), exc.state) from exc
+        return Enrollment(cert, (cert, self.issuer.cert))
+
+
+def _aki(cert: x509.Certificate) -> bytes | None:
+    try:
+        value = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    return value.key_identifier

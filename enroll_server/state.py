@@ -1,0 +1,41 @@
+"""AppState: what every HTTP handler reaches through `request.app[APP_STATE]`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+
+from enroll_server.metrics import Metrics
+from enroll_server.registry import Registry
+from enroll_server.service import EnrollmentService
+from enroll_server.throttle import Throttle
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class AppState:
+    service: EnrollmentService
+    registry: Registry
+    ca_chain: tuple[x509.Certificate, ...]  # issuing CA, then root (RFC 7030 4.1.3)
+    metrics: Metrics = field(default_factory=Metrics)
+    throttle: Throttle = field(default_factory=Throttle)
+    clock: Callable[[], datetime] = utc_now
+    # Hooks set by `serve`: drop a device's live broker session at once (in-process path).
+    on_revocation: list[Callable[[str], Any]] = field(default_factory=list)
+    # Hooks run after any registry change that affects revocation data (CRL/OCSP rebuild).
+    on_change: list[Callable[[], Any]] = field(default_factory=list)
+
+    def on_registry_change(self) -> None:
+        for hook in self.on_change:
+            hook()
+
+
+APP_STATE = web.AppKey("fleetpki_state", AppState)
