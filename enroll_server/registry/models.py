@@ -10,13 +10,9 @@ from typing import Any
 
 from enroll_server.registry.errors import InvalidValue
 from fleetpki.identity import DeviceId
+from fleetpki.topics import Role  # one Role for registry and broker ACLs
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-class Role(StrEnum):
-    DEVICE = "device"
-    SERVICE = "service"
 
 
 class DeviceState(StrEnum):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -88,6 +90,28 @@ def _enum(kind: type[_E], what: str, value: str) -> _E:
         raise InvalidValue(what, value, f"expected one of {allowed}") from None
 
 
+def _enable_wal(db: Database, path: Path) -> None:
+    """Switch the file to WAL, retrying while another process holds it.
+
+    Changing journal_mode can fail with SQLITE_BUSY at once, without consulting the busy
+    handler, when several processes open a fresh file together; so retry with backoff up to
+    the busy timeout. Once one process has switched, the mode is persistent in the file.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.002
+    while True:
+        try:
+            db.enable_wal()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise RegistryBusy(str(path), BUSY_TIMEOUT_MS) from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 class Registry:
     """The fleet registry. Every write is one short `BEGIN IMMEDIATE` transaction.
 
@@ -116,7 +140,7 @@ class Registry:
             # Per connection, and a no-op inside a transaction: set before anything else.
             conn.execute("PRAGMA foreign_keys = ON")
             db = Database(conn, execute_plugins=False)
-            db.enable_wal()
+            _enable_wal(db, path)
             # NORMAL is durable-enough in WAL mode: a power cut may lose the last commits but
             # never corrupts the file (https://www.sqlite.org/pragma.html#pragma_synchronous).
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -417,15 +441,18 @@ class Registry:
             ).fetchall()
         return [device_from_row(r) for r in rows]
 
-    def count_devices(self, *, state: str | None = None) -> int:
+    def count_devices(self, *, state: str | None = None, batch_id: str | None = None) -> int:
+        where: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            where.append("state = ?")
+            params.append(_enum(DeviceState, "device state", state).value)
+        if batch_id is not None:
+            where.append("batch_id = ?")
+            params.append(batch_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._read() as conn:
-            if state is None:
-                row = conn.execute("SELECT count(*) FROM devices").fetchone()
-            else:
-                value = _enum(DeviceState, "device state", state).value
-                row = conn.execute(
-                    "SELECT count(*) FROM devices WHERE state = ?", (value,)
-                ).fetchone()
+            row = conn.execute(f"SELECT count(*) FROM devices {clause}", params).fetchone()  # noqa: S608
         return int(row[0])
 
     def list_batches(self) -> list[Batch]:
@@ -472,7 +499,13 @@ class Registry:
     # ------------------------------------------------------------------ tokens
 
     def add_token(
-        self, device_id: DeviceId, token_hash: str, expires_at: datetime, now: datetime
+        self,
+        device_id: DeviceId,
+        token_hash: str,
+        expires_at: datetime,
+        now: datetime,
+        *,
+        actor: str = "registry",
     ) -> None:
         """Record a new one-time token for a device; any unused earlier token dies (reissue)."""
         check_sha256_hex("token hash", token_hash)
@@ -504,7 +537,7 @@ class Registry:
             self._audit(
                 conn,
                 now_s,
-                "registry",
+                actor,
                 "token.issue",
                 device_id,
                 {"expires_at": expires_s, "replaced": killed},
@@ -640,7 +673,8 @@ class Registry:
         with self._write() as conn:
             if self._state_of(conn, device_id) is None:
                 raise UnknownDevice(device_id)
-            return self._revoke_in_tx(conn, device_id, reason_v, now_s, actor, {})
+            revoked = self._revoke_in_tx(conn, [device_id.value], reason_v, now_s, actor, {})
+        return revoked[device_id.value]
 
     @staticmethod
     def _revoke_reason(reason: str) -> str:
@@ -654,34 +688,56 @@ class Registry:
     def _revoke_in_tx(
         self,
         conn: sqlite3.Connection,
-        device_id: DeviceId,
+        device_ids: list[str],
         reason: str,
         now_s: str,
         actor: str,
         detail: dict[str, Any],
-    ) -> list[int]:
+    ) -> dict[str, list[int]]:
+        """Revoke devices and their unexpired certificates; serials revoked per device id.
+
+        Set-based (the ids travel as one JSON array) so that revoke_batch costs a handful
+        of statements per chunk rather than per device.
+        """
+        ids_json = json.dumps(device_ids)
         rows = conn.execute(
             "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
-            "WHERE device_id = ? AND status IN ('active', 'on_hold', 'superseded') "
-            "AND not_after > ? RETURNING serial",
-            (now_s, reason, device_id.value, now_s),
+            "WHERE device_id IN (SELECT value FROM json_each(?)) "
+            "AND status IN ('active', 'on_hold', 'superseded') AND not_after > ? "
+            "RETURNING device_id, serial",
+            (now_s, reason, ids_json, now_s),
         ).fetchall()
-        serials = sorted(serial_int(r[0]) for r in rows)
+        serials: dict[str, list[int]] = {d: [] for d in device_ids}
+        for device, serial in rows:
+            serials[device].append(serial_int(serial))
+        for found in serials.values():
+            found.sort()
         conn.execute(
-            "UPDATE devices SET state = 'revoked', updated_at = ? WHERE id = ?",
-            (now_s, device_id.value),
+            "UPDATE devices SET state = 'revoked', updated_at = ? "
+            "WHERE id IN (SELECT value FROM json_each(?))",
+            (now_s, ids_json),
         )
-        self._audit(
-            conn,
-            now_s,
-            actor,
-            "device.revoke",
-            device_id,
-            {"reason": reason, "serials": [serial_hex(s) for s in serials], **detail},
+        conn.executemany(
+            "INSERT INTO audit (at, actor, action, device_id, detail) "
+            "VALUES (?, ?, 'device.revoke', ?, ?)",
+            [
+                (
+                    now_s,
+                    actor,
+                    device,
+                    detail_json(
+                        {"reason": reason, "serials": [serial_hex(s) for s in found], **detail}
+                    ),
+                )
+                for device, found in serials.items()
+            ],
         )
         # Always emitted, even with no certificate changed: the broker drops sessions by
         # device id, and a repeated revoke must still cut off anything still connected.
-        self._event(conn, now_s, EventKind.REVOKED, device_id, serials)
+        conn.executemany(
+            "INSERT INTO events (at, kind, device_id, serials) VALUES (?, 'revoked', ?, ?)",
+            [(now_s, device, serials_json(found)) for device, found in serials.items()],
+        )
         return serials
 
     def suspend_device(self, device_id: DeviceId, *, now: datetime, actor: str) -> list[int]:
@@ -775,18 +831,18 @@ class Registry:
         while True:
             with self._write() as conn:
                 ids = [
-                    DeviceId(r[0])
+                    r[0]
                     for r in conn.execute(
-                        "SELECT id FROM devices WHERE batch_id = ? AND state != 'revoked' "
-                        "ORDER BY id LIMIT ?",
+                        # IN, not "!= 'revoked'": an index range per state, so revoked
+                        # devices of earlier chunks are never scanned again.
+                        "SELECT id FROM devices WHERE batch_id = ? "
+                        "AND state IN ('provisioned', 'active', 'suspended') LIMIT ?",
                         (batch_id, _REVOKE_CHUNK),
                     )
                 ]
-                for device_id in ids:
-                    self._revoke_in_tx(
-                        conn, device_id, reason_v, now_s, actor, {"batch_id": batch_id}
-                    )
-                if not ids:
+                if ids:
+                    self._revoke_in_tx(conn, ids, reason_v, now_s, actor, {"batch_id": batch_id})
+                else:
                     self._audit(
                         conn,
                         now_s,
@@ -873,7 +929,9 @@ class Registry:
 
     # ------------------------------------------------------------------ admin tokens
 
-    def add_admin_token(self, token_hash: str, name: str, now: datetime) -> None:
+    def add_admin_token(
+        self, token_hash: str, name: str, now: datetime, *, actor: str = "registry"
+    ) -> None:
         """Record SHA-256(admin token); the token itself is never stored."""
         check_sha256_hex("admin token hash", token_hash)
         now_s = ts(now, "now")
@@ -885,7 +943,7 @@ class Registry:
                 )
             except sqlite3.IntegrityError as exc:
                 raise InvalidValue("admin token", name, "that token is already registered") from exc
-            self._audit(conn, now_s, "registry", "admin_token.add", None, {"name": name})
+            self._audit(conn, now_s, actor, "admin_token.add", None, {"name": name})
 
     def admin_token_valid(self, token_hash: str) -> bool:
         with self._read() as conn:

@@ -687,3 +687,51 @@ def test_admin_tokens(reg: Registry) -> None:
     assert not reg.admin_token_valid(token_hash("guess"))
     with pytest.raises(InvalidValue):
         reg.add_admin_token("not-a-hash", "x", NOW)
+
+
+def _open_and_add(path: str, device: str, now: datetime) -> str:
+    with Registry.open(Path(path)) as reg:
+        reg.add_device(DeviceId(device), batch_id=None, now=now, actor="proc")
+        return reg.journal_mode
+
+
+def test_processes_opening_a_fresh_file_together(db_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    args = [(str(db_path), f"p-{i}", NOW) for i in range(4)]
+    with ctx.Pool(4) as pool:
+        modes = pool.starmap_async(_open_and_add, args).get(timeout=60)
+    assert modes == ["wal"] * 4
+    with Registry.open(db_path) as reg:
+        assert reg.count_devices() == 4
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+
+
+def test_create_batch_reads_the_input_lazily(reg: Registry) -> None:
+    def endless() -> Iterator[NewDevice]:
+        yield NewDevice(DeviceId("lazy-0"), token_hash("lazy-0"))
+        i = 0
+        while True:  # would never end if create_batch materialized its input
+            i += 1
+            name = "lazy-0" if i == 5 else f"lazy-{i}"
+            yield NewDevice(DeviceId(name), token_hash(f"t{i}"))
+
+    with pytest.raises(DuplicateDevice):
+        reg.create_batch("lazy", endless(), kind="token", token_ttl=TTL, now=NOW, actor="op")
+    assert reg.count_devices() == 0
+
+
+def test_hot_queries_use_indexes(reg: Registry, db_path: Path) -> None:
+    # The broker polls events_since every ~200 ms and the CRL is rebuilt from
+    # revoked_entries: neither may scan a table of 100k rows.
+    with sqlite3.connect(db_path) as raw:
+
+        def plan(sql: str) -> str:
+            return " ".join(r[3] for r in raw.execute("EXPLAIN QUERY PLAN " + sql))
+
+        assert "INTEGER PRIMARY KEY" in plan("SELECT * FROM events WHERE seq > 1 ORDER BY seq")
+        assert "certificates_status_expiry" in plan(
+            "SELECT serial FROM certificates WHERE status IN ('revoked', 'on_hold') "
+            "AND not_after > '2025'"
+        )
+        assert "tokens_device" in plan("SELECT 1 FROM tokens WHERE device_id = 'x'")
