@@ -1,0 +1,379 @@
+"""Registry part for certificates: issuance, suspension, revocation and CRL input."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from enroll_server.registry.codec import (
+    CERTIFICATE_COLUMNS,
+    certificate_from_row,
+    detail_json,
+    parse_ts,
+    serial_hex,
+    serial_int,
+    serials_json,
+    ts,
+)
+from enroll_server.registry.connection import RegistryBase
+from enroll_server.registry.errors import (
+    DeviceNotActive,
+    DuplicateFingerprint,
+    DuplicateSerial,
+    InvalidValue,
+    TokenRejected,
+    UnknownBatch,
+    UnknownCertificate,
+    UnknownDevice,
+)
+from enroll_server.registry.models import (
+    REVOKE_REASONS,
+    CertificateRecord,
+    DeviceState,
+    EventKind,
+    IssuedCertificate,
+    RevokedEntry,
+    parse_reason,
+)
+from fleetpki.identity import DeviceId
+
+# The f-string queries marked `noqa: S608` only interpolate the constant column lists of
+# codec.py (and fixed WHERE fragments); every value goes through a `?` parameter.
+
+# Devices revoked per transaction in revoke_batch: keeps each write lock hold short so the
+# server and the broker are never starved while an operator revokes a whole batch.
+_REVOKE_CHUNK = 500
+
+
+class CertificateStore(RegistryBase):
+    """Issued certificates: issuance (with token consumption), suspension, revocation, CRL."""
+
+    def record_issuance(
+        self,
+        cert: IssuedCertificate,
+        *,
+        consume_token_hash: str | None,
+        supersedes_serial: int | None,
+        now: datetime,
+        actor: str,
+    ) -> None:
+        """Record an issued certificate, atomically with consuming the enrollment token.
+
+        Of two concurrent requests with the same token exactly one succeeds: the conditional
+        UPDATE below runs under the write lock, so the second sees used_at already set.
+        """
+        now_s = ts(now, "now")
+        device_id = cert.device_id
+        with self._write() as conn:
+            if consume_token_hash is not None:
+                consumed = conn.execute(
+                    "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND device_id = ? "
+                    "AND used_at IS NULL AND expires_at > ?",
+                    (now_s, consume_token_hash, device_id.value, now_s),
+                ).rowcount
+                if consumed != 1:
+                    problem = self._token_problem(conn, device_id, consume_token_hash, now_s)
+                    raise TokenRejected(device_id, problem or "used")
+            state = self._state_of(conn, device_id)
+            if state is None:
+                raise UnknownDevice(device_id)
+            if state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
+                raise DeviceNotActive(device_id, state.value)
+            try:
+                conn.execute(
+                    f"INSERT INTO certificates ({CERTIFICATE_COLUMNS}) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?)",
+                    (
+                        serial_hex(cert.serial),
+                        device_id.value,
+                        cert.fingerprint_sha256,
+                        ts(cert.not_before, "not_before"),
+                        ts(cert.not_after, "not_after"),
+                        now_s,
+                        cert.pem,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                if "fingerprint" in str(exc):
+                    raise DuplicateFingerprint(cert.fingerprint_sha256) from exc
+                raise DuplicateSerial(cert.serial) from exc
+            if supersedes_serial is not None:
+                old = conn.execute(
+                    "SELECT status FROM certificates WHERE serial = ? AND device_id = ?",
+                    (serial_hex(supersedes_serial), device_id.value),
+                ).fetchone()
+                if old is None:
+                    raise UnknownCertificate(supersedes_serial, device_id)
+                conn.execute(
+                    "UPDATE certificates SET status = 'superseded' "
+                    "WHERE serial = ? AND status = 'active'",
+                    (serial_hex(supersedes_serial),),
+                )
+            conn.execute(
+                "UPDATE devices SET state = 'active', enrolled_at = coalesce(enrolled_at, ?), "
+                "updated_at = ? WHERE id = ?",
+                (now_s, now_s, device_id.value),
+            )
+            self._audit(
+                conn,
+                now_s,
+                actor,
+                "certificate.issue",
+                device_id,
+                {
+                    "serial": serial_hex(cert.serial),
+                    "not_after": ts(cert.not_after),
+                    "supersedes": None
+                    if supersedes_serial is None
+                    else serial_hex(supersedes_serial),
+                    "with_token": consume_token_hash is not None,
+                },
+            )
+            self._event(conn, now_s, EventKind.ISSUED, device_id, [cert.serial])
+
+    def get_certificate(self, serial: int) -> CertificateRecord | None:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE serial = ?",  # noqa: S608
+                (serial_hex(serial),),
+            ).fetchone()
+        return None if row is None else certificate_from_row(row)
+
+    def certificates_of(self, device_id: DeviceId) -> list[CertificateRecord]:
+        """A device's certificates, oldest issuance first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE device_id = ? "  # noqa: S608
+                "ORDER BY issued_at, serial",
+                (device_id.value,),
+            ).fetchall()
+        return [certificate_from_row(r) for r in rows]
+
+    # ------------------------------------------------------------------ revocation
+
+    def revoke_device(
+        self, device_id: DeviceId, *, reason: str, now: datetime, actor: str
+    ) -> list[int]:
+        """Revoke a device and every unexpired certificate of it; returns the serials revoked.
+
+        `reason` is an RFC 5280 5.3.1 name ('keyCompromise'; 'key-compromise' is accepted).
+        Superseded certificates are revoked too: a renewal does not make the old certificate
+        invalid, so after a key compromise it must go on the CRL as well.
+        """
+        reason_v = self._revoke_reason(reason)
+        now_s = ts(now, "now")
+        with self._write() as conn:
+            if self._state_of(conn, device_id) is None:
+                raise UnknownDevice(device_id)
+            revoked = self._revoke_in_tx(conn, [device_id.value], reason_v, now_s, actor, {})
+        return revoked[device_id.value]
+
+    @staticmethod
+    def _revoke_reason(reason: str) -> str:
+        reason_v = parse_reason(reason)
+        if reason_v not in REVOKE_REASONS:
+            raise InvalidValue(
+                "revocation reason", reason, "use suspend/resume for certificateHold"
+            )
+        return reason_v
+
+    def _revoke_in_tx(
+        self,
+        conn: sqlite3.Connection,
+        device_ids: list[str],
+        reason: str,
+        now_s: str,
+        actor: str,
+        detail: dict[str, Any],
+    ) -> dict[str, list[int]]:
+        """Revoke devices and their unexpired certificates; serials revoked per device id.
+
+        Set-based (the ids travel as one JSON array) so that revoke_batch costs a handful
+        of statements per chunk rather than per device.
+        """
+        ids_json = json.dumps(device_ids)
+        rows = conn.execute(
+            "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+            "WHERE device_id IN (SELECT value FROM json_each(?)) "
+            "AND status IN ('active', 'on_hold', 'superseded') AND not_after > ? "
+            "RETURNING device_id, serial",
+            (now_s, reason, ids_json, now_s),
+        ).fetchall()
+        serials: dict[str, list[int]] = {d: [] for d in device_ids}
+        for device, serial in rows:
+            serials[device].append(serial_int(serial))
+        for found in serials.values():
+            found.sort()
+        conn.execute(
+            "UPDATE devices SET state = 'revoked', updated_at = ? "
+            "WHERE id IN (SELECT value FROM json_each(?))",
+            (now_s, ids_json),
+        )
+        conn.executemany(
+            "INSERT INTO audit (at, actor, action, device_id, detail) "
+            "VALUES (?, ?, 'device.revoke', ?, ?)",
+            [
+                (
+                    now_s,
+                    actor,
+                    device,
+                    detail_json(
+                        {"reason": reason, "serials": [serial_hex(s) for s in found], **detail}
+                    ),
+                )
+                for device, found in serials.items()
+            ],
+        )
+        # Always emitted, even with no certificate changed: the broker drops sessions by
+        # device id, and a repeated revoke must still cut off anything still connected.
+        conn.executemany(
+            "INSERT INTO events (at, kind, device_id, serials) VALUES (?, 'revoked', ?, ?)",
+            [(now_s, device, serials_json(found)) for device, found in serials.items()],
+        )
+        return serials
+
+    def suspend_device(self, device_id: DeviceId, *, now: datetime, actor: str) -> list[int]:
+        """Put a device's active certificates on hold (RFC 5280 certificateHold); reversible."""
+        now_s = ts(now, "now")
+        with self._write() as conn:
+            state = self._state_of(conn, device_id)
+            if state is None:
+                raise UnknownDevice(device_id)
+            if state is DeviceState.REVOKED:
+                raise DeviceNotActive(device_id, state.value)
+            if state is DeviceState.SUSPENDED:
+                return []
+            rows = conn.execute(
+                "UPDATE certificates SET status = 'on_hold', revoked_at = ?, "
+                "revocation_reason = 'certificateHold' "
+                "WHERE device_id = ? AND status = 'active' AND not_after > ? RETURNING serial",
+                (now_s, device_id.value, now_s),
+            ).fetchall()
+            serials = sorted(serial_int(r[0]) for r in rows)
+            conn.execute(
+                "UPDATE devices SET state = 'suspended', updated_at = ? WHERE id = ?",
+                (now_s, device_id.value),
+            )
+            self._audit(
+                conn,
+                now_s,
+                actor,
+                "device.suspend",
+                device_id,
+                {"serials": [serial_hex(s) for s in serials], "previous_state": state.value},
+            )
+            self._event(conn, now_s, EventKind.SUSPENDED, device_id, serials)
+        return serials
+
+    def resume_device(self, device_id: DeviceId, *, now: datetime, actor: str) -> list[int]:
+        """Lift a suspension: on-hold certificates become active again (RFC 5280
+        removeFromCRL: they simply leave the next full CRL)."""
+        now_s = ts(now, "now")
+        with self._write() as conn:
+            state = self._state_of(conn, device_id)
+            if state is None:
+                raise UnknownDevice(device_id)
+            if state is DeviceState.REVOKED:
+                raise DeviceNotActive(device_id, state.value)
+            if state is not DeviceState.SUSPENDED:
+                return []
+            rows = conn.execute(
+                "UPDATE certificates SET status = 'active', revoked_at = NULL, "
+                "revocation_reason = NULL WHERE device_id = ? AND status = 'on_hold' "
+                "RETURNING serial",
+                (device_id.value,),
+            ).fetchall()
+            serials = sorted(serial_int(r[0]) for r in rows)
+            # A device suspended before it ever enrolled goes back to waiting for enrollment.
+            conn.execute(
+                "UPDATE devices SET updated_at = ?, state = CASE WHEN enrolled_at IS NULL "
+                "THEN 'provisioned' ELSE 'active' END WHERE id = ?",
+                (now_s, device_id.value),
+            )
+            self._audit(
+                conn,
+                now_s,
+                actor,
+                "device.resume",
+                device_id,
+                {"serials": [serial_hex(s) for s in serials]},
+            )
+            self._event(conn, now_s, EventKind.RESUMED, device_id, serials)
+        return serials
+
+    def revoke_batch(
+        self,
+        batch_id: str,
+        *,
+        reason: str,
+        now: datetime,
+        actor: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Revoke every not-yet-revoked device of a batch; returns how many were revoked.
+
+        Runs as a series of short transactions (_REVOKE_CHUNK devices each), so other
+        processes keep working meanwhile; `progress` gets the running total after each.
+        """
+        reason_v = self._revoke_reason(reason)
+        now_s = ts(now, "now")
+        with self._read() as conn:
+            if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
+                raise UnknownBatch(batch_id)
+        total = 0
+        while True:
+            with self._write() as conn:
+                ids = [
+                    r[0]
+                    for r in conn.execute(
+                        # IN, not "!= 'revoked'": an index range per state, so revoked
+                        # devices of earlier chunks are never scanned again.
+                        "SELECT id FROM devices WHERE batch_id = ? "
+                        "AND state IN ('provisioned', 'active', 'suspended') LIMIT ?",
+                        (batch_id, _REVOKE_CHUNK),
+                    )
+                ]
+                if ids:
+                    self._revoke_in_tx(conn, ids, reason_v, now_s, actor, {"batch_id": batch_id})
+                else:
+                    self._audit(
+                        conn,
+                        now_s,
+                        actor,
+                        "batch.revoke",
+                        None,
+                        {"batch_id": batch_id, "reason": reason_v, "devices": total},
+                    )
+                    break
+            total += len(ids)
+            if progress is not None:
+                progress(total)
+        return total
+
+    def revoked_entries(self, now: datetime) -> list[RevokedEntry]:
+        """CRL input (RFC 5280 5.3): revoked and on-hold certificates not yet expired.
+
+        Expired certificates leave the CRL (RFC 5280 3.3 allows it; nobody can use them).
+        """
+        now_s = ts(now, "now")
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT serial, revoked_at, revocation_reason FROM certificates "
+                "WHERE status IN ('revoked', 'on_hold') AND not_after > ?",
+                (now_s,),
+            ).fetchall()
+        return [
+            RevokedEntry(serial=serial_int(r[0]), revoked_at=parse_ts(r[1]), reason=r[2])
+            for r in rows
+        ]
+
+    def crl_number_next(self) -> int:
+        """The next cRLNumber (RFC 5280 5.2.3: monotonically increasing), persisted."""
+        with self._write() as conn:
+            row = conn.execute(
+                "UPDATE counters SET value = value + 1 WHERE name = 'crl_number' RETURNING value"
+            ).fetchone()
+        return int(row[0])

@@ -1,0 +1,167 @@
+"""The registry's SQLite connection: WAL setup, short write transactions, shared SQL."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from sqlite_utils import Database
+
+from enroll_server.registry.codec import detail_json, serials_json
+from enroll_server.registry.errors import InvalidValue, RegistryBusy
+from enroll_server.registry.models import DeviceState, EventKind
+from fleetpki.identity import DeviceId
+
+BUSY_TIMEOUT_MS = 5000
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def parse_enum(kind: type[_E], what: str, value: str) -> _E:
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        raise InvalidValue(what, value, f"expected one of {allowed}") from None
+
+
+def enable_wal(db: Database, path: Path) -> None:
+    """Switch the file to WAL, retrying while another process holds it.
+
+    Changing journal_mode can fail with SQLITE_BUSY at once, without consulting the busy
+    handler, when several processes open a fresh file together; so retry with backoff up to
+    the busy timeout. Once one process has switched, the mode is persistent in the file.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.002
+    while True:
+        try:
+            db.enable_wal()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise RegistryBusy(str(path), BUSY_TIMEOUT_MS) from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+class RegistryBase:
+    """The connection, its lock and transactions, and SQL shared by the registry's parts.
+
+    Every write is one short `BEGIN IMMEDIATE` transaction: it takes the write lock up
+    front, so two processes never both read and then try to upgrade to writing (in WAL mode
+    that upgrade fails with SQLITE_BUSY at once instead of waiting for busy_timeout). One
+    instance may be shared by threads: a lock serializes use of its connection.
+    """
+
+    def __init__(self, db: Database, path: Path) -> None:
+        """Use Registry.open(path)."""
+        self._db = db
+        self._conn: sqlite3.Connection = db.conn
+        self._path = path
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def journal_mode(self) -> str:
+        with self._lock:
+            return str(self._db.journal_mode)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise RegistryBusy(str(self._path), BUSY_TIMEOUT_MS) from exc
+                raise
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        # Outside a transaction each SELECT reads its own consistent WAL snapshot.
+        with self._lock:
+            yield self._conn
+
+    # ------------------------------------------------------------------ shared SQL
+
+    @staticmethod
+    def _state_of(conn: sqlite3.Connection, device_id: DeviceId) -> DeviceState | None:
+        row = conn.execute("SELECT state FROM devices WHERE id = ?", (device_id.value,)).fetchone()
+        return None if row is None else DeviceState(row[0])
+
+    @staticmethod
+    def _audit(
+        conn: sqlite3.Connection,
+        at: str,
+        actor: str,
+        action: str,
+        device_id: DeviceId | None,
+        detail: dict[str, Any],
+    ) -> None:
+        conn.execute(
+            "INSERT INTO audit (at, actor, action, device_id, detail) VALUES (?, ?, ?, ?, ?)",
+            (
+                at,
+                actor,
+                action,
+                None if device_id is None else device_id.value,
+                detail_json(detail),
+            ),
+        )
+
+    @staticmethod
+    def _event(
+        conn: sqlite3.Connection, at: str, kind: EventKind, device_id: DeviceId, serials: list[int]
+    ) -> None:
+        conn.execute(
+            "INSERT INTO events (at, kind, device_id, serials) VALUES (?, ?, ?, ?)",
+            (at, kind.value, device_id.value, serials_json(serials)),
+        )
+
+    @staticmethod
+    def _token_problem(
+        conn: sqlite3.Connection, device_id: DeviceId, token_hash: str, now_s: str
+    ) -> str | None:
+        row = conn.execute(
+            "SELECT device_id, expires_at, used_at FROM tokens WHERE token_hash = ?",
+            (token_hash,),
+        ).fetchone()
+        if row is None:
+            return "unknown"
+        if row[0] != device_id.value:
+            return "wrong-device"
+        if row[2] is not None:
+            return "used"
+        if row[1] <= now_s:
+            return "expired"
+        return None

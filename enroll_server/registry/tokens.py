@@ -1,0 +1,101 @@
+"""Registry part for enrollment and admin tokens (hashes only, never the tokens)."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+
+from enroll_server.registry.codec import ts
+from enroll_server.registry.connection import RegistryBase
+from enroll_server.registry.errors import (
+    DeviceNotActive,
+    DuplicateToken,
+    InvalidValue,
+    TokenRejected,
+    UnknownDevice,
+)
+from enroll_server.registry.models import DeviceState, check_sha256_hex
+from fleetpki.identity import DeviceId
+
+
+class TokenStore(RegistryBase):
+    """One-time enrollment tokens and operator (admin API) tokens, stored as SHA-256 only."""
+
+    def add_token(
+        self,
+        device_id: DeviceId,
+        token_hash: str,
+        expires_at: datetime,
+        now: datetime,
+        *,
+        actor: str = "registry",
+    ) -> None:
+        """Record a new one-time token for a device; any unused earlier token dies (reissue)."""
+        check_sha256_hex("token hash", token_hash)
+        now_s = ts(now, "now")
+        expires_s = ts(expires_at, "token expiry")
+        with self._write() as conn:
+            state = self._state_of(conn, device_id)
+            if state is None:
+                raise UnknownDevice(device_id)
+            if state is DeviceState.REVOKED:
+                raise DeviceNotActive(device_id, state.value)
+            # A reissued token replaces the old one: mark the old one used so it cannot enroll.
+            killed = conn.execute(
+                "UPDATE tokens SET used_at = ? WHERE device_id = ? AND used_at IS NULL",
+                (now_s, device_id.value),
+            ).rowcount
+            try:
+                conn.execute(
+                    "INSERT INTO tokens (token_hash, device_id, created_at, expires_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (token_hash, device_id.value, now_s, expires_s),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateToken(device_id) from exc
+            conn.execute(
+                "UPDATE devices SET token_expires_at = ?, updated_at = ? WHERE id = ?",
+                (expires_s, now_s, device_id.value),
+            )
+            self._audit(
+                conn,
+                now_s,
+                actor,
+                "token.issue",
+                device_id,
+                {"expires_at": expires_s, "replaced": killed},
+            )
+
+    def check_token(self, device_id: DeviceId, token_hash: str, now: datetime) -> None:
+        """Raise TokenRejected unless the token is this device's, unused and unexpired.
+
+        Read-only: the token is consumed only by record_issuance, atomically with issuance.
+        """
+        now_s = ts(now, "now")
+        with self._read() as conn:
+            problem = self._token_problem(conn, device_id, token_hash, now_s)
+        if problem is not None:
+            raise TokenRejected(device_id, problem)
+
+    def add_admin_token(
+        self, token_hash: str, name: str, now: datetime, *, actor: str = "registry"
+    ) -> None:
+        """Record SHA-256(admin token); the token itself is never stored."""
+        check_sha256_hex("admin token hash", token_hash)
+        now_s = ts(now, "now")
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO admin_tokens (token_hash, name, created_at) VALUES (?, ?, ?)",
+                    (token_hash, name, now_s),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise InvalidValue("admin token", name, "that token is already registered") from exc
+            self._audit(conn, now_s, actor, "admin_token.add", None, {"name": name})
+
+    def admin_token_valid(self, token_hash: str) -> bool:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM admin_tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+        return row is not None
