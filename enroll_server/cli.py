@@ -40,8 +40,8 @@ service_app = typer.Typer(help="Backend service identities (telemetry readers, c
 app.add_typer(device_app, name="device")
 app.add_typer(service_app, name="service")
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 HomeOpt = Annotated[
     Path | None,

@@ -1,0 +1,204 @@
+"""The `fleetpki` CLI as operators run it: init, serve (a real process), device commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from typer.testing import CliRunner
+
+from enroll_server.cli import app
+from tests.est_client import request
+
+runner = CliRunner()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_init_creates_hierarchy(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    r = runner.invoke(
+        app,
+        [
+            "init",
+            "--home",
+            str(home),
+            "--hostname",
+            "broker.lan",
+            "--hostname",
+            "10.0.0.5",
+            "--key-type",
+            "ec-p384",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    for secret in (
+        "ca/root.key",
+        "ca/issuing.key",
+        "ca/passphrase",
+        "tls/server.key",
+        "admin.token",
+        "registry.db",
+    ):
+        assert stat.S_IMODE(os.stat(home / secret).st_mode) == 0o600, secret
+    assert b"ENCRYPTED PRIVATE KEY" in (home / "ca/issuing.key").read_bytes()
+    token = (home / "admin.token").read_text().strip()
+    assert token not in r.output  # the secret itself is never printed
+    server = x509.load_pem_x509_certificate((home / "tls/server.pem").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "broker.lan" in san.get_values_for_type(x509.DNSName)
+    assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} >= {"127.0.0.1", "10.0.0.5"}
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert server.public_key().curve.name == "secp384r1"  # type: ignore[union-attr]
+    again = runner.invoke(app, ["init", "--home", str(home)])
+    assert again.exit_code == 2 and "already initialized" in again.output
+
+
+def test_init_rejects_bad_key_type(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["init", "--home", str(tmp_path / "h"), "--key-type", "dsa-1024"])
+    assert r.exit_code == 2 and "unknown key type 'dsa-1024'" in r.output
+    assert not (tmp_path / "h").exists()
+
+
+def test_passphrase_from_environment(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("FLEETPKI_CA_PASSPHRASE", "correct horse battery staple")
+    home = tmp_path / "h"
+    assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
+    assert not (home / "ca/passphrase").exists()
+    monkeypatch.setenv("FLEETPKI_CA_PASSPHRASE", "wrong")
+    r = runner.invoke(app, ["service", "issue", "backend", "--home", str(home)])
+    assert r.exit_code == 2 and "wrong passphrase" in r.output
+
+
+def test_device_commands(tmp_path: Path) -> None:
+    from tests.integration.test_est import enroll
+    from tests.live_server import start_live_server
+
+    server = start_live_server(tmp_path / "h")
+    try:
+        token = server.mint_device("dev-cli")
+        assert enroll(server, "dev-cli", token).status == 200
+    finally:
+        server.stop()
+    home = str(tmp_path / "h")
+    r = runner.invoke(app, ["device", "list", "--home", home, "--json"])
+    assert r.exit_code == 0
+    assert [d["state"] for d in json.loads(r.output)] == ["active"]
+    r = runner.invoke(
+        app, ["device", "revoke", "dev-cli", "--home", home, "--reason", "key-compromise"]
+    )
+    assert r.exit_code == 0 and "revoked (1 certificate(s))" in r.output
+    shown = json.loads(
+        runner.invoke(app, ["device", "show", "dev-cli", "--home", home, "--json"]).output
+    )
+    assert shown["state"] == "revoked"
+    assert shown["certificates"][0]["revocation_reason"] == "keyCompromise"
+    r = runner.invoke(app, ["device", "revoke", "nobody", "--home", home])
+    assert r.exit_code == 1 and "device nobody is not registered" in r.output
+    r = runner.invoke(app, ["device", "revoke", "dev-cli", "--home", home, "--reason", "bored"])
+    assert r.exit_code == 2 and "revocation reason" in r.output
+    r = runner.invoke(app, ["device", "show", "../etc", "--home", home])
+    assert r.exit_code == 2 and "invalid device id" in r.output
+
+
+def test_service_issue(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
+    r = runner.invoke(app, ["service", "issue", "backend", "--home", str(home)])
+    assert r.exit_code == 0, r.output
+    folder = home / "services" / "backend"
+    assert stat.S_IMODE(os.stat(folder / "key.pem").st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "urn:fleetpki:service:backend"
+    ]
+    r = runner.invoke(app, ["service", "issue", "backend", "--home", str(home)])
+    assert r.exit_code == 2
+
+
+def test_serve_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
+    est, http = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "enroll_server.cli",
+            "serve",
+            "--home",
+            str(home),
+            "--est-port",
+            str(est),
+            "--http-port",
+            str(http),
+            "--no-broker",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if request(f"http://127.0.0.1:{http}/healthz", None, timeout=1).status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(home / "ca/root.pem"))
+        r = request(f"https://localhost:{est}/.well-known/est/cacerts", ctx)
+        assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    assert (home / "admin.token").read_text().strip() not in out.decode()
+
+
+def test_serve_port_in_use(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "enroll_server.cli",
+                "serve",
+                "--home",
+                str(home),
+                "--est-port",
+                str(busy),
+                "--http-port",
+                "0",
+                "--no-broker",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert r.returncode == 2 and "cannot listen" in r.stderr, r.stderr

@@ -1,0 +1,102 @@
+"""EST wire encoding (RFC 7030 / RFC 8951), csrattrs DER, the throttle and the config loader."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from enroll_server.config import ConfigError, ServerConfig, load_config, render_config
+from enroll_server.errors import TooManyRequests
+from enroll_server.est.csrattrs import csr_attrs_der
+from enroll_server.est.wire import (
+    BadEstBody,
+    decode_base64_body,
+    decode_certs_only,
+    encode_certs_only,
+)
+from enroll_server.pki.keys import KeyType
+from enroll_server.throttle import Throttle
+from tests.pki_helpers import MemoryCa
+
+
+def test_base64_with_line_breaks_and_pem_armour() -> None:
+    raw = bytes(range(200))
+    b64 = base64.encodebytes(raw)  # 76-char lines
+    assert decode_base64_body(b64) == raw
+    pem = b"-----BEGIN CERTIFICATE REQUEST-----\n" + b64 + b"-----END CERTIFICATE REQUEST-----\n"
+    assert decode_base64_body(pem) == raw
+    with pytest.raises(BadEstBody, match="not valid base64"):
+        decode_base64_body(b"abc*def")
+    with pytest.raises(BadEstBody, match="empty body"):
+        decode_base64_body(b"  \n")
+
+
+def test_certs_only_roundtrip(ca: MemoryCa) -> None:
+    body = encode_certs_only([ca.issuing.cert, ca.root.cert])
+    assert max(len(line) for line in body.splitlines()) <= 64
+    assert {c.serial_number for c in decode_certs_only(body)} == {
+        ca.issuing.cert.serial_number,
+        ca.root.cert.serial_number,
+    }
+
+
+def test_csrattrs_parses_with_openssl(tmp_path: Path) -> None:
+    der = csr_attrs_der(set(KeyType))
+    (tmp_path / "attrs.der").write_bytes(der)
+    r = subprocess.run(
+        ["openssl", "asn1parse", "-inform", "DER", "-in", str(tmp_path / "attrs.der")],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    for name in (
+        "id-ecPublicKey",
+        "prime256v1",
+        "secp384r1",
+        "ecdsa-with-SHA256",
+        "rsaEncryption",
+        "ED25519",
+    ):
+        assert name in r.stdout, (name, r.stdout)
+
+
+def test_throttle_counts_failures_only() -> None:
+    t = Throttle(per_source=3, per_device=2, window=timedelta(seconds=60))
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    t.check("1.2.3.4", "dev", now)
+    t.failed("1.2.3.4", "dev", now)
+    t.failed("1.2.3.4", "dev", now)
+    with pytest.raises(TooManyRequests) as info:
+        t.check("1.2.3.4", "dev", now)
+    assert info.value.retry_after == 60
+    t.check("1.2.3.4", "other-dev", now)  # the source still has one failure left
+    t.failed("1.2.3.4", "other-dev", now)
+    with pytest.raises(TooManyRequests):
+        t.check("1.2.3.4", "third-dev", now)  # source limit reached
+    t.check("1.2.3.4", "dev", now + timedelta(seconds=61))  # window slid past
+
+
+def test_config_roundtrip_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "fleetpki.toml"
+    path.write_text(render_config(ServerConfig(est_port=9443)))
+    cfg = load_config(path)
+    assert cfg.est_port == 9443 and cfg.device_validity == timedelta(days=30)
+    assert cfg.urls().crl == "http://localhost:8080/crl"
+    path.write_text('[server]\nest_port = "x"\n')
+    with pytest.raises(ConfigError, match=r"\[server.est_port\] must be of type int"):
+        load_config(path)
+    path.write_text('[ca]\ndevice_validity = "forever"\n')
+    with pytest.raises(ConfigError, match=r"\[ca.device_validity\] invalid duration"):
+        load_config(path)
+    path.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    path.write_text("[server]\nmqtt_port = 70000\n")
+    with pytest.raises(ConfigError, match="out of range"):
+        load_config(path)
