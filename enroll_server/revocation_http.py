@@ -1,0 +1,454 @@
+"""CRL and OCSP over plain HTTP: the publisher that keeps the CRL current, and the handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Protocol
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import ocsp
+
+from enroll_server.pki.ca import Issuer
+from enroll_server.pki.crl import build_crl, crl_needs_refresh, crl_refresh_at
+from enroll_server.pki.keys import KeyType, generate_key
+from enroll_server.pki.ocsp import (
+    DEFAULT_RESPONSE_VALIDITY,
+    DEFAULT_SIGNER_VALIDITY,
+    CertStatusInfo,
+    OcspReply,
+    OcspResponder,
+    build_ocsp_signer_certificate,
+    respond,
+    respond_get,
+    unsuccessful,
+)
+from enroll_server.registry.models import (
+    CertificateRecord,
+    CertStatus,
+    Event,
+    EventKind,
+    RevokedEntry,
+)
+
+log = logging.getLogger("fleetpki.revocation")
+
+OCSP_REQUEST_TYPE = "application/ocsp-request"
+OCSP_RESPONSE_TYPE = "application/ocsp-response"
+CRL_TYPE = "application/pkix-crl"  # RFC 2585 section 4.2
+# A single-certificate OCSP request is about 100 bytes; a signed one with its chain a few KiB.
+MAX_OCSP_REQUEST = 16 * 1024
+# How long an HTTP cache may keep a GET OCSP answer: short, revocations must show quickly.
+OCSP_GET_MAX_AGE = timedelta(seconds=60)
+DEFAULT_POLL_INTERVAL = 0.5
+_EVENT_PAGE = 10_000
+
+
+class RevocationSource(Protocol):
+    """The part of registry.Registry the revocation publisher reads."""
+
+    def revoked_entries(self, now: datetime) -> list[RevokedEntry]: ...
+
+    def crl_number_next(self) -> int: ...
+
+    def events_since(self, seq: int, *, limit: int = ...) -> list[Event]: ...
+
+    def last_event_seq(self) -> int: ...
+
+    def get_certificate(self, serial: int) -> CertificateRecord | None: ...
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def status_of(record: CertificateRecord | None) -> CertStatusInfo:
+    """The OCSP status of a registry record (RFC 6960 2.2).
+
+    A superseded certificate is still good: renewal does not invalidate the old one before its
+    notAfter. An on-hold one is "revoked" with reason certificateHold (RFC 6960 2.2 allows
+    exactly this for temporary holds) and returns to good on resume.
+    """
+    if record is None:
+        return CertStatusInfo.unknown()
+    if record.status in (CertStatus.ACTIVE, CertStatus.SUPERSEDED):
+        return CertStatusInfo.good()
+    revoked_at = record.revoked_at or record.issued_at
+    if record.status is CertStatus.ON_HOLD:
+        return CertStatusInfo.revoked(revoked_at, "certificateHold")
+    return CertStatusInfo.revoked(revoked_at, record.revocation_reason)
+
+
+# Event kinds that change what the CRL lists; ISSUED (every enrollment) does not.
+CRL_EVENTS = frozenset({EventKind.REVOKED, EventKind.SUSPENDED, EventKind.RESUMED})
+# Event kinds after which a device's live broker sessions must end.
+DROP_EVENTS = frozenset({EventKind.REVOKED, EventKind.SUSPENDED})
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedCrl:
+    """One signed CRL in both encodings, with what the HTTP edge and the syncers need."""
+
+    crl: x509.CertificateRevocationList
+    der: bytes
+    pem: bytes
+    number: int
+    entries: int
+    event_seq: int  # registry events up to this seq are reflected
+    build_seconds: float
+
+    @property
+    def this_update(self) -> datetime:
+        return self.crl.last_update_utc
+
+    @property
+    def next_update(self) -> datetime | None:
+        return self.crl.next_update_utc
+
+    @property
+    def refresh_at(self) -> datetime:
+        return crl_refresh_at(self.crl)
+
+    @property
+    def etag(self) -> str:
+        return f'"crl-{self.number}"'
+
+
+@dataclass(frozen=True, slots=True)
+class CrlUpdate:
+    """What one poll found: the new CRL (if rebuilt) and the events seen since the last poll."""
+
+    published: PublishedCrl | None
+    events: list[Event]
+
+    def devices_to_drop(self) -> list[str]:
+        """Device ids with a revocation or suspension among the events, in order, once each."""
+        seen: dict[str, None] = {}
+        for event in self.events:
+            if event.kind in DROP_EVENTS:
+                seen.setdefault(event.device_id.value)
+        return list(seen)
+
+
+class CrlPublisher:
+    """Builds the issuing CA's CRL from the registry and knows when to build it again.
+
+    Rebuilds when a revocation event (revoke, suspend, resume) appears in the registry's
+    event log - whichever process wrote it - and when the current CRL reaches half its
+    lifetime. No sockets and no files here: the HTTP edge serves `current`, the mosquitto
+    syncer writes it to disk.
+    """
+
+    def __init__(
+        self,
+        registry: RevocationSource,
+        issuer: Issuer,
+        *,
+        next_update: timedelta = timedelta(hours=24),
+        idp_url: str | None = None,
+    ) -> None:
+        url = idp_url or (issuer.urls.crl if issuer.urls else None)
+        if not url:
+            raise ValueError("a CRL needs its distribution point URL (issuer.urls or idp_url)")
+        self._registry = registry
+        self._issuer = issuer
+        self._next_update = next_update
+        self._idp_url = url
+        self._seq = 0
+        self._current: PublishedCrl | None = None
+
+    @property
+    def current(self) -> PublishedCrl | None:
+        return self._current
+
+    @property
+    def event_seq(self) -> int:
+        """Events up to this seq have been seen (and, if they mattered, are in `current`)."""
+        return self._seq
+
+    def publish(self, now: datetime) -> PublishedCrl:
+        """Build and sign a new CRL now, whatever the registry says changed."""
+        # Read the event position before the entries: a revocation landing in between shows
+        # up as a newer event and triggers the next rebuild, so none can be missed.
+        seq = self._registry.last_event_seq()
+        started = time.perf_counter()
+        entries = self._registry.revoked_entries(now)
+        number = self._registry.crl_number_next()
+        crl = build_crl(
+            self._issuer.cert,
+            self._issuer.key,
+            entries,
+            number,
+            now,
+            self._next_update,
+            self._idp_url,
+        )
+        published = PublishedCrl(
+            crl=crl,
+            der=crl.public_bytes(serialization.Encoding.DER),
+            pem=crl.public_bytes(serialization.Encoding.PEM),
+            number=number,
+            entries=len(entries),
+            event_seq=seq,
+            build_seconds=time.perf_counter() - started,
+        )
+        self._current = published
+        self._seq = max(self._seq, seq)
+        return published
+
+    def _new_events(self) -> list[Event]:
+        events: list[Event] = []
+        seq = self._seq
+        while True:
+            page = self._registry.events_since(seq, limit=_EVENT_PAGE)
+            events.extend(page)
+            if len(page) < _EVENT_PAGE:
+                return events
+            seq = page[-1].seq
+
+    def poll(self, now: datetime) -> CrlUpdate:
+        """Rebuild if a revocation event arrived or the CRL is due for refresh."""
+        events = self._new_events()
+        changed = any(e.kind in CRL_EVENTS for e in events)
+        stale = self._current is None or crl_needs_refresh(self._current.crl, now)
+        if events:
+            self._seq = max(self._seq, events[-1].seq)
+        if changed or stale:
+            return CrlUpdate(self.publish(now), events)
+        return CrlUpdate(None, events)
+
+
+@dataclass
+class OcspSignerPolicy:
+    """Whether responses are signed by the CA itself or by a short-lived delegated signer.
+
+    A delegated signer (RFC 6960 4.2.2.2) gets a fresh key in memory only, never on disk, and is
+    replaced at half its lifetime; its certificate carries id-pkix-ocsp-nocheck.
+    """
+
+    delegated: bool = False
+    signer_validity: timedelta = DEFAULT_SIGNER_VALIDITY
+    response_validity: timedelta = DEFAULT_RESPONSE_VALIDITY
+    key_type: KeyType = KeyType.EC_P256
+
+
+@dataclass
+class RevocationState:
+    """What the CRL and OCSP handlers serve, and the task that keeps it current."""
+
+    publisher: CrlPublisher
+    issuer: Issuer
+    lookup: Callable[[int], CertStatusInfo]
+    signer_policy: OcspSignerPolicy = field(default_factory=OcspSignerPolicy)
+    clock: Callable[[], datetime] = utc_now
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    outcomes: Counter[str] = field(default_factory=Counter)
+    _responder: OcspResponder | None = field(default=None, init=False, repr=False)
+    _signer_renew_at: datetime | None = field(default=None, init=False, repr=False)
+    _wake: asyncio.Event | None = field(default=None, init=False, repr=False)
+    _on_crl: list[Callable[[PublishedCrl], object]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_registry(
+        cls,
+        registry: RevocationSource,
+        issuer: Issuer,
+        *,
+        next_update: timedelta = timedelta(hours=24),
+        signer_policy: OcspSignerPolicy | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> RevocationState:
+        """The usual wiring: CRL from the registry, OCSP status from registry records."""
+        publisher = CrlPublisher(registry, issuer, next_update=next_update)
+        return cls(
+            publisher=publisher,
+            issuer=issuer,
+            lookup=lambda serial: status_of(registry.get_certificate(serial)),
+            signer_policy=signer_policy or OcspSignerPolicy(),
+            clock=clock,
+            poll_interval=poll_interval,
+        )
+
+    # -------------------------------------------------------------- CRL
+
+    def crl(self) -> PublishedCrl:
+        """The current CRL, built on first use."""
+        return self.publisher.current or self.publisher.publish(self.clock())
+
+    def on_crl(self, hook: Callable[[PublishedCrl], object]) -> None:
+        """Call `hook` with every newly published CRL (metrics, a file mirror, ...)."""
+        self._on_crl.append(hook)
+
+    def changed(self) -> None:
+        """Wake the refresh task now (for revocations made in this process)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    def refresh(self) -> CrlUpdate:
+        """One synchronous poll of the registry; rebuilds the CRL if needed."""
+        update = self.publisher.poll(self.clock())
+        if update.published is not None:
+            log.info(
+                "CRL #%d published: %d entries in %.3f s",
+                update.published.number,
+                update.published.entries,
+                update.published.build_seconds,
+            )
+            for hook in self._on_crl:
+                hook(update.published)
+        return update
+
+    async def run(self) -> None:
+        """Poll the registry until cancelled; a failing round is logged and retried."""
+        self._wake = asyncio.Event()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+            self._wake.clear()
+            try:
+                # A 100k-entry CRL takes about a second to sign: keep it off the event loop.
+                await asyncio.to_thread(self.refresh)
+            except Exception:
+                log.exception("CRL refresh failed; still serving CRL #%s", self._number())
+
+    def _number(self) -> int | None:
+        current = self.publisher.current
+        return None if current is None else current.number
+
+    async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(self.crl)
+        task = asyncio.create_task(self.run(), name="fleetpki-crl-refresh")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def attach(self, app: web.Application) -> None:
+        """Build the first CRL when `app` starts and keep it fresh while `app` runs."""
+        app.cleanup_ctx.append(self._lifecycle)
+
+    # -------------------------------------------------------------- OCSP
+
+    def responder(self, now: datetime) -> OcspResponder:
+        """The OCSP responder, with its delegated signer renewed at half life if used."""
+        policy = self.signer_policy
+        if self._responder is not None and (
+            self._signer_renew_at is None or now < self._signer_renew_at
+        ):
+            return self._responder
+        if not policy.delegated:
+            self._responder = OcspResponder.by_issuer(self.issuer, policy.response_validity)
+            return self._responder
+        key = generate_key(policy.key_type)
+        cert = build_ocsp_signer_certificate(
+            key.public_key(), self.issuer, now, policy.signer_validity
+        )
+        self._responder = OcspResponder(self.issuer.cert, cert, key, policy.response_validity)
+        self._signer_renew_at = now + (cert.not_valid_after_utc - now) / 2
+        log.info("OCSP signer %x valid until %s", cert.serial_number, cert.not_valid_after_utc)
+        return self._responder
+
+    def answer(self, request_der: bytes) -> OcspReply:
+        now = self.clock()
+        return self._guarded(lambda: respond(request_der, self.responder(now), self.lookup, now))
+
+    def answer_get(self, encoded: str) -> OcspReply:
+        now = self.clock()
+        return self._guarded(lambda: respond_get(encoded, self.responder(now), self.lookup, now))
+
+    def _guarded(self, work: Callable[[], OcspReply]) -> OcspReply:
+        try:
+            reply = work()
+        except Exception:
+            # A registry or signing failure is ours, not the client's: internalError
+            # (RFC 6960 2.3), never an HTTP 500 an OCSP client cannot parse.
+            log.exception("OCSP responder failed")
+            reply = OcspReply(unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR), "internalError")
+        self.outcomes[reply.outcome] += 1
+        return reply
+
+
+def _crl_headers(published: PublishedCrl) -> dict[str, str]:
+    headers = {
+        "ETag": published.etag,
+        "Last-Modified": format_datetime(published.this_update, usegmt=True),
+        # Revalidate every time (cheap with the ETag): a cached old CRL would hide revocations.
+        "Cache-Control": "no-cache",
+    }
+    if published.next_update is not None:
+        headers["Expires"] = format_datetime(published.next_update, usegmt=True)
+    return headers
+
+
+def _crl_response(request: web.Request, published: PublishedCrl, pem: bool) -> web.Response:
+    headers = _crl_headers(published)
+    if published.etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    if pem:
+        return web.Response(
+            body=published.pem, content_type="application/x-pem-file", headers=headers
+        )
+    return web.Response(body=published.der, content_type=CRL_TYPE, headers=headers)
+
+
+def _ocsp_response(reply: OcspReply, cacheable: bool) -> web.Response:
+    headers = {}
+    if cacheable and reply.next_update is not None:
+        # RFC 5019 6.2: caching headers for GET; bounded so revocations show quickly.
+        headers["Cache-Control"] = (
+            f"max-age={int(OCSP_GET_MAX_AGE.total_seconds())}, public, no-transform"
+        )
+    # OCSP errors travel inside a 200 (RFC 6960 A.1): clients parse the OCSPResponse status.
+    return web.Response(body=reply.der, content_type=OCSP_RESPONSE_TYPE, headers=headers)
+
+
+def _get_path_tail(request: web.Request) -> str:
+    # The raw (undecoded) path: base64 may contain '/' and clients differ on escaping it, so
+    # take everything after the prefix and let the decoder un-escape it (RFC 6960 A.1).
+    raw = request.raw_path.split("?", 1)[0]
+    prefix = "/ocsp/"
+    return raw[len(prefix) :] if raw.startswith(prefix) else ""
+
+
+def revocation_routes(state: RevocationState) -> list[web.RouteDef]:
+    """GET /crl, GET /crl.pem, POST /ocsp, GET /ocsp/{b64}; also call `state.attach(app)`."""
+
+    async def get_crl(request: web.Request) -> web.Response:
+        """The current CRL, DER (the CRL Distribution Point of RFC 5280 4.2.1.13)."""
+        return _crl_response(request, state.crl(), pem=False)
+
+    async def get_crl_pem(request: web.Request) -> web.Response:
+        """The same CRL, PEM (what mosquitto's crlfile and nginx load)."""
+        return _crl_response(request, state.crl(), pem=True)
+
+    async def post_ocsp(request: web.Request) -> web.Response:
+        """DER OCSPRequest in, DER OCSPResponse out (RFC 6960 A.1)."""
+        length = request.content_length
+        if length is not None and length > MAX_OCSP_REQUEST:
+            return _ocsp_response(state.answer(b""), cacheable=False)  # malformedRequest
+        body = await request.content.read(MAX_OCSP_REQUEST + 1)
+        if len(body) > MAX_OCSP_REQUEST:
+            body = b""  # answered as malformedRequest
+        return _ocsp_response(state.answer(body), cacheable=False)
+
+    async def get_ocsp(request: web.Request) -> web.Response:
+        """GET /ocsp/{url-encoded base64 of the DER request} (RFC 6960 A.1)."""
+        reply = state.answer_get(_get_path_tail(request))
+        return _ocsp_response(reply, cacheable=reply.outcome in ("good", "revoked", "unknown"))
+
+    return [
+        web.get("/crl", get_crl),
+        web.get("/crl.pem", get_crl_pem),
+        web.post("/ocsp", post_ocsp),
+        web.get("/ocsp/{request:.*}", get_ocsp),
+    ]
