@@ -1,0 +1,278 @@
+"""The MQTT link: one mTLS session to the broker, a bounded offline queue, reconnects, rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import random
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import aiomqtt
+from aiomqtt.client import ProtocolVersion
+from aiomqtt.exceptions import MqttConnectError
+
+from device_agent.backoff import Backoff
+from device_agent.errors import BrokerRefused
+from device_agent.tls import client_context
+from fleetpki.identity import DeviceId
+from fleetpki.topics import commands_topic, telemetry_topic
+
+log = logging.getLogger("fleetpki.agent")
+
+CommandHandler = Callable[[bytes], Awaitable[None] | None]
+# (certificate chain path, key path) of the identity to present on the next connection.
+Credentials = Callable[[], tuple[Path, Path]]
+
+# MQTT 3.1.1 section 3.2.2.3: CONNACK 4 = bad user name or password, 5 = not authorized.
+# paho 2 reports them as MQTT 5 reason codes 134 and 135.
+_REFUSED = {
+    4: "bad user name or password",
+    5: "not authorized",
+    134: "bad user name or password",
+    135: "not authorized",
+}
+# TLS alerts by which a broker says the client certificate itself is revoked (RFC 8446 6.2).
+_REVOKED_ALERTS = ("CERTIFICATE_REVOKED", "certificate revoked")
+
+
+class _SessionLog(logging.Logger):
+    """paho's logger for one connection attempt, remembering a revoked-certificate alert.
+
+    With TLS 1.3 the broker judges the client certificate after the client's handshake has
+    completed (RFC 8446 4.4.2.4), so its alert reaches paho only as a failed read that paho
+    logs and aiomqtt turns into a plain timeout. Listening to paho's own log is the one public
+    way to see why the session died.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("fleetpki.agent.mqtt")
+        self.parent = logging.getLogger("fleetpki.agent")
+        self.revoked = False
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if level >= logging.ERROR:
+            text = str(msg) % args if args else str(msg)
+            if any(alert in text for alert in _REVOKED_ALERTS):
+                self.revoked = True
+        super().log(level, msg, *args, **kwargs)
+
+
+def _connack_code(exc: aiomqtt.MqttCodeError) -> int | None:
+    rc = exc.rc
+    if rc is None:
+        return None
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None
+
+
+class MqttLink:
+    """Keeps one device's MQTT session up; survives broker restarts; stops only when refused.
+
+    Telemetry goes through a bounded queue: while offline the oldest messages are dropped (and
+    counted) so memory stays flat however long the outage. A message leaves the queue only
+    after its PUBACK (QoS 1, MQTT 3.1.1 section 4.3.2): delivery is at-least-once across
+    reconnects and certificate rotations.
+    """
+
+    def __init__(
+        self,
+        device_id: DeviceId,
+        host: str,
+        port: int,
+        trust_anchor: Path,
+        credentials: Credentials,
+        *,
+        queue_size: int = 1000,
+        keepalive: int = 30,
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+        on_command: CommandHandler | None = None,
+        on_connection: Callable[[bool], None] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.device_id = device_id
+        self.host = host
+        self.port = port
+        self.trust_anchor = trust_anchor
+        self.credentials = credentials
+        self.keepalive = keepalive
+        self.backoff = backoff or Backoff(base=1.0, factor=2.0, cap=60.0)
+        self.rng = rng or random.Random()
+        self.on_command = on_command
+        self.on_connection = on_connection
+        self.timeout = timeout
+        self.telemetry_topic = telemetry_topic(device_id)
+        self.commands_topic = commands_topic(device_id)
+        self._queue: deque[tuple[int, bytes]] = deque(maxlen=queue_size)
+        self._seq = itertools.count()
+        self._nonempty = asyncio.Event()
+        self._rotate = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.connections = 0
+        self.published = 0
+        self.dropped = 0
+
+    # -- producer side ---------------------------------------------------------------------
+    def enqueue(self, payload: bytes) -> None:
+        """Queue one telemetry message; drops the oldest when the queue is full."""
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning(
+                    "%s: offline queue full (%d); dropped %d oldest telemetry messages so far",
+                    self.device_id,
+                    self._queue.maxlen,
+                    self.dropped,
+                )
+        self._queue.append((next(self._seq), payload))
+        self._nonempty.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def rotate(self) -> None:
+        """Reconnect now with the credentials of `credentials()` (after a renewal)."""
+        self._rotate.set()
+
+    # -- connection loop -------------------------------------------------------------------
+    async def run(self) -> NoReturn:
+        """Connect, serve, reconnect with backoff; raises BrokerRefused when refused."""
+        attempt = 0
+        while True:
+            self._rotate.clear()
+            try:
+                await self._connect_and_serve()
+                attempt = 0  # a clean rotation: reconnect at once
+                continue
+            except BrokerRefused:
+                raise
+            except (aiomqtt.MqttError, OSError, ssl.SSLError, TimeoutError) as exc:
+                if self.connected.is_set():
+                    attempt = 0  # the session was up: start the backoff afresh
+                why = str(exc) or type(exc).__name__
+            finally:
+                if self.connected.is_set():
+                    self.connected.clear()
+                    if self.on_connection:
+                        self.on_connection(False)
+            delay = self.backoff.delay(attempt, self.rng)
+            attempt += 1
+            log.warning(
+                "%s: MQTT %s:%d unavailable (%s); reconnecting in %.1f s",
+                self.device_id,
+                self.host,
+                self.port,
+                why,
+                delay,
+            )
+            try:
+                async with asyncio.timeout(delay):
+                    await self._rotate.wait()  # new credentials cut the wait short
+            except TimeoutError:
+                pass
+
+    def _client(self, session_log: logging.Logger) -> aiomqtt.Client:
+        cert_path, key_path = self.credentials()
+        ctx = client_context(self.trust_anchor, cert_path, key_path)
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.device_id.value,
+            protocol=ProtocolVersion.V311,
+            tls_context=ctx,
+            keepalive=self.keepalive,
+            clean_session=True,
+            timeout=self.timeout,
+            logger=session_log,
+        )
+
+    async def _connect_and_serve(self) -> None:
+        session_log = _SessionLog()
+        client = self._client(session_log)
+        try:
+            # The connect timeout guards against a broker that accepts TLS but never answers
+            # CONNECT (or drops a TLS 1.3 client whose certificate it rejects after the
+            # handshake, which paho only notices as silence).
+            async with asyncio.timeout(self.timeout + 5):
+                await client.__aenter__()
+        except MqttConnectError as exc:
+            code = _connack_code(exc)
+            if code in _REFUSED:
+                raise BrokerRefused(self.host, self.port, _REFUSED[code], code) from exc
+            raise
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            if session_log.revoked or any(alert in str(exc) for alert in _REVOKED_ALERTS):
+                raise BrokerRefused(
+                    self.host, self.port, "certificate revoked (TLS alert)"
+                ) from exc
+            raise
+        try:
+            self.connections += 1
+            self.connected.set()
+            if self.on_connection:
+                self.on_connection(True)
+            log.info(
+                "%s: connected to MQTT %s:%d (%d queued)",
+                self.device_id,
+                self.host,
+                self.port,
+                len(self._queue),
+            )
+            await client.subscribe(self.commands_topic, qos=1)
+            await self._serve(client)
+        finally:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await client.__aexit__(None, None, None)
+            except (aiomqtt.MqttError, TimeoutError, OSError):
+                pass  # already gone; nothing to tidy
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        pump = asyncio.create_task(self._pump(client))
+        listen = asyncio.create_task(self._listen(client))
+        rotate = asyncio.create_task(self._rotate.wait())
+        tasks = {pump, listen, rotate}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if task is not rotate:
+                task.result()  # re-raise the MqttError that ended the session
+        if rotate in done:
+            log.info("%s: reconnecting with the renewed certificate", self.device_id)
+
+    async def _pump(self, client: aiomqtt.Client) -> None:
+        while True:
+            while not self._queue:
+                self._nonempty.clear()
+                await self._nonempty.wait()
+            seq, payload = self._queue[0]
+            await client.publish(self.telemetry_topic, payload, qos=1, timeout=self.timeout)
+            # Overflow may have dropped it meanwhile; pop only what was acknowledged.
+            if self._queue and self._queue[0][0] == seq:
+                self._queue.popleft()
+            self.published += 1
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            data = payload if isinstance(payload, bytes) else str(payload or "").encode()
+            if self.on_command is None:
+                log.info("%s: command received (%d bytes), no handler", self.device_id, len(data))
+                continue
+            try:
+                result = self.on_command(data)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("%s: command handler failed", self.device_id)
