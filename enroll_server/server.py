@@ -21,6 +21,7 @@ from enroll_server.http_app import (
 )
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
+from enroll_server.revocation_http import RevocationState, revocation_routes
 from enroll_server.service import EnrollmentService
 from enroll_server.state import AppState, utc_now
 
@@ -34,6 +35,7 @@ class ServerHandle:
     registry: Registry
     https: RunningSite
     http: RunningSite
+    revocation: RevocationState
     stoppers: list[Callable[[], Any]] = field(default_factory=list)
 
     @property
@@ -85,12 +87,18 @@ async def start_server(
             ca_chain=(loaded.issuer.cert, loaded.root_cert),
             clock=clock,
         )
+        revocation = RevocationState.from_registry(
+            registry, loaded.issuer, next_update=cfg.crl_next_update, clock=clock
+        )
+        state.on_change.append(revocation.changed)
         host = bind or cfg.bind
         tls = server_ssl_context(
             loaded.layout.server_cert, loaded.layout.server_key, loaded.layout.chain
         )
         https = await start_site(build_https_app(state), host, _port(est_port, cfg.est_port), tls)
-        http = await start_site(build_http_app(state), host, _port(http_port, cfg.http_port))
+        http_app = build_http_app(state, revocation_routes(revocation))
+        revocation.attach(http_app)
+        http = await start_site(http_app, host, _port(http_port, cfg.http_port))
     except BaseException:
         registry.close()
         raise
@@ -101,7 +109,7 @@ async def start_server(
         host,
         http.port,
     )
-    return ServerHandle(loaded, state, registry, https, http)
+    return ServerHandle(loaded, state, registry, https, http, revocation)
 
 
 def _port(override: int | None, configured: int) -> int:

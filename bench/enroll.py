@@ -1,0 +1,314 @@
+"""Benchmark: EST simpleenroll throughput and server CPU per enrollment vs the raw floor.
+
+    .venv/bin/python bench/enroll.py [--n 3000] [--concurrency 32] [--json bench/results/enroll.json]
+
+The server runs as a real `fleetpki serve` process (so its CPU time can be read from /proc);
+the load generator runs here with a fresh TLS connection per enrollment, as devices do.
+N CSRs and N tokens are made before the timed window. In the same run the *raw floor* is
+measured in this process: one server-side TLS handshake (in memory), CSR load + signature
+check, and certificate build + sign with cryptography - what any EST server must spend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psutil
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from enroll_server.home import hash_secret, load_home, new_secret  # noqa: E402
+from enroll_server.pki.keys import KeyType, generate_key, signature_hash  # noqa: E402
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate  # noqa: E402
+from enroll_server.registry import NewDevice, Registry  # noqa: E402
+from fleetpki.identity import DeviceId  # noqa: E402
+from tests.live_server import make_home  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_csrs(n: int) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(n):
+        did = f"bench-{i:06d}"
+        key = generate_key(KeyType.EC_P256)
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, did)]))
+            .sign(key, signature_hash(key))
+        )
+        out.append((did, base64.b64encode(csr.public_bytes(serialization.Encoding.DER))))
+    return out
+
+
+def raw_floor(home: Path, csrs: list[tuple[str, bytes]], rounds: int = 300) -> float:
+    """CPU seconds for server-side handshake + CSR load/verify + issue, per enrollment."""
+    loaded = load_home(home)
+    layout = loaded.layout
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(layout.server_cert, layout.server_key)
+    cctx = ssl.create_default_context(cafile=str(layout.root_cert))
+    profile = DeviceProfile()
+    spent = 0.0
+    for i in range(rounds):
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        client = cctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+        server = sctx.wrap_bio(s_in, s_out, server_side=True)
+        done_c = done_s = False
+        while not (done_c and done_s):
+            if not done_c:
+                try:
+                    client.do_handshake()
+                    done_c = True
+                except ssl.SSLWantReadError:
+                    pass
+            if c_out.pending:
+                s_in.write(c_out.read())
+            if not done_s:
+                t = time.process_time()
+                try:
+                    server.do_handshake()
+                    done_s = True
+                except ssl.SSLWantReadError:
+                    pass
+                spent += time.process_time() - t
+            if s_out.pending:
+                c_in.write(s_out.read())
+        did, b64 = csrs[i % len(csrs)]
+        t = time.process_time()
+        csr = x509.load_der_x509_csr(base64.b64decode(b64))
+        assert csr.is_signature_valid
+        build_device_certificate(
+            csr.public_key(),
+            DeviceId(did),
+            loaded.issuer,
+            datetime.now(UTC),
+            profile,  # type: ignore[arg-type]
+        )
+        spent += time.process_time() - t
+    return spent / rounds
+
+
+async def one_enroll(
+    port: int, ctx: ssl.SSLContext, did: str, token: str, body: bytes
+) -> tuple[int, float]:
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+    )
+    auth = base64.b64encode(f"{did}:{token}".encode()).decode()
+    head = (
+        f"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: localhost:{port}\r\n"
+        f"Authorization: Basic {auth}\r\nContent-Type: application/pkcs10\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    writer.write(head + body)
+    status_line = await reader.readline()
+    await reader.read()  # until close
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (ssl.SSLError, ConnectionError):
+        pass
+    return int(status_line.split()[1]), time.perf_counter() - started
+
+
+async def load(
+    port: int, ctx: ssl.SSLContext, work: list[tuple[str, str, bytes]], concurrency: int
+) -> tuple[list[float], dict[int, int]]:
+    queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+    for item in work:
+        queue.put_nowait(item)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def worker() -> None:
+        while not queue.empty():
+            did, token, body = queue.get_nowait()
+            try:
+                status, lat = await one_enroll(port, ctx, did, token, body)
+            except (OSError, ssl.SSLError):
+                status, lat = -1, 0.0
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200:
+                latencies.append(lat)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, statuses
+
+
+def load_process(
+    port: int, root_pem: str, work: list[tuple[str, str, bytes]], concurrency: int, out: str
+) -> None:
+    ctx = ssl.create_default_context(cafile=root_pem)
+    lat, statuses = asyncio.run(load(port, ctx, work, concurrency))
+    Path(out).write_text(json.dumps({"lat": lat, "statuses": statuses}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--load-procs", type=int, default=2, help="load generator processes")
+    ap.add_argument("--json", default=str(ROOT / "bench/results/enroll.json"))
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="fleetpki-bench-"))
+    home = tmp / "home"
+    make_home(home)
+    print(f"making {args.n} CSRs and tokens (untimed)...", flush=True)
+    csrs = make_csrs(args.n)
+    tokens = [new_secret() for _ in csrs]
+    now = datetime.now(UTC)
+    with Registry.open(load_home(home).layout.registry) as reg:
+        reg.create_batch(
+            "bench",
+            (
+                NewDevice(DeviceId(d), hash_secret(t), now + timedelta(days=1))
+                for (d, _), t in zip(csrs, tokens, strict=True)
+            ),
+            kind="token",
+            token_ttl=timedelta(days=1),
+            now=now,
+            actor="bench",
+        )
+    floor = raw_floor(home, csrs)
+
+    est, http = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "enroll_server.cli",
+            "serve",
+            "--home",
+            str(home),
+            "--est-port",
+            str(est),
+            "--http-port",
+            str(http),
+            "--no-broker",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", est), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("server did not start") from None
+                time.sleep(0.1)
+        ps = psutil.Process(proc.pid)
+        cpu0 = ps.cpu_times()
+        work = [(d, t, b) for (d, b), t in zip(csrs, tokens, strict=True)]
+        parts = [work[i :: args.load_procs] for i in range(args.load_procs)]
+        outs = [str(tmp / f"load{i}.json") for i in range(args.load_procs)]
+        t0 = time.perf_counter()
+        # Load generators in their own processes: one Python process cannot drive TLS handshakes
+        # fast enough to saturate the server.
+        import multiprocessing as mp
+
+        procs = [
+            mp.get_context("fork").Process(
+                target=load_process,
+                args=(
+                    est,
+                    str(load_home(home).layout.root_cert),
+                    part,
+                    args.concurrency // args.load_procs or 1,
+                    out,
+                ),
+            )
+            for part, out in zip(parts, outs, strict=True)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        wall = time.perf_counter() - t0
+        cpu1 = ps.cpu_times()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    lat: list[float] = []
+    statuses: dict[str, int] = {}
+    for out in outs:
+        data = json.loads(Path(out).read_text())
+        lat += data["lat"]
+        for k, v in data["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    ok = statuses.get("200", 0)
+    errors = sum(v for k, v in statuses.items() if k != "200")
+    server_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    per_enroll = server_cpu / max(ok, 1)
+    lat.sort()
+    result = {
+        "benchmark": "enroll",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "n": args.n,
+        "concurrency": args.concurrency,
+        "ok": ok,
+        "errors": errors,
+        "statuses": statuses,
+        "wall_s": round(wall, 3),
+        "enrollments_per_s": round(ok / wall, 1),
+        "p50_ms": round(statistics.median(lat) * 1000, 2) if lat else None,
+        "p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 2) if lat else None,
+        "server_cpu_ms_per_enrollment": round(per_enroll * 1000, 3),
+        "raw_floor_cpu_ms": round(floor * 1000, 3),
+        "ratio_vs_floor": round(per_enroll / floor, 2),
+    }
+    print()
+    print(f"{'metric':<32}{'value':>14}")
+    print("-" * 46)
+    for key in (
+        "n",
+        "concurrency",
+        "ok",
+        "errors",
+        "wall_s",
+        "enrollments_per_s",
+        "p50_ms",
+        "p99_ms",
+        "server_cpu_ms_per_enrollment",
+        "raw_floor_cpu_ms",
+        "ratio_vs_floor",
+    ):
+        print(f"{key:<32}{result[key]!s:>14}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
