@@ -16,5 +16,12 @@ async def run_service(
     broker: bool = True,
     bind: str | None = None,
 ) -> None:
-    handle = await start_server(home, est_port=est_port, http_port=http_port, bind=bind)
+    handle = await start_server(
+        home,
+        est_port=est_port,
+        http_port=http_port,
+        mqtt_port=mqtt_port,
+        broker=broker,
+        bind=bind,
+    )
     await serve_forever(handle)

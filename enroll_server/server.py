@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from enroll_server.broker.server import BrokerConfig, RunningBroker, start_broker
 from enroll_server.home import LoadedHome, hash_secret, load_home
 from enroll_server.http_app import (
     RunningSite,
@@ -36,6 +37,7 @@ class ServerHandle:
     https: RunningSite
     http: RunningSite
     revocation: RevocationState
+    broker: RunningBroker | None = None
     stoppers: list[Callable[[], Any]] = field(default_factory=list)
 
     @property
@@ -45,6 +47,10 @@ class ServerHandle:
     @property
     def http_port(self) -> int:
         return self.http.port
+
+    @property
+    def mqtt_port(self) -> int | None:
+        return self.broker.port if self.broker is not None else None
 
     async def stop(self) -> None:
         for stop in reversed(self.stoppers):
@@ -70,13 +76,20 @@ async def start_server(
     *,
     est_port: int | None = None,
     http_port: int | None = None,
+    mqtt_port: int | None = None,
+    broker: bool = False,
     bind: str | None = None,
     profile: DeviceProfile | None = None,
     clock: Callable[[], datetime] = utc_now,
 ) -> ServerHandle:
+    """Start EST + admin API (HTTPS), CRL + OCSP (HTTP) and, if `broker`, the mTLS broker.
+
+    Port arguments override the config; 0 binds an ephemeral port (read it from the handle).
+    """
     loaded = load_home(home)
     cfg = loaded.config
     registry = Registry.open(loaded.layout.registry)
+    https: RunningSite | None = None
     try:
         ensure_admin_token(loaded, registry, clock())
         profile = profile or DeviceProfile(validity=cfg.device_validity, backdate=cfg.backdate)
@@ -99,9 +112,34 @@ async def start_server(
         http_app = build_http_app(state, revocation_routes(revocation))
         revocation.attach(http_app)
         http = await start_site(http_app, host, _port(http_port, cfg.http_port))
+        handle = ServerHandle(loaded, state, registry, https, http, revocation)
     except BaseException:
+        if https is not None:
+            await https.stop()
         registry.close()
         raise
+    if broker:
+        try:
+            handle.broker = await start_broker(
+                BrokerConfig(
+                    server_cert=loaded.layout.server_cert,
+                    server_key=loaded.layout.server_key,
+                    ca_file=loaded.layout.chain,
+                    registry_path=loaded.layout.registry,
+                    host=host,
+                    port=_port(mqtt_port, cfg.mqtt_port),
+                ),
+                clock=clock,
+            )
+        except BaseException:
+            await handle.stop()
+            raise
+        running = handle.broker
+        # In-process revocations drop the session at once; other processes' revocations reach
+        # the broker through its registry event poll (every 200 ms).
+        state.on_revocation.append(running.disconnect)
+        state.metrics.extra.append(running.metrics_text)
+        handle.stoppers.append(running.stop)
     log.info(
         "EST + admin API on https://%s:%d, CRL/OCSP on http://%s:%d",
         host,
@@ -109,7 +147,7 @@ async def start_server(
         host,
         http.port,
     )
-    return ServerHandle(loaded, state, registry, https, http, revocation)
+    return handle
 
 
 def _port(override: int | None, configured: int) -> int:

@@ -22,3 +22,15 @@ def live_server(tmp_path):  # type: ignore[no-untyped-def]
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def live_stack(tmp_path):  # type: ignore[no-untyped-def]
+    """The whole service as `fleetpki serve` runs it: EST, admin API, CRL/OCSP and the broker."""
+    from tests.live_server import start_live_server
+
+    server = start_live_server(tmp_path / "home", broker=True)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -53,6 +53,12 @@ class LiveServer:
         return f"http://127.0.0.1:{self.handle.http_port}"
 
     @property
+    def mqtt_port(self) -> int:
+        port = self.handle.mqtt_port
+        assert port is not None, "started without the broker"
+        return port
+
+    @property
     def admin_token(self) -> str:
         return self.layout.admin_token.read_text().strip()
 
@@ -94,6 +100,7 @@ def start_live_server(
     *,
     profile: DeviceProfile | None = None,
     clock: Callable[[], datetime] | None = None,
+    broker: bool = False,
     **config: Any,
 ) -> LiveServer:
     layout = (
@@ -108,7 +115,13 @@ def start_live_server(
     )
     thread.start()
     started.wait(5)
-    kwargs: dict[str, Any] = {"est_port": 0, "http_port": 0, "profile": profile}
+    kwargs: dict[str, Any] = {
+        "est_port": 0,
+        "http_port": 0,
+        "mqtt_port": 0,
+        "broker": broker,
+        "profile": profile,
+    }
     if clock is not None:
         kwargs["clock"] = clock
     fut = asyncio.run_coroutine_threadsafe(start_server(home, **kwargs), loop)
