@@ -103,6 +103,19 @@ class EstClient:
         ctx = client_context(self.trust_anchor)
         return self._certs(await self._call("GET", "cacerts", ctx), "cacerts")
 
+    async def server_date(self) -> datetime | None:
+        """The server's Date header, fetched while our clock is not yet trustworthy.
+
+        A hint for the log only: the connection still verifies the chain and the host name
+        against the trust anchor, but cannot check validity periods with a 1970 clock.
+        """
+        ctx = client_context(self.trust_anchor, check_time=False)
+        try:
+            await self._call("GET", "cacerts", ctx)
+        except (EstUnavailable, TlsVerificationFailed):
+            return None
+        return self.last_server_date
+
     async def simpleenroll(
         self, csr: x509.CertificateSigningRequest, device_id: DeviceId, token: str
     ) -> list[x509.Certificate]:

@@ -34,6 +34,20 @@ def next_renewal(
     return max(due, now)
 
 
+def renewal_after_issue(
+    not_before: datetime, not_after: datetime, now: datetime, rng: random.Random
+) -> datetime:
+    """The renewal time of a certificate just received: next_renewal(), but never sooner than
+    a third of the remaining validity from now.
+
+    The floor matters only when the backdated notBefore dwarfs a short validity (a test CA
+    issuing 10-second certificates backdated by minutes): without it the 2/3 point would lie
+    in the past and every fresh certificate would be renewed at once, in a tight loop.
+    """
+    due = next_renewal(not_before, not_after, now, rng)
+    return max(due, now + (not_after - now) / 3)
+
+
 def retry_deadline_delay(delay: float, not_after: datetime, now: datetime) -> float:
     """Clamp a retry delay so that a renewal retry still happens before the certificate
     expires: at most half of the remaining validity, and at least one second."""

@@ -1,0 +1,543 @@
+"""The Agent: one device's lifecycle from factory bundle to a long-lived, self-renewing session.
+
+    wait for a sane clock -> enroll (token) if there is no valid certificate -> MQTT session
+    + telemetry loop + renewal loop (simplereenroll with a fresh key at ~2/3 of the lifetime,
+    atomic swap, reconnect) -> stop on request, on refusal/revocation, or when the certificate
+    expired and no token is there to re-bootstrap.
+
+Asyncio-native and free of globals, so one process can run thousands (the simulator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, NoReturn
+
+from cryptography import x509
+
+from device_agent import __version__
+from device_agent.backoff import Backoff
+from device_agent.clock import clock_floor, is_sane
+from device_agent.config import AgentConfig
+from device_agent.errors import (
+    BrokerRefused,
+    CertificateRejected,
+    ConfigError,
+    DeviceRevoked,
+    EstProtocolError,
+    EstRejected,
+    EstRetryLater,
+    EstUnavailable,
+    KeystoreError,
+    NeedsRebootstrap,
+    TlsVerificationFailed,
+)
+from device_agent.est_client import EstClient
+from device_agent.est_wire import WireError, build_csr, check_cacerts, check_issued, order_chain
+from device_agent.exit_codes import ExitCode
+from device_agent.keys import PrivateKey, generate_key
+from device_agent.keystore import Identity, Keystore
+from device_agent.mqtt_link import CommandHandler, MqttLink
+from device_agent.schedule import is_expired, renewal_after_issue, retry_deadline_delay
+from device_agent.telemetry import TelemetryHook, telemetry_payload
+
+log = logging.getLogger("fleetpki.agent")
+
+# While waiting for the clock: how often to look, and how often to say so again.
+CLOCK_POLL_S = 5.0
+CLOCK_REPORT_S = 300.0
+# Sleeps are chunked so that a wall-clock jump (NTP sync, suspend) is noticed within this.
+MAX_SLEEP_S = 60.0
+
+
+class AgentState(StrEnum):
+    STARTING = "starting"
+    WAITING_FOR_CLOCK = "waiting-for-clock"
+    ENROLLING = "enrolling"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RENEWING = "renewing"
+    REVOKED = "revoked"
+    REFUSED = "refused"
+    EXPIRED = "expired"
+    BROKEN = "broken"  # config or local state unusable
+    STOPPED = "stopped"
+
+
+class _StopRequested(Exception):
+    """Raised inside the agent's loops when stop() was called."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+class Agent:
+    """One device. `await Agent(config).run()` returns an ExitCode; `stop()` ends it cleanly.
+
+    `telemetry_hook()` adds application fields to each telemetry message; `on_command(payload)`
+    (sync or async) receives what arrives on devices/<id>/commands. `clock` and `rng` exist for
+    tests and the simulator; only this entry point reads the wall clock.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        telemetry_hook: TelemetryHook | None = None,
+        on_command: CommandHandler | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], datetime] | None = None,
+        est_backoff: Backoff | None = None,
+        mqtt_backoff: Backoff | None = None,
+        clock_poll: float = CLOCK_POLL_S,
+        persist_status: bool = True,
+    ) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        self.telemetry_hook = telemetry_hook
+        self.on_command = on_command
+        self.rng = rng or random.Random()
+        self.now = clock or _utc_now
+        self.est_backoff = est_backoff or Backoff(base=2.0, factor=2.0, cap=600.0)
+        self.mqtt_backoff = mqtt_backoff or Backoff(base=1.0, factor=2.0, cap=120.0)
+        self.clock_poll = clock_poll
+        self.persist_status = persist_status
+        self.keystore = Keystore(config.state_dir)
+        self.est = EstClient(config.server, config.trust_anchor, timeout=config.http_timeout)
+        self.identity: Identity | None = None
+        self.link: MqttLink | None = None
+        self.state = AgentState.STARTING
+        self.last_error: str | None = None
+        self.last_connected: datetime | None = None
+        self.renewals = 0
+        self._stop: asyncio.Event | None = None
+        self._stop_requested = False
+        self._started = time.monotonic()
+
+    # -- public API ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask run()/enroll() to finish (returns ExitCode.OK); safe from signal handlers."""
+        self._stop_requested = True
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self) -> ExitCode:
+        """Enroll if needed, then keep the session and the certificate alive until stopped."""
+        return await self._guard(self._run)
+
+    async def enroll(self, *, force: bool = False) -> ExitCode:
+        """Make sure a valid identity is stored (enrolling with the token if needed); no MQTT.
+
+        `force` re-enrolls with the token even over a still-valid certificate: the recovery
+        path of a revoked device the operator has re-admitted with a new token.
+        """
+
+        async def body() -> ExitCode:
+            await self._ensure_identity(force=force)
+            return ExitCode.OK
+
+        return await self._guard(body)
+
+    # -- outcome mapping -----------------------------------------------------------------------
+    async def _guard(self, body: Callable[[], Any]) -> ExitCode:
+        self._stop = asyncio.Event()
+        if self._stop_requested:
+            self._stop.set()
+        try:
+            code: ExitCode = await body()
+            return code
+        except _StopRequested:
+            self._set_state(AgentState.STOPPED)
+            log.info("%s: stopped", self.device_id)
+            return ExitCode.OK
+        except (ConfigError, KeystoreError) as exc:
+            return self._finish(AgentState.BROKEN, ExitCode.CONFIG, str(exc))
+        except TlsVerificationFailed as exc:
+            return self._finish(AgentState.BROKEN, ExitCode.CONFIG, str(exc))
+        except DeviceRevoked as exc:
+            return self._finish(
+                AgentState.REVOKED, ExitCode.REFUSED, f"device revoked: {exc.reason}; stopping"
+            )
+        except BrokerRefused as exc:
+            state = AgentState.REVOKED if "revoked" in exc.why else AgentState.REFUSED
+            return self._finish(state, ExitCode.REFUSED, f"{exc}; stopping")
+        except EstRejected as exc:
+            return self._finish(AgentState.REFUSED, ExitCode.REFUSED, f"{exc}; stopping")
+        except NeedsRebootstrap as exc:
+            return self._finish(AgentState.EXPIRED, ExitCode.REBOOTSTRAP, str(exc))
+
+    def _finish(self, state: AgentState, code: ExitCode, message: str) -> ExitCode:
+        # The one clear log line of a terminal state (issue: "stops hammering").
+        self.last_error = message
+        log.error("%s: %s (state %s, exit %d)", self.device_id, message, state, code)
+        self._set_state(state)
+        return code
+
+    def _set_state(self, state: AgentState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        self._write_status()
+
+    def _write_status(self) -> None:
+        if not self.persist_status:
+            return
+        ident = self.identity
+        status = {
+            "device_id": str(self.device_id),
+            "state": str(self.state),
+            "since": _iso(self.now()),
+            "pid": os.getpid(),
+            "last_connected": _iso(self.last_connected),
+            "last_error": self.last_error,
+            "serial": ident.serial_hex if ident else None,
+            "not_after": _iso(ident.not_after) if ident else None,
+            "renewals": self.renewals,
+        }
+        try:
+            self.keystore.write_status(status)
+        except OSError as exc:
+            log.warning("%s: cannot write %s: %s", self.device_id, self.keystore.status_file, exc)
+
+    # -- waiting -------------------------------------------------------------------------------
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake (raising _StopRequested) as soon as stop() is called."""
+        assert self._stop is not None
+        if self._stop.is_set():
+            raise _StopRequested
+        try:
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self._stop.wait()
+        except TimeoutError:
+            return
+        raise _StopRequested
+
+    async def _sleep_until(self, when: datetime) -> None:
+        while (left := (when - self.now()).total_seconds()) > 0:
+            await self._sleep(min(left, MAX_SLEEP_S))
+
+    def _anchor(self) -> x509.Certificate:
+        path = self.config.trust_anchor
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(path, None, f"cannot read the trust anchor: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise ConfigError(path, None, f"not a PEM certificate: {exc}") from exc
+        if not certs:
+            raise ConfigError(path, None, "holds no certificate")
+        return certs[0]
+
+    async def _wait_for_clock(self, anchor: x509.Certificate) -> None:
+        """A Pi without an RTC boots in 1970: judging certificates then would call every one
+        'not yet valid'. Wait for NTP, saying what we wait for."""
+        floor = clock_floor(anchor.not_valid_before_utc)
+        reported = -CLOCK_REPORT_S
+        while not is_sane(now := self.now(), floor):
+            self._set_state(AgentState.WAITING_FOR_CLOCK)
+            if time.monotonic() - reported >= CLOCK_REPORT_S:
+                reported = time.monotonic()
+                hint = await self.est.server_date()
+                log.warning(
+                    "%s: waiting for a sane clock: system time %s is before %s (the trust "
+                    "anchor's notBefore or the agent's release); is NTP running?%s",
+                    self.device_id,
+                    now.isoformat(timespec="seconds"),
+                    floor.isoformat(timespec="seconds"),
+                    f" The enrollment server's clock says {hint.isoformat(timespec='seconds')}."
+                    if hint
+                    else "",
+                )
+            await self._sleep(self.clock_poll)
+
+    # -- enrollment ----------------------------------------------------------------------------
+    def _read_token(self) -> str | None:
+        path = self.config.token_file
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(path, None, f"cannot read the enrollment token: {exc}") from exc
+        if not token or "\n" in token:
+            raise ConfigError(path, None, "the token file must hold exactly one non-empty line")
+        return token
+
+    def _delete_token(self) -> None:
+        # The token is single-use; once the certificate is on disk it is only a liability.
+        try:
+            self.config.token_file.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning(
+                "%s: enrolled, but could not delete the used token %s: %s",
+                self.device_id,
+                self.config.token_file,
+                exc.strerror,
+            )
+
+    async def _ensure_identity(self, *, force: bool = False) -> Identity:
+        self.keystore.sweep()
+        ident = self.keystore.load()
+        self.identity = ident
+        anchor = self._anchor()
+        await self._wait_for_clock(anchor)
+        now = self.now()
+        if ident is not None and not force and not is_expired(ident.not_after, now):
+            return ident
+        token = self._read_token()
+        if token is None:
+            if ident is None:
+                why = "the device has no certificate and no enrollment token"
+            elif force:
+                why = "re-enrollment was requested but there is no enrollment token"
+            else:
+                why = f"the certificate expired at {ident.not_after.isoformat()}"
+            raise NeedsRebootstrap(why, self.config.token_file)
+        if ident is not None and is_expired(ident.not_after, now):
+            log.warning(
+                "%s: certificate expired at %s; re-bootstrapping with the token in %s",
+                self.device_id,
+                ident.not_after.isoformat(),
+                self.config.token_file,
+            )
+        self.identity = await self._enroll(token, anchor)
+        return self.identity
+
+    async def _new_key(self) -> PrivateKey:
+        # RSA generation takes a while on a Pi; keep the loop (and other agents) responsive.
+        return await asyncio.to_thread(generate_key, self.config.key_type)
+
+    def _accept(
+        self,
+        key: PrivateKey,
+        certs: list[x509.Certificate],
+        cas: list[x509.Certificate],
+        anchor: x509.Certificate,
+    ) -> list[x509.Certificate]:
+        try:
+            chain = order_chain(key, certs, cas)
+            check_issued(chain, key, self.device_id, anchor, self.now())
+        except WireError as exc:
+            raise CertificateRejected(exc.why) from exc
+        return chain
+
+    def _store(self, key: PrivateKey, chain: list[x509.Certificate]) -> Identity:
+        leaf = chain[0]
+        due = renewal_after_issue(
+            leaf.not_valid_before_utc, leaf.not_valid_after_utc, self.now(), self.rng
+        )
+        return self.keystore.store(key, chain, due)
+
+    async def _enroll(self, token: str, anchor: x509.Certificate) -> Identity:
+        """simpleenroll with the token; retries 202/5xx/network with backoff, never 401/403."""
+        self._set_state(AgentState.ENROLLING)
+        key = await self._new_key()
+        csr = build_csr(key, self.device_id)
+        attempt = 0
+        while True:
+            try:
+                cas = check_cacerts(await self.est.cacerts(), anchor)
+                certs = await self.est.simpleenroll(csr, self.device_id, token)
+                chain = self._accept(key, certs, cas, anchor)
+                break
+            except WireError as exc:  # from check_cacerts
+                delay, why = self.est_backoff.delay(attempt, self.rng), f"/cacerts: {exc.why}"
+            except EstRetryLater as exc:
+                delay, why = exc.retry_after, "enrollment pending (202)"
+            except (EstUnavailable, EstProtocolError, CertificateRejected) as exc:
+                delay, why = self.est_backoff.delay(attempt, self.rng), str(exc)
+            attempt += 1
+            self.last_error = why
+            log.warning("%s: enrollment: %s; retrying in %.1f s", self.device_id, why, delay)
+            await self._sleep(delay)
+        ident = self._store(key, chain)
+        self._delete_token()
+        self.last_error = None
+        log.info(
+            "%s: enrolled: certificate serial %s valid until %s; renewal at %s",
+            self.device_id,
+            ident.serial_hex,
+            ident.not_after.isoformat(),
+            ident.next_renewal.isoformat(),
+        )
+        return ident
+
+    # -- renewal -------------------------------------------------------------------------------
+    async def _renew_once(self, ident: Identity, anchor: x509.Certificate) -> Identity:
+        key = await self._new_key()  # rotation: every renewal brings a fresh key
+        csr = build_csr(key, self.device_id)
+        try:
+            cas = check_cacerts(await self.est.cacerts(), anchor)
+        except WireError as exc:
+            raise CertificateRejected(f"/cacerts: {exc.why}") from exc
+        certs = await self.est.simplereenroll(csr, ident.cert_path, ident.key_path)
+        chain = self._accept(key, certs, cas, anchor)
+        # The swap: after this line the new key and certificate are current on disk and the
+        # old key is gone. A crash before it leaves the old identity, which still works.
+        new = self._store(key, chain)
+        self.identity = new
+        return new
+
+    async def _renewal_loop(self, anchor: x509.Certificate) -> NoReturn:
+        while True:
+            assert self.identity is not None
+            await self._sleep_until(self.identity.next_renewal)
+            await self._renew_with_retries(anchor)
+
+    async def _renew_with_retries(self, anchor: x509.Certificate) -> None:
+        attempt = 0
+        while True:
+            ident = self.identity
+            assert ident is not None
+            now = self.now()
+            if is_expired(ident.not_after, now):
+                # Renewal failed for the whole remaining third of the lifetime. The server
+                # will not renew an expired certificate (RFC 7030 3.3.2 mTLS fails), so only a
+                # new token helps; don't loop.
+                token = self._read_token()
+                if token is None:
+                    raise NeedsRebootstrap(
+                        f"the certificate expired at {ident.not_after.isoformat()} before it "
+                        "could be renewed",
+                        self.config.token_file,
+                    )
+                self.identity = await self._enroll(token, anchor)
+                self._rotated(ident)
+                return
+            previous = self.state
+            self._set_state(AgentState.RENEWING)
+            try:
+                new = await self._renew_once(ident, anchor)
+            except DeviceRevoked:
+                raise
+            except EstRejected as exc:
+                if exc.status in (401, 403):
+                    raise  # refused: retrying blindly would only hammer the service
+                delay, why = self.est_backoff.cap, str(exc)  # other 4xx: slowly
+            except EstRetryLater as exc:
+                delay, why = exc.retry_after, "renewal pending (202)"
+            except (
+                EstUnavailable,
+                EstProtocolError,
+                TlsVerificationFailed,
+                CertificateRejected,
+            ) as exc:
+                delay, why = self.est_backoff.delay(attempt, self.rng), str(exc)
+            else:
+                self.renewals += 1
+                self.last_error = None
+                log.info(
+                    "%s: renewed with a new key: serial %s -> %s, valid until %s; next "
+                    "renewal at %s",
+                    self.device_id,
+                    ident.serial_hex,
+                    new.serial_hex,
+                    new.not_after.isoformat(),
+                    new.next_renewal.isoformat(),
+                )
+                self._set_state(previous)
+                self._rotated(ident)
+                return
+            attempt += 1
+            self.last_error = why
+            delay = retry_deadline_delay(delay, ident.not_after, now)
+            log.warning(
+                "%s: renewal failed: %s; retrying in %.1f s (certificate valid until %s)",
+                self.device_id,
+                why,
+                delay,
+                ident.not_after.isoformat(),
+            )
+            self._set_state(previous)
+            await self._sleep(delay)
+
+    def _rotated(self, old: Identity) -> None:
+        self._write_status()
+        if self.link is not None:
+            self.link.rotate()
+
+    # -- session -------------------------------------------------------------------------------
+    def _credentials(self) -> tuple[Any, Any]:
+        assert self.identity is not None
+        return self.identity.cert_path, self.identity.key_path
+
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            self.last_connected = self.now()
+            self.last_error = None
+            self._set_state(AgentState.CONNECTED)
+            self._write_status()
+        elif self.state is AgentState.CONNECTED:
+            self._set_state(AgentState.CONNECTING)
+
+    def telemetry(self) -> bytes:
+        """The telemetry message for this instant (agent fields + the application hook)."""
+        assert self.identity is not None
+        extra = None
+        if self.telemetry_hook is not None:
+            try:
+                extra = self.telemetry_hook()
+            except Exception:
+                log.exception("%s: telemetry hook failed; sending without its data", self.device_id)
+        return telemetry_payload(
+            now=self.now(),
+            uptime=time.monotonic() - self._started,
+            cert_not_after=self.identity.not_after,
+            agent_version=__version__,
+            extra=extra,
+        )
+
+    async def _telemetry_loop(self, link: MqttLink) -> NoReturn:
+        while True:
+            link.enqueue(self.telemetry())
+            await self._sleep(self.config.telemetry_interval)
+
+    async def _run(self) -> ExitCode:
+        await self._ensure_identity()
+        anchor = self._anchor()
+        cfg = self.config
+        self.link = link = MqttLink(
+            self.device_id,
+            cfg.mqtt_host,
+            cfg.mqtt_port,
+            cfg.trust_anchor,
+            self._credentials,
+            queue_size=cfg.queue_size,
+            keepalive=cfg.mqtt_keepalive,
+            backoff=self.mqtt_backoff,
+            rng=self.rng,
+            on_command=self.on_command,
+            on_connection=self._on_connection,
+        )
+        self._set_state(AgentState.CONNECTING)
+        assert self._stop is not None
+        tasks = {
+            asyncio.create_task(link.run(), name="mqtt"),
+            asyncio.create_task(self._telemetry_loop(link), name="telemetry"),
+            asyncio.create_task(self._renewal_loop(anchor), name="renewal"),
+            asyncio.create_task(self._stop.wait(), name="stop"),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if task.get_name() != "stop" and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        raise _StopRequested

@@ -1,0 +1,108 @@
+"""`fleetpki-agent`: run / enroll / status on the command line (argparse: no extra deps)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from device_agent import __version__
+from device_agent.agent import Agent
+from device_agent.config import load_config
+from device_agent.errors import ConfigError
+from device_agent.exit_codes import ExitCode
+from device_agent.status import format_report, status_report
+
+log = logging.getLogger("fleetpki.agent")
+
+EPILOG = """\
+exit codes:
+  0  stopped on request / command succeeded
+  1  crash (unexpected error; systemd restarts the agent)
+  2  bad command line
+  3  refused or revoked by the service or the broker (not restarted)
+  4  agent.toml, the trust anchor, the token file or the state folder is unusable
+  5  no valid certificate and no token: write a new token from the operator to the
+     token file, then run `fleetpki-agent enroll --config ...` (or restart the agent)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetpki-agent",
+        description="fleetpki device agent: EST enrollment, mTLS MQTT, automatic renewal.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "enroll if needed, then stay connected, renewing the certificate by itself"),
+        ("enroll", "enroll now (with the token) and exit; use --force after a revocation"),
+        ("status", "print identity, certificate serial and expiry, next renewal, last connection"),
+    ):
+        cmd = sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        cmd.add_argument("--config", "-c", type=Path, required=True, help="path to agent.toml")
+        cmd.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+        if name == "enroll":
+            cmd.add_argument(
+                "--force",
+                action="store_true",
+                help="re-enroll with the token even if a valid certificate is stored",
+            )
+        if name == "status":
+            cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+async def _serve(agent: Agent, command: str, force: bool) -> ExitCode:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    if command == "enroll":
+        return await agent.enroll(force=force)
+    return await agent.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("fleetpki.agent.mqtt").setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return ExitCode.CONFIG
+    if args.command == "status":
+        report, code = status_report(config, datetime.now(UTC))
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return code
+    agent = Agent(config)
+    try:
+        return asyncio.run(_serve(agent, args.command, getattr(args, "force", False)))
+    except KeyboardInterrupt:
+        return ExitCode.OK
+    except Exception:
+        log.exception("%s: crashed", config.device_id)
+        return ExitCode.CRASH
+
+
+if __name__ == "__main__":
+    sys.exit(main())
