@@ -1,0 +1,196 @@
+"""`fleetpki broker mosquitto-config|mosquitto-sync`: run mosquitto as the production broker."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from enroll_server.broker.mosquitto import (
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_SYNC_INTERVAL,
+    RECHECK_DELAYS,
+    BrokerMaterial,
+    MosquittoError,
+    MosquittoFiles,
+    MosquittoSettings,
+    MosquittoSync,
+    close_quietly,
+    find_dynsec_plugin,
+    open_control,
+    read_cursor,
+    read_pid,
+    write_mosquitto_config,
+)
+from enroll_server.config import ConfigError
+from enroll_server.home import HomeError, LoadedHome, load_home, resolve_home
+from enroll_server.pki.errors import PkiError
+from enroll_server.registry import Registry, RegistryError
+from enroll_server.revocation_http import CrlPublisher
+
+app = typer.Typer(
+    help="mosquitto as the broker: configuration, CRL sync and live session drop.",
+    no_args_is_help=True,
+)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(home: Path | None) -> LoadedHome:
+    try:
+        return load_home(resolve_home(home))
+    except (HomeError, ConfigError, PkiError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+@app.command("mosquitto-config")
+def mosquitto_config(
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write mosquitto.conf and its files.")
+    ],
+    home: HomeOpt = None,
+    port: Annotated[
+        int | None, typer.Option(help="Device listener port (default: mqtt_port of the config).")
+    ] = None,
+    bind: Annotated[
+        str | None, typer.Option(help="Device listener address (default: all interfaces).")
+    ] = None,
+    admin_port: Annotated[
+        int, typer.Option(help="Loopback port of the dynamic-security control listener.")
+    ] = DEFAULT_ADMIN_PORT,
+    user: Annotated[
+        str, typer.Option(help="Account mosquitto drops to when started as root.")
+    ] = "mosquitto",
+    plugin: Annotated[
+        Path | None,
+        typer.Option(help="Path of mosquitto_dynamic_security.so (default: search)."),
+    ] = None,
+    live_drop: Annotated[
+        bool,
+        typer.Option(
+            "--live-drop/--no-live-drop",
+            help="Drop live sessions of revoked devices (needs the dynamic-security plugin).",
+        ),
+    ] = True,
+) -> None:
+    """Write a mosquitto 2.0 configuration: mTLS device listener with CRL, per-device ACL."""
+    loaded = _load(home)
+    layout = loaded.layout
+    try:
+        plugin_path = (plugin or find_dynsec_plugin()) if live_drop else None
+    except MosquittoError as exc:
+        raise _fail(str(exc)) from exc
+    settings = MosquittoSettings(
+        port=port if port is not None else loaded.config.mqtt_port,
+        bind=bind,
+        admin_port=admin_port,
+        user=user,
+        plugin=plugin_path,
+    )
+    try:
+        with Registry.open(layout.registry) as registry:
+            publisher = CrlPublisher(
+                registry, loaded.issuer, next_update=loaded.config.crl_next_update
+            )
+            published = publisher.publish(datetime.now(UTC))
+        material = BrokerMaterial(
+            ca_chain_pem=layout.chain.read_bytes(),
+            server_chain_pem=layout.server_cert.read_bytes(),
+            server_key_pem=layout.server_key.read_bytes(),
+            crl_pem=published.pem,
+        )
+        files = write_mosquitto_config(out, material, settings, published.event_seq)
+    except (OSError, RegistryError, MosquittoError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"wrote {files.conf} (CRL #{published.number}, {published.entries} entries)")
+    console.print(f"run:  mosquitto -c {files.conf}")
+    console.print(f"then: fleetpki broker mosquitto-sync --home {layout.root} --conf-dir {out}")
+    if not settings.live_drop:
+        console.print(
+            "live drop is off: revoked devices are refused at their next connect only",
+            style="yellow",
+        )
+
+
+@app.command("mosquitto-sync")
+def mosquitto_sync(
+    conf_dir: Annotated[
+        Path, typer.Option("--conf-dir", help="The folder mosquitto-config wrote.")
+    ],
+    home: HomeOpt = None,
+    pid: Annotated[int | None, typer.Option(help="mosquitto's process id.")] = None,
+    pidfile: Annotated[
+        Path | None,
+        typer.Option(help="mosquitto's pid file (default: CONF_DIR/mosquitto.pid)."),
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="One round, then exit.")] = False,
+    interval: Annotated[
+        float, typer.Option(help="Seconds between registry polls.")
+    ] = DEFAULT_SYNC_INTERVAL,
+) -> None:
+    """Keep mosquitto's CRL current (file + SIGHUP) and end revoked devices' live sessions."""
+    if pid is not None and pidfile is not None:
+        raise _fail("give --pid or --pidfile, not both")
+    loaded = _load(home)
+    files = MosquittoFiles(conf_dir)
+    if not files.conf.exists():
+        raise _fail(f"{conf_dir}: no mosquitto.conf; run `fleetpki broker mosquitto-config`")
+    pid_source = files.pidfile if pidfile is None else pidfile
+
+    def current_pid() -> int:
+        return pid if pid is not None else read_pid(pid_source)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        registry = Registry.open(loaded.layout.registry)
+        control = open_control(files)
+    except (OSError, RegistryError, MosquittoError) as exc:
+        raise _fail(str(exc)) from exc
+    try:
+        publisher = CrlPublisher(
+            registry,
+            loaded.issuer,
+            next_update=loaded.config.crl_next_update,
+            since_seq=read_cursor(files),
+        )
+        sync = MosquittoSync(publisher, files, current_pid, control, lambda: datetime.now(UTC))
+        if once:
+            try:
+                done = sync.step()
+                sync.finish(max_wait=RECHECK_DELAYS[0])
+            except MosquittoError as exc:
+                raise _fail(str(exc), code=1) from exc
+            console.print(
+                f"CRL #{done.crl_number} loaded; dropped {len(done.dropped)} session(s)"
+                + (f": {', '.join(done.dropped)}" if done.dropped else "")
+            )
+            return
+        stop = threading.Event()
+
+        def _stop(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        console.print(f"syncing {files.conf} every {interval:g} s (Ctrl-C to stop)")
+        sync.run(interval, stop)
+    finally:
+        close_quietly(control)
+        registry.close()
