@@ -122,8 +122,52 @@ class EnrollmentService:
     def authorize_bootstrap_certificate(
         self, cert: x509.Certificate, now: datetime
     ) -> Authorization:
-        """simpleenroll over mTLS with a factory birth certificate (IDevID)."""
-        raise Forbidden("simpleenroll with a client certificate needs a factory (IDevID) batch")
+        """simpleenroll over mTLS with a factory birth certificate (IDevID, IEEE 802.1AR).
+
+        TLS proved possession of the birth key and a chain to some loaded root; here: the
+        certificate must be signed by a manufacturer CA of this home (H/manufacturers/*/ca.pem,
+        re-read each time, so removing a CA file cuts it off without a restart), name a device
+        (CN = serialNumber = device id) of an IDevID batch, and be made for that very lot
+        (OU = batch id). The grant is for that device id only, so an IDevID can enroll only its
+        own device. A revoked lot (batch revoke) or device is refused. An enrolled device may
+        bootstrap again (factory reset, as BRSKI intends): its newest certificate is superseded.
+        """
+        # Imported here: provisioning (operator tooling) depends on enroll_server, not the
+        # other way round at import time.
+        from enroll_server.registry.models import BatchKind
+        from provisioning.errors import BirthCertificateRejected
+        from provisioning.idevid import check_birth_certificate
+        from provisioning.manufacturer import load_trusted_manufacturers
+
+        # The registry lives at the home's root (HomeLayout.registry = H/registry.db).
+        trusted = load_trusted_manufacturers(self.registry.path.parent)
+        try:
+            birth = check_birth_certificate(cert, trusted, now)
+        except BirthCertificateRejected as exc:
+            raise Forbidden(exc.reason) from None
+        device = self.registry.get_device(birth.device_id)
+        batch = None
+        if device is not None and device.batch_id is not None:
+            batch = self.registry.get_batch(device.batch_id)
+        if device is None or batch is None or batch.kind is not BatchKind.IDEVID:
+            raise Forbidden(f"birth certificate of {birth.device_id}: no such IDevID device")
+        if batch.batch_id != birth.lot:
+            raise Forbidden(f"birth certificate of {birth.device_id} was made for another lot")
+        if device.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
+            raise DeviceRevoked(device.device_id.value, device.state.value)
+        supersedes = None
+        if device.state is DeviceState.ACTIVE:
+            active = [
+                c
+                for c in self.registry.certificates_of(device.device_id)
+                if c.status is CertStatus.ACTIVE
+            ]
+            supersedes = active[-1].serial if active else None
+        return Authorization(
+            Grant(device.device_id, _role(device.role)),
+            supersedes_serial=supersedes,
+            actor="device-idevid",
+        )
 
     # --- issuance ----------------------------------------------------------------------
     def enroll(self, csr_der: bytes, auth: Authorization, now: datetime) -> Enrollment:

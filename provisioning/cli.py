@@ -1,0 +1,411 @@
+"""`fleetpki batch ...`: the operator commands for factory lots (a typer sub-app)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from enroll_server.config import ConfigError, ServerConfig, load_config
+from enroll_server.home import HomeError, HomeLayout, resolve_home
+from enroll_server.pki.errors import PkiError, UnsupportedKey
+from enroll_server.pki.keys import KeyType
+from enroll_server.registry import Registry, RegistryError, UnknownBatch, UnknownDevice
+from fleetpki.duration import InvalidDuration, parse_duration
+from fleetpki.identity import DeviceId, InvalidIdentifier
+from provisioning.batch import BatchRequest, BatchResult, IdevidOptions, create_batch, new_batch_id
+from provisioning.errors import ProvisioningError
+from provisioning.lifecycle import (
+    BatchSummary,
+    export_manifest,
+    list_batches,
+    reissue_token,
+    revoke_batch,
+    show_batch,
+)
+from provisioning.manufacturer import DEFAULT_MANUFACTURER
+
+app = typer.Typer(
+    help="Factory batches: provision a lot, follow it, reissue tokens, revoke it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+ACTOR = "cli"
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+# Exit codes: 2 = refused input (nothing changed), 3 = not found, 1 = anything else.
+EXIT_INPUT, EXIT_NOT_FOUND, EXIT_OTHER = 2, 3, 1
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """One place that turns the error trees into a message and an exit code."""
+    try:
+        yield
+    except (UnknownBatch, UnknownDevice) as exc:
+        _fail(str(exc), EXIT_NOT_FOUND)
+    except (ProvisioningError, RegistryError, InvalidIdentifier, InvalidDuration) as exc:
+        _fail(str(exc))
+    except (HomeError, ConfigError, PkiError) as exc:
+        _fail(str(exc), EXIT_OTHER)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing of the batch was kept", 130)
+    except OSError as exc:
+        _fail(f"{exc.filename or ''}: {exc.strerror or exc}", EXIT_OTHER)
+
+
+@contextmanager
+def _home(home: Path | None) -> Iterator[tuple[HomeLayout, ServerConfig, Registry]]:
+    """The home's layout and config (no CA key needed) and its registry, opened."""
+    with _errors():
+        layout = HomeLayout(resolve_home(home))
+        if not layout.config.exists():
+            raise HomeError(layout.root, "not initialized: run `fleetpki init --home` first")
+        config = load_config(layout.config)
+        registry = Registry.open(layout.registry)
+    try:
+        with _errors():
+            yield layout, config, registry
+    finally:
+        registry.close()
+
+
+class _Bars:
+    """Rich progress bars on stderr, one per phase; silent when stderr is not a terminal."""
+
+    _LABELS = {
+        "bundles": "writing bundles",
+        "registry": "registering",
+        "publish": "publishing",
+        "revoke": "revoking",
+    }
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not err.is_terminal,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        task = self._tasks.get(phase)
+        if task is None:
+            task = self.progress.add_task(self._LABELS.get(phase, phase), total=total)
+            self._tasks[phase] = task
+        self.progress.update(task, completed=done, total=total)
+
+    def __enter__(self) -> _Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _duration(value: str | None) -> timedelta | None:
+    return None if value is None else parse_duration(value)
+
+
+@app.command()
+def create(
+    home: HomeOpt = None,
+    count: Annotated[
+        int | None, typer.Option("--count", "-n", help="Number of devices (ids from --prefix).")
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="Id prefix; ids are PREFIX + 000001...")] = "dev-",
+    start: Annotated[int, typer.Option(help="First sequence number.")] = 1,
+    ids_from: Annotated[
+        Path | None,
+        typer.Option("--ids-from", help="CSV of manufacturer serials (first column) as ids."),
+    ] = None,
+    token_ttl: Annotated[
+        str | None, typer.Option(help="Token lifetime, e.g. 7d (default: the home's config).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: ./<batch id>).")
+    ] = None,
+    tar: Annotated[bool, typer.Option("--tar", help="One tar per device, not a folder.")] = False,
+    force: Annotated[bool, typer.Option(help="Write into a non-empty --out folder.")] = False,
+    batch_id: Annotated[
+        str | None, typer.Option("--batch-id", help="Batch id (default: lot-<time>-<random>).")
+    ] = None,
+    note: Annotated[str, typer.Option(help="Free text kept with the batch.")] = "",
+    key_type: Annotated[
+        str, typer.Option("--key-type", help="Key type the devices generate.")
+    ] = "ec-p256",
+    idevid: Annotated[
+        bool, typer.Option("--idevid", help="Factory birth certificates instead of tokens.")
+    ] = False,
+    manufacturer: Annotated[
+        str, typer.Option(help="Manufacturer CA for --idevid (created on first use).")
+    ] = DEFAULT_MANUFACTURER,
+    idevid_csrs: Annotated[
+        Path | None,
+        typer.Option("--idevid-csrs", help="PEM file of factory CSRs (CN = device id)."),
+    ] = None,
+    idevid_key_type: Annotated[
+        str, typer.Option(help="Key type of birth keys generated here (no --idevid-csrs).")
+    ] = "ec-p256",
+    as_json: JsonOpt = False,
+) -> None:
+    """Provision a factory lot: ids, one-time tokens (or birth certificates), bundles,
+    manifest.csv. All or nothing: on any error or Ctrl-C nothing of the lot is kept."""
+    now = _now()
+    with _home(home) as (layout, config, registry):
+        if idevid_csrs is not None and not idevid:
+            _fail("--idevid-csrs needs --idevid")
+        options = None
+        if idevid:
+            try:
+                birth_key = KeyType.parse(idevid_key_type)
+            except UnsupportedKey as exc:
+                _fail(exc.reason)
+            options = IdevidOptions(manufacturer, idevid_csrs, birth_key)
+        batch = batch_id or new_batch_id(now)
+        request = BatchRequest(
+            count=count,
+            prefix=prefix,
+            start=start,
+            serials=ids_from,
+            token_ttl=_duration(token_ttl),
+            out_dir=out_dir if out_dir is not None else Path.cwd() / batch,
+            tar=tar,
+            force=force,
+            batch_id=batch,
+            note=note,
+            device_key_type=key_type,
+            idevid=options,
+        )
+        started = time.perf_counter()
+        with _Bars() as bars:
+            result = create_batch(
+                registry, layout, config, request, now=now, actor=ACTOR, progress=bars
+            )
+        elapsed = time.perf_counter() - started
+    _print_created(result, elapsed, as_json)
+
+
+def _print_created(result: BatchResult, elapsed: float, as_json: bool) -> None:
+    if as_json:
+        _emit_json({**result.to_json(), "seconds": round(elapsed, 3)})
+        return
+    rate = result.count / elapsed if elapsed > 0 else 0.0
+    out.print(
+        f"[green]created[/green] batch [bold]{result.batch_id}[/bold] ({result.kind.value}): "
+        f"{result.count} devices in {elapsed:.1f} s ({rate:,.0f}/s)"
+    )
+    out.print(f"  bundles   {result.out_dir}")
+    out.print(f"  manifest  {result.manifest}")
+    if result.token_expires_at is not None:
+        out.print(f"  tokens expire {result.token_expires_at.isoformat(timespec='seconds')}")
+
+
+def _summary_row(summary: BatchSummary) -> list[str]:
+    c = summary.counts
+    return [
+        summary.batch.batch_id,
+        summary.batch.kind.value,
+        summary.batch.created_at.isoformat(timespec="seconds"),
+        str(c["total"]),
+        str(c["provisioned"]),
+        str(c["enrolled"]),
+        str(c["token_expired"]),
+        str(c["suspended"]),
+        str(c["revoked"]),
+    ]
+
+
+_COLUMNS = (
+    "batch",
+    "kind",
+    "created",
+    "devices",
+    "provisioned",
+    "enrolled",
+    "token expired",
+    "suspended",
+    "revoked",
+)
+
+
+@app.command("list")
+def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """All batches with their devices by state."""
+    with _home(home) as (_, _cfg, registry):
+        summaries = list_batches(registry, _now())
+    if as_json:
+        _emit_json([s.to_json() for s in summaries])
+        return
+    table = Table(*_COLUMNS)
+    for summary in summaries:
+        table.add_row(*_summary_row(summary))
+    out.print(table)
+
+
+@app.command()
+def show(
+    batch_id: Annotated[str, typer.Argument(help="Batch id.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One batch: provisioned, enrolled, token expired, suspended, revoked."""
+    with _home(home) as (_, _cfg, registry):
+        summary = show_batch(registry, batch_id, _now())
+    if as_json:
+        _emit_json(summary.to_json())
+        return
+    batch = summary.batch
+    out.print(f"batch [bold]{batch.batch_id}[/bold] ({batch.kind.value})")
+    out.print(f"  created    {batch.created_at.isoformat(timespec='seconds')}")
+    out.print(f"  token ttl  {batch.token_ttl}")
+    if batch.note:
+        out.print(f"  note       {batch.note}", highlight=False, markup=False)
+    for key in ("total", "provisioned", "enrolled", "token_expired", "suspended", "revoked"):
+        out.print(f"  {key.replace('_', ' '):<14} {summary.counts[key]:>9}")
+
+
+@app.command("reissue-token")
+def reissue_token_(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    home: HomeOpt = None,
+    ttl: Annotated[str | None, typer.Option(help="Token lifetime (default: config).")] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Write the new bundle to OUT/<device id>/.")
+    ] = Path("."),
+    to_stdout: Annotated[
+        bool, typer.Option("--stdout", help="Print the token instead of writing a bundle.")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace an existing bundle; allow enrolled and IDevID devices."),
+    ] = False,
+    key_type: Annotated[str, typer.Option(help="Device key type in agent.toml.")] = "ec-p256",
+    as_json: JsonOpt = False,
+) -> None:
+    """A new one-time token for a device; its previous token dies at once."""
+    now = _now()
+    with _home(home) as (layout, config, registry):
+        result = reissue_token(
+            registry,
+            layout,
+            config,
+            DeviceId.parse(device_id),
+            ttl=_duration(ttl),
+            now=now,
+            out_dir=None if to_stdout else out_dir,
+            force=force,
+            device_key_type=key_type,
+        )
+    expires = result.expires_at.isoformat(timespec="seconds")
+    if as_json:
+        data: dict[str, Any] = {
+            "device_id": result.device_id.value,
+            "token_expires_at": expires,
+            "bundle": None if result.bundle is None else str(result.bundle),
+        }
+        if to_stdout:
+            data["token"] = result.token
+        _emit_json(data)
+    elif to_stdout:
+        # Asked for explicitly: stdout is the token and nothing else (pipe it to the device).
+        sys.stdout.write(result.token + "\n")
+    else:
+        out.print(f"[green]new token[/green] for {result.device_id} in {result.bundle}")
+        out.print(f"  expires {expires}; the previous token no longer works")
+
+
+@app.command()
+def revoke(
+    batch_id: Annotated[str, typer.Argument(help="Batch id.")],
+    reason: Annotated[
+        str, typer.Option(help="RFC 5280 reason, e.g. key-compromise, cessation-of-operation.")
+    ],
+    home: HomeOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke the whole lot: every device and certificate of the batch."""
+    now = _now()
+    with _home(home) as (_, _cfg, registry):
+        summary = show_batch(registry, batch_id, now)
+        if not (yes or as_json) and not typer.confirm(
+            f"Revoke all {summary.counts['total']} devices of batch {batch_id}?", err=True
+        ):
+            _fail("not confirmed; nothing revoked", EXIT_OTHER)
+        started = time.perf_counter()
+        with _Bars() as bars:
+            revoked = revoke_batch(
+                registry, batch_id, reason=reason, now=now, actor=ACTOR, progress=bars
+            )
+        elapsed = time.perf_counter() - started
+    if as_json:
+        _emit_json({"batch_id": batch_id, "revoked_devices": revoked, "seconds": elapsed})
+    else:
+        out.print(f"[red]revoked[/red] {revoked} devices of batch {batch_id} ({elapsed:.1f} s)")
+
+
+@app.command()
+def export(
+    batch_id: Annotated[str, typer.Argument(help="Batch id.")],
+    home: HomeOpt = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write to this file (default: stdout).")
+    ] = None,
+    tar: Annotated[bool, typer.Option("--tar", help="Bundle paths as <id>.tar.")] = False,
+) -> None:
+    """The batch's manifest again (device id, bundle, token expiry, state); no tokens."""
+    with _home(home) as (_, _cfg, registry):
+        if out_file is None:
+            export_manifest(registry, batch_id, sys.stdout, tar=tar)
+            return
+        tmp = out_file.with_name(f".{out_file.name}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                rows = export_manifest(registry, batch_id, fh, tar=tar)
+            os.replace(tmp, out_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+    err.print(f"{rows} devices written to {out_file}")
