@@ -57,7 +57,9 @@ def _url_host(host: str) -> str:
 def _get(data: dict[str, Any], path: Path, section: str, key: str, kind: type, default: Any) -> Any:
     value = data.get(section, {}).get(key, default)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(path, f"{section}.{key}", f"must be of type {kind.__name__}, got {value!r}")
+        raise ConfigError(
+            path, f"{section}.{key}", f"must be of type {kind.__name__}, got {value!r}"
+        )
     return value
 
 
