@@ -46,6 +46,8 @@ class BrokerConfig:
     `port=0` binds an ephemeral port (read it back from RunningBroker.port).
     `max_connections`: open TLS connections at most; further ones are closed at once.
     `connect_timeout`: seconds a TLS connection may take to send its CONNECT.
+    `revocation_poll_interval`: how often the registry event log is read (drop latency).
+    `expiry_sweep_interval`: how often live sessions are checked for expired certificates.
     `session_expiry`: seconds a disconnected clean_session=False session is kept (None: ever).
     `policy_enabled=False` turns the topic policy off -- only for the overhead benchmark.
     """
@@ -61,6 +63,7 @@ class BrokerConfig:
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     revocation_poll_interval: float = 0.2
+    expiry_sweep_interval: float = 5.0
     session_expiry: int | None = 7 * 24 * 3600
     max_connect_size: int = DEFAULT_MAX_CONNECT_SIZE
     policy_enabled: bool = True
@@ -68,7 +71,12 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range 0..65535")
-        for name in ("connect_timeout", "handshake_timeout", "revocation_poll_interval"):
+        for name in (
+            "connect_timeout",
+            "handshake_timeout",
+            "revocation_poll_interval",
+            "expiry_sweep_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_connections < 1:
@@ -215,7 +223,9 @@ async def start_broker(
             close_registry()
         cause = exc.__cause__ or exc
         raise BrokerStartError(config.host, config.port, str(cause)) from exc
-    watcher = RevocationWatcher(registry, broker, now, config.revocation_poll_interval)
+    watcher = RevocationWatcher(
+        registry, broker, now, config.revocation_poll_interval, config.expiry_sweep_interval
+    )
     task = asyncio.create_task(watcher.run(), name="fleetpki-broker-revocation")
     running = RunningBroker(broker, watcher, task, metrics, config.host, close_registry)
     log.info("MQTT broker (mTLS) listening on %s:%d", config.host, running.port)

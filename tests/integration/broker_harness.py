@@ -113,6 +113,7 @@ class Fleet:
         now: datetime | None = None,
         validity: timedelta | None = None,
         label: str | None = None,
+        batch_id: str | None = None,
     ) -> Creds:
         """A certificate from our issuing CA for `device_id`, recorded in the registry."""
         now = now or datetime.now(UTC)
@@ -129,7 +130,7 @@ class Fleet:
         if register:
             did = DeviceId(device_id)
             if self.registry.get_device(did) is None:
-                self.registry.add_device(did, role=role, now=now, actor="test")
+                self.registry.add_device(did, role=role, batch_id=batch_id, now=now, actor="test")
             self.registry.record_issuance(
                 IssuedCertificate(
                     serial=cert.serial_number,
