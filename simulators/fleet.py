@@ -1,0 +1,256 @@
+"""The fleet: N real device agents in one event loop, each recording its timeline.
+
+Every simulated device is a `device_agent.Agent` with its own bundle, key, token, certificate
+and mTLS connection; nothing on the wire is faked. `SimAgent` only listens: it notes when the
+agent enrolled, connected, disconnected and renewed, and forwards every call unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from device_agent.agent import Agent, AgentState
+from device_agent.backoff import Backoff
+from device_agent.config import AgentConfig, load_config
+from device_agent.exit_codes import ExitCode
+from device_agent.keystore import Identity
+from simulators.trace import DeviceTrace, Journal, Outcome
+
+log = logging.getLogger("fleetpki.simulator")
+
+Seconds = Callable[[], float]
+
+
+class SimAgent(Agent):
+    """A real Agent whose lifecycle steps are also written into a DeviceTrace.
+
+    Stopgap until the Agent offers a public event hook: it overrides the three private steps
+    where the events happen (`_enroll`, `_renew_once`, `_on_connection`), calling the real
+    ones first and recording only after they succeeded.
+    """
+
+    def __init__(self, config: AgentConfig, trace: DeviceTrace, seconds: Seconds, **kw: Any):
+        super().__init__(config, **kw)
+        self.trace = trace
+        self.seconds = seconds
+
+    async def _enroll(self, token: str, anchor: x509.Certificate) -> Identity:
+        ident = await super()._enroll(token, anchor)
+        if self.trace.enrolled is None:
+            self.trace.enrolled = self.seconds()
+        self.trace.serials.append(ident.serial_hex)
+        return ident
+
+    async def _renew_once(self, ident: Identity, anchor: x509.Certificate) -> Identity:
+        new = await super()._renew_once(ident, anchor)
+        self.trace.renewed.append(self.seconds())
+        self.trace.serials.append(new.serial_hex)
+        return new
+
+    def _on_connection(self, up: bool) -> None:
+        t = self.seconds()
+        if up:
+            self.trace.connects.append(t)
+        elif self.trace.connected:
+            self.trace.disconnects.append(t)
+        super()._on_connection(up)
+
+    @property
+    def published(self) -> int:
+        return self.link.published if self.link is not None else 0
+
+
+def failure_reason(state: AgentState, last_error: str | None) -> str:
+    """A short slug for the report's "failed by reason" table."""
+    err = (last_error or "").lower()
+    if state is AgentState.REVOKED:
+        return "revoked"
+    if state is AgentState.EXPIRED:
+        return "certificate-expired"
+    if state is AgentState.BROKEN:
+        return "config-or-state"
+    if state is AgentState.REFUSED:
+        if "not authorized" in err or "bad user name" in err:
+            return "broker-refused"
+        if "token" in err or "unknown device" in err:
+            return "token-rejected"
+        if "(400)" in err:
+            return "csr-rejected"
+        if "(429)" in err:
+            return "throttled"
+        return "refused"
+    return str(state)
+
+
+_OUTCOME = {
+    AgentState.REVOKED: Outcome.REVOKED,
+    AgentState.REFUSED: Outcome.REFUSED,
+    AgentState.EXPIRED: Outcome.NEEDS_TOKEN,
+    AgentState.BROKEN: Outcome.FAILED,
+}
+
+
+@dataclasses.dataclass
+class AgentSettings:
+    """What the simulator chooses for every agent on top of its bundle."""
+
+    telemetry_interval: float = 5.0
+    mqtt_backoff: Backoff | None = None
+    est_backoff: Backoff | None = None
+    clock_poll: float = 0.5
+    # A device's wall clock; None = the real one (the clock-skew scenario sets its own).
+    clock_for: Callable[[str], Callable[[], datetime]] | None = None
+
+
+class Fleet:
+    """Starts, watches and stops the agents of a set of bundle folders."""
+
+    def __init__(
+        self,
+        bundles: dict[str, Path],
+        journal: Journal,
+        seconds: Seconds,
+        settings: AgentSettings,
+        rng: random.Random,
+    ) -> None:
+        self.bundles = bundles  # device id -> agent.toml
+        self.journal = journal
+        self.seconds = seconds
+        self.settings = settings
+        self.rng = rng
+        self.agents: dict[str, SimAgent] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._sent_before: dict[str, int] = {}
+        for device_id in bundles:
+            journal.trace(device_id)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.bundles)
+
+    def _config(self, device_id: str) -> AgentConfig:
+        cfg = load_config(self.bundles[device_id])
+        return dataclasses.replace(cfg, telemetry_interval=self.settings.telemetry_interval)
+
+    def start_one(self, device_id: str) -> None:
+        """Start (or restart, after it stopped) the agent of `device_id`."""
+        running = self.tasks.get(device_id)
+        if running is not None and not running.done():
+            return
+        trace = self.journal.trace(device_id)
+        s = self.settings
+        kwargs: dict[str, Any] = {
+            "rng": random.Random(self.rng.random()),
+            "clock_poll": s.clock_poll,
+            # status.json is for `fleetpki-agent status`; thousands of fsyncs would only
+            # measure the disk.
+            "persist_status": False,
+        }
+        if s.mqtt_backoff is not None:
+            kwargs["mqtt_backoff"] = s.mqtt_backoff
+        if s.est_backoff is not None:
+            kwargs["est_backoff"] = s.est_backoff
+        if s.clock_for is not None:
+            kwargs["clock"] = s.clock_for(device_id)
+        agent = SimAgent(self._config(device_id), trace, self.seconds, **kwargs)
+        self.agents[device_id] = agent
+        trace.outcome = Outcome.RUNNING
+        trace.reason = trace.detail = None
+        if trace.started is None:
+            trace.started = self.seconds()
+        self.tasks[device_id] = asyncio.create_task(
+            self._run(device_id, agent), name=f"agent-{device_id}"
+        )
+
+    async def _run(self, device_id: str, agent: SimAgent) -> None:
+        trace = agent.trace
+        try:
+            code = await agent.run()
+        except Exception as exc:  # a crash of one agent must not end the simulation
+            log.exception("%s: agent crashed", device_id)
+            trace.outcome, trace.reason = Outcome.FAILED, f"crash:{type(exc).__name__}"
+            trace.detail = str(exc)
+            code = ExitCode.CRASH
+        else:
+            if code is ExitCode.OK:
+                trace.outcome = Outcome.STOPPED
+            else:
+                trace.outcome = _OUTCOME.get(agent.state, Outcome.FAILED)
+                trace.reason = failure_reason(agent.state, agent.last_error)
+                trace.detail = agent.last_error
+        finally:
+            trace.ended = self.seconds()
+            if trace.connected:  # a stopped agent's session ended with it
+                trace.disconnects.append(trace.ended)
+            self._sent_before[device_id] = self._sent_before.get(device_id, 0) + agent.published
+
+    async def start(self, ids: Iterable[str] | None = None, ramp: float | None = None) -> None:
+        """Start agents, `ramp` per second (None: all at once); returns when all are started."""
+        todo = list(self.ids if ids is None else ids)
+        if not ramp:
+            for device_id in todo:
+                self.start_one(device_id)
+                await asyncio.sleep(0)
+            return
+        begin = self.seconds()
+        for i, device_id in enumerate(todo):
+            due = begin + i / ramp
+            if (wait := due - self.seconds()) > 0:
+                await asyncio.sleep(wait)
+            self.start_one(device_id)
+
+    async def stop(self, ids: Iterable[str] | None = None, grace: float = 15.0) -> None:
+        """Stop agents (a device switched off) and wait for their tasks to end."""
+        chosen = list(self.tasks if ids is None else ids)
+        for device_id in chosen:
+            agent = self.agents.get(device_id)
+            if agent is not None:
+                agent.stop()
+        tasks = [self.tasks[d] for d in chosen if d in self.tasks and not self.tasks[d].done()]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def running(self, device_id: str) -> bool:
+        task = self.tasks.get(device_id)
+        return task is not None and not task.done()
+
+    def sync_counts(self) -> None:
+        """Copy each agent's acknowledged-message count into its trace."""
+        for device_id, trace in self.journal.traces.items():
+            agent = self.agents.get(device_id)
+            live = agent.published if agent is not None and self.running(device_id) else 0
+            trace.sent = self._sent_before.get(device_id, 0) + live
+
+    async def wait_until(
+        self, predicate: Callable[[], bool], within: float, poll: float = 0.05
+    ) -> bool:
+        """Poll `predicate` until true or `within` seconds; returns its last value."""
+        deadline = self.seconds() + within
+        while not predicate():
+            if self.seconds() >= deadline:
+                return False
+            await asyncio.sleep(poll)
+        return True
+
+    def connected(self, ids: Iterable[str] | None = None) -> list[str]:
+        chosen = self.ids if ids is None else ids
+        return [d for d in chosen if self.journal.trace(d).connected]
+
+    def settled(self, device_id: str) -> bool:
+        """Connected, or stopped for good: nothing more will happen without a change."""
+        return self.journal.trace(device_id).connected or not self.running(device_id)

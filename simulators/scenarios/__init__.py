@@ -1,0 +1,24 @@
+"""The simulator's scenarios by name (`fleetpki simulate --scenario NAME`)."""
+
+from __future__ import annotations
+
+from simulators.errors import UnknownScenario
+from simulators.scenarios.base import Scenario
+from simulators.scenarios.happy import Happy
+from simulators.scenarios.revoke import Revoke
+
+SCENARIOS: dict[str, type[Scenario]] = {s.name: s for s in (Happy, Revoke)}
+
+
+def scenario_names() -> list[str]:
+    return list(SCENARIOS)
+
+
+def get_scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]()
+    except KeyError:
+        raise UnknownScenario(name, scenario_names()) from None
+
+
+__all__ = ["SCENARIOS", "Scenario", "get_scenario", "scenario_names"]

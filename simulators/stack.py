@@ -1,0 +1,346 @@
+"""The stack under test: EST service + broker started in a temporary home, or a running one.
+
+The self-hosted stack runs in its own thread and event loop, as `fleetpki serve` would in its
+own process: thousands of agents busy in the simulator's loop then cannot starve the server's
+accept loop or the broker's revocation watcher of turns, so the latencies we report are the
+service's, not our scheduler's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import ssl
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from enroll_server.config import ServerConfig, load_config
+from enroll_server.home import HomeError, HomeLayout, hash_secret, init_home
+from enroll_server.pki.profile import DeviceProfile
+from enroll_server.registry import Registry
+from simulators.errors import PortInUse, ServerUnreachable, SimulatorError
+
+T = TypeVar("T")
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Where devices reach the deployment: EST over HTTPS, CRL/OCSP over HTTP, MQTT over TLS."""
+
+    host: str
+    est_port: int
+    http_port: int
+    mqtt_port: int
+
+    @property
+    def est_url(self) -> str:
+        return f"https://{self.host}:{self.est_port}"
+
+
+@dataclass
+class StackClock:
+    """The service's and broker's 'now': the real time plus an offset the scenarios may move."""
+
+    offset: timedelta = field(default_factory=timedelta)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """Ports for the self-hosted stack; 0 = any free port."""
+
+    est: int = 0
+    http: int = 0
+    mqtt: int = 0
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _check_free(what: str, host: str, port: int) -> None:
+    """Fail early, with the port named, rather than deep inside aiohttp or amqtt."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(what, host, port) from exc
+            raise SimulatorError(f"cannot listen for {what} on {host}:{port}: {exc}") from exc
+
+
+def init_temp_home(root: Path, ports: Ports, validity: timedelta) -> HomeLayout:
+    """`fleetpki init` in-process, with the ports written into the config (and so into the
+    CRL and OCSP URLs of every certificate)."""
+    cfg = ServerConfig(
+        hostnames=("localhost", HOST),
+        public_host=HOST,
+        bind=HOST,
+        est_port=ports.est,
+        http_port=ports.http,
+        mqtt_port=ports.mqtt,
+        device_validity=max(validity, timedelta(seconds=1)),
+    )
+    now = datetime.now(UTC)
+    result = init_home(root, cfg, now)
+    with Registry.open(result.layout.registry) as registry:
+        registry.add_admin_token(hash_secret(result.admin_token), "init", now)
+    return result.layout
+
+
+class ProfileOverrides:
+    """Certificate lifetimes for chosen devices (the demo's one short-lived renewer).
+
+    Stopgap until the service offers a per-device profile: wraps the running service's
+    `enroll` so that, for the devices named here, it signs with another DeviceProfile.
+    `enroll` is synchronous and the server runs in one event loop, so swapping the profile
+    around the call cannot leak into another request.
+    """
+
+    def __init__(self) -> None:
+        self.profiles: dict[str, DeviceProfile] = {}
+
+    def install(self, service: Any) -> None:
+        original = service.enroll
+        default = service.profile
+        overrides = self.profiles
+
+        def enroll(csr_der: bytes, auth: Any, now: datetime) -> Any:
+            profile = overrides.get(str(auth.grant.device_id))
+            if profile is None:
+                return original(csr_der, auth, now)
+            service.profile = profile
+            try:
+                return original(csr_der, auth, now)
+            finally:
+                service.profile = default
+
+        service.enroll = enroll
+
+
+class HostedStack:
+    """Service (EST, admin API, CRL/OCSP) and embedded broker on 127.0.0.1 in a thread.
+
+    Scenario controls (`stop_broker`, `start_broker`, `stop_est`, `start_est`) are coroutines
+    for the simulator's loop; they run on the stack's loop and are awaited from ours.
+    """
+
+    def __init__(self, layout: HomeLayout, profile: DeviceProfile, clock: StackClock) -> None:
+        self.layout = layout
+        self.profile = profile
+        self.clock = clock
+        self.overrides = ProfileOverrides()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run_loop, name="fleetpki-sim-stack", daemon=True
+        )
+        self._server: Any = None
+        self._broker: Any = None
+        self._est_up = False
+        self.endpoints = Endpoints(HOST, 0, 0, 0)
+        self._closed = False
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    # -- lifecycle (blocking; call from a thread or before the simulator's loop runs) -------
+    @classmethod
+    def start(
+        cls,
+        root: Path,
+        *,
+        validity: timedelta,
+        backdate: timedelta = timedelta(seconds=2),
+        ports: Ports = Ports(),
+        clock: StackClock | None = None,
+    ) -> HostedStack:
+        """Init a home in `root` (an empty folder) and start service and broker in it."""
+        for what, port in (("EST", ports.est), ("CRL/OCSP", ports.http), ("MQTT", ports.mqtt)):
+            if port:
+                _check_free(what, HOST, port)
+        chosen = Ports(
+            ports.est or free_port(), ports.http or free_port(), ports.mqtt or free_port()
+        )
+        layout = init_temp_home(root, chosen, validity)
+        stack = cls(
+            layout, DeviceProfile(validity=validity, backdate=backdate), clock or StackClock()
+        )
+        stack._thread.start()
+        try:
+            stack._call(stack._start_all(chosen), 60)
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the stack's loop, awaited from another loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def _start_all(self, ports: Ports) -> None:
+        from enroll_server.server import start_server
+
+        try:
+            self._server = await start_server(
+                self.layout.root,
+                est_port=ports.est,
+                http_port=ports.http,
+                bind=HOST,
+                profile=self.profile,
+                clock=self.clock.now,
+            )
+        except OSError as exc:
+            raise _port_error("EST or CRL/OCSP", ports.est, exc) from exc
+        self._est_up = True
+        self.overrides.install(self._server.state.service)
+        # Mirror `serve`: an admin-API revocation drops the live session in-process too.
+        self._server.state.on_revocation.append(self._drop)
+        await self._start_broker(ports.mqtt)
+        self.endpoints = Endpoints(
+            HOST, self._server.est_port, self._server.http_port, self._broker.port
+        )
+
+    def _drop(self, device_id: str) -> None:
+        if self._broker is not None:
+            self._broker.disconnect(device_id)
+
+    async def _start_broker(self, port: int) -> None:
+        from enroll_server.broker import BrokerConfig, BrokerStartError, start_broker
+
+        config = BrokerConfig(
+            server_cert=self.layout.server_cert,
+            server_key=self.layout.server_key,
+            ca_file=self.layout.chain,
+            registry_path=self.layout.registry,
+            host=HOST,
+            port=port,
+        )
+        try:
+            self._broker = await start_broker(config, clock=self.clock.now)
+        except BrokerStartError as exc:
+            if "in use" in exc.why.lower() or "errno 98" in exc.why.lower():
+                raise PortInUse("MQTT", HOST, port) from exc
+            raise SimulatorError(str(exc)) from exc
+
+    async def _stop_all(self) -> None:
+        if self._broker is not None:
+            with contextlib.suppress(Exception):
+                await self._broker.stop()
+            self._broker = None
+        if self._server is not None:
+            server, self._server = self._server, None
+            if not self._est_up:
+                # Already stopped by a scenario; stop only what is still up.
+                await server.http.stop()
+                server.registry.close()
+            else:
+                await server.stop()
+
+    def close(self) -> None:
+        """Stop service and broker and the stack's thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            try:
+                self._call(self._stop_all(), 30)
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(10)
+        self.loop.close()
+
+    # -- scenario controls (coroutines for the simulator's loop) -----------------------------
+    async def stop_broker(self) -> None:
+        async def stop() -> None:
+            if self._broker is not None:
+                await self._broker.stop()
+                self._broker = None
+
+        await self.call(stop())
+
+    async def start_broker(self) -> None:
+        await self.call(self._start_broker(self.endpoints.mqtt_port))
+
+    async def stop_est(self) -> None:
+        async def stop() -> None:
+            if self._est_up:
+                self._est_up = False
+                await self._server.https.stop()
+
+        await self.call(stop())
+
+    async def start_est(self) -> None:
+        from enroll_server.http_app import build_https_app, server_ssl_context, start_site
+
+        async def start() -> None:
+            if self._est_up:
+                return
+            tls = server_ssl_context(
+                self.layout.server_cert, self.layout.server_key, self.layout.chain
+            )
+            app = build_https_app(self._server.state)
+            self._server.https = await start_site(app, HOST, self.endpoints.est_port, tls)
+            self._est_up = True
+
+        await self.call(start())
+
+    def broker_connected(self) -> dict[str, str]:
+        """Identity -> role of the broker's live sessions (a read of a dict; no lock needed)."""
+        broker = self._broker
+        return dict(broker.connected()) if broker is not None else {}
+
+    def short_lived(self, device_id: str, validity: timedelta) -> None:
+        """Give `device_id` certificates of `validity` from now on (see ProfileOverrides)."""
+        self.overrides.profiles[device_id] = DeviceProfile(
+            validity=validity, backdate=self.profile.backdate
+        )
+
+
+def _port_error(what: str, port: int, exc: OSError) -> SimulatorError:
+    if exc.errno == errno.EADDRINUSE:
+        return PortInUse(what, HOST, port)
+    return SimulatorError(f"cannot start the {what} listener on {HOST}:{port}: {exc}")
+
+
+def existing_endpoints(home: Path) -> tuple[HomeLayout, Endpoints]:
+    """The endpoints a running `fleetpki serve --home` listens on, from its fleetpki.toml."""
+    layout = HomeLayout(home)
+    if not layout.config.exists():
+        raise SimulatorError(
+            str(HomeError(home, "not initialized: run `fleetpki init --home` first"))
+        )
+    cfg = load_config(layout.config)
+    host = HOST if cfg.bind in ("0.0.0.0", "::", HOST) else cfg.bind
+    return layout, Endpoints(host, cfg.est_port, cfg.http_port, cfg.mqtt_port)
+
+
+async def probe_tls(what: str, host: str, port: int, trust_anchor: Path, within: float) -> None:
+    """Check that a TLS server chaining to our trust anchor answers at host:port."""
+    ctx = ssl.create_default_context(cafile=str(trust_anchor))
+    ctx.check_hostname = False  # only reachability; the agents check names themselves
+    try:
+        async with asyncio.timeout(within):
+            _, writer = await asyncio.open_connection(host, port, ssl=ctx)
+    except TimeoutError as exc:
+        raise ServerUnreachable(what, f"{host}:{port}", f"no answer in {within:.0f} s") from exc
+    except (OSError, ssl.SSLError) as exc:
+        raise ServerUnreachable(what, f"{host}:{port}", str(exc) or type(exc).__name__) from exc
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
