@@ -103,7 +103,7 @@ class PublishedCrl:
     pem: bytes
     number: int
     entries: int
-    event_seq: int  # registry events up to this seq are reflected
+    event_seq: int  # every registry event up to this seq is reflected
     build_seconds: float
 
     @property
@@ -155,7 +155,9 @@ class CrlPublisher:
         *,
         next_update: timedelta = timedelta(hours=24),
         idp_url: str | None = None,
+        since_seq: int | None = None,
     ) -> None:
+        """`since_seq`: report events after this seq (default: only those from now on)."""
         url = idp_url or (issuer.urls.crl if issuer.urls else None)
         if not url:
             raise ValueError("a CRL needs its distribution point URL (issuer.urls or idp_url)")
@@ -163,7 +165,7 @@ class CrlPublisher:
         self._issuer = issuer
         self._next_update = next_update
         self._idp_url = url
-        self._seq = 0
+        self._seq = registry.last_event_seq() if since_seq is None else since_seq
         self._current: PublishedCrl | None = None
 
     @property
@@ -172,13 +174,11 @@ class CrlPublisher:
 
     @property
     def event_seq(self) -> int:
-        """Events up to this seq have been seen (and, if they mattered, are in `current`)."""
+        """Events up to this seq have been reported by `poll` (and are in `current`)."""
         return self._seq
 
     def publish(self, now: datetime) -> PublishedCrl:
         """Build and sign a new CRL now, whatever the registry says changed."""
-        # Read the event position before the entries: a revocation landing in between shows
-        # up as a newer event and triggers the next rebuild, so none can be missed.
         seq = self._registry.last_event_seq()
         started = time.perf_counter()
         entries = self._registry.revoked_entries(now)
@@ -202,7 +202,6 @@ class CrlPublisher:
             build_seconds=time.perf_counter() - started,
         )
         self._current = published
-        self._seq = max(self._seq, seq)
         return published
 
     def _new_events(self) -> list[Event]:
@@ -216,12 +215,17 @@ class CrlPublisher:
             seq = page[-1].seq
 
     def poll(self, now: datetime) -> CrlUpdate:
-        """Rebuild if a revocation event arrived or the CRL is due for refresh."""
+        """Rebuild if a revocation event arrived or the CRL is due for refresh.
+
+        Every event is reported exactly once. The entries are read after the events, so the
+        CRL reflects at least every event reported; a revocation landing in between is
+        reported (and rebuilt for) by the next poll.
+        """
         events = self._new_events()
         changed = any(e.kind in CRL_EVENTS for e in events)
         stale = self._current is None or crl_needs_refresh(self._current.crl, now)
         if events:
-            self._seq = max(self._seq, events[-1].seq)
+            self._seq = events[-1].seq
         if changed or stale:
             return CrlUpdate(self.publish(now), events)
         return CrlUpdate(None, events)
