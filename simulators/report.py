@@ -61,6 +61,38 @@ class Check:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """Event times (seconds since the run began) for plots: each device's enrollment and first
+    connection, every disconnection, and the scenario's marks (revocations, restarts)."""
+
+    enrolled: list[float]
+    connected: list[float]  # first connection of each device
+    reconnected: list[float]  # every later connection
+    disconnected: list[float]
+    marks: list[tuple[float, str]]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "enrolled": [round(t, 4) for t in self.enrolled],
+            "connected": [round(t, 4) for t in self.connected],
+            "reconnected": [round(t, 4) for t in self.reconnected],
+            "disconnected": [round(t, 4) for t in self.disconnected],
+            "marks": [{"t": round(t, 4), "what": what} for t, what in self.marks],
+        }
+
+
+def timeline_of(journal: Journal) -> Timeline:
+    traces = journal.traces.values()
+    return Timeline(
+        enrolled=sorted(t.enrolled for t in traces if t.enrolled is not None),
+        connected=sorted(t.connects[0] for t in traces if t.connects),
+        reconnected=sorted(c for t in traces for c in t.connects[1:]),
+        disconnected=sorted(d for t in traces for d in t.disconnects),
+        marks=sorted(journal.marks),
+    )
+
+
 @dataclass
 class Report:
     scenario: str
@@ -82,6 +114,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     curve: list[tuple[float, int]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    timeline: Timeline = field(default_factory=lambda: Timeline([], [], [], [], []))
 
     @property
     def ok(self) -> bool:
@@ -133,6 +166,7 @@ def build_report(
         checks=list(checks or []),
         curve=list(curve or []),
         extra=dict(extra or {}),
+        timeline=timeline_of(journal),
     )
 
 
@@ -158,6 +192,7 @@ def as_json(report: Report) -> dict[str, Any]:
         "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in report.checks],
         "curve": [{"t": t, "connected": n} for t, n in report.curve],
         **({"extra": report.extra} if report.extra else {}),
+        "timeline": report.timeline.as_json(),
     }
 
 

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,7 +98,12 @@ def check_options(options: SimulationOptions) -> None:
 class Simulation:
     """Everything one run owns. Scenarios drive it through `fleet`, `revoke`, `stack`..."""
 
-    def __init__(self, options: SimulationOptions, scenario: Scenario) -> None:
+    def __init__(
+        self,
+        options: SimulationOptions,
+        scenario: Scenario,
+        narrate: Callable[[str], None] | None = None,
+    ) -> None:
         check_options(options)
         if options.home is not None and scenario.hosted_only:
             raise NeedsHostedStack(scenario.name, scenario.hosted_only)
@@ -118,6 +124,7 @@ class Simulation:
         self.batch_id: str | None = None
         self.bundle_dir: Path | None = None
         self.notes: list[str] = []  # plain-words log of what the run did (demo, --verbose)
+        self._narrate = narrate
 
     def seconds(self) -> float:
         """Seconds since the run began (monotonic)."""
@@ -155,6 +162,16 @@ class Simulation:
                 ports=opts.ports,
             )
             self.layout, self.endpoints = self.stack.layout, self.stack.endpoints
+            ep = self.endpoints
+            self.note(
+                f"fleetpki init: a temporary home {self.layout.root} with a root CA, an issuing "
+                "CA, a TLS server certificate and an empty registry"
+            )
+            self.note(
+                f"fleetpki serve: EST (RFC 7030) on {ep.est_url}, CRL/OCSP on "
+                f"http://{ep.host}:{ep.http_port}, MQTT broker (mutual TLS) on "
+                f"{ep.host}:{ep.mqtt_port}"
+            )
         else:
             self.layout, self.endpoints = existing_endpoints(opts.home)
             await self._probe(self.layout, self.endpoints)
@@ -191,6 +208,10 @@ class Simulation:
                 f"{self.endpoints.host}:{self.endpoints.mqtt_port}",
                 "the telemetry observer could not subscribe within 10 s",
             )
+        self.note(
+            f"fleetpki service issue {name}: a backend identity, subscribed over mTLS to "
+            "devices/+/telemetry"
+        )
 
     async def _create_batch(self) -> None:
         from provisioning.batch import BatchRequest, create_batch
@@ -219,6 +240,10 @@ class Simulation:
             for d in sorted(self.bundle_dir.iterdir())
             if (d / "agent.toml").is_file()
         }
+        self.note(
+            f"fleetpki batch create --count {len(bundles)}: factory batch {self.batch_id}, one "
+            f"bundle per device (agent.toml, ca.pem, one-time token) in {self.bundle_dir}"
+        )
         self.fleet = Fleet(
             bundles,
             self.journal,
@@ -247,6 +272,8 @@ class Simulation:
     def note(self, text: str) -> None:
         self.notes.append(text)
         log.info("%s", text)
+        if self._narrate is not None:
+            self._narrate(text)
 
     async def bring_up(self, ids: list[str] | None = None) -> Check:
         """Start agents (at the ramp rate) and wait until each is connected or has stopped."""

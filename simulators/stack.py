@@ -305,11 +305,11 @@ class HostedStack:
         broker = self._broker
         return dict(broker.connected()) if broker is not None else {}
 
-    def short_lived(self, device_id: str, validity: timedelta) -> None:
+    def short_lived(
+        self, device_id: str, validity: timedelta, backdate: timedelta = timedelta(seconds=1)
+    ) -> None:
         """Give `device_id` certificates of `validity` from now on (see ProfileOverrides)."""
-        self.overrides.profiles[device_id] = DeviceProfile(
-            validity=validity, backdate=self.profile.backdate
-        )
+        self.overrides.profiles[device_id] = DeviceProfile(validity=validity, backdate=backdate)
 
 
 def _port_error(what: str, port: int, exc: OSError) -> SimulatorError:
