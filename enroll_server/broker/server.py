@@ -198,6 +198,10 @@ async def start_broker(
     stop). `clock`: the time admission and expiry checks use (default: the system clock).
     """
     check_amqtt_version()
+    amqtt_log = logging.getLogger("amqtt")
+    if amqtt_log.level == logging.NOTSET:
+        # amqtt logs every connection at INFO; at fleet scale that is noise and CPU.
+        amqtt_log.setLevel(logging.WARNING)
     now = clock or (lambda: datetime.now(UTC))
     tls = server_tls_context(config.server_cert, config.server_key, config.ca_file)
     close_registry: Callable[[], None] | None = None

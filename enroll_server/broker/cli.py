@@ -1,0 +1,167 @@
+"""`fleetpki broker`: run the mTLS broker alone against a home folder's CA files and registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from aiohttp import web
+from rich.console import Console
+
+from enroll_server.broker.errors import BrokerError
+from enroll_server.broker.policy import KeepalivePolicy
+from enroll_server.broker.server import BrokerConfig, RunningBroker, start_broker
+
+app = typer.Typer(
+    help="The embedded mTLS MQTT broker (run alone: `fleetpki broker --home H`).",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, soft_wrap=True)
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
+]
+HostOpt = Annotated[
+    str | None, typer.Option("--bind", help="Address to listen on (default: server.bind).")
+]
+PortOpt = Annotated[
+    int | None, typer.Option("--mqtt-port", help="MQTT over TLS port (default: server.mqtt_port).")
+]
+MetricsOpt = Annotated[
+    int | None,
+    typer.Option("--metrics-port", help="Serve Prometheus metrics on http://BIND:PORT/metrics."),
+]
+KeepaliveOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-keepalive",
+        help="Refuse CONNECTs asking for a keepalive above this (or 0), in seconds.",
+    ),
+]
+MaxConnOpt = Annotated[int, typer.Option("--max-connections", help="Open TLS connections at most.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def broker_config_for_home(
+    home: Path | None,
+    *,
+    bind: str | None = None,
+    port: int | None = None,
+    max_keepalive: int = 3600,
+    max_connections: int = 20_000,
+) -> BrokerConfig:
+    """The BrokerConfig of a home folder: its TLS files, chain, registry and [server] ports."""
+    from enroll_server.config import load_config
+    from enroll_server.home import HomeLayout, resolve_home
+
+    layout = HomeLayout(resolve_home(home))
+    if not layout.config.exists():
+        raise FileNotFoundError(f"{layout.root}: not initialized: run `fleetpki init` first")
+    cfg = load_config(layout.config)
+    return BrokerConfig(
+        server_cert=layout.server_cert,
+        server_key=layout.server_key,
+        ca_file=layout.chain,
+        registry_path=layout.registry,
+        host=bind or cfg.bind,
+        port=cfg.mqtt_port if port is None else port,
+        keepalive=KeepalivePolicy(max_seconds=max_keepalive),
+        max_connections=max_connections,
+    )
+
+
+async def _metrics_site(running: RunningBroker, host: str, port: int) -> web.AppRunner:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=running.metrics_text(), content_type="text/plain")
+
+    web_app = web.Application()
+    web_app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(web_app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def serve_until_signal(config: BrokerConfig, metrics_port: int | None) -> None:
+    running = await start_broker(config)
+    runner = None
+    try:
+        if metrics_port is not None:
+            runner = await _metrics_site(running, config.host, metrics_port)
+        err.print(f"MQTT (mTLS) on {config.host}:{running.port}; Ctrl-C to stop", highlight=False)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await running.stop()
+
+
+def _run(
+    home: Path | None,
+    bind: str | None,
+    port: int | None,
+    metrics_port: int | None,
+    max_keepalive: int,
+    max_connections: int,
+) -> None:
+    from enroll_server.config import ConfigError
+    from enroll_server.home import HomeError
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = broker_config_for_home(
+            home,
+            bind=bind,
+            port=port,
+            max_keepalive=max_keepalive,
+            max_connections=max_connections,
+        )
+        asyncio.run(serve_until_signal(config, metrics_port))
+    except (HomeError, ConfigError, BrokerError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot listen: {exc}")
+
+
+@app.callback(invoke_without_command=True)
+def broker(
+    ctx: typer.Context,
+    home: HomeOpt = None,
+    bind: HostOpt = None,
+    mqtt_port: PortOpt = None,
+    metrics_port: MetricsOpt = None,
+    max_keepalive: KeepaliveOpt = 3600,
+    max_connections: MaxConnOpt = 20_000,
+) -> None:
+    """Run the broker alone (same registry as `fleetpki serve`; revocations from any process
+    reach it within a second). Subcommands: see --help."""
+    if ctx.invoked_subcommand is None:
+        _run(home, bind, mqtt_port, metrics_port, max_keepalive, max_connections)
+
+
+@app.command("run")
+def run(
+    home: HomeOpt = None,
+    bind: HostOpt = None,
+    mqtt_port: PortOpt = None,
+    metrics_port: MetricsOpt = None,
+    max_keepalive: KeepaliveOpt = 3600,
+    max_connections: MaxConnOpt = 20_000,
+) -> None:
+    """Run the broker alone (the same as `fleetpki broker` without a subcommand)."""
+    _run(home, bind, mqtt_port, metrics_port, max_keepalive, max_connections)
