@@ -175,6 +175,17 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--load-procs", type=int, default=2, help="load generator processes")
     ap.add_argument("--json", default=str(ROOT / "bench/results/enroll.json"))
+    ap.add_argument(
+        "--fast-loop",
+        action="store_true",
+        help="start the server through enroll_server.loop.install_fast_loop() (uvloop), as "
+        "`fleetpki serve` does once cli.serve calls it",
+    )
+    ap.add_argument(
+        "--profile",
+        metavar="OUT",
+        help="attach py-spy (if installed) to the server during the timed window; raw stacks",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fleetpki-bench-"))
@@ -199,11 +210,18 @@ def main() -> None:
     floor = raw_floor(home, csrs)
 
     est, http = free_port(), free_port()
+    launcher = ["-m", "enroll_server.cli"]
+    if args.fast_loop:
+        launcher = [
+            "-c",
+            "import sys; from enroll_server.loop import install_fast_loop; "
+            "install_fast_loop(); from enroll_server.cli import main; sys.argv[0] = 'fleetpki'; "
+            "main()",
+        ]
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "enroll_server.cli",
+            *launcher,
             "serve",
             "--home",
             str(home),
@@ -228,6 +246,21 @@ def main() -> None:
                     raise SystemExit("server did not start") from None
                 time.sleep(0.1)
         ps = psutil.Process(proc.pid)
+        spy = None
+        if args.profile:
+            # OUT.data: `perf record` (all native code and the kernel); else py-spy raw stacks.
+            sampler = (
+                ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-o", args.profile]
+                if args.profile.endswith(".data")
+                else [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "250",
+                      "--nonblocking", "--format", "raw", "-o", args.profile]
+            )
+            spy = subprocess.Popen(
+                [*sampler, "--pid", str(proc.pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
         cpu0 = ps.cpu_times()
         work = [(d, t, b) for (d, b), t in zip(csrs, tokens, strict=True)]
         parts = [work[i :: args.load_procs] for i in range(args.load_procs)]
@@ -256,6 +289,9 @@ def main() -> None:
             p.join()
         wall = time.perf_counter() - t0
         cpu1 = ps.cpu_times()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
@@ -285,6 +321,8 @@ def main() -> None:
         "p50_ms": round(statistics.median(lat) * 1000, 2) if lat else None,
         "p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 2) if lat else None,
         "server_cpu_ms_per_enrollment": round(per_enroll * 1000, 3),
+        "server_user_ms": round((cpu1.user - cpu0.user) / max(ok, 1) * 1000, 3),
+        "server_sys_ms": round((cpu1.system - cpu0.system) / max(ok, 1) * 1000, 3),
         "raw_floor_cpu_ms": round(floor * 1000, 3),
         "ratio_vs_floor": round(per_enroll / floor, 2),
     }
@@ -301,6 +339,8 @@ def main() -> None:
         "p50_ms",
         "p99_ms",
         "server_cpu_ms_per_enrollment",
+        "server_user_ms",
+        "server_sys_ms",
         "raw_floor_cpu_ms",
         "ratio_vs_floor",
     ):

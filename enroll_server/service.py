@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Authorization:
 class Enrollment:
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]  # certificate first, then the issuing CA
+    chain_der: tuple[bytes, ...]  # the same, DER (encoded once, reused for the reply)
 
 
 def token_hash(token: str) -> str:
@@ -58,6 +60,7 @@ class EnrollmentService:
         self._issuer_ski = issuer.cert.extensions.get_extension_for_class(
             x509.SubjectKeyIdentifier
         ).value.digest
+        self._issuer_der = issuer.cert.public_bytes(serialization.Encoding.DER)
 
     # --- authorization -----------------------------------------------------------------
     def authorize_token(self, username: str, token: str, now: datetime) -> Authorization:
@@ -68,18 +71,16 @@ class EnrollmentService:
             raise AuthenticationFailed(BAD_CREDENTIALS) from None
         digest = token_hash(token)
         try:
-            self.registry.check_token(device_id, digest, now)
+            # One read for token and device: this runs for every enrollment.
+            holder = self.registry.check_token_holder(device_id, digest, now)
         except TokenRejected as exc:
             if exc.reason in ("unknown", "wrong-device"):
                 raise AuthenticationFailed(BAD_CREDENTIALS) from None
             # The caller proved knowledge of the token, so saying why it fails leaks nothing.
             raise AuthenticationFailed(f"enrollment token {exc.reason}") from None
-        device = self.registry.get_device(device_id)
-        if device is None:  # a token row exists, so this is a registry invariant breach
-            raise AuthenticationFailed(BAD_CREDENTIALS)
-        if device.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
-            raise DeviceRevoked(device_id.value, device.state.value)
-        return Authorization(Grant(device_id, _role(device.role)), token_hash=digest)
+        if holder.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
+            raise DeviceRevoked(device_id.value, holder.state.value)
+        return Authorization(Grant(device_id, _role(holder.role)), token_hash=digest)
 
     def authorize_certificate(self, cert: x509.Certificate, now: datetime) -> Authorization:
         """Re-enrollment (RFC 7030 4.2.2) with the current certificate, already TLS-verified.
@@ -188,6 +189,7 @@ class EnrollmentService:
             self.profile,
             role=auth.grant.role,
         )
+        # Encoded once: the fingerprint, the registry's PEM and the reply all derive from it.
         der = cert.public_bytes(serialization.Encoding.DER)
         record = IssuedCertificate(
             serial=cert.serial_number,
@@ -195,7 +197,7 @@ class EnrollmentService:
             fingerprint_sha256=hashlib.sha256(der).hexdigest(),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
-            pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            pem=certificate_pem(der),
         )
         try:
             self.registry.record_issuance(
@@ -210,7 +212,14 @@ class EnrollmentService:
             raise AuthenticationFailed(f"enrollment token {exc.reason}") from exc
         except DeviceNotActive as exc:
             raise DeviceRevoked(str(exc.device_id), exc.state) from exc
-        return Enrollment(cert, (cert, self.issuer.cert))
+        return Enrollment(cert, (cert, self.issuer.cert), (der, self._issuer_der))
+
+
+def certificate_pem(der: bytes) -> str:
+    """RFC 7468 PEM of a DER certificate, exactly as cryptography writes it (64-column lines)."""
+    text = base64.b64encode(der).decode("ascii")
+    lines = "\n".join(text[i : i + 64] for i in range(0, len(text), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
 
 
 def _aki(cert: x509.Certificate) -> bytes | None:

@@ -43,6 +43,8 @@ class Throttle:
         return win.failures
 
     def check(self, source: str, device: str, now: datetime) -> None:
+        if not self._by_key:  # no failure on record: the common case of every enrollment
+            return
         for key, limit in ((f"src:{source}", self.per_source), (f"dev:{device}", self.per_device)):
             recent = self._recent(key, now)
             if recent is not None and len(recent) >= limit:

@@ -15,6 +15,7 @@ from enroll_server.est.wire import (
     BadEstBody,
     decode_base64_body,
     encode_certs_only,
+    encode_certs_only_der,
     encode_der_b64,
 )
 from enroll_server.pki.csr_policy import DEFAULT_KEY_TYPES
@@ -28,10 +29,10 @@ def _state(request: web.Request) -> AppState:
 
 
 def _b64_response(body: bytes, content_type: str) -> web.Response:
-    resp = web.Response(body=body, headers={"Content-Type": content_type})
     # RFC 8951 3: the body is base64 regardless; the header is kept for RFC 7030-era clients.
-    resp.headers["Content-Transfer-Encoding"] = "base64"
-    return resp
+    return web.Response(
+        body=body, headers={"Content-Type": content_type, "Content-Transfer-Encoding": "base64"}
+    )
 
 
 def peer_certificate(request: web.Request) -> x509.Certificate | None:
@@ -81,7 +82,6 @@ async def simpleenroll(request: web.Request) -> web.Response:
     st = _state(request)
     now = st.clock()
     creds = _basic(request)
-    cert = peer_certificate(request)
     if creds is not None:
         source = request.remote or "?"
         st.throttle.check(source, creds.login, now)
@@ -90,14 +90,14 @@ async def simpleenroll(request: web.Request) -> web.Response:
         except AuthenticationFailed:
             st.throttle.failed(source, creds.login, now)
             raise
-    elif cert is not None:
+    elif (cert := peer_certificate(request)) is not None:
         auth = st.service.authorize_bootstrap_certificate(cert, now)
     else:
         raise AuthenticationFailed("simpleenroll needs HTTP Basic (device id + enrollment token)")
     csr = await _csr_body(request)
     result = st.service.enroll(csr, auth, now)
     st.metrics.enrollments.inc("simpleenroll_ok")
-    return _b64_response(encode_certs_only(result.chain), CERTS_ONLY_CONTENT_TYPE)
+    return _b64_response(encode_certs_only_der(result.chain_der), CERTS_ONLY_CONTENT_TYPE)
 
 
 async def simplereenroll(request: web.Request) -> web.Response:
@@ -112,7 +112,7 @@ async def simplereenroll(request: web.Request) -> web.Response:
     csr = await _csr_body(request)
     result = st.service.enroll(csr, auth, now)
     st.metrics.enrollments.inc("simplereenroll_ok")
-    return _b64_response(encode_certs_only(result.chain), CERTS_ONLY_CONTENT_TYPE)
+    return _b64_response(encode_certs_only_der(result.chain_der), CERTS_ONLY_CONTENT_TYPE)
 
 
 def est_routes() -> list[web.RouteDef]:

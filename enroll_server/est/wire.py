@@ -58,9 +58,43 @@ def _b64_lines(der: bytes) -> bytes:
     return b"\n".join(text[i : i + 64] for i in range(0, len(text), 64)) + b"\n"
 
 
+def _der_tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes((tag, n)) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + content
+
+
+# The fixed parts of a degenerate SignedData (RFC 5652 5.1; RFC 7030 4.1.3 "certs-only"):
+# version 1, no digest algorithms, encapsulated content type id-data with no content,
+# no signers. Only the certificates field varies.
+_OID_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")  # 1.2.840.113549.1.7.2
+_SD_HEAD = bytes.fromhex("0201013100300b06092a864886f70d010701")
+_SD_TAIL = bytes.fromhex("3100")
+
+
+def certs_only_der(cert_ders: Sequence[bytes]) -> bytes:
+    """DER of a degenerate (certs-only) PKCS#7 SignedData holding these DER certificates.
+
+    Built directly from the certificates' DER: the server already holds it, so re-parsing
+    and re-serializing each certificate (what pkcs7.serialize_certificates does) is wasted
+    work per enrollment. The certificates field is a SET OF, so DER (X.690 11.6) orders the
+    elements by their encodings; the output is byte-identical to cryptography's.
+    """
+    certs = _der_tlv(0xA0, b"".join(sorted(cert_ders)))  # [0] IMPLICIT SET OF Certificate
+    signed_data = _der_tlv(0x30, _SD_HEAD + certs + _SD_TAIL)
+    return _der_tlv(0x30, _OID_SIGNED_DATA + _der_tlv(0xA0, signed_data))
+
+
+def encode_certs_only_der(cert_ders: Sequence[bytes]) -> bytes:
+    """certs_only_der, base64 with line breaks: the body of an EST certificate response."""
+    return _b64_lines(certs_only_der(cert_ders))
+
+
 def encode_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
     """A degenerate (certs-only) PKCS#7 SignedData, base64 with line breaks (RFC 7030 4.1.3)."""
-    return _b64_lines(pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER))
+    return encode_certs_only_der([c.public_bytes(serialization.Encoding.DER) for c in certs])
 
 
 def decode_certs_only(body: bytes) -> list[x509.Certificate]:

@@ -48,6 +48,21 @@ from fleetpki.identity import DeviceId
 _REVOKE_CHUNK = 500
 
 
+def _issue_detail(
+    serial_s: str, not_after_s: str, supersedes_s: str | None, with_token: bool
+) -> str:
+    """detail_json() of a certificate.issue audit entry, formatted directly (hot path).
+
+    Every value is lowercase hex, a fixed-format timestamp, null or a boolean, so nothing
+    needs escaping; test_registry checks the result equals detail_json of the same dict.
+    """
+    supersedes = "null" if supersedes_s is None else f'"{supersedes_s}"'
+    return (
+        f'{{"not_after": "{not_after_s}", "serial": "{serial_s}", '
+        f'"supersedes": {supersedes}, "with_token": {"true" if with_token else "false"}}}'
+    )
+
+
 class CertificateStore(RegistryBase):
     """Issued certificates: issuance (with token consumption), suspension, revocation, CRL."""
 
@@ -67,6 +82,12 @@ class CertificateStore(RegistryBase):
         """
         now_s = ts(now, "now")
         device_id = cert.device_id
+        serial_s = serial_hex(cert.serial)
+        not_after_s = ts(cert.not_after, "not_after")
+        supersedes_s = None if supersedes_serial is None else serial_hex(supersedes_serial)
+        detail = _issue_detail(serial_s, not_after_s, supersedes_s, consume_token_hash is not None)
+        # This runs once per enrollment: every statement below is one the transaction needs
+        # (the device state check rides on the UPDATE that activates the device).
         with self._write() as conn:
             if consume_token_hash is not None:
                 consumed = conn.execute(
@@ -77,21 +98,26 @@ class CertificateStore(RegistryBase):
                 if consumed != 1:
                     problem = self._token_problem(conn, device_id, consume_token_hash, now_s)
                     raise TokenRejected(device_id, problem or "used")
-            state = self._state_of(conn, device_id)
-            if state is None:
-                raise UnknownDevice(device_id)
-            if state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
+            activated = conn.execute(
+                "UPDATE devices SET state = 'active', enrolled_at = coalesce(enrolled_at, ?), "
+                "updated_at = ? WHERE id = ? AND state IN ('provisioned', 'active')",
+                (now_s, now_s, device_id.value),
+            ).rowcount
+            if activated != 1:
+                state = self._state_of(conn, device_id)
+                if state is None:
+                    raise UnknownDevice(device_id)
                 raise DeviceNotActive(device_id, state.value)
             try:
                 conn.execute(
                     f"INSERT INTO certificates ({CERTIFICATE_COLUMNS}) "  # noqa: S608
                     "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?)",
                     (
-                        serial_hex(cert.serial),
+                        serial_s,
                         device_id.value,
                         cert.fingerprint_sha256,
                         ts(cert.not_before, "not_before"),
-                        ts(cert.not_after, "not_after"),
+                        not_after_s,
                         now_s,
                         cert.pem,
                     ),
@@ -103,36 +129,24 @@ class CertificateStore(RegistryBase):
             if supersedes_serial is not None:
                 old = conn.execute(
                     "SELECT status FROM certificates WHERE serial = ? AND device_id = ?",
-                    (serial_hex(supersedes_serial), device_id.value),
+                    (supersedes_s, device_id.value),
                 ).fetchone()
                 if old is None:
                     raise UnknownCertificate(supersedes_serial, device_id)
                 conn.execute(
                     "UPDATE certificates SET status = 'superseded' "
                     "WHERE serial = ? AND status = 'active'",
-                    (serial_hex(supersedes_serial),),
+                    (supersedes_s,),
                 )
             conn.execute(
-                "UPDATE devices SET state = 'active', enrolled_at = coalesce(enrolled_at, ?), "
-                "updated_at = ? WHERE id = ?",
-                (now_s, now_s, device_id.value),
+                "INSERT INTO audit (at, actor, action, device_id, detail) "
+                "VALUES (?, ?, 'certificate.issue', ?, ?)",
+                (now_s, actor, device_id.value, detail),
             )
-            self._audit(
-                conn,
-                now_s,
-                actor,
-                "certificate.issue",
-                device_id,
-                {
-                    "serial": serial_hex(cert.serial),
-                    "not_after": ts(cert.not_after),
-                    "supersedes": None
-                    if supersedes_serial is None
-                    else serial_hex(supersedes_serial),
-                    "with_token": consume_token_hash is not None,
-                },
+            conn.execute(
+                "INSERT INTO events (at, kind, device_id, serials) VALUES (?, 'issued', ?, ?)",
+                (now_s, device_id.value, f'["{serial_s}"]'),
             )
-            self._event(conn, now_s, EventKind.ISSUED, device_id, [cert.serial])
 
     def get_certificate(self, serial: int) -> CertificateRecord | None:
         with self._read() as conn:

@@ -27,8 +27,10 @@ _FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def ts(value: datetime, what: str = "timestamp") -> str:
-    """A timezone-aware datetime as a sortable ISO-8601 UTC string."""
-    return check_aware(what, value).astimezone(UTC).strftime(_FORMAT)
+    """A timezone-aware datetime as a sortable ISO-8601 UTC string (the form of _FORMAT)."""
+    # isoformat is several times cheaper than strftime and, with microseconds always given,
+    # yields the same text plus '+00:00', which becomes the 'Z' of _FORMAT.
+    return check_aware(what, value).astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def ts_opt(value: datetime | None, what: str = "timestamp") -> str | None:

@@ -156,12 +156,17 @@ class RegistryBase:
             "SELECT device_id, expires_at, used_at FROM tokens WHERE token_hash = ?",
             (token_hash,),
         ).fetchone()
-        if row is None:
-            return "unknown"
-        if row[0] != device_id.value:
-            return "wrong-device"
-        if row[2] is not None:
-            return "used"
-        if row[1] <= now_s:
-            return "expired"
-        return None
+        return token_row_problem(row, device_id, now_s)
+
+
+def token_row_problem(row: Any, device_id: DeviceId, now_s: str) -> str | None:
+    """Why a token row (device_id, expires_at, used_at, ...) does not admit `device_id`."""
+    if row is None:
+        return "unknown"
+    if row[0] != device_id.value:
+        return "wrong-device"
+    if row[2] is not None:
+        return "used"
+    if row[1] <= now_s:
+        return "expired"
+    return None

@@ -114,6 +114,15 @@ class Device:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenHolder:
+    """The device an enrollment token belongs to, as authorization needs it (check_token_holder)."""
+
+    device_id: DeviceId
+    role: Role
+    state: DeviceState
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     batch_id: str
     created_at: datetime

@@ -6,7 +6,7 @@ import sqlite3
 from datetime import datetime
 
 from enroll_server.registry.codec import ts
-from enroll_server.registry.connection import RegistryBase
+from enroll_server.registry.connection import RegistryBase, token_row_problem
 from enroll_server.registry.errors import (
     DeviceNotActive,
     DuplicateToken,
@@ -14,7 +14,7 @@ from enroll_server.registry.errors import (
     TokenRejected,
     UnknownDevice,
 )
-from enroll_server.registry.models import DeviceState, check_sha256_hex
+from enroll_server.registry.models import DeviceState, Role, TokenHolder, check_sha256_hex
 from fleetpki.identity import DeviceId
 
 
@@ -76,6 +76,27 @@ class TokenStore(RegistryBase):
             problem = self._token_problem(conn, device_id, token_hash, now_s)
         if problem is not None:
             raise TokenRejected(device_id, problem)
+
+    def check_token_holder(
+        self, device_id: DeviceId, token_hash: str, now: datetime
+    ) -> TokenHolder:
+        """check_token, and the holder's role and state from the same single read.
+
+        The enrollment hot path: one indexed SELECT instead of check_token + get_device.
+        Raises TokenRejected exactly as check_token does; consumes nothing.
+        """
+        now_s = ts(now, "now")
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT t.device_id, t.expires_at, t.used_at, d.role, d.state "
+                "FROM tokens AS t JOIN devices AS d ON d.id = t.device_id "
+                "WHERE t.token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+        problem = token_row_problem(row, device_id, now_s)
+        if problem is not None:
+            raise TokenRejected(device_id, problem)
+        return TokenHolder(device_id, Role(row[3]), DeviceState(row[4]))
 
     def add_admin_token(
         self, token_hash: str, name: str, now: datetime, *, actor: str = "registry"
