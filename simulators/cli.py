@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 T = TypeVar("T")
 
@@ -85,9 +86,9 @@ def simulate(
     ] = 4.0,
     revoke: Annotated[int, typer.Option(help="Devices the revoke scenario revokes.")] = 1,
     key_type: Annotated[str, typer.Option(help="Device key type.")] = "ec-p256",
-    est_port: Annotated[int, typer.Option(help="Own stack: EST port (0: any free).")] = 0,
-    mqtt_port: Annotated[int, typer.Option(help="Own stack: MQTT port (0: any free).")] = 0,
-    http_port: Annotated[int, typer.Option(help="Own stack: CRL/OCSP port (0: any free).")] = 0,
+    est_port: Annotated[int, typer.Option(help="EST port (own stack: 0 = any free).")] = 0,
+    mqtt_port: Annotated[int, typer.Option(help="MQTT port (own stack: 0 = any free).")] = 0,
+    http_port: Annotated[int, typer.Option(help="CRL/OCSP port (own stack: 0 = any free).")] = 0,
     workdir: Annotated[
         Path | None, typer.Option(help="Parent folder of the run's temporary folder.")
     ] = None,
@@ -110,7 +111,7 @@ def simulate(
     from simulators.simulation import SimulationOptions, check_options, run_simulation
     from simulators.stack import Ports
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     out = Console()
     quiet_logging(verbose)
     try:
@@ -138,7 +139,7 @@ def simulate(
             err.print(f"simulating {devices:,} devices, scenario {scenario}, against {where}...")
         report = run_cancellable(run_simulation(options))
     except SimulatorError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_ERROR) from None
     except KeyboardInterrupt:
         err.print("interrupted; everything the run started has been stopped")
@@ -151,7 +152,7 @@ def simulate(
         try:
             plot_timeline(report, plot)
         except SimulatorError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_ERROR) from None
         if not as_json:
             err.print(f"timeline drawn to {plot}")
@@ -175,7 +176,9 @@ def demo(
     try:
         ok = run_cancellable(run_demo(console, devices=devices, workdir=workdir))
     except SimulatorError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(
+            f"[red]error:[/red] {escape(str(exc))}", highlight=False
+        )
         raise typer.Exit(EXIT_ERROR) from None
     except KeyboardInterrupt:
         console.print("interrupted; everything the demo started has been stopped and removed")

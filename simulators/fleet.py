@@ -21,9 +21,10 @@ from cryptography import x509
 
 from device_agent.agent import Agent, AgentState
 from device_agent.backoff import Backoff
-from device_agent.config import AgentConfig, load_config
+from device_agent.config import AgentConfig, EstServer, load_config
 from device_agent.exit_codes import ExitCode
 from device_agent.keystore import Identity
+from simulators.stack import Endpoints
 from simulators.trace import DeviceTrace, Journal, Outcome
 
 log = logging.getLogger("fleetpki.simulator")
@@ -110,6 +111,9 @@ class AgentSettings:
     clock_poll: float = 0.5
     # A device's wall clock; None = the real one (the clock-skew scenario sets its own).
     clock_for: Callable[[str], Callable[[], datetime]] | None = None
+    # Where the agents enroll and connect, overriding their bundles (a `serve` started with
+    # other ports than its fleetpki.toml says); None: as the bundle says.
+    endpoints: Endpoints | None = None
 
 
 class Fleet:
@@ -140,7 +144,12 @@ class Fleet:
 
     def _config(self, device_id: str) -> AgentConfig:
         cfg = load_config(self.bundles[device_id])
-        return dataclasses.replace(cfg, telemetry_interval=self.settings.telemetry_interval)
+        cfg = dataclasses.replace(cfg, telemetry_interval=self.settings.telemetry_interval)
+        ep = self.settings.endpoints
+        if ep is not None:
+            server = EstServer(url=ep.est_url, host=ep.host, port=ep.est_port, path_prefix="")
+            cfg = dataclasses.replace(cfg, server=server, mqtt_host=ep.host, mqtt_port=ep.mqtt_port)
+        return cfg
 
     def start_one(self, device_id: str) -> None:
         """Start (or restart, after it stopped) the agent of `device_id`."""

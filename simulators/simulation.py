@@ -173,7 +173,7 @@ class Simulation:
                 f"{ep.host}:{ep.mqtt_port}"
             )
         else:
-            self.layout, self.endpoints = existing_endpoints(opts.home)
+            self.layout, self.endpoints = existing_endpoints(opts.home, opts.ports)
             await self._probe(self.layout, self.endpoints)
         self.registry = Registry.open(self.layout.registry)
         await self._start_observer()
@@ -244,13 +244,9 @@ class Simulation:
             f"fleetpki batch create --count {len(bundles)}: factory batch {self.batch_id}, one "
             f"bundle per device (agent.toml, ca.pem, one-time token) in {self.bundle_dir}"
         )
-        self.fleet = Fleet(
-            bundles,
-            self.journal,
-            self.seconds,
-            self.scenario.agent_settings(self.options),
-            self.rng,
-        )
+        settings = self.scenario.agent_settings(self.options)
+        settings.endpoints = self.endpoints
+        self.fleet = Fleet(bundles, self.journal, self.seconds, settings, self.rng)
 
     # -- actions for scenarios -------------------------------------------------------------
     @property

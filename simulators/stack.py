@@ -318,8 +318,9 @@ def _port_error(what: str, port: int, exc: OSError) -> SimulatorError:
     return SimulatorError(f"cannot start the {what} listener on {HOST}:{port}: {exc}")
 
 
-def existing_endpoints(home: Path) -> tuple[HomeLayout, Endpoints]:
-    """The endpoints a running `fleetpki serve --home` listens on, from its fleetpki.toml."""
+def existing_endpoints(home: Path, ports: Ports = Ports()) -> tuple[HomeLayout, Endpoints]:
+    """The endpoints a running `fleetpki serve --home` listens on: its fleetpki.toml, unless
+    `ports` says otherwise (serve was started with --est-port/--mqtt-port)."""
     layout = HomeLayout(home)
     if not layout.config.exists():
         raise SimulatorError(
@@ -327,7 +328,9 @@ def existing_endpoints(home: Path) -> tuple[HomeLayout, Endpoints]:
         )
     cfg = load_config(layout.config)
     host = HOST if cfg.bind in ("0.0.0.0", "::", HOST) else cfg.bind
-    return layout, Endpoints(host, cfg.est_port, cfg.http_port, cfg.mqtt_port)
+    return layout, Endpoints(
+        host, ports.est or cfg.est_port, ports.http or cfg.http_port, ports.mqtt or cfg.mqtt_port
+    )
 
 
 async def probe_tls(what: str, host: str, port: int, trust_anchor: Path, within: float) -> None:
