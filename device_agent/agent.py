@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cryptography import x509
 
@@ -39,14 +39,20 @@ from device_agent.errors import (
     NeedsRebootstrap,
     TlsVerificationFailed,
 )
-from device_agent.est_client import EstClient
-from device_agent.est_wire import WireError, build_csr, check_cacerts, check_issued, order_chain
 from device_agent.exit_codes import ExitCode
-from device_agent.keys import PrivateKey, generate_key
 from device_agent.keystore import Identity, Keystore
 from device_agent.mqtt_link import CommandHandler, MqttLink
 from device_agent.schedule import is_expired, renewal_after_issue, retry_deadline_delay
 from device_agent.telemetry import TelemetryHook, telemetry_payload
+from device_agent.tls import client_context
+
+if TYPE_CHECKING:
+    from device_agent.est_client import EstClient
+    from device_agent.keys import PrivateKey
+
+# The EST client, the PKCS#7 / CSR code and key generation are imported on first use: an
+# enrolled agent between two renewals (weeks) does not keep them resident. That is worth ~2 MiB
+# of RSS on a Pi, a fifth of the agent's own footprint over the Python + OpenSSL floor.
 
 log = logging.getLogger("fleetpki.agent")
 
@@ -115,7 +121,8 @@ class Agent:
         self.clock_poll = clock_poll
         self.persist_status = persist_status
         self.keystore = Keystore(config.state_dir)
-        self.est = EstClient(config.server, config.trust_anchor, timeout=config.http_timeout)
+        self._est: EstClient | None = None
+        self._anchor_cert: x509.Certificate | None = None
         self.identity: Identity | None = None
         self.link: MqttLink | None = None
         self.state = AgentState.STARTING
@@ -211,6 +218,15 @@ class Agent:
         except OSError as exc:
             log.warning("%s: cannot write %s: %s", self.device_id, self.keystore.status_file, exc)
 
+    @property
+    def est(self) -> EstClient:
+        if self._est is None:
+            from device_agent.est_client import EstClient
+
+            cfg = self.config
+            self._est = EstClient(cfg.server, cfg.trust_anchor, timeout=cfg.http_timeout)
+        return self._est
+
     # -- waiting -------------------------------------------------------------------------------
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake (raising _StopRequested) as soon as stop() is called."""
@@ -228,7 +244,20 @@ class Agent:
         while (left := (when - self.now()).total_seconds()) > 0:
             await self._sleep(min(left, MAX_SLEEP_S))
 
+    def _check_anchor(self) -> None:
+        """Fail early, as a config error, if TLS cannot load the trust anchor (checked with the
+        ssl module, which uses it, so the idle path needs no certificate parsing)."""
+        path = self.config.trust_anchor
+        try:
+            client_context(path)
+        except OSError as exc:  # ssl.SSLError is an OSError too
+            why = exc.strerror or getattr(exc, "reason", None) or str(exc)
+            raise ConfigError(path, None, f"cannot load the trust anchor: {why}") from exc
+
     def _anchor(self) -> x509.Certificate:
+        """The trust anchor as a certificate object, for enrollment and renewal checks."""
+        if self._anchor_cert is not None:
+            return self._anchor_cert
         path = self.config.trust_anchor
         try:
             certs = x509.load_pem_x509_certificates(path.read_bytes())
@@ -238,12 +267,16 @@ class Agent:
             raise ConfigError(path, None, f"not a PEM certificate: {exc}") from exc
         if not certs:
             raise ConfigError(path, None, "holds no certificate")
+        self._anchor_cert = certs[0]
         return certs[0]
 
-    async def _wait_for_clock(self, anchor: x509.Certificate) -> None:
+    async def _wait_for_clock(self, known_past: datetime) -> None:
         """A Pi without an RTC boots in 1970: judging certificates then would call every one
-        'not yet valid'. Wait for NTP, saying what we wait for."""
-        floor = clock_floor(anchor.not_valid_before_utc)
+        'not yet valid'. Wait for NTP, saying what we wait for.
+
+        `known_past` is a moment that has certainly passed: our certificate's notBefore or,
+        before enrollment, the trust anchor's."""
+        floor = clock_floor(known_past)
         reported = -CLOCK_REPORT_S
         while not is_sane(now := self.now(), floor):
             self._set_state(AgentState.WAITING_FOR_CLOCK)
@@ -251,8 +284,8 @@ class Agent:
                 reported = time.monotonic()
                 hint = await self.est.server_date()
                 log.warning(
-                    "%s: waiting for a sane clock: system time %s is before %s (the trust "
-                    "anchor's notBefore or the agent's release); is NTP running?%s",
+                    "%s: waiting for a sane clock: system time %s is before %s (a certificate's "
+                    "notBefore or the agent's release); is NTP running?%s",
                     self.device_id,
                     now.isoformat(timespec="seconds"),
                     floor.isoformat(timespec="seconds"),
@@ -293,8 +326,9 @@ class Agent:
         self.keystore.sweep()
         ident = self.keystore.load()
         self.identity = ident
-        anchor = self._anchor()
-        await self._wait_for_clock(anchor)
+        self._check_anchor()
+        known_past = ident.not_before if ident else self._anchor().not_valid_before_utc
+        await self._wait_for_clock(known_past)
         now = self.now()
         if ident is not None and not force and not is_expired(ident.not_after, now):
             return ident
@@ -314,10 +348,12 @@ class Agent:
                 ident.not_after.isoformat(),
                 self.config.token_file,
             )
-        self.identity = await self._enroll(token, anchor)
+        self.identity = await self._enroll(token, self._anchor())
         return self.identity
 
     async def _new_key(self) -> PrivateKey:
+        from device_agent.keys import generate_key
+
         # RSA generation takes a while on a Pi; keep the loop (and other agents) responsive.
         return await asyncio.to_thread(generate_key, self.config.key_type)
 
@@ -328,6 +364,8 @@ class Agent:
         cas: list[x509.Certificate],
         anchor: x509.Certificate,
     ) -> list[x509.Certificate]:
+        from device_agent.est_wire import WireError, check_issued, order_chain
+
         try:
             chain = order_chain(key, certs, cas)
             check_issued(chain, key, self.device_id, anchor, self.now())
@@ -344,6 +382,8 @@ class Agent:
 
     async def _enroll(self, token: str, anchor: x509.Certificate) -> Identity:
         """simpleenroll with the token; retries 202/5xx/network with backoff, never 401/403."""
+        from device_agent.est_wire import WireError, build_csr, check_cacerts
+
         self._set_state(AgentState.ENROLLING)
         key = await self._new_key()
         csr = build_csr(key, self.device_id)
@@ -378,6 +418,8 @@ class Agent:
 
     # -- renewal -------------------------------------------------------------------------------
     async def _renew_once(self, ident: Identity, anchor: x509.Certificate) -> Identity:
+        from device_agent.est_wire import WireError, build_csr, check_cacerts
+
         key = await self._new_key()  # rotation: every renewal brings a fresh key
         csr = build_csr(key, self.device_id)
         try:
@@ -392,11 +434,11 @@ class Agent:
         self.identity = new
         return new
 
-    async def _renewal_loop(self, anchor: x509.Certificate) -> NoReturn:
+    async def _renewal_loop(self) -> NoReturn:
         while True:
             assert self.identity is not None
             await self._sleep_until(self.identity.next_renewal)
-            await self._renew_with_retries(anchor)
+            await self._renew_with_retries(self._anchor())
 
     async def _renew_with_retries(self, anchor: x509.Certificate) -> None:
         attempt = 0
@@ -508,7 +550,6 @@ class Agent:
 
     async def _run(self) -> ExitCode:
         await self._ensure_identity()
-        anchor = self._anchor()
         cfg = self.config
         self.link = link = MqttLink(
             self.device_id,
@@ -528,7 +569,7 @@ class Agent:
         tasks = {
             asyncio.create_task(link.run(), name="mqtt"),
             asyncio.create_task(self._telemetry_loop(link), name="telemetry"),
-            asyncio.create_task(self._renewal_loop(anchor), name="renewal"),
+            asyncio.create_task(self._renewal_loop(), name="renewal"),
             asyncio.create_task(self._stop.wait(), name="stop"),
         }
         try:

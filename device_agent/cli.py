@@ -17,7 +17,6 @@ from device_agent.agent import Agent
 from device_agent.config import load_config
 from device_agent.errors import ConfigError
 from device_agent.exit_codes import ExitCode
-from device_agent.status import format_report, status_report
 
 log = logging.getLogger("fleetpki.agent")
 
@@ -91,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return ExitCode.CONFIG
     if args.command == "status":
+        from device_agent.status import format_report, status_report
+
         report, code = status_report(config, datetime.now(UTC))
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         return code

@@ -11,11 +11,12 @@ from email.utils import parsedate_to_datetime
 RELEASE_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)
 
 
-def clock_floor(trust_anchor_not_before: datetime | None) -> datetime:
-    """The earliest plausible 'now': the release date or the trust anchor's notBefore."""
-    if trust_anchor_not_before is None:
+def clock_floor(known_past: datetime | None) -> datetime:
+    """The earliest plausible 'now': the release date, or a moment known to have passed (the
+    notBefore of our certificate or of the trust anchor), whichever is later."""
+    if known_past is None:
         return RELEASE_FLOOR
-    return max(RELEASE_FLOOR, trust_anchor_not_before)
+    return max(RELEASE_FLOOR, known_past)
 
 
 def is_sane(now: datetime, floor: datetime) -> bool:

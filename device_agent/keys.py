@@ -1,10 +1,14 @@
-"""Device key pairs: the key types the agent supports, generation and PEM (de)serialization."""
+"""Device key pairs: the key types the agent supports, generation and PEM (de)serialization.
+
+`serialization` is imported where used: it drags in the SSH and cipher modules (~0.4 MiB),
+which an idle agent never needs.
+"""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -40,6 +44,8 @@ def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
 def private_key_pem(key: PrivateKey) -> bytes:
     """PKCS#8 PEM, unencrypted: the file's 0600 mode protects it (there is no one to type a
     passphrase on an unattended device)."""
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -49,6 +55,8 @@ def private_key_pem(key: PrivateKey) -> bytes:
 
 def load_private_key_pem(pem: bytes) -> PrivateKey:
     """Parse a PEM private key; raises ValueError (or TypeError) for anything else."""
+    from cryptography.hazmat.primitives import serialization
+
     key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(
         key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -59,6 +67,8 @@ def load_private_key_pem(pem: bytes) -> PrivateKey:
 
 def same_public_key(a: object, b: object) -> bool:
     """True if two public keys are the same key (compared by their SubjectPublicKeyInfo)."""
+    from cryptography.hazmat.primitives import serialization
+
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     try:

@@ -31,5 +31,8 @@ def client_context(
         # cannot be, and nothing but that one header is used.
         ctx.verify_flags |= _NO_CHECK_TIME
     if cert_path is not None:
-        ctx.load_cert_chain(certfile=str(cert_path), keyfile=str(key_path) if key_path else None)
+        # An explicit empty password: an encrypted key fails instead of prompting on a TTY.
+        ctx.load_cert_chain(
+            certfile=str(cert_path), keyfile=str(key_path) if key_path else None, password=b""
+        )
     return ctx

@@ -203,9 +203,13 @@ async def test_short_lifetime_renews_rotates_key_and_reconnects(
                         if ident is not None and (not seen or seen[-1][0] != ident.serial_hex):
                             from cryptography.hazmat.primitives import serialization
 
-                            pub = ident.key.public_key().public_bytes(
-                                serialization.Encoding.DER,
-                                serialization.PublicFormat.SubjectPublicKeyInfo,
+                            pub = (
+                                ident.load_key()
+                                .public_key()
+                                .public_bytes(
+                                    serialization.Encoding.DER,
+                                    serialization.PublicFormat.SubjectPublicKeyInfo,
+                                )
                             )
                             seen.append((ident.serial_hex, pub))
                         await asyncio.sleep(0.05)
@@ -474,9 +478,11 @@ async def test_5xx_and_202_then_success(ca, tmp_path: Path) -> None:  # type: ig
 
 @pytest.mark.slow
 def test_kill_9_during_renewals_then_restart_works(tmp_path: Path) -> None:
-    """SIGKILL the agent process at varied moments while it renews every ~2 s; after every
-    kill the stored identity loads (key matches certificate) and a restart connects."""
-    server = _short_server(tmp_path, 3, broker=True)
+    """SIGKILL the agent process at varied moments while it renews every ~4 s; after every
+    kill the stored identity loads (key matches certificate) and is valid, and a restart
+    connects. (6-second certificates leave ~2 s for a restart to come up before the one
+    stored could expire; the write-level kill test is in tests/unit/test_agent_keystore.py.)"""
+    server = _short_server(tmp_path, 6, broker=True)
     try:
         config = bundle_for(server, tmp_path)
         state = config.parent / "state"
@@ -496,15 +502,16 @@ def test_kill_9_during_renewals_then_restart_works(tmp_path: Path) -> None:
             except (OSError, ValueError):
                 return {}
 
-        for delay in (2.5, 3.3, 4.1, 2.9):
+        for delay in (3.1, 4.4, 5.2, 3.7):
             proc = start()
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             ident = Keystore(state).load()  # raises if the pair were inconsistent
             assert ident is not None
+            assert ident.not_after > datetime.now(UTC)
             serials.add(ident.serial_hex)
-        assert len(serials) >= 3  # renewals really were happening across the kills
+        assert len(serials) >= 2  # renewals really were happening across the kills
 
         proc = start()
         try:

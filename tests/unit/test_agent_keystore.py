@@ -42,7 +42,7 @@ def test_store_then_load_round_trip_with_modes(tmp_path: Path, ca: MemoryCa, kin
     assert loaded.generation == stored.generation == 1
     assert loaded.cert == chain[0] and list(loaded.chain) == chain
     assert loaded.next_renewal == due
-    assert private_key_pem(loaded.key) == private_key_pem(key)
+    assert private_key_pem(loaded.load_key()) == private_key_pem(key)
     assert (loaded.key_path.stat().st_mode & 0o777) == 0o600
     assert (store.dir.stat().st_mode & 0o777) == 0o700
     assert (store.identity_file.stat().st_mode & 0o777) == 0o600
