@@ -224,6 +224,10 @@ def parse_request(der: bytes) -> ocsp.OCSPRequest:
     Only single-certificate requests are accepted: cryptography parses no other, and the
     lightweight profile (RFC 5019 2.1.1) requires exactly one Request per OCSPRequest.
     """
+    return _parse(der)[0]
+
+
+def _parse(der: bytes) -> tuple[ocsp.OCSPRequest, bytes | None]:
     try:
         request = ocsp.load_der_ocsp_request(der)
         nonce = _nonce(request)
@@ -234,7 +238,7 @@ def parse_request(der: bytes) -> ocsp.OCSPRequest:
         raise MalformedOcspRequest(
             f"nonce of {len(nonce)} octets (RFC 9654 allows 1..{MAX_NONCE_OCTETS})"
         )
-    return request
+    return request, nonce
 
 
 def _nonce(request: ocsp.OCSPRequest) -> bytes | None:
@@ -259,7 +263,7 @@ def respond(
       the nonce echoed (RFC 6960 4.4.1), thisUpdate = now, nextUpdate = now + validity.
     """
     try:
-        request = parse_request(request_der)
+        request, nonce = _parse(request_der)
     except MalformedOcspRequest:
         return OcspReply(MALFORMED_REQUEST, "malformedRequest")
     try:
@@ -297,7 +301,6 @@ def respond(
     if responder.delegated:
         # RFC 6960 4.2.2.2: the client needs the delegation certificate to verify the signature.
         builder = builder.certificates([responder.signer_cert])
-    nonce = _nonce(request)
     if nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
     response = builder.sign(responder.signer_key, signature_hash(responder.signer_key))
