@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from cryptography.x509 import ocsp
 from multidict import CIMultiDict
 from yarl import URL
 
-from enroll_server.registry import Registry
+from enroll_server.registry import IssuedCertificate, Registry
 from enroll_server.revocation_http import (
     CRL_TYPE,
     OCSP_RESPONSE_TYPE,
@@ -360,3 +361,56 @@ async def test_unknown_issuer_hash_is_unauthorized(served_plain: Served) -> None
     )
     assert code != 0
     assert "unauthorized" in out.lower()
+
+
+async def test_ocsp_on_hold_is_revoked_with_certificate_hold_then_good_again(
+    served_plain: Served,
+) -> None:
+    fleet = served_plain.fleet
+    cert = fleet.enroll("ocsp-hold-1")
+    req = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(cert, fleet.ca.issuing.cert, hashes.SHA1())
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    did = DeviceId("ocsp-hold-1")
+    fleet.registry.suspend_device(did, now=datetime.now(UTC), actor="t")
+    resp = (await _post_ocsp(served_plain.ocsp_url, req))[2]
+    assert resp.certificate_status is ocsp.OCSPCertStatus.REVOKED
+    assert resp.revocation_reason is x509.ReasonFlags.certificate_hold
+    fleet.registry.resume_device(did, now=datetime.now(UTC), actor="t")
+    resp = (await _post_ocsp(served_plain.ocsp_url, req))[2]
+    assert resp.certificate_status is ocsp.OCSPCertStatus.GOOD
+
+
+async def test_superseded_certificate_stays_good_until_it_expires(served_plain: Served) -> None:
+    # Renewal supersedes the old certificate; it is not revoked (DESIGN: hot-swapped renewal).
+    fleet = served_plain.fleet
+    old = fleet.enroll("ocsp-renew-1")
+    now = datetime.now(UTC)
+    new, _ = fleet.ca.device_cert("ocsp-renew-1", now=now)
+    der = new.public_bytes(serialization.Encoding.DER)
+    fleet.registry.record_issuance(
+        IssuedCertificate(
+            serial=new.serial_number,
+            device_id=DeviceId("ocsp-renew-1"),
+            fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+            not_before=new.not_valid_before_utc,
+            not_after=new.not_valid_after_utc,
+            pem=new.public_bytes(serialization.Encoding.PEM).decode(),
+        ),
+        consume_token_hash=None,
+        supersedes_serial=old.serial_number,
+        now=now,
+        actor="t",
+    )
+    assert fleet.registry.get_certificate(old.serial_number).status.value == "superseded"  # type: ignore[union-attr]
+    req = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(old, fleet.ca.issuing.cert, hashes.SHA1())
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    resp = (await _post_ocsp(served_plain.ocsp_url, req))[2]
+    assert resp.certificate_status is ocsp.OCSPCertStatus.GOOD
