@@ -81,12 +81,20 @@ def render_agent_toml(device_id: DeviceId, settings: BundleSettings, *, idevid: 
     )
 
 
-def _write_new(path: str, data: bytes) -> None:
+def _umask_keeps_owner_bits() -> bool:
+    """True if the umask leaves the owner's rwx alone (so open/mkdir modes come out exact)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask & 0o700 == 0
+
+
+def _write_new(path: str, data: bytes, chmod: bool) -> None:
     # O_EXCL: a bundle file is always new (its folder was just made); never follow a planted
-    # symlink. fchmod because the mode given to open() is filtered by the umask.
+    # symlink. The mode given to open() can only lose bits to the umask, never gain any.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)
+        if chmod:
+            os.fchmod(fd, FILE_MODE)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -98,7 +106,9 @@ class BundleWriter:
     """Writes bundles into `root`: a folder per device, or one tar per device.
 
     No fsync per file: the caller makes the whole folder durable with one file-system sync
-    before the registry commits the batch (see outdir.StagedOutput.sync).
+    before the registry commits the batch (see outdir.StagedOutput.sync). No chmod per file
+    either when the umask cannot strip owner bits: each metadata call is a journal handle,
+    and on a busy disk those, not bytes, are what 100,000 bundles cost.
     """
 
     def __init__(self, root: Path, *, tar: bool = False, mtime: float = 0.0) -> None:
@@ -106,19 +116,21 @@ class BundleWriter:
         self.tar = tar
         self.mtime = mtime
         self._root = os.fspath(root)
+        self._chmod = not _umask_keeps_owner_bits()
 
     def write(self, device_id: DeviceId, files: Mapping[str, bytes]) -> str:
         """Write one device's files; returns the bundle's path relative to `root`."""
         name = device_id.value  # DeviceId grammar: no '/', no leading '.', so a safe name
         if self.tar:
             rel = f"{name}.tar"
-            _write_new(os.path.join(self._root, rel), self._tar_bytes(name, files))
+            _write_new(os.path.join(self._root, rel), self._tar_bytes(name, files), self._chmod)
             return rel
         folder = os.path.join(self._root, name)
         os.mkdir(folder, DIR_MODE)
-        os.chmod(folder, DIR_MODE)
+        if self._chmod:
+            os.chmod(folder, DIR_MODE)
         for filename, data in files.items():
-            _write_new(os.path.join(folder, filename), data)
+            _write_new(os.path.join(folder, filename), data, self._chmod)
         return name
 
     def _tar_bytes(self, name: str, files: Mapping[str, bytes]) -> bytes:
