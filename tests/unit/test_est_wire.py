@@ -44,6 +44,40 @@ def test_certs_only_roundtrip(ca: MemoryCa) -> None:
     }
 
 
+def test_certs_only_from_der_is_byte_identical_to_cryptography(ca: MemoryCa) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    from enroll_server.est.wire import certs_only_der
+
+    device, _ = ca.device_cert("wire-dev-1")
+    der = serialization.Encoding.DER
+    for chain in (
+        [device, ca.issuing.cert],
+        [ca.issuing.cert, device],
+        [ca.issuing.cert, ca.root.cert],
+        [device],
+    ):
+        assert certs_only_der([c.public_bytes(der) for c in chain]) == (
+            pkcs7.serialize_certificates(chain, der)
+        )
+    # Long-form lengths (> 255 octets) of every nesting level are exercised by real chains;
+    # a short one too (< 128 octets), with a fake "certificate" of 10 octets.
+    tiny = certs_only_der([b"\x30\x08" + b"\x00" * 8])
+    assert tiny[:2] == bytes((0x30, len(tiny) - 2))
+
+
+def test_service_pem_is_what_cryptography_writes(ca: MemoryCa) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from enroll_server.service import certificate_pem
+
+    for cert in (ca.device_cert("wire-pem-1")[0], ca.issuing.cert, ca.root.cert):
+        assert certificate_pem(cert.public_bytes(serialization.Encoding.DER)) == (
+            cert.public_bytes(serialization.Encoding.PEM).decode()
+        )
+
+
 def test_csrattrs_parses_with_openssl(tmp_path: Path) -> None:
     der = csr_attrs_der(set(KeyType))
     (tmp_path / "attrs.der").write_bytes(der)

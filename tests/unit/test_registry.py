@@ -7,7 +7,7 @@ import multiprocessing
 import sqlite3
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -319,6 +319,76 @@ def test_check_token_reasons(reg: Registry, ca: MemoryCa) -> None:
         actor="est",
     )
     assert reason(a, "ta") == "used"
+
+
+def test_check_token_holder_reads_token_and_device_at_once(reg: Registry, ca: MemoryCa) -> None:
+    a, b = DeviceId("holder-a"), DeviceId("holder-b")
+    reg.add_device(a, batch_id=None, now=NOW, actor="op")
+    reg.add_device(b, role="service", batch_id=None, now=NOW, actor="op")
+    reg.add_token(a, token_hash("ha"), NOW + TTL, NOW)
+    reg.add_token(b, token_hash("hb"), NOW + TTL, NOW)
+    holder = reg.check_token_holder(a, token_hash("ha"), NOW)
+    assert (holder.device_id, holder.role.value, holder.state) == (
+        a,
+        "device",
+        DeviceState.PROVISIONED,
+    )
+    assert reg.check_token_holder(b, token_hash("hb"), NOW).role.value == "service"
+    reg.suspend_device(b, now=NOW, actor="op")
+    assert reg.check_token_holder(b, token_hash("hb"), NOW).state is DeviceState.SUSPENDED
+
+    def reason(device: DeviceId, token: str, now: datetime = NOW) -> str:
+        with pytest.raises(TokenRejected) as info:
+            reg.check_token_holder(device, token_hash(token), now)
+        return info.value.reason
+
+    # The same reasons, in the same cases, as check_token.
+    assert reason(a, "nope") == "unknown"
+    assert reason(a, "hb") == "wrong-device"
+    assert reason(a, "ha", NOW + TTL) == "expired"
+    reg.record_issuance(
+        issued(ca, "holder-a"),
+        consume_token_hash=token_hash("ha"),
+        supersedes_serial=None,
+        now=NOW,
+        actor="est",
+    )
+    assert reason(a, "ha") == "used"
+
+
+def test_issue_audit_detail_is_what_detail_json_writes(reg: Registry, ca: MemoryCa) -> None:
+    from enroll_server.registry.certificates import _issue_detail
+    from enroll_server.registry.codec import detail_json
+
+    for supersedes, with_token in ((None, True), ("0abc", False)):
+        assert _issue_detail("1f", "2030-01-02T03:04:05.000006Z", supersedes, with_token) == (
+            detail_json(
+                {
+                    "serial": "1f",
+                    "not_after": "2030-01-02T03:04:05.000006Z",
+                    "supersedes": supersedes,
+                    "with_token": with_token,
+                }
+            )
+        )
+    cert = enroll(reg, ca, "detail-1")
+    entry = reg.audit_log(device_id=DeviceId("detail-1"), limit=1)[0]
+    assert entry.detail == {
+        "serial": format(cert.serial, "x"),
+        "not_after": cert.not_after.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "supersedes": None,
+        "with_token": True,
+    }
+
+
+def test_timestamps_are_fixed_width_utc() -> None:
+    from enroll_server.registry.codec import ts
+
+    plus_two = timezone(timedelta(hours=2))
+    assert ts(datetime(2030, 1, 2, 5, 4, 5, tzinfo=plus_two)) == "2030-01-02T03:04:05.000000Z"
+    assert ts(datetime(2030, 1, 2, 3, 4, 5, 7, tzinfo=UTC)) == "2030-01-02T03:04:05.000007Z"
+    with pytest.raises(InvalidValue):
+        ts(datetime(2030, 1, 2))  # naive
 
 
 def test_reissued_token_kills_the_old_one(reg: Registry) -> None:
