@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography import x509
 from typer.testing import CliRunner
 
 from enroll_server.broker.mosquitto import (
@@ -50,8 +55,6 @@ def _ca_of(loaded: LoadedHome) -> MemoryCa:
     phrase = layout.passphrase_file.read_bytes().strip()
     root_key = load_private_key_pem(layout.root_key.read_bytes(), phrase)
     server_key = load_private_key_pem(layout.server_key.read_bytes(), None)
-    from cryptography import x509
-
     server_cert = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
     return MemoryCa(Issuer(loaded.root_cert, root_key), loaded.issuer, server_cert, server_key)
 
@@ -113,8 +116,6 @@ def _config(home: Path, out: Path, port: int, *extra: str) -> None:
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    import socket
-
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -311,8 +312,6 @@ def test_generated_configuration(broker: Broker) -> None:
     doc = json.loads(files.dynsec.read_text())
     (admin,) = doc["clients"]
     assert admin["username"] == SYNC_USERNAME
-    import base64
-
     password = files.sync_secret.read_text().strip()
     salt = base64.b64decode(admin["salt"])
     assert admin["password"] == dynsec_password_hash(password, salt, admin["iterations"])
@@ -523,3 +522,44 @@ def test_without_live_drop_the_crl_refuses_new_connections_only(crl_only_broker:
         assert dev.client.is_connected()
     finally:
         dev.stop()
+
+
+def test_sync_daemon_drops_a_revoked_session_and_stops_on_sigterm(broker: Broker) -> None:
+    fleet = broker.fleet
+    fleet.enroll("mq-daemon-1")
+    dev = Device(broker, "mq-daemon-1").start()
+    argv = [
+        sys.executable,
+        "-c",
+        "from enroll_server.broker.mosquitto_cli import app; app()",
+        "mosquitto-sync",
+        "--home",
+        str(broker.home),
+        "--conf-dir",
+        str(broker.files.folder),
+        "--interval",
+        "0.1",
+    ]
+    daemon = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        started = time.monotonic()
+        while broker.log().count("Reloading config.") < 1:  # its first round reloads the CRL
+            assert daemon.poll() is None, daemon.stdout.read() if daemon.stdout else ""
+            assert time.monotonic() - started < 15, "mosquitto-sync never ran a round"
+            time.sleep(0.05)
+        fleet.registry.revoke_device(
+            DeviceId("mq-daemon-1"), reason="keyCompromise", now=datetime.now(UTC), actor="t"
+        )
+        assert dev.dropped.wait(5), "the daemon did not drop the revoked session"
+        dev.stop()
+        assert not _can_connect(broker, "mq-daemon-1")
+    finally:
+        dev.stop()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait(5)
+            raise
+    assert code == 0
