@@ -414,3 +414,15 @@ async def test_superseded_certificate_stays_good_until_it_expires(served_plain: 
     )
     resp = (await _post_ocsp(served_plain.ocsp_url, req))[2]
     assert resp.certificate_status is ocsp.OCSPCertStatus.GOOD
+
+
+def test_delegated_signer_is_renewed_at_half_life(fleet: Fleet) -> None:
+    policy = OcspSignerPolicy(delegated=True, signer_validity=timedelta(days=2))
+    state = RevocationState.from_registry(fleet.registry, fleet.ca.issuing, signer_policy=policy)
+    now = datetime.now(UTC)
+    first = state.responder(now)
+    assert first.delegated
+    assert state.responder(now + timedelta(hours=23)) is first
+    second = state.responder(now + timedelta(hours=25))
+    assert second.signer_cert.serial_number != first.signer_cert.serial_number
+    assert second.signer_cert.not_valid_after_utc > first.signer_cert.not_valid_after_utc
