@@ -142,7 +142,8 @@ class Fleet:
     def ids(self) -> list[str]:
         return list(self.bundles)
 
-    def _config(self, device_id: str) -> AgentConfig:
+    def config_of(self, device_id: str) -> AgentConfig:
+        """The agent configuration of `device_id`: its bundle plus the simulator's settings."""
         cfg = load_config(self.bundles[device_id])
         cfg = dataclasses.replace(cfg, telemetry_interval=self.settings.telemetry_interval)
         ep = self.settings.endpoints
@@ -171,7 +172,7 @@ class Fleet:
             kwargs["est_backoff"] = s.est_backoff
         if s.clock_for is not None:
             kwargs["clock"] = s.clock_for(device_id)
-        agent = SimAgent(self._config(device_id), trace, self.seconds, **kwargs)
+        agent = SimAgent(self.config_of(device_id), trace, self.seconds, **kwargs)
         self.agents[device_id] = agent
         trace.outcome = Outcome.RUNNING
         trace.reason = trace.detail = None

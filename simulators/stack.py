@@ -91,7 +91,9 @@ def init_temp_home(root: Path, ports: Ports, validity: timedelta) -> HomeLayout:
         est_port=ports.est,
         http_port=ports.http,
         mqtt_port=ports.mqtt,
-        device_validity=max(validity, timedelta(seconds=1)),
+        # The scenario's device lifetime reaches the service as a DeviceProfile; the config
+        # keeps a normal one, which backend identities (the telemetry observer) get.
+        device_validity=max(validity, timedelta(days=30)),
     )
     now = datetime.now(UTC)
     result = init_home(root, cfg, now)
@@ -300,10 +302,19 @@ class HostedStack:
 
         await self.call(start())
 
-    def broker_connected(self) -> dict[str, str]:
-        """Identity -> role of the broker's live sessions (a read of a dict; no lock needed)."""
-        broker = self._broker
-        return dict(broker.connected()) if broker is not None else {}
+    async def broker_sessions(self) -> dict[str, int]:
+        """Identity -> certificate serial of each live session, as the broker admitted it."""
+
+        async def read() -> dict[str, int]:
+            if self._broker is None:
+                return {}
+            return {
+                identity: conn.admission.serial
+                for identity, conn in self._broker.broker.connections.items()
+                if conn.admission is not None
+            }
+
+        return await self.call(read())
 
     def short_lived(
         self, device_id: str, validity: timedelta, backdate: timedelta = timedelta(seconds=1)
