@@ -191,8 +191,10 @@ def create(
     ] = "ec-p256",
     as_json: JsonOpt = False,
 ) -> None:
-    """Provision a factory lot: ids, one-time tokens (or birth certificates), bundles,
-    manifest.csv. All or nothing: on any error or Ctrl-C nothing of the lot is kept."""
+    """Provision a factory lot: ids, tokens or birth certificates, bundles, manifest.csv.
+
+    All or nothing: on any error or Ctrl-C nothing of the lot is kept.
+    """
     now = _now()
     with _home(home) as (layout, config, registry):
         if idevid_csrs is not None and not idevid:

@@ -1,0 +1,267 @@
+"""Factory bundles against the real service on 127.0.0.1: the agent's EST client enrolls with a
+bundle as written; token policy (binding, reuse, expiry, throttling, reissue, lot revocation);
+IDevID bootstrap over real mTLS with a birth certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import ssl
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+import enroll_server.server
+from device_agent.config import AgentConfig, load_config
+from device_agent.errors import EstRejected
+from device_agent.est_client import EstClient
+from device_agent.est_wire import build_csr
+from device_agent.keys import KeyType, generate_key
+from enroll_server.config import load_config as load_server_config
+from enroll_server.est.wire import decode_certs_only
+from enroll_server.http_app import server_ssl_context
+from enroll_server.registry import DeviceState
+from fleetpki.identity import DeviceId
+from provisioning.batch import BatchRequest, IdevidOptions, create_batch
+from provisioning.lifecycle import reissue_token, revoke_batch
+from provisioning.manufacturer import trusted_manufacturer_ca_files
+from tests.est_client import Reply, enroll_headers, request
+from tests.live_server import LiveServer, make_home, start_live_server
+from tests.pki_helpers import csr_der, make_csr
+
+EST = "/.well-known/est"
+
+
+class Clock:
+    """The server's clock, movable by the test (token expiry without sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def server(tmp_path: Path, clock: Clock) -> Iterator[LiveServer]:
+    live = start_live_server(tmp_path / "home", clock=clock)
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def make_batch(server: LiveServer, out: Path, count: int = 3, **kw: object) -> str:
+    layout = server.layout
+    result = create_batch(
+        server.registry,
+        layout,
+        load_server_config(layout.config),
+        BatchRequest(count=count, out_dir=out, **kw),  # type: ignore[arg-type]
+        now=datetime.now(UTC),
+        actor="test",
+    )
+    return result.batch_id
+
+
+def agent_config(server: LiveServer, bundle: Path) -> AgentConfig:
+    """The bundle's agent.toml, read by the agent's own loader; only the port is the test's."""
+    cfg = load_config(bundle / "agent.toml")
+    server_url = dataclasses.replace(cfg.server, port=server.handle.est_port, url=server.est_url)
+    return dataclasses.replace(cfg, server=server_url)
+
+
+def leaf(certs: list[x509.Certificate]) -> x509.Certificate:
+    (ee,) = [
+        c for c in certs if not c.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    ]
+    return ee
+
+
+def cn_of(cert: x509.Certificate) -> object:
+    return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def enroll_with_bundle(
+    server: LiveServer, bundle: Path, token: str | None = None
+) -> list[x509.Certificate]:
+    cfg = agent_config(server, bundle)
+    key = generate_key(KeyType(cfg.key_type.value))
+    csr = build_csr(key, cfg.device_id)
+    client = EstClient(cfg.server, cfg.trust_anchor, timeout=15)
+    secret = token if token is not None else cfg.token_file.read_text().strip()
+    return asyncio.run(client.simpleenroll(csr, cfg.device_id, secret))
+
+
+def test_bundle_enrolls_as_written(server: LiveServer, tmp_path: Path) -> None:
+    batch_id = make_batch(server, tmp_path / "lot")
+    certs = enroll_with_bundle(server, tmp_path / "lot" / "dev-000002")
+    assert cn_of(leaf(certs)) == "dev-000002"
+    counts = server.registry.batch_counts(batch_id, datetime.now(UTC))
+    assert (counts["enrolled"], counts["provisioned"]) == (1, 2)
+
+
+def raw_enroll(server: LiveServer, device: str, token: str) -> Reply:
+    body = base64.b64encode(csr_der(make_csr(generate_key(KeyType.EC_P256), device)))
+    return request(
+        server.est_url + EST + "/simpleenroll",
+        server.client_ssl(),
+        "POST",
+        body,
+        enroll_headers(device, token),
+    )
+
+
+def token_of(lot: Path, device: str) -> str:
+    return (lot / device / "token").read_text().strip()
+
+
+def test_token_policy_binding_reuse_and_lookalike_errors(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    lot = tmp_path / "lot"
+    make_batch(server, lot)
+    t1, t2 = token_of(lot, "dev-000001"), token_of(lot, "dev-000002")
+    # Bound to its device: device 2's token does not enroll device 1, and the answer reads
+    # exactly like an unknown device (no enumeration oracle).
+    wrong_device = raw_enroll(server, "dev-000001", t2)
+    unknown = raw_enroll(server, "dev-999999", t2)
+    wrong_token = raw_enroll(server, "dev-000001", "A" * 43)
+    assert wrong_device.status == unknown.status == wrong_token.status == 401
+    assert wrong_device.body == unknown.body == wrong_token.body
+    assert raw_enroll(server, "dev-000001", t1).status == 200
+    # One-time: reuse is refused.
+    again = raw_enroll(server, "dev-000001", t1)
+    assert again.status == 401 and "used" in again.text
+
+
+def test_expired_token_is_refused(server: LiveServer, tmp_path: Path, clock: Clock) -> None:
+    lot = tmp_path / "lot"
+    make_batch(server, lot, token_ttl=timedelta(hours=1))
+    clock.now = datetime.now(UTC) + timedelta(hours=2)
+    with pytest.raises(EstRejected) as info:
+        enroll_with_bundle(server, lot / "dev-000001")
+    assert info.value.status == 401 and "expired" in info.value.reason
+    device = server.registry.get_device(DeviceId("dev-000001"))
+    assert device is not None and device.state is DeviceState.PROVISIONED
+
+
+def test_guessing_is_throttled_per_device(server: LiveServer, tmp_path: Path) -> None:
+    lot = tmp_path / "lot"
+    make_batch(server, lot, count=1)
+    statuses = [raw_enroll(server, "dev-000001", f"guess{i:038d}").status for i in range(8)]
+    assert statuses[:5] == [401] * 5
+    assert set(statuses[5:]) == {429}
+    # Even the right token waits out the window: a guesser cannot tell it got lucky.
+    assert raw_enroll(server, "dev-000001", token_of(lot, "dev-000001")).status == 429
+
+
+def test_reissued_token_replaces_the_old(server: LiveServer, tmp_path: Path) -> None:
+    lot = tmp_path / "lot"
+    make_batch(server, lot, count=2)
+    old = token_of(lot, "dev-000001")
+    layout = server.layout
+    reissue_token(
+        server.registry,
+        layout,
+        load_server_config(layout.config),
+        DeviceId("dev-000001"),
+        ttl=None,
+        now=datetime.now(UTC),
+        out_dir=lot,
+        force=True,
+    )
+    assert raw_enroll(server, "dev-000001", old).status == 401
+    enroll_with_bundle(server, lot / "dev-000001")
+
+
+def test_revoked_lot_cannot_enroll(server: LiveServer, tmp_path: Path) -> None:
+    lot = tmp_path / "lot"
+    batch_id = make_batch(server, lot, count=3)
+    enroll_with_bundle(server, lot / "dev-000001")
+    revoke_batch(
+        server.registry, batch_id, reason="key-compromise", now=datetime.now(UTC), actor="t"
+    )
+    with pytest.raises(EstRejected) as info:
+        enroll_with_bundle(server, lot / "dev-000002")
+    assert info.value.status == 403
+
+
+# ------------------------------------------------------------------------------ IDevID
+
+
+@pytest.fixture
+def idevid_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[LiveServer, Path, str]]:
+    """A service whose TLS layer also trusts the home's manufacturer CAs for client certs:
+    the change to server_ssl_context that http_app/server need (see provisioning report)."""
+    home = tmp_path / "home"
+    layout = make_home(home)
+    lot = tmp_path / "lot"
+    from enroll_server.registry import Registry
+
+    with Registry.open(layout.registry) as registry:
+        batch_id = create_batch(
+            registry,
+            layout,
+            load_server_config(layout.config),
+            BatchRequest(count=3, prefix="sn-", out_dir=lot, idevid=IdevidOptions("acme")),
+            now=datetime.now(UTC),
+            actor="test",
+        ).batch_id
+
+    def with_manufacturers(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+        ctx = server_ssl_context(cert_chain, key, client_ca)
+        for path in trusted_manufacturer_ca_files(home):
+            ctx.load_verify_locations(cafile=str(path))
+        return ctx
+
+    monkeypatch.setattr(enroll_server.server, "server_ssl_context", with_manufacturers)
+    live = start_live_server(home)
+    try:
+        yield live, lot, batch_id
+    finally:
+        live.stop()
+
+
+def birth_enroll(server: LiveServer, bundle: Path, cn: str | None = None) -> Reply:
+    ctx = server.client_ssl(bundle / "idevid.pem", bundle / "idevid.key")
+    body = base64.b64encode(csr_der(make_csr(generate_key(KeyType.EC_P256), cn or bundle.name)))
+    return request(
+        server.est_url + EST + "/simpleenroll",
+        ctx,
+        "POST",
+        body,
+        {"Content-Type": "application/pkcs10"},
+    )
+
+
+def test_idevid_bootstrap_over_mtls(idevid_server: tuple[LiveServer, Path, str]) -> None:
+    server, lot, batch_id = idevid_server
+    reply = birth_enroll(server, lot / "sn-000001")
+    assert reply.status == 200, reply.text
+    ee = leaf(decode_certs_only(reply.body))
+    assert cn_of(ee) == "sn-000001"
+    # Issued by the fleet's issuing CA, not the manufacturer.
+    issuer_cn = ee.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert issuer_cn == "fleetpki Issuing CA"
+    # An IDevID enrolls only its own device id.
+    other = birth_enroll(server, lot / "sn-000002", cn="sn-000003")
+    assert other.status == 400 and "does not match" in other.text
+    # The whole manufacturer lot is revoked: its birth certificates stop working at once.
+    revoke_batch(
+        server.registry, batch_id, reason="key-compromise", now=datetime.now(UTC), actor="t"
+    )
+    refused = birth_enroll(server, lot / "sn-000003")
+    assert refused.status == 403 and "revoked" in refused.text
