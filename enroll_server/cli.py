@@ -164,9 +164,11 @@ def serve(
     bind: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
 ) -> None:
     """Run EST + admin API (HTTPS), CRL + OCSP (HTTP) and the embedded mTLS MQTT broker."""
+    from enroll_server.loop import install_fast_loop
     from enroll_server.runtime import run_service
 
     root = _home(home)
+    install_fast_loop()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -342,23 +344,21 @@ def service_issue(
     console.print(f"service identity {name}: {result.folder} (serial {result.serial:x})")
 
 
-def _mount_optional() -> None:
-    """Mount sub-apps owned by other areas (batch, broker, simulate, demo)."""
-    from importlib import import_module
+def _mount_sub_apps() -> None:
+    """Sub-apps live with their area: `batch` (provisioning), `broker` (+ mosquitto), simulators."""
+    from enroll_server.broker import cli as broker_cli
+    from enroll_server.broker import mosquitto_cli
+    from provisioning import cli as batch_cli
+    from simulators import cli as simulators_cli
 
-    for module, name in (("provisioning.cli", "batch"), ("enroll_server.broker.cli", "broker")):
-        try:
-            sub = import_module(module).app
-        except ModuleNotFoundError:
-            continue
-        app.add_typer(sub, name=name)
-    try:
-        import_module("simulators.cli").register(app)
-    except ModuleNotFoundError:
-        pass
+    app.add_typer(batch_cli.app, name="batch")
+    for command in mosquitto_cli.app.registered_commands:
+        broker_cli.app.registered_commands.append(command)
+    app.add_typer(broker_cli.app, name="broker")
+    simulators_cli.register(app)
 
 
-_mount_optional()
+_mount_sub_apps()
 
 
 def main() -> None:
