@@ -107,8 +107,7 @@ def simulate(
     from simulators.plot import check_plot_available, plot_timeline
     from simulators.report import as_json as report_json
     from simulators.report import render
-    from simulators.scenarios import get_scenario
-    from simulators.simulation import SimulationOptions, check_options, run_simulation
+    from simulators.simulation import SimulationOptions, preflight, run_simulation
     from simulators.stack import Ports
 
     err = Console(stderr=True, soft_wrap=True)
@@ -130,8 +129,7 @@ def simulate(
             seed=seed,
             bring_up_timeout=bring_up_timeout,
         )
-        check_options(options)
-        get_scenario(scenario)
+        preflight(options)
         if plot is not None:
             check_plot_available()
         if not as_json:

@@ -95,6 +95,17 @@ def check_options(options: SimulationOptions) -> None:
         )
 
 
+def preflight(options: SimulationOptions) -> Scenario:
+    """Every refusal that needs no network: options, scenario name, scenario vs --home."""
+    from simulators.scenarios import get_scenario
+
+    check_options(options)
+    scenario = get_scenario(options.scenario)
+    if options.home is not None and scenario.hosted_only:
+        raise NeedsHostedStack(scenario.name, scenario.hosted_only)
+    return scenario
+
+
 class Simulation:
     """Everything one run owns. Scenarios drive it through `fleet`, `revoke`, `stack`..."""
 

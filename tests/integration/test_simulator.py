@@ -110,10 +110,17 @@ async def test_against_a_running_deployment(live_stack: LiveServer, tmp_path: Pa
 
 async def test_scenarios_that_restart_things_refuse_someone_elses_stack(tmp_path: Path) -> None:
     make_home(tmp_path / "home")
-    scenario = get_scenario("revoke")
-    scenario.hosted_only = "restarts the broker"  # type: ignore[misc]
-    with pytest.raises(NeedsHostedStack, match="leave out --home"):
-        Simulation(fast(home=tmp_path / "home", scenario="revoke"), scenario)
+    for name in ("broker-restart", "server-outage", "renewal-storm", "expired-cert"):
+        with pytest.raises(NeedsHostedStack, match="leave out --home"):
+            Simulation(fast(home=tmp_path / "home", scenario=name), get_scenario(name))
+
+
+def test_cli_refuses_restarting_someone_elses_broker(tmp_path: Path) -> None:
+    make_home(tmp_path / "home")
+    result = CliRunner().invoke(
+        cli(), ["simulate", "--home", str(tmp_path / "home"), "--scenario", "broker-restart"]
+    )
+    assert result.exit_code == 2 and "stops and restarts the broker" in result.output
 
 
 async def test_unreachable_server_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
