@@ -39,8 +39,9 @@ from provisioning.manufacturer import DEFAULT_MANUFACTURER, load_or_create_manuf
 from provisioning.outdir import StagedOutput, check_out_dir
 from provisioning.tokens import DeviceToken, check_ttl, hash_token, new_token
 
-# progress(phase, done, total): phases "bundles" (credentials and files), "registry" (rows
-# inserted in the one transaction), "publish" (moved into place).
+# progress(phase, done, total): phases "bundles" (credentials and files), "sync" (one
+# file-system sync, reported once done), "registry" (rows inserted in the one transaction;
+# the last report comes after the commit), "publish" (moved into place).
 Progress = Callable[[str, int, int], None]
 PROGRESS_EVERY = 100
 # Tokens handed back in memory (admin API, no output folder): a response, not a lot on disk.
@@ -262,6 +263,7 @@ def create_batch(
             registry, batch_id, _read_spool(staged.staging, progress, source.count), kind, ttl,
             now, actor, request, source,
         )  # fmt: skip
+        _report(progress, "registry", count, count)
         os.unlink(staged.staging / _SPOOL)
     except BaseException:
         staged.discard()
@@ -350,6 +352,7 @@ def _write_bundles(
                 _report(progress, "bundles", done, source.count)
     _report(progress, "bundles", done, source.count)
     staged.sync()
+    _report(progress, "sync", 1, 1)
 
 
 def _read_spool(staging: Path, progress: Progress | None, total: int) -> Iterator[NewDevice]:

@@ -113,6 +113,7 @@ class _Bars:
 
     _LABELS = {
         "bundles": "writing bundles",
+        "sync": "syncing to disk",
         "registry": "registering",
         "publish": "publishing",
         "revoke": "revoking",

@@ -33,9 +33,13 @@ class ManifestWriter:
         self._csv = csv.writer(self._fh, lineterminator="\n")
         self._csv.writerow(COLUMNS)
         self.rows = 0
+        # A batch shares one expiry: format it once, not per row.
+        self._last: tuple[datetime | None, str] = (None, "")
 
     def row(self, device_id: DeviceId, bundle: str, token_expires_at: datetime | None) -> None:
-        self._csv.writerow((device_id.value, bundle, iso(token_expires_at)))
+        if token_expires_at != self._last[0]:
+            self._last = (token_expires_at, iso(token_expires_at))
+        self._csv.writerow((device_id.value, bundle, self._last[1]))
         self.rows += 1
 
     def close(self) -> None:
