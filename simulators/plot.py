@@ -29,8 +29,10 @@ def _steps(times: list[float], end: float) -> tuple[list[float], list[int]]:
 def _connected_now(report: Report, end: float) -> tuple[list[float], list[int]]:
     """Live sessions over time: +1 at every connection, -1 at every disconnection."""
     tl = report.timeline
+    # Events after `end` are the simulator's own teardown, not part of the story.
     changes = sorted(
-        [(t, 1) for t in tl.connected + tl.reconnected] + [(t, -1) for t in tl.disconnected]
+        [(t, 1) for t in tl.connected + tl.reconnected if t <= end]
+        + [(t, -1) for t in tl.disconnected if t <= end]
     )
     xs, ys, level = [0.0], [0], 0
     for t, delta in changes:

@@ -224,3 +224,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_plot_draws_the_timeline(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from simulators.plot import plot_timeline
+    from simulators.report import build_report
+    from simulators.trace import Journal
+
+    journal = Journal()
+    for i in range(5):
+        t = journal.trace(f"dev-{i}")
+        t.started, t.enrolled, t.connects = 0.1 * i, 0.2 + 0.1 * i, [0.3 + 0.1 * i, 2.5]
+        t.disconnects = [2.0]
+    journal.mark(2.0, "broker stopped")
+    report = build_report(journal, scenario="broker-restart", duration=3.0)
+    out = plot_timeline(report, tmp_path / "timeline.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
