@@ -9,9 +9,11 @@
   <= 2 s at 100k. Plus the publisher's full rebuild from a real registry of --fleet revoked
   certificates (SQL read + build + sign), what runs on every revocation.
 - OCSP responses/s over HTTP keep-alive: the real aiohttp handlers in a child process pinned
-  to one core, a lean keep-alive HTTP/1.1 load generator pinned to the other; next to it, in
-  this process, the raw floor: `respond()` (parse, lookup, build, sign) and a bare
-  cryptography OCSPResponseBuilder build+sign. Target: >= 2,000/s on one core.
+  to one core, a lean keep-alive HTTP/1.1 load generator pinned to the other; reported per
+  CPU-second the server used (what one core sustains, robust to other load on the machine)
+  and per wall-clock second. Next to it, in this process, the raw floor: `respond()` (parse,
+  lookup, build, sign) and a bare cryptography OCSPResponseBuilder build+sign. Target:
+  >= 2,000/s on one core.
 - revocation-to-refusal on mosquitto 2.0: a broker started from `mosquitto-config`,
   `MosquittoSync.run` polling every 0.2 s, a registry holding --fleet revoked certificates;
   per round a connected device is revoked in the registry and we time (a) until its live
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as mqtt  # noqa: E402
+import psutil  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.x509 import ocsp  # noqa: E402
@@ -220,9 +223,16 @@ def bench_ocsp(ca: MemoryCa, seconds: float) -> dict[str, Any]:
                 if client_cpu is not None:
                     os.sched_setaffinity(0, {client_cpu})
                 asyncio.run(_load(port, bodies, 1.0, 16))  # warm-up
+                server = psutil.Process(proc.pid)
+                cpu0 = server.cpu_times()
                 t0 = time.perf_counter()
                 ok, bad = asyncio.run(_load(port, bodies, seconds, 16))
                 rates[label] = ok / (time.perf_counter() - t0)
+                cpu1 = server.cpu_times()
+                used = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+                # Responses per CPU-second of the server: what one core sustains, whatever
+                # else the machine runs meanwhile (the wall-clock rate is not).
+                rates[label + "_per_cpu_s"] = ok / used if used > 0 else 0.0
                 errors += bad
             finally:
                 os.sched_setaffinity(0, set(cpus))
@@ -265,7 +275,9 @@ def bench_ocsp(ca: MemoryCa, seconds: float) -> dict[str, Any]:
         raw_rate = n / (time.perf_counter() - t0)
     return {
         "http_responses_per_s": rates["uvloop"],
+        "http_responses_per_server_cpu_s": rates["uvloop_per_cpu_s"],
         "http_responses_per_s_stock_asyncio": rates["stock_asyncio"],
+        "http_responses_per_server_cpu_s_stock_asyncio": rates["stock_asyncio_per_cpu_s"],
         "http_errors": errors,
         "http_connections": 16,
         "server_pinned_cpu": server_cpu,
@@ -438,6 +450,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/revocation.json")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     ca = make_ca()
     crl = bench_crl(ca)
     ocsp_result = bench_ocsp(ca, args.ocsp_seconds)
@@ -449,13 +462,18 @@ def main() -> None:
         ("  naive add_revoked_certificate, 10k", f"{crl['naive_add_revoked_10000_s']:.3f} s", ""),
         ("  naive add_revoked_certificate, 30k", f"{crl['naive_add_revoked_30000_s']:.3f} s", ""),
         (
-            "OCSP over HTTP keep-alive (1 core, uvloop as serve)",
-            f"{ocsp_result['http_responses_per_s']:,.0f} /s",
+            "OCSP over HTTP keep-alive, per server CPU-second (uvloop)",
+            f"{ocsp_result['http_responses_per_server_cpu_s']:,.0f} /s",
             ">= 2,000/s",
         ),
         (
-            "  same, stock asyncio loop",
-            f"{ocsp_result['http_responses_per_s_stock_asyncio']:,.0f} /s",
+            "  same, wall clock (server pinned to 1 core)",
+            f"{ocsp_result['http_responses_per_s']:,.0f} /s",
+            "",
+        ),
+        (
+            "  stock asyncio loop, per server CPU-second",
+            f"{ocsp_result['http_responses_per_server_cpu_s_stock_asyncio']:,.0f} /s",
             "",
         ),
         ("  respond() in process", f"{ocsp_result['respond_in_process_per_s']:,.0f} /s", ""),
@@ -494,6 +512,9 @@ def main() -> None:
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
+            # Other work on the machine skews every number: recorded so runs can be compared.
+            "loadavg_1min_before": load_before,
+            "loadavg_1min_after": os.getloadavg()[0],
         },
         "crl": crl,
         "ocsp": ocsp_result,
@@ -501,6 +522,7 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
     print(f"wrote {args.json}")
 
 
