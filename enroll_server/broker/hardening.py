@@ -34,6 +34,8 @@ invalid publish topic. Those are fixed here too.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import importlib.metadata
 import logging
 import ssl
@@ -43,7 +45,7 @@ from asyncio import sslproto
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker, Server
@@ -68,6 +70,7 @@ from enroll_server.broker.metrics import BrokerMetrics
 from enroll_server.broker.policy import Admission, Refusal, RefusalReason
 
 AMQTT_VERSION = "0.12.1"
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,8 @@ DROP_TAKEN_OVER = "taken_over"
 DROP_PROTOCOL_ERROR = "protocol_error"
 # Ends for which the stored session (subscriptions, queued messages) is discarded too: the
 # identity must be admitted again from scratch.
+_ACL_CACHE_KEY = "fleetpki.acl_cache"
+_ACL_CACHE_SIZE = 64
 _FORGET_SESSION = frozenset({DROP_REVOKED, DROP_SUSPENDED, DROP_OPERATOR, DROP_CERT_EXPIRED})
 
 
@@ -111,6 +116,10 @@ def server_tls_context(certfile: Path, keyfile: Path, cafile: Path) -> ssl.SSLCo
     # No compression (CRIME); TLS 1.2 suites with forward secrecy and AEAD only.
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    # No TLS 1.3 session tickets (RFC 8446 section 4.6.1): devices reconnect rarely and with
+    # full handshakes; two tickets per connection cost CPU on every connect and, stateful or
+    # not, memory per session.
+    ctx.num_tickets = 0
     for path in (cafile, certfile, keyfile):
         if not path.is_file():
             raise TlsSetupError(path, "no such file")
@@ -184,6 +193,9 @@ class LeanSSLProtocol(sslproto.SSLProtocol):
         if handshake_exc is not None:
             self._on_handshake_failure(handshake_exc)
         super()._on_handshake_complete(handshake_exc)
+        # asyncio keeps the peer certificate decoded into a dict (~2 KB) for
+        # get_extra_info("peercert"); the broker reads the DER from the ssl_object instead.
+        self._extra.pop("peercert", None)
 
 
 class MqttStreamProtocol(asyncio.StreamReaderProtocol):
@@ -236,11 +248,92 @@ class _SessionState:
         return self.state == "connected"
 
 
+class LeanQueue(Generic[T]):
+    """The unbounded subset of asyncio.Queue amqtt uses, allocating nothing until used.
+
+    asyncio.Queue builds four deques (items, getters, putters, and its `_finished` Event's
+    waiters) of ~600 bytes each up front; amqtt keeps four queues per connection (two in the
+    session, two in the protocol handler), most of them empty forever: ~13 KB per idle
+    device. Semantics follow asyncio.Queue.get/put for one event loop, cancellation included.
+    """
+
+    __slots__ = ("_getters", "_items")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[T] | None = None
+        # Almost always zero or one waiter: a list is ~70 bytes where a deque is ~600.
+        self._getters: list[asyncio.Future[None]] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: T) -> None:
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+        self._wake_next()
+
+    async def put(self, item: T) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> T:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+    async def get(self) -> T:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._getters is None:
+                self._getters = []
+            self._getters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    if self._getters is not None:
+                        self._getters.remove(waiter)
+                if self._items and not waiter.cancelled():
+                    self._wake_next()  # we were woken but leave: pass the item on
+                raise
+        return self.get_nowait()
+
+    def _wake_next(self) -> None:
+        while self._getters:
+            waiter = self._getters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        if not self._getters:
+            self._getters = None
+
+
 class LeanSession(Session):
-    """An amqtt Session whose `transitions` is a `_SessionState`."""
+    """An amqtt Session whose `transitions` is a `_SessionState` and whose queues are lean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retained_messages: LeanQueue[Any] = LeanQueue()
+        self.delivered_message_queue: LeanQueue[Any] = LeanQueue()
 
     def _init_states(self) -> None:
         self.transitions = _SessionState(self)
+
+
+class LeanProtocolHandler(BrokerProtocolHandler):
+    """amqtt's broker protocol handler with lean subscription queues."""
+
+    def __init__(self, plugins_manager: Any, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(plugins_manager, loop=loop)
+        self._pending_subscriptions: LeanQueue[Any] = LeanQueue()
+        self._pending_unsubscriptions: LeanQueue[Any] = LeanQueue()
 
 
 def session_from_connect(connect: ConnectPacket, peer: tuple[str, int]) -> LeanSession:
@@ -283,9 +376,10 @@ class Connection:
     """One accepted TLS connection and, once admitted, its amqtt session and handler."""
 
     __slots__ = (
+        "_done",
+        "_done_waiter",
         "admission",
         "drop_reason",
-        "finished",
         "handler",
         "protocol",
         "reader",
@@ -308,7 +402,22 @@ class Connection:
         self.handler: BrokerProtocolHandler | None = None
         self.drop_reason: str | None = None
         self.watchdog: asyncio.TimerHandle | None = None
-        self.finished = asyncio.Event()
+        # Ended and cleaned up. A future only when someone waits (a takeover, shutdown): an
+        # asyncio.Event per idle connection costs ~700 bytes for nothing.
+        self._done = False
+        self._done_waiter: asyncio.Future[None] | None = None
+
+    def mark_finished(self) -> None:
+        self._done = True
+        if self._done_waiter is not None and not self._done_waiter.done():
+            self._done_waiter.set_result(None)
+
+    async def wait_finished(self) -> None:
+        if self._done:
+            return
+        if self._done_waiter is None:
+            self._done_waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._done_waiter)
 
     def peer_certificate(self) -> bytes | None:
         ssl_object = self.writer.get_extra_info("ssl_object")
@@ -516,7 +625,7 @@ class HardenedBroker(Broker):
             conn.sever("shutdown", publish_will=False)
         if not conns:
             return
-        waiters = [asyncio.ensure_future(c.finished.wait()) for c in conns]
+        waiters = [asyncio.ensure_future(c.wait_finished()) for c in conns]
         _, pending = await asyncio.wait(waiters, timeout=grace)
         for waiter in pending:
             waiter.cancel()
@@ -542,7 +651,7 @@ class HardenedBroker(Broker):
                 await self._cleanup_session(identity)
         if not conn.writer.transport.is_closing():
             conn.writer.transport.abort()
-        conn.finished.set()
+        conn.mark_finished()
 
     # -- 3 and 7: read the CONNECT, admit, then (only then) take over sessions ------------
 
@@ -583,7 +692,7 @@ class HardenedBroker(Broker):
             return
         incoming.ssl_object = conn.writer.get_extra_info("ssl_object")
         writer = StreamWriterAdapter(conn.writer)
-        handler = BrokerProtocolHandler(self.plugins_manager, loop=asyncio.get_running_loop())
+        handler = LeanProtocolHandler(self.plugins_manager, asyncio.get_running_loop())
 
         seq_before = self.event_seq
         will_topic = incoming.will_topic if incoming.will_flag else None
@@ -598,28 +707,33 @@ class HardenedBroker(Broker):
         incoming.attributes[ADMISSION_KEY] = decision
         conn.admission = decision
 
-        previous = self._connections.get(identity)
-        if previous is not None:
-            # [MQTT-3.1.4-2]: a second connection of the same client id takes over -- but only
-            # once it has been admitted as that identity.
+        # [MQTT-3.1.4-2]: a second connection of the same client id takes over -- but only once
+        # it has been admitted as that identity. Loop: several may race for the same id, and
+        # exactly one must end up registered (an unregistered live connection would escape
+        # revocation).
+        while (previous := self._connections.get(identity)) is not None:
             self._metrics.dropped(DROP_TAKEN_OVER)
             previous.sever(DROP_TAKEN_OVER, publish_will=False)
             async with asyncio.timeout(5.0):
-                await previous.finished.wait()
+                await previous.wait_finished()
+            if conn.drop_reason is not None:
+                return  # taken over in turn while waiting
         if self._dropped_at_seq.get(identity, -1) > seq_before:
             self._refuse(
                 conn,
                 RefusalReason.DEVICE_REVOKED,
-                f"{identity} was revoked while connecting",
+                f"{identity} was revoked or suspended while connecting",
                 refusal_connack(0x05),
             )
             return
-
+        # Registered before the next await, so revocation and takeover always find it.
+        self._connections[identity] = conn
+        conn.handler = handler
         idle_limit = self._gate.keepalive.idle_limit(incoming.keep_alive)
         session = await self._adopt_session(incoming, decision)
         conn.session = session
-        conn.handler = handler
-        self._connections[identity] = conn
+        if conn.drop_reason is not None:
+            return  # dropped while its stored session was being prepared
         self._metrics.accepted += 1
         if idle_limit is not None:
             conn.arm_watchdog(idle_limit, self._keepalive_expired)
@@ -656,6 +770,7 @@ class HardenedBroker(Broker):
             ):
                 setattr(existing, attr, getattr(incoming, attr))
             existing.attributes[ADMISSION_KEY] = admission
+            existing.attributes.pop(_ACL_CACHE_KEY, None)
             existing.parent = 1
             session = existing
         # Keepalive is enforced by the connection watchdog; 0 keeps amqtt's reader from
@@ -678,7 +793,18 @@ class HardenedBroker(Broker):
         """
         if not self._policy_enabled or action == Action.RECEIVE:
             return True
-        allowed = allows(session, topic, action)
+        # A device publishes to the same few topics all day: remember each decision for the
+        # session (the admission, hence the answer, cannot change within it).
+        cache: dict[tuple[str, str], bool] | None = session.attributes.get(_ACL_CACHE_KEY)
+        if cache is None:
+            cache = session.attributes[_ACL_CACHE_KEY] = {}
+        key = (action, topic)
+        allowed = cache.get(key)
+        if allowed is None:
+            allowed = allows(session, topic, action)
+            if len(cache) >= _ACL_CACHE_SIZE:
+                cache.clear()
+            cache[key] = allowed
         if not allowed:
             self._metrics.denied(str(action))
             log.info("%s may not %s %r", session.client_id, action, topic)
