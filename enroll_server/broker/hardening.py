@@ -65,6 +65,7 @@ from enroll_server.broker.connect_frame import (
     unsupported_version_reply,
 )
 from enroll_server.broker.errors import BadConnect, TlsSetupError, UnsupportedAmqtt
+from enroll_server.broker.fanout import matching_filters
 from enroll_server.broker.gate import AdmissionGate
 from enroll_server.broker.metrics import BrokerMetrics
 from enroll_server.broker.policy import Admission, Refusal, RefusalReason
@@ -809,6 +810,35 @@ class HardenedBroker(Broker):
             self._metrics.denied(str(action))
             log.info("%s may not %s %r", session.client_id, action, topic)
         return allowed
+
+    async def _run_broadcast(self, running_tasks: collections.deque[asyncio.Task[Any]]) -> None:
+        """amqtt's `_run_broadcast` with an indexed fan-out (fanout.matching_filters).
+
+        Stock amqtt tests every stored filter against every message: with one subscription per
+        device that is ~2.8 ms per message at 10,000 devices. It also formats debug strings
+        for every subscriber whether or not debug logging is on. Otherwise the same rules:
+        offline clean_session=False sessions keep QoS 1/2 messages [MQTT-3.1.2-4], only
+        connected sessions are sent to.
+        """
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for topic_filter in matching_filters(topic, self._subscriptions):
+            for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
+                    continue
+                connected = target.transitions.state == "connected"
+                if not connected:
+                    if not target.clean_session and qos in (1, 2) and not target.is_anonymous:
+                        await self._retain_broadcast_message(broadcast, qos, target)
+                    continue
+                handler = self._get_handler(target)
+                if handler:
+                    running_tasks.append(
+                        asyncio.ensure_future(
+                            handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                        )
+                    )
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
