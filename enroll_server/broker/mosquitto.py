@@ -328,8 +328,9 @@ class SyncSettings:
 
 
 def _broker_account(user: str | None) -> tuple[int, int] | None:
-    """(uid, gid) to hand the private files to, when we are root and mosquitto will drop to
-    `user`: mosquitto 2.0.11 drops privileges *before* it reads cafile/keyfile/crlfile."""
+    """(uid, gid) to hand the folder and private files to, when we are root and mosquitto
+    will drop to `user`: mosquitto 2.0.11 drops privileges *before* it reads
+    cafile/keyfile/crlfile and writes pid_file (tested: "Unable to write pid file" else)."""
     if user is None or os.geteuid() != 0:
         return None
     try:
@@ -369,8 +370,9 @@ def write_mosquitto_config(
     write_atomic(files.sync_cursor, f"{event_seq}\n".encode(), PUBLIC_MODE)
     account = _broker_account(settings.user)
     if account is not None:
-        # The key and the dynsec file (which mosquitto rewrites) belong to the broker's user.
-        for path in (files.keyfile, files.dynsec):
+        # Once it has dropped to its user, mosquitto must still write its pid file and
+        # rewrite the dynsec file here, and read its key: hand those to the broker's user.
+        for path in (out, files.keyfile, files.dynsec):
             if path.exists():
                 os.chown(path, *account)
     return files

@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -91,7 +92,7 @@ class Broker:
             time.sleep(0.02)
 
 
-def _config(home: Path, out: Path, port: int, *extra: str) -> None:
+def _config(home: Path, out: Path, port: int, *extra: str, user: str = "root") -> None:
     result = runner.invoke(
         mosquitto_app,
         [
@@ -106,9 +107,9 @@ def _config(home: Path, out: Path, port: int, *extra: str) -> None:
             "127.0.0.1",
             "--admin-port",
             str(free_port()),
-            # The tests run as root in a 0700 tmp folder the 'mosquitto' user cannot enter.
+            # Tests run as root in a 0700 tmp folder the 'mosquitto' user cannot enter.
             "--user",
-            "root",
+            user,
             *extra,
         ],
     )
@@ -128,15 +129,17 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None
     raise AssertionError("mosquitto did not start listening within 10 s")
 
 
-def _start(tmp_path: Path, *config_extra: str) -> Iterator[Broker]:
+def _start(
+    tmp_path: Path, *config_extra: str, out: Path | None = None, user: str = "root"
+) -> Iterator[Broker]:
     home = tmp_path / "home"
     make_home(home)
     loaded = load_home(home)
     registry = Registry.open(loaded.layout.registry)
     fleet = Fleet(_ca_of(loaded), registry, tmp_path)
-    out = tmp_path / "mosquitto"
+    out = out or tmp_path / "mosquitto"
     port = free_port()
-    _config(home, out, port, *config_extra)
+    _config(home, out, port, *config_extra, user=user)
     files = MosquittoFiles(out)
     log = home / "mosquitto.log"
     with log.open("wb") as sink:
@@ -157,6 +160,23 @@ def _start(tmp_path: Path, *config_extra: str) -> Iterator[Broker]:
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
     yield from _start(tmp_path)
+
+
+@pytest.fixture
+def dropped_privileges_broker(tmp_path: Path) -> Iterator[Broker]:
+    """mosquitto started by root and dropping to the 'mosquitto' account, as packaged."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start mosquitto the way its package does")
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        pytest.skip("no 'mosquitto' account")
+    # Outside tmp_path: pytest's folders are 0700 and the broker's account must get in.
+    out = Path(tempfile.mkdtemp(prefix="fleetpki-mosquitto-", dir="/tmp"))
+    try:
+        yield from _start(tmp_path, out=out, user="mosquitto")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture
@@ -563,3 +583,29 @@ def test_sync_daemon_drops_a_revoked_session_and_stops_on_sigterm(broker: Broker
             daemon.wait(5)
             raise
     assert code == 0
+
+
+def test_broker_dropping_to_its_own_account_still_reloads_and_kicks(
+    dropped_privileges_broker: Broker,
+) -> None:
+    broker = dropped_privileges_broker
+    assert "user mosquitto" in broker.files.conf.read_text().splitlines()
+    assert read_pid(broker.files.pidfile) == broker.proc.pid  # written after the drop
+    owner = pwd.getpwuid(broker.files.keyfile.stat().st_uid).pw_name
+    assert owner == "mosquitto"
+    broker.fleet.enroll("mq-priv-1")
+    sync = broker.sync()
+    sync.step()
+    dev = Device(broker, "mq-priv-1").start()
+    try:
+        broker.fleet.registry.revoke_device(
+            DeviceId("mq-priv-1"), reason="keyCompromise", now=datetime.now(UTC), actor="t"
+        )
+        assert sync.step().dropped == ("mq-priv-1",)
+        assert dev.dropped.wait(5)
+        dev.stop()
+        assert not _can_connect(broker, "mq-priv-1")
+        # mosquitto (as its own user) could save the dynsec file it rewrites on changes.
+        assert "Error saving Dynamic security plugin config" not in broker.log()
+    finally:
+        dev.stop()
