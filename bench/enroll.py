@@ -1,6 +1,6 @@
 """Benchmark: EST simpleenroll throughput and server CPU per enrollment vs the raw floor.
 
-    .venv/bin/python bench/enroll.py [--n 3000] [--concurrency 32] [--fast-loop]
+    .venv/bin/python bench/enroll.py [--n 3000] [--concurrency 32]
                                      [--json bench/results/enroll.json] [--profile OUT]
 
 The server runs as a real `fleetpki serve --no-broker` process (its CPU time is read with
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
 import json
 import os
 import platform
@@ -200,12 +201,6 @@ def main() -> None:
     ap.add_argument("--load-procs", type=int, default=2, help="load generator processes")
     ap.add_argument("--json", default=str(ROOT / "bench/results/enroll.json"))
     ap.add_argument(
-        "--fast-loop",
-        action="store_true",
-        help="start the server through enroll_server.loop.install_fast_loop() (uvloop), as "
-        "`fleetpki serve` does once cli.serve calls it",
-    )
-    ap.add_argument(
         "--profile",
         metavar="OUT",
         help="attach py-spy (if installed) to the server during the timed window; raw stacks",
@@ -234,18 +229,11 @@ def main() -> None:
     floor_before = raw_floor(home, csrs)
 
     est, http = free_port(), free_port()
-    launcher = ["-m", "enroll_server.cli"]
-    if args.fast_loop:
-        launcher = [
-            "-c",
-            "import sys; from enroll_server.loop import install_fast_loop; "
-            "install_fast_loop(); from enroll_server.cli import main; sys.argv[0] = 'fleetpki'; "
-            "main()",
-        ]
     proc = subprocess.Popen(
         [
             sys.executable,
-            *launcher,
+            "-m",
+            "enroll_server.cli",
             "serve",
             "--home",
             str(home),
@@ -351,6 +339,9 @@ def main() -> None:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}, "
         f"Python {platform.python_version()}",
+        # `fleetpki serve` runs on uvloop when it is installed (enroll_server.loop); so does
+        # the load generator.
+        "event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "n": args.n,
         "concurrency": args.concurrency,
         "ok": ok,
