@@ -100,6 +100,9 @@ def simulate(
         float | None, typer.Option(help="Seconds allowed for the fleet to come up.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show agent logs.")] = False,
+    list_scenarios: Annotated[
+        bool, typer.Option("--list", help="List the scenarios and what each verifies.")
+    ] = False,
 ) -> None:
     """Run N real device agents (own key, token, certificate, mTLS session each) in one
     process through a scenario, and report what happened."""
@@ -112,6 +115,13 @@ def simulate(
 
     err = Console(stderr=True, soft_wrap=True)
     out = Console()
+    if list_scenarios:
+        from simulators.scenarios import SCENARIOS
+
+        for name, cls in SCENARIOS.items():
+            where = "own stack only" if cls.hosted_only else "own stack or --home"
+            out.print(f"[bold]{name}[/bold] ({where})\n  {cls.summary}\n", highlight=False)
+        raise typer.Exit(EXIT_OK)
     quiet_logging(verbose)
     try:
         options = SimulationOptions(
