@@ -10,7 +10,7 @@ class BrokerError(Exception):
 
 
 class UnsupportedAmqtt(BrokerError):
-    """An amqtt release other than the one whose private hooks hardening.py was written against."""
+    """An amqtt release other than the one the private hooks of broker/hardening/ target."""
 
     def __init__(self, found: str, expected: str) -> None:
         super().__init__(

@@ -215,3 +215,20 @@ async def test_registry_changes_need_no_broker_restart(fleet: Fleet, broker: Run
     dev = PahoDevice(fleet.issue("newcomer"), broker.port, fleet.ca_file)
     assert await dev.connect() == PAHO_ACCEPTED
     await dev.close()
+
+
+async def test_racing_connections_of_one_identity_leave_one_and_revocation_reaches_it(
+    fleet: Fleet, broker: RunningBroker
+):
+    creds = fleet.issue("racer")
+    devs = [PahoDevice(creds, broker.port, fleet.ca_file) for _ in range(4)]
+    results = await asyncio.gather(*(d.connect() for d in devs))
+    assert PAHO_ACCEPTED in results
+    await eventually(
+        lambda: sum(d.connected for d in devs) == 1, 3.0, "exactly one live connection"
+    )
+    assert list(broker.connected()) == ["racer"]
+    fleet.revoke("racer")
+    await eventually(lambda: not any(d.connected for d in devs), 1.0, "every racer dropped")
+    for d in devs:
+        await d.close()
