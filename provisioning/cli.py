@@ -30,7 +30,7 @@ from enroll_server.home import HomeError, HomeLayout, resolve_home
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import KeyType
 from enroll_server.registry import Registry, RegistryError, UnknownBatch, UnknownDevice
-from fleetpki.duration import InvalidDuration, parse_duration
+from fleetpki.duration import InvalidDuration, format_duration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
 from provisioning.batch import BatchRequest, BatchResult, IdevidOptions, create_batch, new_batch_id
 from provisioning.errors import ProvisioningError
@@ -251,27 +251,12 @@ def _summary_row(summary: BatchSummary) -> list[str]:
     return [
         summary.batch.batch_id,
         summary.batch.kind.value,
-        summary.batch.created_at.isoformat(timespec="seconds"),
-        str(c["total"]),
-        str(c["provisioned"]),
-        str(c["enrolled"]),
-        str(c["token_expired"]),
-        str(c["suspended"]),
-        str(c["revoked"]),
+        *(str(c[k]) for k in ("total", "provisioned", "enrolled", "token_expired", "revoked")),
     ]
 
 
-_COLUMNS = (
-    "batch",
-    "kind",
-    "created",
-    "devices",
-    "provisioned",
-    "enrolled",
-    "token expired",
-    "suspended",
-    "revoked",
-)
+# Creation time and suspended devices are in `show` and --json: the table keeps to 80 columns.
+_COLUMNS = ("kind", "total", "provisioned", "enrolled", "expired", "revoked")
 
 
 @app.command("list")
@@ -282,7 +267,10 @@ def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _emit_json([s.to_json() for s in summaries])
         return
-    table = Table(*_COLUMNS)
+    table = Table(box=None, pad_edge=False)
+    table.add_column("batch", no_wrap=True)
+    for name in _COLUMNS:
+        table.add_column(name, justify="left" if name == "kind" else "right")
     for summary in summaries:
         table.add_row(*_summary_row(summary))
     out.print(table)
@@ -303,7 +291,7 @@ def show(
     batch = summary.batch
     out.print(f"batch [bold]{batch.batch_id}[/bold] ({batch.kind.value})")
     out.print(f"  created    {batch.created_at.isoformat(timespec='seconds')}")
-    out.print(f"  token ttl  {batch.token_ttl}")
+    out.print(f"  token ttl  {format_duration(batch.token_ttl)}")
     if batch.note:
         out.print(f"  note       {batch.note}", highlight=False, markup=False)
     for key in ("total", "provisioned", "enrolled", "token_expired", "suspended", "revoked"):
