@@ -117,8 +117,8 @@ def child(mode: str, n: int, work: Path, tar: bool) -> dict[str, Any]:
             marks: dict[str, float] = {}
 
             def progress(phase: str, done: int, total: int) -> None:
-                if done >= total:
-                    marks.setdefault(phase, time.perf_counter())
+                if done >= total:  # the last "done" report of a phase ends it
+                    marks[phase] = time.perf_counter()
 
             started = time.perf_counter()
             result = create_batch(

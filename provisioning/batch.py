@@ -263,17 +263,18 @@ def create_batch(
             registry, batch_id, _read_spool(staged.staging, progress, source.count), kind, ttl,
             now, actor, request, source,
         )  # fmt: skip
-        _report(progress, "registry", count, count)
-        os.unlink(staged.staging / _SPOOL)
     except BaseException:
         staged.discard()
         raise
+    # Committed: the bundles now hold the only copy of live tokens and are never discarded;
+    # whatever stops the move (even Ctrl-C) is reported with where they are.
     try:
+        os.unlink(staged.staging / _SPOOL)
+        _report(progress, "registry", count, count)
         staged.publish()
-    except OSError as exc:
-        raise BundlesNotPublished(
-            batch_id, staged.staging, staged.out_dir, exc.strerror or str(exc)
-        ) from exc
+    except BaseException as exc:
+        why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or repr(exc)
+        raise BundlesNotPublished(batch_id, staged.staging, staged.out_dir, why) from exc
     _report(progress, "publish", count, count)
     return BatchResult(
         batch_id,

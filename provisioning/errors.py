@@ -79,8 +79,8 @@ class BundlesNotPublished(ProvisioningError):
 
     def __init__(self, batch_id: str, staging: Path, out_dir: Path, why: str) -> None:
         super().__init__(
-            f"batch {batch_id!r} is registered and its bundles are complete in {staging}, "
-            f"but moving them to {out_dir} failed: {why}"
+            f"batch {batch_id!r} is registered and its bundles are complete in {staging} "
+            f"(any already moved are in {out_dir}), but moving them failed: {why}"
         )
         self.batch_id = batch_id
         self.staging = staging

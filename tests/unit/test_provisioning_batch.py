@@ -18,6 +18,7 @@ from enroll_server.registry import BatchKind, DuplicateBatch, Registry, TokenRej
 from fleetpki.identity import DeviceId
 from provisioning.batch import MAX_IN_MEMORY, BatchRequest, create_batch, provision_batch
 from provisioning.errors import (
+    BundlesNotPublished,
     DeviceIdTaken,
     InvalidBatchOption,
     InvalidCount,
@@ -281,3 +282,22 @@ def test_tar_bundles(home: Home, tmp_path: Path) -> None:
     ]
     rows = list(csv.reader((out / "manifest.csv").open()))
     assert rows[1][1] == "dev-000001.tar"
+
+
+def test_failure_after_commit_keeps_the_bundles(home: Home, tmp_path: Path) -> None:
+    """Once the registry holds the batch, the bundles are the only copy of live tokens: an
+    interrupt while publishing keeps them and says where they are."""
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "registry" and done == 150:  # reported only after the commit
+            raise Interrupt
+
+    with pytest.raises(BundlesNotPublished) as info:
+        home.create(BatchRequest(count=150, out_dir=tmp_path / "lot"), progress=progress)
+    staging = info.value.staging
+    assert str(staging) in str(info.value)
+    assert home.registry.count_devices() == 150
+    assert not (tmp_path / "lot").exists()
+    token = (staging / "dev-000150" / "token").read_text()
+    home.registry.check_token(DeviceId("dev-000150"), hash_secret(token), NOW)
+    assert (staging / "manifest.csv").exists()
