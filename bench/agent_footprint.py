@@ -78,6 +78,27 @@ def write_bundle(folder: Path, device: str, server, token: str) -> Path:  # type
     return folder / "agent.toml"
 
 
+def spawn(command: str, config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        agent_cmd(command, config),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM and wait; an agent that does not stop in 20 s is a bug: kill it and say so."""
+    proc.terminate()
+    try:
+        return proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        print(f"agent pid {proc.pid} ignored SIGTERM for 20 s (killed)", file=sys.stderr)
+        return -9
+
+
 def agent_cmd(command: str, config: Path) -> list[str]:
     return [sys.executable, "-m", "device_agent.cli", command, "--config", str(config)]
 
@@ -107,7 +128,7 @@ def rss_after_first_renewal() -> float:
     try:
         config = write_bundle(tmp / "dev", "bench-dev-2", server, server.mint_device("bench-dev-2"))
         status = config.parent / "state" / "status.json"
-        proc = subprocess.Popen(agent_cmd("run", config), cwd=ROOT, stderr=subprocess.DEVNULL)
+        proc = spawn("run", config)
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -123,8 +144,7 @@ def rss_after_first_renewal() -> float:
             time.sleep(1)
             return psutil.Process(proc.pid).memory_info().rss / MIB
         finally:
-            proc.terminate()
-            proc.wait(20)
+            stop(proc)
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,14 +168,13 @@ def main() -> None:
         starts = []
         for _ in range(args.runs):
             t0 = time.perf_counter()
-            proc = subprocess.Popen(agent_cmd("run", config), cwd=ROOT, stderr=subprocess.DEVNULL)
+            proc = spawn("run", config)
             try:
                 starts.append(wait_connected(status, proc.pid) - t0)
             finally:
-                proc.terminate()
-                proc.wait(20)
+                stop(proc)
 
-        proc = subprocess.Popen(agent_cmd("run", config), cwd=ROOT, stderr=subprocess.DEVNULL)
+        proc = spawn("run", config)
         try:
             wait_connected(status, proc.pid)
             ps = psutil.Process(proc.pid)
@@ -166,8 +185,7 @@ def main() -> None:
             rss = ps.memory_info().rss / MIB
             threads = ps.num_threads()
         finally:
-            proc.terminate()
-            code = proc.wait(20)
+            code = stop(proc)
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)

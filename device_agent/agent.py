@@ -24,6 +24,7 @@ from cryptography import x509
 
 from device_agent import __version__
 from device_agent.backoff import Backoff
+from device_agent.cancel import cancel_all
 from device_agent.clock import clock_floor, is_sane
 from device_agent.config import AgentConfig
 from device_agent.errors import (
@@ -575,10 +576,12 @@ class Agent:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(tasks)
+        # Retrieve every outcome (tasks that ended while being cancelled included), then
+        # report what ended the session: a refusal, a revocation, an expiry, or a stop.
+        outcomes = {t: t.exception() for t in tasks if t.done() and not t.cancelled()}
         for task in done:
-            if task.get_name() != "stop" and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            exc = outcomes.get(task)
+            if exc is not None:
+                raise exc
         raise _StopRequested

@@ -18,6 +18,7 @@ from aiomqtt.client import ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
 
 from device_agent.backoff import Backoff
+from device_agent.cancel import cancel_all
 from device_agent.errors import BrokerRefused
 from device_agent.tls import client_context
 from fleetpki.identity import DeviceId
@@ -242,9 +243,7 @@ class MqttLink:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(tasks)
         for task in done:
             if task is not rotate:
                 task.result()  # re-raise the MqttError that ended the session

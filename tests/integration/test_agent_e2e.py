@@ -536,3 +536,20 @@ def test_kill_9_during_renewals_then_restart_works(tmp_path: Path) -> None:
                 proc.wait(5)
     finally:
         server.stop()
+
+
+async def test_stop_right_after_connect_always_stops(
+    live_stack: LiveServer, tmp_path: Path
+) -> None:
+    """A stop landing as the broker answers must not be lost (Python 3.11's wait_for can
+    swallow that cancellation; the agent cancels again until its tasks are done)."""
+    config = bundle_for(live_stack, tmp_path)
+    assert await make_agent(config).enroll() == ExitCode.OK
+    for _ in range(6):
+        agent = make_agent(config)
+        task = asyncio.create_task(agent.run())
+        async with asyncio.timeout(15):
+            while agent.state is not AgentState.CONNECTED:
+                await asyncio.sleep(0)
+        agent.stop()
+        assert await asyncio.wait_for(task, 5) == ExitCode.OK
