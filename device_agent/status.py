@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +27,19 @@ def _age(delta_s: float) -> str:
     return f"{sign}{text}" if delta_s >= 0 else f"{text} ago"
 
 
+def _alive(pid: object) -> bool:
+    """Is the process that last wrote status.json still there? (The state may be stale.)"""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user (the service account)
+    return True
+
+
 def status_report(config: AgentConfig, now: datetime) -> tuple[dict[str, Any], ExitCode]:
     """The status as a flat dict (for --json) and the exit code: OK when a valid certificate
     is stored, REBOOTSTRAP when none is (or it expired), CONFIG when the state is unusable."""
@@ -36,6 +50,7 @@ def status_report(config: AgentConfig, now: datetime) -> tuple[dict[str, Any], E
         "config": str(config.path),
         "state_dir": str(config.state_dir),
         "agent_state": status.get("state", "unknown (agent never ran)"),
+        "agent_running": _alive(status.get("pid")),
         "agent_state_since": status.get("since"),
         "last_connected": status.get("last_connected"),
         "last_error": status.get("last_error"),
