@@ -78,6 +78,10 @@ def simulate(
         float | None,
         typer.Option(help="Start this many agents per second (default: all at once)."),
     ] = None,
+    max_inflight: Annotated[
+        int | None,
+        typer.Option(help="At most this many agents enrolling or connecting at once."),
+    ] = None,
     telemetry_interval: Annotated[
         float, typer.Option(help="Seconds between telemetry messages of each device.")
     ] = 2.0,
@@ -129,6 +133,7 @@ def simulate(
             scenario=scenario,
             home=home,
             ramp=ramp,
+            max_inflight=max_inflight,
             telemetry_interval=telemetry_interval,
             duration=duration,
             revoke=revoke,

@@ -40,10 +40,18 @@ class SimAgent(Agent):
     ones first and recording only after they succeeded.
     """
 
-    def __init__(self, config: AgentConfig, trace: DeviceTrace, seconds: Seconds, **kw: Any):
+    def __init__(
+        self,
+        config: AgentConfig,
+        trace: DeviceTrace,
+        seconds: Seconds,
+        on_up: Callable[[str], None] | None = None,
+        **kw: Any,
+    ):
         super().__init__(config, **kw)
         self.trace = trace
         self.seconds = seconds
+        self.on_up = on_up
 
     async def _enroll(self, token: str, anchor: x509.Certificate) -> Identity:
         ident = await super()._enroll(token, anchor)
@@ -62,6 +70,8 @@ class SimAgent(Agent):
         t = self.seconds()
         if up:
             self.trace.connects.append(t)
+            if self.on_up is not None:
+                self.on_up(self.trace.device_id)
         elif self.trace.connected:
             self.trace.disconnects.append(t)
         super()._on_connection(up)
@@ -135,6 +145,9 @@ class Fleet:
         self.agents: dict[str, SimAgent] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._sent_before: dict[str, int] = {}
+        # Started, but neither connected yet nor stopped: the bring-up still in flight.
+        self.pending: set[str] = set()
+        self._settled = asyncio.Event()
         for device_id in bundles:
             journal.trace(device_id)
 
@@ -172,12 +185,15 @@ class Fleet:
             kwargs["est_backoff"] = s.est_backoff
         if s.clock_for is not None:
             kwargs["clock"] = s.clock_for(device_id)
-        agent = SimAgent(self.config_of(device_id), trace, self.seconds, **kwargs)
+        agent = SimAgent(
+            self.config_of(device_id), trace, self.seconds, on_up=self._settle, **kwargs
+        )
         self.agents[device_id] = agent
         trace.outcome = Outcome.RUNNING
         trace.reason = trace.detail = None
         if trace.started is None:
             trace.started = self.seconds()
+        self.pending.add(device_id)
         self.tasks[device_id] = asyncio.create_task(
             self._run(device_id, agent), name=f"agent-{device_id}"
         )
@@ -199,25 +215,38 @@ class Fleet:
                 trace.reason = failure_reason(agent.state, agent.last_error)
                 trace.detail = agent.last_error
         finally:
+            self._settle(device_id)
             trace.ended = self.seconds()
             if trace.connected:  # a stopped agent's session ended with it
                 trace.disconnects.append(trace.ended)
             self._sent_before[device_id] = self._sent_before.get(device_id, 0) + agent.published
 
-    async def start(self, ids: Iterable[str] | None = None, ramp: float | None = None) -> None:
-        """Start agents, `ramp` per second (None: all at once); returns when all are started."""
+    def _settle(self, device_id: str) -> None:
+        self.pending.discard(device_id)
+        self._settled.set()
+
+    async def start(
+        self,
+        ids: Iterable[str] | None = None,
+        ramp: float | None = None,
+        max_inflight: int | None = None,
+    ) -> None:
+        """Start agents, `ramp` per second (None: all at once) and, with `max_inflight`, never
+        more than that many still enrolling or connecting (a closed loop: the fleet comes up
+        as fast as the stack takes it, never so fast that it times out and retries)."""
         todo = list(self.ids if ids is None else ids)
-        if not ramp:
-            for device_id in todo:
-                self.start_one(device_id)
-                await asyncio.sleep(0)
-            return
         begin = self.seconds()
         for i, device_id in enumerate(todo):
-            due = begin + i / ramp
-            if (wait := due - self.seconds()) > 0:
-                await asyncio.sleep(wait)
+            if ramp:
+                due = begin + i / ramp
+                if (wait := due - self.seconds()) > 0:
+                    await asyncio.sleep(wait)
+            while max_inflight is not None and len(self.pending) >= max_inflight:
+                self._settled.clear()
+                await self._settled.wait()
             self.start_one(device_id)
+            if not ramp and max_inflight is None:
+                await asyncio.sleep(0)
 
     async def stop(self, ids: Iterable[str] | None = None, grace: float = 15.0) -> None:
         """Stop agents (a device switched off) and wait for their tasks to end."""
@@ -245,6 +274,19 @@ class Fleet:
             agent = self.agents.get(device_id)
             live = agent.published if agent is not None and self.running(device_id) else 0
             trace.sent = self._sent_before.get(device_id, 0) + live
+
+    async def wait_settled(self, within: float) -> bool:
+        """Until every started agent is connected or stopped (cheap at any fleet size)."""
+        deadline = self.seconds() + within
+        while self.pending:
+            left = deadline - self.seconds()
+            if left <= 0:
+                return False
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self._settled.wait()
+        return True
 
     async def wait_until(
         self, predicate: Callable[[], bool], within: float, poll: float = 0.05

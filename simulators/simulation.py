@@ -64,6 +64,7 @@ class SimulationOptions:
     seed: int | None = None
     bring_up_timeout: float | None = None  # default: grows with the device count
     revoke: int = 1  # devices the revoke scenario revokes
+    max_inflight: int | None = None  # at most this many agents enrolling/connecting at once
 
     def up_timeout(self) -> float:
         if self.bring_up_timeout is not None:
@@ -77,6 +78,8 @@ def check_options(options: SimulationOptions) -> None:
     n = options.devices
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DEVICES:
         raise InvalidDeviceCount(n, MAX_DEVICES)
+    if options.max_inflight is not None and options.max_inflight < 1:
+        raise InvalidOption("--max-inflight", options.max_inflight, "must be at least 1")
     if options.ramp is not None and not options.ramp > 0:
         raise InvalidOption("--ramp", options.ramp, "must be a positive number of devices/s")
     if not options.telemetry_interval >= 0.05:
@@ -287,10 +290,8 @@ class Simulation:
         fleet = self.fleet
         assert fleet is not None
         chosen = fleet.ids if ids is None else ids
-        await fleet.start(chosen, self.options.ramp)
-        await fleet.wait_until(
-            lambda: all(fleet.settled(d) for d in chosen), self.options.up_timeout()
-        )
+        await fleet.start(chosen, self.options.ramp, self.options.max_inflight)
+        await fleet.wait_settled(self.options.up_timeout())
         up = len(fleet.connected(chosen))
         return Check(
             "every device enrolled and connected",
