@@ -10,7 +10,8 @@ certificates, same TLS 1.3 for every broker. mosquitto is Debian's 2.0 package, 
 with require_certificate and set_tcp_nodelay true.
 
 (a) broker CPU (user+sys, from /proc via psutil) per fresh mTLS connect: full handshake,
-    CONNECT, CONNACK, DISCONNECT. Target: <= 1.5 x mosquitto.
+    CONNECT, CONNACK, DISCONNECT; --rounds interleaved rounds, lowest kept (CPU time is only
+    ever inflated by other load on the machine). Target: <= 1.5 x mosquitto.
 (b) RSS per idle mTLS connection with --connections admitted sessions (keepalive 600 s).
     Target: <= 64 KB. Stock amqtt 0.12.1 (anonymous auth, its own TLS listener) is measured
     at --stock-connections for reference.
@@ -590,9 +591,10 @@ def _md(result: dict[str, Any]) -> str:
         "",
         "| figure | fleetpki broker | mosquitto 2.0 | target |",
         "|---|---|---|---|",
-        f"| (a) broker CPU per fresh mTLS connect | {o['cpu_ms_per_connect']:.2f} ms "
-        f"({o['cpu_ms_per_connect'] / m['cpu_ms_per_connect']:.2f} x) | "
-        f"{m['cpu_ms_per_connect']:.2f} ms | <= 1.5 x mosquitto |",
+        f"| (a) broker CPU per fresh mTLS connect (lowest of {o['rounds']}; median) | "
+        f"{o['cpu_ms_per_connect']:.2f} ms ({o['cpu_ms_per_connect'] / m['cpu_ms_per_connect']:.2f}"
+        f" x); {o['median_cpu_ms_per_connect']:.2f} ms | {m['cpu_ms_per_connect']:.2f} ms; "
+        f"{m['median_cpu_ms_per_connect']:.2f} ms | <= 1.5 x mosquitto |",
     ]
     bo, bm = b["fleetpki"], b["mosquitto 2.0"]
     stock = b.get("stock amqtt 0.12.1")
@@ -648,16 +650,27 @@ async def run(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
         "idle_memory": {},
         "throughput": {},
     }
-    # (a) and (d) first, on fresh brokers.
-    for start in (start_mosquitto, start_ours):
-        broker = start(fleet)
-        try:
-            print(f"[a] {broker.name}: {args.connects} connects", flush=True)
-            result["connect_cpu"][broker.name] = await bench_connect_cpu(
-                broker, fleet, args.connects
-            )
-        finally:
-            broker.stop()
+    # (a) interleaved rounds on fresh brokers. CPU time is inflated by whatever else shares
+    # the machine (caches, frequency), never deflated: each broker keeps its lowest figure.
+    connects: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.rounds):
+        for start in (start_mosquitto, start_ours):
+            broker = start(fleet)
+            try:
+                print(f"[a] {broker.name}: {args.connects} connects", flush=True)
+                connects.setdefault(broker.name, []).append(
+                    await bench_connect_cpu(broker, fleet, args.connects)
+                )
+            finally:
+                broker.stop()
+    for name, rs in connects.items():
+        best = min(rs, key=lambda r: r["cpu_ms_per_connect"])
+        result["connect_cpu"][name] = {
+            **best,
+            "rounds": len(rs),
+            "all_cpu_ms_per_connect": [round(r["cpu_ms_per_connect"], 3) for r in rs],
+            "median_cpu_ms_per_connect": statistics.median(r["cpu_ms_per_connect"] for r in rs),
+        }
     # (d) interleaved rounds, fresh broker each time: this machine's other load comes and
     # goes, so each configuration keeps its best rate (and the median broker CPU/message).
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -731,7 +744,7 @@ def main() -> None:
     ap.add_argument("--connects", type=int, default=400)
     ap.add_argument("--revocations", type=int, default=200)
     ap.add_argument("--messages", type=int, default=20_000)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (d)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a) and (d)")
     ap.add_argument("--stock-connections", type=int, default=2_000)
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "broker.json")
     ap.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
