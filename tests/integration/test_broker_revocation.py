@@ -232,3 +232,24 @@ async def test_racing_connections_of_one_identity_leave_one_and_revocation_reach
     await eventually(lambda: not any(d.connected for d in devs), 1.0, "every racer dropped")
     for d in devs:
         await d.close()
+
+
+async def test_subscriptions_are_cleaned_up_with_their_session(
+    fleet: Fleet, broker: RunningBroker, witness: Witness
+):
+    dev = PahoDevice(fleet.issue("tidy"), broker.port, fleet.ca_file)
+    assert await dev.connect() == PAHO_ACCEPTED
+    assert await dev.subscribe("devices/tidy/commands") == [1]
+    assert await dev.subscribe("devices/tidy/config/#") == [1]
+    assert dev.client is not None
+    dev.client.unsubscribe("devices/tidy/commands")
+    subs = broker.broker.subscriptions
+    await eventually(
+        lambda: "devices/tidy/commands" not in subs or not subs["devices/tidy/commands"]
+    )
+    assert "devices/tidy/config/#" in subs
+    await dev.close()
+    # amqtt's session monitor ends disconnected clean sessions within about a second.
+    await eventually(lambda: "devices/tidy/config/#" not in subs, 3.0, "the filter to go")
+    assert list(subs) == ["devices/witness/#"]
+    await witness.assert_undisturbed()

@@ -66,6 +66,8 @@ def check_amqtt_version() -> None:
 # Ends for which the stored session (subscriptions, queued messages) is discarded too: the
 # identity must be admitted again from scratch.
 _ACL_CACHE_KEY = "fleetpki.acl_cache"
+_FILTERS_KEY = "fleetpki.filters"
+_SUBACK_FAILURE = 0x80
 _ACL_CACHE_SIZE = 64
 _FORGET_SESSION = frozenset({DROP_REVOKED, DROP_SUSPENDED, DROP_OPERATOR, DROP_CERT_EXPIRED})
 
@@ -461,6 +463,32 @@ class HardenedBroker(Broker):
                             handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
                         )
                     )
+
+    # -- subscriptions indexed per session too ---------------------------------------------
+    # amqtt stores subscriptions by filter only, so ending one session walks every filter in
+    # the broker (O(devices) per disconnect, revocation or session expiry). Each session also
+    # keeps the set of its own filters, and cleanup walks only those.
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        code: int = await super().add_subscription(subscription, session)
+        if code != _SUBACK_FAILURE:
+            filters = session.attributes.setdefault(_FILTERS_KEY, set())
+            filters.add(subscription[0])
+        return code
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted: int = super()._del_subscription(a_filter, session)
+        filters = session.attributes.get(_FILTERS_KEY)
+        if filters is not None:
+            filters.discard(a_filter)
+        # amqtt leaves an empty list behind on UNSUBSCRIBE: every filter ever used would stay.
+        if not self._subscriptions.get(a_filter, True):
+            del self._subscriptions[a_filter]
+        return deleted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        for topic_filter in list(session.attributes.get(_FILTERS_KEY, ())):
+            self._del_subscription(topic_filter, session)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
