@@ -154,7 +154,7 @@ def simulate(
     except SimulatorError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_ERROR) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("interrupted; everything the run started has been stopped")
         raise typer.Exit(130) from None
     if as_json:
@@ -193,7 +193,7 @@ def demo(
             f"[red]error:[/red] {escape(str(exc))}", highlight=False
         )
         raise typer.Exit(EXIT_ERROR) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("interrupted; everything the demo started has been stopped and removed")
         raise typer.Exit(130) from None
     raise typer.Exit(EXIT_OK if ok else EXIT_CHECK_FAILED)

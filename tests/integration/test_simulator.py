@@ -241,3 +241,33 @@ def test_plot_draws_the_timeline(tmp_path: Path) -> None:
     report = build_report(journal, scenario="broker-restart", duration=3.0)
     out = plot_timeline(report, tmp_path / "timeline.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigterm_mid_run_stops_everything_and_removes_the_folder(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enroll_server.cli", "simulate", "-n", "3", "--duration", "60",
+         "--workdir", str(tmp_path)],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        # Wait until the run is under way: its temporary folder holds the bundles.
+        while not any(tmp_path.glob("fleetpki-sim-*/bundles")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
