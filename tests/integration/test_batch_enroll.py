@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -221,8 +222,10 @@ def idevid_server(
             actor="test",
         ).batch_id
 
-    def with_manufacturers(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
-        ctx = server_ssl_context(cert_chain, key, client_ca)
+    # Tolerant of extra arguments: once server.py passes the manufacturer CAs itself, loading
+    # them twice is harmless and this patch can go.
+    def with_manufacturers(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        ctx = server_ssl_context(*args, **kwargs)
         for path in trusted_manufacturer_ca_files(home):
             ctx.load_verify_locations(cafile=str(path))
         return ctx
