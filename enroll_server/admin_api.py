@@ -9,18 +9,23 @@ from typing import Any
 
 from aiohttp import web
 
-from enroll_server.errors import AuthenticationFailed, BadRequest, NotFound
+from enroll_server.errors import AuthenticationFailed, BadRequest, Conflict, NotFound
 from enroll_server.home import hash_secret
 from enroll_server.registry import (
     CertificateRecord,
     Device,
+    DuplicateBatch,
+    DuplicateDevice,
     InvalidValue,
     UnknownBatch,
     UnknownDevice,
     parse_reason,
 )
 from enroll_server.state import APP_STATE, AppState
+from fleetpki.duration import InvalidDuration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
+from provisioning.batch import provision_batch
+from provisioning.errors import DeviceIdTaken, ProvisioningError
 
 ADMIN_PREFIX = "/admin"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -177,6 +182,47 @@ async def list_batches(request: web.Request) -> web.Response:
 
 
 @_require_admin
+async def create_batch(request: web.Request) -> web.Response:
+    """POST /admin/batches {"count": N, "prefix": "pi-", "token_ttl": "7d"} -> ids and tokens.
+
+    Nothing is written to disk: the clear tokens are in this one response (and only their
+    hashes in the registry), for factory systems that flash devices themselves.
+    """
+    st = _st(request)
+    if st.home is None:
+        raise Conflict("this server has no home folder to provision from")
+    body = await _json_body(request)
+    count = body.get("count")
+    prefix = body.get("prefix", "dev-")
+    ttl_text = body.get("token_ttl")
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise BadRequest(f"count must be an integer, got {count!r}")
+    if not isinstance(prefix, str):
+        raise BadRequest(f"prefix must be a string, got {prefix!r}")
+    try:
+        ttl = parse_duration(ttl_text) if isinstance(ttl_text, str) else None
+        result = provision_batch(
+            st.registry,
+            st.home.layout,
+            st.home.config,
+            count=count,
+            prefix=prefix,
+            token_ttl=ttl,
+            now=st.clock(),
+            actor="admin-api",
+            batch_id=body.get("batch_id") if isinstance(body.get("batch_id"), str) else None,
+            note=str(body.get("note", "")),
+        )
+    except InvalidDuration as exc:
+        raise BadRequest(str(exc)) from exc
+    except (DeviceIdTaken, DuplicateDevice, DuplicateBatch) as exc:
+        raise Conflict(str(exc)) from exc
+    except (ProvisioningError, InvalidValue, InvalidIdentifier) as exc:
+        raise BadRequest(str(exc)) from exc
+    return web.json_response(result.to_json(include_tokens=True), status=201)
+
+
+@_require_admin
 async def revoke_batch(request: web.Request) -> web.Response:
     st = _st(request)
     body = await _json_body(request)
@@ -227,6 +273,7 @@ def admin_routes() -> list[web.RouteDef]:
         web.post(f"{p}/devices/{{device_id}}/suspend", _transition("suspend")),
         web.post(f"{p}/devices/{{device_id}}/resume", _transition("resume")),
         web.get(f"{p}/batches", list_batches),
+        web.post(f"{p}/batches", create_batch),
         web.post(f"{p}/batches/{{batch_id}}/revoke", revoke_batch),
         web.get(f"{p}/audit", audit),
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,13 +123,21 @@ def build_http_app(state: AppState, extra: list[web.RouteDef] | None = None) -> 
     return app
 
 
-def server_ssl_context(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
-    """TLS >= 1.2; client certificates optional (first enrollment has none), verified if sent."""
+def server_ssl_context(
+    cert_chain: Path, key: Path, client_ca: Path, extra_client_cas: Sequence[Path] = ()
+) -> ssl.SSLContext:
+    """TLS >= 1.2; client certificates optional (first enrollment has none), verified if sent.
+
+    `extra_client_cas`: manufacturer CAs whose birth certificates (IDevID) may authenticate
+    simpleenroll. Only the EST server trusts them; the broker never does.
+    """
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_chain, key)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.load_verify_locations(cafile=str(client_ca))
+    for extra in extra_client_cas:
+        ctx.load_verify_locations(cafile=str(extra))
     # No TLS 1.3 session tickets (RFC 8446 4.6.1): a device connects to enroll and then again
     # only to renew weeks later, long after any ticket lifetime, so tickets are never used;
     # minting two per connection costs the server CPU and the device bytes on every enrollment.

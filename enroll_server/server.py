@@ -25,6 +25,7 @@ from enroll_server.registry import Registry
 from enroll_server.revocation_http import RevocationState, revocation_routes
 from enroll_server.service import EnrollmentService
 from enroll_server.state import AppState, utc_now
+from provisioning.manufacturer import trusted_manufacturer_ca_files
 
 log = logging.getLogger("fleetpki.server")
 
@@ -99,6 +100,7 @@ async def start_server(
             registry=registry,
             ca_chain=(loaded.issuer.cert, loaded.root_cert),
             clock=clock,
+            home=loaded,
         )
         revocation = RevocationState.from_registry(
             registry, loaded.issuer, next_update=cfg.crl_next_update, clock=clock
@@ -106,7 +108,10 @@ async def start_server(
         state.on_change.append(revocation.changed)
         host = bind or cfg.bind
         tls = server_ssl_context(
-            loaded.layout.server_cert, loaded.layout.server_key, loaded.layout.chain
+            loaded.layout.server_cert,
+            loaded.layout.server_key,
+            loaded.layout.chain,
+            trusted_manufacturer_ca_files(loaded.layout.root),
         )
         https = await start_site(build_https_app(state), host, _port(est_port, cfg.est_port), tls)
         http_app = build_http_app(state, revocation_routes(revocation))

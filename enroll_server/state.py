@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
+from enroll_server.home import LoadedHome
 from enroll_server.metrics import Metrics
 from enroll_server.registry import Registry
 from enroll_server.service import EnrollmentService
@@ -28,6 +29,7 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     throttle: Throttle = field(default_factory=Throttle)
     clock: Callable[[], datetime] = utc_now
+    home: LoadedHome | None = None  # config and layout, for operator routes (batches)
     # Hooks set by `serve`: drop a device's live broker session at once (in-process path).
     on_revocation: list[Callable[[str], Any]] = field(default_factory=list)
     # Hooks run after any registry change that affects revocation data (CRL/OCSP rebuild).

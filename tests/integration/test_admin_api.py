@@ -77,3 +77,45 @@ def test_bad_admin_input(live_server: LiveServer) -> None:
     assert r.status == 400 and "JSON" in r.text
     assert admin(live_server, "GET", "/admin/devices?limit=x").status == 400
     assert admin(live_server, "GET", "/admin/devices?state=sleeping").status == 400
+
+
+def test_create_batch_over_the_api(live_server: LiveServer) -> None:
+    r = admin(
+        live_server,
+        "POST",
+        "/admin/batches",
+        {"count": 3, "prefix": "api-", "token_ttl": "1d", "batch_id": "lot-7"},
+    )
+    assert r.status == 201, r.text
+    data = json.loads(r.body)
+    assert data["batch_id"] == "lot-7" and data["count"] == 3 and data["out_dir"] is None
+    tokens = {t["device_id"]: t["token"] for t in data["tokens"]}
+    assert len(tokens) == 3 and all(d.startswith("api-") for d in tokens)
+    device, token = next(iter(tokens.items()))
+    assert enroll(live_server, device, token).status == 200
+    listed = json.loads(admin(live_server, "GET", "/admin/batches").body)["batches"]
+    assert [b["batch_id"] for b in listed] == ["lot-7"]
+
+
+def test_create_batch_bad_input_changes_nothing(live_server: LiveServer) -> None:
+    cases = [
+        ({"count": 0}, 400),
+        ({"count": -5}, 400),
+        ({"count": "ten"}, 400),
+        ({"count": 2, "token_ttl": "soon"}, 400),
+        ({"count": 2, "prefix": "bad/prefix-"}, 400),
+    ]
+    for body, status in cases:
+        r = admin(live_server, "POST", "/admin/batches", body)
+        assert r.status == status, (body, r.status, r.text)
+        assert r.text.count("\n") == 1
+    assert live_server.registry.list_batches() == []
+    assert live_server.registry.list_devices() == []
+    assert (
+        admin(live_server, "POST", "/admin/batches", {"count": 1, "batch_id": "dup"}).status == 201
+    )
+    r = admin(
+        live_server, "POST", "/admin/batches", {"count": 1, "batch_id": "dup", "prefix": "other-"}
+    )
+    assert r.status == 409, r.text
+    assert len(live_server.registry.list_devices()) == 1
