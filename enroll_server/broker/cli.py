@@ -131,6 +131,9 @@ def _run(
             max_keepalive=max_keepalive,
             max_connections=max_connections,
         )
+        from enroll_server.loop import install_fast_loop
+
+        install_fast_loop()  # uvloop when installed, as `fleetpki serve` does
         asyncio.run(serve_until_signal(config, metrics_port))
     except (HomeError, ConfigError, BrokerError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))

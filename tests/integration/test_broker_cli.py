@@ -1,4 +1,5 @@
-"""`fleetpki broker --home H`: the broker alone, in its own process, on a real home folder."""
+"""`fleetpki broker --home H`: the broker alone, in its own process (on uvloop, as the CLI runs it),
+on a real home folder; revocation by the operator CLI from yet another process."""
 
 from __future__ import annotations
 
@@ -8,13 +9,20 @@ import re
 import signal
 import socket
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 from cryptography import x509
 
 from enroll_server.pki.keys import load_private_key_pem
-from tests.integration.broker_harness import PAHO_ACCEPTED, Creds, PahoDevice
+from tests.integration.broker_harness import (
+    PAHO_ACCEPTED,
+    PAHO_NOT_AUTHORIZED,
+    Creds,
+    PahoDevice,
+    eventually,
+)
 
 FLEETPKI = str(Path(sys.executable).with_name("fleetpki"))
 
@@ -66,7 +74,16 @@ async def test_standalone_broker_serves_a_home_folder(tmp_path: Path):
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         text = (await asyncio.to_thread(urllib.request.urlopen, url, None, 5)).read().decode()
         assert 'fleetpki_broker_connected_clients{role="service"} 1' in text
+        # Revoked by another process (the operator CLI): the live session ends within 1 s of
+        # that process' commit, i.e. of its exit.
+        await _run("device", "revoke", "backend", "--home", str(home), env=env)
+        revoked_at = time.monotonic()
+        await eventually(lambda: svc.disconnects, 2.0, "the revoked service to be dropped")
+        assert time.monotonic() - revoked_at < 1.0
         await svc.close()
+        again = PahoDevice(creds, port, folder / "ca.pem")
+        assert await again.connect() == PAHO_NOT_AUTHORIZED
+        await again.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(15):
