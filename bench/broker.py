@@ -21,7 +21,9 @@ with require_certificate and set_tcp_nodelay true.
     such mechanism (it keeps revoked clients connected even after a CRL reload).
 (d) QoS 0 and QoS 1 messages/s from one device to one subscribed service, with the topic
     policy and without it (BrokerConfig.policy_enabled=False), --rounds interleaved rounds on
-    fresh brokers, best rate kept. Target: overhead <= 10%.
+    fresh brokers. The overhead is read from the broker's CPU per message (lowest of the
+    rounds): on a shared 2-core machine the rates swing by +-15% between identical runs, the
+    CPU time much less. Target: overhead <= 10%.
 """
 
 from __future__ import annotations
@@ -620,12 +622,13 @@ def _md(result: dict[str, Any]) -> str:
         without = d[f"fleetpki (no policy) qos{qos}"]
         mos = d[f"mosquitto 2.0 qos{qos}"]
         overhead = 100 * (1 - with_p["msgs_per_s"] / without["msgs_per_s"])
-        cpu_on = with_p["median_broker_cpu_us_per_msg"]
-        cpu_off = without["median_broker_cpu_us_per_msg"]
+        cpu_on = with_p["min_broker_cpu_us_per_msg"]
+        cpu_off = without["min_broker_cpu_us_per_msg"]
         lines.append(
             f"| (d) QoS {qos} msgs/s, policy on / off (best of {with_p['rounds']}) | "
-            f"{with_p['msgs_per_s']:,.0f} / {without['msgs_per_s']:,.0f} (overhead "
-            f"{overhead:.1f}%; broker CPU {cpu_on:.0f} / {cpu_off:.0f} us/msg) | "
+            f"{with_p['msgs_per_s']:,.0f} / {without['msgs_per_s']:,.0f}; overhead "
+            f"{100 * (cpu_on / cpu_off - 1):.1f}% by broker CPU per message ({cpu_on:.0f} / "
+            f"{cpu_off:.0f} us, lowest), {overhead:.1f}% by best rate | "
             f"{mos['msgs_per_s']:,.0f} | overhead <= 10% |"
         )
     lines.append("")
@@ -655,8 +658,9 @@ async def run(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
     # (a) interleaved rounds on fresh brokers. CPU time is inflated by whatever else shares
     # the machine (caches, frequency), never deflated: each broker keeps its lowest figure.
     connects: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(args.rounds):
-        for start in (start_mosquitto, start_ours):
+    for rnd in range(args.rounds):
+        # Alternate the order: whatever drifts during a round must not favour one broker.
+        for start in (start_mosquitto, start_ours)[:: 1 if rnd % 2 == 0 else -1]:
             broker = start(fleet)
             try:
                 print(f"[a] {broker.name}: {args.connects} connects", flush=True)
@@ -676,12 +680,13 @@ async def run(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
     # (d) interleaved rounds, fresh broker each time: this machine's other load comes and
     # goes, so each configuration keeps its best rate (and the median broker CPU/message).
     runs: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(args.rounds):
-        for starter in (
-            lambda f: start_ours(f, policy=True),
-            lambda f: start_ours(f, policy=False),
-            start_mosquitto,
-        ):
+    starters: list[Callable[[Fleet], BrokerProcess]] = [
+        lambda f: start_ours(f, policy=True),
+        lambda f: start_ours(f, policy=False),
+        start_mosquitto,
+    ]
+    for rnd in range(args.rounds):
+        for starter in starters[:: 1 if rnd % 2 == 0 else -1]:
             for qos in (0, 1):
                 broker = starter(fleet)
                 try:
@@ -700,6 +705,7 @@ async def run(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
             "median_broker_cpu_us_per_msg": statistics.median(
                 r["broker_cpu_us_per_msg"] for r in rs
             ),
+            "min_broker_cpu_us_per_msg": min(r["broker_cpu_us_per_msg"] for r in rs),
         }
     # (b) then (c) on the same 10k sessions.
     for start in (start_mosquitto, start_ours):
@@ -746,7 +752,7 @@ def main() -> None:
     ap.add_argument("--connects", type=int, default=400)
     ap.add_argument("--revocations", type=int, default=200)
     ap.add_argument("--messages", type=int, default=20_000)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a) and (d)")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of (a) and (d)")
     ap.add_argument("--stock-connections", type=int, default=2_000)
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "broker.json")
     ap.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
