@@ -312,10 +312,10 @@ class Simulation:
         connected = self.journal.connected_count()
         await fleet.stop()
         fleet.sync_counts()
-        # QoS 1: the broker acknowledged each counted message; give its fan-out to the
-        # observer a moment to arrive before calling anything lost.
+        # QoS 1: the broker acknowledged each counted message; let its fan-out to the observer
+        # arrive before calling anything lost: until all arrived, or nothing more arrives.
+        await self._drain(self.observer)
         traces = self.journal.traces.values()
-        await fleet.wait_until(lambda: all(t.received >= t.sent for t in traces), 3.0)
         if self.scenario.delivery_check:
             lost = sum(max(0, t.sent - t.received) for t in traces)
             sent = sum(t.sent for t in traces)
@@ -335,6 +335,20 @@ class Simulation:
             extra={"seed": self.seed, **kwargs.pop("extra", {})},
             **kwargs,
         )
+
+    async def _drain(self, observer: Observer, quiet: float = 2.0, limit: float = 30.0) -> None:
+        traces = self.journal.traces.values()
+        sent = sum(t.sent for t in traces)
+        deadline = self.seconds() + limit
+        last, last_change = observer.messages, self.seconds()
+        while self.seconds() < deadline:
+            if sum(t.received for t in traces) >= sent:
+                return
+            await asyncio.sleep(0.2)
+            if observer.messages != last:
+                last, last_change = observer.messages, self.seconds()
+            elif self.seconds() - last_change >= quiet:
+                return
 
     async def _teardown(self) -> None:
         if self.fleet is not None:
