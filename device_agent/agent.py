@@ -1,9 +1,10 @@
 """The Agent: one device's lifecycle from factory bundle to a long-lived, self-renewing session.
 
-    wait for a sane clock -> enroll (token) if there is no valid certificate -> MQTT session
+    wait for a sane clock -> enroll (token or factory birth certificate) if there is no valid
+    certificate -> MQTT session
     + telemetry loop + renewal loop (simplereenroll with a fresh key at ~2/3 of the lifetime,
     atomic swap, reconnect) -> stop on request, on refusal/revocation, or when the certificate
-    expired and no token is there to re-bootstrap.
+    expired and no token is there to re-bootstrap (an IDevID device re-bootstraps by itself).
 
 Asyncio-native and free of globals, so one process can run thousands (the simulator).
 """
@@ -15,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -26,7 +27,7 @@ from device_agent import __version__
 from device_agent.backoff import Backoff
 from device_agent.cancel import cancel_all
 from device_agent.clock import clock_floor, is_sane
-from device_agent.config import AgentConfig
+from device_agent.config import AgentConfig, BirthCredentials
 from device_agent.errors import (
     BrokerRefused,
     CertificateRejected,
@@ -146,10 +147,12 @@ class Agent:
         return await self._guard(self._run)
 
     async def enroll(self, *, force: bool = False) -> ExitCode:
-        """Make sure a valid identity is stored (enrolling with the token if needed); no MQTT.
+        """Make sure a valid identity is stored (enrolling with the token or the factory
+        birth certificate if needed); no MQTT.
 
-        `force` re-enrolls with the token even over a still-valid certificate: the recovery
-        path of a revoked device the operator has re-admitted with a new token.
+        `force` re-enrolls even over a still-valid certificate: the recovery path of a revoked
+        device the operator has re-admitted with a new token (or a factory reset of an IDevID
+        device).
         """
 
         async def body() -> ExitCode:
@@ -333,24 +336,40 @@ class Agent:
         now = self.now()
         if ident is not None and not force and not is_expired(ident.not_after, now):
             return ident
+        if ident is None:
+            situation = "the device has no certificate"
+        elif force:
+            situation = "re-enrollment was requested"
+        else:
+            situation = f"the certificate expired at {ident.not_after.isoformat()}"
+        self.identity = await self._bootstrap(self._anchor(), situation)
+        return self.identity
+
+    async def _bootstrap(self, anchor: x509.Certificate, situation: str) -> Identity:
+        """First enrollment (or re-bootstrap) with the bundle's credential: the factory birth
+        certificate if agent.toml names one, else the one-time token. `situation` says why
+        (for the log, and for the error when there is no token)."""
+        birth = self.config.idevid
+        if birth is not None:
+            if self.identity is not None:
+                log.warning(
+                    "%s: %s; re-bootstrapping with the birth certificate %s",
+                    self.device_id,
+                    situation,
+                    birth.cert,
+                )
+            return await self._enroll_idevid(birth, anchor)
         token = self._read_token()
         if token is None:
-            if ident is None:
-                why = "the device has no certificate and no enrollment token"
-            elif force:
-                why = "re-enrollment was requested but there is no enrollment token"
-            else:
-                why = f"the certificate expired at {ident.not_after.isoformat()}"
-            raise NeedsRebootstrap(why, self.config.token_file)
-        if ident is not None and is_expired(ident.not_after, now):
+            raise NeedsRebootstrap(f"{situation} and no enrollment token", self.config.token_file)
+        if self.identity is not None:
             log.warning(
-                "%s: certificate expired at %s; re-bootstrapping with the token in %s",
+                "%s: %s; re-bootstrapping with the token in %s",
                 self.device_id,
-                ident.not_after.isoformat(),
+                situation,
                 self.config.token_file,
             )
-        self.identity = await self._enroll(token, self._anchor())
-        return self.identity
+        return await self._enroll(token, anchor)
 
     async def _new_key(self) -> PrivateKey:
         from device_agent.keys import generate_key
@@ -383,6 +402,31 @@ class Agent:
 
     async def _enroll(self, token: str, anchor: x509.Certificate) -> Identity:
         """simpleenroll with the token; retries 202/5xx/network with backoff, never 401/403."""
+        ident = await self._simpleenroll(
+            anchor, lambda csr: self.est.simpleenroll(csr, self.device_id, token)
+        )
+        self._delete_token()
+        return ident
+
+    async def _enroll_idevid(self, birth: BirthCredentials, anchor: x509.Certificate) -> Identity:
+        """simpleenroll over mutual TLS with the factory birth certificate (IEEE 802.1AR IDevID
+        -> operational certificate). The birth pair stays where it is: it is the device's
+        permanent factory identity, used again only to re-bootstrap, never for MQTT."""
+        from device_agent.idevid import check_birth_credentials, check_birth_subject
+
+        check_birth_credentials(birth, self.config.path)
+        check_birth_subject(birth, self.device_id, self.config.path)
+        return await self._simpleenroll(
+            anchor, lambda csr: self.est.simpleenroll_idevid(csr, birth.cert, birth.key)
+        )
+
+    async def _simpleenroll(
+        self,
+        anchor: x509.Certificate,
+        send: Callable[[x509.CertificateSigningRequest], Awaitable[list[x509.Certificate]]],
+    ) -> Identity:
+        """The bootstrap exchange with a fresh key (CN = device id): retries 202, 5xx and
+        network errors with backoff; 401/403 propagate (refused: retrying would only hammer)."""
         from device_agent.est_wire import WireError, build_csr, check_cacerts
 
         self._set_state(AgentState.ENROLLING)
@@ -392,7 +436,7 @@ class Agent:
         while True:
             try:
                 cas = check_cacerts(await self.est.cacerts(), anchor)
-                certs = await self.est.simpleenroll(csr, self.device_id, token)
+                certs = await send(csr)
                 chain = self._accept(key, certs, cas, anchor)
                 break
             except WireError as exc:  # from check_cacerts
@@ -406,7 +450,6 @@ class Agent:
             log.warning("%s: enrollment: %s; retrying in %.1f s", self.device_id, why, delay)
             await self._sleep(delay)
         ident = self._store(key, chain)
-        self._delete_token()
         self.last_error = None
         log.info(
             "%s: enrolled: certificate serial %s valid until %s; renewal at %s",
@@ -450,15 +493,12 @@ class Agent:
             if is_expired(ident.not_after, now):
                 # Renewal failed for the whole remaining third of the lifetime. The server
                 # will not renew an expired certificate (RFC 7030 3.3.2 mTLS fails), so only a
-                # new token helps; don't loop.
-                token = self._read_token()
-                if token is None:
-                    raise NeedsRebootstrap(
-                        f"the certificate expired at {ident.not_after.isoformat()} before it "
-                        "could be renewed",
-                        self.config.token_file,
-                    )
-                self.identity = await self._enroll(token, anchor)
+                # new bootstrap helps: the birth certificate, or a new token; don't loop.
+                self.identity = await self._bootstrap(
+                    anchor,
+                    f"the certificate expired at {ident.not_after.isoformat()} before it "
+                    "could be renewed",
+                )
                 self._rotated(ident)
                 return
             previous = self.state

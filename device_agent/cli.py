@@ -26,7 +26,8 @@ exit codes:
   1  crash (unexpected error; systemd restarts the agent)
   2  bad command line
   3  refused or revoked by the service or the broker (not restarted)
-  4  agent.toml, the trust anchor, the token file or the state folder is unusable
+  4  agent.toml, the trust anchor, the token file, the factory birth certificate
+     (idevid_cert / idevid_key) or the state folder is unusable
   5  no valid certificate and no token: write a new token from the operator to the
      token file, then run `fleetpki-agent enroll --config ...` (or restart the agent)
 """
@@ -43,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("run", "enroll if needed, then stay connected, renewing the certificate by itself"),
-        ("enroll", "enroll now (with the token) and exit; use --force after a revocation"),
+        (
+            "enroll",
+            "enroll now (with the token or the factory birth certificate) and exit; "
+            "use --force after a revocation",
+        ),
         ("status", "print identity, certificate serial and expiry, next renewal, last connection"),
     ):
         cmd = sub.add_parser(
@@ -59,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--force",
                 action="store_true",
-                help="re-enroll with the token even if a valid certificate is stored",
+                help="re-enroll with the token or birth certificate even if a valid certificate is "
+                "stored",
             )
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="machine-readable output")

@@ -19,7 +19,7 @@ log = logging.getLogger("fleetpki.agent")
 # keys without bricking older agents.
 _KNOWN: dict[str, set[str]] = {
     "device": {"id", "key_type"},
-    "enroll": {"server", "token_file", "trust_anchor", "timeout"},
+    "enroll": {"server", "token_file", "idevid_cert", "idevid_key", "trust_anchor", "timeout"},
     "mqtt": {"host", "port", "telemetry_interval", "keepalive", "queue_size"},
     "state": {"dir"},
 }
@@ -40,6 +40,19 @@ class EstServer:
 
 
 @dataclass(frozen=True, slots=True)
+class BirthCredentials:
+    """The factory birth certificate (IDevID, IEEE 802.1AR) and its key, by path.
+
+    The device's permanent factory identity: it authenticates the first enrollment (EST
+    simpleenroll over mutual TLS instead of a token) and any later re-bootstrap, and is never
+    presented to the broker. The agent never writes or deletes these files.
+    """
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything the agent reads from agent.toml; relative paths already resolved."""
 
@@ -56,6 +69,9 @@ class AgentConfig:
     mqtt_keepalive: int = 30
     queue_size: int = 1000
     http_timeout: float = 30.0
+    # Set for bundles of `fleetpki batch create --idevid`: bootstrap with the birth
+    # certificate; `token_file` is then only a default path that is never read.
+    idevid: BirthCredentials | None = None
 
 
 def _section(path: Path, doc: dict[str, Any], name: str) -> dict[str, Any]:
@@ -114,6 +130,29 @@ def _port(path: Path, key: str, value: int) -> int:
     return value
 
 
+def _birth_credentials(path: Path, enroll: dict[str, Any]) -> BirthCredentials | None:
+    """`idevid_cert` + `idevid_key`, or neither; never together with `token_file`."""
+    given = [k for k in ("idevid_cert", "idevid_key") if k in enroll]
+    if not given:
+        return None
+    if "token_file" in enroll:
+        raise ConfigError(
+            path,
+            "enroll.token_file",
+            "give either a token file or an IDevID (idevid_cert + idevid_key), not both",
+        )
+    if len(given) == 1:
+        missing = "idevid_key" if given[0] == "idevid_cert" else "idevid_cert"
+        raise ConfigError(
+            path, f"enroll.{missing}", f"is missing (enroll.{given[0]} needs its pair)"
+        )
+    base = path.parent
+    return BirthCredentials(
+        cert=base / _get(path, enroll, "enroll", "idevid_cert", str),
+        key=base / _get(path, enroll, "enroll", "idevid_key", str),
+    )
+
+
 def parse_config(text: str, path: Path) -> AgentConfig:
     """Validate agent.toml's text; `path` names the file in errors and anchors relative paths."""
     try:
@@ -170,11 +209,17 @@ def parse_config(text: str, path: Path) -> AgentConfig:
         mqtt_keepalive=keepalive,
         queue_size=queue_size,
         http_timeout=timeout,
+        idevid=_birth_credentials(path, enroll),
     )
 
 
 def load_config(path: Path) -> AgentConfig:
-    """Read and validate agent.toml (relative paths in it are relative to its folder)."""
+    """Read and validate agent.toml (relative paths in it are relative to its folder).
+
+    An IDevID pair is checked here too (readable, key matches certificate): a bundle that
+    cannot bootstrap should say so at the first start, naming the file, not at the first
+    enrollment attempt.
+    """
     path = Path(path).absolute()
     try:
         text = path.read_text(encoding="utf-8")
@@ -182,4 +227,9 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(path, None, "file not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, None, f"cannot read: {exc}") from exc
-    return parse_config(text, path)
+    config = parse_config(text, path)
+    if config.idevid is not None:
+        from device_agent.idevid import check_birth_credentials
+
+        check_birth_credentials(config.idevid, path)
+    return config

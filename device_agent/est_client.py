@@ -1,4 +1,4 @@
-"""The EST client (RFC 7030): cacerts, simpleenroll with the token, simplereenroll over mTLS."""
+"""The EST client (RFC 7030): cacerts, simpleenroll (token or IDevID), simplereenroll over mTLS."""
 
 from __future__ import annotations
 
@@ -128,6 +128,17 @@ class EstClient:
             "Authorization": f"Basic {credentials}",
         }
         ctx = client_context(self.trust_anchor)
+        response = await self._call("POST", "simpleenroll", ctx, headers, encode_csr(csr))
+        return self._certs(response, "simpleenroll")
+
+    async def simpleenroll_idevid(
+        self, csr: x509.CertificateSigningRequest, cert_path: Path, key_path: Path
+    ) -> list[x509.Certificate]:
+        """POST /simpleenroll (RFC 7030 4.2.1) authenticated by the factory birth certificate
+        in the TLS handshake (RFC 7030 3.3.2: certificate-based client authentication; the
+        IDevID-to-LDevID step of IEEE 802.1AR / BRSKI), with no HTTP Basic credentials."""
+        headers = {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"}
+        ctx = client_context(self.trust_anchor, cert_path, key_path)
         response = await self._call("POST", "simpleenroll", ctx, headers, encode_csr(csr))
         return self._certs(response, "simpleenroll")
 

@@ -18,6 +18,7 @@ class KeyType(StrEnum):
     EC_P256 = "ec-p256"
     EC_P384 = "ec-p384"
     RSA_2048 = "rsa-2048"
+    RSA_3072 = "rsa-3072"
     ED25519 = "ed25519"
 
 
@@ -29,6 +30,8 @@ def generate_key(kind: KeyType) -> PrivateKey:
         return ec.generate_private_key(ec.SECP384R1())
     if kind is KeyType.RSA_2048:
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind is KeyType.RSA_3072:
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
     return ed25519.Ed25519PrivateKey.generate()
 
 

@@ -54,8 +54,14 @@ def status_report(config: AgentConfig, now: datetime) -> tuple[dict[str, Any], E
         "agent_state_since": status.get("since"),
         "last_connected": status.get("last_connected"),
         "last_error": status.get("last_error"),
-        "token_present": config.token_file.exists(),
     }
+    if config.idevid is not None:
+        # The birth certificate is kept for good; whether it still loads was checked when
+        # agent.toml was.
+        report["bootstrap"] = f"factory birth certificate {config.idevid.cert}"
+    else:
+        report["bootstrap"] = "token"
+        report["token_present"] = config.token_file.exists()
     try:
         ident = store.load()
     except KeystoreError as exc:

@@ -357,6 +357,11 @@ async def test_rotate_reconnects_with_new_credentials(
             await link.connected.wait()
         link.enqueue(b'{"n": 1}')
         await next_payloads(observer, 1)
+        # The observer may see message 1 before the link has its PUBACK; rotating then would
+        # (rightly, at-least-once) send it again on the new session. Wait for the PUBACK.
+        async with asyncio.timeout(5):
+            while link.queued:
+                await asyncio.sleep(0.02)
         current[0] = new
         link.rotate()
         link.enqueue(b'{"n": 2}')
