@@ -28,6 +28,7 @@ from device_agent.agent import Agent, AgentState
 from device_agent.backoff import Backoff
 from device_agent.config import load_config
 from device_agent.exit_codes import ExitCode
+from device_agent.status import status_report
 from enroll_server.config import load_config as load_server_config
 from enroll_server.identities import issue_service_identity
 from enroll_server.pki.profile import DeviceProfile
@@ -182,6 +183,9 @@ async def test_idevid_bundle_enrolls_connects_renews_and_rebootstraps(
         assert issue_actors(server, DEV)[:2] == ["device-idevid", "device"]
         old = server.registry.get_certificate(first.serial_number)
         assert old is not None and old.status is CertStatus.SUPERSEDED
+        report, code = status_report(load_config(config), datetime.now(UTC))
+        assert code == ExitCode.OK and report["certificate_serial"] == renewed.serial_hex
+        assert report["bootstrap"].endswith("idevid.pem") and "token_present" not in report
     finally:
         agent.stop()
         assert await asyncio.wait_for(task, 15) == ExitCode.OK
