@@ -82,7 +82,7 @@ def test_crash_debris_is_ignored_then_swept(tmp_path: Path, ca: MemoryCa) -> Non
     assert again.generation == 2
 
 
-def test_unreadable_key_is_named(tmp_path: Path, ca: MemoryCa) -> None:
+def test_unparsable_or_missing_key_is_named(tmp_path: Path, ca: MemoryCa) -> None:
     store = Keystore(tmp_path / "state")
     ident = store.store(*_identity(ca), NOW)
     ident.key_path.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
@@ -92,18 +92,109 @@ def test_unreadable_key_is_named(tmp_path: Path, ca: MemoryCa) -> None:
     ident.key_path.unlink()
     with pytest.raises(KeyUnreadable, match="cannot read"):
         store.load()
-    ident.key_path.mkdir()  # unreadable even for root (the tests may run as root)
-    with pytest.raises(KeyUnreadable, match="cannot read"):
-        store.load()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads 0000 files")
-def test_permission_denied_key(tmp_path: Path, ca: MemoryCa) -> None:
+NOBODY = 65534
+
+
+def _load_error_unprivileged(state: Path) -> tuple[str, str]:
+    """(error class, message) of Keystore.load() in a process that file permissions apply to.
+
+    Root reads 0000 files, and CI runs as root: there a forked child drops to `nobody` first.
+    It enters the state folder while still root (the pytest temp tree above it is 0700) and
+    loads it by a relative path, so only the state's own permissions apply.
+    """
+    if os.geteuid() != 0:
+        try:
+            Keystore(state).load()
+        except KeyUnreadable as exc:
+            return type(exc).__name__, str(exc)
+        return "none", ""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read_end)
+            os.chdir(state)
+            try:
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+            except OSError as exc:
+                result = f"cannot-drop|{exc}"
+            else:
+                try:
+                    Keystore(Path(".")).load()
+                    result = "none|"
+                except Exception as exc:
+                    result = f"{type(exc).__name__}|{exc}"
+            os.write(write_end, result.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        result = pipe.read().decode()  # EOF when the child exits
+    os.waitpid(pid, 0)
+    kind, _, message = result.partition("|")
+    if kind == "cannot-drop":  # e.g. a user namespace without `nobody`
+        pytest.fail(f"cannot drop root privileges to test file permissions: {message}")
+    return kind, message
+
+
+def _dangling(key: Path) -> None:
+    key.unlink()
+    key.symlink_to(key.with_name("gone.pem"))
+
+
+def _loop(key: Path) -> None:
+    key.unlink()
+    key.symlink_to(key)  # ELOOP, for root too
+
+
+def _folder(key: Path) -> None:
+    key.unlink()
+    key.mkdir()  # EISDIR, for root too
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (_folder, "Is a directory"),
+        (_dangling, "No such file or directory"),
+        (_loop, "Too many levels of symbolic links"),
+    ],
+    ids=["folder", "dangling-symlink", "symlink-loop"],
+)
+def test_key_file_that_cannot_be_read_is_named(
+    tmp_path: Path,
+    ca: MemoryCa,
+    damage,
+    why: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """Read failures that hit root as hard as anyone (CI runs as root)."""
     store = Keystore(tmp_path / "state")
     ident = store.store(*_identity(ca), NOW)
-    ident.key_path.chmod(0)
-    with pytest.raises(KeyUnreadable, match="Permission denied"):
+    damage(ident.key_path)
+    with pytest.raises(KeyUnreadable) as info:
         store.load()
+    assert info.value.path == ident.key_path
+    assert f"cannot read: {why}" in str(info.value) and str(ident.key_path) in str(info.value)
+
+
+def test_permission_denied_key(tmp_path: Path, ca: MemoryCa) -> None:
+    """A 0000 key file: real EACCES, also when the suite runs as root (see the helper)."""
+    store = Keystore(tmp_path / "state")
+    ident = store.store(*_identity(ca), NOW)
+    if os.geteuid() == 0:
+        # The state belongs to the agent's own user, as in the field (the systemd unit's
+        # `fleetpki`); here `nobody`, the user the helper's child becomes.
+        for path in (store.dir, *store.dir.rglob("*")):
+            os.chown(path, NOBODY, NOBODY)
+    assert _load_error_unprivileged(store.dir) == ("none", "")  # readable: loads fine
+    ident.key_path.chmod(0)
+    kind, message = _load_error_unprivileged(store.dir)
+    assert kind == "KeyUnreadable", message
+    assert "cannot read: Permission denied" in message and "key.pem" in message
 
 
 def test_corrupt_certificate_and_record_are_named(tmp_path: Path, ca: MemoryCa) -> None:
