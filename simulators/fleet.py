@@ -36,7 +36,7 @@ class SimAgent(Agent):
     """A real Agent whose lifecycle steps are also written into a DeviceTrace.
 
     Stopgap until the Agent offers a public event hook: it overrides the three private steps
-    where the events happen (`_enroll`, `_renew_once`, `_on_connection`), calling the real
+    where the events happen (`_simpleenroll`, `_renew_once`, `_on_connection`), calling the real
     ones first and recording only after they succeeded.
     """
 
@@ -53,8 +53,9 @@ class SimAgent(Agent):
         self.seconds = seconds
         self.on_up = on_up
 
-    async def _enroll(self, token: str, anchor: x509.Certificate) -> Identity:
-        ident = await super()._enroll(token, anchor)
+    async def _simpleenroll(self, *args: Any, **kwargs: Any) -> Identity:
+        # The bootstrap exchange under both token and IDevID enrollment.
+        ident = await super()._simpleenroll(*args, **kwargs)
         if self.trace.enrolled is None:
             self.trace.enrolled = self.seconds()
         self.trace.serials.append(ident.serial_hex)
