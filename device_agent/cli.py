@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -11,12 +10,17 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from device_agent import __version__
 from device_agent.agent import Agent
 from device_agent.config import load_config
 from device_agent.errors import ConfigError
 from device_agent.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger("fleetpki.agent")
 
@@ -34,6 +38,8 @@ exit codes:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="fleetpki-agent",
         description="fleetpki device agent: EST enrollment, mTLS MQTT, automatic renewal.",
@@ -72,6 +78,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options each command takes besides --config/-c and --verbose/-v (see _parser).
+_FLAGS = {"run": (), "enroll": ("--force",), "status": ("--json",)}
+
+
+def _plain_args(argv: Sequence[str]) -> SimpleNamespace | None:
+    """The command lines systemd and scripts use (`run --config PATH`, flags spelled out, each
+    once), parsed without argparse; None for anything else, which argparse then handles (help,
+    usage errors, abbreviations, `--`). Exactly what argparse would return for the same line.
+
+    Why: argparse and gettext are a third of a MiB of RSS that a device agent, idle for weeks,
+    would keep for having read its command line once.
+    """
+    if not argv or argv[0] not in _FLAGS:
+        return None
+    command, rest = argv[0], list(argv[1:])
+    values: dict[str, Any] = {"command": command, "config": None, "verbose": False}
+    values.update({flag[2:]: False for flag in _FLAGS[command]})
+    seen: set[str] = set()
+    while rest:
+        arg = rest.pop(0)
+        if arg.startswith("--config="):
+            arg, rest = "--config", [arg.removeprefix("--config="), *rest]
+        name = {"-c": "--config", "-v": "--verbose"}.get(arg, arg)
+        if name in seen:
+            return None
+        seen.add(name)
+        if name == "--config":
+            # A value that looks like an option is argparse's call (it may refuse it).
+            if not rest or not rest[0] or rest[0].startswith("-"):
+                return None
+            values["config"] = Path(rest.pop(0))
+        elif name == "--verbose" or name in _FLAGS[command]:
+            values[name[2:]] = True
+        else:
+            return None
+    if values["config"] is None:
+        return None
+    return SimpleNamespace(**values)
+
+
 async def _serve(agent: Agent, command: str, force: bool) -> ExitCode:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,7 +128,8 @@ async def _serve(agent: Agent, command: str, force: bool) -> ExitCode:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    line = sys.argv[1:] if argv is None else list(argv)
+    args = _plain_args(line) or _parser().parse_args(line)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

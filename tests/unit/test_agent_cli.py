@@ -106,3 +106,60 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     # The only acceptable complaint in a test box: the install path does not exist here.
     problems = [line for line in r.stderr.splitlines() if line and "is not executable" not in line]
     assert problems == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        ["run", "--config", "a.toml"],
+        ["run", "-c", "/etc/fleetpki/agent.toml", "-v"],
+        ["run", "--config=x/agent.toml", "--verbose"],
+        ["enroll", "--force", "-c", "a.toml"],
+        ["enroll", "--config", "a.toml"],
+        ["status", "--json", "--config", "a.toml", "-v"],
+        ["status", "-c", "a.toml"],
+    ],
+)
+def test_plain_command_lines_parse_as_argparse_does(line: list[str]) -> None:
+    from device_agent.cli import _parser, _plain_args
+
+    plain = _plain_args(line)
+    assert plain is not None
+    assert vars(plain) == vars(_parser().parse_args(line))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        [],
+        ["--help"],
+        ["run"],  # --config missing: argparse explains
+        ["run", "--config"],
+        ["run", "--config", "-v"],
+        ["run", "--config="],
+        ["run", "--conf", "a.toml"],  # an abbreviation: argparse's rules
+        ["run", "-c", "a", "-c", "b"],
+        ["run", "--force", "-c", "a.toml"],  # --force belongs to enroll
+        ["status", "-c", "a.toml", "--help"],
+        ["run", "-vc", "a.toml"],
+        ["run", "-c", "a.toml", "--", "x"],
+        ["start", "-c", "a.toml"],
+    ],
+)
+def test_anything_else_is_left_to_argparse(line: list[str]) -> None:
+    from device_agent.cli import _plain_args
+
+    assert _plain_args(line) is None
+
+
+def test_run_does_not_load_argparse() -> None:
+    """An agent idle for weeks does not keep argparse (and gettext) for its command line."""
+    code = (
+        "import sys; from device_agent.cli import main;"
+        "rc = main(['run', '--config', 'missing/agent.toml']);"
+        "print(rc, 'argparse' in sys.modules, 'gettext' in sys.modules)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert r.stdout.split() == [str(int(ExitCode.CONFIG)), "False", "False"], r.stderr
