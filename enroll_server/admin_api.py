@@ -126,9 +126,9 @@ async def show_device(request: web.Request) -> web.Response:
     )
 
 
-async def _notify(st: AppState, device_id: DeviceId) -> None:
+async def _notify(st: AppState, device_id: DeviceId, why: str) -> None:
     for hook in st.on_revocation:
-        result = hook(device_id.value)
+        result = hook(device_id.value, why)
         if hasattr(result, "__await__"):
             await result
 
@@ -154,7 +154,7 @@ def _transition(action: str) -> Handler:
         except InvalidValue as exc:
             raise BadRequest(str(exc)) from exc
         if action in ("revoke", "suspend"):
-            await _notify(st, device_id)
+            await _notify(st, device_id, "revoked" if action == "revoke" else "suspended")
         st.on_registry_change()
         return web.json_response(
             {"device_id": device_id.value, "action": action, "serials": [f"{s:x}" for s in serials]}

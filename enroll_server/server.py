@@ -142,7 +142,7 @@ async def start_server(
         running = handle.broker
         # In-process revocations drop the session at once; other processes' revocations reach
         # the broker through its registry event poll (every 200 ms).
-        state.on_revocation.append(running.disconnect)
+        state.on_revocation.append(lambda device, why: running.disconnect(device, reason=why))
         state.metrics.extra.append(running.metrics_text)
         handle.stoppers.append(running.stop)
     log.info(

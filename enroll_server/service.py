@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -16,12 +16,15 @@ from enroll_server.errors import AuthenticationFailed, BadRequest, DeviceRevoked
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
 from enroll_server.pki.errors import CsrRejected
+from enroll_server.pki.keys import PublicKey
 from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
 from enroll_server.registry import Registry
 from enroll_server.registry.errors import DeviceNotActive, TokenRejected
 from enroll_server.registry.models import CertStatus, DeviceState, IssuedCertificate, Role
 from fleetpki.identity import DeviceId, InvalidIdentifier
 
+# How long after issuance a lost reply may be fetched again with the spent token.
+RETRY_WINDOW = timedelta(minutes=15)
 # One message for unknown device, wrong token and a token of another device: the difference
 # would let an attacker enumerate device ids (issue: no enumeration oracle).
 BAD_CREDENTIALS = "unknown device or wrong enrollment token"
@@ -35,6 +38,8 @@ class Authorization:
     token_hash: str | None = None
     supersedes_serial: int | None = None
     actor: str = "device"
+    # The token was already spent: only a retry of that very enrollment may be answered.
+    retry_of_used_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,14 @@ class EnrollmentService:
         except TokenRejected as exc:
             if exc.reason in ("unknown", "wrong-device"):
                 raise AuthenticationFailed(BAD_CREDENTIALS) from None
+            if exc.reason == "used":
+                device = self.registry.get_device(device_id)
+                if device is not None and device.state is DeviceState.ACTIVE:
+                    return Authorization(
+                        Grant(device_id, _role(device.role)),
+                        token_hash=digest,
+                        retry_of_used_token=True,
+                    )
             # The caller proved knowledge of the token, so saying why it fails leaks nothing.
             raise AuthenticationFailed(f"enrollment token {exc.reason}") from None
         if holder.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
@@ -109,8 +122,10 @@ class EnrollmentService:
             raise DeviceRevoked(record.device_id.value)
         if record.status is CertStatus.ON_HOLD:
             raise DeviceRevoked(record.device_id.value, "suspended")
-        if record.status is CertStatus.SUPERSEDED:
-            raise Forbidden("client certificate was superseded by a newer one; use that one")
+        # A superseded certificate may re-enroll: the device may have lost its successor to a
+        # power cut before storing it (the registry marks it superseded at issuance). It is
+        # still valid and unrevoked (RFC 5280 does not revoke on renewal); revoke_device
+        # revokes superseded certificates too.
         device = self.registry.get_device(record.device_id)
         if device is None or device.state is not DeviceState.ACTIVE:
             state = device.state.value if device else "unknown"
@@ -181,6 +196,8 @@ class EnrollmentService:
             approved = check_csr(load_csr(csr_der), auth.grant)
         except CsrRejected as exc:
             raise BadRequest(exc.reason) from exc
+        if auth.retry_of_used_token:
+            return self._replay(approved.public_key, auth, now)
         cert = build_device_certificate(
             approved.public_key,
             auth.grant.device_id,
@@ -213,6 +230,24 @@ class EnrollmentService:
         except DeviceNotActive as exc:
             raise DeviceRevoked(str(exc.device_id), exc.state) from exc
         return Enrollment(cert, (cert, self.issuer.cert), (der, self._issuer_der))
+
+    def _replay(self, public_key: PublicKey, auth: Authorization, now: datetime) -> Enrollment:
+        """Answer a retried simpleenroll whose first reply was lost, without issuing again.
+
+        A device that timed out waiting for its certificate retries with the same token and
+        key; without this, the spent token would strand it until an operator reissues one
+        (seen under load in the simulator). The CSR's signature proved possession of the key,
+        so returning the certificate already issued for that key hands out nothing new; a
+        different key, or a retry after RETRY_WINDOW, is still "token used".
+        """
+        for record in self.registry.certificates_of(auth.grant.device_id):
+            if record.status is not CertStatus.ACTIVE or now - record.issued_at > RETRY_WINDOW:
+                continue
+            cert = x509.load_pem_x509_certificate(record.pem.encode())
+            if cert.public_key() == public_key:
+                der = cert.public_bytes(serialization.Encoding.DER)
+                return Enrollment(cert, (cert, self.issuer.cert), (der, self._issuer_der))
+        raise AuthenticationFailed("enrollment token used")
 
 
 def certificate_pem(der: bytes) -> str:

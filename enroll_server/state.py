@@ -30,8 +30,9 @@ class AppState:
     throttle: Throttle = field(default_factory=Throttle)
     clock: Callable[[], datetime] = utc_now
     home: LoadedHome | None = None  # config and layout, for operator routes (batches)
-    # Hooks set by `serve`: drop a device's live broker session at once (in-process path).
-    on_revocation: list[Callable[[str], Any]] = field(default_factory=list)
+    # Hooks set by `serve`: drop a device's live broker session at once (in-process path);
+    # called with (device id, "revoked" | "suspended").
+    on_revocation: list[Callable[[str, str], Any]] = field(default_factory=list)
     # Hooks run after any registry change that affects revocation data (CRL/OCSP rebuild).
     on_change: list[Callable[[], Any]] = field(default_factory=list)
 

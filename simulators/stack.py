@@ -218,9 +218,9 @@ class HostedStack:
             HOST, self._server.est_port, self._server.http_port, self._broker.port
         )
 
-    def _drop(self, device_id: str) -> None:
+    def _drop(self, device_id: str, why: str) -> None:
         if self._broker is not None:
-            self._broker.disconnect(device_id)
+            self._broker.disconnect(device_id, reason=why)
 
     async def _start_broker(self, port: int) -> None:
         from enroll_server.broker import BrokerConfig, BrokerStartError, start_broker

@@ -27,7 +27,6 @@ class RefusalReason(StrEnum):
     CERT_UNKNOWN = "cert_unknown"
     CERT_REVOKED = "cert_revoked"
     CERT_SUSPENDED = "cert_suspended"
-    CERT_SUPERSEDED = "cert_superseded"
     UNKNOWN_DEVICE = "unknown_device"
     DEVICE_NOT_ACTIVE = "device_not_active"
     DEVICE_SUSPENDED = "device_suspended"
@@ -149,10 +148,13 @@ _DEVICE_STATE_REFUSALS = {
     "suspended": RefusalReason.DEVICE_SUSPENDED,
     "revoked": RefusalReason.DEVICE_REVOKED,
 }
+# A superseded certificate (replaced by a renewal) is admitted until it expires: a device that
+# lost power between the server issuing its new certificate and storing it comes back with the
+# old one, and must get in ("old or new identity works, never neither"). Revocation revokes
+# superseded certificates too, so a compromise still shuts every one of them out.
 _CERT_STATUS_REFUSALS = {
     "revoked": RefusalReason.CERT_REVOKED,
     "on_hold": RefusalReason.CERT_SUSPENDED,
-    "superseded": RefusalReason.CERT_SUPERSEDED,
 }
 
 
@@ -221,7 +223,7 @@ def decide_connect(
             f"certificate serial {serial:x} belongs to {_text(cert_record.device_id)}",
         )
     status = _text(cert_record.status)
-    if status != "active":
+    if status not in ("active", "superseded"):
         return Refusal(
             _CERT_STATUS_REFUSALS.get(status, RefusalReason.CERT_UNKNOWN),
             f"certificate serial {serial:x} of {client_id} is {status}",

@@ -155,7 +155,6 @@ def test_unregistered_identity_is_refused(ca: MemoryCa) -> None:
     [
         ("revoked", RefusalReason.CERT_REVOKED),
         ("on_hold", RefusalReason.CERT_SUSPENDED),
-        ("superseded", RefusalReason.CERT_SUPERSEDED),
     ],
 )
 def test_certificate_must_be_active_in_the_registry(
@@ -164,6 +163,13 @@ def test_certificate_must_be_active_in_the_registry(
     cert = _cert(ca, "dev1")
     record = _record(cert, "dev1", status)
     assert _reason(decide_connect("dev1", cert, _device("dev1"), record, NOW)) is reason
+
+
+def test_superseded_certificate_is_admitted_until_it_expires(ca: MemoryCa) -> None:
+    """Power lost mid-renewal: the device returns with its old (superseded) certificate."""
+    cert = _cert(ca, "dev1")
+    record = _record(cert, "dev1", "superseded")
+    assert isinstance(decide_connect("dev1", cert, _device("dev1"), record, NOW), Admission)
 
 
 def test_certificate_unknown_to_the_registry_is_refused(ca: MemoryCa) -> None:
