@@ -12,6 +12,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enroll_server.pki.ca import CA_BACKDATE, authority_key_identifier
 from enroll_server.pki.keys import PublicKey, signature_hash
+from enroll_server.pki.profile import SIGNATURE_ONLY_KEY_USAGE
 from enroll_server.pki.serial import new_serial
 from fleetpki.identity import DeviceId, InvalidIdentifier
 from provisioning.errors import BirthCertificateRejected
@@ -55,17 +56,7 @@ def build_birth_certificate(
         .not_valid_after(ca.cert.not_valid_after_utc)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            SIGNATURE_ONLY_KEY_USAGE,
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)

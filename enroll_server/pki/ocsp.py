@@ -20,6 +20,7 @@ from enroll_server.pki.ca import Issuer, authority_key_identifier
 from enroll_server.pki.crl import reason_flag
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.keys import PrivateKey, PublicKey, signature_hash
+from enroll_server.pki.profile import SIGNATURE_ONLY_KEY_USAGE
 from enroll_server.pki.serial import new_serial
 
 # RFC 9654 2.1 (which obsoletes RFC 8954): a nonce is 1..128 octets; longer or empty ones
@@ -372,17 +373,7 @@ def build_ocsp_signer_certificate(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            SIGNATURE_ONLY_KEY_USAGE,
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)

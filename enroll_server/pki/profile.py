@@ -38,6 +38,21 @@ class DeviceProfile:
             raise ValueError(f"backdate must not be negative, got {self.backdate}")
 
 
+# RFC 5280 4.2.1.3: an end entity that only signs (TLS client auth, OCSP responses) needs
+# digitalSignature and nothing else; shared by every end-entity profile we build.
+SIGNATURE_ONLY_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def _uri(device_id: DeviceId, role: EndEntityRole) -> str:
     prefix = SERVICE_URN_PREFIX if role is EndEntityRole.SERVICE else URN_PREFIX
     return prefix + device_id.value
@@ -71,17 +86,7 @@ def build_device_certificate(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            SIGNATURE_ONLY_KEY_USAGE,
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
