@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -157,6 +158,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "bench/results/agent_footprint.json"))
     args = ap.parse_args()
 
+    load_before = os.getloadavg()
     base_rss, base_time = baseline_rss_and_time(args.runs)
     tmp = Path(tempfile.mkdtemp(prefix="fleetpki-bench-agent-"))
     server = start_live_server(tmp / "home", broker=True)
@@ -221,9 +223,10 @@ def main() -> None:
     print(f"{'metric':<28} {'agent':>8} {'baseline':>9} {'ratio':>8}  target")
     for name, a, b, r, t in rows:
         print(f"{name:<28} {a:>8} {b:>9} {r:>8}  {t}")
+    load_after = os.getloadavg()
     print(
         f"start-to-connected runs: {', '.join(f'{s:.2f}' for s in starts)}; threads: {threads}; "
-        f"exit on SIGTERM: {code}"
+        f"exit on SIGTERM: {code}; load average {load_before[0]:.2f} -> {load_after[0]:.2f}"
     )
     result = {
         "machine": platform.machine(),
@@ -239,6 +242,7 @@ def main() -> None:
         "idle_cpu_percent": round(idle_cpu_pct, 3),
         "agent_rss_after_first_renewal_mib": round(renewed_rss, 2),
         "threads": threads,
+        "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "targets_met": {
             "rss": rss <= 1.2 * base_rss,
             "start_to_connected": start_median <= 1.0,
