@@ -41,6 +41,7 @@ from device_agent.errors import (
     NeedsRebootstrap,
     TlsVerificationFailed,
 )
+from device_agent.events import AgentEvent, EventHandler
 from device_agent.exit_codes import ExitCode
 from device_agent.keystore import Identity, Keystore
 from device_agent.mqtt_link import CommandHandler, MqttLink
@@ -96,7 +97,10 @@ class Agent:
 
     `telemetry_hook()` adds application fields to each telemetry message; `on_command(payload)`
     (sync or async) receives what arrives on devices/<id>/commands. `clock` and `rng` exist for
-    tests and the simulator; only this entry point reads the wall clock.
+    tests and the simulator; only this entry point reads the wall clock. `on_event(event)`
+    receives an AgentEvent at each lifecycle step (enrolled, renewed, connected, disconnected,
+    state change, retry); it runs in the agent's loop, so it must not block, and an exception
+    it raises is logged (once) and otherwise ignored.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Agent:
         mqtt_backoff: Backoff | None = None,
         clock_poll: float = CLOCK_POLL_S,
         persist_status: bool = True,
+        on_event: EventHandler | None = None,
     ) -> None:
         self.config = config
         self.device_id = config.device_id
@@ -122,6 +127,8 @@ class Agent:
         self.mqtt_backoff = mqtt_backoff or Backoff(base=1.0, factor=2.0, cap=120.0)
         self.clock_poll = clock_poll
         self.persist_status = persist_status
+        self.on_event = on_event
+        self._event_hook_failed = False
         self.keystore = Keystore(config.state_dir)
         self._est: EstClient | None = None
         self._anchor_cert: x509.Certificate | None = None
@@ -201,6 +208,23 @@ class Agent:
             return
         self.state = state
         self._write_status()
+        self._emit(AgentEvent.state_changed(state))
+
+    def _emit(self, event: AgentEvent) -> None:
+        """Hand `event` to on_event; the callback is the caller's code, so its failure must
+        not end the device's session or its renewal."""
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception:
+            if not self._event_hook_failed:
+                self._event_hook_failed = True
+                log.exception(
+                    "%s: on_event callback failed on a %s event; further failures are not logged",
+                    self.device_id,
+                    event.kind,
+                )
 
     def _write_status(self) -> None:
         if not self.persist_status:
@@ -448,9 +472,11 @@ class Agent:
             attempt += 1
             self.last_error = why
             log.warning("%s: enrollment: %s; retrying in %.1f s", self.device_id, why, delay)
+            self._emit(AgentEvent.retry("enroll", why, delay))
             await self._sleep(delay)
         ident = self._store(key, chain)
         self.last_error = None
+        self._emit(AgentEvent.enrolled(ident.serial_hex))
         log.info(
             "%s: enrolled: certificate serial %s valid until %s; renewal at %s",
             self.device_id,
@@ -532,6 +558,7 @@ class Agent:
                     new.not_after.isoformat(),
                     new.next_renewal.isoformat(),
                 )
+                self._emit(AgentEvent.renewed(ident.serial_hex, new.serial_hex))
                 self._set_state(previous)
                 self._rotated(ident)
                 return
@@ -545,6 +572,7 @@ class Agent:
                 delay,
                 ident.not_after.isoformat(),
             )
+            self._emit(AgentEvent.retry("renew", why, delay))
             self._set_state(previous)
             await self._sleep(delay)
 
@@ -558,14 +586,20 @@ class Agent:
         assert self.identity is not None
         return self.identity.cert_path, self.identity.key_path
 
-    def _on_connection(self, up: bool) -> None:
+    def _on_connection(self, up: bool, why: str | None) -> None:
         if up:
             self.last_connected = self.now()
             self.last_error = None
+            self._emit(AgentEvent.connected())
             self._set_state(AgentState.CONNECTED)
             self._write_status()
-        elif self.state is AgentState.CONNECTED:
+            return
+        self._emit(AgentEvent.disconnected(why or "unknown"))
+        if self.state is AgentState.CONNECTED:
             self._set_state(AgentState.CONNECTING)
+
+    def _on_mqtt_retry(self, why: str, delay: float) -> None:
+        self._emit(AgentEvent.retry("mqtt", why, delay))
 
     def telemetry(self) -> bytes:
         """The telemetry message for this instant (agent fields + the application hook)."""
@@ -604,6 +638,7 @@ class Agent:
             rng=self.rng,
             on_command=self.on_command,
             on_connection=self._on_connection,
+            on_retry=self._on_mqtt_retry,
         )
         self._set_state(AgentState.CONNECTING)
         assert self._stop is not None

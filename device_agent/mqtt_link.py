@@ -29,6 +29,10 @@ log = logging.getLogger("fleetpki.agent")
 CommandHandler = Callable[[bytes], Awaitable[None] | None]
 # (certificate chain path, key path) of the identity to present on the next connection.
 Credentials = Callable[[], tuple[Path, Path]]
+# (up, None) when a session starts; (down, why it ended) when it ends.
+ConnectionHandler = Callable[[bool, str | None], None]
+# (why the broker is unavailable, seconds until the next attempt), before each backoff wait.
+RetryHandler = Callable[[str, float], None]
 
 # MQTT 3.1.1 section 3.2.2.3: CONNACK 4 = bad user name or password, 5 = not authorized.
 # paho 2 reports them as MQTT 5 reason codes 134 and 135.
@@ -94,7 +98,8 @@ class MqttLink:
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         on_command: CommandHandler | None = None,
-        on_connection: Callable[[bool], None] | None = None,
+        on_connection: ConnectionHandler | None = None,
+        on_retry: RetryHandler | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.device_id = device_id
@@ -107,6 +112,7 @@ class MqttLink:
         self.rng = rng or random.Random()
         self.on_command = on_command
         self.on_connection = on_connection
+        self.on_retry = on_retry
         self.timeout = timeout
         self.telemetry_topic = telemetry_topic(device_id)
         self.commands_topic = commands_topic(device_id)
@@ -148,11 +154,14 @@ class MqttLink:
         attempt = 0
         while True:
             self._rotate.clear()
+            why = "stopped"  # unless set below: cancelled, the agent is stopping
             try:
                 await self._connect_and_serve()
+                why = "reconnecting with the renewed certificate"
                 attempt = 0  # a clean rotation: reconnect at once
                 continue
-            except BrokerRefused:
+            except BrokerRefused as exc:
+                why = str(exc)
                 raise
             except (aiomqtt.MqttError, OSError, ssl.SSLError, TimeoutError) as exc:
                 if self.connected.is_set():
@@ -162,9 +171,11 @@ class MqttLink:
                 if self.connected.is_set():
                     self.connected.clear()
                     if self.on_connection:
-                        self.on_connection(False)
+                        self.on_connection(False, why)
             delay = self.backoff.delay(attempt, self.rng)
             attempt += 1
+            if self.on_retry:
+                self.on_retry(why, delay)
             log.warning(
                 "%s: MQTT %s:%d unavailable (%s); reconnecting in %.1f s",
                 self.device_id,
@@ -218,7 +229,7 @@ class MqttLink:
             self.connections += 1
             self.connected.set()
             if self.on_connection:
-                self.on_connection(True)
+                self.on_connection(True, None)
             log.info(
                 "%s: connected to MQTT %s:%d (%d queued)",
                 self.device_id,
