@@ -44,7 +44,7 @@ def build_csr(key: PrivateKey, device_id: DeviceId) -> x509.CertificateSigningRe
             critical=False,
         )
     )
-    return builder.sign(key, signature_hash(key))  # type: ignore[arg-type]
+    return builder.sign(key, signature_hash(key))
 
 
 def encode_csr(csr: x509.CertificateSigningRequest) -> bytes:

@@ -6,42 +6,17 @@ which an idle agent never needs.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from fleetpki.keys import KeyType, PrivateKey, generate_key, signature_hash
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-
-
-class KeyType(StrEnum):
-    EC_P256 = "ec-p256"
-    EC_P384 = "ec-p384"
-    RSA_2048 = "rsa-2048"
-    RSA_3072 = "rsa-3072"
-    ED25519 = "ed25519"
-
-
-def generate_key(kind: KeyType) -> PrivateKey:
-    """A fresh key pair; the private half never leaves the device."""
-    if kind is KeyType.EC_P256:
-        return ec.generate_private_key(ec.SECP256R1())
-    if kind is KeyType.EC_P384:
-        return ec.generate_private_key(ec.SECP384R1())
-    if kind is KeyType.RSA_2048:
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    if kind is KeyType.RSA_3072:
-        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
-    """The CSR signature hash matching the key strength; None for Ed25519 (RFC 8410)."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
-        return hashes.SHA384()
-    return hashes.SHA256()
+__all__ = [
+    "KeyType",
+    "PrivateKey",
+    "generate_key",
+    "load_private_key_pem",
+    "private_key_pem",
+    "same_public_key",
+    "signature_hash",
+]
 
 
 def private_key_pem(key: PrivateKey) -> bytes:
@@ -61,9 +36,7 @@ def load_private_key_pem(pem: bytes) -> PrivateKey:
     from cryptography.hazmat.primitives import serialization
 
     key = serialization.load_pem_private_key(pem, password=None)
-    if not isinstance(
-        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-    ):
+    if not isinstance(key, PrivateKey):
         raise ValueError(f"unsupported private key type {type(key).__name__}")
     return key
 

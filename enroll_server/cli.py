@@ -19,7 +19,7 @@ from enroll_server.config import ConfigError, ServerConfig
 from enroll_server.home import HomeError, hash_secret, init_home, resolve_home
 from enroll_server.identities import ServiceIdentityError, issue_service_identity
 from enroll_server.pki.errors import PkiError, UnsupportedKey
-from enroll_server.pki.keys import KeyType
+from enroll_server.pki.keys import parse_key_type
 from enroll_server.registry import (
     InvalidValue,
     Registry,
@@ -104,7 +104,7 @@ def init(
 
     root = _home(home)
     try:
-        kind = KeyType.parse(key_type)
+        kind = parse_key_type(key_type)
         validity = parse_duration(device_validity)
     except (UnsupportedKey, InvalidDuration) as exc:
         fail(str(exc))

@@ -28,7 +28,7 @@ from rich.table import Table
 from enroll_server.config import ConfigError, ServerConfig, load_config
 from enroll_server.home import HomeError, HomeLayout, resolve_home
 from enroll_server.pki.errors import PkiError, UnsupportedKey
-from enroll_server.pki.keys import KeyType
+from enroll_server.pki.keys import parse_key_type
 from enroll_server.registry import Registry, RegistryError, UnknownBatch, UnknownDevice
 from fleetpki.duration import InvalidDuration, format_duration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
@@ -203,7 +203,7 @@ def create(
         options = None
         if idevid:
             try:
-                birth_key = KeyType.parse(idevid_key_type)
+                birth_key = parse_key_type(idevid_key_type)
             except UnsupportedKey as exc:
                 _fail(exc.reason)
             options = IdevidOptions(manufacturer, idevid_csrs, birth_key)

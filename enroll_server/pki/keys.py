@@ -2,49 +2,39 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
-
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from enroll_server.pki.errors import BadPassphrase, UnsupportedKey
+from fleetpki.keys import KeyType, PrivateKey, PublicKey, generate_key, signature_hash
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+__all__ = [
+    "RSA_ACCEPTED_SIZES",
+    "KeyType",
+    "PrivateKey",
+    "PublicKey",
+    "generate_key",
+    "key_type_of",
+    "load_private_key_pem",
+    "parse_key_type",
+    "private_key_pem",
+    "signature_hash",
+]
 
 
-class KeyType(StrEnum):
-    EC_P256 = "ec-p256"
-    EC_P384 = "ec-p384"
-    RSA_2048 = "rsa-2048"
-    RSA_3072 = "rsa-3072"
-    ED25519 = "ed25519"
-
-    @classmethod
-    def parse(cls, value: str) -> KeyType:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(k.value for k in cls)
-            raise UnsupportedKey(f"unknown key type {value!r}; choose one of {choices}") from None
+def parse_key_type(value: str) -> KeyType:
+    """A KeyType from its name, or UnsupportedKey listing the choices."""
+    try:
+        return KeyType(value)
+    except ValueError:
+        choices = ", ".join(k.value for k in KeyType)
+        raise UnsupportedKey(f"unknown key type {value!r}; choose one of {choices}") from None
 
 
 _CURVES: dict[str, KeyType] = {"secp256r1": KeyType.EC_P256, "secp384r1": KeyType.EC_P384}
 # RSA below 2048 bits is refused (NIST SP 800-131A); above 4096 costs devices and us for nothing.
 _RSA_SIZES: dict[int, KeyType] = {2048: KeyType.RSA_2048, 3072: KeyType.RSA_3072}
 RSA_ACCEPTED_SIZES = (2048, 3072, 4096)
-
-
-def generate_key(kind: KeyType) -> PrivateKey:
-    if kind is KeyType.EC_P256:
-        return ec.generate_private_key(ec.SECP256R1())
-    if kind is KeyType.EC_P384:
-        return ec.generate_private_key(ec.SECP384R1())
-    if kind is KeyType.RSA_2048:
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    if kind is KeyType.RSA_3072:
-        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    return ed25519.Ed25519PrivateKey.generate()
 
 
 def key_type_of(public_key: object) -> KeyType | None:
@@ -66,15 +56,6 @@ def key_type_of(public_key: object) -> KeyType | None:
     if isinstance(public_key, ed25519.Ed25519PublicKey):
         return KeyType.ED25519
     raise UnsupportedKey(f"key type {type(public_key).__name__} is not accepted")
-
-
-def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
-    """The hash to sign with: None for Ed25519 (RFC 8410), SHA-384 for P-384, else SHA-256."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
-        return hashes.SHA384()
-    return hashes.SHA256()
 
 
 def private_key_pem(key: PrivateKey, passphrase: bytes | None) -> bytes:
