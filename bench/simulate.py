@@ -51,6 +51,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from device_agent.events import AgentEvent, EventKind  # noqa: E402
 from enroll_server.loop import install_fast_loop  # noqa: E402
 from simulators.report import percentiles  # noqa: E402
 from simulators.scenarios import get_scenario  # noqa: E402
@@ -70,24 +71,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-class RetryCounter(logging.Handler):
-    """Counts the agents' own 'retrying' log records (each an error they absorbed), by reason."""
+class RetryCounter:
+    """A fleet listener counting the agents' retry events (each an error they absorbed), by
+    what was retried and why."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
         self.enroll_retries = 0
         self.mqtt_retries = 0
         self.reasons: Counter[str] = Counter()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = str(record.msg)
-        args = record.args if isinstance(record.args, tuple) else ()
-        if "enrollment:" in msg and "retrying" in msg:
+    def __call__(self, device_id: str, event: AgentEvent) -> None:
+        if event.kind is not EventKind.RETRY:
+            return
+        if event.what == "enroll":
             self.enroll_retries += 1
-            self.reasons[f"enroll: {_short(args[1] if len(args) > 1 else '?')}"] += 1
-        elif "reconnecting in" in msg:
+        elif event.what == "mqtt":
             self.mqtt_retries += 1
-            self.reasons[f"mqtt: {_short(args[3] if len(args) > 3 else '?')}"] += 1
+        self.reasons[f"{event.what}: {_short(event.why)}"] += 1
 
 
 def _short(why: object) -> str:
@@ -173,7 +173,12 @@ def broker_sessions(server: psutil.Process, mqtt_port: int) -> int:
 
 # -- phase 1 -------------------------------------------------------------------------------
 async def concurrency(
-    home: Path, ports: Ports, server: psutil.Process, args: argparse.Namespace, work: Path
+    home: Path,
+    ports: Ports,
+    server: psutil.Process,
+    args: argparse.Namespace,
+    work: Path,
+    retries: RetryCounter,
 ) -> dict[str, Any]:
     me = psutil.Process()
     options = SimulationOptions(
@@ -200,6 +205,7 @@ async def concurrency(
     async with Simulation(options, get_scenario("happy")) as sim:
         assert sim.fleet is not None
         fleet = sim.fleet
+        fleet.listeners.append(retries)
         cpu0, scpu0, t0 = me.cpu_times(), server.cpu_times(), time.monotonic()
         up = await sim.bring_up()
         t_up = time.monotonic() - t0
@@ -285,6 +291,7 @@ async def rate_step(
     )
     async with Simulation(options, get_scenario("happy")) as sim:
         assert sim.fleet is not None
+        sim.fleet.listeners.append(retries)
         r0, f0 = retries.enroll_retries, 0
         cpu0, scpu0, w0 = me.cpu_times(), server.cpu_times(), time.monotonic()
         await sim.bring_up()
@@ -398,9 +405,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = Ports(est=free_port(), http=free_port(), mqtt=free_port())
     home = base / "home"
     retries = RetryCounter()
-    logging.getLogger("fleetpki.agent").addHandler(retries)
-    logging.getLogger("fleetpki.agent").setLevel(logging.WARNING)
-    logging.getLogger("fleetpki.agent").propagate = False
+    # The agents report retries as events (counted above); thousands of agents' log lines
+    # would only flood the terminal and cost CPU.
+    agent_log = logging.getLogger("fleetpki.agent")
+    agent_log.addHandler(logging.NullHandler())
+    agent_log.setLevel(logging.ERROR)
+    agent_log.propagate = False
     init_home(home, ports)
     proc = start_serve(home, ports, base / "serve.log")
     try:
@@ -420,7 +430,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             else await enrollment_knee(home, ports, server, args, work, retries, deadline)
         )
         retries.reasons.clear()
-        result["concurrency"] = await concurrency(home, ports, server, args, work)
+        result["concurrency"] = await concurrency(home, ports, server, args, work, retries)
         result["agent_mqtt_retries_total"] = retries.mqtt_retries
         result["agent_retry_reasons"] = dict(retries.reasons.most_common(12))
         result["loop_callback_errors"] = dict(errors.counts)

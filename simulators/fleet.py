@@ -1,8 +1,9 @@
 """The fleet: N real device agents in one event loop, each recording its timeline.
 
 Every simulated device is a `device_agent.Agent` with its own bundle, key, token, certificate
-and mTLS connection; nothing on the wire is faked. `SimAgent` only listens: it notes when the
-agent enrolled, connected, disconnected and renewed, and forwards every call unchanged.
+and mTLS connection; nothing on the wire is faked. The fleet only listens, through the agent's
+public `on_event` hook: a `TraceRecorder` notes when it enrolled, connected, disconnected and
+renewed.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from device_agent.agent import Agent, AgentState
 from device_agent.backoff import Backoff
 from device_agent.config import AgentConfig, EstServer, load_config
+from device_agent.events import AgentEvent, EventKind
 from device_agent.exit_codes import ExitCode
-from device_agent.keystore import Identity
 from simulators.stack import Endpoints
 from simulators.trace import DeviceTrace, Journal, Outcome
 
@@ -32,54 +31,51 @@ log = logging.getLogger("fleetpki.simulator")
 Seconds = Callable[[], float]
 
 
-class SimAgent(Agent):
-    """A real Agent whose lifecycle steps are also written into a DeviceTrace.
+# A fleet-wide listener: (device id, event) for every event of every agent (the benchmark
+# counts retries with one).
+FleetListener = Callable[[str, AgentEvent], None]
 
-    Stopgap until the Agent offers a public event hook: it overrides the three private steps
-    where the events happen (`_simpleenroll`, `_renew_once`, `_on_connection`), calling the real
-    ones first and recording only after they succeeded.
-    """
+
+class TraceRecorder:
+    """An agent's `on_event` callback: writes its lifecycle into the device's DeviceTrace (at
+    the run's `seconds()`, read when the event arrives: the callback runs synchronously),
+    then tells the fleet's listeners."""
 
     def __init__(
         self,
-        config: AgentConfig,
         trace: DeviceTrace,
         seconds: Seconds,
         on_up: Callable[[str], None] | None = None,
-        **kw: Any,
-    ):
-        super().__init__(config, **kw)
+        listeners: list[FleetListener] | None = None,
+    ) -> None:
         self.trace = trace
         self.seconds = seconds
         self.on_up = on_up
+        self.listeners = listeners if listeners is not None else []
 
-    async def _simpleenroll(self, *args: Any, **kwargs: Any) -> Identity:
-        # The bootstrap exchange under both token and IDevID enrollment.
-        ident = await super()._simpleenroll(*args, **kwargs)
-        if self.trace.enrolled is None:
-            self.trace.enrolled = self.seconds()
-        self.trace.serials.append(ident.serial_hex)
-        return ident
-
-    async def _renew_once(self, ident: Identity, anchor: x509.Certificate) -> Identity:
-        new = await super()._renew_once(ident, anchor)
-        self.trace.renewed.append(self.seconds())
-        self.trace.serials.append(new.serial_hex)
-        return new
-
-    def _on_connection(self, up: bool) -> None:
-        t = self.seconds()
-        if up:
-            self.trace.connects.append(t)
+    def __call__(self, event: AgentEvent) -> None:
+        trace = self.trace
+        kind = event.kind
+        if kind is EventKind.ENROLLED:  # token or IDevID bootstrap, re-bootstraps included
+            if trace.enrolled is None:
+                trace.enrolled = self.seconds()
+            trace.serials.append(event.serial or "?")
+        elif kind is EventKind.RENEWED:
+            trace.renewed.append(self.seconds())
+            trace.serials.append(event.serial or "?")
+        elif kind is EventKind.CONNECTED:
+            trace.connects.append(self.seconds())
             if self.on_up is not None:
-                self.on_up(self.trace.device_id)
-        elif self.trace.connected:
-            self.trace.disconnects.append(t)
-        super()._on_connection(up)
+                self.on_up(trace.device_id)
+        elif kind is EventKind.DISCONNECTED and trace.connected:
+            trace.disconnects.append(self.seconds())
+        for listener in self.listeners:
+            listener(trace.device_id, event)
 
-    @property
-    def published(self) -> int:
-        return self.link.published if self.link is not None else 0
+
+def published(agent: Agent) -> int:
+    """Telemetry messages the broker acknowledged in the agent's current run."""
+    return agent.link.published if agent.link is not None else 0
 
 
 def failure_reason(state: AgentState, last_error: str | None) -> str:
@@ -143,7 +139,9 @@ class Fleet:
         self.seconds = seconds
         self.settings = settings
         self.rng = rng
-        self.agents: dict[str, SimAgent] = {}
+        self.agents: dict[str, Agent] = {}
+        # Called with (device id, event) for every agent's every event.
+        self.listeners: list[FleetListener] = []
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._sent_before: dict[str, int] = {}
         # Started, but neither connected yet nor stopped: the bring-up still in flight.
@@ -186,9 +184,8 @@ class Fleet:
             kwargs["est_backoff"] = s.est_backoff
         if s.clock_for is not None:
             kwargs["clock"] = s.clock_for(device_id)
-        agent = SimAgent(
-            self.config_of(device_id), trace, self.seconds, on_up=self._settle, **kwargs
-        )
+        recorder = TraceRecorder(trace, self.seconds, on_up=self._settle, listeners=self.listeners)
+        agent = Agent(self.config_of(device_id), on_event=recorder, **kwargs)
         self.agents[device_id] = agent
         trace.outcome = Outcome.RUNNING
         trace.reason = trace.detail = None
@@ -199,8 +196,8 @@ class Fleet:
             self._run(device_id, agent), name=f"agent-{device_id}"
         )
 
-    async def _run(self, device_id: str, agent: SimAgent) -> None:
-        trace = agent.trace
+    async def _run(self, device_id: str, agent: Agent) -> None:
+        trace = self.journal.trace(device_id)
         try:
             code = await agent.run()
         except Exception as exc:  # a crash of one agent must not end the simulation
@@ -220,7 +217,7 @@ class Fleet:
             trace.ended = self.seconds()
             if trace.connected:  # a stopped agent's session ended with it
                 trace.disconnects.append(trace.ended)
-            self._sent_before[device_id] = self._sent_before.get(device_id, 0) + agent.published
+            self._sent_before[device_id] = self._sent_before.get(device_id, 0) + published(agent)
 
     def _settle(self, device_id: str) -> None:
         self.pending.discard(device_id)
@@ -273,7 +270,7 @@ class Fleet:
         """Copy each agent's acknowledged-message count into its trace."""
         for device_id, trace in self.journal.traces.items():
             agent = self.agents.get(device_id)
-            live = agent.published if agent is not None and self.running(device_id) else 0
+            live = published(agent) if agent is not None and self.running(device_id) else 0
             trace.sent = self._sent_before.get(device_id, 0) + live
 
     async def wait_settled(self, within: float) -> bool:

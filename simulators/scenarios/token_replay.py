@@ -105,7 +105,7 @@ class TokenReplay(Scenario):
             d
             for d in victims
             if len(certs[d]) == 1
-            and format(certs[d][0].serial, "x") == fleet.agents[d].trace.serials[-1]
+            and format(certs[d][0].serial, "x") == fleet.journal.trace(d).serials[-1]
         ]
         checks.append(
             Check(
