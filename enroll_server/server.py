@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +24,7 @@ from enroll_server.http_app import (
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.revocation_http import RevocationState, revocation_routes
-from enroll_server.service import EnrollmentService
+from enroll_server.service import EnrollmentService, ProfileChooser
 from enroll_server.state import AppState, utc_now
 from provisioning.manufacturer import trusted_manufacturer_ca_files
 
@@ -32,6 +33,10 @@ log = logging.getLogger("fleetpki.server")
 
 @dataclass
 class ServerHandle:
+    """The running service. `stop_est()` / `start_est()` take the EST + admin API listener
+    down and up again on the same address (an outage, as the simulator stages one) while
+    CRL/OCSP, the registry and the broker stay up."""
+
     home: LoadedHome
     state: AppState
     registry: Registry
@@ -40,6 +45,10 @@ class ServerHandle:
     revocation: RevocationState
     broker: RunningBroker | None = None
     stoppers: list[Callable[[], Any]] = field(default_factory=list)
+    # Where the HTTPS site listens and with which TLS context, to start it again there.
+    bind: str = "127.0.0.1"
+    https_tls: ssl.SSLContext | None = None
+    est_up: bool = True
 
     @property
     def est_port(self) -> int:
@@ -53,12 +62,27 @@ class ServerHandle:
     def mqtt_port(self) -> int | None:
         return self.broker.port if self.broker is not None else None
 
+    async def stop_est(self) -> None:
+        """Close the EST + admin API listener and its open connections (idempotent)."""
+        if self.est_up:
+            self.est_up = False
+            await self.https.stop()
+
+    async def start_est(self) -> None:
+        """Listen for EST + admin API again on the host and port it had (idempotent)."""
+        if self.est_up:
+            return
+        self.https = await start_site(
+            build_https_app(self.state), self.bind, self.https.port, self.https_tls
+        )
+        self.est_up = True
+
     async def stop(self) -> None:
         for stop in reversed(self.stoppers):
             result = stop()
             if asyncio.iscoroutine(result):
                 await result
-        await self.https.stop()
+        await self.stop_est()
         await self.http.stop()
         self.registry.close()
 
@@ -81,11 +105,14 @@ async def start_server(
     broker: bool = False,
     bind: str | None = None,
     profile: DeviceProfile | None = None,
+    profile_for: ProfileChooser | None = None,
     clock: Callable[[], datetime] = utc_now,
 ) -> ServerHandle:
     """Start EST + admin API (HTTPS), CRL + OCSP (HTTP) and, if `broker`, the mTLS broker.
 
     Port arguments override the config; 0 binds an ephemeral port (read it from the handle).
+    `profile` replaces the config's device certificate profile; `profile_for(device_id)`, if
+    given, chooses one per device at each issuance (see EnrollmentService).
     """
     loaded = load_home(home)
     cfg = loaded.config
@@ -94,7 +121,7 @@ async def start_server(
     try:
         ensure_admin_token(loaded, registry, clock())
         profile = profile or DeviceProfile(validity=cfg.device_validity, backdate=cfg.backdate)
-        service = EnrollmentService(registry, loaded.issuer, profile)
+        service = EnrollmentService(registry, loaded.issuer, profile, profile_for)
         state = AppState(
             service=service,
             registry=registry,
@@ -117,7 +144,9 @@ async def start_server(
         http_app = build_http_app(state, revocation_routes(revocation))
         revocation.attach(http_app)
         http = await start_site(http_app, host, _port(http_port, cfg.http_port))
-        handle = ServerHandle(loaded, state, registry, https, http, revocation)
+        handle = ServerHandle(
+            loaded, state, registry, https, http, revocation, bind=host, https_tls=tls
+        )
     except BaseException:
         if https is not None:
             await https.stop()

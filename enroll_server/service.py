@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -57,11 +58,25 @@ def _role(role: Role) -> EndEntityRole:
     return EndEntityRole.SERVICE if role is Role.SERVICE else EndEntityRole.DEVICE
 
 
+# Chooses the profile (certificate lifetime, backdating) of one device's next certificate.
+ProfileChooser = Callable[[DeviceId], DeviceProfile]
+
+
 class EnrollmentService:
-    def __init__(self, registry: Registry, issuer: Issuer, profile: DeviceProfile) -> None:
+    """`profile` is the profile of every certificate issued, unless `profile_for` is given: then
+    it is asked, at each issuance, for the profile of that device (a per-device lifetime)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        issuer: Issuer,
+        profile: DeviceProfile,
+        profile_for: ProfileChooser | None = None,
+    ) -> None:
         self.registry = registry
         self.issuer = issuer
         self.profile = profile
+        self.profile_for = profile_for
         self._issuer_ski = issuer.cert.extensions.get_extension_for_class(
             x509.SubjectKeyIdentifier
         ).value.digest
@@ -198,19 +213,17 @@ class EnrollmentService:
             raise BadRequest(exc.reason) from exc
         if auth.retry_of_used_token:
             return self._replay(approved.public_key, auth, now)
+        device_id = auth.grant.device_id
+        # One attribute test on the hot path when no per-device profile is configured.
+        profile = self.profile if self.profile_for is None else self.profile_for(device_id)
         cert = build_device_certificate(
-            approved.public_key,
-            auth.grant.device_id,
-            self.issuer,
-            now,
-            self.profile,
-            role=auth.grant.role,
+            approved.public_key, device_id, self.issuer, now, profile, role=auth.grant.role
         )
         # Encoded once: the fingerprint, the registry's PEM and the reply all derive from it.
         der = cert.public_bytes(serialization.Encoding.DER)
         record = IssuedCertificate(
             serial=cert.serial_number,
-            device_id=auth.grant.device_id,
+            device_id=device_id,
             fingerprint_sha256=hashlib.sha256(der).hexdigest(),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,

@@ -18,13 +18,18 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from enroll_server.config import ServerConfig, load_config
 from enroll_server.home import HomeError, HomeLayout, hash_secret, init_home
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
+from fleetpki.identity import DeviceId
 from simulators.errors import PortInUse, ServerUnreachable, SimulatorError
+
+if TYPE_CHECKING:
+    from enroll_server.broker import RunningBroker
+    from enroll_server.server import ServerHandle
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -103,33 +108,19 @@ def init_temp_home(root: Path, ports: Ports, validity: timedelta) -> HomeLayout:
 
 
 class ProfileOverrides:
-    """Certificate lifetimes for chosen devices (the demo's one short-lived renewer).
+    """Certificate lifetimes for chosen devices (the demo's one short-lived renewer): the
+    service's `profile_for`, answering `default` for every device not named in `profiles`.
 
-    Stopgap until the service offers a per-device profile: wraps the running service's
-    `enroll` so that, for the devices named here, it signs with another DeviceProfile.
-    `enroll` is synchronous and the server runs in one event loop, so swapping the profile
-    around the call cannot leak into another request.
+    Written from the simulator's thread, read in the stack's: one dict look-up per issuance,
+    atomic under the GIL.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, default: DeviceProfile) -> None:
+        self.default = default
         self.profiles: dict[str, DeviceProfile] = {}
 
-    def install(self, service: Any) -> None:
-        original = service.enroll
-        default = service.profile
-        overrides = self.profiles
-
-        def enroll(csr_der: bytes, auth: Any, now: datetime) -> Any:
-            profile = overrides.get(str(auth.grant.device_id))
-            if profile is None:
-                return original(csr_der, auth, now)
-            service.profile = profile
-            try:
-                return original(csr_der, auth, now)
-            finally:
-                service.profile = default
-
-        service.enroll = enroll
+    def __call__(self, device_id: DeviceId) -> DeviceProfile:
+        return self.profiles.get(device_id.value, self.default)
 
 
 class HostedStack:
@@ -143,14 +134,13 @@ class HostedStack:
         self.layout = layout
         self.profile = profile
         self.clock = clock
-        self.overrides = ProfileOverrides()
+        self.overrides = ProfileOverrides(profile)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._run_loop, name="fleetpki-sim-stack", daemon=True
         )
-        self._server: Any = None
-        self._broker: Any = None
-        self._est_up = False
+        self._server: ServerHandle | None = None
+        self._broker: RunningBroker | None = None
         self.endpoints = Endpoints(HOST, 0, 0, 0)
         self._closed = False
 
@@ -205,24 +195,21 @@ class HostedStack:
                 http_port=ports.http,
                 bind=HOST,
                 profile=self.profile,
+                profile_for=self.overrides,
                 clock=self.clock.now,
             )
         except OSError as exc:
             raise _port_error("EST or CRL/OCSP", ports.est, exc) from exc
-        self._est_up = True
-        self.overrides.install(self._server.state.service)
         # Mirror `serve`: an admin-API revocation drops the live session in-process too.
         self._server.state.on_revocation.append(self._drop)
-        await self._start_broker(ports.mqtt)
-        self.endpoints = Endpoints(
-            HOST, self._server.est_port, self._server.http_port, self._broker.port
-        )
+        broker = await self._start_broker(ports.mqtt)
+        self.endpoints = Endpoints(HOST, self._server.est_port, self._server.http_port, broker.port)
 
     def _drop(self, device_id: str, why: str) -> None:
         if self._broker is not None:
             self._broker.disconnect(device_id, reason=why)
 
-    async def _start_broker(self, port: int) -> None:
+    async def _start_broker(self, port: int) -> RunningBroker:
         from enroll_server.broker import BrokerConfig, BrokerStartError, start_broker
 
         config = BrokerConfig(
@@ -234,11 +221,12 @@ class HostedStack:
             port=port,
         )
         try:
-            self._broker = await start_broker(config, clock=self.clock.now)
+            self._broker = broker = await start_broker(config, clock=self.clock.now)
         except BrokerStartError as exc:
             if "in use" in exc.why.lower() or "errno 98" in exc.why.lower():
                 raise PortInUse("MQTT", HOST, port) from exc
             raise SimulatorError(str(exc)) from exc
+        return broker
 
     async def _stop_all(self) -> None:
         if self._broker is not None:
@@ -247,12 +235,7 @@ class HostedStack:
             self._broker = None
         if self._server is not None:
             server, self._server = self._server, None
-            if not self._est_up:
-                # Already stopped by a scenario; stop only what is still up.
-                await server.http.stop()
-                server.registry.close()
-            else:
-                await server.stop()
+            await server.stop()
 
     def close(self) -> None:
         """Stop service and broker and the stack's thread (idempotent)."""
@@ -280,39 +263,18 @@ class HostedStack:
         await self.call(self._start_broker(self.endpoints.mqtt_port))
 
     async def stop_est(self) -> None:
-        async def stop() -> None:
-            if self._est_up:
-                self._est_up = False
-                await self._server.https.stop()
-
-        await self.call(stop())
+        if self._server is not None:
+            await self.call(self._server.stop_est())
 
     async def start_est(self) -> None:
-        from enroll_server.http_app import build_https_app, server_ssl_context, start_site
-
-        async def start() -> None:
-            if self._est_up:
-                return
-            tls = server_ssl_context(
-                self.layout.server_cert, self.layout.server_key, self.layout.chain
-            )
-            app = build_https_app(self._server.state)
-            self._server.https = await start_site(app, HOST, self.endpoints.est_port, tls)
-            self._est_up = True
-
-        await self.call(start())
+        if self._server is not None:
+            await self.call(self._server.start_est())
 
     async def broker_sessions(self) -> dict[str, int]:
         """Identity -> certificate serial of each live session, as the broker admitted it."""
 
         async def read() -> dict[str, int]:
-            if self._broker is None:
-                return {}
-            return {
-                identity: conn.admission.serial
-                for identity, conn in self._broker.broker.connections.items()
-                if conn.admission is not None
-            }
+            return {} if self._broker is None else self._broker.sessions()
 
         return await self.call(read())
 

@@ -136,6 +136,14 @@ class RunningBroker:
             if conn.admission is not None
         }
 
+    def sessions(self) -> dict[str, int]:
+        """Identity -> serial of the certificate each live, admitted session presented."""
+        return {
+            identity: conn.admission.serial
+            for identity, conn in self._broker.connections.items()
+            if conn.admission is not None
+        }
+
     def disconnect(self, device_id: DeviceId | str, reason: str = DROP_OPERATOR) -> bool:
         """Drop the live session of `device_id` now, without its will; False if none.
 
