@@ -21,29 +21,20 @@ def run(*args: str, cwd: Path, input_: bytes | None = None) -> subprocess.Comple
     return subprocess.run(args, cwd=cwd, input=input_, capture_output=True, timeout=30, check=False)
 
 
+def openssl_csr(name: str, cn: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """A fresh P-256 key (NAME.key) and a DER CSR (NAME.csr) made by openssl, as a device would."""
+    return run(
+        "openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-keyout", f"{name}.key", "-subj", f"/CN={cn}", "-outform", "DER",
+        "-out", f"{name}.csr", cwd=cwd,
+    )  # fmt: skip
+
+
 def test_openssl_and_curl_enrollment(live_server: LiveServer, tmp_path: Path) -> None:
     token = live_server.mint_device("pi-0001")
     root = str(live_server.layout.root_cert)
     # 1. Key and CSR with openssl; base64 DER body as RFC 7030 4.2.1 requires.
-    r = run(
-        "openssl",
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "device.key",
-        "-subj",
-        "/CN=pi-0001",
-        "-outform",
-        "DER",
-        "-out",
-        "device.csr",
-        cwd=tmp_path,
-    )
+    r = openssl_csr("device", "pi-0001", tmp_path)
     assert r.returncode == 0, r.stderr
     r = run("openssl", "base64", "-in", "device.csr", "-out", "device.b64", cwd=tmp_path)
     assert r.returncode == 0
@@ -126,25 +117,7 @@ def test_openssl_and_curl_enrollment(live_server: LiveServer, tmp_path: Path) ->
     ).stdout
     assert pub_from_key == pub_from_cert and pub_from_key.startswith(b"-----BEGIN PUBLIC KEY")
     # 4. Re-enroll with curl over mTLS using the new certificate and a fresh key.
-    r = run(
-        "openssl",
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "device2.key",
-        "-subj",
-        "/CN=pi-0001",
-        "-outform",
-        "DER",
-        "-out",
-        "device2.csr",
-        cwd=tmp_path,
-    )
+    r = openssl_csr("device2", "pi-0001", tmp_path)
     assert r.returncode == 0
     run("openssl", "base64", "-in", "device2.csr", "-out", "device2.b64", cwd=tmp_path)
     r = run(
