@@ -47,3 +47,24 @@ class TooManyRequests(ServiceError):
     def __init__(self, reason: str, retry_after: int) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+# One table maps the error tree to HTTP status codes (RFC 7030 4.2.3 leaves codes to HTTP);
+# both HTTP layers (http_app's middleware and the lean EST front end) use it.
+HTTP_STATUS: dict[type[ServiceError], int] = {
+    BadRequest: 400,
+    AuthenticationFailed: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    TooManyRequests: 429,
+}
+# RFC 7617 2 / RFC 7235 3.1: a 401 names the scheme; we decode credentials as UTF-8.
+WWW_AUTHENTICATE = 'Basic realm="fleetpki EST", charset="UTF-8"'
+
+
+def http_status(exc: ServiceError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 400

@@ -14,41 +14,22 @@ from cryptography.hazmat.primitives import serialization
 
 from enroll_server.admin_api import admin_routes
 from enroll_server.errors import (
-    AuthenticationFailed,
-    BadRequest,
-    Conflict,
-    Forbidden,
-    NotFound,
+    WWW_AUTHENTICATE,
     ServiceError,
     TooManyRequests,
+    http_status,
 )
+from enroll_server.est.front import EstFront
 from enroll_server.est.routes import EST_PREFIX, est_routes
 from enroll_server.state import APP_STATE, AppState
 
 log = logging.getLogger("fleetpki.http")
 
-# One table maps the error tree to HTTP status codes (RFC 7030 4.2.3 leaves codes to HTTP).
-ERROR_STATUS: dict[type[ServiceError], int] = {
-    BadRequest: 400,
-    AuthenticationFailed: 401,
-    Forbidden: 403,
-    NotFound: 404,
-    Conflict: 409,
-    TooManyRequests: 429,
-}
 # A base64 CSR of the largest accepted size (16 KiB DER) is about 22 KiB; refuse much more
 # before reading it (HTTP 413).
 MAX_BODY = 64 * 1024
-WWW_AUTHENTICATE = 'Basic realm="fleetpki EST", charset="UTF-8"'
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _status_of(exc: ServiceError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in ERROR_STATUS:
-            return ERROR_STATUS[cls]
-    return 400
 
 
 @web.middleware
@@ -59,7 +40,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except ServiceError as exc:
-        status = _status_of(exc)
+        status = http_status(exc)
         if is_est:
             st.metrics.enrollments.inc(f"rejected_{status}")
         # Reasons name what was wrong but never carry a secret (tokens are not echoed).
@@ -149,8 +130,11 @@ def server_ssl_context(
 class RunningSite:
     runner: web.AppRunner
     port: int
+    front: EstFront | None = None
 
     async def stop(self) -> None:
+        if self.front is not None:
+            await self.front.stop()
         await self.runner.cleanup()
 
 
@@ -167,3 +151,19 @@ async def start_site(
     sockets = getattr(server, "sockets", None) or []
     bound = sockets[0].getsockname()[1] if sockets else port
     return RunningSite(runner, bound)
+
+
+async def start_est_site(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext
+) -> RunningSite:
+    """The HTTPS listener: the lean EST front end, handing everything else to `app`."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, tcp_keepalive=False)
+    await runner.setup()
+    assert runner.server is not None
+    front = EstFront(app[APP_STATE], runner.server, MAX_BODY)
+    try:
+        bound = await front.start(host, port, ssl_context)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return RunningSite(runner, bound, front)

@@ -19,6 +19,7 @@ from enroll_server.http_app import (
     build_http_app,
     build_https_app,
     server_ssl_context,
+    start_est_site,
     start_site,
 )
 from enroll_server.pki.profile import DeviceProfile
@@ -72,7 +73,8 @@ class ServerHandle:
         """Listen for EST + admin API again on the host and port it had (idempotent)."""
         if self.est_up:
             return
-        self.https = await start_site(
+        assert self.https_tls is not None
+        self.https = await start_est_site(
             build_https_app(self.state), self.bind, self.https.port, self.https_tls
         )
         self.est_up = True
@@ -140,7 +142,9 @@ async def start_server(
             loaded.layout.chain,
             trusted_manufacturer_ca_files(loaded.layout.root),
         )
-        https = await start_site(build_https_app(state), host, _port(est_port, cfg.est_port), tls)
+        https = await start_est_site(
+            build_https_app(state), host, _port(est_port, cfg.est_port), tls
+        )
         http_app = build_http_app(state, revocation_routes(revocation))
         revocation.attach(http_app)
         http = await start_site(http_app, host, _port(http_port, cfg.http_port))

@@ -19,7 +19,7 @@ from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
 from enroll_server.pki.errors import CsrRejected
 from enroll_server.pki.keys import PublicKey
 from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
-from enroll_server.registry import Registry
+from enroll_server.registry import Issuance, Registry, RegistryError
 from enroll_server.registry.errors import DeviceNotActive, TokenRejected
 from enroll_server.registry.models import CertStatus, DeviceState, IssuedCertificate, Role
 from fleetpki.identity import DeviceId, InvalidIdentifier
@@ -48,6 +48,14 @@ class Enrollment:
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]  # certificate first, then the issuing CA
     chain_der: tuple[bytes, ...]  # the same, DER (encoded once, reused for the reply)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEnrollment:
+    """Signed, not yet recorded: `enrollment` may be returned only once `issuance` commits."""
+
+    issuance: Issuance
+    enrollment: Enrollment
 
 
 def token_hash(token: str) -> str:
@@ -207,6 +215,20 @@ class EnrollmentService:
         The certificate is committed (and the token consumed in the same transaction) before
         it leaves this function; if the commit fails the certificate is discarded unseen.
         """
+        outcome = self.issue(csr_der, auth, now)
+        if isinstance(outcome, Enrollment):
+            return outcome
+        return self.settle(outcome, self.registry.record_issuances([outcome.issuance])[0])
+
+    def issue(
+        self, csr_der: bytes, auth: Authorization, now: datetime
+    ) -> PendingEnrollment | Enrollment:
+        """Check the CSR and sign: the certificate, not yet recorded (or a replayed one).
+
+        The caller must record `issuance` (record_issuances, possibly batched with others) and
+        pass the outcome to `settle` before anything reaches the client; an Enrollment is a
+        retry answered with the certificate already recorded, nothing to commit.
+        """
         try:
             approved = check_csr(load_csr(csr_der), auth.grant)
         except CsrRejected as exc:
@@ -229,20 +251,23 @@ class EnrollmentService:
             not_after=cert.not_valid_after_utc,
             pem=certificate_pem(der),
         )
-        try:
-            self.registry.record_issuance(
-                record,
-                consume_token_hash=auth.token_hash,
-                supersedes_serial=auth.supersedes_serial,
-                now=now,
-                actor=auth.actor,
-            )
-        except TokenRejected as exc:
+        return PendingEnrollment(
+            Issuance(record, auth.token_hash, auth.supersedes_serial, now, auth.actor),
+            Enrollment(cert, (cert, self.issuer.cert), (der, self._issuer_der)),
+        )
+
+    @staticmethod
+    def settle(pending: PendingEnrollment, refused: RegistryError | None) -> Enrollment:
+        """The enrollment once its issuance is recorded; the client's error if it was refused."""
+        if refused is None:
+            return pending.enrollment
+        if isinstance(refused, TokenRejected):
             # Lost a race for the same one-time token: the other request won.
-            raise AuthenticationFailed(f"enrollment token {exc.reason}") from exc
-        except DeviceNotActive as exc:
-            raise DeviceRevoked(str(exc.device_id), exc.state) from exc
-        return Enrollment(cert, (cert, self.issuer.cert), (der, self._issuer_der))
+            raise AuthenticationFailed(f"enrollment token {refused.reason}") from refused
+        if isinstance(refused, DeviceNotActive):
+            # Revoked or suspended between authorization and commit.
+            raise DeviceRevoked(str(refused.device_id), refused.state) from refused
+        raise refused
 
     def _replay(self, public_key: PublicKey, auth: Authorization, now: datetime) -> Enrollment:
         """Answer a retried simpleenroll whose first reply was lost, without issuing again.

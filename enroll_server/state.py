@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
+from enroll_server.commit_queue import CommitQueue
 from enroll_server.home import LoadedHome
 from enroll_server.metrics import Metrics
 from enroll_server.registry import Registry
@@ -35,6 +36,13 @@ class AppState:
     on_revocation: list[Callable[[str, str], Any]] = field(default_factory=list)
     # Hooks run after any registry change that affects revocation data (CRL/OCSP rebuild).
     on_change: list[Callable[[], Any]] = field(default_factory=list)
+
+    # Group commit of issuances (one registry transaction per loop iteration).
+    commits: CommitQueue = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.commits = CommitQueue(self.registry)
+        self.metrics.extra.append(lambda: "\n".join(self.commits.batches.render()) + "\n")
 
     def on_registry_change(self) -> None:
         for hook in self.on_change:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +24,7 @@ from enroll_server.registry.errors import (
     DuplicateFingerprint,
     DuplicateSerial,
     InvalidValue,
+    RegistryError,
     TokenRejected,
     UnknownBatch,
     UnknownCertificate,
@@ -34,6 +35,7 @@ from enroll_server.registry.models import (
     CertificateRecord,
     DeviceState,
     EventKind,
+    Issuance,
     IssuedCertificate,
     RevokedEntry,
     parse_reason,
@@ -63,6 +65,16 @@ def _issue_detail(
     )
 
 
+class _Refused(Exception):
+    """The batched statements refused some row: roll back and redo one by one."""
+
+
+def _batchable(batch: Sequence[Issuance]) -> bool:
+    """Whether the executemany path applies: no renewals, no token spent twice in the batch."""
+    tokens = [i.consume_token_hash for i in batch if i.consume_token_hash is not None]
+    return len(set(tokens)) == len(tokens) and all(i.supersedes_serial is None for i in batch)
+
+
 class CertificateStore(RegistryBase):
     """Issued certificates: issuance (with token consumption), suspension, revocation, CRL."""
 
@@ -78,75 +90,180 @@ class CertificateStore(RegistryBase):
         """Record an issued certificate, atomically with consuming the enrollment token.
 
         Of two concurrent requests with the same token exactly one succeeds: the conditional
-        UPDATE below runs under the write lock, so the second sees used_at already set.
+        UPDATE runs under the write lock, so the second sees used_at already set. Raises the
+        RegistryError that refused it (TokenRejected, DeviceNotActive, ...).
         """
-        now_s = ts(now, "now")
+        item = Issuance(cert, consume_token_hash, supersedes_serial, now, actor)
+        refused = self.record_issuances([item])[0]
+        if refused is not None:
+            raise refused
+
+    def record_issuances(self, batch: Sequence[Issuance]) -> list[RegistryError | None]:
+        """Record several issuances in one transaction (group commit); one outcome each.
+
+        Each issuance is all-or-nothing on its own: one refused (its token spent meanwhile,
+        its device revoked) leaves the others recorded, and its outcome is the RegistryError
+        that refused it; None means recorded. Committing a batch at once is what makes the
+        commit (the WAL write, and its sync) cheap per enrollment under load. An unexpected
+        database error fails the whole call and records nothing.
+        """
+        if not batch:
+            return []
+        if _batchable(batch):
+            with self._lock:
+                try:
+                    with self._write() as conn:
+                        if not self._issue_many(conn, batch):
+                            raise _Refused
+                    return [None] * len(batch)
+                except (_Refused, sqlite3.IntegrityError):
+                    pass  # rolled back: redo one by one below to find who was refused and why
+        outcomes: list[RegistryError | None] = []
+        with self._write() as conn:
+            for item in batch:
+                conn.execute("SAVEPOINT issue")
+                try:
+                    self._issue_one(conn, item)
+                except RegistryError as exc:
+                    conn.execute("ROLLBACK TO issue")
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(None)
+                conn.execute("RELEASE issue")
+        return outcomes
+
+    @staticmethod
+    def _issue_many(conn: sqlite3.Connection, batch: Sequence[Issuance]) -> bool:
+        """The common case in one executemany per statement; False if any row was refused.
+
+        Python-side cost per statement, not per row, is what this saves (the hot path of a
+        busy enrollment server). Every refusal shows as a row count short of the batch size.
+        """
+        rows = []
+        tokens = []
+        for item in batch:
+            cert = item.cert
+            now_s = ts(item.now, "now")
+            device = cert.device_id.value
+            serial_s = serial_hex(cert.serial)
+            not_after_s = ts(cert.not_after, "not_after")
+            with_token = item.consume_token_hash is not None
+            if with_token:
+                tokens.append((now_s, item.consume_token_hash, device, now_s))
+            rows.append(
+                (
+                    now_s,
+                    device,
+                    serial_s,
+                    cert.fingerprint_sha256,
+                    ts(cert.not_before, "not_before"),
+                    not_after_s,
+                    cert.pem,
+                    item.actor,
+                    _issue_detail(serial_s, not_after_s, None, with_token),
+                )
+            )
+        if tokens:
+            consumed = conn.executemany(
+                "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND device_id = ? "
+                "AND used_at IS NULL AND expires_at > ?",
+                tokens,
+            ).rowcount
+            if consumed != len(tokens):
+                return False
+        activated = conn.executemany(
+            "UPDATE devices SET state = 'active', enrolled_at = coalesce(enrolled_at, ?), "
+            "updated_at = ? WHERE id = ? AND state IN ('provisioned', 'active')",
+            [(r[0], r[0], r[1]) for r in rows],
+        ).rowcount
+        if activated != len(rows):
+            return False
+        conn.executemany(
+            f"INSERT INTO certificates ({CERTIFICATE_COLUMNS}) "  # noqa: S608
+            "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?)",
+            [(r[2], r[1], r[3], r[4], r[5], r[0], r[6]) for r in rows],
+        )
+        conn.executemany(
+            "INSERT INTO audit (at, actor, action, device_id, detail) "
+            "VALUES (?, ?, 'certificate.issue', ?, ?)",
+            [(r[0], r[7], r[1], r[8]) for r in rows],
+        )
+        conn.executemany(
+            "INSERT INTO events (at, kind, device_id, serials) VALUES (?, 'issued', ?, ?)",
+            [(r[0], r[1], f'["{r[2]}"]') for r in rows],
+        )
+        return True
+
+    def _issue_one(self, conn: sqlite3.Connection, item: Issuance) -> None:
+        """One issuance inside the caller's transaction; raises the RegistryError refusing it."""
+        cert = item.cert
+        now_s = ts(item.now, "now")
         device_id = cert.device_id
         serial_s = serial_hex(cert.serial)
         not_after_s = ts(cert.not_after, "not_after")
+        supersedes_serial = item.supersedes_serial
         supersedes_s = None if supersedes_serial is None else serial_hex(supersedes_serial)
-        detail = _issue_detail(serial_s, not_after_s, supersedes_s, consume_token_hash is not None)
-        # This runs once per enrollment: every statement below is one the transaction needs
-        # (the device state check rides on the UPDATE that activates the device).
-        with self._write() as conn:
-            if consume_token_hash is not None:
-                consumed = conn.execute(
-                    "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND device_id = ? "
-                    "AND used_at IS NULL AND expires_at > ?",
-                    (now_s, consume_token_hash, device_id.value, now_s),
-                ).rowcount
-                if consumed != 1:
-                    problem = self._token_problem(conn, device_id, consume_token_hash, now_s)
-                    raise TokenRejected(device_id, problem or "used")
-            activated = conn.execute(
-                "UPDATE devices SET state = 'active', enrolled_at = coalesce(enrolled_at, ?), "
-                "updated_at = ? WHERE id = ? AND state IN ('provisioned', 'active')",
-                (now_s, now_s, device_id.value),
+        token = item.consume_token_hash
+        detail = _issue_detail(serial_s, not_after_s, supersedes_s, token is not None)
+        if token is not None:
+            consumed = conn.execute(
+                "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND device_id = ? "
+                "AND used_at IS NULL AND expires_at > ?",
+                (now_s, token, device_id.value, now_s),
             ).rowcount
-            if activated != 1:
-                state = self._state_of(conn, device_id)
-                if state is None:
-                    raise UnknownDevice(device_id)
-                raise DeviceNotActive(device_id, state.value)
-            try:
-                conn.execute(
-                    f"INSERT INTO certificates ({CERTIFICATE_COLUMNS}) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?)",
-                    (
-                        serial_s,
-                        device_id.value,
-                        cert.fingerprint_sha256,
-                        ts(cert.not_before, "not_before"),
-                        not_after_s,
-                        now_s,
-                        cert.pem,
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                if "fingerprint" in str(exc):
-                    raise DuplicateFingerprint(cert.fingerprint_sha256) from exc
-                raise DuplicateSerial(cert.serial) from exc
-            if supersedes_serial is not None:
-                old = conn.execute(
-                    "SELECT status FROM certificates WHERE serial = ? AND device_id = ?",
-                    (supersedes_s, device_id.value),
-                ).fetchone()
-                if old is None:
-                    raise UnknownCertificate(supersedes_serial, device_id)
-                conn.execute(
-                    "UPDATE certificates SET status = 'superseded' "
-                    "WHERE serial = ? AND status = 'active'",
-                    (supersedes_s,),
-                )
+            if consumed != 1:
+                problem = self._token_problem(conn, device_id, token, now_s)
+                raise TokenRejected(device_id, problem or "used")
+        # The device state check rides on the UPDATE that activates the device.
+        activated = conn.execute(
+            "UPDATE devices SET state = 'active', enrolled_at = coalesce(enrolled_at, ?), "
+            "updated_at = ? WHERE id = ? AND state IN ('provisioned', 'active')",
+            (now_s, now_s, device_id.value),
+        ).rowcount
+        if activated != 1:
+            state = self._state_of(conn, device_id)
+            if state is None:
+                raise UnknownDevice(device_id)
+            raise DeviceNotActive(device_id, state.value)
+        try:
             conn.execute(
-                "INSERT INTO audit (at, actor, action, device_id, detail) "
-                "VALUES (?, ?, 'certificate.issue', ?, ?)",
-                (now_s, actor, device_id.value, detail),
+                f"INSERT INTO certificates ({CERTIFICATE_COLUMNS}) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?)",
+                (
+                    serial_s,
+                    device_id.value,
+                    cert.fingerprint_sha256,
+                    ts(cert.not_before, "not_before"),
+                    not_after_s,
+                    now_s,
+                    cert.pem,
+                ),
             )
+        except sqlite3.IntegrityError as exc:
+            if "fingerprint" in str(exc):
+                raise DuplicateFingerprint(cert.fingerprint_sha256) from exc
+            raise DuplicateSerial(cert.serial) from exc
+        if supersedes_serial is not None:
+            old = conn.execute(
+                "SELECT status FROM certificates WHERE serial = ? AND device_id = ?",
+                (supersedes_s, device_id.value),
+            ).fetchone()
+            if old is None:
+                raise UnknownCertificate(supersedes_serial, device_id)
             conn.execute(
-                "INSERT INTO events (at, kind, device_id, serials) VALUES (?, 'issued', ?, ?)",
-                (now_s, device_id.value, f'["{serial_s}"]'),
+                "UPDATE certificates SET status = 'superseded' "
+                "WHERE serial = ? AND status = 'active'",
+                (supersedes_s,),
             )
+        conn.execute(
+            "INSERT INTO audit (at, actor, action, device_id, detail) "
+            "VALUES (?, ?, 'certificate.issue', ?, ?)",
+            (now_s, item.actor, device_id.value, detail),
+        )
+        conn.execute(
+            "INSERT INTO events (at, kind, device_id, serials) VALUES (?, 'issued', ?, ?)",
+            (now_s, device_id.value, f'["{serial_s}"]'),
+        )
 
     def get_certificate(self, serial: int) -> CertificateRecord | None:
         with self._read() as conn:

@@ -153,6 +153,21 @@ class IssuedCertificate:
 
 
 @dataclass(frozen=True, slots=True)
+class Issuance:
+    """One issuance to record (record_issuances): the certificate, and what it consumes.
+
+    `consume_token_hash`: the one-time enrollment token spent by this issuance (simpleenroll);
+    `supersedes_serial`: the certificate it renews (simplereenroll, IDevID re-bootstrap).
+    """
+
+    cert: IssuedCertificate
+    consume_token_hash: str | None
+    supersedes_serial: int | None
+    now: datetime
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
 class CertificateRecord:
     serial: int
     device_id: DeviceId

@@ -106,7 +106,28 @@ _V1 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1,)
+# Fewer index pages per enrollment. An enrollment changes a device's state and inserts an
+# active certificate; each index over a changed column costs a random page (or two: delete
+# and insert) in the WAL at every commit, which was most of the registry's share of the
+# server's CPU per enrollment (BENCHMARKS.md, "Enrollment"). So: the batch index no longer
+# carries the state (batch views read a batch's rows anyway), the fleet-wide state index
+# goes (state filters are operator queries that may scan), and the CRL's index is partial,
+# holding only revoked and on-hold certificates, so an issuance never touches it.
+_V2 = Migration(
+    2,
+    "indexes that an enrollment does not have to update",
+    (
+        "DROP INDEX devices_state",
+        "DROP INDEX devices_batch_state",
+        "CREATE INDEX devices_batch ON devices(batch_id)",
+        "DROP INDEX certificates_status_expiry",
+        # Serves revoked_entries() (CRL input): status IN (...) AND not_after > now.
+        "CREATE INDEX certificates_revoked ON certificates(not_after) "
+        "WHERE status IN ('revoked', 'on_hold')",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

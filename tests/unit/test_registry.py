@@ -111,7 +111,8 @@ def test_fresh_registry_is_wal_with_every_table(reg: Registry, db_path: Path) ->
             "admin_tokens",
             "schema_version",
         }
-        assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+        version = db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        assert version == schema.LATEST_VERSION
         assert db.journal_mode == "wal"  # persistent: a second connection sees it too
     finally:
         db.close()
@@ -124,7 +125,9 @@ def test_reopen_keeps_data_and_does_not_migrate_again(db_path: Path) -> None:
         device = second.get_device(DeviceId("keep-me"))
         assert device is not None and device.state is DeviceState.PROVISIONED
     with sqlite3.connect(db_path) as raw:
-        assert raw.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+        assert raw.execute("SELECT count(*) FROM schema_version").fetchone()[0] == len(
+            schema.MIGRATIONS
+        )
 
 
 def test_newer_schema_is_refused(db_path: Path) -> None:
@@ -141,12 +144,13 @@ def test_older_schema_gets_missing_migrations(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     Registry.open(db_path).close()
-    v2 = schema.Migration(2, "notes", ("CREATE TABLE notes (id INTEGER PRIMARY KEY)",))
-    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, v2))
-    monkeypatch.setattr(schema, "LATEST_VERSION", 2)
+    nxt = schema.LATEST_VERSION + 1
+    v_next = schema.Migration(nxt, "notes", ("CREATE TABLE notes (id INTEGER PRIMARY KEY)",))
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, v_next))
+    monkeypatch.setattr(schema, "LATEST_VERSION", nxt)
     Registry.open(db_path).close()
     with sqlite3.connect(db_path) as raw:
-        assert raw.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 2
+        assert raw.execute("SELECT max(version) FROM schema_version").fetchone()[0] == nxt
         assert raw.execute("SELECT count(*) FROM notes").fetchone()[0] == 0
 
 
@@ -154,15 +158,17 @@ def test_failed_migration_leaves_the_file_untouched(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     Registry.open(db_path).close()
+    nxt = schema.LATEST_VERSION + 1
     broken = schema.Migration(
-        2, "broken", ("CREATE TABLE half_done (id INTEGER)", "CREATE TABLE devices (x INTEGER)")
+        nxt, "broken", ("CREATE TABLE half_done (id INTEGER)", "CREATE TABLE devices (x INTEGER)")
     )
     monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
-    monkeypatch.setattr(schema, "LATEST_VERSION", 2)
+    monkeypatch.setattr(schema, "LATEST_VERSION", nxt)
     with pytest.raises(sqlite3.OperationalError):
         Registry.open(db_path)
     with sqlite3.connect(db_path) as raw:
-        assert raw.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+        version = raw.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        assert version == nxt - 1
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master")}
         assert "half_done" not in tables
 
@@ -774,7 +780,9 @@ def test_processes_opening_a_fresh_file_together(db_path: Path) -> None:
     with Registry.open(db_path) as reg:
         assert reg.count_devices() == 4
     with sqlite3.connect(db_path) as raw:
-        assert raw.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+        assert raw.execute("SELECT count(*) FROM schema_version").fetchone()[0] == len(
+            schema.MIGRATIONS
+        )
 
 
 def test_create_batch_reads_the_input_lazily(reg: Registry) -> None:
@@ -800,8 +808,29 @@ def test_hot_queries_use_indexes(reg: Registry, db_path: Path) -> None:
             return " ".join(r[3] for r in raw.execute("EXPLAIN QUERY PLAN " + sql))
 
         assert "INTEGER PRIMARY KEY" in plan("SELECT * FROM events WHERE seq > 1 ORDER BY seq")
-        assert "certificates_status_expiry" in plan(
+        assert "certificates_revoked" in plan(
             "SELECT serial FROM certificates WHERE status IN ('revoked', 'on_hold') "
             "AND not_after > '2025'"
         )
         assert "tokens_device" in plan("SELECT 1 FROM tokens WHERE device_id = 'x'")
+
+
+def test_v1_registry_migrates_to_the_enrollment_friendly_indexes(db_path: Path) -> None:
+    """A registry made by schema 1 gains the indexes of schema 2 with its data intact
+    (test_hot_queries_use_indexes checks the CRL query still uses an index)."""
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TEXT)")
+        for statement in schema.MIGRATIONS[0].statements:
+            raw.execute(statement)
+        raw.execute("INSERT INTO schema_version VALUES (1, 'x')")
+        raw.execute(
+            "INSERT INTO devices (id, batch_id, role, state, created_at, updated_at) "
+            "VALUES ('old-dev', NULL, 'device', 'provisioned', '2026-01-01T00:00:00.000000Z', "
+            "'2026-01-01T00:00:00.000000Z')"
+        )
+    with Registry.open(db_path) as reg:
+        assert reg.get_device(DeviceId("old-dev")) is not None
+    with sqlite3.connect(db_path) as raw:
+        names = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"devices_batch", "certificates_revoked"} <= names
+        assert not {"devices_state", "devices_batch_state", "certificates_status_expiry"} & names

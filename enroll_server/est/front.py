@@ -1,0 +1,400 @@
+"""The lean EST front end: HTTP/1.1 for the two enrollment POSTs, everything else to aiohttp.
+
+Every enrollment is a fresh TLS connection carrying one POST (RFC 7030 4.2), and at fleet
+scale the server spends its time on exactly that. A general framework costs about as much
+CPU per request as the TLS handshake's own work (BENCHMARKS.md, "Enrollment"), so the
+listener's protocol is this one: it parses the request head, and a plain
+`POST /.well-known/est/simpleenroll|simplereenroll` with a Content-Length it serves itself.
+Anything else (GET cacerts, the admin API, /metrics, a chunked or Expect: 100-continue POST,
+an odd request line) is handed over on the same connection, with the bytes read so far, to
+the aiohttp application, which answers exactly as it would alone. The rules of who may
+enroll and what is accepted live in est/operations.py, shared with the aiohttp routes.
+
+A connection that does not complete a request within IDLE_TIMEOUT is closed (slow clients
+hold no resources for long); a head over MAX_HEAD bytes gets 431, a body over the limit 413
+without being read (RFC 9110 15.5.14).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from functools import partial
+from typing import cast
+
+from aiohttp import web
+from cryptography import x509
+
+from enroll_server.errors import WWW_AUTHENTICATE, ServiceError, TooManyRequests, http_status
+from enroll_server.est.operations import (
+    SIMPLEENROLL,
+    SIMPLEREENROLL,
+    UnsupportedMediaType,
+    authorize_simpleenroll,
+    authorize_simplereenroll,
+    check_content_type,
+    csr_of,
+    media_type,
+    peer_certificate_of,
+)
+from enroll_server.est.wire import CERTS_ONLY_CONTENT_TYPE, encode_certs_only_der
+from enroll_server.registry import RegistryError
+from enroll_server.service import Enrollment, PendingEnrollment
+from enroll_server.state import AppState
+
+log = logging.getLogger("fleetpki.http")
+
+EST_PATH = b"/.well-known/est/"
+_OPERATIONS = {EST_PATH + SIMPLEENROLL.encode(): SIMPLEENROLL}
+_OPERATIONS[EST_PATH + SIMPLEREENROLL.encode()] = SIMPLEREENROLL
+MAX_HEAD = 16 * 1024
+IDLE_TIMEOUT = 30.0
+_SWEEP_EVERY = 5.0
+_REASON = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    409: b"Conflict",
+    413: b"Content Too Large",
+    415: b"Unsupported Media Type",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+}
+_TEXT = b"text/plain; charset=utf-8"
+_CERTS_ONLY_HEADERS = (
+    b"Content-Type: " + CERTS_ONLY_CONTENT_TYPE.encode() + b"\r\n"
+    # RFC 8951 3: the body is base64 whatever this says; kept for RFC 7030-era clients.
+    b"Content-Transfer-Encoding: base64\r\n"
+)
+# Headers the front end must interpret alone, so a repeat of one is left to aiohttp to judge.
+_SINGLE = frozenset({b"content-length", b"content-type", b"authorization", b"connection"})
+
+
+class _HandOver(Exception):
+    """Not a request the front end serves: give the connection to aiohttp."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A parsed enrollment request head (RFC 9112 3, 5)."""
+
+    operation: str  # SIMPLEENROLL or SIMPLEREENROLL
+    path: str
+    length: int
+    content_type: str | None
+    authorization: str | None
+    keep_alive: bool
+
+
+def parse_head(raw: bytes) -> Head:
+    """The head of an enrollment POST; raises _HandOver for any other or unusual request."""
+    lines = raw.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise _HandOver
+    method, target, version = parts
+    operation = _OPERATIONS.get(target.split(b"?", 1)[0])
+    if method != b"POST" or operation is None or version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise _HandOver
+    fields: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        # No colon, whitespace before it (RFC 9112 5.1) or obs-fold: aiohttp answers 400.
+        if not sep or not name or name[-1:] in b" \t" or name[:1] in b" \t":
+            raise _HandOver
+        key = name.lower()
+        if key in fields and key in _SINGLE:
+            raise _HandOver
+        fields[key] = value.strip(b" \t")
+    # Chunked bodies and 100-continue are rare on this path; aiohttp implements them.
+    if b"transfer-encoding" in fields or b"expect" in fields:
+        raise _HandOver
+    length = fields.get(b"content-length")
+    if length is None or not length.isdigit() or len(length) > 12:
+        raise _HandOver
+    connection = fields.get(b"connection", b"").lower()
+    if version == b"HTTP/1.1":
+        keep_alive = b"close" not in connection
+    else:
+        keep_alive = b"keep-alive" in connection
+    content_type = fields.get(b"content-type")
+    authorization = fields.get(b"authorization")
+    return Head(
+        operation=operation,
+        path=target.decode("latin-1"),
+        length=int(length),
+        content_type=None if content_type is None else content_type.decode("latin-1"),
+        authorization=None if authorization is None else authorization.decode("latin-1"),
+        keep_alive=keep_alive,
+    )
+
+
+class EstFront:
+    """One listener: its connections, the aiohttp server to hand over to, the idle sweep."""
+
+    def __init__(self, state: AppState, handover: web.Server, max_body: int) -> None:
+        self.state = state
+        self.handover = handover
+        self.max_body = max_body
+        self.connections: set[EstConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._date_second = -1
+        self._date = b""
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> int:
+        """Listen on host:port (0: any free port); returns the port bound."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: EstConnection(self),
+            host,
+            port,
+            ssl=ssl_context,
+            backlog=1024,
+            reuse_address=True,
+            ssl_handshake_timeout=IDLE_TIMEOUT,
+        )
+        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection the front end still holds."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for conn in list(self.connections):
+            conn.abort()
+
+    def date(self) -> bytes:
+        """The Date header value (RFC 9110 6.6.1), formatted once per second."""
+        second = int(time.time())
+        if second != self._date_second:
+            self._date_second = second
+            self._date = formatdate(second, usegmt=True).encode()
+        return self._date
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        cutoff = time.monotonic() - IDLE_TIMEOUT
+        for conn in list(self.connections):
+            if conn.idle_since is not None and conn.idle_since < cutoff:
+                conn.abort()
+        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+
+
+class EstConnection(asyncio.Protocol):
+    """One client connection while the front end serves it."""
+
+    def __init__(self, front: EstFront) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.head: Head | None = None
+        self.body_at = 0
+        # Waiting for the registry commit of this connection's certificate; reading on.
+        self.busy = False
+        # time.monotonic() since when this connection owes us a request (None while busy).
+        self.idle_since: float | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is not an asyncio.Transport subclass, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        self.front.connections.add(self)
+        self.idle_since = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.busy:
+            self._serve_buffered()
+
+    def eof_received(self) -> bool:
+        return False  # close; a certificate being committed is still recorded
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.connections.discard(self)
+        self.transport = None
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- requests ------------------------------------------------------------------------
+    def _serve_buffered(self) -> None:
+        while self.transport is not None and not self.busy:
+            head = self.head
+            if head is None:
+                end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+                if end < 0:
+                    if len(self.buf) > MAX_HEAD:
+                        self._text(431, f"request head exceeds {MAX_HEAD} bytes", close=True)
+                    return
+                try:
+                    head = parse_head(bytes(self.buf[:end]))
+                except _HandOver:
+                    self._hand_over()
+                    return
+                if head.length > self.front.max_body:
+                    self._rejected(
+                        head,
+                        413,
+                        f"request body of {head.length} bytes exceeds the "
+                        f"{self.front.max_body}-byte limit",
+                        close=True,
+                    )
+                    return
+                self.head = head
+                self.body_at = end + 4
+            end = self.body_at + head.length
+            if len(self.buf) < end:
+                return
+            body = bytes(self.buf[self.body_at : end])
+            del self.buf[:end]
+            self.head = None
+            self._serve(head, body)
+
+    def _serve(self, head: Head, body: bytes) -> None:
+        st = self.front.state
+        started = time.perf_counter()
+        now = st.clock()
+        try:
+            if head.operation == SIMPLEENROLL:
+                auth = authorize_simpleenroll(
+                    st, head.authorization, self._source(), self._peer_certificate, now
+                )
+            else:
+                auth = authorize_simplereenroll(st, self._peer_certificate(), now)
+            check_content_type(media_type(head.content_type))
+            outcome = st.service.issue(csr_of(body), auth, now)
+        except ServiceError as exc:
+            self._service_error(head, exc)
+            return
+        except UnsupportedMediaType as exc:
+            self._rejected(head, 415, exc.reason)
+            return
+        except Exception:
+            log.exception("POST %s failed", head.path)
+            self._text(500, "internal error", close=True)
+            return
+        if isinstance(outcome, Enrollment):
+            self._issued(head, started, outcome)
+            return
+        # Nothing reaches the client before its certificate is committed (group commit).
+        self.busy = True
+        self.idle_since = None
+        st.commits.submit(outcome.issuance, partial(self._committed, head, started, outcome))
+
+    def _committed(
+        self,
+        head: Head,
+        started: float,
+        pending: PendingEnrollment,
+        outcome: BaseException | None,
+    ) -> None:
+        self.busy = False
+        if self.transport is None:
+            return  # the client left; its certificate is recorded, a retry gets it back
+        self.idle_since = time.monotonic()
+        if outcome is not None and not isinstance(outcome, RegistryError):
+            self._text(500, "internal error: the registry could not record the certificate")
+            return
+        try:
+            enrollment = self.front.state.service.settle(pending, outcome)
+        except ServiceError as exc:
+            self._service_error(head, exc)
+        except RegistryError as exc:
+            log.error("POST %s: registry refused the certificate: %s", head.path, exc)
+            self._text(500, "internal error: the registry could not record the certificate")
+        else:
+            self._issued(head, started, enrollment)
+        if self.buf:
+            self._serve_buffered()  # a pipelined request
+
+    # --- replies -------------------------------------------------------------------------
+    def _issued(self, head: Head, started: float, enrollment: Enrollment) -> None:
+        metrics = self.front.state.metrics
+        metrics.enrollments.inc(f"{head.operation}_ok")
+        metrics.latency.observe(time.perf_counter() - started)
+        self._write(
+            200, _CERTS_ONLY_HEADERS, encode_certs_only_der(enrollment.chain_der), head.keep_alive
+        )
+
+    def _service_error(self, head: Head, exc: ServiceError) -> None:
+        status = http_status(exc)
+        extra = b""
+        if status == 401:
+            extra = f"WWW-Authenticate: {WWW_AUTHENTICATE}\r\n".encode()
+        if isinstance(exc, TooManyRequests):
+            extra += f"Retry-After: {exc.retry_after}\r\n".encode()
+        self._rejected(head, status, exc.reason, extra)
+
+    def _rejected(
+        self, head: Head, status: int, reason: str, extra: bytes = b"", close: bool = False
+    ) -> None:
+        self.front.state.metrics.enrollments.inc(f"rejected_{status}")
+        # Reasons name what was wrong but never carry a secret (tokens are not echoed).
+        log.info("POST %s -> %d %s", head.path, status, reason)
+        self._text(status, reason, extra, close=close or not head.keep_alive)
+
+    def _text(self, status: int, reason: str, extra: bytes = b"", close: bool = False) -> None:
+        body = (reason + "\n").encode()
+        self._write(status, b"Content-Type: " + _TEXT + b"\r\n" + extra, body, not close)
+
+    def _write(self, status: int, headers: bytes, body: bytes, keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nServer: fleetpki\r\nDate: %s\r\nContent-Length: %d\r\n%s%s\r\n%s"
+            % (
+                status,
+                _REASON.get(status, b"Error"),
+                self.front.date(),
+                len(body),
+                headers,
+                b"" if keep_alive else b"Connection: close\r\n",
+                body,
+            )
+        )
+        if keep_alive:
+            self.idle_since = time.monotonic()
+        else:
+            transport.close()
+            self.transport = None
+            self.front.connections.discard(self)
+
+    # --- helpers -------------------------------------------------------------------------
+    def _source(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if peer else "?"
+
+    def _peer_certificate(self) -> x509.Certificate | None:
+        if self.transport is None:
+            return None
+        return peer_certificate_of(self.transport.get_extra_info("ssl_object"))
+
+    def _hand_over(self) -> None:
+        """Give the connection, with what was read of it, to aiohttp (RFC 9112 9.3: one
+        connection may carry requests the front end serves and requests it does not)."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.front.connections.discard(self)
+        self.transport = None
+        handler = self.front.handover()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        data = bytes(self.buf)
+        self.buf.clear()
+        if data:
+            handler.data_received(data)
