@@ -237,7 +237,8 @@ def main() -> None:
     ap.add_argument(
         "--profile",
         metavar="OUT",
-        help="attach py-spy (if installed) to the server during the timed window; raw stacks",
+        help="sample the server during the timed window: py-spy raw stacks, or perf record "
+        "(OUT ending in .data), or strace -c syscall counts (OUT ending in .strace)",
     )
     args = ap.parse_args()
 
@@ -318,6 +319,8 @@ def main() -> None:
             sampler = (
                 ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-o", args.profile]
                 if args.profile.endswith(".data")
+                else ["strace", "-f", "-c", "-o", args.profile]
+                if args.profile.endswith(".strace")
                 else [
                     str(Path(sys.executable).parent / "py-spy"),
                     "record",

@@ -45,6 +45,7 @@ from enroll_server.est.wire import CERTS_ONLY_CONTENT_TYPE, encode_certs_only_de
 from enroll_server.registry import RegistryError
 from enroll_server.service import Enrollment, PendingEnrollment
 from enroll_server.state import AppState
+from enroll_server.tls_socket import TlsListener
 
 log = logging.getLogger("fleetpki.http")
 
@@ -53,6 +54,12 @@ _OPERATIONS = {EST_PATH + SIMPLEENROLL.encode(): SIMPLEENROLL}
 _OPERATIONS[EST_PATH + SIMPLEREENROLL.encode()] = SIMPLEREENROLL
 MAX_HEAD = 16 * 1024
 IDLE_TIMEOUT = 30.0
+# After refusing a request whose body is still arriving (413, 431), keep reading and
+# discarding for this long (or this many bytes) before closing: closing at once makes the
+# peer's TCP answer the rest of its upload with a reset, which can destroy our response
+# before the client reads it (RFC 9112 9.6, "lingering close").
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
 _SWEEP_EVERY = 5.0
 _REASON = {
     200: b"OK",
@@ -144,7 +151,7 @@ class EstFront:
         self.handover = handover
         self.max_body = max_body
         self.connections: set[EstConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: TlsListener | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._date_second = -1
         self._date = b""
@@ -152,26 +159,21 @@ class EstFront:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> int:
         """Listen on host:port (0: any free port); returns the port bound."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: EstConnection(self),
-            host,
-            port,
-            ssl=ssl_context,
-            backlog=1024,
-            reuse_address=True,
-            ssl_handshake_timeout=IDLE_TIMEOUT,
-        )
+        listener = TlsListener(lambda: EstConnection(self), ssl_context, IDLE_TIMEOUT)
+        bound = listener.listen(host, port)
+        self._listener = listener
         self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
-        return int(self._server.sockets[0].getsockname()[1])
+        return bound
 
     async def stop(self) -> None:
         """Stop listening and close every connection the front end still holds."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._listener is not None:
+            # Aborts every connection: those the front end serves and those handed over.
+            self._listener.close()
+            self._listener = None
         for conn in list(self.connections):
             conn.abort()
 
@@ -189,6 +191,8 @@ class EstFront:
         for conn in list(self.connections):
             if conn.idle_since is not None and conn.idle_since < cutoff:
                 conn.abort()
+        if self._listener is not None:
+            self._listener.sweep()
         self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
 
 
@@ -205,15 +209,24 @@ class EstConnection(asyncio.Protocol):
         self.busy = False
         # time.monotonic() since when this connection owes us a request (None while busy).
         self.idle_since: float | None = None
+        # Lingering close: input is discarded until EOF, LINGER_SECONDS or LINGER_BYTES.
+        self.draining = False
+        self.drained = 0
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TLS transport is not an asyncio.Transport subclass, only alike.
+        # Any transport alike asyncio.Transport (uvloop's TLS transport is no subclass).
         self.transport = cast(asyncio.Transport, transport)
         self.front.connections.add(self)
         self.idle_since = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
+        if self.draining:
+            self.drained += len(data)
+            if self.drained > LINGER_BYTES:
+                self.abort()
+            return
         self.buf += data
         if not self.busy:
             self._serve_buffered()
@@ -224,6 +237,8 @@ class EstConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
         self.transport = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -237,7 +252,7 @@ class EstConnection(asyncio.Protocol):
                 end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
                 if end < 0:
                     if len(self.buf) > MAX_HEAD:
-                        self._text(431, f"request head exceeds {MAX_HEAD} bytes", close=True)
+                        self._text(431, f"request head exceeds {MAX_HEAD} bytes", linger=True)
                     return
                 try:
                     head = parse_head(bytes(self.buf[:end]))
@@ -250,7 +265,7 @@ class EstConnection(asyncio.Protocol):
                         413,
                         f"request body of {head.length} bytes exceeds the "
                         f"{self.front.max_body}-byte limit",
-                        close=True,
+                        linger=True,
                     )
                     return
                 self.head = head
@@ -339,18 +354,28 @@ class EstConnection(asyncio.Protocol):
         self._rejected(head, status, exc.reason, extra)
 
     def _rejected(
-        self, head: Head, status: int, reason: str, extra: bytes = b"", close: bool = False
+        self, head: Head, status: int, reason: str, extra: bytes = b"", linger: bool = False
     ) -> None:
         self.front.state.metrics.enrollments.inc(f"rejected_{status}")
         # Reasons name what was wrong but never carry a secret (tokens are not echoed).
         log.info("POST %s -> %d %s", head.path, status, reason)
-        self._text(status, reason, extra, close=close or not head.keep_alive)
+        self._text(status, reason, extra, close=not head.keep_alive, linger=linger)
 
-    def _text(self, status: int, reason: str, extra: bytes = b"", close: bool = False) -> None:
+    def _text(
+        self,
+        status: int,
+        reason: str,
+        extra: bytes = b"",
+        close: bool = False,
+        linger: bool = False,
+    ) -> None:
         body = (reason + "\n").encode()
-        self._write(status, b"Content-Type: " + _TEXT + b"\r\n" + extra, body, not close)
+        headers = b"Content-Type: " + _TEXT + b"\r\n" + extra
+        self._write(status, headers, body, keep_alive=not (close or linger), linger=linger)
 
-    def _write(self, status: int, headers: bytes, body: bytes, keep_alive: bool) -> None:
+    def _write(
+        self, status: int, headers: bytes, body: bytes, keep_alive: bool, linger: bool = False
+    ) -> None:
         transport = self.transport
         if transport is None:
             return
@@ -368,6 +393,13 @@ class EstConnection(asyncio.Protocol):
         )
         if keep_alive:
             self.idle_since = time.monotonic()
+        elif linger:
+            self.draining = True
+            self.drained = 0
+            self.buf.clear()
+            self.head = None
+            self.idle_since = None
+            self._linger_timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.abort)
         else:
             transport.close()
             self.transport = None

@@ -1,0 +1,384 @@
+"""TLS on non-blocking ssl.SSLSocket: a listener and an asyncio transport for its connections.
+
+asyncio (and uvloop) terminate TLS through memory BIOs: every record is copied between the
+socket, a BIO and the protocol, and each connection ends by waiting for the peer's
+close_notify under a timer. For a server whose every connection is one short exchange (an
+EST enrollment: RFC 7030 devices connect, enroll and leave) that machinery costs about as
+much CPU as everything but the handshake itself (BENCHMARKS.md, "Enrollment"). Here OpenSSL
+reads and writes the socket directly; the loop only tells us when the descriptor is ready.
+
+`TlsSocketTransport` is a complete asyncio.Transport (flow control, close, abort, extra
+info), so any asyncio protocol runs on it: the EST front end, and aiohttp's request
+handler for the connections the front end hands over.
+
+Closing sends close_notify (RFC 8446 6.1) after the buffered data, then closes the socket
+without waiting for the peer's: every exchange here is delimited by Content-Length, so the
+peer's close_notify carries nothing we need, and waiting for it cost a wakeup and a timer
+per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("fleetpki.tls")
+
+_READ_SIZE = 64 * 1024
+_SEND_CHUNK = 64 * 1024
+_ACCEPT_BURST = 64
+
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+class TlsSocketTransport(asyncio.Transport):
+    """One server-side TLS connection; the handshake runs first, then `protocol` gets it."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: ssl.SSLSocket,
+        protocol: asyncio.Protocol,
+        on_done: Callable[[TlsSocketTransport], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol: asyncio.Protocol = protocol
+        self._on_done = on_done
+        self.started = time.monotonic()
+        self.handshaken = False
+        self._reading = True
+        self._closing = False
+        self._done = False
+        self._writer_added = False
+        self._wbuf = bytearray()
+        # The exact buffer of a send() that raised SSLWantWriteError: OpenSSL must be called
+        # again with the same data (SSL_write's retry rule).
+        self._retry: bytes | None = None
+        self._high = 64 * 1024
+        self._low = 16 * 1024
+        self._protocol_paused = False
+        self._peername: Any = None
+        loop.add_reader(self._fd, self._read_ready)
+
+    # --- asyncio.BaseTransport ---------------------------------------------------------
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in ("ssl_object", "socket"):
+            return self._sock
+        if name == "peername":
+            if self._peername is None:
+                with contextlib.suppress(OSError):
+                    self._peername = self._sock.getpeername()
+            return self._peername if self._peername is not None else default
+        if name == "sockname":
+            with contextlib.suppress(OSError):
+                return self._sock.getsockname()
+            return default
+        if name == "sslcontext":
+            return self._sock.context
+        if name == "peercert":
+            return self._sock.getpeercert()
+        if name == "cipher":
+            return self._sock.cipher()
+        if name == "compression":
+            return self._sock.compression()
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        assert isinstance(protocol, asyncio.Protocol), "a streaming protocol is required"
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reading()
+        if not self._wbuf and self._retry is None:
+            self._finish(None, graceful=True)
+
+    def abort(self) -> None:
+        self._closing = True
+        self._finish(None, graceful=False)
+
+    # --- asyncio.ReadTransport ---------------------------------------------------------
+    def is_reading(self) -> bool:
+        return self._reading and not self._closing
+
+    def pause_reading(self) -> None:
+        self._stop_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing and not self._done:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            if not self._done:
+                self._loop.remove_reader(self._fd)
+
+    # --- asyncio.WriteTransport --------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._done or not data:
+            return
+        if not self.handshaken:
+            raise RuntimeError("write before the TLS handshake completed")
+        if self._wbuf or self._retry is not None:
+            self._wbuf += data
+        else:
+            self._wbuf += data
+            self._flush()
+        self._check_high_water()
+
+    def can_write_eof(self) -> bool:
+        return False  # TLS has no half-close short of close_notify (RFC 8446 6.1)
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS transports cannot write EOF")
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._wbuf) + (len(self._retry) if self._retry is not None else 0)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        self._high, self._low = high, low
+        self._check_high_water()
+
+    # --- I/O ----------------------------------------------------------------------------
+    def _read_ready(self) -> None:
+        if not self.handshaken:
+            try:
+                self._sock.do_handshake()
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLWantWriteError:
+                # The server flight did not fit the socket buffer: finish when writable.
+                self._loop.remove_reader(self._fd)
+                self._reading = False
+                self._loop.add_writer(self._fd, self._handshake_writable)
+                self._writer_added = True
+                return
+            except (OSError, ssl.SSLError) as exc:
+                # Failed handshakes (unknown CA, expired client certificate, a port scan)
+                # are the peer's business; the TLS alert has been sent where possible.
+                log.debug("TLS handshake failed: %s", exc)
+                self._finish(None, graceful=False)
+                return
+            self.handshaken = True
+            self._protocol.connection_made(self)
+            if self._closing or self._done:
+                return
+        while self._reading and not self._closing:
+            try:
+                data = self._sock.recv(_READ_SIZE)
+            except (ssl.SSLWantReadError, BlockingIOError):
+                return
+            except ssl.SSLWantWriteError:
+                return  # a TLS 1.2 renegotiation attempt; not supported, wait for close
+            except (ssl.SSLEOFError, ConnectionResetError):
+                data = b""  # the peer left without close_notify: an EOF like any other
+            except (OSError, ssl.SSLError) as exc:
+                self._finish(exc, graceful=False)
+                return
+            if not data:
+                self._stop_reading()
+                keep_open = self._protocol.eof_received()
+                if not keep_open:
+                    self.close()
+                return
+            self._protocol.data_received(data)
+            if not self._sock.pending():
+                return
+
+    def _handshake_writable(self) -> None:
+        self._loop.remove_writer(self._fd)
+        self._writer_added = False
+        self._reading = True
+        self._loop.add_reader(self._fd, self._read_ready)
+        self._read_ready()
+
+    def _flush(self) -> None:
+        """Send what is buffered until done or the socket is full."""
+        while True:
+            chunk = self._retry
+            if chunk is None:
+                if not self._wbuf:
+                    break
+                chunk = bytes(self._wbuf[:_SEND_CHUNK])
+                del self._wbuf[:_SEND_CHUNK]
+            try:
+                sent = self._sock.send(chunk)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                self._retry = chunk
+                if not self._writer_added:
+                    self._writer_added = True
+                    self._loop.add_writer(self._fd, self._write_ready)
+                return
+            except (OSError, ssl.SSLError) as exc:
+                self._wbuf.clear()
+                self._retry = None
+                self._finish(exc, graceful=False)
+                return
+            self._retry = None
+            if sent < len(chunk):
+                self._wbuf[:0] = chunk[sent:]
+        if self._writer_added:
+            self._writer_added = False
+            self._loop.remove_writer(self._fd)
+        self._check_low_water()
+        if self._closing:
+            self._finish(None, graceful=True)
+
+    def _write_ready(self) -> None:
+        self._flush()
+
+    def _check_high_water(self) -> None:
+        if not self._protocol_paused and self.get_write_buffer_size() > self._high:
+            self._protocol_paused = True
+            self._protocol.pause_writing()
+
+    def _check_low_water(self) -> None:
+        if self._protocol_paused and self.get_write_buffer_size() <= self._low:
+            self._protocol_paused = False
+            self._protocol.resume_writing()
+
+    def _finish(self, exc: Exception | None, *, graceful: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._closing = True
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        if self._writer_added:
+            self._writer_added = False
+            self._loop.remove_writer(self._fd)
+        if graceful and self.handshaken:
+            # close_notify, without waiting for the peer's (see the module docstring).
+            with contextlib.suppress(OSError, ssl.SSLError, ValueError):
+                self._sock.unwrap()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        if self._on_done is not None:
+            self._on_done(self)
+        if self.handshaken:
+            self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+class TlsListener:
+    """Accepts TCP connections and runs each as a TlsSocketTransport with a new protocol.
+
+    Connections still in their handshake after `handshake_timeout` seconds are dropped.
+    """
+
+    def __init__(
+        self,
+        factory: ProtocolFactory,
+        ssl_context: ssl.SSLContext,
+        handshake_timeout: float = 30.0,
+    ) -> None:
+        self.factory = factory
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout
+        self.sockets: list[socket.socket] = []
+        self.connections: set[TlsSocketTransport] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def listen(self, host: str, port: int, backlog: int = 1024) -> int:
+        """Bind every address of `host` on `port` (0: a free port); returns the port."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        seen: set[tuple[int, object]] = set()
+        try:
+            for family, kind, proto, _, address in infos:
+                if (family, address[0]) in seen:
+                    continue
+                seen.add((family, address[0]))
+                sock = socket.socket(family, kind, proto)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if hasattr(socket, "TCP_DEFER_ACCEPT"):
+                    # Wake for a connection only once its ClientHello has arrived.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+                # Port 0 binds a free port on the first address and that port on the rest.
+                sock.bind((address[0], port, *address[2:]))
+                sock.listen(backlog)
+                sock.setblocking(False)
+                port = sock.getsockname()[1]
+        except BaseException:
+            self.close()
+            raise
+        for sock in self.sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        return port
+
+    def close(self) -> None:
+        """Stop listening and abort every connection."""
+        for sock in self.sockets:
+            if self._loop is not None and sock.fileno() >= 0:
+                with contextlib.suppress(ValueError, OSError):
+                    self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets = []
+        for transport in list(self.connections):
+            transport.abort()
+
+    def sweep(self) -> None:
+        """Drop connections whose handshake has not completed in time."""
+        cutoff = time.monotonic() - self.handshake_timeout
+        for transport in list(self.connections):
+            if not transport.handshaken and transport.started < cutoff:
+                transport.abort()
+
+    def _accept(self, listener: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None
+        for _ in range(_ACCEPT_BURST):
+            try:
+                raw, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: log and keep serving the connections we have.
+                log.warning("accept failed: %s", exc)
+                return
+            raw.setblocking(False)
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock = self.ssl_context.wrap_socket(
+                    raw, server_side=True, do_handshake_on_connect=False
+                )
+            except (OSError, ssl.SSLError):
+                raw.close()
+                continue
+            transport = TlsSocketTransport(
+                loop, sock, self.factory(), on_done=self.connections.discard
+            )
+            self.connections.add(transport)
+            # With TCP_DEFER_ACCEPT the ClientHello is usually here already.
+            transport._read_ready()
