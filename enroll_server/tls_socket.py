@@ -46,6 +46,7 @@ class TlsSocketTransport(asyncio.Transport):
         sock: ssl.SSLSocket,
         protocol: asyncio.Protocol,
         on_done: Callable[[TlsSocketTransport], None] | None = None,
+        peername: Any = None,
     ) -> None:
         super().__init__()
         self._loop = loop
@@ -66,7 +67,7 @@ class TlsSocketTransport(asyncio.Transport):
         self._high = 64 * 1024
         self._low = 16 * 1024
         self._protocol_paused = False
-        self._peername: Any = None
+        self._peername: Any = peername
         loop.add_reader(self._fd, self._read_ready)
 
     # --- asyncio.BaseTransport ---------------------------------------------------------
@@ -359,7 +360,7 @@ class TlsListener:
         assert loop is not None
         for _ in range(_ACCEPT_BURST):
             try:
-                raw, _ = listener.accept()
+                raw, peername = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -377,7 +378,7 @@ class TlsListener:
                 raw.close()
                 continue
             transport = TlsSocketTransport(
-                loop, sock, self.factory(), on_done=self.connections.discard
+                loop, sock, self.factory(), on_done=self.connections.discard, peername=peername
             )
             self.connections.add(transport)
             # With TCP_DEFER_ACCEPT the ClientHello is usually here already.

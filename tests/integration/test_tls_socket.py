@@ -1,0 +1,277 @@
+"""TlsListener / TlsSocketTransport (enroll_server/tls_socket.py) with real TLS on loopback.
+
+The EST listener runs on this transport; the EST and admin API tests exercise it end to end.
+These pin down what those do not reach: back-pressure (a reader slower than the writer),
+close_notify on close, the handshake timeout, failed handshakes, IPv6, hand-over of the
+protocol, and that aiohttp runs unchanged on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from enroll_server.tls_socket import TlsListener, TlsSocketTransport
+from tests.pki_helpers import MemoryCa
+
+BIG = 8 * 1024 * 1024  # far more than loopback socket buffers hold: send() must wait
+
+
+def _pem(cert: object) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def tls_pair(ca: MemoryCa, tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context) for 'localhost' under the test CA."""
+    chain = tmp_path / "server.pem"
+    chain.write_bytes(_pem(ca.server_cert) + _pem(ca.issuing.cert))
+    key = tmp_path / "server.key"
+    key.write_bytes(
+        ca.server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    root = tmp_path / "root.pem"
+    root.write_bytes(_pem(ca.root.cert))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(chain, key)
+    client = ssl.create_default_context(cafile=str(root))
+    return server, client
+
+
+class Recorder(asyncio.Protocol):
+    """Records what happens to it; answers b"big" with BIG bytes, b"bye" by closing."""
+
+    def __init__(self) -> None:
+        self.transport: TlsSocketTransport | None = None
+        self.received = bytearray()
+        self.lost = asyncio.get_running_loop().create_future()
+        self.paused = 0
+        self.resumed = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, TlsSocketTransport)
+        self.transport = transport
+        self.info = {
+            "peername": transport.get_extra_info("peername"),
+            "sslcontext": transport.get_extra_info("sslcontext"),
+            "version": transport.get_extra_info("ssl_object").version(),
+            "missing": transport.get_extra_info("no-such-key", "dflt"),
+        }
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        assert self.transport is not None
+        if self.received.endswith(b"big\n"):
+            self.transport.write(b"x" * BIG + b"END")
+            self.transport.close()
+        elif self.received.endswith(b"bye\n"):
+            self.transport.write(b"ok\n")
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def _serve(
+    server_ctx: ssl.SSLContext, host: str = "127.0.0.1", timeout: float = 30.0
+) -> tuple[TlsListener, list[Recorder], int]:
+    protocols: list[Recorder] = []
+
+    def factory() -> Recorder:
+        protocols.append(Recorder())
+        return protocols[-1]
+
+    listener = TlsListener(factory, server_ctx, handshake_timeout=timeout)
+    port = listener.listen(host, 0)
+    return listener, protocols, port
+
+
+def _client(client_ctx: ssl.SSLContext, port: int, host: str = "127.0.0.1") -> ssl.SSLSocket:
+    raw = socket.create_connection((host, port), timeout=10)
+    return client_ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
+
+
+def _read_all(sock: ssl.SSLSocket) -> bytes:
+    """Until a clean TLS close: recv returns b"" only on close_notify (ragged EOFs raise)."""
+    out = bytearray()
+    while chunk := sock.recv(1 << 20):
+        out += chunk
+    return bytes(out)
+
+
+async def test_slow_reader_gets_every_byte_then_close_notify(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_ctx, client_ctx = tls_pair
+    listener, protocols, port = await _serve(server_ctx)
+    try:
+
+        def client() -> bytes:
+            with _client(client_ctx, port) as sock:
+                sock.sendall(b"big\n")
+                import time
+
+                time.sleep(0.5)  # let the server fill the socket buffers and wait
+                return _read_all(sock)
+
+        body = await asyncio.to_thread(client)
+        assert len(body) == BIG + 3 and body.endswith(b"END") and body.count(b"x") == BIG
+        (proto,) = protocols
+        assert await asyncio.wait_for(proto.lost, 5) is None
+        # The buffer went over the high-water mark while the reader slept, and drained.
+        assert proto.paused >= 1 and proto.resumed >= 1
+        assert not listener.connections
+    finally:
+        listener.close()
+
+
+async def test_failed_handshake_leaves_nothing_and_protocol_never_sees_it(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
+) -> None:
+    server_ctx, _ = tls_pair
+    listener, protocols, port = await _serve(server_ctx)
+    try:
+        # A client that does not trust our CA aborts the handshake.
+        stranger = ssl.create_default_context()
+        with pytest.raises(ssl.SSLError):
+            await asyncio.to_thread(lambda: _client(stranger, port).close())
+
+        # Not TLS at all: the server drops it (an alert then EOF, or a reset).
+        def garbage() -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                raw.settimeout(5)
+                try:
+                    while raw.recv(4096):
+                        pass
+                except ConnectionResetError:
+                    pass
+
+        await asyncio.to_thread(garbage)
+        for _ in range(100):
+            if not listener.connections:
+                break
+            await asyncio.sleep(0.02)
+        assert not listener.connections
+        assert all(p.transport is None for p in protocols)
+    finally:
+        listener.close()
+
+
+async def test_silent_client_is_dropped_by_the_handshake_timeout(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_ctx, _ = tls_pair
+    listener, protocols, port = await _serve(server_ctx, timeout=0.2)
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            # TCP_DEFER_ACCEPT: accept() waits for data, so send one byte of a ClientHello.
+            raw.sendall(b"\x16")
+            for _ in range(100):
+                if listener.connections:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(listener.connections) == 1
+            await asyncio.sleep(0.3)
+            listener.sweep()
+            assert not listener.connections
+            raw.settimeout(5)
+            assert await asyncio.to_thread(raw.recv, 10) == b""  # the server closed it
+            assert not protocols or protocols[0].transport is None
+        finally:
+            raw.close()
+    finally:
+        listener.close()
+
+
+async def test_ipv6_loopback_and_extra_info(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    server_ctx, client_ctx = tls_pair
+    try:
+        listener, protocols, port = await _serve(server_ctx, host="::1")
+    except OSError as exc:
+        pytest.skip(f"cannot bind ::1: {exc}")
+    try:
+
+        def client() -> bytes:
+            with _client(client_ctx, port, host="::1") as sock:
+                sock.sendall(b"bye\n")
+                return _read_all(sock)
+
+        assert await asyncio.to_thread(client) == b"ok\n"
+        (proto,) = protocols
+        assert proto.info["peername"][0] == "::1"
+        assert proto.info["sslcontext"] is server_ctx
+        assert proto.info["version"] in ("TLSv1.3", "TLSv1.2")
+        assert proto.info["missing"] == "dflt"
+    finally:
+        listener.close()
+
+
+async def test_aiohttp_runs_on_the_transport_after_a_hand_over(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A protocol hands its transport and the bytes read so far to aiohttp, as the EST front
+    end does with requests it does not serve; aiohttp answers both pipelined requests."""
+    server_ctx, client_ctx = tls_pair
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello {request.match_info['who']} secure={request.secure}")
+
+    app = web.Application()
+    app.add_routes([web.get("/hello/{who}", hello)])
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    assert runner.server is not None
+    aiohttp_server = runner.server
+
+    class HandOver(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            handler = aiohttp_server()
+            self.transport.set_protocol(handler)  # type: ignore[attr-defined]
+            handler.connection_made(self.transport)
+            handler.data_received(data)
+
+    listener = TlsListener(HandOver, server_ctx)
+    port = listener.listen("127.0.0.1", 0)
+    try:
+
+        def client() -> bytes:
+            with _client(client_ctx, port) as sock:
+                sock.sendall(
+                    b"GET /hello/a HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"GET /hello/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                return _read_all(sock)
+
+        text = (await asyncio.to_thread(client)).decode()
+        assert text.count("HTTP/1.1 200 OK") == 2
+        assert "hello a secure=True" in text and "hello b secure=True" in text
+        assert text.index("hello a") < text.index("hello b")
+    finally:
+        listener.close()
+        await runner.cleanup()
