@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -75,13 +76,17 @@ _REASON = {
     500: b"Internal Server Error",
 }
 _TEXT = b"text/plain; charset=utf-8"
+_NOT_RECORDED = "internal error: the registry could not record the certificate"
 _CERTS_ONLY_HEADERS = (
     b"Content-Type: " + CERTS_ONLY_CONTENT_TYPE.encode() + b"\r\n"
     # RFC 8951 3: the body is base64 whatever this says; kept for RFC 7030-era clients.
     b"Content-Transfer-Encoding: base64\r\n"
 )
 # Headers the front end must interpret alone, so a repeat of one is left to aiohttp to judge.
-_SINGLE = frozenset({b"content-length", b"content-type", b"authorization", b"connection"})
+_SINGLE = frozenset({b"content-length", b"content-type", b"authorization", b"connection", b"host"})
+# RFC 9110 5.1: a field name is a token; 5.5: a value holds no CR, LF or NUL.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE = re.compile(rb"[\r\n\x00]")
 
 
 class _HandOver(Exception):
@@ -113,8 +118,9 @@ def parse_head(raw: bytes) -> Head:
     fields: dict[bytes, bytes] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        # No colon, whitespace before it (RFC 9112 5.1) or obs-fold: aiohttp answers 400.
-        if not sep or not name or name[-1:] in b" \t" or name[:1] in b" \t":
+        # No colon, a name that is no token (whitespace before the colon, RFC 9112 5.1;
+        # obs-fold), a value with CR, LF or NUL: aiohttp judges these (400).
+        if not sep or not _FIELD_NAME.match(name) or _BAD_VALUE.search(value):
             raise _HandOver
         key = name.lower()
         if key in fields and key in _SINGLE:
@@ -125,6 +131,9 @@ def parse_head(raw: bytes) -> Head:
         raise _HandOver
     length = fields.get(b"content-length")
     if length is None or not length.isdigit() or len(length) > 12:
+        raise _HandOver
+    # RFC 9112 3.2: an HTTP/1.1 request carries exactly one Host (duplicates: _SINGLE).
+    if version == b"HTTP/1.1" and b"host" not in fields:
         raise _HandOver
     connection = fields.get(b"connection", b"").lower()
     if version == b"HTTP/1.1":
@@ -251,7 +260,9 @@ class EstConnection(asyncio.Protocol):
             if head is None:
                 end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
                 if end < 0:
-                    if len(self.buf) > MAX_HEAD:
+                    if not self._may_be_ours():
+                        self._hand_over()
+                    elif len(self.buf) > MAX_HEAD:
                         self._text(431, f"request head exceeds {MAX_HEAD} bytes", linger=True)
                     return
                 try:
@@ -277,6 +288,26 @@ class EstConnection(asyncio.Protocol):
             del self.buf[:end]
             self.head = None
             self._serve(head, body)
+
+    def _may_be_ours(self) -> bool:
+        """Whether an incomplete head may still become a request the front end serves.
+
+        Anything else goes to aiohttp at once: a GET need not wait for its whole head here,
+        and a head with bare LF line ends (which never shows CRLFCRLF) is aiohttp's to judge.
+        """
+        buf = self.buf
+        newlines = buf.count(b"\n")
+        if newlines != buf.count(b"\r\n"):
+            return False
+        if newlines == 0:
+            return len(buf) < 5 or buf.startswith(b"POST ")
+        line = bytes(buf[: buf.find(b"\r\n")]).split(b" ")
+        return (
+            len(line) == 3
+            and line[0] == b"POST"
+            and line[1].split(b"?", 1)[0] in _OPERATIONS
+            and line[2] in (b"HTTP/1.1", b"HTTP/1.0")
+        )
 
     def _serve(self, head: Head, body: bytes) -> None:
         st = self.front.state
@@ -320,8 +351,20 @@ class EstConnection(asyncio.Protocol):
         if self.transport is None:
             return  # the client left; its certificate is recorded, a retry gets it back
         self.idle_since = time.monotonic()
+        self._reply_committed(head, started, pending, outcome)
+        if self.buf:
+            self._serve_buffered()  # a pipelined request
+
+    def _reply_committed(
+        self,
+        head: Head,
+        started: float,
+        pending: PendingEnrollment,
+        outcome: BaseException | None,
+    ) -> None:
         if outcome is not None and not isinstance(outcome, RegistryError):
-            self._text(500, "internal error: the registry could not record the certificate")
+            # The transaction failed (logged by the commit queue): nothing was recorded.
+            self._rejected(head, 500, _NOT_RECORDED)
             return
         try:
             enrollment = self.front.state.service.settle(pending, outcome)
@@ -329,11 +372,9 @@ class EstConnection(asyncio.Protocol):
             self._service_error(head, exc)
         except RegistryError as exc:
             log.error("POST %s: registry refused the certificate: %s", head.path, exc)
-            self._text(500, "internal error: the registry could not record the certificate")
+            self._rejected(head, 500, _NOT_RECORDED)
         else:
             self._issued(head, started, enrollment)
-        if self.buf:
-            self._serve_buffered()  # a pipelined request
 
     # --- replies -------------------------------------------------------------------------
     def _issued(self, head: Head, started: float, enrollment: Enrollment) -> None:

@@ -7,7 +7,7 @@ these tests speak HTTP byte by byte and check which side answered, what it answe
 the registry recorded. The protocol tests run on stock asyncio and on uvloop (what
 `fleetpki serve` uses): the listener's TLS transport, the hand-over (which swaps the protocol
 of a live transport), the idle sweep and the lingering close all run on the loop's reader
-callbacks and timers. Tests marked xfail(strict) document defects of front.py found here.
+callbacks and timers. The last tests pin down defects of front.py found here (now fixed).
 """
 
 from __future__ import annotations
@@ -265,7 +265,9 @@ def test_parse_head_fields() -> None:
         authorization="Basic ZGV2OnRvaw==",
         keep_alive=True,
     )
-    re_head = parse_head(b"POST /.well-known/est/simplereenroll HTTP/1.1\r\nContent-Length: 0")
+    re_head = parse_head(
+        b"POST /.well-known/est/simplereenroll HTTP/1.1\r\nHost: x\r\nContent-Length: 0"
+    )
     assert re_head.operation == "simplereenroll" and re_head.length == 0
     assert re_head.content_type is None and re_head.authorization is None
 
@@ -281,14 +283,14 @@ def test_parse_head_fields() -> None:
     ],
 )
 def test_parse_head_keep_alive(version: bytes, connection: bytes | None, keep_alive: bool) -> None:
-    raw = b"POST /.well-known/est/simpleenroll " + version + b"\r\nContent-Length: 5"
+    raw = b"POST /.well-known/est/simpleenroll " + version + b"\r\nHost: x\r\nContent-Length: 5"
     if connection is not None:
         raw += b"\r\nConnection: " + connection
     assert parse_head(raw).keep_alive is keep_alive
 
 
 CL = b"\r\nContent-Length: 5"
-HANDED_OVER = {
+_HANDED_OVER = {
     "GET": b"GET /.well-known/est/simpleenroll HTTP/1.1" + CL,
     "lowercase method": b"post /.well-known/est/simpleenroll HTTP/1.1" + CL,
     "other EST path": b"POST /.well-known/est/cacerts HTTP/1.1" + CL,
@@ -329,6 +331,17 @@ HANDED_OVER = {
         b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nContent-Length: 1234567890123"
     ),
 }
+
+
+def _with_host(raw: bytes) -> bytes:
+    """The case with a Host field after its request line, so that a missing Host (itself a
+    reason to hand over, RFC 9112 3.2) is not what makes it go to aiohttp."""
+    line, sep, rest = raw.partition(b"\r\n")
+    return line + b"\r\nHost: x" + sep + rest
+
+
+HANDED_OVER = {name: _with_host(raw) for name, raw in _HANDED_OVER.items()}
+HANDED_OVER["HTTP/1.1 without Host"] = b"POST /.well-known/est/simpleenroll HTTP/1.1" + CL
 
 
 @pytest.mark.parametrize("case", sorted(HANDED_OVER))
@@ -837,15 +850,7 @@ def test_failed_commit_is_500_and_records_nothing(live_server: LiveServer) -> No
         assert_issued(live_server, wire.reply(), "unlucky", key)
 
 
-# --- found while writing these ------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "front.py waits for CRLFCRLF before deciding to hand over, so a request whose lines "
-        "end in bare LF (which aiohttp alone answers at once with 400) gets no answer until "
-        "the idle sweep aborts the connection (IDLE_TIMEOUT, 30 s) or 16 KiB arrive (431)"
-    ),
-)
+# --- defects of front.py found while writing these (fixed) -------------------------------------
 def test_bare_lf_request_is_answered_like_aiohttp(live_server: LiveServer) -> None:
     raw = f"GET {EST}/cacerts HTTP/1.1\nHost: localhost\n\n".encode()
     # aiohttp alone (the plain-HTTP listener) refuses it at once ...
@@ -863,15 +868,6 @@ def test_bare_lf_request_is_answered_like_aiohttp(live_server: LiveServer) -> No
         assert reply.status == 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "EstConnection._committed returns right after the 500 for a failed transaction "
-        "(outcome not a RegistryError) and skips its `if self.buf: self._serve_buffered()`: "
-        "a request pipelined behind it on the kept-alive connection is never served (until "
-        "the client sends more bytes or the idle sweep aborts the connection)"
-    ),
-)
 def test_request_pipelined_behind_a_failed_commit_is_served(live_server: LiveServer) -> None:
     key = generate_key(KeyType.EC_P256)
     first, second = live_server.mint_device("behind-1"), live_server.mint_device("behind-2")
@@ -901,15 +897,6 @@ MALFORMED_FIELDS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "parse_head checks a field name only for emptiness and leading/trailing whitespace, "
-        "never a value for CR/NUL, and never Host, so these enrollment POSTs, which aiohttp "
-        "(the hand-over target, and the front end's stated reference) refuses with 400, are "
-        "served and issue a certificate"
-    ),
-)
 @pytest.mark.parametrize("case", sorted(MALFORMED_FIELDS))
 def test_malformed_fields_are_refused_like_aiohttp(live_server: LiveServer, case: str) -> None:
     extra = MALFORMED_FIELDS[case]
