@@ -229,6 +229,13 @@ def main() -> None:
     ap.add_argument("--load-procs", type=int, default=2, help="load generator processes")
     ap.add_argument("--json", default=str(ROOT / "bench/results/enroll.json"))
     ap.add_argument(
+        "--server",
+        choices=("fleetpki", "bare"),
+        default="fleetpki",
+        help="fleetpki: `fleetpki serve --no-broker`; bare: bench/bare_est_server.py, the same "
+        "TLS and HTTP layer with only the floor's work behind it (calibration)",
+    )
+    ap.add_argument(
         "--no-pin",
         action="store_true",
         help="let the scheduler place the server and the load generators (default: the server "
@@ -285,9 +292,11 @@ def main() -> None:
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "enroll_server.cli",
-            "serve",
+            *(
+                ["-m", "enroll_server.cli", "serve"]
+                if args.server == "fleetpki"
+                else [str(ROOT / "bench/bare_est_server.py")]
+            ),
             "--home",
             str(home),
             "--est-port",
@@ -368,7 +377,11 @@ def main() -> None:
             p.join()
         wall = time.perf_counter() - t0
         cpu1 = ps.cpu_times()
-        batch = commit_batch(est, str(load_home(home).layout.root_cert))
+        batch = (
+            commit_batch(est, str(load_home(home).layout.root_cert))
+            if args.server == "fleetpki"
+            else None
+        )
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
@@ -404,6 +417,7 @@ def main() -> None:
         "pinned": {"server_cpus": sorted(server_cpus), "load_cpus": sorted(load_cpus or ())}
         if server_cpus
         else None,
+        "server": args.server,
         "n": args.n,
         "concurrency": args.concurrency,
         "ok": ok,
