@@ -1,0 +1,410 @@
+"""CommitQueue (group commit on the event loop) and EnrollmentService.issue/settle over it.
+
+A real registry file throughout; record_issuances is only wrapped (a spy) to see how the
+queue groups issuances into transactions, or to make one transaction fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from enroll_server.commit_queue import CommitQueue, Done
+from enroll_server.errors import AuthenticationFailed, DeviceRevoked
+from enroll_server.pki.keys import KeyType, generate_key
+from enroll_server.pki.profile import DeviceProfile
+from enroll_server.registry import (
+    CertStatus,
+    DeviceNotActive,
+    DeviceState,
+    DuplicateSerial,
+    Issuance,
+    Registry,
+    RegistryError,
+    TokenRejected,
+)
+from enroll_server.service import (
+    Enrollment,
+    EnrollmentService,
+    PendingEnrollment,
+)
+from fleetpki.identity import DeviceId
+from tests.pki_helpers import MemoryCa, csr_der, make_csr
+from tests.unit.test_registry import NOW, TTL, issued, new_devices, token_hash
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Iterator[Registry]:
+    registry = Registry.open(tmp_path / "r.db")
+    yield registry
+    registry.close()
+
+
+def provision(reg: Registry, count: int) -> list[DeviceId]:
+    """Devices q-000000...; the enrollment token of X is 'token-X'."""
+    reg.create_batch("q", new_devices("q", count), kind="token", token_ttl=TTL, now=NOW, actor="op")
+    return [DeviceId(f"q-{i:06d}") for i in range(count)]
+
+
+def item(ca: MemoryCa, device: DeviceId, token: str | None = None) -> Issuance:
+    token = token or token_hash(f"token-{device.value}")
+    return Issuance(issued(ca, device.value), token, None, NOW, "est")
+
+
+class Spy:
+    """Wraps registry.record_issuances: when and how big each transaction was."""
+
+    def __init__(self, reg: Registry, failures: int = 0) -> None:
+        self.real = reg.record_issuances
+        self.calls: list[tuple[float, int]] = []
+        self.failures = failures
+        self.raised: list[BaseException] = []
+
+    def __call__(self, batch: Sequence[Issuance]) -> list[RegistryError | None]:
+        self.calls.append((time.monotonic(), len(batch)))
+        if self.failures:
+            self.failures -= 1
+            exc = sqlite3.OperationalError("disk I/O error")
+            self.raised.append(exc)
+            raise exc
+        return self.real(batch)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [n for _, n in self.calls]
+
+
+@pytest.fixture
+def spy(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> Spy:
+    spy = Spy(reg)
+    monkeypatch.setattr(reg, "record_issuances", spy)
+    return spy
+
+
+def recorded(reg: Registry, it: Issuance) -> bool:
+    record = reg.get_certificate(it.cert.serial)
+    return record is not None and record.status is CertStatus.ACTIVE
+
+
+# ---------------------------------------------------------------- grouping
+
+
+async def test_records_of_one_loop_iteration_share_one_transaction(
+    reg: Registry, ca: MemoryCa, spy: Spy
+) -> None:
+    items = [item(ca, d) for d in provision(reg, 6)]
+    queue = CommitQueue(reg)
+    begins: list[str] = []
+    reg._conn.set_trace_callback(
+        lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None
+    )
+    try:
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(queue.record(i) for i in items)), timeout=5
+        )
+    finally:
+        reg._conn.set_trace_callback(None)
+    assert outcomes == [None] * 6
+    assert spy.sizes == [6]
+    assert len(begins) == 1  # one SQLite transaction for all six
+    assert (queue.batches.n, queue.batches.total) == (1, 6.0)
+    assert all(recorded(reg, i) for i in items)
+    assert "fleetpki_registry_commit_batch_count 1" in queue.batches.render()
+
+
+async def test_idle_queue_flushes_the_first_submit_at_once(
+    reg: Registry, ca: MemoryCa, spy: Spy
+) -> None:
+    first, second = (item(ca, d) for d in provision(reg, 2))
+    queue = CommitQueue(reg, window=10.0)
+    heard: list[BaseException | None] = []
+    queue.submit(first, heard.append)
+    assert heard == [] and spy.sizes == []  # not inside submit: on the loop, call_soon
+    started = time.monotonic()
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if heard:
+            break
+    assert heard == [None]
+    assert time.monotonic() - started < 0.5  # the 10 s window did not delay it
+    assert recorded(reg, first)
+    # Right after a flush the window is in force: the next one waits (up to 10 s here).
+    queue.submit(second, heard.append)
+    await asyncio.sleep(0.1)
+    assert heard == [None] and spy.sizes == [1]
+    queue.flush()
+    assert heard == [None, None] and spy.sizes == [1, 1]
+
+
+async def test_record_on_an_idle_queue_takes_no_window(
+    reg: Registry, ca: MemoryCa, spy: Spy
+) -> None:
+    (only,) = (item(ca, d) for d in provision(reg, 1))
+    queue = CommitQueue(reg, window=10.0)
+    started = time.monotonic()
+    assert await asyncio.wait_for(queue.record(only), timeout=2) is None
+    assert time.monotonic() - started < 0.5
+    assert recorded(reg, only)
+
+
+async def test_busy_queue_waits_for_the_window_and_groups(
+    reg: Registry, ca: MemoryCa, spy: Spy
+) -> None:
+    first, *rest = (item(ca, d) for d in provision(reg, 4))
+    # Small, yet roomy enough that a loaded machine still submits all three within it.
+    queue = CommitQueue(reg, window=0.15)
+    assert await queue.record(first) is None  # idle: at once
+    waiting = [asyncio.ensure_future(queue.record(rest[0]))]
+    for it in rest[1:]:
+        await asyncio.sleep(0.01)
+        waiting.append(asyncio.ensure_future(queue.record(it)))
+    assert not any(w.done() for w in waiting)
+    assert await asyncio.wait_for(asyncio.gather(*waiting), timeout=5) == [None] * 3
+    assert spy.sizes == [1, 3]  # everything submitted during the window, in one transaction
+    gap = spy.calls[1][0] - spy.calls[0][0]
+    assert 0.12 <= gap < 2.0  # one window after the previous flush, not at once
+    assert (queue.batches.n, queue.batches.total) == (2, 4.0)
+    assert all(recorded(reg, i) for i in rest)
+
+
+async def test_after_a_quiet_spell_the_flush_is_immediate_again(
+    reg: Registry, ca: MemoryCa, spy: Spy
+) -> None:
+    first, second = (item(ca, d) for d in provision(reg, 2))
+    queue = CommitQueue(reg, window=0.2)
+    assert await queue.record(first) is None
+    await asyncio.sleep(0.25)  # longer than the window: quiet
+    started = time.monotonic()
+    assert await queue.record(second) is None
+    assert time.monotonic() - started < 0.15
+    assert spy.sizes == [1, 1]
+
+
+async def test_max_batch_flushes_at_once_inside_the_window(
+    reg: Registry, ca: MemoryCa, spy: Spy
+) -> None:
+    first, *rest = (item(ca, d) for d in provision(reg, 4))
+    queue = CommitQueue(reg, window=10.0, max_batch=3)
+    assert await queue.record(first) is None
+    heard: list[BaseException | None] = []
+    queue.submit(rest[0], heard.append)
+    queue.submit(rest[1], heard.append)
+    await asyncio.sleep(0.05)
+    assert heard == [] and spy.sizes == [1]  # held for the 10 s window
+    queue.submit(rest[2], heard.append)  # the third fills the batch: flushed in submit
+    assert heard == [None, None, None]
+    assert spy.sizes == [1, 3]
+    assert all(recorded(reg, i) for i in rest)
+
+
+async def test_max_batch_on_an_idle_queue_leaves_nothing_for_the_scheduled_flush(
+    reg: Registry, ca: MemoryCa, spy: Spy
+) -> None:
+    items = [item(ca, d) for d in provision(reg, 3)]
+    queue = CommitQueue(reg, window=10.0, max_batch=3)
+    heard: list[BaseException | None] = []
+    for it in items:
+        queue.submit(it, heard.append)
+    assert heard == [None] * 3 and spy.sizes == [3]
+    for _ in range(5):
+        await asyncio.sleep(0)  # the call_soon flush of the first submit runs: empty
+    assert spy.sizes == [3]
+    assert (queue.batches.n, queue.batches.total) == (1, 3.0)
+
+
+# ---------------------------------------------------------------- outcomes
+
+
+async def test_refused_item_hears_its_error_the_others_none(
+    reg: Registry, ca: MemoryCa, spy: Spy
+) -> None:
+    devices = provision(reg, 3)
+    items = [item(ca, devices[0]), item(ca, devices[1], token_hash("bogus")), item(ca, devices[2])]
+    queue = CommitQueue(reg)
+    outcomes = await asyncio.wait_for(asyncio.gather(*(queue.record(i) for i in items)), timeout=5)
+    assert outcomes[0] is None and outcomes[2] is None
+    refused = outcomes[1]
+    assert isinstance(refused, TokenRejected)
+    assert (refused.reason, refused.device_id) == ("unknown", devices[1])
+    assert spy.sizes == [3]
+    assert recorded(reg, items[0]) and recorded(reg, items[2])
+    assert reg.certificates_of(devices[1]) == []
+
+
+async def test_failed_transaction_fails_every_waiter_and_the_queue_goes_on(
+    reg: Registry, ca: MemoryCa, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    devices = provision(reg, 3)
+    items = [item(ca, d) for d in devices]
+    spy = Spy(reg, failures=1)
+    monkeypatch.setattr(reg, "record_issuances", spy)
+    queue = CommitQueue(reg)
+    with caplog.at_level(logging.ERROR, logger="fleetpki.commit"):
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(
+                *(queue.record(i) for i in items), return_exceptions=True
+            )
+    assert [r is spy.raised[0] for r in results] == [True] * 3  # raised by record(), to each
+    assert "registry commit of 3 issuances failed" in caplog.text
+    assert all(reg.certificates_of(d) == [] for d in devices)
+    # The next batch is committed as usual: the same issuances, nothing left stuck.
+    again = await asyncio.wait_for(asyncio.gather(*(queue.record(i) for i in items)), timeout=5)
+    assert again == [None] * 3
+    assert spy.sizes == [3, 3]
+    assert all(recorded(reg, i) for i in items)
+
+
+async def test_a_raising_callback_does_not_stop_the_others(
+    reg: Registry, ca: MemoryCa, spy: Spy, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = [item(ca, d) for d in provision(reg, 4)]
+    queue = CommitQueue(reg)
+    heard: list[tuple[int, BaseException | None]] = []
+
+    def done(i: int) -> Done:
+        def callback(outcome: BaseException | None) -> None:
+            heard.append((i, outcome))
+            if i in (0, 2):
+                raise RuntimeError(f"callback {i} broke")
+
+        return callback
+
+    with caplog.at_level(logging.ERROR, logger="fleetpki.commit"):
+        for i, it in enumerate(items[:3]):
+            queue.submit(it, done(i))
+        queue.flush()
+    assert heard == [(0, None), (1, None), (2, None)]
+    assert caplog.text.count("enrollment completion callback failed") == 2
+    assert all(recorded(reg, i) for i in items[:3])
+    assert await asyncio.wait_for(queue.record(items[3]), timeout=5) is None
+
+
+# ---------------------------------------------------------------- the service over the queue
+
+
+@pytest.fixture
+def service(reg: Registry, ca: MemoryCa) -> EnrollmentService:
+    return EnrollmentService(reg, ca.issuing, DeviceProfile())
+
+
+def pending_for(service: EnrollmentService, device: DeviceId) -> PendingEnrollment:
+    """authorize_token + issue for a fresh key: signed, not yet recorded."""
+    auth = service.authorize_token(device.value, f"token-{device.value}", NOW)
+    key = generate_key(KeyType.EC_P256)
+    outcome = service.issue(csr_der(make_csr(key, device.value)), auth, NOW)
+    assert isinstance(outcome, PendingEnrollment)
+    assert outcome.enrollment.certificate.public_key() == key.public_key()
+    return outcome
+
+
+async def test_issue_then_settle_returns_what_was_recorded(
+    reg: Registry, ca: MemoryCa, service: EnrollmentService, spy: Spy
+) -> None:
+    devices = provision(reg, 3)
+    pendings = [pending_for(service, d) for d in devices]
+    for d in devices:  # signed, but nothing recorded before the commit
+        assert reg.certificates_of(d) == []
+    queue = CommitQueue(reg)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(queue.record(p.issuance) for p in pendings)), timeout=5
+    )
+    assert spy.sizes == [3]
+    for device, pending, outcome in zip(devices, pendings, outcomes, strict=True):
+        enrollment = service.settle(pending, outcome)
+        assert isinstance(enrollment, Enrollment)
+        cert = enrollment.certificate
+        der = cert.public_bytes(serialization.Encoding.DER)
+        (record,) = reg.certificates_of(device)
+        assert record.serial == cert.serial_number
+        assert record.status is CertStatus.ACTIVE
+        assert record.fingerprint_sha256 == hashlib.sha256(der).hexdigest()
+        assert record.pem == cert.public_bytes(serialization.Encoding.PEM).decode()
+        assert (record.not_before, record.not_after) == (
+            cert.not_valid_before_utc,
+            cert.not_valid_after_utc,
+        )
+        assert enrollment.chain_der == (
+            der,
+            ca.issuing.cert.public_bytes(serialization.Encoding.DER),
+        )
+        assert enrollment.chain[1] == ca.issuing.cert
+        state = reg.get_device(device)
+        assert state is not None and state.state is DeviceState.ACTIVE
+        with pytest.raises(TokenRejected, match="used"):
+            reg.check_token(device, token_hash(f"token-{device.value}"), NOW)
+
+
+async def test_settle_lost_token_race_is_authentication_failed(
+    reg: Registry, service: EnrollmentService
+) -> None:
+    (device,) = provision(reg, 1)
+    winner, loser = pending_for(service, device), pending_for(service, device)
+    queue = CommitQueue(reg)
+    won, lost = await asyncio.wait_for(
+        asyncio.gather(queue.record(winner.issuance), queue.record(loser.issuance)), timeout=5
+    )
+    assert won is None and isinstance(lost, TokenRejected)
+    enrollment = service.settle(winner, won)
+    with pytest.raises(AuthenticationFailed) as info:
+        service.settle(loser, lost)
+    assert info.value.reason == "enrollment token used"
+    assert info.value.__cause__ is lost
+    assert [c.serial for c in reg.certificates_of(device)] == [enrollment.certificate.serial_number]
+
+
+@pytest.mark.parametrize("state", ["suspended", "revoked"])
+async def test_settle_device_gone_inactive_is_device_revoked(
+    reg: Registry, service: EnrollmentService, state: str
+) -> None:
+    (device,) = provision(reg, 1)
+    pending = pending_for(service, device)
+    # Suspended or revoked between authorization and commit.
+    if state == "suspended":
+        reg.suspend_device(device, now=NOW, actor="op")
+    else:
+        reg.revoke_device(device, reason="keyCompromise", now=NOW, actor="op")
+    refused = await asyncio.wait_for(CommitQueue(reg).record(pending.issuance), timeout=5)
+    assert isinstance(refused, DeviceNotActive)
+    with pytest.raises(DeviceRevoked) as info:
+        service.settle(pending, refused)
+    assert (info.value.device_id, info.value.state) == (device.value, state)
+    assert info.value.__cause__ is refused
+    assert reg.certificates_of(device) == []
+
+
+def test_settle_passes_other_registry_errors_through(
+    reg: Registry, service: EnrollmentService
+) -> None:
+    (device,) = provision(reg, 1)
+    pending = pending_for(service, device)
+    clash = DuplicateSerial(pending.issuance.cert.serial)
+    with pytest.raises(DuplicateSerial) as info:
+        service.settle(pending, clash)
+    assert info.value is clash
+
+
+def test_enroll_records_before_returning(reg: Registry, service: EnrollmentService) -> None:
+    devices = provision(reg, 2)
+    auth = service.authorize_token(devices[0].value, f"token-{devices[0].value}", NOW)
+    key = generate_key(KeyType.EC_P256)
+    enrollment = service.enroll(csr_der(make_csr(key, devices[0].value)), auth, NOW)
+    (record,) = reg.certificates_of(devices[0])
+    assert record.serial == enrollment.certificate.serial_number
+    # A second enroll with the token spent meanwhile (the race lost) is refused by settle.
+    stale = service.authorize_token(devices[1].value, f"token-{devices[1].value}", NOW)
+    service.enroll(csr_der(make_csr(generate_key(KeyType.EC_P256), devices[1].value)), stale, NOW)
+    with pytest.raises(AuthenticationFailed, match="enrollment token used"):
+        service.enroll(
+            csr_der(make_csr(generate_key(KeyType.EC_P256), devices[1].value)),
+            stale,
+            NOW,
+        )
+    assert len(reg.certificates_of(devices[1])) == 1
