@@ -20,9 +20,18 @@ from enroll_server.registry import Issuance, Registry, RegistryError
 
 log = logging.getLogger("fleetpki.commit")
 
-# Called once with None (recorded), the RegistryError that refused this issuance, or the
-# exception that failed the whole transaction.
+# Called once with None (recorded), the RegistryError that refused this issuance, or a
+# CommitFailed when the whole transaction failed (nothing of the batch was recorded).
 Done = Callable[[BaseException | None], None]
+
+
+class CommitFailed(Exception):
+    """The transaction holding this issuance failed as a whole; its cause is chained."""
+
+    def __init__(self, cause: BaseException, size: int) -> None:
+        super().__init__(f"registry commit of {size} issuances failed: {cause}")
+        self.__cause__ = cause
+
 
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
@@ -53,12 +62,12 @@ class CommitQueue:
 
     def submit(self, issuance: Issuance, done: Done) -> None:
         """Queue `issuance`; `done(outcome)` is called from the loop after the commit."""
+        loop = asyncio.get_running_loop()  # raises outside the loop, before anything is queued
         self._pending.append((issuance, done))
         if len(self._pending) >= self.max_batch:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
-            loop = asyncio.get_running_loop()
             delay = self._last_flush + self.window - time.monotonic()
             if delay > 0:
                 loop.call_later(delay, self._scheduled_flush)
@@ -66,7 +75,10 @@ class CommitQueue:
                 loop.call_soon(self._scheduled_flush)
 
     async def record(self, issuance: Issuance) -> RegistryError | None:
-        """Await the commit of `issuance`: None, or the RegistryError that refused it."""
+        """Await the commit of `issuance`: None, or the RegistryError that refused it.
+
+        Raises CommitFailed if the whole transaction failed.
+        """
         future: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
 
         def done(outcome: BaseException | None) -> None:
@@ -92,10 +104,14 @@ class CommitQueue:
         outcomes: list[BaseException | None]
         try:
             outcomes = list(self.registry.record_issuances([item for item, _ in batch]))
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} issuances")
         except Exception as exc:  # every waiter must hear of it, not just one
-            log.error("registry commit of %d issuances failed: %s", len(batch), exc)
-            outcomes = [exc] * len(batch)
-        self.batches.observe(float(len(batch)))
+            failed = CommitFailed(exc, len(batch))
+            log.error("%s", failed)
+            outcomes = [failed] * len(batch)
+        else:
+            self.batches.observe(float(len(batch)))
         for (_, done), outcome in zip(batch, outcomes, strict=True):
             try:
                 done(outcome)

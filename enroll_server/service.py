@@ -262,6 +262,9 @@ class EnrollmentService:
         if refused is None:
             return pending.enrollment
         if isinstance(refused, TokenRejected):
+            if refused.reason in ("unknown", "wrong-device"):
+                # The token went away meanwhile (reissued): same words as authorize_token.
+                raise AuthenticationFailed(BAD_CREDENTIALS) from refused
             # Lost a race for the same one-time token: the other request won.
             raise AuthenticationFailed(f"enrollment token {refused.reason}") from refused
         if isinstance(refused, DeviceNotActive):

@@ -116,7 +116,7 @@ class CertificateStore(RegistryBase):
                         if not self._issue_many(conn, batch):
                             raise _Refused
                     return [None] * len(batch)
-                except (_Refused, sqlite3.IntegrityError):
+                except (_Refused, sqlite3.IntegrityError, InvalidValue):
                     pass  # rolled back: redo one by one below to find who was refused and why
         outcomes: list[RegistryError | None] = []
         with self._write() as conn:

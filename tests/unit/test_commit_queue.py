@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.commit_queue import CommitQueue, Done
+from enroll_server.commit_queue import CommitFailed, CommitQueue, Done
 from enroll_server.errors import AuthenticationFailed, DeviceRevoked
 from enroll_server.pki.keys import KeyType, generate_key
 from enroll_server.pki.profile import DeviceProfile
@@ -32,6 +32,7 @@ from enroll_server.registry import (
     TokenRejected,
 )
 from enroll_server.service import (
+    BAD_CREDENTIALS,
     Enrollment,
     EnrollmentService,
     PendingEnrollment,
@@ -252,7 +253,10 @@ async def test_failed_transaction_fails_every_waiter_and_the_queue_goes_on(
             results = await asyncio.gather(
                 *(queue.record(i) for i in items), return_exceptions=True
             )
-    assert [r is spy.raised[0] for r in results] == [True] * 3  # raised by record(), to each
+    # raised by record() to each waiter: one CommitFailed whose cause is the database error
+    assert all(isinstance(r, CommitFailed) for r in results)
+    assert all(r is results[0] and r.__cause__ is spy.raised[0] for r in results)
+    assert queue.batches.n == 0  # the histogram counts recorded batches only
     assert "registry commit of 3 issuances failed" in caplog.text
     assert all(reg.certificates_of(d) == [] for d in devices)
     # The next batch is committed as usual: the same issuances, nothing left stuck.
@@ -408,3 +412,28 @@ def test_enroll_records_before_returning(reg: Registry, service: EnrollmentServi
             NOW,
         )
     assert len(reg.certificates_of(devices[1])) == 1
+
+
+def test_submit_outside_the_loop_raises_and_leaves_nothing_queued(
+    reg: Registry, ca: MemoryCa
+) -> None:
+    queue = CommitQueue(reg)
+    (device,) = provision(reg, 1)
+    with pytest.raises(RuntimeError):
+        queue.submit(item(ca, device), lambda outcome: None)
+    # Nothing stuck: the next submit from inside a loop is flushed as usual.
+    assert asyncio.run(queue.record(item(ca, device))) is None
+    assert len(reg.certificates_of(device)) == 1
+
+
+async def test_settle_token_gone_meanwhile_says_no_more_than_authorization(
+    reg: Registry, service: EnrollmentService
+) -> None:
+    """A token replaced between authorization and commit is refused in the same words as an
+    unknown device or a wrong token (no enumeration oracle)."""
+    (device,) = provision(reg, 1)
+    pending = pending_for(service, device)
+    refused = TokenRejected(device, "unknown")
+    with pytest.raises(AuthenticationFailed) as info:
+        service.settle(pending, refused)
+    assert info.value.reason == BAD_CREDENTIALS

@@ -508,16 +508,7 @@ def test_unexpected_database_error_records_nothing(
 @pytest.mark.parametrize(
     "batchable",
     [
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="fast path: ts(item.now) in _issue_many raises InvalidValue for a naive "
-                "`now`, and record_issuances only catches _Refused/IntegrityError there, so the "
-                "whole call raises and nothing is recorded; the slow path makes it that item's "
-                "outcome (as the docstring promises for every RegistryError)",
-            ),
-        ),
+        True,
         False,
     ],
 )
