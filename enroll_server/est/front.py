@@ -349,7 +349,7 @@ class EstConnection(asyncio.Protocol):
     ) -> None:
         self.busy = False
         if self.transport is None:
-            return  # the client left; its certificate is recorded, a retry gets it back
+            return  # the client left; if it was recorded, a retry (same token, key) gets it
         self.idle_since = time.monotonic()
         self._reply_committed(head, started, pending, outcome)
         if self.buf:
