@@ -33,6 +33,7 @@ log = logging.getLogger("fleetpki.tls")
 _READ_SIZE = 64 * 1024
 _SEND_CHUNK = 64 * 1024
 _ACCEPT_BURST = 64
+_ACCEPT_PAUSE = 1.0
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
@@ -126,6 +127,9 @@ class TlsSocketTransport(asyncio.Transport):
         if not self._reading and not self._closing and not self._done:
             self._reading = True
             self._loop.add_reader(self._fd, self._read_ready)
+            if self.handshaken and self._sock.pending():
+                # Decrypted bytes OpenSSL already holds never make the socket readable.
+                self._loop.call_soon(self._read_ready)
 
     def _stop_reading(self) -> None:
         if self._reading:
@@ -168,6 +172,16 @@ class TlsSocketTransport(asyncio.Transport):
 
     # --- I/O ----------------------------------------------------------------------------
     def _read_ready(self) -> None:
+        if self._done:
+            return
+        try:
+            self._read_available()
+        except Exception as exc:
+            # A protocol callback raised: drop the connection, as asyncio's transports do.
+            log.exception("protocol error on a TLS connection; closing it")
+            self._finish(exc, graceful=False)
+
+    def _read_available(self) -> None:
         if not self.handshaken:
             try:
                 self._sock.do_handshake()
@@ -196,7 +210,9 @@ class TlsSocketTransport(asyncio.Transport):
             except (ssl.SSLWantReadError, BlockingIOError):
                 return
             except ssl.SSLWantWriteError:
-                return  # a TLS 1.2 renegotiation attempt; not supported, wait for close
+                # A TLS 1.2 renegotiation (none is offered) that cannot write: give up.
+                self._finish(None, graceful=False)
+                return
             except (ssl.SSLEOFError, ConnectionResetError):
                 data = b""  # the peer left without close_notify: an EOF like any other
             except (OSError, ssl.SSLError) as exc:
@@ -348,6 +364,10 @@ class TlsListener:
         for transport in list(self.connections):
             transport.abort()
 
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if self._loop is not None and listener in self.sockets:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
     def sweep(self) -> None:
         """Drop connections whose handshake has not completed in time."""
         cutoff = time.monotonic() - self.handshake_timeout
@@ -361,11 +381,14 @@ class TlsListener:
         for _ in range(_ACCEPT_BURST):
             try:
                 raw, peername = listener.accept()
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: log and keep serving the connections we have.
-                log.warning("accept failed: %s", exc)
+                # EMFILE and friends: the listener stays readable, so stop watching it for a
+                # while (as asyncio does) instead of spinning; serve the connections we have.
+                log.warning("accept failed: %s; pausing accepts for %.1f s", exc, _ACCEPT_PAUSE)
+                loop.remove_reader(listener.fileno())
+                loop.call_later(_ACCEPT_PAUSE, self._resume_accepting, listener)
                 return
             raw.setblocking(False)
             with contextlib.suppress(OSError):

@@ -275,3 +275,148 @@ async def test_aiohttp_runs_on_the_transport_after_a_hand_over(
     finally:
         listener.close()
         await runner.cleanup()
+
+
+class Exploding(asyncio.Protocol):
+    lost: list[Exception | None] = []
+
+    def data_received(self, data: bytes) -> None:
+        raise ValueError("protocol bug")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        Exploding.lost.append(exc)
+
+
+async def test_a_raising_protocol_loses_its_connection_and_nothing_else(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    server_ctx, client_ctx = tls_pair
+    Exploding.lost = []
+    listener = TlsListener(Exploding, server_ctx)
+    port = listener.listen("127.0.0.1", 0)
+    try:
+
+        def client() -> bytes:
+            with _client(client_ctx, port) as sock:
+                sock.sendall(b"boom\n")
+                sock.settimeout(5)
+                try:
+                    return sock.recv(100)
+                except (ssl.SSLError, ConnectionError):
+                    return b"<reset>"
+
+        assert await asyncio.to_thread(client) in (b"", b"<reset>")
+        for _ in range(100):
+            if Exploding.lost:
+                break
+            await asyncio.sleep(0.02)
+        assert len(Exploding.lost) == 1 and isinstance(Exploding.lost[0], ValueError)
+        assert not listener.connections
+        assert "protocol error on a TLS connection" in caplog.text
+        # The listener still serves.
+        assert await asyncio.to_thread(client) in (b"", b"<reset>")
+        for _ in range(100):
+            if len(Exploding.lost) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len(Exploding.lost) == 2
+    finally:
+        listener.close()
+
+
+_EMFILE_CHILD = r"""
+import asyncio, resource, ssl, sys
+sys.path.insert(0, sys.argv[1])
+from enroll_server import tls_socket
+from enroll_server.tls_socket import TlsListener
+
+calls = 0
+
+class Counting(TlsListener):
+    def _accept(self, listener):
+        global calls
+        calls += 1
+        super()._accept(listener)
+
+class Bye(asyncio.Protocol):
+    def connection_made(self, transport):
+        transport.write(b"hello\n")
+        transport.close()
+
+async def main():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    tls_socket._ACCEPT_PAUSE = 0.5
+    listener = Counting(Bye, ctx)
+    port = listener.listen("127.0.0.1", 0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    import os
+    listing = os.open("/proc/self/fd", os.O_RDONLY)
+    used = {int(n) for n in os.listdir(listing)} - {listing}
+    os.close(listing)
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    # Every new descriptor would get a number >= the limit: accept() fails with EMFILE.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    print(port, flush=True)
+    sys.stdin.readline()  # the parent has connected
+    await asyncio.sleep(1.2)
+    starved = calls
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await asyncio.sleep(1.5)  # the paused accept resumes and serves the waiting client
+    print(starved, calls, flush=True)
+    sys.stdin.readline()
+    listener.close()
+
+asyncio.run(main())
+"""
+
+
+def test_accept_failures_pause_accepting_instead_of_spinning(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
+) -> None:
+    """Out of file descriptors, the listening socket stays readable: without a pause the
+    loop would call accept() thousands of times a second. With it, a few calls, and the
+    waiting client is served once descriptors are free again."""
+    import subprocess
+    import sys
+
+    _, client_ctx = tls_pair
+    script = tmp_path / "child.py"
+    script.write_text(_EMFILE_CHILD)
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            str(root),
+            str(tmp_path / "server.pem"),
+            str(tmp_path / "server.key"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        port = int(child.stdout.readline())
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock = client_ctx.wrap_socket(
+            raw, server_hostname="localhost", do_handshake_on_connect=False
+        )
+        sock.settimeout(10)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        # The ClientHello goes out now; the server can only answer once it can accept.
+        sock.do_handshake()
+        assert _read_all(sock) == b"hello\n"
+        sock.close()
+        starved, total = map(int, child.stdout.readline().split())
+        assert 1 <= starved <= 5, starved
+        assert total <= starved + 5, total
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        assert child.wait(10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
