@@ -103,6 +103,7 @@ class Head:
     content_type: str | None
     authorization: str | None
     keep_alive: bool
+    http10: bool = False  # an HTTP/1.0 request: persistence must be said in the reply
 
 
 def parse_head(raw: bytes) -> Head:
@@ -149,6 +150,7 @@ def parse_head(raw: bytes) -> Head:
         content_type=None if content_type is None else content_type.decode("latin-1"),
         authorization=None if authorization is None else authorization.decode("latin-1"),
         keep_alive=keep_alive,
+        http10=version == b"HTTP/1.0",
     )
 
 
@@ -218,6 +220,8 @@ class EstConnection(asyncio.Protocol):
         self.busy = False
         # time.monotonic() since when this connection owes us a request (None while busy).
         self.idle_since: float | None = None
+        # The request being answered is HTTP/1.0 (RFC 9112 9.3: keep-alive is then explicit).
+        self.http10 = False
         # Lingering close: input is discarded until EOF, LINGER_SECONDS or LINGER_BYTES.
         self.draining = False
         self.drained = 0
@@ -310,6 +314,7 @@ class EstConnection(asyncio.Protocol):
         )
 
     def _serve(self, head: Head, body: bytes) -> None:
+        self.http10 = head.http10
         st = self.front.state
         started = time.perf_counter()
         now = st.clock()
@@ -428,7 +433,9 @@ class EstConnection(asyncio.Protocol):
                 self.front.date(),
                 len(body),
                 headers,
-                b"" if keep_alive else b"Connection: close\r\n",
+                (b"Connection: keep-alive\r\n" if self.http10 else b"")
+                if keep_alive
+                else b"Connection: close\r\n",
                 body,
             )
         )
