@@ -60,7 +60,7 @@ class RevocationSource(Protocol):
 
     def crl_number_next(self) -> int: ...
 
-    def events_since(self, seq: int, *, limit: int = ...) -> list[Event]: ...
+    def revocation_events_since(self, seq: int, *, limit: int = ...) -> tuple[list[Event], int]: ...
 
     def last_event_seq(self) -> int: ...
 
@@ -204,28 +204,29 @@ class CrlPublisher:
         self._current = published
         return published
 
-    def _new_events(self) -> list[Event]:
+    def _new_events(self) -> tuple[list[Event], int]:
+        """Revocation, suspension and resumption events since the last poll, and the seq
+        they (and the issuances between them, skipped) reach."""
         events: list[Event] = []
         seq = self._seq
         while True:
-            page = self._registry.events_since(seq, limit=_EVENT_PAGE)
+            page, seq = self._registry.revocation_events_since(seq, limit=_EVENT_PAGE)
             events.extend(page)
             if len(page) < _EVENT_PAGE:
-                return events
-            seq = page[-1].seq
+                return events, seq
 
     def poll(self, now: datetime) -> CrlUpdate:
         """Rebuild if a revocation event arrived or the CRL is due for refresh.
 
-        Every event is reported exactly once. The entries are read after the events, so the
-        CRL reflects at least every event reported; a revocation landing in between is
-        reported (and rebuilt for) by the next poll.
+        Every revocation, suspension and resumption event is reported exactly once (issuance
+        events are skipped). The entries are read after the events, so the CRL reflects at
+        least every event reported; a revocation landing in between is reported (and rebuilt
+        for) by the next poll.
         """
-        events = self._new_events()
+        events, seq = self._new_events()
         changed = any(e.kind in CRL_EVENTS for e in events)
         stale = self._current is None or crl_needs_refresh(self._current.crl, now)
-        if events:
-            self._seq = events[-1].seq
+        self._seq = max(self._seq, seq)
         if changed or stale:
             return CrlUpdate(self.publish(now), events)
         return CrlUpdate(None, events)

@@ -28,7 +28,7 @@ class EventView(Protocol):
 
 
 class EventSource(Protocol):
-    def events_since(self, seq: int) -> Sequence[EventView]: ...
+    def revocation_events_since(self, seq: int) -> tuple[Sequence[EventView], int]: ...
     def last_event_seq(self) -> int: ...
 
 
@@ -46,8 +46,8 @@ def _text(value: object) -> str:
 
 
 class RevocationWatcher:
-    """Polls `events_since` (any process may write the registry; SQLite WAL makes each commit
-    visible to our next read) and drops the matching live sessions.
+    """Polls `revocation_events_since` (any process may write the registry; SQLite WAL makes
+    each commit visible to our next read) and drops the matching live sessions.
 
     Polling every 200 ms bounds revocation-to-disconnect at about 0.2 s plus one event-loop
     turn, well inside the 1 s promise. Each poll is one indexed range query.
@@ -73,13 +73,14 @@ class RevocationWatcher:
     def poll_once(self) -> int:
         """Apply every event recorded since the last poll; returns how many sessions dropped."""
         dropped = 0
-        for event in self._source.events_since(self.seq):
+        events, next_seq = self._source.revocation_events_since(self.seq)
+        for event in events:
             kind = _text(event.kind)
             if kind in DROP_ON:
                 identity = _text(event.device_id)
                 if self._broker.drop(identity, kind, event_seq=event.seq):
                     dropped += 1
-            self.seq = max(self.seq, event.seq)
+        self.seq = max(self.seq, next_seq)
         self._broker.event_seq = self.seq
         now = self._clock().timestamp()
         if now - self._last_sweep >= self._sweep_every:

@@ -32,6 +32,26 @@ class Journal(RegistryBase):
             ).fetchall()
         return [event_from_row(r) for r in rows]
 
+    def revocation_events_since(self, seq: int, *, limit: int = 10_000) -> tuple[list[Event], int]:
+        """Events after `seq` other than 'issued', oldest first, and the seq to poll from next.
+
+        For pollers that react to revocation, suspension and resumption only: the issuances in
+        between are skipped by the partial index `events_changes`, not read and dropped. The
+        next seq covers the skipped ones too; the high-water mark is read first, so an event
+        committed meanwhile is left for the next poll, never lost.
+        """
+        with self._read() as conn:
+            high = int(conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0)
+            rows = conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events "  # noqa: S608
+                "WHERE kind <> 'issued' AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (seq, high, limit),
+            ).fetchall()
+        events = [event_from_row(r) for r in rows]
+        if len(events) == limit:
+            return events, events[-1].seq
+        return events, max(seq, high)
+
     def last_event_seq(self) -> int:
         with self._read() as conn:
             row = conn.execute("SELECT max(seq) FROM events").fetchone()

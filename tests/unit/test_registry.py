@@ -834,3 +834,40 @@ def test_v1_registry_migrates_to_the_enrollment_friendly_indexes(db_path: Path) 
         names = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"devices_batch", "certificates_revoked"} <= names
         assert not {"devices_state", "devices_batch_state", "certificates_status_expiry"} & names
+
+
+def test_revocation_events_since_skips_issuances_and_moves_past_them(
+    reg: Registry, ca: MemoryCa, db_path: Path
+) -> None:
+    start = reg.last_event_seq()
+    enroll(reg, ca, "rv-a")
+    reg.suspend_device(DeviceId("rv-a"), now=NOW, actor="op")
+    for i in range(5):
+        enroll(reg, ca, f"rv-filler-{i}")
+    enroll(reg, ca, "rv-b")
+    reg.revoke_device(DeviceId("rv-b"), reason="keyCompromise", now=NOW, actor="op")
+    for i in range(3):
+        enroll(reg, ca, f"rv-late-{i}")
+    events, nxt = reg.revocation_events_since(start)
+    assert [(e.kind, e.device_id.value) for e in events] == [
+        (EventKind.SUSPENDED, "rv-a"),
+        (EventKind.REVOKED, "rv-b"),
+    ]
+    # The next poll starts after the trailing issuances too, and finds nothing new.
+    assert nxt == reg.last_event_seq() > events[-1].seq
+    assert reg.revocation_events_since(nxt) == ([], nxt)
+    # Paging: a full page ends at its last event, so nothing is skipped.
+    first, mid = reg.revocation_events_since(start, limit=1)
+    assert [e.kind for e in first] == [EventKind.SUSPENDED] and mid == first[0].seq
+    rest, end = reg.revocation_events_since(mid, limit=1)
+    assert [e.kind for e in rest] == [EventKind.REVOKED] and end == rest[0].seq
+    # Served by the partial index, which an issuance never touches.
+    with sqlite3.connect(db_path) as raw:
+        plan = " ".join(
+            str(r[3])
+            for r in raw.execute(
+                "EXPLAIN QUERY PLAN SELECT seq FROM events "
+                "WHERE kind <> 'issued' AND seq > 1 AND seq <= 9 ORDER BY seq LIMIT 5"
+            )
+        )
+    assert "events_changes" in plan, plan
