@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
 
 from tests.pki_helpers import MemoryCa, make_ca
@@ -34,3 +37,16 @@ def live_stack(tmp_path):  # type: ignore[no-untyped-def]
         yield server
     finally:
         server.stop()
+
+
+_QUIETED = ("fleetpki", "fleetpki.agent", "fleetpki.simulator", "enroll_server", "asyncio", "amqtt")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger_levels() -> Iterator[None]:
+    """Commands run in-process (the simulator's quiet_logging) set logger levels globally;
+    put them back so a later test's caplog still sees what it looks for."""
+    saved = {name: logging.getLogger(name).level for name in _QUIETED}
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)

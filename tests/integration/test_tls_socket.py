@@ -9,6 +9,7 @@ protocol, and that aiohttp runs unchanged on it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from pathlib import Path
@@ -292,6 +293,8 @@ async def test_a_raising_protocol_loses_its_connection_and_nothing_else(
 ) -> None:
     server_ctx, client_ctx = tls_pair
     Exploding.lost = []
+    # Its own level: an earlier test may have quieted the "fleetpki" loggers (simulator CLI).
+    caplog.set_level(logging.ERROR, logger="fleetpki.tls")
     listener = TlsListener(Exploding, server_ctx)
     port = listener.listen("127.0.0.1", 0)
     try:
