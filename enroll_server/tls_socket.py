@@ -34,6 +34,7 @@ _READ_SIZE = 64 * 1024
 _SEND_CHUNK = 64 * 1024
 _ACCEPT_BURST = 64
 _ACCEPT_PAUSE = 1.0
+LINGER_SECONDS = 2.0
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
@@ -196,9 +197,9 @@ class TlsSocketTransport(asyncio.Transport):
                 return
             except (OSError, ssl.SSLError) as exc:
                 # Failed handshakes (unknown CA, expired client certificate, a port scan)
-                # are the peer's business; the TLS alert has been sent where possible.
+                # are the peer's business; OpenSSL has written the alert, which must reach it.
                 log.debug("TLS handshake failed: %s", exc)
-                self._finish(None, graceful=False)
+                self._fail_handshake()
                 return
             self.handshaken = True
             self._protocol.connection_made(self)
@@ -227,6 +228,56 @@ class TlsSocketTransport(asyncio.Transport):
             self._protocol.data_received(data)
             if not self._sock.pending():
                 return
+
+    def _fail_handshake(self) -> None:
+        """Close after a failed handshake so that the peer reads our alert (RFC 8446 6.2).
+
+        A TLS 1.3 client sends its Finished and at once its request; closing with those bytes
+        unread makes TCP answer with a reset, which can destroy the alert before the client
+        reads it ("certificate expired" would reach the device as a bare reset). So: half-close
+        (the alert, then FIN), discard what the peer still sends until it closes or
+        LINGER_SECONDS pass, then close.
+        """
+        if self._done:
+            return
+        self._done = True
+        self._closing = True
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        if self._writer_added:
+            self._writer_added = False
+            self._loop.remove_writer(self._fd)
+        if self._on_done is not None:
+            self._on_done(self)
+        raw, fd, loop = self._sock, self._fd, self._loop
+        try:
+            socket.socket.shutdown(raw, socket.SHUT_WR)
+        except OSError:
+            raw.close()
+            return
+        closed = False
+
+        def close() -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                timer.cancel()
+                loop.remove_reader(fd)
+                raw.close()
+
+        def drain() -> None:
+            try:
+                data = socket.socket.recv(raw, _READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                close()
+
+        timer = loop.call_later(LINGER_SECONDS, close)
+        loop.add_reader(fd, drain)
 
     def _handshake_writable(self) -> None:
         self._loop.remove_writer(self._fd)
