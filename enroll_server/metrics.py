@@ -62,10 +62,17 @@ class Metrics:
         self.latency = Histogram(
             "fleetpki_enroll_seconds", "Time to handle one EST enrollment request."
         )
+        # A rise in "handshake" is typically devices presenting expired certificates or a
+        # foreign CA's: they never reach the HTTP layer, so no other counter sees them.
+        self.tls_failures = LabeledCounter(
+            "fleetpki_est_tls_failures_total",
+            "TLS handshakes on the EST port that did not complete, by reason.",
+            "reason",
+        )
         self.extra: list[Callable[[], str]] = []
 
     def render(self) -> str:
-        lines = self.enrollments.render() + self.latency.render()
+        lines = self.enrollments.render() + self.latency.render() + self.tls_failures.render()
         text = "\n".join(lines) + "\n"
         for source in self.extra:
             text += source()

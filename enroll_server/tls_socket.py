@@ -49,6 +49,7 @@ class TlsSocketTransport(asyncio.Transport):
         protocol: asyncio.Protocol,
         on_done: Callable[[TlsSocketTransport], None] | None = None,
         peername: Any = None,
+        on_failure: Callable[[str], object] | None = None,
     ) -> None:
         super().__init__()
         self._loop = loop
@@ -56,6 +57,7 @@ class TlsSocketTransport(asyncio.Transport):
         self._fd = sock.fileno()
         self._protocol: asyncio.Protocol = protocol
         self._on_done = on_done
+        self._on_failure = on_failure
         self.started = time.monotonic()
         self.handshaken = False
         self._reading = True
@@ -250,6 +252,8 @@ class TlsSocketTransport(asyncio.Transport):
             self._loop.remove_writer(self._fd)
         if self._on_done is not None:
             self._on_done(self)
+        if self._on_failure is not None:
+            self._on_failure("handshake")
         raw, fd, loop = self._sock, self._fd, self._loop
         try:
             socket.socket.shutdown(raw, socket.SHUT_WR)
@@ -365,10 +369,14 @@ class TlsListener:
         factory: ProtocolFactory,
         ssl_context: ssl.SSLContext,
         handshake_timeout: float = 30.0,
+        on_failure: Callable[[str], object] | None = None,
     ) -> None:
+        """`on_failure(reason)` is told of every handshake that did not complete: "handshake"
+        (refused or broken: unknown CA, expired client certificate, not TLS) or "timeout"."""
         self.factory = factory
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
+        self.on_failure = on_failure
         self.sockets: list[socket.socket] = []
         self.connections: set[TlsSocketTransport] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -425,6 +433,8 @@ class TlsListener:
         for transport in list(self.connections):
             if not transport.handshaken and transport.started < cutoff:
                 transport.abort()
+                if self.on_failure is not None:
+                    self.on_failure("timeout")
 
     def _accept(self, listener: socket.socket) -> None:
         loop = self._loop
@@ -452,7 +462,12 @@ class TlsListener:
                 raw.close()
                 continue
             transport = TlsSocketTransport(
-                loop, sock, self.factory(), on_done=self.connections.discard, peername=peername
+                loop,
+                sock,
+                self.factory(),
+                on_done=self.connections.discard,
+                peername=peername,
+                on_failure=self.on_failure,
             )
             self.connections.add(transport)
             # With TCP_DEFER_ACCEPT the ClientHello is usually here already.

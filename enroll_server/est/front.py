@@ -170,7 +170,12 @@ class EstFront:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> int:
         """Listen on host:port (0: any free port); returns the port bound."""
         loop = asyncio.get_running_loop()
-        listener = TlsListener(lambda: EstConnection(self), ssl_context, IDLE_TIMEOUT)
+        listener = TlsListener(
+            lambda: EstConnection(self),
+            ssl_context,
+            IDLE_TIMEOUT,
+            on_failure=self.state.metrics.tls_failures.inc,
+        )
         bound = listener.listen(host, port)
         self._listener = listener
         self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)

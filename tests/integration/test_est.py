@@ -372,6 +372,8 @@ def test_reenroll_with_expired_certificate_fails_tls(
     for _ in range(3):
         with pytest.raises(ssl.SSLError, match="CERTIFICATE_EXPIRED"):
             reenroll(live_server, c, k, "dev-exp")
+    text = request(live_server.est_url + "/metrics", live_server.client_ssl()).text
+    assert 'fleetpki_est_tls_failures_total{reason="handshake"} 3' in text
     assert live_server.registry.get_device(DeviceId("dev-exp")) is None
 
 

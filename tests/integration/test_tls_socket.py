@@ -100,6 +100,9 @@ async def _serve(
         return protocols[-1]
 
     listener = TlsListener(factory, server_ctx, handshake_timeout=timeout)
+    failures: list[str] = []
+    listener.on_failure = failures.append
+    listener.failures = failures  # type: ignore[attr-defined]
     port = listener.listen(host, 0)
     return listener, protocols, port
 
@@ -171,6 +174,7 @@ async def test_failed_handshake_leaves_nothing_and_protocol_never_sees_it(
                 break
             await asyncio.sleep(0.02)
         assert not listener.connections
+        assert listener.failures == ["handshake", "handshake"]  # type: ignore[attr-defined]
         assert all(p.transport is None for p in protocols)
     finally:
         listener.close()
@@ -194,6 +198,7 @@ async def test_silent_client_is_dropped_by_the_handshake_timeout(
             await asyncio.sleep(0.3)
             listener.sweep()
             assert not listener.connections
+            assert listener.failures == ["timeout"]  # type: ignore[attr-defined]
             raw.settimeout(5)
             assert await asyncio.to_thread(raw.recv, 10) == b""  # the server closed it
             assert not protocols or protocols[0].transport is None
