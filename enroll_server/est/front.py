@@ -1,12 +1,13 @@
 """The lean EST front end: HTTP/1.1 for the two enrollment POSTs, everything else to aiohttp.
 
 Every enrollment is a fresh TLS connection carrying one POST (RFC 7030 4.2), and at fleet
-scale the server spends its time on exactly that. A general framework costs about as much
-CPU per request as the TLS handshake's own work (BENCHMARKS.md, "Enrollment"), so the
+scale the server spends its time on exactly that. A general framework cost about two thirds
+as much CPU per request as the TLS handshake itself (BENCHMARKS.md, "Enrollment"), so the
 listener's protocol is this one: it parses the request head, and a plain
 `POST /.well-known/est/simpleenroll|simplereenroll` with a Content-Length it serves itself.
 Anything else (GET cacerts, the admin API, /metrics, a chunked or Expect: 100-continue POST,
-an odd request line) is handed over on the same connection, with the bytes read so far, to
+an odd request line, a malformed or doubtful field, bare LF line ends) is handed over as soon
+as that is clear, on the same connection and with the bytes read so far, to
 the aiohttp application, which answers exactly as it would alone. The rules of who may
 enroll and what is accepted live in est/operations.py, shared with the aiohttp routes.
 
