@@ -343,7 +343,7 @@ def main() -> None:
                 ]
             )
             spy = subprocess.Popen(
-                [*sampler, "--pid", str(proc.pid)],
+                [*sampler, "-p" if sampler[0] == "strace" else "--pid", str(proc.pid)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 
 
 def install_fast_loop() -> bool:
     """Make the next `asyncio.run()` use uvloop; True if it will, False if uvloop is absent.
 
-    Call once at process start, before the loop exists (`fleetpki serve`). uvloop does TLS in
-    C (its SSLProtocol is Cython) where asyncio's sslproto runs a Python state machine per
-    record, which is most of the Python-level cost of a fresh-connection enrollment. Only the
-    server imports this: the device agent never needs uvloop.
+    Call once at process start, before the loop exists (`fleetpki serve`). The EST listener
+    runs its own TLS on ssl.SSLSocket (tls_socket.py); the embedded broker's TLS goes through
+    the loop's transports, which uvloop implements in C (asyncio's sslproto runs a Python
+    state machine per record). On the EST path uvloop gave ~5-10 % more enrollments/s at
+    the same CPU per enrollment (BENCHMARKS.md). Only the server imports this: the device
+    agent never needs uvloop. FLEETPKI_NO_UVLOOP=1 keeps the stock loop (to compare, or to
+    rule uvloop out while debugging).
     """
+    if os.environ.get("FLEETPKI_NO_UVLOOP"):
+        return False
     try:
         uvloop = importlib.import_module("uvloop")
     except ImportError:
