@@ -240,16 +240,8 @@ class TlsSocketTransport(asyncio.Transport):
         (the alert, then FIN), discard what the peer still sends until it closes or
         LINGER_SECONDS pass, then close.
         """
-        if self._done:
+        if not self._detach():
             return
-        self._done = True
-        self._closing = True
-        if self._reading:
-            self._reading = False
-            self._loop.remove_reader(self._fd)
-        if self._writer_added:
-            self._writer_added = False
-            self._loop.remove_writer(self._fd)
         if self._on_done is not None:
             self._on_done(self)
         if self._on_failure is not None:
@@ -335,9 +327,10 @@ class TlsSocketTransport(asyncio.Transport):
             self._protocol_paused = False
             self._protocol.resume_writing()
 
-    def _finish(self, exc: Exception | None, *, graceful: bool) -> None:
+    def _detach(self) -> bool:
+        """Stop watching the socket, once; False if that was done already."""
         if self._done:
-            return
+            return False
         self._done = True
         self._closing = True
         if self._reading:
@@ -346,6 +339,11 @@ class TlsSocketTransport(asyncio.Transport):
         if self._writer_added:
             self._writer_added = False
             self._loop.remove_writer(self._fd)
+        return True
+
+    def _finish(self, exc: Exception | None, *, graceful: bool) -> None:
+        if not self._detach():
+            return
         if graceful and self.handshaken:
             # close_notify, without waiting for the peer's (see the module docstring).
             with contextlib.suppress(OSError, ssl.SSLError, ValueError):
