@@ -362,30 +362,21 @@ class EstConnection(asyncio.Protocol):
         if self.transport is None:
             return  # the client left; if it was recorded, a retry (same token, key) gets it
         self.idle_since = time.monotonic()
-        self._reply_committed(head, started, pending, outcome)
-        if self.buf:
-            self._serve_buffered()  # a pipelined request
-
-    def _reply_committed(
-        self,
-        head: Head,
-        started: float,
-        pending: PendingEnrollment,
-        outcome: BaseException | None,
-    ) -> None:
         if outcome is not None and not isinstance(outcome, RegistryError):
             # The transaction failed (logged by the commit queue): nothing was recorded.
             self._rejected(head, 500, _NOT_RECORDED)
-            return
-        try:
-            enrollment = self.front.state.service.settle(pending, outcome)
-        except ServiceError as exc:
-            self._service_error(head, exc)
-        except RegistryError as exc:
-            log.error("POST %s: registry refused the certificate: %s", head.path, exc)
-            self._rejected(head, 500, _NOT_RECORDED)
         else:
-            self._issued(head, started, enrollment)
+            try:
+                enrollment = self.front.state.service.settle(pending, outcome)
+            except ServiceError as exc:
+                self._service_error(head, exc)
+            except RegistryError as exc:
+                log.error("POST %s: registry refused the certificate: %s", head.path, exc)
+                self._rejected(head, 500, _NOT_RECORDED)
+            else:
+                self._issued(head, started, enrollment)
+        if self.buf:
+            self._serve_buffered()  # a pipelined request
 
     # --- replies -------------------------------------------------------------------------
     def _issued(self, head: Head, started: float, enrollment: Enrollment) -> None:
