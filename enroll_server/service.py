@@ -230,7 +230,7 @@ class EnrollmentService:
         retry answered with the certificate already recorded, nothing to commit.
         """
         try:
-            approved = check_csr(load_csr(csr_der), auth.grant)
+            approved = check_csr(load_csr(csr_der), auth.grant, csr_der)
         except CsrRejected as exc:
             raise BadRequest(exc.reason) from exc
         if auth.retry_of_used_token:

@@ -15,6 +15,13 @@ Closing sends close_notify (RFC 8446 6.1) after the buffered data, then closes t
 without waiting for the peer's: every exchange here is delimited by Content-Length, so the
 peer's close_notify carries nothing we need, and waiting for it cost a wakeup and a timer
 per connection.
+
+The TLS state of a connection is the `_ssl._SSLSocket` that `SSLContext._wrap_socket` binds
+to the accepted socket: the very object `ssl.SSLSocket` keeps in its `_sslobj` and
+`ssl.SSLObject` wraps around memory BIOs. Building the `ssl.SSLSocket` around it (a socket
+subclass: detach and re-attach the descriptor, getpeername, settimeout, a Python-level wrapper
+on every read and write) cost more CPU per connection than everything else this module does
+(BENCHMARKS.md); `get_extra_info("ssl_object")` still hands out a public `ssl.SSLObject`.
 """
 
 from __future__ import annotations
@@ -35,8 +42,20 @@ _SEND_CHUNK = 64 * 1024
 _ACCEPT_BURST = 64
 _ACCEPT_PAUSE = 1.0
 LINGER_SECONDS = 2.0
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux only
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+def _ssl_object(tls: Any) -> ssl.SSLObject:
+    """The public face of a socket-bound `_ssl._SSLSocket`, for get_extra_info("ssl_object").
+
+    ssl.SSLObject is a thin wrapper whose every method delegates to its `_sslobj`
+    (SSLObject._create builds it exactly so, around a BIO-bound one).
+    """
+    view = ssl.SSLObject.__new__(ssl.SSLObject)
+    view._sslobj = tls  # type: ignore[attr-defined]
+    return view
 
 
 class TlsSocketTransport(asyncio.Transport):
@@ -45,15 +64,19 @@ class TlsSocketTransport(asyncio.Transport):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        sock: ssl.SSLSocket,
+        sock: socket.socket,
+        tls: Any,
         protocol: asyncio.Protocol,
         on_done: Callable[[TlsSocketTransport], None] | None = None,
         peername: Any = None,
         on_failure: Callable[[str], object] | None = None,
     ) -> None:
+        """`tls`: the `_ssl._SSLSocket` of `sock` (SSLContext._wrap_socket, server side)."""
         super().__init__()
         self._loop = loop
         self._sock = sock
+        self._tls = tls
+        self._ssl_view: ssl.SSLObject | None = None
         self._fd = sock.fileno()
         self._protocol: asyncio.Protocol = protocol
         self._on_done = on_done
@@ -76,8 +99,12 @@ class TlsSocketTransport(asyncio.Transport):
 
     # --- asyncio.BaseTransport ---------------------------------------------------------
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in ("ssl_object", "socket"):
+        if name == "socket":
             return self._sock
+        if name == "ssl_object":
+            if self._ssl_view is None:
+                self._ssl_view = _ssl_object(self._tls)
+            return self._ssl_view
         if name == "peername":
             if self._peername is None:
                 with contextlib.suppress(OSError):
@@ -88,13 +115,13 @@ class TlsSocketTransport(asyncio.Transport):
                 return self._sock.getsockname()
             return default
         if name == "sslcontext":
-            return self._sock.context
+            return self._tls.context
         if name == "peercert":
-            return self._sock.getpeercert()
+            return self._tls.getpeercert() if self.handshaken else None
         if name == "cipher":
-            return self._sock.cipher()
+            return self._tls.cipher()
         if name == "compression":
-            return self._sock.compression()
+            return self._tls.compression()
         return default
 
     def is_closing(self) -> bool:
@@ -119,6 +146,19 @@ class TlsSocketTransport(asyncio.Transport):
         self._closing = True
         self._finish(None, graceful=False)
 
+    def write_last(self, data: bytes) -> None:
+        """write(data), then close(): the reply, close_notify and FIN leave in one segment.
+
+        TCP_CORK holds back partial segments until close() flushes them with the FIN, so the
+        peer gets (and the server's kernel pushes through loopback or the NIC) one segment
+        instead of three for a short last reply.
+        """
+        if _TCP_CORK is not None and not self._closing and not self._done:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+        self.write(data)
+        self.close()
+
     # --- asyncio.ReadTransport ---------------------------------------------------------
     def is_reading(self) -> bool:
         return self._reading and not self._closing
@@ -130,7 +170,7 @@ class TlsSocketTransport(asyncio.Transport):
         if not self._reading and not self._closing and not self._done:
             self._reading = True
             self._loop.add_reader(self._fd, self._read_ready)
-            if self.handshaken and self._sock.pending():
+            if self.handshaken and self._tls.pending():
                 # Decrypted bytes OpenSSL already holds never make the socket readable.
                 self._loop.call_soon(self._read_ready)
 
@@ -187,7 +227,7 @@ class TlsSocketTransport(asyncio.Transport):
     def _read_available(self) -> None:
         if not self.handshaken:
             try:
-                self._sock.do_handshake()
+                self._tls.do_handshake()
             except ssl.SSLWantReadError:
                 return
             except ssl.SSLWantWriteError:
@@ -209,7 +249,7 @@ class TlsSocketTransport(asyncio.Transport):
                 return
         while self._reading and not self._closing:
             try:
-                data = self._sock.recv(_READ_SIZE)
+                data = self._tls.read(_READ_SIZE)
             except (ssl.SSLWantReadError, BlockingIOError):
                 return
             except ssl.SSLWantWriteError:
@@ -228,7 +268,7 @@ class TlsSocketTransport(asyncio.Transport):
                     self.close()
                 return
             self._protocol.data_received(data)
-            if not self._sock.pending():
+            if not self._tls.pending():
                 return
 
     def _fail_handshake(self) -> None:
@@ -248,7 +288,7 @@ class TlsSocketTransport(asyncio.Transport):
             self._on_failure("handshake")
         raw, fd, loop = self._sock, self._fd, self._loop
         try:
-            socket.socket.shutdown(raw, socket.SHUT_WR)
+            raw.shutdown(socket.SHUT_WR)
         except OSError:
             raw.close()
             return
@@ -264,7 +304,7 @@ class TlsSocketTransport(asyncio.Transport):
 
         def drain() -> None:
             try:
-                data = socket.socket.recv(raw, _READ_SIZE)
+                data = raw.recv(_READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -292,7 +332,7 @@ class TlsSocketTransport(asyncio.Transport):
                 chunk = bytes(self._wbuf[:_SEND_CHUNK])
                 del self._wbuf[:_SEND_CHUNK]
             try:
-                sent = self._sock.send(chunk)
+                sent = self._tls.write(chunk)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 self._retry = chunk
                 if not self._writer_added:
@@ -347,7 +387,7 @@ class TlsSocketTransport(asyncio.Transport):
         if graceful and self.handshaken:
             # close_notify, without waiting for the peer's (see the module docstring).
             with contextlib.suppress(OSError, ssl.SSLError, ValueError):
-                self._sock.unwrap()
+                self._tls.shutdown()
         with contextlib.suppress(OSError):
             self._sock.close()
         if self._on_done is not None:
@@ -453,15 +493,16 @@ class TlsListener:
             with contextlib.suppress(OSError):
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                sock = self.ssl_context.wrap_socket(
-                    raw, server_side=True, do_handshake_on_connect=False
+                tls = self.ssl_context._wrap_socket(  # type: ignore[attr-defined]
+                    raw, server_side=True, server_hostname=None
                 )
             except (OSError, ssl.SSLError):
                 raw.close()
                 continue
             transport = TlsSocketTransport(
                 loop,
-                sock,
+                raw,
+                tls,
                 self.factory(),
                 on_done=self.connections.discard,
                 peername=peername,

@@ -422,7 +422,7 @@ class EstConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        transport.write(
+        reply = (
             b"HTTP/1.1 %d %s\r\nServer: fleetpki\r\nDate: %s\r\nContent-Length: %d\r\n%s%s\r\n%s"
             % (
                 status,
@@ -436,6 +436,8 @@ class EstConnection(asyncio.Protocol):
                 body,
             )
         )
+        if keep_alive or linger:
+            transport.write(reply)
         if keep_alive:
             self.idle_since = time.monotonic()
         elif linger:
@@ -446,11 +448,20 @@ class EstConnection(asyncio.Protocol):
             self.idle_since = None
             self._linger_timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.abort)
         else:
-            transport.close()
             self.transport = None
             self.front.connections.discard(self)
+            self._write_last(transport, reply)
 
     # --- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _write_last(transport: asyncio.Transport, reply: bytes) -> None:
+        write_last = getattr(transport, "write_last", None)  # TlsSocketTransport's
+        if write_last is not None:
+            write_last(reply)
+        else:
+            transport.write(reply)
+            transport.close()
+
     def _source(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
         return str(peer[0]) if peer else "?"

@@ -43,6 +43,57 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
         raise CsrRejected("body is not a DER-encoded PKCS#10 certificate request") from exc
 
 
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    octets = n.to_bytes((n.bit_length() + 7) // 8)
+    return bytes([0x80 | len(octets)]) + octets
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    return bytes([tag]) + _der_length(len(content)) + content
+
+
+_CN_OID_DER = b"\x06\x03\x55\x04\x03"  # id-at-commonName, 2.5.4.3
+_PRINTABLE = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"
+)
+
+
+def _cn_only_names(value: str) -> tuple[bytes, ...]:
+    """The DER of Name = CN=value alone, as UTF8String and (if it can be) PrintableString."""
+    raw = value.encode("utf-8")
+    tags = (0x0C, 0x13) if all(c in _PRINTABLE for c in raw) else (0x0C,)
+    return tuple(_der(0x30, _der(0x31, _der(0x30, _CN_OID_DER + _der(tag, raw)))) for tag in tags)
+
+
+def _subject_der(der: bytes) -> bytes:
+    """The subject Name's DER of a well-formed PKCS#10 request (RFC 2986 4.1): the TLV after
+    CertificationRequest.certificationRequestInfo.version."""
+
+    def contents(at: int) -> tuple[int, int]:
+        length = der[at + 1]
+        at += 2
+        if length & 0x80:
+            octets = length & 0x7F
+            length = int.from_bytes(der[at : at + octets])
+            at += octets
+        return at, at + length
+
+    info, _ = contents(contents(0)[0])
+    _, version_end = contents(info)
+    return der[version_end : contents(version_end)[1]]
+
+
+def _subject_is_cn(der: bytes, value: str) -> bool:
+    """Whether the subject is exactly CN=value: the common request, answered without
+    decoding the Name into objects. False is no verdict: _subject_cn decides then."""
+    try:
+        return _subject_der(der) in _cn_only_names(value)
+    except IndexError:
+        return False
+
+
 def _subject_cn(csr: x509.CertificateSigningRequest) -> str:
     try:
         cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -84,8 +135,13 @@ def _check_extensions(csr: x509.CertificateSigningRequest, grant: Grant) -> None
                     )
 
 
-def check_csr(csr: x509.CertificateSigningRequest, grant: Grant) -> ApprovedCsr:
-    """Apply the policy: proof of possession, key type, CN = authenticated id, extensions."""
+def check_csr(
+    csr: x509.CertificateSigningRequest, grant: Grant, der: bytes | None = None
+) -> ApprovedCsr:
+    """Apply the policy: proof of possession, key type, CN = authenticated id, extensions.
+
+    `der`: the request's DER, when the caller has it (a shortcut for the subject check).
+    """
     # RFC 2986 4.2 / RFC 7030 3.4: the self-signature proves possession of the private key.
     if not csr.is_signature_valid:
         raise CsrRejected("CSR signature is invalid (no proof of possession of the private key)")
@@ -99,11 +155,13 @@ def check_csr(csr: x509.CertificateSigningRequest, grant: Grant) -> ApprovedCsr:
         raise CsrRejected(exc.reason) from exc
     if key_type is not None and key_type not in grant.key_types:
         raise CsrRejected(f"key type {key_type.value} is not accepted by this CA")
-    cn = _subject_cn(csr)
-    if cn != grant.device_id.value:
-        raise CsrRejected(
-            f"CSR subject CN {cn!r} does not match the authenticated id {grant.device_id.value!r}"
-        )
+    if der is None or not _subject_is_cn(der, grant.device_id.value):
+        cn = _subject_cn(csr)
+        if cn != grant.device_id.value:
+            raise CsrRejected(
+                f"CSR subject CN {cn!r} does not match the authenticated id "
+                f"{grant.device_id.value!r}"
+            )
     _check_extensions(csr, grant)
     if not isinstance(public_key, PublicKey):
         raise CsrRejected(f"key type {type(public_key).__name__} is not accepted")

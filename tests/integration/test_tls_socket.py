@@ -75,6 +75,10 @@ class Recorder(asyncio.Protocol):
         if self.received.endswith(b"big\n"):
             self.transport.write(b"x" * BIG + b"END")
             self.transport.close()
+        elif self.received.endswith(b"last\n"):
+            self.transport.write_last(b"ok\n")
+        elif self.received.endswith(b"lastbig\n"):
+            self.transport.write_last(b"x" * BIG + b"END")
         elif self.received.endswith(b"bye\n"):
             self.transport.write(b"ok\n")
             self.transport.close()
@@ -141,6 +145,37 @@ async def test_slow_reader_gets_every_byte_then_close_notify(
         assert await asyncio.wait_for(proto.lost, 5) is None
         # The buffer went over the high-water mark while the reader slept, and drained.
         assert proto.paused >= 1 and proto.resumed >= 1
+        assert not listener.connections
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("what", [b"last", b"lastbig"])
+async def test_write_last_delivers_every_byte_then_close_notify(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext], what: bytes
+) -> None:
+    """write_last corks the socket: what is held back must still reach the peer, with
+    close_notify after it, whether it fits one segment or must wait for a slow reader."""
+    server_ctx, client_ctx = tls_pair
+    listener, protocols, port = await _serve(server_ctx)
+    try:
+
+        def client() -> bytes:
+            with _client(client_ctx, port) as sock:
+                sock.sendall(what + b"\n")
+                if what == b"lastbig":
+                    import time
+
+                    time.sleep(0.5)  # the server fills the socket buffers and waits
+                return _read_all(sock)
+
+        body = await asyncio.to_thread(client)
+        if what == b"last":
+            assert body == b"ok\n"
+        else:
+            assert len(body) == BIG + 3 and body.endswith(b"END") and body.count(b"x") == BIG
+        (proto,) = protocols
+        assert await asyncio.wait_for(proto.lost, 5) is None
         assert not listener.connections
     finally:
         listener.close()

@@ -6,9 +6,16 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from enroll_server.pki.csr_policy import MAX_CSR_DER, Grant, check_csr, load_csr
+from enroll_server.pki.csr_policy import (
+    MAX_CSR_DER,
+    Grant,
+    _subject_is_cn,
+    check_csr,
+    load_csr,
+)
 from enroll_server.pki.errors import CsrRejected
 from enroll_server.pki.keys import KeyType, generate_key
 from enroll_server.pki.profile import EndEntityRole
@@ -133,3 +140,65 @@ def test_service_grant_expects_service_urn() -> None:
     )
     with pytest.raises(CsrRejected):
         check_csr(make_csr(generate_key(KeyType.EC_P256), "backend", [(san, False)]), grant)
+
+
+def _subjects() -> list[tuple[str, list[x509.NameAttribute]]]:
+    cn = NameOID.COMMON_NAME
+    return [
+        ("utf8", [x509.NameAttribute(cn, "dev-1")]),
+        ("printable", [x509.NameAttribute(cn, "dev-1", _type=_ASN1Type.PrintableString)]),
+        ("ia5", [x509.NameAttribute(cn, "dev-1", _type=_ASN1Type.IA5String)]),
+        (
+            "with-org",
+            [
+                x509.NameAttribute(cn, "dev-1"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "acme"),
+            ],
+        ),
+        (
+            "long",  # a Name over 127 octets: long-form DER lengths all the way down
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "o" * 60),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "u" * 60),
+                x509.NameAttribute(cn, "dev-1"),
+            ],
+        ),
+        ("other-cn", [x509.NameAttribute(cn, "dev-2")]),
+        ("prefix-cn", [x509.NameAttribute(cn, "dev-11")]),
+        ("no-cn", [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dev-1")]),
+        ("two-cns", [x509.NameAttribute(cn, "dev-1"), x509.NameAttribute(cn, "dev-1")]),
+    ]
+
+
+def _verdict(csr: x509.CertificateSigningRequest, der: bytes | None) -> str:
+    try:
+        check_csr(csr, GRANT, der)
+    except CsrRejected as exc:
+        return exc.reason
+    return "approved"
+
+
+@pytest.mark.parametrize(("label", "attrs"), _subjects(), ids=[s[0] for s in _subjects()])
+def test_subject_shortcut_agrees_with_decoding_the_name(
+    label: str, attrs: list[x509.NameAttribute]
+) -> None:
+    """check_csr with the DER (the server's path) decides exactly as without it."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name(attrs))
+        .sign(generate_key(KeyType.EC_P256), hashes.SHA256())
+    )
+    der = csr_der(csr)
+    assert _verdict(csr, der) == _verdict(csr, None)
+    assert (_verdict(csr, der) == "approved") == (
+        label in ("utf8", "printable", "ia5", "with-org", "long")
+    )
+    # The shortcut answers only the plain CN=<id> subjects; the rest are decoded.
+    assert _subject_is_cn(der, "dev-1") == (label in ("utf8", "printable"))
+
+
+def test_subject_shortcut_never_accepts_a_truncated_request() -> None:
+    der = csr_der(make_csr(generate_key(KeyType.EC_P256), "dev-1"))
+    assert _subject_is_cn(der, "dev-1")
+    for cut in (0, 1, 2, 5, 10, 20):
+        assert not _subject_is_cn(der[:cut], "dev-1")
