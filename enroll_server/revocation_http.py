@@ -88,7 +88,7 @@ def status_of(record: CertificateRecord | None) -> CertStatusInfo:
     return CertStatusInfo.revoked(revoked_at, record.revocation_reason)
 
 
-# Event kinds that change what the CRL lists; ISSUED (every enrollment) does not.
+# Event kinds that change what the CRL lists (ISSUED, in older registries only, does not).
 CRL_EVENTS = frozenset({EventKind.REVOKED, EventKind.SUSPENDED, EventKind.RESUMED})
 # Event kinds after which a device's live broker sessions must end.
 DROP_EVENTS = frozenset({EventKind.REVOKED, EventKind.SUSPENDED})

@@ -188,10 +188,6 @@ class CertificateStore(RegistryBase):
             "VALUES (?, ?, 'certificate.issue', ?, ?)",
             [(r[0], r[7], r[1], r[8]) for r in rows],
         )
-        conn.executemany(
-            "INSERT INTO events (at, kind, device_id, serials) VALUES (?, 'issued', ?, ?)",
-            [(r[0], r[1], f'["{r[2]}"]') for r in rows],
-        )
         return True
 
     def _issue_one(self, conn: sqlite3.Connection, item: Issuance) -> None:
@@ -259,10 +255,6 @@ class CertificateStore(RegistryBase):
             "INSERT INTO audit (at, actor, action, device_id, detail) "
             "VALUES (?, ?, 'certificate.issue', ?, ?)",
             (now_s, item.actor, device_id.value, detail),
-        )
-        conn.execute(
-            "INSERT INTO events (at, kind, device_id, serials) VALUES (?, 'issued', ?, ?)",
-            (now_s, device_id.value, f'["{serial_s}"]'),
         )
 
     def get_certificate(self, serial: int) -> CertificateRecord | None:

@@ -38,6 +38,11 @@ class BatchKind(StrEnum):
 
 
 class EventKind(StrEnum):
+    """What the events journal records: the changes pollers (the broker, the CRL and
+    mosquitto publishers) must react to. Issuances are not among them: the audit log records
+    each (certificate.issue). Older registries still hold 'issued' events,
+    which revocation_events_since skips."""
+
     REVOKED = "revoked"
     SUSPENDED = "suspended"
     RESUMED = "resumed"
