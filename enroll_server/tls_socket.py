@@ -31,6 +31,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,7 @@ _ACCEPT_BURST = 64
 _ACCEPT_PAUSE = 1.0
 LINGER_SECONDS = 2.0
 _TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux only
+_NODELAY_INHERITED = sys.platform == "linux"
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
@@ -435,6 +437,9 @@ class TlsListener:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                # Linux hands TCP_NODELAY down to accepted sockets: one setsockopt per
+                # listener instead of one per connection (elsewhere _accept sets it).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if hasattr(socket, "TCP_DEFER_ACCEPT"):
                     # Wake for a connection only once its ClientHello has arrived.
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
@@ -490,8 +495,9 @@ class TlsListener:
                 loop.call_later(_ACCEPT_PAUSE, self._resume_accepting, listener)
                 return
             raw.setblocking(False)
-            with contextlib.suppress(OSError):
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not _NODELAY_INHERITED:
+                with contextlib.suppress(OSError):
+                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 tls = self.ssl_context._wrap_socket(  # type: ignore[attr-defined]
                     raw, server_side=True, server_hostname=None

@@ -67,6 +67,10 @@ class Recorder(asyncio.Protocol):
             "sslcontext": transport.get_extra_info("sslcontext"),
             "version": transport.get_extra_info("ssl_object").version(),
             "missing": transport.get_extra_info("no-such-key", "dflt"),
+            # Set on the listener (inherited on Linux) or per connection: never Nagle.
+            "nodelay": transport.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY
+            ),
         }
 
     def data_received(self, data: bytes) -> None:
@@ -142,6 +146,7 @@ async def test_slow_reader_gets_every_byte_then_close_notify(
         body = await asyncio.to_thread(client)
         assert len(body) == BIG + 3 and body.endswith(b"END") and body.count(b"x") == BIG
         (proto,) = protocols
+        assert proto.info["nodelay"] != 0
         assert await asyncio.wait_for(proto.lost, 5) is None
         # The buffer went over the high-water mark while the reader slept, and drained.
         assert proto.paused >= 1 and proto.resumed >= 1
@@ -266,6 +271,7 @@ async def test_ipv6_loopback_and_extra_info(
         assert proto.info["sslcontext"] is server_ctx
         assert proto.info["version"] in ("TLSv1.3", "TLSv1.2")
         assert proto.info["missing"] == "dflt"
+        assert proto.info["nodelay"] != 0
     finally:
         listener.close()
 
