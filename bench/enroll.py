@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/enroll.py [--n 3000] [--concurrency 32]
                                      [--json bench/results/enroll.json] [--profile OUT]
+                                     [--server fleetpki|bare] [--no-pin] [--phases]
 
 The server runs as a real `fleetpki serve --no-broker` process (its CPU time is read with
 psutil); the load generator runs in --load-procs processes on the same machine with a fresh,
@@ -11,6 +12,8 @@ floor* is measured in this process: one in-memory server-side TLS handshake (sam
 certificate, no session tickets, as the server), CSR load + signature check, and certificate
 build + sign with cryptography - what any EST server must spend. `--profile OUT` samples the
 server during the load with py-spy (raw stacks) or, for OUT ending in .data, `perf record`.
+`--phases` runs the server under bench/phased_serve.py and prints its CPU per enrollment phase
+by phase, next to the floor's two parts.
 """
 
 from __future__ import annotations
@@ -79,8 +82,8 @@ def make_csrs(n: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def raw_floor(home: Path, csrs: list[tuple[str, bytes]], rounds: int = 300) -> float:
-    """CPU seconds for server-side handshake + CSR load/verify + issue, per enrollment."""
+def raw_floor(home: Path, csrs: list[tuple[str, bytes]], rounds: int = 300) -> tuple[float, float]:
+    """CPU seconds per enrollment: (server-side handshake, CSR load/verify + issue)."""
     loaded = load_home(home)
     layout = loaded.layout
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -91,6 +94,7 @@ def raw_floor(home: Path, csrs: list[tuple[str, bytes]], rounds: int = 300) -> f
     cctx = ssl.create_default_context(cafile=str(layout.root_cert))
     profile = DeviceProfile()
     spent = 0.0
+    handshake = 0.0
     for i in range(rounds):
         c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
         client = cctx.wrap_bio(c_in, c_out, server_hostname="localhost")
@@ -112,7 +116,7 @@ def raw_floor(home: Path, csrs: list[tuple[str, bytes]], rounds: int = 300) -> f
                     done_s = True
                 except ssl.SSLWantReadError:
                     pass
-                spent += time.process_time() - t
+                handshake += time.process_time() - t
             if s_out.pending:
                 c_in.write(s_out.read())
         did, b64 = csrs[i % len(csrs)]
@@ -127,7 +131,7 @@ def raw_floor(home: Path, csrs: list[tuple[str, bytes]], rounds: int = 300) -> f
             profile,  # type: ignore[arg-type]
         )
         spent += time.process_time() - t
-    return spent / rounds
+    return handshake / rounds, spent / rounds
 
 
 async def one_enroll(
@@ -242,12 +246,20 @@ def main() -> None:
         "and the floor on the last core, the load generators on the others)",
     )
     ap.add_argument(
+        "--phases",
+        action="store_true",
+        help="run the server under bench/phased_serve.py and print where its CPU per "
+        "enrollment goes, phase by phase (timers on the hot path: a little slower)",
+    )
+    ap.add_argument(
         "--profile",
         metavar="OUT",
         help="sample the server during the timed window: py-spy raw stacks, or perf record "
         "(OUT ending in .data), or strace -c syscall counts (OUT ending in .strace)",
     )
     args = ap.parse_args()
+    if args.phases and args.server != "fleetpki":
+        ap.error("--phases times `fleetpki serve` (--server fleetpki)")
 
     tmp = Path(tempfile.mkdtemp(prefix="fleetpki-bench-"))
     home = tmp / "home"
@@ -278,7 +290,7 @@ def main() -> None:
     server_cpus = {max(all_cpus)} if pin else None
     load_cpus = (all_cpus - {max(all_cpus)}) if pin else None
 
-    def floor_on_server_core() -> float:
+    def floor_on_server_core() -> tuple[float, float]:
         if server_cpus:
             os.sched_setaffinity(0, server_cpus)
         try:
@@ -286,14 +298,17 @@ def main() -> None:
         finally:
             os.sched_setaffinity(0, all_cpus)
 
-    floor_before = floor_on_server_core()
+    split_before = floor_on_server_core()
 
     est, http = free_port(), free_port()
+    phases_out = tmp / "phases.json"
     proc = subprocess.Popen(
         [
             sys.executable,
             *(
-                ["-m", "enroll_server.cli", "serve"]
+                [str(ROOT / "bench/phased_serve.py"), "--phases-out", str(phases_out)]
+                if args.phases
+                else ["-m", "enroll_server.cli", "serve"]
                 if args.server == "fleetpki"
                 else [str(ROOT / "bench/bare_est_server.py")]
             ),
@@ -390,8 +405,10 @@ def main() -> None:
         proc.wait(20)
     # Again after the load, and the mean of both: other work on a shared machine shifts
     # CPU cost per operation over time; the floor should see the same conditions the server did.
-    floor_after = floor_on_server_core()
+    split_after = floor_on_server_core()
+    floor_before, floor_after = sum(split_before), sum(split_after)
     floor = (floor_before + floor_after) / 2
+    floor_handshake = (split_before[0] + split_after[0]) / 2
     lat: list[float] = []
     statuses: dict[str, int] = {}
     load_cpu = 0.0
@@ -433,9 +450,15 @@ def main() -> None:
         "load_generator_cpu_ms_per_enrollment": round(load_cpu / max(ok, 1) * 1000, 3),
         "raw_floor_cpu_ms": round(floor * 1000, 3),
         "raw_floor_before_after_ms": [round(floor_before * 1000, 3), round(floor_after * 1000, 3)],
+        "raw_floor_handshake_ms": round(floor_handshake * 1000, 3),
         "ratio_vs_floor": round(per_enroll / floor, 2),
         "mean_commit_batch": batch,
     }
+    if args.phases:
+        phases = json.loads(phases_out.read_text())
+        result["phases_us_per_enrollment"] = {
+            name: round(p["seconds"] / max(ok, 1) * 1e6, 1) for name, p in phases.items()
+        }
     print()
     print(f"{'metric':<32}{'value':>14}")
     print("-" * 46)
@@ -459,6 +482,25 @@ def main() -> None:
         print(f"{key:<32}{result[key]!s:>14}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.phases:
+        total_us = per_enroll * 1e6
+        print(f"\n{'phase (nested by indent)':<58}{'us/enroll':>10}{'share':>8}")
+        print("-" * 76)
+        outer = 0.0
+        for name, us in result["phases_us_per_enrollment"].items():
+            print(f"{name:<58}{us:>10.1f}{us / total_us:>8.1%}")
+            if not name.startswith(" "):
+                outer += us
+        rest = total_us - outer
+        print(
+            f"{'rest: accept, TLS handshake, reads, event loop, threads':<58}{rest:>10.1f}"
+            f"{rest / total_us:>8.1%}"
+        )
+        for label, us in (
+            ("raw floor, in memory: TLS handshake (server side)", floor_handshake * 1e6),
+            ("raw floor, in memory: CSR load + verify + sign", (floor - floor_handshake) * 1e6),
+        ):
+            print(f"{label:<58}{us:>10.1f}{us / total_us:>8.1%}")
     print(f"\nwrote {args.json}")
 
 
