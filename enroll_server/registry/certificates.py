@@ -98,28 +98,31 @@ class CertificateStore(RegistryBase):
         if refused is not None:
             raise refused
 
-    def record_issuances(self, batch: Sequence[Issuance]) -> list[RegistryError | None]:
+    def record_issuances(
+        self, batch: Sequence[Issuance], *, wait: bool = True
+    ) -> list[RegistryError | None]:
         """Record several issuances in one transaction (group commit); one outcome each.
 
         Each issuance is all-or-nothing on its own: one refused (its token spent meanwhile,
         its device revoked) leaves the others recorded, and its outcome is the RegistryError
         that refused it; None means recorded. Committing a batch at once is what makes the
         commit (the WAL write, and its sync) cheap per enrollment under load. An unexpected
-        database error fails the whole call and records nothing.
+        database error fails the whole call and records nothing; so does RegistryBusy, raised
+        at once when `wait` is False and another connection holds the write lock.
         """
         if not batch:
             return []
         if _batchable(batch):
             with self._lock:
                 try:
-                    with self._write() as conn:
+                    with self._write(wait=wait) as conn:
                         if not self._issue_many(conn, batch):
                             raise _Refused
                     return [None] * len(batch)
                 except (_Refused, sqlite3.IntegrityError, InvalidValue):
                     pass  # rolled back: redo one by one below to find who was refused and why
         outcomes: list[RegistryError | None] = []
-        with self._write() as conn:
+        with self._write(wait=wait) as conn:
             for item in batch:
                 conn.execute("SAVEPOINT issue")
                 try:

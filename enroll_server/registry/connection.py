@@ -89,14 +89,26 @@ class RegistryBase:
             return str(self._db.journal_mode)
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction, committed when the block ends.
+
+        `wait=False`: if another connection holds the write lock, raise RegistryBusy at once
+        instead of waiting up to the busy timeout (callers on an event loop retry later).
+        """
         with self._lock:
             conn = self._conn
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                if wait:
+                    conn.execute("BEGIN IMMEDIATE")
+                else:
+                    conn.execute("PRAGMA busy_timeout = 0")
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                    finally:
+                        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
-                    raise RegistryBusy(str(self._path), BUSY_TIMEOUT_MS) from exc
+                    raise RegistryBusy(str(self._path), BUSY_TIMEOUT_MS if wait else 0) from exc
                 raise
             try:
                 yield conn

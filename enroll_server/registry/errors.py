@@ -122,7 +122,8 @@ class InvalidValue(RegistryError, ValueError):
 
 
 class RegistryBusy(RegistryError):
-    """Another process held the registry's write lock longer than the busy timeout."""
+    """Another process held the registry's write lock longer than the busy timeout (or at
+    all, for a write that was asked not to wait: `waited_ms` 0)."""
 
     def __init__(self, path: str, waited_ms: int) -> None:
         super().__init__(f"registry {path} stayed locked by another writer for {waited_ms} ms")

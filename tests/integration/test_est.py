@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import sqlite3
 import ssl
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -283,6 +285,38 @@ def test_concurrent_use_of_one_token_yields_one_certificate(live_server: LiveSer
     # Losers see 401 (token used) or, once they pile up, 429 from the brute-force throttle.
     assert all(s in (200, 401, 429) for s in results), results
     assert len(live_server.registry.certificates_of(DeviceId("dev-race"))) == 1
+
+
+def test_a_registry_locked_by_another_process_stalls_nothing_but_the_commit(
+    live_server: LiveServer,
+) -> None:
+    """A CLI transaction holding the write lock (a big `batch create`) must not freeze the
+    server: other requests are answered meanwhile, the enrollment gets its certificate once
+    the lock is free, and nothing reaches the device before its certificate is recorded."""
+    token = live_server.mint_device("dev-locked")
+    holder = sqlite3.connect(live_server.layout.registry, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    replies: list[Reply] = []
+    try:
+        worker = threading.Thread(
+            target=lambda: replies.append(enroll(live_server, "dev-locked", token))
+        )
+        worker.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        cacerts = request(live_server.est_url + EST + "/cacerts", live_server.client_ssl())
+        assert cacerts.status == 200
+        assert time.monotonic() - started < 1.0  # not the registry's 5 s busy timeout
+        assert replies == []  # the certificate is not recorded yet, so it is not sent
+        assert live_server.registry.certificates_of(DeviceId("dev-locked")) == []
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    worker.join(15)
+    (reply,) = replies
+    assert reply.status == 200
+    (record,) = live_server.registry.certificates_of(DeviceId("dev-locked"))
+    assert record.serial == leaf(decode_certs_only(reply.body)).serial_number
 
 
 def _enrolled(

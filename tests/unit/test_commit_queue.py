@@ -28,6 +28,7 @@ from enroll_server.registry import (
     DuplicateSerial,
     Issuance,
     Registry,
+    RegistryBusy,
     RegistryError,
     TokenRejected,
 )
@@ -68,15 +69,19 @@ class Spy:
         self.calls: list[tuple[float, int]] = []
         self.failures = failures
         self.raised: list[BaseException] = []
+        self.waits: list[bool] = []
 
-    def __call__(self, batch: Sequence[Issuance]) -> list[RegistryError | None]:
+    def __call__(
+        self, batch: Sequence[Issuance], *, wait: bool = True
+    ) -> list[RegistryError | None]:
         self.calls.append((time.monotonic(), len(batch)))
+        self.waits.append(wait)
         if self.failures:
             self.failures -= 1
             exc = sqlite3.OperationalError("disk I/O error")
             self.raised.append(exc)
             raise exc
-        return self.real(batch)
+        return self.real(batch, wait=wait)
 
     @property
     def sizes(self) -> list[int]:
@@ -437,3 +442,71 @@ async def test_settle_token_gone_meanwhile_says_no_more_than_authorization(
     with pytest.raises(AuthenticationFailed) as info:
         service.settle(pending, refused)
     assert info.value.reason == BAD_CREDENTIALS
+
+
+# ---------------------------------------------------------------- another writer holds the lock
+
+
+@pytest.fixture
+def holder(reg: Registry) -> Iterator[sqlite3.Connection]:
+    """Another connection (as the CLI would be) that takes the registry's write lock."""
+    conn = sqlite3.connect(reg.path, isolation_level=None)
+    yield conn
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    conn.close()
+
+
+async def test_a_held_write_lock_never_blocks_the_loop_and_the_batch_waits_for_it(
+    reg: Registry, ca: MemoryCa, spy: Spy, holder: sqlite3.Connection
+) -> None:
+    first, second, late = (item(ca, d) for d in provision(reg, 3))
+    queue = CommitQueue(reg)
+    holder.execute("BEGIN IMMEDIATE")
+    waiting = [
+        asyncio.ensure_future(queue.record(first)),
+        asyncio.ensure_future(queue.record(second)),
+    ]
+    started = time.monotonic()
+    await asyncio.sleep(0.2)
+    # SQLite's busy handler would have held the loop for the registry's 5 s busy timeout.
+    assert time.monotonic() - started < 1.0
+    assert not any(w.done() for w in waiting)
+    assert len(spy.calls) >= 2 and not any(spy.waits)  # tried, refused at once, tried again
+    waiting.append(asyncio.ensure_future(queue.record(late)))  # joins the waiting batch
+    await asyncio.sleep(0.05)
+    holder.execute("COMMIT")
+    assert await asyncio.wait_for(asyncio.gather(*waiting), timeout=5) == [None] * 3
+    assert spy.sizes[-1] == 3 and queue.batches.n == 1  # one transaction, once the lock was free
+    assert all(recorded(reg, i) for i in (first, second, late))
+    # The non-waiting attempts left the connection's busy timeout as it was.
+    assert reg._conn.execute("PRAGMA busy_timeout").fetchone() == (5000,)
+
+
+async def test_a_lock_held_past_the_deadline_fails_the_batch_and_the_queue_goes_on(
+    reg: Registry,
+    ca: MemoryCa,
+    spy: Spy,
+    holder: sqlite3.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    devices = provision(reg, 2)
+    items = [item(ca, d) for d in devices]
+    queue = CommitQueue(reg, busy_deadline=0.3)
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="fleetpki.commit"):
+        results = await asyncio.wait_for(
+            asyncio.gather(*(queue.record(i) for i in items), return_exceptions=True), timeout=5
+        )
+    assert 0.3 <= time.monotonic() - started < 3.0
+    assert all(isinstance(r, CommitFailed) for r in results)
+    cause = results[0].__cause__
+    assert isinstance(cause, RegistryBusy) and cause.waited_ms == 300
+    assert "held by another connection" in caplog.text
+    assert "stayed locked by another writer for 300 ms" in caplog.text
+    assert all(reg.certificates_of(d) == [] for d in devices)
+    holder.execute("ROLLBACK")
+    again = await asyncio.wait_for(asyncio.gather(*(queue.record(i) for i in items)), timeout=5)
+    assert again == [None] * 2
+    assert all(recorded(reg, i) for i in items)
