@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from enroll_server.errors import Unavailable
 from enroll_server.metrics import Histogram
 from enroll_server.registry import Issuance, Registry, RegistryBusy, RegistryError
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS
@@ -27,11 +28,28 @@ Done = Callable[[BaseException | None], None]
 
 
 class CommitFailed(Exception):
-    """The transaction holding this issuance failed as a whole; its cause is chained."""
+    """The transaction holding this issuance failed as a whole; its cause is chained.
+
+    `busy`: the cause was the registry's write lock, held elsewhere past the busy deadline;
+    the client may simply try again (registry_busy()), nothing of its request was used.
+    """
 
     def __init__(self, cause: BaseException, size: int) -> None:
         super().__init__(f"registry commit of {size} issuances failed: {cause}")
         self.__cause__ = cause
+        self.busy = isinstance(cause, RegistryBusy)
+
+
+# Seconds a client is asked to wait (Retry-After) when the registry stayed locked.
+BUSY_RETRY_AFTER = 5
+
+
+def registry_busy() -> Unavailable:
+    """What a client hears when its issuance met the registry locked past the deadline (503)."""
+    return Unavailable(
+        "the registry is locked by another writer; nothing was issued, try again",
+        BUSY_RETRY_AFTER,
+    )
 
 
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)

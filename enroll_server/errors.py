@@ -41,12 +41,21 @@ class Conflict(ServiceError):
     """The request conflicts with the current state (HTTP 409)."""
 
 
-class TooManyRequests(ServiceError):
-    """Throttled (HTTP 429 with Retry-After)."""
+class RetryLater(ServiceError):
+    """Refused for now: the client may ask again after `retry_after` seconds (Retry-After,
+    RFC 9110 10.2.3)."""
 
     def __init__(self, reason: str, retry_after: int) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class TooManyRequests(RetryLater):
+    """Throttled (HTTP 429 with Retry-After)."""
+
+
+class Unavailable(RetryLater):
+    """The service cannot complete the request now, through no fault of the client's (503)."""
 
 
 # One table maps the error tree to HTTP status codes (RFC 7030 4.2.3 leaves codes to HTTP);
@@ -58,6 +67,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     NotFound: 404,
     Conflict: 409,
     TooManyRequests: 429,
+    Unavailable: 503,
 }
 # RFC 7617 2 / RFC 7235 3.1: a 401 names the scheme; we decode credentials as UTF-8.
 WWW_AUTHENTICATE = 'Basic realm="fleetpki EST", charset="UTF-8"'

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from enroll_server.admin_api import admin_routes
 from enroll_server.errors import (
     WWW_AUTHENTICATE,
+    RetryLater,
     ServiceError,
-    TooManyRequests,
     http_status,
 )
 from enroll_server.est.front import EstFront
@@ -48,7 +48,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {}
         if status == 401:
             headers["WWW-Authenticate"] = WWW_AUTHENTICATE
-        if isinstance(exc, TooManyRequests):
+        if isinstance(exc, RetryLater):
             headers["Retry-After"] = str(exc.retry_after)
         return web.Response(status=status, text=exc.reason + "\n", headers=headers)
     except web.HTTPException as exc:

@@ -31,7 +31,8 @@ from typing import cast
 from aiohttp import web
 from cryptography import x509
 
-from enroll_server.errors import WWW_AUTHENTICATE, ServiceError, TooManyRequests, http_status
+from enroll_server.commit_queue import CommitFailed, registry_busy
+from enroll_server.errors import WWW_AUTHENTICATE, RetryLater, ServiceError, http_status
 from enroll_server.est.operations import (
     SIMPLEENROLL,
     SIMPLEREENROLL,
@@ -362,7 +363,9 @@ class EstConnection(asyncio.Protocol):
         if self.transport is None:
             return  # the client left; if it was recorded, a retry (same token, key) gets it
         self.idle_since = time.monotonic()
-        if outcome is not None and not isinstance(outcome, RegistryError):
+        if isinstance(outcome, CommitFailed) and outcome.busy:
+            self._service_error(head, registry_busy())
+        elif outcome is not None and not isinstance(outcome, RegistryError):
             # The transaction failed (logged by the commit queue): nothing was recorded.
             self._rejected(head, 500, _NOT_RECORDED)
         else:
@@ -392,7 +395,7 @@ class EstConnection(asyncio.Protocol):
         extra = b""
         if status == 401:
             extra = f"WWW-Authenticate: {WWW_AUTHENTICATE}\r\n".encode()
-        if isinstance(exc, TooManyRequests):
+        if isinstance(exc, RetryLater):
             extra += f"Retry-After: {exc.retry_after}\r\n".encode()
         self._rejected(head, status, exc.reason, extra)
 

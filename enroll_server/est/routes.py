@@ -11,6 +11,7 @@ from datetime import datetime
 from aiohttp import web
 from cryptography import x509
 
+from enroll_server.commit_queue import CommitFailed, registry_busy
 from enroll_server.est.csrattrs import csr_attrs_der
 from enroll_server.est.operations import (
     UnsupportedMediaType,
@@ -73,7 +74,13 @@ async def _enroll(st: AppState, csr: bytes, auth: Authorization, now: datetime) 
     outcome = st.service.issue(csr, auth, now)
     if isinstance(outcome, Enrollment):
         return outcome
-    return st.service.settle(outcome, await st.commits.record(outcome.issuance))
+    try:
+        refused = await st.commits.record(outcome.issuance)
+    except CommitFailed as exc:
+        if exc.busy:
+            raise registry_busy() from exc
+        raise
+    return st.service.settle(outcome, refused)
 
 
 async def simpleenroll(request: web.Request) -> web.Response:

@@ -319,6 +319,29 @@ def test_a_registry_locked_by_another_process_stalls_nothing_but_the_commit(
     assert record.serial == leaf(decode_certs_only(reply.body)).serial_number
 
 
+def test_a_registry_locked_past_the_deadline_is_503_and_burns_nothing(
+    live_server: LiveServer,
+) -> None:
+    token = live_server.mint_device("dev-busy")
+    commits = live_server.handle.state.commits
+    deadline, commits.busy_deadline = commits.busy_deadline, 0.3
+    holder = sqlite3.connect(live_server.layout.registry, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        reply = enroll(live_server, "dev-busy", token)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        commits.busy_deadline = deadline
+    assert reply.status == 503
+    assert reply.headers.get("retry-after") == "5"
+    assert "registry is locked" in reply.body.decode()
+    # Nothing was issued and the token is still good: the retry the 503 asks for works.
+    assert live_server.registry.certificates_of(DeviceId("dev-busy")) == []
+    assert enroll(live_server, "dev-busy", token).status == 200
+    assert len(live_server.registry.certificates_of(DeviceId("dev-busy"))) == 1
+
+
 def _enrolled(
     live_server: LiveServer, tmp_path: Path, device: str
 ) -> tuple[Path, Path, x509.Certificate]:

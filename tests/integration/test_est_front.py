@@ -432,6 +432,43 @@ def test_chunked_enrollment_is_handed_over(server: LiveServer) -> None:
     assert_issued(server, reply, "chunky", key)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["front", "aiohttp"])
+def test_registry_locked_past_the_deadline_is_503_on_both_paths(
+    server: LiveServer, chunked: bool
+) -> None:
+    """Both HTTP layers turn a commit that met the registry locked for too long into 503 +
+    Retry-After (the agent retries 5xx), with nothing issued and the token still good."""
+    device = f"busy-{'chunked' if chunked else 'plain'}"
+    key = generate_key(KeyType.EC_P256)
+    token = server.mint_device(device)
+    body = csr_body(device, key)
+    commits = server.handle.state.commits
+    deadline, commits.busy_deadline = commits.busy_deadline, 0.2
+    holder = sqlite3.connect(server.layout.registry, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with Wire(server) as wire:
+            if chunked:
+                wire.send(
+                    head(device, token, extra=[b"Transfer-Encoding: chunked"])
+                    + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+                )
+            else:
+                wire.send(head(device, token, length=len(body)) + body)
+            reply = wire.reply()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        commits.busy_deadline = deadline
+    assert (reply.by_aiohttp, reply.by_front) == (chunked, not chunked)
+    assert reply.status == 503 and reply.headers["retry-after"] == "5"
+    assert b"registry is locked" in reply.body
+    assert snapshot(server, device) == (0, "provisioned", [])
+    with Wire(server) as wire:
+        wire.send(head(device, token, length=len(body)) + body)
+        assert_issued(server, wire.reply(), device, key)
+
+
 def test_expect_100_continue_is_handed_over(server: LiveServer) -> None:
     key = generate_key(KeyType.EC_P256)
     token = server.mint_device("expecting")
