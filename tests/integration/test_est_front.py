@@ -858,11 +858,13 @@ class FailingCommits:
         self.registry = registry
         self.failures = failures
 
-    def record_issuances(self, batch: Sequence[Issuance]) -> list[RegistryError | None]:
+    def record_issuances(
+        self, batch: Sequence[Issuance], *, wait: bool = True
+    ) -> list[RegistryError | None]:
         if self.failures > 0:
             self.failures -= 1
             raise sqlite3.OperationalError("disk I/O error")
-        return self.registry.record_issuances(batch)
+        return self.registry.record_issuances(batch, wait=wait)
 
 
 def fail_next_commit(server: LiveServer) -> None:
