@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/enroll.py [--n 3000] [--concurrency 32]
                                      [--json bench/results/enroll.json] [--profile OUT]
-                                     [--server fleetpki|bare] [--no-pin] [--phases]
+                                     [--server fleetpki|bare|minimal] [--no-pin] [--phases]
 
 The server runs as a real `fleetpki serve --no-broker` process (its CPU time is read with
 psutil); the load generator runs in --load-procs processes on the same machine with a fresh,
@@ -234,10 +234,11 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "bench/results/enroll.json"))
     ap.add_argument(
         "--server",
-        choices=("fleetpki", "bare"),
+        choices=("fleetpki", "bare", "minimal"),
         default="fleetpki",
         help="fleetpki: `fleetpki serve --no-broker`; bare: bench/bare_est_server.py, the same "
-        "TLS and HTTP layer with only the floor's work behind it (calibration)",
+        "TLS and HTTP layer with only the floor's work behind it (calibration); minimal: "
+        "bench/minimal_est_server.py, the least a Python server can do per connection",
     )
     ap.add_argument(
         "--no-pin",
@@ -310,7 +311,7 @@ def main() -> None:
                 if args.phases
                 else ["-m", "enroll_server.cli", "serve"]
                 if args.server == "fleetpki"
-                else [str(ROOT / "bench/bare_est_server.py")]
+                else [str(ROOT / f"bench/{args.server}_est_server.py")]
             ),
             "--home",
             str(home),
