@@ -38,16 +38,45 @@ _HEAD_OK = (
 )
 
 
+class Calibration:
+    """What every calibration server shares: its arguments, the server's TLS context, and
+    the raw floor's work behind a request (also used by bench/minimal_est_server.py)."""
+
+    def __init__(self) -> None:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--home", required=True)
+        ap.add_argument("--est-port", type=int, required=True)
+        args, _ = ap.parse_known_args()
+        self.port: int = args.est_port
+        loaded = load_home(Path(args.home))
+        layout = loaded.layout
+        self.tls = server_ssl_context(layout.server_cert, layout.server_key, layout.chain)
+        self._issuer = loaded.issuer
+        self._profile = DeviceProfile()
+        self._issuer_der = loaded.issuer.cert.public_bytes(serialization.Encoding.DER)
+
+    def reply(self, authorization: bytes, body: bytes) -> bytes | None:
+        """The 200 reply for a base64 CSR body: load, verify, sign, encode (the floor's
+        work and the reply's encoding); None if the CSR's signature is bad."""
+        device = base64.b64decode(authorization.split()[1]).split(b":")[0]
+        csr = x509.load_der_x509_csr(base64.b64decode(body))
+        if not csr.is_signature_valid:
+            return None
+        cert = build_device_certificate(
+            csr.public_key(),  # type: ignore[arg-type]
+            DeviceId(device.decode()),
+            self._issuer,
+            datetime.now(UTC),
+            self._profile,
+        )
+        out = encode_certs_only_der(
+            (cert.public_bytes(serialization.Encoding.DER), self._issuer_der)
+        )
+        return _HEAD_OK % len(out) + out
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--home", required=True)
-    ap.add_argument("--est-port", type=int, required=True)
-    args, _ = ap.parse_known_args()
-    loaded = load_home(Path(args.home))
-    layout = loaded.layout
-    tls = server_ssl_context(layout.server_cert, layout.server_key, layout.chain)
-    profile = DeviceProfile()
-    issuer_der = loaded.issuer.cert.public_bytes(serialization.Encoding.DER)
+    calibration = Calibration()
 
     class Bare(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -67,27 +96,16 @@ def main() -> None:
             body = self.buf[end + 4 :]
             if len(body) < head.length:
                 return
-            device = base64.b64decode((head.authorization or "").split()[1]).split(b":")[0]
-            csr = x509.load_der_x509_csr(base64.b64decode(body))
-            if not csr.is_signature_valid:
+            reply = calibration.reply((head.authorization or "").encode(), body)
+            if reply is None:
                 self.transport.abort()
                 return
-            cert = build_device_certificate(
-                csr.public_key(),  # type: ignore[arg-type]
-                DeviceId(device.decode()),
-                loaded.issuer,
-                datetime.now(UTC),
-                profile,
-            )
-            reply = encode_certs_only_der(
-                (cert.public_bytes(serialization.Encoding.DER), issuer_der)
-            )
-            self.transport.write(_HEAD_OK % len(reply) + reply)
+            self.transport.write(reply)
             self.transport.close()
 
     async def serve() -> None:
-        listener = TlsListener(Bare, tls)
-        listener.listen("127.0.0.1", args.est_port)
+        listener = TlsListener(Bare, calibration.tls)
+        listener.listen("127.0.0.1", calibration.port)
         await asyncio.Event().wait()
 
     install_fast_loop()

@@ -13,45 +13,24 @@ with the bare server (the real transport) and with `fleetpki serve`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import base64
 import gc
 import socket
 import ssl
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from enroll_server.est.wire import encode_certs_only_der
-from enroll_server.home import load_home
-from enroll_server.http_app import server_ssl_context
-from enroll_server.loop import install_fast_loop
-from enroll_server.pki.profile import DeviceProfile, build_device_certificate
-from fleetpki.identity import DeviceId
+from bare_est_server import Calibration  # bench/, this script's folder
 
-_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/pkcs7-mime; smime-type=certs-only\r\n"
-    b"Content-Transfer-Encoding: base64\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
-)
+from enroll_server.loop import install_fast_loop
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--home", required=True)
-    ap.add_argument("--est-port", type=int, required=True)
-    args, _ = ap.parse_known_args()
-    loaded = load_home(Path(args.home))
-    layout = loaded.layout
-    tls = server_ssl_context(layout.server_cert, layout.server_key, layout.chain)
-    profile = DeviceProfile()
-    issuer_der = loaded.issuer.cert.public_bytes(serialization.Encoding.DER)
+    calibration = Calibration()
+    tls = calibration.tls
 
     def reply(buf: bytes) -> bytes | None:
         end = buf.find(b"\r\n\r\n")
@@ -68,26 +47,17 @@ def main() -> None:
         body = buf[end + 4 :]
         if len(body) < length:
             return None
-        device = base64.b64decode(auth.split()[1]).split(b":")[0].decode()
-        csr = x509.load_der_x509_csr(base64.b64decode(body))
-        if not csr.is_signature_valid:
+        out = calibration.reply(auth, body)
+        if out is None:
             raise ValueError("bad CSR signature")
-        cert = build_device_certificate(
-            csr.public_key(),  # type: ignore[arg-type]
-            DeviceId(device),
-            loaded.issuer,
-            datetime.now(UTC),
-            profile,
-        )
-        out = encode_certs_only_der((cert.public_bytes(serialization.Encoding.DER), issuer_der))
-        return _HEAD % len(out) + out
+        return out
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
-        listener.bind(("127.0.0.1", args.est_port))
+        listener.bind(("127.0.0.1", calibration.port))
         listener.listen(1024)
         listener.setblocking(False)
 
