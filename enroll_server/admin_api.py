@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -17,6 +18,7 @@ from enroll_server.registry import (
     DuplicateBatch,
     DuplicateDevice,
     InvalidValue,
+    Registry,
     UnknownBatch,
     UnknownDevice,
     parse_reason,
@@ -29,6 +31,20 @@ from provisioning.errors import DeviceIdTaken, ProvisioningError
 
 ADMIN_PREFIX = "/admin"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+
+async def _off_the_loop(st: AppState, job: Callable[[Registry], T]) -> T:
+    """Run a long registry job (a batch of 100,000 devices takes seconds) in a worker thread,
+    on a connection of its own, so the server goes on serving meanwhile: WAL readers never
+    wait for the writer, and the enrollment commit waits for the lock without blocking the
+    loop (commit_queue). On the loop's own connection its lock would hold every request."""
+
+    def run() -> T:
+        with Registry.open(st.registry.path) as registry:
+            return job(registry)
+
+    return await asyncio.to_thread(run)
 
 
 def device_json(device: Device) -> dict[str, Any]:
@@ -201,17 +217,21 @@ async def create_batch(request: web.Request) -> web.Response:
         raise BadRequest(f"prefix must be a string, got {prefix!r}")
     try:
         ttl = parse_duration(ttl_text) if isinstance(ttl_text, str) else None
-        result = provision_batch(
-            st.registry,
-            st.home.layout,
-            st.home.config,
-            count=count,
-            prefix=prefix,
-            token_ttl=ttl,
-            now=st.clock(),
-            actor="admin-api",
-            batch_id=body.get("batch_id") if isinstance(body.get("batch_id"), str) else None,
-            note=str(body.get("note", "")),
+        home, now = st.home, st.clock()
+        result = await _off_the_loop(
+            st,
+            lambda registry: provision_batch(
+                registry,
+                home.layout,
+                home.config,
+                count=count,
+                prefix=prefix,
+                token_ttl=ttl,
+                now=now,
+                actor="admin-api",
+                batch_id=body.get("batch_id") if isinstance(body.get("batch_id"), str) else None,
+                note=str(body.get("note", "")),
+            ),
         )
     except InvalidDuration as exc:
         raise BadRequest(str(exc)) from exc
@@ -229,7 +249,13 @@ async def revoke_batch(request: web.Request) -> web.Response:
     batch_id = request.match_info["batch_id"]
     try:
         reason = parse_reason(str(body.get("reason", "unspecified")))
-        count = st.registry.revoke_batch(batch_id, reason=reason, now=st.clock(), actor="admin-api")
+        now = st.clock()
+        count = await _off_the_loop(
+            st,
+            lambda registry: registry.revoke_batch(
+                batch_id, reason=reason, now=now, actor="admin-api"
+            ),
+        )
     except UnknownBatch as exc:
         raise NotFound(str(exc)) from exc
     except InvalidValue as exc:

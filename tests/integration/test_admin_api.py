@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.registry import CertStatus, DeviceState
@@ -119,3 +121,39 @@ def test_create_batch_bad_input_changes_nothing(live_server: LiveServer) -> None
     )
     assert r.status == 409, r.text
     assert len(live_server.registry.list_devices()) == 1
+
+
+def test_a_big_batch_over_the_api_does_not_stall_the_server(live_server: LiveServer) -> None:
+    """Creating (and revoking) 50,000 devices takes seconds of registry work; it runs off the
+    event loop, so enrollments and every other request are answered meanwhile."""
+    token = live_server.mint_device("dev-during-batch")
+    created: list[tuple[int, float]] = []
+
+    def create() -> None:
+        started = time.monotonic()
+        r = admin(live_server, "POST", "/admin/batches", {"count": 50_000, "batch_id": "big"})
+        created.append((r.status, time.monotonic() - started))
+
+    worker = threading.Thread(target=create)
+    worker.start()
+    slowest = 0.0
+    answered = 0
+    enrolled = None
+    while worker.is_alive() and answered < 500:
+        started = time.monotonic()
+        assert request(live_server.est_url + "/healthz", live_server.client_ssl()).status == 200
+        slowest = max(slowest, time.monotonic() - started)
+        answered += 1
+        if enrolled is None:
+            enrolled = enroll(live_server, "dev-during-batch", token).status
+    worker.join(60)
+    ((status, took),) = created
+    assert status == 201 and enrolled == 200
+    assert answered >= 3, f"the batch took {took:.2f} s"  # the server answered meanwhile
+    assert slowest < max(0.5, took / 3), (slowest, took)
+    print(f"batch {took:.2f} s; {answered} requests answered meanwhile, slowest {slowest:.3f} s")
+    counts = json.loads(admin(live_server, "GET", "/admin/batches").body)["batches"][0]["counts"]
+    assert counts["provisioned"] == counts["total"] == 50_000
+    # Revoking the whole batch is the other long registry job of the API.
+    r = admin(live_server, "POST", "/admin/batches/big/revoke", {"reason": "key-compromise"})
+    assert r.status == 200 and json.loads(r.body)["revoked_devices"] == 50_000
