@@ -35,10 +35,11 @@ T = TypeVar("T")
 
 
 async def _off_the_loop(st: AppState, job: Callable[[Registry], T]) -> T:
-    """Run a long registry job (a batch of 100,000 devices takes seconds) in a worker thread,
-    on a connection of its own, so the server goes on serving meanwhile: WAL readers never
+    """Run an operator's registry write in a worker thread, on a connection of its own, so
+    the server goes on serving meanwhile: a batch of 100,000 devices takes seconds, and any
+    write may wait up to the busy timeout for a lock another process holds. WAL readers never
     wait for the writer, and the enrollment commit waits for the lock without blocking the
-    loop (commit_queue). On the loop's own connection its lock would hold every request."""
+    loop (commit_queue); on the loop's own connection its lock would hold every request."""
 
     def run() -> T:
         with Registry.open(st.registry.path) as registry:
@@ -160,11 +161,18 @@ def _transition(action: str) -> Handler:
         try:
             if action == "revoke":
                 reason = parse_reason(str(body.get("reason", "unspecified")))
-                serials = st.registry.revoke_device(device_id, reason=reason, now=now, actor=actor)
+                serials = await _off_the_loop(
+                    st,
+                    lambda r: r.revoke_device(device_id, reason=reason, now=now, actor=actor),
+                )
             elif action == "suspend":
-                serials = st.registry.suspend_device(device_id, now=now, actor=actor)
+                serials = await _off_the_loop(
+                    st, lambda r: r.suspend_device(device_id, now=now, actor=actor)
+                )
             else:
-                serials = st.registry.resume_device(device_id, now=now, actor=actor)
+                serials = await _off_the_loop(
+                    st, lambda r: r.resume_device(device_id, now=now, actor=actor)
+                )
         except UnknownDevice as exc:
             raise NotFound(str(exc)) from exc
         except InvalidValue as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 
@@ -157,3 +158,35 @@ def test_a_big_batch_over_the_api_does_not_stall_the_server(live_server: LiveSer
     # Revoking the whole batch is the other long registry job of the API.
     r = admin(live_server, "POST", "/admin/batches/big/revoke", {"reason": "key-compromise"})
     assert r.status == 200 and json.loads(r.body)["revoked_devices"] == 50_000
+
+
+def test_a_revoke_waiting_for_the_write_lock_does_not_stall_the_server(
+    live_server: LiveServer,
+) -> None:
+    """Another process holds the registry's write lock: the revocation waits for it off the
+    event loop, and everything else is answered meanwhile."""
+    live_server.mint_device("dev-wait")
+    holder = sqlite3.connect(live_server.layout.registry, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    revoked: list[int] = []
+    worker = threading.Thread(
+        target=lambda: revoked.append(
+            admin(
+                live_server, "POST", "/admin/devices/dev-wait/revoke", {"reason": "superseded"}
+            ).status
+        )
+    )
+    try:
+        worker.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert request(live_server.est_url + "/healthz", live_server.client_ssl()).status == 200
+        assert time.monotonic() - started < 1.0  # not held for the 5 s busy timeout
+        assert revoked == []  # still waiting for the lock
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    worker.join(15)
+    assert revoked == [200]
+    device = live_server.registry.get_device(DeviceId("dev-wait"))
+    assert device is not None and device.state is DeviceState.REVOKED
