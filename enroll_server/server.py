@@ -50,6 +50,8 @@ class ServerHandle:
     bind: str = "127.0.0.1"
     https_tls: ssl.SSLContext | None = None
     est_up: bool = True
+    # The CRL publisher's own connection (see start_server); closed after the HTTP site.
+    crl_registry: Registry | None = None
 
     @property
     def est_port(self) -> int:
@@ -86,6 +88,8 @@ class ServerHandle:
                 await result
         await self.stop_est()
         await self.http.stop()
+        if self.crl_registry is not None:
+            self.crl_registry.close()
         self.registry.close()
 
 
@@ -120,6 +124,7 @@ async def start_server(
     cfg = loaded.config
     registry = Registry.open(loaded.layout.registry)
     https: RunningSite | None = None
+    crl_registry: Registry | None = None
     try:
         ensure_admin_token(loaded, registry, clock())
         profile = profile or DeviceProfile(validity=cfg.device_validity, backdate=cfg.backdate)
@@ -131,8 +136,12 @@ async def start_server(
             clock=clock,
             home=loaded,
         )
+        # The CRL publisher works in a worker thread (a big CRL takes a second to sign) and
+        # bumps the CRL number, a write that may wait for a lock another process holds: on a
+        # connection of its own, so that wait never holds the loop's registry reads.
+        crl_registry = Registry.open(loaded.layout.registry)
         revocation = RevocationState.from_registry(
-            registry, loaded.issuer, next_update=cfg.crl_next_update, clock=clock
+            crl_registry, loaded.issuer, next_update=cfg.crl_next_update, clock=clock
         )
         state.on_change.append(revocation.changed)
         host = bind or cfg.bind
@@ -151,9 +160,12 @@ async def start_server(
         handle = ServerHandle(
             loaded, state, registry, https, http, revocation, bind=host, https_tls=tls
         )
+        handle.crl_registry = crl_registry
     except BaseException:
         if https is not None:
             await https.stop()
+        if crl_registry is not None:
+            crl_registry.close()
         registry.close()
         raise
     if broker:

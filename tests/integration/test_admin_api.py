@@ -6,6 +6,7 @@ import json
 import sqlite3
 import threading
 import time
+from datetime import UTC, datetime
 
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.registry import CertStatus, DeviceState
@@ -190,3 +191,29 @@ def test_a_revoke_waiting_for_the_write_lock_does_not_stall_the_server(
     assert revoked == [200]
     device = live_server.registry.get_device(DeviceId("dev-wait"))
     assert device is not None and device.state is DeviceState.REVOKED
+
+
+def test_a_crl_publisher_waiting_for_the_write_lock_does_not_hold_the_loops_reads(
+    live_server: LiveServer,
+) -> None:
+    """Publishing a CRL bumps the CRL number (a registry write) in a worker thread; while it
+    waits for a lock another process holds, the requests on the event loop that read the
+    registry are still answered: the publisher has a connection of its own."""
+    live_server.mint_device("dev-crl")
+    holder = sqlite3.connect(live_server.layout.registry, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    publisher = live_server.handle.revocation.publisher
+    publishing = threading.Thread(target=lambda: publisher.publish(datetime.now(UTC)))
+    try:
+        publishing.start()
+        time.sleep(0.3)  # the publisher now waits in crl_number_next
+        assert publishing.is_alive()
+        started = time.monotonic()
+        shown = admin(live_server, "GET", "/admin/devices/dev-crl")
+        assert shown.status == 200 and json.loads(shown.body)["state"] == "provisioned"
+        assert time.monotonic() - started < 1.0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    publishing.join(15)
+    assert not publishing.is_alive()
