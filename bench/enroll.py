@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from enroll_server.home import hash_secret, load_home, new_secret  # noqa: E402
+from enroll_server.http_app import server_ssl_context  # noqa: E402
 from enroll_server.loop import install_fast_loop  # noqa: E402
 from enroll_server.pki.keys import KeyType, generate_key, signature_hash  # noqa: E402
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate  # noqa: E402
@@ -88,11 +89,12 @@ def raw_floor(home: Path, csrs: list[tuple[str, bytes]], rounds: int = 300) -> t
     """CPU seconds per enrollment: (server-side handshake, CSR load/verify + issue)."""
     loaded = load_home(home)
     layout = loaded.layout
-    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    sctx.load_cert_chain(layout.server_cert, layout.server_key)
-    # The server sends no session tickets (http_app.server_ssl_context), so neither does the
-    # floor: minting them is optional work, and counting it here would flatter the ratio.
-    sctx.num_tickets = 0
+    # The server's own TLS context, as `fleetpki serve` builds it: the floor's handshake is the
+    # one the server must do. That includes the CertificateRequest (RFC 8446 4.3.2; EST's
+    # simplereenroll authenticates with a client certificate on the same port, RFC 7030 3.3.2)
+    # and the client's empty Certificate in reply, and excludes session tickets (the server
+    # sends none, so the floor mints none: counting them would flatter the ratio).
+    sctx = server_ssl_context(layout.server_cert, layout.server_key, layout.chain)
     cctx = ssl.create_default_context(cafile=str(layout.root_cert))
     profile = DeviceProfile()
     spent = 0.0
@@ -236,11 +238,13 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "bench/results/enroll.json"))
     ap.add_argument(
         "--server",
-        choices=("fleetpki", "bare", "minimal"),
+        choices=("fleetpki", "bare", "minimal", "aiohttp", "aiohttp-uvloop"),
         default="fleetpki",
         help="fleetpki: `fleetpki serve --no-broker`; bare: bench/bare_est_server.py, the same "
         "TLS and HTTP layer with only the floor's work behind it (calibration); minimal: "
-        "bench/minimal_est_server.py, the least a Python server can do per connection",
+        "bench/minimal_est_server.py, the least a Python server can do per connection; aiohttp "
+        "(-uvloop): bench/aiohttp_est_server.py, the issue's own calibration (a bare aiohttp "
+        "handler doing only the floor's work)",
     )
     ap.add_argument(
         "--no-pin",
@@ -315,7 +319,10 @@ def main() -> None:
                 if args.phases
                 else ["-m", "enroll_server.cli", "serve"]
                 if args.server == "fleetpki"
-                else [str(ROOT / f"bench/{args.server}_est_server.py")]
+                else [
+                    str(ROOT / f"bench/{args.server.split('-')[0]}_est_server.py"),
+                    *(["--uvloop"] if args.server.endswith("-uvloop") else []),
+                ]
             ),
             "--home",
             str(home),
