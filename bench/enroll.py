@@ -45,12 +45,14 @@ from cryptography.hazmat.primitives import serialization
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from enroll_server.home import hash_secret, load_home, new_secret  # noqa: E402
+from enroll_server.home import LoadedHome, hash_secret, load_home, new_secret  # noqa: E402
 from enroll_server.http_app import server_ssl_context  # noqa: E402
 from enroll_server.loop import install_fast_loop  # noqa: E402
 from enroll_server.pki.keys import KeyType, generate_key, signature_hash  # noqa: E402
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate  # noqa: E402
 from enroll_server.registry import NewDevice, Registry  # noqa: E402
+from enroll_server.registry.models import Issuance, IssuedCertificate  # noqa: E402
+from enroll_server.service import certificate_pem  # noqa: E402
 from fleetpki.identity import DeviceId  # noqa: E402
 from tests.live_server import make_home  # noqa: E402
 
@@ -136,6 +138,60 @@ def raw_floor(home: Path, csrs: list[tuple[str, bytes]], rounds: int = 300) -> t
         )
         spent += time.process_time() - t
     return handshake / rounds, spent / rounds
+
+
+def enrolled_fleet(loaded: LoadedHome, n: int, now: datetime, chunk: int = 2000) -> None:
+    """Register `n` devices and record one issuance for each, as if the fleet had enrolled.
+
+    The certificate rows carry random serials and fingerprints (the registry's indexes see the
+    same spread as real ones) and one real certificate's PEM (nothing reads it in the run).
+    """
+    key = generate_key(KeyType.EC_P256)
+    pem = certificate_pem(
+        build_device_certificate(
+            key.public_key(),  # type: ignore[arg-type]
+            DeviceId("fleet-template"),
+            loaded.issuer,
+            now,
+            DeviceProfile(),
+        ).public_bytes(serialization.Encoding.DER)
+    )
+    with Registry.open(loaded.layout.registry) as reg:
+        for start in range(0, n, chunk):
+            ids = [DeviceId(f"fleet-{i:07d}") for i in range(start, min(n, start + chunk))]
+            hashes = [hash_secret(new_secret()) for _ in ids]
+            reg.create_batch(
+                f"fleet-{start // chunk:04d}",
+                (
+                    NewDevice(d, h, now + timedelta(days=1))
+                    for d, h in zip(ids, hashes, strict=True)
+                ),
+                kind="token",
+                token_ttl=timedelta(days=1),
+                now=now,
+                actor="bench",
+            )
+            outcomes = reg.record_issuances(
+                [
+                    Issuance(
+                        IssuedCertificate(
+                            serial=int.from_bytes(os.urandom(16), "big") | 1 << 127,
+                            device_id=d,
+                            fingerprint_sha256=os.urandom(32).hex(),
+                            not_before=now - timedelta(hours=1),
+                            not_after=now + timedelta(days=30),
+                            pem=pem,
+                        ),
+                        h,
+                        None,
+                        now,
+                        "device",
+                    )
+                    for d, h in zip(ids, hashes, strict=True)
+                ]
+            )
+            if any(o is not None for o in outcomes):
+                raise SystemExit(f"fleet set-up refused: {outcomes}")
 
 
 async def one_enroll(
@@ -264,6 +320,15 @@ def main() -> None:
         help="sample the server during the timed window: py-spy raw stacks, or perf record "
         "(OUT ending in .data), or strace -c syscall counts (OUT ending in .strace)",
     )
+    ap.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="register N more devices before the run, each already enrolled once (a device row, "
+        "a spent token, a certificate row, an audit row): the registry at the size of a real "
+        "fleet instead of the N fresh bench devices alone",
+    )
     args = ap.parse_args()
     if args.phases and args.server != "fleetpki":
         ap.error("--phases times `fleetpki serve` (--server fleetpki)")
@@ -289,6 +354,9 @@ def main() -> None:
             now=now,
             actor="bench",
         )
+    if args.fleet:
+        print(f"registering a fleet of {args.fleet} enrolled devices (untimed)...", flush=True)
+        enrolled_fleet(load_home(home), args.fleet, now)
     # The server gets a core of its own, as it would on a real host; the load generators share
     # the others. Co-scheduled on both cores they evict the server's caches and preempt it,
     # which inflates its CPU per enrollment with noise that is not the server's own work.
@@ -465,6 +533,7 @@ def main() -> None:
         "raw_floor_handshake_ms": round(floor_handshake * 1000, 3),
         "ratio_vs_floor": round(per_enroll / floor, 2),
         "mean_commit_batch": batch,
+        "fleet": args.fleet,
     }
     if args.phases:
         phases = json.loads(phases_out.read_text())
