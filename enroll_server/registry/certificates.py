@@ -21,7 +21,6 @@ from enroll_server.registry.codec import (
 from enroll_server.registry.connection import RegistryBase
 from enroll_server.registry.errors import (
     DeviceNotActive,
-    DuplicateFingerprint,
     DuplicateSerial,
     InvalidValue,
     RegistryError,
@@ -239,8 +238,7 @@ class CertificateStore(RegistryBase):
                 ),
             )
         except sqlite3.IntegrityError as exc:
-            if "fingerprint" in str(exc):
-                raise DuplicateFingerprint(cert.fingerprint_sha256) from exc
+            # The serial PRIMARY KEY: the one uniqueness the table keeps (schema 4).
             raise DuplicateSerial(cert.serial) from exc
         if supersedes_serial is not None:
             old = conn.execute(

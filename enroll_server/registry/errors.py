@@ -93,14 +93,6 @@ class DuplicateSerial(RegistryError):
         self.serial = serial
 
 
-class DuplicateFingerprint(RegistryError):
-    """A certificate (by SHA-256 fingerprint) that is already recorded."""
-
-    def __init__(self, fingerprint_sha256: str) -> None:
-        super().__init__(f"certificate with SHA-256 {fingerprint_sha256} is already recorded")
-        self.fingerprint_sha256 = fingerprint_sha256
-
-
 class UnknownCertificate(RegistryError):
     """A certificate serial the registry does not hold (for the device named)."""
 

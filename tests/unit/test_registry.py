@@ -23,7 +23,6 @@ from enroll_server.registry import (
     DeviceState,
     DuplicateBatch,
     DuplicateDevice,
-    DuplicateFingerprint,
     DuplicateSerial,
     EventKind,
     InvalidValue,
@@ -396,6 +395,17 @@ def test_timestamps_are_fixed_width_utc() -> None:
     assert ts(datetime(2030, 1, 2, 3, 4, 5, 7, tzinfo=UTC)) == "2030-01-02T03:04:05.000007Z"
     with pytest.raises(InvalidValue):
         ts(datetime(2030, 1, 2))  # naive
+    # The field formatting agrees with strftime, and its order is time order.
+    from enroll_server.registry.codec import _FORMAT
+
+    moments = [
+        datetime(2026, 11, 27, 23, 59, 59, 999999, tzinfo=UTC) + timedelta(microseconds=k**3)
+        for k in range(-3000, 3000, 7)
+    ]
+    assert [ts(m) for m in moments] == [m.strftime(_FORMAT) for m in moments]
+    assert sorted(ts(m) for m in reversed(moments)) == [ts(m) for m in moments]
+    zero = timezone(timedelta(0))  # UTC by offset, not the UTC object: the slow path
+    assert ts(datetime(2030, 1, 2, tzinfo=zero)) == "2030-01-02T00:00:00.000000Z"
 
 
 def test_reissued_token_kills_the_old_one(reg: Registry) -> None:
@@ -503,22 +513,21 @@ def test_record_issuance_stores_the_certificate(reg: Registry, ca: MemoryCa) -> 
     assert int(entry.detail["serial"], 16) == cert.serial
 
 
-def test_serial_and_fingerprint_are_unique(reg: Registry, ca: MemoryCa) -> None:
+def test_serial_is_unique(reg: Registry, ca: MemoryCa) -> None:
+    # RFC 5280 4.1.2.2: unique per CA, kept by the database (the PRIMARY KEY). The same
+    # certificate recorded twice is refused by it too: its DER, hence its fingerprint,
+    # holds its serial.
     first = enroll(reg, ca, "uniq")
     d = DeviceId("uniq")
-    same_serial = IssuedCertificate(first.serial, d, token_hash("other"), NOW, NOW + TTL, first.pem)
-    with pytest.raises(DuplicateSerial) as info:
-        reg.record_issuance(
-            same_serial, consume_token_hash=None, supersedes_serial=None, now=NOW, actor="est"
-        )
-    assert info.value.serial == first.serial
-    same_cert = IssuedCertificate(
-        first.serial + 1, d, first.fingerprint_sha256, NOW, NOW + TTL, first.pem
-    )
-    with pytest.raises(DuplicateFingerprint):
-        reg.record_issuance(
-            same_cert, consume_token_hash=None, supersedes_serial=None, now=NOW, actor="est"
-        )
+    for again in (
+        IssuedCertificate(first.serial, d, token_hash("other"), NOW, NOW + TTL, first.pem),
+        first,
+    ):
+        with pytest.raises(DuplicateSerial) as info:
+            reg.record_issuance(
+                again, consume_token_hash=None, supersedes_serial=None, now=NOW, actor="est"
+            )
+        assert info.value.serial == first.serial
     assert [c.serial for c in reg.certificates_of(d)] == [first.serial]
 
 
@@ -885,3 +894,42 @@ def test_revocation_events_since_skips_issuances_and_moves_past_them(
             )
         )
     assert "events_changes" in plan, plan
+
+
+def test_v3_registry_migrates_to_certificates_without_a_fingerprint_index(
+    db_path: Path, ca: MemoryCa
+) -> None:
+    """Schema 4 rebuilds the certificates table without UNIQUE(fingerprint): every row and
+    column survives, the other indexes are back, and the serial is still the key."""
+    with Registry.open(db_path) as reg:
+        first = enroll(reg, ca, "old-a")
+        second = enroll(reg, ca, "old-b", now=NOW + timedelta(hours=1))
+        reg.revoke_device(DeviceId("old-a"), reason="keyCompromise", now=NOW, actor="op")
+    with sqlite3.connect(db_path) as raw:
+        before = raw.execute("SELECT * FROM certificates ORDER BY rowid").fetchall()
+        # Back to schema 3: the table as schema 1 made it, the version rows cut back.
+        raw.execute("ALTER TABLE certificates RENAME TO certificates_now")
+        raw.execute(next(s for s in schema.MIGRATIONS[0].statements if "TABLE certificates" in s))
+        raw.execute("INSERT INTO certificates SELECT * FROM certificates_now")
+        raw.execute("DROP TABLE certificates_now")
+        raw.execute("CREATE INDEX certificates_device ON certificates(device_id)")
+        raw.execute(schema.MIGRATIONS[1].statements[-1])  # certificates_revoked
+        raw.execute("DELETE FROM schema_version WHERE version > 3")
+        unique = [r[0] for r in raw.execute("PRAGMA index_list(certificates)") if r[2]]
+        assert len(unique) == 2  # serial and fingerprint: a schema 3 table
+
+    with Registry.open(db_path) as reg:
+        assert [c.serial for c in reg.certificates_of(DeviceId("old-a"))] == [first.serial]
+        assert [c.serial for c in reg.certificates_of(DeviceId("old-b"))] == [second.serial]
+        assert [e.serial for e in reg.revoked_entries(NOW)] == [first.serial]
+        with pytest.raises(DuplicateSerial):
+            reg.record_issuance(
+                second, consume_token_hash=None, supersedes_serial=None, now=NOW, actor="est"
+            )
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT * FROM certificates ORDER BY rowid").fetchall() == before
+        indexes = {r[1]: r[2] for r in raw.execute("PRAGMA index_list(certificates)")}
+        assert {"certificates_device", "certificates_revoked"} <= set(indexes)
+        assert sum(indexes.values()) == 1  # one unique index: the serial's
+        assert raw.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 4
+        assert raw.execute("PRAGMA foreign_key_check").fetchall() == []

@@ -20,7 +20,6 @@ from enroll_server.registry import (
     CertStatus,
     DeviceNotActive,
     DeviceState,
-    DuplicateFingerprint,
     DuplicateSerial,
     InvalidValue,
     Issuance,
@@ -392,17 +391,13 @@ def test_token_of_a_refused_item_is_left_for_a_later_item(reg: Registry, ca: Mem
     assert record is not None and record.fingerprint_sha256 == clash_with.fingerprint_sha256
 
 
-@pytest.mark.parametrize("clash", ["serial", "fingerprint"])
 def test_duplicate_within_the_batch_records_the_first(
-    reg: Registry, ca: MemoryCa, one_by_one: list[Issuance], clash: str
+    reg: Registry, ca: MemoryCa, one_by_one: list[Issuance]
 ) -> None:
     devices = provision(reg, 3)
     first = token_item(ca, devices[0])
     cert = issued(ca, devices[1].value)
-    if clash == "serial":
-        cert = replace(cert, serial=first.cert.serial)
-    else:
-        cert = replace(cert, fingerprint_sha256=first.cert.fingerprint_sha256)
+    cert = replace(cert, serial=first.cert.serial)
     items = [
         first,
         Issuance(cert, own_token(devices[1]), None, NOW, "est"),
@@ -412,11 +407,7 @@ def test_duplicate_within_the_batch_records_the_first(
         outcomes = reg.record_issuances(items)
     assert outcomes[0] is None and outcomes[2] is None
     refused = outcomes[1]
-    if clash == "serial":
-        assert isinstance(refused, DuplicateSerial) and refused.serial == first.cert.serial
-    else:
-        assert isinstance(refused, DuplicateFingerprint)
-        assert refused.fingerprint_sha256 == first.cert.fingerprint_sha256
+    assert isinstance(refused, DuplicateSerial) and refused.serial == first.cert.serial
     # The IntegrityError of the executemany INSERT sent the batch down the slow path.
     assert tx_counts(seen)["rollback"] == 1 and one_by_one == items
     assert_recorded(reg, first)
