@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -329,6 +330,12 @@ def main() -> None:
         "a spent token, a certificate row, an audit row): the registry at the size of a real "
         "fleet instead of the N fresh bench devices alone",
     )
+    ap.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="enroll the bench devices in random order, as a fleet comes online, instead of "
+        "in the order they were registered (which keeps the registry's writes on few pages)",
+    )
     args = ap.parse_args()
     if args.phases and args.server != "fleetpki":
         ap.error("--phases times `fleetpki serve` (--server fleetpki)")
@@ -445,6 +452,8 @@ def main() -> None:
             time.sleep(1.0)
         cpu0 = ps.cpu_times()
         work = [(d, t, b) for (d, b), t in zip(csrs, tokens, strict=True)]
+        if args.shuffle:
+            random.Random(args.n).shuffle(work)
         parts = [work[i :: args.load_procs] for i in range(args.load_procs)]
         outs = [str(tmp / f"load{i}.json") for i in range(args.load_procs)]
         t0 = time.perf_counter()
@@ -534,6 +543,7 @@ def main() -> None:
         "ratio_vs_floor": round(per_enroll / floor, 2),
         "mean_commit_batch": batch,
         "fleet": args.fleet,
+        "shuffled": args.shuffle,
     }
     if args.phases:
         phases = json.loads(phases_out.read_text())
