@@ -1,6 +1,6 @@
 """Compare two trees with bench/enroll.py, run after run, alternately: medians [min - max].
 
-    .venv/bin/python bench/compare.py OTHER_TREE [--k 7] [-- enroll.py arguments...]
+    .venv/bin/python bench/compare.py OTHER_TREE [--k 7] [-- bench/enroll.py arguments...]
 
 On a shared machine one run of the same tree can differ from the next by 15 % (other guests
 on the host, not our code); a change worth a few percent only shows in the medians of runs
@@ -49,9 +49,10 @@ def main() -> None:
     ap.add_argument("other", type=Path, help="the tree to compare this one with")
     ap.add_argument("--k", type=int, default=7, help="runs of each tree (default 7)")
     ap.add_argument("--json", default=str(ROOT / "bench/results/compare.json"))
-    ap.add_argument("enroll_args", nargs=argparse.REMAINDER, help="-- then bench/enroll.py's")
-    args = ap.parse_args()
-    extra = args.enroll_args[1:] if args.enroll_args[:1] == ["--"] else args.enroll_args
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    extra = argv[cut + 1 :]  # after "--": bench/enroll.py's arguments
     trees = {"other": args.other.resolve(), "this": ROOT}
     for name, tree in trees.items():
         if not (tree / "bench/enroll.py").is_file() or not (tree / ".venv/bin/python").exists():
