@@ -57,6 +57,9 @@ BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 # command's transaction usually lasts milliseconds), at most 100 ms apart.
 _BUSY_FIRST_RETRY = 0.002
 _BUSY_MAX_RETRY = 0.1
+# A wait for the write lock is logged (warning, then "free again") once it lasts this long
+# (or half the busy deadline, if that is shorter); shorter waits are routine.
+_BUSY_WARN_AFTER = 0.5
 
 
 class CommitQueue:
@@ -99,6 +102,8 @@ class CommitQueue:
         self._scheduled = False
         # While the write lock is held elsewhere: since when, and the next retry's delay.
         self._busy_since: float | None = None
+        self._busy_warned = False
+        self._warn_after = min(_BUSY_WARN_AFTER, busy_deadline / 2)
         self._busy_delay = _BUSY_FIRST_RETRY
         self.batches = Histogram(
             "fleetpki_registry_commit_batch",
@@ -164,9 +169,9 @@ class CommitQueue:
         else:
             self.batches.observe(float(len(batch)))
         if self._busy_since is not None:
-            log.info(
-                "registry write lock free again after %.2f s", time.monotonic() - self._busy_since
-            )
+            waited = time.monotonic() - self._busy_since
+            if self._busy_warned:
+                log.info("registry write lock free again after %.2f s", waited)
             self._busy_since = None
             self._busy_delay = _BUSY_FIRST_RETRY
         for (_, done), outcome in zip(batch, outcomes, strict=True):
@@ -180,11 +185,16 @@ class CommitQueue:
         now = time.monotonic()
         if self._busy_since is None:
             self._busy_since = now
-            log.warning("registry write lock held by another connection; enrollments wait")
+            self._busy_warned = False
         elif now - self._busy_since >= self.busy_deadline:
             self._busy_since = None
             self._busy_delay = _BUSY_FIRST_RETRY
             return False
+        elif not self._busy_warned and now - self._busy_since >= self._warn_after:
+            # Not at once: the WAL checkpointer holds the lock for some ms every few seconds
+            # (registry.checkpointer), which is routine and no operator's concern.
+            self._busy_warned = True
+            log.warning("registry write lock held by another connection; enrollments wait")
         self._pending[:0] = batch  # first in, first recorded
         if not self._scheduled:
             self._scheduled = True

@@ -88,6 +88,12 @@ class RegistryBase:
         with self._lock:
             return str(self._db.journal_mode)
 
+    @property
+    def wal_autocheckpoint(self) -> int:
+        """WAL pages past which a commit on this connection checkpoints by itself."""
+        with self._lock:
+            return int(self._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
     @contextmanager
     def _write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
         """One BEGIN IMMEDIATE transaction, committed when the block ends.

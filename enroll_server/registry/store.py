@@ -28,8 +28,13 @@ class Registry(DeviceStore, TokenStore, CertificateStore, Journal):
     """
 
     @classmethod
-    def open(cls, path: Path) -> Registry:
-        """Open (creating if needed) the registry at `path`, switch to WAL and migrate."""
+    def open(cls, path: Path, *, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT_PAGES) -> Registry:
+        """Open (creating if needed) the registry at `path`, switch to WAL and migrate.
+
+        `wal_autocheckpoint`: the WAL size, in pages, past which a commit on this connection
+        checkpoints by itself (the server raises it for its event loop's connection and
+        checkpoints in a thread instead: registry.checkpointer).
+        """
         path = Path(path)
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
         try:
@@ -46,7 +51,7 @@ class Registry(DeviceStore, TokenStore, CertificateStore, Journal):
             # enrollment load a larger interval writes far fewer pages per certificate (the
             # commit is the registry's main CPU cost, BENCHMARKS.md). The size limit truncates
             # a WAL that outgrew it once a checkpoint has emptied it.
-            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint)}")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             registry = cls(db, path)
             with registry._write() as tx:

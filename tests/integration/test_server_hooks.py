@@ -123,3 +123,22 @@ async def test_broker_sessions_name_the_presented_serial(home: HomeLayout, tmp_p
             agent.stop()
             assert await asyncio.wait_for(task, 10) == ExitCode.OK
         await _until(lambda: broker.sessions() == {}, 5)
+
+
+async def test_the_server_checkpoints_the_wal_off_its_event_loop(home: HomeLayout) -> None:
+    from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES
+
+    handle = await start_server(home.root, est_port=0, http_port=0)
+    checkpointer = handle.checkpointer
+    try:
+        assert checkpointer is not None and checkpointer.running
+        assert handle.registry.wal_autocheckpoint == LOOP_AUTOCHECKPOINT_PAGES
+        now = datetime.now(UTC)
+        for i in range(20):
+            handle.registry.add_device(DeviceId(f"ck-{i}"), batch_id=None, now=now, actor="t")
+        # What the thread does every few seconds, on demand: the log is copied back whole.
+        log_pages, copied = checkpointer.checkpoint()
+        assert log_pages > 0 and copied == log_pages
+    finally:
+        await handle.stop()
+    assert not checkpointer.running  # stopped with the server

@@ -510,3 +510,24 @@ async def test_a_lock_held_past_the_deadline_fails_the_batch_and_the_queue_goes_
     again = await asyncio.wait_for(asyncio.gather(*(queue.record(i) for i in items)), timeout=5)
     assert again == [None] * 2
     assert all(recorded(reg, i) for i in items)
+
+
+async def test_a_short_wait_for_the_lock_is_routine_and_not_logged(
+    reg: Registry,
+    ca: MemoryCa,
+    holder: sqlite3.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The WAL checkpointer (registry.checkpointer) holds the write lock for some ms every few
+    # seconds: the batch waits it out without an operator-facing warning.
+    items = [item(ca, d) for d in provision(reg, 2)]
+    queue = CommitQueue(reg)
+    holder.execute("BEGIN IMMEDIATE")
+    with caplog.at_level(logging.DEBUG, logger="fleetpki.commit"):
+        waiting = asyncio.gather(*(queue.record(i) for i in items))
+        await asyncio.sleep(0.05)
+        holder.execute("COMMIT")
+        assert await asyncio.wait_for(waiting, timeout=5) == [None] * 2
+    assert "held by another connection" not in caplog.text
+    assert "free again" not in caplog.text
+    assert all(recorded(reg, i) for i in items)

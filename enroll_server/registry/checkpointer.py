@@ -1,0 +1,103 @@
+"""WAL checkpoints in a thread of their own, so that the server's event loop never runs one.
+
+In WAL mode the commit that takes the log past `wal_autocheckpoint` pages copies the log back
+into the database file within that same call, and syncs it (https://www.sqlite.org/wal.html,
+"Automatic Checkpoint"). The server commits on its event loop, so every few thousand
+enrollments one commit took 45-70 ms with a 100,000-device registry (more on slow storage):
+every handshake, OCSP answer and broker session on the server waited that long. The server
+therefore opens its loop's registry with a high automatic threshold (a backstop, should this
+thread fall behind or die) and lets a Checkpointer do the work, on a connection of its own,
+every `interval` seconds, never waiting for a lock (see Checkpointer.checkpoint). sqlite3
+releases the GIL while SQLite works, so the loop keeps running meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+
+log = logging.getLogger("fleetpki.registry")
+
+# The event loop's connection checkpoints by itself only past this many WAL pages (~160 MB),
+# 4x the threshold of other connections (store.WAL_AUTOCHECKPOINT_PAGES): only if the
+# Checkpointer is not keeping up.
+LOOP_AUTOCHECKPOINT_PAGES = 40_000
+
+
+class Checkpointer:
+    """Checkpoints the registry's WAL every `interval` seconds in a daemon thread.
+
+    A checkpoint copies each changed page back once however often it changed, so at ~3 pages
+    per enrollment an interval of a few seconds keeps the copying per enrollment about what
+    the 10,000-page automatic threshold cost (store.WAL_AUTOCHECKPOINT_PAGES).
+    """
+
+    def __init__(self, path: Path, *, interval: float = 3.0) -> None:
+        self.path = Path(path)
+        self.interval = interval
+        self.runs = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._busy = threading.Lock()  # one checkpoint at a time on the connection
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        # Its own connection: a checkpoint must never wait on the loop's connection lock.
+        # No busy wait: RESTART must not queue behind a writer (it would block the writers
+        # after it); it tries again next interval.
+        self._conn = sqlite3.connect(str(self.path), timeout=0, check_same_thread=False)
+        self._thread = threading.Thread(
+            target=self._run, name="fleetpki-wal-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (after the checkpoint in progress, if any) and close."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._busy:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Checkpoint now: (pages in the WAL, pages of it now in the database).
+
+        First PASSIVE, which copies the bulk without blocking anyone; then RESTART, which
+        copies what writers appended meanwhile (little) and makes the next writer start the
+        log over, so that the WAL stays small (a PASSIVE checkpoint alone, with commits
+        arriving all the time, would never see the whole log copied: the WAL would grow
+        without end, and every read would search a bigger WAL index). RESTART blocks writers
+        while it runs; the server's commits then retry a few ms later (commit_queue), off
+        the loop's back. With another writer or checkpointer busy it gives up at once and
+        the next run tries again.
+        """
+        with self._busy:
+            conn = self._conn
+            if conn is None:
+                raise RuntimeError("checkpointer not started")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            busy, log_pages, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            self.runs += 1
+        if busy:
+            log.debug("WAL checkpoint did not finish: the WAL is in use; retrying later")
+        return int(log_pages), int(copied)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.checkpoint()
+            except sqlite3.Error as exc:
+                # Never fatal: the loop's connection checkpoints by itself past its backstop.
+                log.warning("WAL checkpoint failed: %s", exc)

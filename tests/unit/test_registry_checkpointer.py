@@ -1,0 +1,112 @@
+"""WAL checkpoints off the event loop (registry.checkpointer), on a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from enroll_server.registry import Registry
+from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
+from enroll_server.registry.store import WAL_AUTOCHECKPOINT_PAGES
+from fleetpki.identity import DeviceId
+
+NOW = datetime(2026, 11, 27, tzinfo=UTC)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "registry.db"
+
+
+@pytest.fixture
+def loop_registry(db: Path) -> Iterator[Registry]:
+    # As the server opens it: no automatic checkpoint this side of the backstop.
+    registry = Registry.open(db, wal_autocheckpoint=LOOP_AUTOCHECKPOINT_PAGES)
+    yield registry
+    registry.close()
+
+
+def wal_pages(db: Path) -> tuple[int, int]:
+    """(pages in the WAL, pages of it already in the database), read from the WAL index
+    without copying anything (https://www.sqlite.org/walformat.html: mxFrame at byte 16 of
+    the header, nBackfill at byte 96, native byte order)."""
+    shm = Path(f"{db}-shm").read_bytes()
+    return struct.unpack_from("=I", shm, 16)[0], struct.unpack_from("=I", shm, 96)[0]
+
+
+def add_devices(registry: Registry, prefix: str, n: int) -> None:
+    for i in range(n):
+        registry.add_device(DeviceId(f"{prefix}-{i}"), batch_id=None, now=NOW, actor="test")
+
+
+def test_the_loops_connection_does_not_checkpoint_below_its_backstop(
+    db: Path, loop_registry: Registry
+) -> None:
+    assert loop_registry.wal_autocheckpoint == LOOP_AUTOCHECKPOINT_PAGES
+    with Registry.open(db) as other:  # any other connection: the usual threshold
+        assert other.wal_autocheckpoint == WAL_AUTOCHECKPOINT_PAGES < LOOP_AUTOCHECKPOINT_PAGES
+    add_devices(loop_registry, "d", 300)
+    log_pages, done = wal_pages(db)
+    assert log_pages > 300 and done == 0  # every commit's pages are still in the WAL only
+
+
+def test_a_checkpoint_copies_the_wal_and_the_next_writer_starts_it_over(
+    db: Path, loop_registry: Registry
+) -> None:
+    add_devices(loop_registry, "d", 300)
+    checkpointer = Checkpointer(db)
+    with pytest.raises(RuntimeError):
+        checkpointer.checkpoint()  # not started
+    checkpointer.start()
+    try:
+        log_pages, copied = checkpointer.checkpoint()
+    finally:
+        checkpointer.stop()
+    assert log_pages > 300 and copied == log_pages
+    loop_registry.add_device(DeviceId("after"), batch_id=None, now=NOW, actor="test")
+    assert wal_pages(db)[0] < 20  # restarted: only the last commit's pages
+    assert loop_registry.get_device(DeviceId("d-299")) is not None
+
+
+def test_a_checkpoint_never_waits_for_a_writer(db: Path, loop_registry: Registry) -> None:
+    add_devices(loop_registry, "d", 50)
+    checkpointer = Checkpointer(db)
+    checkpointer.start()
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        started = time.monotonic()
+        log_pages, copied = checkpointer.checkpoint()
+        assert time.monotonic() - started < 1.0
+        # PASSIVE copied what was committed; RESTART gave up without blocking.
+        assert copied == log_pages > 0
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        checkpointer.stop()
+
+
+def test_the_thread_keeps_the_wal_small_under_steady_commits(
+    db: Path, loop_registry: Registry
+) -> None:
+    checkpointer = Checkpointer(db, interval=0.02)
+    checkpointer.start()
+    try:
+        for i in range(120):
+            loop_registry.add_device(DeviceId(f"s-{i}"), batch_id=None, now=NOW, actor="test")
+            time.sleep(0.005)
+        assert checkpointer.running
+    finally:
+        checkpointer.stop()
+        checkpointer.stop()  # idempotent
+    assert not checkpointer.running and checkpointer.runs > 3
+    # Without the thread the WAL would hold every commit's pages (> 120, see above); with it
+    # the log was started over again and again.
+    assert wal_pages(db)[0] < 60
+    assert loop_registry.count_devices() == 120
