@@ -128,13 +128,13 @@ async def start_server(
     loaded = load_home(home)
     cfg = loaded.config
     # The event loop's connection leaves WAL checkpoints to a thread (registry.checkpointer):
-    # a checkpoint in a commit on the loop held every connection for 45-70 ms at fleet size.
+    # a checkpoint in a commit on the loop held every connection for 45-140 ms at fleet size.
     registry = Registry.open(loaded.layout.registry, wal_autocheckpoint=LOOP_AUTOCHECKPOINT_PAGES)
     checkpointer = Checkpointer(loaded.layout.registry)
-    checkpointer.start()
     https: RunningSite | None = None
     crl_registry: Registry | None = None
     try:
+        checkpointer.start()
         ensure_admin_token(loaded, registry, clock())
         profile = profile or DeviceProfile(validity=cfg.device_validity, backdate=cfg.backdate)
         service = EnrollmentService(registry, loaded.issuer, profile, profile_for)

@@ -3,7 +3,7 @@
 In WAL mode the commit that takes the log past `wal_autocheckpoint` pages copies the log back
 into the database file within that same call, and syncs it (https://www.sqlite.org/wal.html,
 "Automatic Checkpoint"). The server commits on its event loop, so every few thousand
-enrollments one commit took 45-70 ms with a 100,000-device registry (more on slow storage):
+enrollments one commit took 45-140 ms with a 100,000-device registry (more on slow storage):
 every handshake, OCSP answer and broker session on the server waited that long. The server
 therefore opens its loop's registry with a high automatic threshold (a backstop, should this
 thread fall behind or die) and lets a Checkpointer do the work, on a connection of its own,
