@@ -7,7 +7,7 @@ enrollments one commit took 45-140 ms with a 100,000-device registry (more on sl
 every handshake, OCSP answer and broker session on the server waited that long. The server
 therefore opens its loop's registry with a high automatic threshold (a backstop, should this
 thread fall behind or die) and lets a Checkpointer do the work, on a connection of its own,
-every `interval` seconds, never waiting for a lock (see Checkpointer.checkpoint). sqlite3
+at the same WAL size, never waiting for a lock (see Checkpointer.checkpoint). sqlite3
 releases the GIL while SQLite works, so the loop keeps running meanwhile.
 """
 
@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import struct
 import threading
+import time
 from pathlib import Path
+
+from enroll_server.registry.store import WAL_AUTOCHECKPOINT_PAGES
 
 log = logging.getLogger("fleetpki.registry")
 
@@ -27,16 +31,27 @@ LOOP_AUTOCHECKPOINT_PAGES = 40_000
 
 
 class Checkpointer:
-    """Checkpoints the registry's WAL every `interval` seconds in a daemon thread.
+    """Checkpoints the registry's WAL from a daemon thread, once it holds `pages` pages.
 
-    A checkpoint copies each changed page back once however often it changed, so at ~3 pages
-    per enrollment an interval of a few seconds keeps the copying per enrollment about what
-    the 10,000-page automatic threshold cost (store.WAL_AUTOCHECKPOINT_PAGES).
+    The same threshold as the automatic one (store.WAL_AUTOCHECKPOINT_PAGES): a checkpoint
+    copies each changed page back once however often it changed, so checkpointing sooner
+    would copy more per enrollment. The thread looks every `interval` seconds; a WAL that
+    stays below the threshold is still checkpointed after `idle` seconds, so that a quiet
+    server does not keep its last writes in the log for good.
     """
 
-    def __init__(self, path: Path, *, interval: float = 3.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        pages: int = WAL_AUTOCHECKPOINT_PAGES,
+        interval: float = 0.5,
+        idle: float = 60.0,
+    ) -> None:
         self.path = Path(path)
+        self.pages = pages
         self.interval = interval
+        self.idle = idle
         self.runs = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,10 +109,29 @@ class Checkpointer:
             log.debug("WAL checkpoint did not finish: the WAL is in use; retrying later")
         return int(log_pages), int(copied)
 
+    def wal_pages(self) -> int:
+        """Pages in the WAL now (since its last restart), or 0 if there is none.
+
+        Read from the WAL index's header (mxFrame, byte 16, native byte order:
+        https://www.sqlite.org/walformat.html) without taking a lock or touching the
+        database: the value may be a moment old, which only shifts one checkpoint a little.
+        """
+        try:
+            with open(f"{self.path}-shm", "rb") as shm:
+                header = shm.read(20)
+        except OSError:
+            return 0
+        return struct.unpack_from("=I", header, 16)[0] if len(header) == 20 else 0
+
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.interval):
+            frames = self.wal_pages()
+            if frames < self.pages and not (frames and time.monotonic() - last >= self.idle):
+                continue
             try:
                 self.checkpoint()
             except sqlite3.Error as exc:
                 # Never fatal: the loop's connection checkpoints by itself past its backstop.
                 log.warning("WAL checkpoint failed: %s", exc)
+            last = time.monotonic()

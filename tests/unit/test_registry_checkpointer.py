@@ -49,6 +49,7 @@ def test_the_loops_connection_does_not_checkpoint_below_its_backstop(
     db: Path, loop_registry: Registry
 ) -> None:
     assert loop_registry.wal_autocheckpoint == LOOP_AUTOCHECKPOINT_PAGES
+    assert Checkpointer(db.with_name("absent.db")).wal_pages() == 0  # no WAL index: nothing
     with Registry.open(db) as other:  # any other connection: the usual threshold
         assert other.wal_autocheckpoint == WAL_AUTOCHECKPOINT_PAGES < LOOP_AUTOCHECKPOINT_PAGES
     add_devices(loop_registry, "d", 300)
@@ -95,7 +96,7 @@ def test_a_checkpoint_never_waits_for_a_writer(db: Path, loop_registry: Registry
 def test_the_thread_keeps_the_wal_small_under_steady_commits(
     db: Path, loop_registry: Registry
 ) -> None:
-    checkpointer = Checkpointer(db, interval=0.02)
+    checkpointer = Checkpointer(db, pages=40, interval=0.01)
     checkpointer.start()
     try:
         for i in range(120):
@@ -110,3 +111,23 @@ def test_the_thread_keeps_the_wal_small_under_steady_commits(
     # the log was started over again and again.
     assert wal_pages(db)[0] < 60
     assert loop_registry.count_devices() == 120
+
+
+def test_the_thread_waits_for_the_threshold_and_then_for_idle_time(
+    db: Path, loop_registry: Registry
+) -> None:
+    add_devices(loop_registry, "d", 10)
+    checkpointer = Checkpointer(db, pages=10_000, interval=0.01, idle=0.3)
+    assert checkpointer.wal_pages() == wal_pages(db)[0] > 10  # the same header, read alike
+    checkpointer.start()
+    try:
+        time.sleep(0.15)
+        assert checkpointer.runs == 0  # far below the threshold, not idle long enough
+        deadline = time.monotonic() + 5
+        while checkpointer.runs == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        checkpointer.stop()
+    assert checkpointer.runs >= 1  # a quiet WAL is copied back after `idle` seconds
+    log_pages, copied = wal_pages(db)
+    assert copied == log_pages
