@@ -28,6 +28,7 @@ from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Check
 from enroll_server.revocation_http import RevocationState, revocation_routes
 from enroll_server.service import EnrollmentService, ProfileChooser
 from enroll_server.state import AppState, utc_now
+from enroll_server.token_index import TokenIndex
 from provisioning.manufacturer import trusted_manufacturer_ca_files
 
 log = logging.getLogger("fleetpki.server")
@@ -138,6 +139,8 @@ async def start_server(
         ensure_admin_token(loaded, registry, clock())
         profile = profile or DeviceProfile(validity=cfg.device_validity, backdate=cfg.backdate)
         service = EnrollmentService(registry, loaded.issuer, profile, profile_for)
+        # First enrollments check their token in memory, not with a registry read.
+        service.tokens = TokenIndex(registry)
         state = AppState(
             service=service,
             registry=registry,
@@ -153,6 +156,9 @@ async def start_server(
             crl_registry, loaded.issuer, next_update=cfg.crl_next_update, clock=clock
         )
         state.on_change.append(revocation.changed)
+        tokens = service.tokens
+        state.on_revocation.append(lambda device, why: tokens.discard(device))
+        state.metrics.extra.append(tokens.metrics_text)
         host = bind or cfg.bind
         tls = server_ssl_context(
             loaded.layout.server_cert,
@@ -171,6 +177,8 @@ async def start_server(
         )
         handle.crl_registry = crl_registry
         handle.checkpointer = checkpointer
+        tokens.start()
+        handle.stoppers.append(tokens.stop)
     except BaseException:
         if https is not None:
             await https.stop()

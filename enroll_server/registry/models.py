@@ -128,6 +128,19 @@ class TokenHolder:
 
 
 @dataclass(frozen=True, slots=True)
+class UnusedToken:
+    """An unused enrollment token of a device that may enroll (unused_tokens), with the tokens
+    table's rowid: tokens are only ever inserted (a reissue adds a row and spends the old
+    one), so the rowid tells which ones a reader has not seen yet."""
+
+    rowid: int
+    device_id: DeviceId
+    token_hash: str
+    expires_at: datetime
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     batch_id: str
     created_at: datetime

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import datetime
 
-from enroll_server.registry.codec import ts
+from enroll_server.registry.codec import parse_ts, ts
 from enroll_server.registry.connection import RegistryBase, token_row_problem
 from enroll_server.registry.errors import (
     DeviceNotActive,
@@ -14,7 +14,13 @@ from enroll_server.registry.errors import (
     TokenRejected,
     UnknownDevice,
 )
-from enroll_server.registry.models import DeviceState, Role, TokenHolder, check_sha256_hex
+from enroll_server.registry.models import (
+    DeviceState,
+    Role,
+    TokenHolder,
+    UnusedToken,
+    check_sha256_hex,
+)
 from fleetpki.identity import DeviceId
 
 
@@ -97,6 +103,30 @@ class TokenStore(RegistryBase):
         if problem is not None:
             raise TokenRejected(device_id, problem)
         return TokenHolder(device_id, Role(row[3]), DeviceState(row[4]))
+
+    def max_token_rowid(self) -> int:
+        """The newest tokens row's rowid (0 for none): where unused_tokens can stop."""
+        with self._read() as conn:
+            row = conn.execute("SELECT max(rowid) FROM tokens").fetchone()
+        return int(row[0] or 0)
+
+    def unused_tokens(self, after_rowid: int, upto_rowid: int) -> list[UnusedToken]:
+        """The unused tokens with after_rowid < rowid <= upto_rowid whose device may enroll
+        (provisioned or active), in rowid order; expired ones included (the caller knows when
+        it is). A range of rowids, not a LIMIT on the result: one call reads at most
+        upto - after rows however many of them are spent (enroll_server.token_index reads the table
+        in such slices on the event loop)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT t.rowid, t.device_id, t.token_hash, t.expires_at, d.role "
+                "FROM tokens AS t JOIN devices AS d ON d.id = t.device_id "
+                "WHERE t.rowid > ? AND t.rowid <= ? AND t.used_at IS NULL "
+                "AND d.state IN ('provisioned', 'active') ORDER BY t.rowid",
+                (after_rowid, upto_rowid),
+            ).fetchall()
+        return [
+            UnusedToken(int(r[0]), DeviceId(r[1]), r[2], parse_ts(r[3]), Role(r[4])) for r in rows
+        ]
 
     def add_admin_token(
         self, token_hash: str, name: str, now: datetime, *, actor: str = "registry"
