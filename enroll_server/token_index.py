@@ -74,7 +74,9 @@ class TokenIndex:
         self.min_interval = min_interval
         self._clock = clock
         self._wall = wall
-        self._entries: dict[str, tuple[str, datetime, Role]] = {}
+        # (token hash, expiry, role value): atoms only, so the cyclic garbage collector
+        # untracks each tuple once and never scans the index again.
+        self._entries: dict[str, tuple[str, datetime, str]] = {}
         self._last_rowid = 0  # every tokens row up to this one has been read
         self._target = 0  # read up to this rowid (max(rowid) when the current read began)
         self._last_read = float("-inf")
@@ -96,7 +98,7 @@ class TokenIndex:
         if entry is None or entry[1] <= now or not hmac.compare_digest(entry[0], token_hash):
             return None
         del self._entries[device_id]
-        return entry[2]
+        return Role(entry[2])
 
     def discard(self, device_id: str) -> None:
         """Forget the device's token (revoked or suspended in this process)."""
@@ -124,7 +126,7 @@ class TokenIndex:
                 continue
             # A device has one unused token at most; a later row is a reissue and replaces it.
             if key in entries or len(entries) < self.limit:
-                entries[key] = (token.token_hash, token.expires_at, token.role)
+                entries[key] = (token.token_hash, token.expires_at, token.role.value)
             elif not self.full:
                 self.full = True
                 log.warning(
