@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
+from enroll_server.pki import serial as serial_module
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.keys import KeyType, generate_key, key_type_of
 from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
@@ -131,9 +132,28 @@ def test_every_key_type_builds_a_hierarchy(kind: KeyType) -> None:
 def test_serials_are_unique_and_bounded() -> None:
     serials = {new_serial() for _ in range(2000)}
     assert len(serials) == 2000
-    assert all(128 < s.bit_length() <= 159 for s in serials)
+    assert all(s.bit_length() == 159 for s in serials)
     # DER INTEGER of a 159-bit positive number fits in 20 octets (RFC 5280 4.1.2.2).
     assert all(len(s.to_bytes(20, "big", signed=True)) == 20 for s in serials)
+    # Fixed width: the registry's hex text sorts like the numbers.
+    assert {len(format(s, "x")) for s in serials} == {40}
+
+
+def test_serials_carry_128_random_bits_under_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_700_000_000_000_000_000]
+    monkeypatch.setattr(serial_module.time, "time_ns", lambda: now[0])
+    same_ms = [new_serial() for _ in range(200)]
+    # Within one millisecond only the low 128 bits differ, and they look random.
+    assert len({s >> 128 for s in same_ms}) == 1
+    low = [s & ((1 << 128) - 1) for s in same_ms]
+    assert len(set(low)) == 200
+    ones = sum(bin(x).count("1") for x in low) / (200 * 128)
+    assert 0.45 < ones < 0.55
+    before = same_ms[0]
+    now[0] += 3_000_000  # 3 ms later
+    later = new_serial()
+    assert later > max(same_ms) and (later >> 128) - (before >> 128) == 3
+    assert sorted(format(s, "x") for s in [*same_ms, later])[-1] == format(later, "x")
 
 
 def test_profile_refuses_non_positive_validity() -> None:
