@@ -49,6 +49,7 @@ TOKEN_INDEX_LIMIT = 200_000
 CHUNK_ROWS = 1000
 # Seconds between two reads prompted by tokens the index did not know.
 MIN_INTERVAL = 1.0
+_ROLES = {role.value: role for role in Role}
 
 
 def _utc_now() -> datetime:
@@ -98,7 +99,7 @@ class TokenIndex:
         if entry is None or entry[1] <= now or not hmac.compare_digest(entry[0], token_hash):
             return None
         del self._entries[device_id]
-        return Role(entry[2])
+        return _ROLES[entry[2]]
 
     def discard(self, device_id: str) -> None:
         """Forget the device's token (revoked or suspended in this process)."""

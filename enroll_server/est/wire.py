@@ -38,6 +38,16 @@ def decode_base64_body(body: bytes, what: str = "PKCS#10 request") -> bytes:
     says, and that line breaks may appear; a PEM-armoured CSR is accepted too, since openssl
     users paste one.
     """
+    # The common case first, in one C call: a single run of base64 with nothing around it
+    # (what EST clients send). Anything else (line breaks, PEM armour, garbage) takes the
+    # general path below, which also words the error.
+    try:
+        der = binascii.a2b_base64(body, strict_mode=True)
+    except binascii.Error:
+        pass
+    else:
+        if der:
+            return der
     m = _PEM_CSR.search(body)
     if m:
         body = m.group(1)

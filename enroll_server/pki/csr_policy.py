@@ -55,15 +55,15 @@ def _der(tag: int, content: bytes) -> bytes:
 
 
 _CN_OID_DER = b"\x06\x03\x55\x04\x03"  # id-at-commonName, 2.5.4.3
-_PRINTABLE = frozenset(
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"
-)
+# PrintableString's alphabet (X.680 41.4).
+_PRINTABLE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"
 
 
 def _cn_only_names(value: str) -> tuple[bytes, ...]:
     """The DER of Name = CN=value alone, as UTF8String and (if it can be) PrintableString."""
     raw = value.encode("utf-8")
-    tags = (0x0C, 0x13) if all(c in _PRINTABLE for c in raw) else (0x0C,)
+    # Deleting the printable characters leaves nothing iff the value is all printable.
+    tags = (0x0C, 0x13) if not raw.translate(None, _PRINTABLE) else (0x0C,)
     return tuple(_der(0x30, _der(0x31, _der(0x30, _CN_OID_DER + _der(tag, raw)))) for tag in tags)
 
 
