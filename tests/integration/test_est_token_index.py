@@ -8,6 +8,7 @@ recorded and nothing burned.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -134,3 +135,26 @@ def test_in_process_revocation_drops_the_entry_and_metrics_show_the_index(
     metrics = request(live_server.est_url + "/metrics", live_server.client_ssl()).body.decode()
     assert f"fleetpki_token_index_entries {len(tokens)}" in metrics
     assert "fleetpki_token_index_full 0" in metrics
+
+
+def test_concurrent_use_of_one_token_vouched_for_by_the_index(live_server: LiveServer) -> None:
+    """The index vouches once; the other requests read the registry, and the commit lets
+    exactly one of them spend the token (RFC 7030 3.2.3 one-time credentials)."""
+    token = live_server.mint_device("dev-race-idx")
+    assert "dev-race-idx" in read_now(live_server)
+    results: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def go() -> None:
+        barrier.wait(5)
+        results.append(enroll(live_server, "dev-race-idx", token).status)
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results).count(200) == 1, results
+    assert all(s in (200, 401, 429) for s in results), results
+    assert len(live_server.registry.certificates_of(DeviceId("dev-race-idx"))) == 1
+    assert token_used(live_server, "dev-race-idx")
