@@ -267,16 +267,17 @@ def test_wrong_content_type_is_415(live_server: LiveServer) -> None:
     assert r.status == 415 and "application/pkcs10" in r.text
 
 
-def test_concurrent_use_of_one_token_yields_one_certificate(live_server: LiveServer) -> None:
-    token = live_server.mint_device("dev-race")
+def race(server: LiveServer, device: str, token: str, clients: int = 8) -> list[int]:
+    """`clients` simpleenrolls with one token, each with a key of its own, released at once;
+    asserts that exactly one got a certificate and the registry holds exactly one."""
     results: list[int] = []
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(clients)
 
     def go() -> None:
         barrier.wait(5)
-        results.append(enroll(live_server, "dev-race", token).status)
+        results.append(enroll(server, device, token).status)
 
-    threads = [threading.Thread(target=go) for _ in range(8)]
+    threads = [threading.Thread(target=go) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -284,7 +285,12 @@ def test_concurrent_use_of_one_token_yields_one_certificate(live_server: LiveSer
     assert sorted(results).count(200) == 1, results
     # Losers see 401 (token used) or, once they pile up, 429 from the brute-force throttle.
     assert all(s in (200, 401, 429) for s in results), results
-    assert len(live_server.registry.certificates_of(DeviceId("dev-race"))) == 1
+    assert len(server.registry.certificates_of(DeviceId(device))) == 1
+    return results
+
+
+def test_concurrent_use_of_one_token_yields_one_certificate(live_server: LiveServer) -> None:
+    race(live_server, "dev-race", live_server.mint_device("dev-race"))
 
 
 def test_a_registry_locked_by_another_process_stalls_nothing_but_the_commit(
