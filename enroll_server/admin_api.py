@@ -247,6 +247,8 @@ async def create_batch(request: web.Request) -> web.Response:
         raise Conflict(str(exc)) from exc
     except (ProvisioningError, InvalidValue, InvalidIdentifier) as exc:
         raise BadRequest(str(exc)) from exc
+    if st.service.tokens is not None:
+        st.service.tokens.unknown_token_seen()  # read the batch's tokens now, not at first use
     return web.json_response(result.to_json(include_tokens=True), status=201)
 
 

@@ -8,6 +8,7 @@ recorded and nothing burned.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -144,3 +145,17 @@ def test_concurrent_use_of_one_token_vouched_for_by_the_index(live_server: LiveS
     race(live_server, "dev-race-idx", token)
     assert token_used(live_server, "dev-race-idx")
     assert "dev-race-idx" not in token_index(live_server)
+
+
+def test_a_batch_created_over_the_admin_api_is_read_at_once(live_server: LiveServer) -> None:
+    tokens = token_index(live_server)
+    r = admin(live_server, "POST", "/admin/batches", {"count": 3, "prefix": "idx-api-"})
+    assert r.status == 201, r.body
+    minted = {t["device_id"]: t["token"] for t in json.loads(r.body)["tokens"]}
+    deadline = time.monotonic() + 5  # the index reads at most once a second
+    while not all(d in tokens for d in minted):
+        assert time.monotonic() < deadline, "the index did not read the new batch"
+        time.sleep(0.02)
+    device, token = next(iter(minted.items()))
+    assert enroll(live_server, device, token).status == 200
+    assert device not in tokens
