@@ -57,7 +57,7 @@ def _utc_now() -> datetime:
 
 
 class TokenIndex:
-    """Unused tokens by device id: (SHA-256 hex of the token, its expiry, the device's role)."""
+    """Unused tokens by device id: (SHA-256 of the token, its expiry, the device's role)."""
 
     def __init__(
         self,
