@@ -247,7 +247,7 @@ class EnrollmentService:
         except CsrRejected as exc:
             raise BadRequest(exc.reason) from exc
         if auth.retry_of_used_token:
-            return self._replay(approved.public_key, auth, now)
+            return self._replay(approved.public_key, auth.grant.device_id, now)
         device_id = auth.grant.device_id
         # One attribute test on the hot path when no per-device profile is configured.
         profile = self.profile if self.profile_for is None else self.profile_for(device_id)
@@ -269,8 +269,7 @@ class EnrollmentService:
             Enrollment(cert, (cert, self.issuer.cert), (der, self._issuer_der)),
         )
 
-    @staticmethod
-    def settle(pending: PendingEnrollment, refused: RegistryError | None) -> Enrollment:
+    def settle(self, pending: PendingEnrollment, refused: RegistryError | None) -> Enrollment:
         """The enrollment once its issuance is recorded; the client's error if it was refused."""
         if refused is None:
             return pending.enrollment
@@ -278,14 +277,27 @@ class EnrollmentService:
             if refused.reason in ("unknown", "wrong-device"):
                 # The token went away meanwhile (reissued): same words as authorize_token.
                 raise AuthenticationFailed(BAD_CREDENTIALS) from refused
-            # Lost a race for the same one-time token: the other request won.
+            if refused.reason == "used":
+                # Another request spent the token first (a concurrent one, or, behind the token
+                # index's back, one served by another process). If that was this very
+                # enrollment (same key, its reply lost), the device gets the certificate it was
+                # issued, as authorize_token's registry read would have answered; else "used".
+                issuance = pending.issuance
+                try:
+                    return self._replay(
+                        pending.enrollment.certificate.public_key(),  # type: ignore[arg-type]
+                        issuance.cert.device_id,
+                        issuance.now,
+                    )
+                except AuthenticationFailed as exc:
+                    raise exc from refused
             raise AuthenticationFailed(f"enrollment token {refused.reason}") from refused
         if isinstance(refused, DeviceNotActive):
             # Revoked or suspended between authorization and commit.
             raise DeviceRevoked(str(refused.device_id), refused.state) from refused
         raise refused
 
-    def _replay(self, public_key: PublicKey, auth: Authorization, now: datetime) -> Enrollment:
+    def _replay(self, public_key: PublicKey, device_id: DeviceId, now: datetime) -> Enrollment:
         """Answer a retried simpleenroll whose first reply was lost, without issuing again.
 
         A device that timed out waiting for its certificate retries with the same token and
@@ -294,7 +306,7 @@ class EnrollmentService:
         so returning the certificate already issued for that key hands out nothing new; a
         different key, or a retry after RETRY_WINDOW, is still "token used".
         """
-        for record in self.registry.certificates_of(auth.grant.device_id):
+        for record in self.registry.certificates_of(device_id):
             if record.status is not CertStatus.ACTIVE or now - record.issued_at > RETRY_WINDOW:
                 continue
             cert = x509.load_pem_x509_certificate(record.pem.encode())

@@ -10,9 +10,10 @@ Never the authority. The transaction that records an issuance (Registry.record_i
 spends the token only if it is still this device's, unused and unexpired, and activates the
 device only if it is provisioned or active; otherwise it refuses and records nothing. The
 index only lets authorization skip the read for a token that was valid when the index last
-looked. An entry gone stale (the token reissued, or the device revoked, by another process
-since) costs one signature that is thrown away: the commit refuses, and the client hears
-what the read would have told it (EnrollmentService.settle). Everything the index does not
+looked. An entry gone stale (the token reissued or spent, or the device revoked, by another
+process since) costs one signature that is thrown away: the commit refuses, and the client
+hears what the read would have told it, down to the replay of a lost reply when another
+server spent the token on this very key (EnrollmentService.settle). Everything the index does not
 vouch for (a token it has not seen, another device's token, an expired one) takes the
 registry read as before, with its exact reasons and the replay of a lost reply.
 

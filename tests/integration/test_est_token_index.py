@@ -8,14 +8,19 @@ recorded and nothing burned.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import UTC, datetime, timedelta
 
+from cryptography.hazmat.primitives import serialization
+
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.home import hash_secret
 from enroll_server.pki.keys import KeyType, generate_key
-from enroll_server.registry import DeviceState
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate
+from enroll_server.registry import DeviceState, IssuedCertificate
+from enroll_server.service import certificate_pem
 from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId
 from tests.est_client import request
@@ -159,3 +164,45 @@ def test_a_batch_created_over_the_admin_api_is_read_at_once(live_server: LiveSer
     device, token = next(iter(minted.items()))
     assert enroll(live_server, device, token).status == 200
     assert device not in tokens
+
+
+def test_token_spent_by_another_process_behind_the_index(live_server: LiveServer) -> None:
+    """Another enrolling process (a second server on the same registry) spends the token
+    while this server's index still holds it. A retry of that very enrollment (same key, its
+    reply lost) gets the certificate recorded there, as the registry read would have given
+    it; a request with another key hears "enrollment token used". Nothing new is recorded."""
+    token = live_server.mint_device("dev-elsewhere")
+    assert "dev-elsewhere" in read_now(live_server)
+    key = generate_key(KeyType.EC_P256)
+    now = datetime.now(UTC)
+    there = build_device_certificate(
+        key.public_key(),
+        DeviceId("dev-elsewhere"),
+        live_server.handle.home.issuer,
+        now,
+        DeviceProfile(),
+    )
+    der = there.public_bytes(serialization.Encoding.DER)
+    live_server.registry.record_issuance(
+        IssuedCertificate(
+            serial=there.serial_number,
+            device_id=DeviceId("dev-elsewhere"),
+            fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+            not_before=there.not_valid_before_utc,
+            not_after=there.not_valid_after_utc,
+            pem=certificate_pem(der),
+        ),
+        consume_token_hash=hash_secret(token),
+        supersedes_serial=None,
+        now=now,
+        actor="another server",
+    )
+    assert "dev-elsewhere" in token_index(live_server)  # stale: spent behind its back
+    retry = enroll(live_server, "dev-elsewhere", token, key=key)  # vouched for, refused at commit
+    assert retry.status == 200, retry.body
+    assert leaf(decode_certs_only(retry.body)).serial_number == there.serial_number
+    assert "dev-elsewhere" not in token_index(live_server)
+    other = enroll(live_server, "dev-elsewhere", token)  # another key, through the registry read
+    assert other.status == 401 and b"enrollment token used" in other.body, other.body
+    records = live_server.registry.certificates_of(DeviceId("dev-elsewhere"))
+    assert [r.serial for r in records] == [there.serial_number]
