@@ -154,11 +154,12 @@ class TokenIndex:
 
     async def _keep_fresh(self) -> None:
         while True:
+            # Cleared before reading: a token met during a long read wakes the next one.
+            self._wake.clear()
             more = True
             while more:
                 more = self.read_slice()
                 await asyncio.sleep(0)  # let connections run between two slices
-            self._wake.clear()
             await self._wake.wait()
             wait = self._last_read + self.min_interval - self._clock()
             if wait > 0:

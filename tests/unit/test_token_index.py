@@ -151,3 +151,19 @@ async def until(predicate: object, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+async def test_a_token_met_during_a_long_read_prompts_another(reg: Registry) -> None:
+    batch(reg, "b1", [f"dev-{i}" for i in range(60)])
+    idx = index(reg, chunk=1, min_interval=0.05)
+    idx.start()
+    try:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(idx) < 60  # still reading, one row a loop iteration
+        batch(reg, "b2", ["dev-late"])  # beyond the rowid this read stops at
+        idx.unknown_token_seen()
+        await until(lambda: "dev-late" in idx)
+        assert len(idx) == 61
+    finally:
+        await idx.stop()
