@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from enroll_server.pki.ca import (
@@ -19,7 +19,21 @@ from enroll_server.pki.ca import (
 )
 from enroll_server.pki.keys import KeyType, PrivateKey, generate_key, signature_hash
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
+from enroll_server.registry import IssuedCertificate
 from fleetpki.identity import DeviceId
+
+
+def issued_record(cert: x509.Certificate, device_id: str) -> IssuedCertificate:
+    """What the service hands to the registry for `cert` (record_issuance)."""
+    return IssuedCertificate(
+        serial=cert.serial_number,
+        device_id=DeviceId(device_id),
+        fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+    )
+
 
 URLS = PkiUrls(
     crl="http://127.0.0.1:8080/crl",

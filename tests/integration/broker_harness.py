@@ -21,7 +21,7 @@ from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
 from enroll_server.broker import BrokerConfig, KeepalivePolicy, RunningBroker, start_broker
@@ -30,10 +30,10 @@ from enroll_server.broker.policy import Admission, common_name
 from enroll_server.pki.ca import build_server_certificate
 from enroll_server.pki.keys import KeyType, PrivateKey, generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
-from enroll_server.registry import IssuedCertificate, Registry
+from enroll_server.registry import Registry
 from fleetpki.identity import SERVICE_URN_PREFIX, DeviceId
 from fleetpki.topics import Role
-from tests.pki_helpers import MemoryCa, make_ca
+from tests.pki_helpers import MemoryCa, issued_record, make_ca
 
 HOST = "127.0.0.1"
 
@@ -132,14 +132,7 @@ class Fleet:
             if self.registry.get_device(did) is None:
                 self.registry.add_device(did, role=role, batch_id=batch_id, now=now, actor="test")
             self.registry.record_issuance(
-                IssuedCertificate(
-                    serial=cert.serial_number,
-                    device_id=did,
-                    fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
-                    not_before=cert.not_valid_before_utc,
-                    not_after=cert.not_valid_after_utc,
-                    pem=pem(cert).decode(),
-                ),
+                issued_record(cert, device_id),
                 consume_token_hash=None,
                 supersedes_serial=None,
                 now=now,

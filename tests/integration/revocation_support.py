@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,9 +12,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.pki.keys import PrivateKey, private_key_pem
-from enroll_server.registry import IssuedCertificate, Registry
+from enroll_server.registry import Registry
 from fleetpki.identity import DeviceId
-from tests.pki_helpers import MemoryCa
+from tests.pki_helpers import MemoryCa, issued_record
 
 
 @dataclass
@@ -34,16 +33,8 @@ class Fleet:
         did = DeviceId(device_id)
         if self.registry.get_device(did) is None:
             self.registry.add_device(did, now=now, actor="test")
-        der = cert.public_bytes(serialization.Encoding.DER)
         self.registry.record_issuance(
-            IssuedCertificate(
-                serial=cert.serial_number,
-                device_id=did,
-                fingerprint_sha256=hashlib.sha256(der).hexdigest(),
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
-            ),
+            issued_record(cert, device_id),
             consume_token_hash=None,
             supersedes_serial=None,
             now=now,

@@ -8,25 +8,22 @@ recorded and nothing burned.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from datetime import UTC, datetime, timedelta
-
-from cryptography.hazmat.primitives import serialization
 
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.home import hash_secret
 from enroll_server.pki.keys import KeyType, generate_key
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
-from enroll_server.registry import DeviceState, IssuedCertificate
-from enroll_server.service import certificate_pem
+from enroll_server.registry import DeviceState
 from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId
 from tests.est_client import request
 from tests.integration.test_admin_api import admin
 from tests.integration.test_est import enroll, leaf, race, snapshot
 from tests.live_server import LiveServer
+from tests.pki_helpers import issued_record
 
 
 def token_index(server: LiveServer) -> TokenIndex:
@@ -182,16 +179,8 @@ def test_token_spent_by_another_process_behind_the_index(live_server: LiveServer
         now,
         DeviceProfile(),
     )
-    der = there.public_bytes(serialization.Encoding.DER)
     live_server.registry.record_issuance(
-        IssuedCertificate(
-            serial=there.serial_number,
-            device_id=DeviceId("dev-elsewhere"),
-            fingerprint_sha256=hashlib.sha256(der).hexdigest(),
-            not_before=there.not_valid_before_utc,
-            not_after=there.not_valid_after_utc,
-            pem=certificate_pem(der),
-        ),
+        issued_record(there, "dev-elsewhere"),
         consume_token_hash=hash_secret(token),
         supersedes_serial=None,
         now=now,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,7 +18,7 @@ from cryptography.x509 import ocsp
 from multidict import CIMultiDict
 from yarl import URL
 
-from enroll_server.registry import IssuedCertificate, Registry
+from enroll_server.registry import Registry
 from enroll_server.revocation_http import (
     CRL_TYPE,
     OCSP_RESPONSE_TYPE,
@@ -29,7 +28,7 @@ from enroll_server.revocation_http import (
 )
 from fleetpki.identity import DeviceId
 from tests.integration.revocation_support import Fleet, run
-from tests.pki_helpers import MemoryCa, make_ca
+from tests.pki_helpers import MemoryCa, issued_record, make_ca
 
 
 class Served:
@@ -390,16 +389,8 @@ async def test_superseded_certificate_stays_good_until_it_expires(served_plain: 
     old = fleet.enroll("ocsp-renew-1")
     now = datetime.now(UTC)
     new, _ = fleet.ca.device_cert("ocsp-renew-1", now=now)
-    der = new.public_bytes(serialization.Encoding.DER)
     fleet.registry.record_issuance(
-        IssuedCertificate(
-            serial=new.serial_number,
-            device_id=DeviceId("ocsp-renew-1"),
-            fingerprint_sha256=hashlib.sha256(der).hexdigest(),
-            not_before=new.not_valid_before_utc,
-            not_after=new.not_valid_after_utc,
-            pem=new.public_bytes(serialization.Encoding.PEM).decode(),
-        ),
+        issued_record(new, "ocsp-renew-1"),
         consume_token_hash=None,
         supersedes_serial=old.serial_number,
         now=now,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from sqlite_utils import Database
 
 from enroll_server.pki.profile import DeviceProfile
@@ -38,7 +38,7 @@ from enroll_server.registry import (
     schema,
 )
 from fleetpki.identity import DeviceId
-from tests.pki_helpers import MemoryCa
+from tests.pki_helpers import MemoryCa, issued_record
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 TTL = timedelta(days=7)
@@ -55,14 +55,7 @@ def issued(
     cert, _ = ca.device_cert(
         device, now=now, profile=DeviceProfile(validity=validity, backdate=timedelta(minutes=5))
     )
-    return IssuedCertificate(
-        serial=cert.serial_number,
-        device_id=DeviceId(device),
-        fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
-    )
+    return issued_record(cert, device)
 
 
 def new_devices(prefix: str, count: int, start: int = 0) -> Iterator[NewDevice]:
