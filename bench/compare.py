@@ -25,6 +25,8 @@ METRICS = (
     ("ratio_vs_floor", "server / floor", "{:.2f}"),
     ("server_cpu_ms_per_enrollment", "server CPU ms", "{:.3f}"),
     ("raw_floor_cpu_ms", "floor ms", "{:.3f}"),
+    ("ratio_vs_own_floor", "server / own floor", "{:.2f}"),
+    ("own_floor_cpu_ms", "own floor ms", "{:.3f}"),
     ("enrollments_per_s", "enrollments/s", "{:.0f}"),
     ("p99_ms", "p99 ms", "{:.0f}"),
     ("errors", "errors", "{:.0f}"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,12 +19,15 @@ from enroll_server.pki.ca import Issuer
 from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
 from enroll_server.pki.errors import CsrRejected
 from enroll_server.pki.keys import PublicKey
-from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
+from enroll_server.pki.profile import DeviceProfile, EndEntityRole
+from enroll_server.pki.template import TemplateMismatch, device_certificates
 from enroll_server.registry import Issuance, Registry, RegistryError
 from enroll_server.registry.errors import DeviceNotActive, TokenRejected
 from enroll_server.registry.models import CertStatus, DeviceState, IssuedCertificate, Role
 from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId, InvalidIdentifier
+
+log = logging.getLogger("fleetpki.service")
 
 # How long after issuance a lost reply may be fetched again with the spent token.
 RETRY_WINDOW = timedelta(minutes=15)
@@ -46,9 +50,18 @@ class Authorization:
 
 @dataclass(frozen=True, slots=True)
 class Enrollment:
-    certificate: x509.Certificate
-    chain: tuple[x509.Certificate, ...]  # certificate first, then the issuing CA
-    chain_der: tuple[bytes, ...]  # the same, DER (encoded once, reused for the reply)
+    """What the client gets: its certificate, then the issuing CA, as DER (the reply's form)."""
+
+    chain_der: tuple[bytes, ...]
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The issued certificate, parsed (on demand: the reply needs only the DER)."""
+        return x509.load_der_x509_certificate(self.chain_der[0])
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        return tuple(x509.load_der_x509_certificate(d) for d in self.chain_der)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +70,10 @@ class PendingEnrollment:
 
     issuance: Issuance
     enrollment: Enrollment
+
+
+def _template_mismatch(exc: TemplateMismatch) -> None:
+    log.warning("%s; issuing with cryptography's builder instead (slower, same certificates)", exc)
 
 
 def token_hash(token: str) -> str:
@@ -93,6 +110,9 @@ class EnrollmentService:
             x509.SubjectKeyIdentifier
         ).value.digest
         self._issuer_der = issuer.cert.public_bytes(serialization.Encoding.DER)
+        # The profile of pki/profile.py, encoded from a template that proved itself against
+        # the builder (pki/template.py); the builder itself if it did not.
+        self._certificates = device_certificates(issuer, _template_mismatch)
 
     # --- authorization -----------------------------------------------------------------
     def authorize_token(self, username: str, token: str, now: datetime) -> Authorization:
@@ -251,22 +271,22 @@ class EnrollmentService:
         device_id = auth.grant.device_id
         # One attribute test on the hot path when no per-device profile is configured.
         profile = self.profile if self.profile_for is None else self.profile_for(device_id)
-        cert = build_device_certificate(
-            approved.public_key, device_id, self.issuer, now, profile, role=auth.grant.role
+        signed = self._certificates.issue(
+            approved.public_key, device_id, now, profile, auth.grant.role
         )
         # Encoded once: the fingerprint, the registry's PEM and the reply all derive from it.
-        der = cert.public_bytes(serialization.Encoding.DER)
+        der = signed.der
         record = IssuedCertificate(
-            serial=cert.serial_number,
+            serial=signed.serial,
             device_id=device_id,
             fingerprint_sha256=hashlib.sha256(der).hexdigest(),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
+            not_before=signed.not_before,
+            not_after=signed.not_after,
             pem=certificate_pem(der),
         )
         return PendingEnrollment(
             Issuance(record, auth.token_hash, auth.supersedes_serial, now, auth.actor),
-            Enrollment(cert, (cert, self.issuer.cert), (der, self._issuer_der)),
+            Enrollment((der, self._issuer_der)),
         )
 
     def settle(self, pending: PendingEnrollment, refused: RegistryError | None) -> Enrollment:
@@ -312,7 +332,7 @@ class EnrollmentService:
             cert = x509.load_pem_x509_certificate(record.pem.encode())
             if cert.public_key() == public_key:
                 der = cert.public_bytes(serialization.Encoding.DER)
-                return Enrollment(cert, (cert, self.issuer.cert), (der, self._issuer_der))
+                return Enrollment((der, self._issuer_der))
         raise AuthenticationFailed("enrollment token used")
 
 

@@ -11,6 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from enroll_server.pki.der import encode as der_element
+
 CSR_CONTENT_TYPE = "application/pkcs10"
 CERTS_ONLY_CONTENT_TYPE = "application/pkcs7-mime; smime-type=certs-only"
 CACERTS_CONTENT_TYPE = "application/pkcs7-mime"
@@ -68,14 +70,6 @@ def _b64_lines(der: bytes) -> bytes:
     return b"\n".join(text[i : i + 64] for i in range(0, len(text), 64)) + b"\n"
 
 
-def _der_tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes((tag, n)) + content
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(size))) + size + content
-
-
 # The fixed parts of a degenerate SignedData (RFC 5652 5.1; RFC 7030 4.1.3 "certs-only"):
 # version 1, no digest algorithms, encapsulated content type id-data with no content,
 # no signers. Only the certificates field varies.
@@ -92,9 +86,9 @@ def certs_only_der(cert_ders: Sequence[bytes]) -> bytes:
     work per enrollment. The certificates field is a SET OF, so DER (X.690 11.6) orders the
     elements by their encodings; the output is byte-identical to cryptography's.
     """
-    certs = _der_tlv(0xA0, b"".join(sorted(cert_ders)))  # [0] IMPLICIT SET OF Certificate
-    signed_data = _der_tlv(0x30, _SD_HEAD + certs + _SD_TAIL)
-    return _der_tlv(0x30, _OID_SIGNED_DATA + _der_tlv(0xA0, signed_data))
+    certs = der_element(0xA0, b"".join(sorted(cert_ders)))  # [0] IMPLICIT SET OF Certificate
+    signed_data = der_element(0x30, _SD_HEAD + certs + _SD_TAIL)
+    return der_element(0x30, _OID_SIGNED_DATA + der_element(0xA0, signed_data))
 
 
 def encode_certs_only_der(cert_ders: Sequence[bytes]) -> bytes:

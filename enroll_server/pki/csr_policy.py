@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
+from enroll_server.pki import der
 from enroll_server.pki.errors import CsrRejected, UnsupportedKey
 from enroll_server.pki.keys import KeyType, PublicKey, key_type_of
 from enroll_server.pki.profile import EndEntityRole
@@ -43,17 +47,6 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
         raise CsrRejected("body is not a DER-encoded PKCS#10 certificate request") from exc
 
 
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    octets = n.to_bytes((n.bit_length() + 7) // 8)
-    return bytes([0x80 | len(octets)]) + octets
-
-
-def _der(tag: int, content: bytes) -> bytes:
-    return bytes([tag]) + _der_length(len(content)) + content
-
-
 _CN_OID_DER = b"\x06\x03\x55\x04\x03"  # id-at-commonName, 2.5.4.3
 # PrintableString's alphabet (X.680 41.4).
 _PRINTABLE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"
@@ -64,33 +57,26 @@ def _cn_only_names(value: str) -> tuple[bytes, ...]:
     raw = value.encode("utf-8")
     # Deleting the printable characters leaves nothing iff the value is all printable.
     tags = (0x0C, 0x13) if not raw.translate(None, _PRINTABLE) else (0x0C,)
-    return tuple(_der(0x30, _der(0x31, _der(0x30, _CN_OID_DER + _der(tag, raw)))) for tag in tags)
+    return tuple(
+        der.encode(0x30, der.encode(0x31, der.encode(0x30, _CN_OID_DER + der.encode(tag, raw))))
+        for tag in tags
+    )
 
 
-def _subject_der(der: bytes) -> bytes:
+def _subject_der(request: bytes) -> bytes:
     """The subject Name's DER of a well-formed PKCS#10 request (RFC 2986 4.1): the TLV after
     CertificationRequest.certificationRequestInfo.version."""
-
-    def contents(at: int) -> tuple[int, int]:
-        length = der[at + 1]
-        at += 2
-        if length & 0x80:
-            octets = length & 0x7F
-            length = int.from_bytes(der[at : at + octets])
-            at += octets
-        return at, at + length
-
-    info, _ = contents(contents(0)[0])
-    _, version_end = contents(info)
-    return der[version_end : contents(version_end)[1]]
+    _, info, _ = der.read(request, der.read(request)[1])
+    _, _, version_end = der.read(request, info)
+    return request[version_end : der.read(request, version_end)[2]]
 
 
-def _subject_is_cn(der: bytes, value: str) -> bool:
+def _subject_is_cn(request: bytes, value: str) -> bool:
     """Whether the subject is exactly CN=value: the common request, answered without
     decoding the Name into objects. False is no verdict: _subject_cn decides then."""
     try:
-        return _subject_der(der) in _cn_only_names(value)
-    except IndexError:
+        return _subject_der(request) in _cn_only_names(value)
+    except (IndexError, ValueError):
         return False
 
 
@@ -135,6 +121,32 @@ def _check_extensions(csr: x509.CertificateSigningRequest, grant: Grant) -> None
                     )
 
 
+# ecdsa-with-SHA* (RFC 5758 3.2): the signature algorithms of EC requests, by their hash.
+_ECDSA_HASHES: dict[x509.ObjectIdentifier, type[hashes.HashAlgorithm]] = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256: hashes.SHA256,
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384: hashes.SHA384,
+    SignatureAlgorithmOID.ECDSA_WITH_SHA512: hashes.SHA512,
+}
+
+
+def signature_valid(csr: x509.CertificateSigningRequest, public_key: object) -> bool:
+    """Whether the request's self-signature verifies under its own public key.
+
+    An EC request signed with ECDSA (nearly every device) is verified with the key already
+    loaded: `is_signature_valid` decodes the key a second time, ~12 us per request on this
+    machine, 15 % of the check. Anything else goes to `is_signature_valid`.
+    """
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        algorithm = _ECDSA_HASHES.get(csr.signature_algorithm_oid)
+        if algorithm is not None:
+            try:
+                public_key.verify(csr.signature, csr.tbs_certrequest_bytes, ec.ECDSA(algorithm()))
+            except InvalidSignature:
+                return False
+            return True
+    return csr.is_signature_valid
+
+
 def check_csr(
     csr: x509.CertificateSigningRequest, grant: Grant, der: bytes | None = None
 ) -> ApprovedCsr:
@@ -142,13 +154,13 @@ def check_csr(
 
     `der`: the request's DER, when the caller has it (a shortcut for the subject check).
     """
-    # RFC 2986 4.2 / RFC 7030 3.4: the self-signature proves possession of the private key.
-    if not csr.is_signature_valid:
-        raise CsrRejected("CSR signature is invalid (no proof of possession of the private key)")
     try:
         public_key = csr.public_key()
     except (ValueError, UnsupportedKey) as exc:
         raise CsrRejected(f"CSR public key cannot be used: {exc}") from exc
+    # RFC 2986 4.2 / RFC 7030 3.4: the self-signature proves possession of the private key.
+    if not signature_valid(csr, public_key):
+        raise CsrRejected("CSR signature is invalid (no proof of possession of the private key)")
     try:
         key_type = key_type_of(public_key)
     except UnsupportedKey as exc:

@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enroll_server.pki.ca import Issuer, authority_key_identifier
 from enroll_server.pki.crl import reason_flag
+from enroll_server.pki.der import read as read_der
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.keys import PrivateKey, PublicKey, signature_hash
 from enroll_server.pki.profile import SIGNATURE_ONLY_KEY_USAGE
@@ -101,18 +102,6 @@ class OcspReply:
     serial: int | None = None
 
 
-def _der_tlv(data: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, content start, content end) of the DER element at `pos` (definite lengths only)."""
-    tag = data[pos]
-    length = data[pos + 1]
-    pos += 2
-    if length & 0x80:
-        count = length & 0x7F
-        length = int.from_bytes(data[pos : pos + count], "big")
-        pos += count
-    return tag, pos, pos + length
-
-
 def subject_public_key_bits(public_key: CertificatePublicKeyTypes) -> bytes:
     """The subjectPublicKey BIT STRING value (no unused-bits octet), what issuerKeyHash hashes.
 
@@ -122,9 +111,9 @@ def subject_public_key_bits(public_key: CertificatePublicKeyTypes) -> bytes:
     spki = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _, seq_start, _ = _der_tlv(spki, 0)  # SubjectPublicKeyInfo SEQUENCE
-    _, _, alg_end = _der_tlv(spki, seq_start)  # AlgorithmIdentifier
-    tag, bits_start, bits_end = _der_tlv(spki, alg_end)
+    _, seq_start, _ = read_der(spki, 0)  # SubjectPublicKeyInfo SEQUENCE
+    _, _, alg_end = read_der(spki, seq_start)  # AlgorithmIdentifier
+    tag, bits_start, bits_end = read_der(spki, alg_end)
     if tag != 0x03:
         raise ValueError(f"SubjectPublicKeyInfo without a BIT STRING (tag {tag:#x})")
     return spki[bits_start + 1 : bits_end]

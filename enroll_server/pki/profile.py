@@ -53,7 +53,8 @@ SIGNATURE_ONLY_KEY_USAGE = x509.KeyUsage(
 )
 
 
-def _uri(device_id: DeviceId, role: EndEntityRole) -> str:
+def end_entity_uri(device_id: DeviceId, role: EndEntityRole) -> str:
+    """The SAN URI of a device or service certificate."""
     prefix = SERVICE_URN_PREFIX if role is EndEntityRole.SERVICE else URN_PREFIX
     return prefix + device_id.value
 
@@ -92,7 +93,9 @@ def build_device_certificate(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         # RFC 5280 4.2.1.6: the subject DN is non-empty, so the SAN is not critical.
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(_uri(device_id, role))]),
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(end_entity_uri(device_id, role))]
+            ),
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)

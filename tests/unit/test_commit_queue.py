@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives import serialization
 
 from enroll_server.commit_queue import CommitFailed, CommitQueue, Done
 from enroll_server.errors import AuthenticationFailed, DeviceRevoked
+from enroll_server.pki import template as template_module
 from enroll_server.pki.keys import KeyType, generate_key
 from enroll_server.pki.profile import DeviceProfile
+from enroll_server.pki.template import BuilderCertificates, CertificateTemplate, TemplateMismatch
 from enroll_server.registry import (
     CertStatus,
     DeviceNotActive,
@@ -312,6 +314,30 @@ def pending_for(service: EnrollmentService, device: DeviceId) -> PendingEnrollme
     assert isinstance(outcome, PendingEnrollment)
     assert outcome.enrollment.certificate.public_key() == key.public_key()
     return outcome
+
+
+def test_service_issues_from_the_template_or_else_the_builder(
+    reg: Registry, ca: MemoryCa, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both ways of signing give the certificate of the profile; the fallback says so once."""
+    assert isinstance(
+        EnrollmentService(reg, ca.issuing, DeviceProfile())._certificates, CertificateTemplate
+    )
+
+    def mismatch(issuer: object) -> None:
+        raise TemplateMismatch("probe TBS differs (1 vs 2 octets)")
+
+    monkeypatch.setattr(template_module, "CertificateTemplate", mismatch)
+    with caplog.at_level(logging.WARNING, logger="fleetpki.service"):
+        fallback = EnrollmentService(reg, ca.issuing, DeviceProfile())
+    assert isinstance(fallback._certificates, BuilderCertificates)
+    assert "probe TBS differs" in caplog.text and "builder instead" in caplog.text
+    (device,) = provision(reg, 1)
+    pending = pending_for(fallback, device)
+    cert = pending.enrollment.certificate
+    cert.verify_directly_issued_by(ca.issuing.cert)
+    assert pending.issuance.cert.serial == cert.serial_number
+    assert cert.subject.rfc4514_string() == f"CN={device.value}"
 
 
 async def test_issue_then_settle_returns_what_was_recorded(

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enroll_server.pki import der
 from enroll_server.pki.csr_policy import (
     MAX_CSR_DER,
     Grant,
@@ -55,6 +56,44 @@ def test_bad_signature_is_rejected() -> None:
     csr = load_csr(bytes(der))
     with pytest.raises(CsrRejected, match="signature is invalid"):
         check_csr(csr, GRANT)
+
+
+def _parts(request: bytes) -> list[bytes]:
+    """certificationRequestInfo, signatureAlgorithm, signature (RFC 2986 4.2)."""
+    _, start, end = der.read(request)
+    return list(der.children(request, start, end))
+
+
+def _signed(key: object, algorithm: hashes.HashAlgorithm | None, cn: str = "dev-1") -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    )
+    return csr_der(builder.sign(key, algorithm))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "algorithm"),
+    [
+        (KeyType.EC_P256, hashes.SHA256()),
+        (KeyType.EC_P256, hashes.SHA512()),  # verified with the loaded key, by its OID's hash
+        (KeyType.EC_P384, hashes.SHA384()),
+        (KeyType.EC_P384, hashes.SHA224()),  # no fast path: is_signature_valid decides
+        (KeyType.RSA_2048, hashes.SHA256()),
+        (KeyType.ED25519, None),
+    ],
+)
+def test_proof_of_possession_for_each_key_and_hash(
+    kind: KeyType, algorithm: hashes.HashAlgorithm | None
+) -> None:
+    key = generate_key(kind)
+    good = _signed(key, algorithm)
+    assert check_csr(load_csr(good), GRANT).key_type is kind
+    # The request's info with another key's signature over it: the key in it did not sign it.
+    info, _, _ = _parts(good)
+    _, algorithm_id, signature = _parts(_signed(generate_key(kind), algorithm))
+    forged = der.encode(0x30, info + algorithm_id + signature)
+    with pytest.raises(CsrRejected, match="signature is invalid"):
+        check_csr(load_csr(forged), GRANT)
 
 
 def test_weak_rsa_is_rejected() -> None:
