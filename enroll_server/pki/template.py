@@ -109,7 +109,8 @@ class CertificateTemplate:
         self._issuer_not_after = issuer.cert.not_valid_after_utc
         probe_key = ec.generate_private_key(ec.SECP256R1()).public_key()
         probe_id = DeviceId("template-probe")
-        probe_now = datetime.now(UTC).replace(microsecond=0)
+        # Any instant will do (pure: no clock read); the issuer's own start is whole seconds.
+        probe_now = issuer.cert.not_valid_before_utc
         probe_serial = new_serial()
         probe_profile = DeviceProfile()
         built = build_device_certificate(
