@@ -18,6 +18,7 @@ from rich.table import Table
 from enroll_server.config import ConfigError, ServerConfig
 from enroll_server.home import HomeError, hash_secret, init_home, resolve_home
 from enroll_server.identities import ServiceIdentityError, issue_service_identity
+from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
 from enroll_server.registry import (
@@ -109,7 +110,11 @@ def init(
     except (UnsupportedKey, InvalidDuration) as exc:
         fail(str(exc))
         raise
-    extra = list(hostname or [])
+    try:
+        extra = [check_hostname(h) for h in hostname or []]
+    except ValueError as exc:
+        fail(f"--hostname {exc}")
+        raise
     hosts = [
         "localhost",
         "127.0.0.1",
@@ -166,6 +171,7 @@ def serve(
     """Run EST + admin API (HTTPS), CRL + OCSP (HTTP) and the embedded mTLS MQTT broker."""
     from enroll_server.loop import install_fast_loop
     from enroll_server.runtime import run_service
+    from enroll_server.server_certificate import ServerCertificateError
 
     root = _home(home)
     install_fast_loop()
@@ -183,7 +189,7 @@ def serve(
                 bind=bind,
             )
         )
-    except (HomeError, ConfigError, PkiError) as exc:
+    except (HomeError, ConfigError, PkiError, ServerCertificateError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot listen: {exc}")
@@ -345,13 +351,16 @@ def service_issue(
 
 
 def _mount_sub_apps() -> None:
-    """Sub-apps live with their area: `batch` (provisioning), `broker` (+ mosquitto), simulators."""
+    """Sub-apps live with their area: `batch` (provisioning), `broker` (+ mosquitto),
+    `server-cert`, simulators."""
+    from enroll_server import server_certificate_cli
     from enroll_server.broker import cli as broker_cli
     from enroll_server.broker import mosquitto_cli
     from provisioning import cli as batch_cli
     from simulators import cli as simulators_cli
 
     app.add_typer(batch_cli.app, name="batch")
+    app.add_typer(server_certificate_cli.app, name="server-cert")
     for command in mosquitto_cli.app.registered_commands:
         broker_cli.app.registered_commands.append(command)
     app.add_typer(broker_cli.app, name="broker")

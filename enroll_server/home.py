@@ -29,6 +29,9 @@ from enroll_server.pki.keys import (
 from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
 
 PASSPHRASE_ENV = "FLEETPKI_CA_PASSPHRASE"
+# The TLS server certificate's lifetime: 397 days, the CA/Browser Forum's ceiling for TLS
+# server certificates (BR 6.3.2), which clients that check it hold private CAs to as well.
+SERVER_CERT_DAYS = 397
 HOME_ENV = "FLEETPKI_HOME"
 
 
@@ -175,7 +178,11 @@ def init_home(
     issuing = Issuer(issuing_cert, issuing_key, config.urls())
     server_key = generate_key(config.key_type)
     server_cert = build_server_certificate(
-        server_key.public_key(), issuing, server_hostnames(list(config.hostnames)), now
+        server_key.public_key(),
+        issuing,
+        server_hostnames(list(config.hostnames)),
+        now,
+        SERVER_CERT_DAYS,
     )
     write_atomic(layout.root_key, private_key_pem(root_key, phrase))
     write_atomic(layout.issuing_key, private_key_pem(issuing_key, phrase))
@@ -190,6 +197,29 @@ def init_home(
     write_atomic(layout.admin_token, admin_token.encode() + b"\n")
     write_atomic(layout.config, render_config(config).encode(), 0o600)
     return InitResult(layout, admin_token, root_cert, issuing_cert, server_cert)
+
+
+def renew_server_certificate(
+    layout: HomeLayout,
+    issuer: Issuer,
+    config: ServerConfig,
+    now: datetime,
+    days: int = SERVER_CERT_DAYS,
+) -> x509.Certificate:
+    """A new key and TLS server certificate for the configured host names, written in place.
+
+    The key is written first and the certificate (with the issuing CA after it) last, each
+    atomically: a reader that sees the new certificate also sees its key. Readers that load
+    both while they change (a running server) must check that they match (ServerCertificates
+    does); `fleetpki serve` and `fleetpki broker` pick the new pair up without a restart.
+    """
+    key = generate_key(config.key_type)
+    cert = build_server_certificate(
+        key.public_key(), issuer, server_hostnames(list(config.hostnames)), now, days
+    )
+    write_atomic(layout.server_key, private_key_pem(key, None))
+    write_atomic(layout.server_cert, _pem(cert) + _pem(issuer.cert), PUBLIC_MODE)
+    return cert
 
 
 @dataclass(frozen=True, slots=True)

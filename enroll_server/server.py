@@ -9,11 +9,14 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from enroll_server.broker.server import BrokerConfig, RunningBroker, start_broker
-from enroll_server.home import LoadedHome, hash_secret, load_home
+from enroll_server.home import LoadedHome, hash_secret, load_home, renew_server_certificate
 from enroll_server.http_app import (
     RunningSite,
     build_http_app,
@@ -26,6 +29,7 @@ from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
 from enroll_server.revocation_http import RevocationState, revocation_routes
+from enroll_server.server_certificate import CHECK_INTERVAL, ServerCertificates
 from enroll_server.service import EnrollmentService, ProfileChooser
 from enroll_server.state import AppState, utc_now
 from enroll_server.token_index import TokenIndex
@@ -56,6 +60,8 @@ class ServerHandle:
     crl_registry: Registry | None = None
     # WAL checkpoints, off the event loop (registry.checkpointer).
     checkpointer: Checkpointer | None = None
+    # Keeps the listeners' TLS server certificate current (server_certificate).
+    server_certificates: ServerCertificates | None = None
 
     @property
     def est_port(self) -> int:
@@ -108,6 +114,25 @@ def ensure_admin_token(loaded: LoadedHome, registry: Registry, now: datetime) ->
             registry.add_admin_token(digest, "init", now)
 
 
+def renew_and_record(loaded: LoadedHome, now: datetime, *, actor: str) -> x509.Certificate:
+    """Renew the TLS server certificate (home.renew_server_certificate) and audit it, on a
+    registry connection of its own (it runs in a worker thread or the CLI)."""
+    cert = renew_server_certificate(loaded.layout, loaded.issuer, loaded.config, now)
+    with Registry.open(loaded.layout.registry) as registry:
+        registry.append_audit(
+            actor=actor,
+            action="tls.renew",
+            device_id=None,
+            detail={
+                "serial": f"{cert.serial_number:x}",
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "hostnames": list(loaded.config.hostnames),
+            },
+            now=now,
+        )
+    return cert
+
+
 async def start_server(
     home: Path,
     *,
@@ -119,12 +144,15 @@ async def start_server(
     profile: DeviceProfile | None = None,
     profile_for: ProfileChooser | None = None,
     clock: Callable[[], datetime] = utc_now,
+    server_cert_check_interval: float = CHECK_INTERVAL,
 ) -> ServerHandle:
     """Start EST + admin API (HTTPS), CRL + OCSP (HTTP) and, if `broker`, the mTLS broker.
 
     Port arguments override the config; 0 binds an ephemeral port (read it from the handle).
     `profile` replaces the config's device certificate profile; `profile_for(device_id)`, if
     given, chooses one per device at each issuance (see EnrollmentService).
+    `server_cert_check_interval`: seconds between looks at the TLS server certificate's files
+    and lifetime (server_certificate.ServerCertificates).
     """
     loaded = load_home(home)
     cfg = loaded.config
@@ -209,6 +237,24 @@ async def start_server(
         state.on_revocation.append(lambda device, why: running.disconnect(device, reason=why))
         state.metrics.extra.append(running.metrics_text)
         handle.stoppers.append(running.stop)
+    # The TLS server certificate of both listeners: reloaded when its files change, renewed
+    # by this process (it holds the issuing CA) at 2/3 of its lifetime.
+    try:
+        certificates = ServerCertificates(
+            loaded.layout.server_cert,
+            loaded.layout.server_key,
+            [tls] + ([handle.broker.tls_context] if handle.broker is not None else []),
+            clock,
+            renew=partial(renew_and_record, loaded, actor="server"),
+            interval=server_cert_check_interval,
+        )
+    except BaseException:
+        await handle.stop()
+        raise
+    certificates.start()
+    handle.server_certificates = certificates
+    handle.stoppers.append(certificates.stop)
+    state.metrics.extra.append(certificates.metrics_text)
     log.info(
         "EST + admin API on https://%s:%d, CRL/OCSP on http://%s:%d",
         host,

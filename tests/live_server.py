@@ -101,6 +101,7 @@ def start_live_server(
     profile: DeviceProfile | None = None,
     clock: Callable[[], datetime] | None = None,
     broker: bool = False,
+    cert_check_interval: float | None = None,
     **config: Any,
 ) -> LiveServer:
     layout = (
@@ -124,6 +125,8 @@ def start_live_server(
     }
     if clock is not None:
         kwargs["clock"] = clock
+    if cert_check_interval is not None:
+        kwargs["server_cert_check_interval"] = cert_check_interval
     fut = asyncio.run_coroutine_threadsafe(start_server(home, **kwargs), loop)
     try:
         handle = fut.result(30)

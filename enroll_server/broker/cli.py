@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +16,8 @@ from rich.console import Console
 
 from enroll_server.broker.errors import BrokerError
 from enroll_server.broker.policy import KeepalivePolicy
-from enroll_server.broker.server import BrokerConfig, RunningBroker, start_broker
+from enroll_server.broker.server import BrokerConfig, start_broker
+from enroll_server.server_certificate import CHECK_INTERVAL, ServerCertificates
 
 app = typer.Typer(
     help="The embedded mTLS MQTT broker (run alone: `fleetpki broker --home H`).",
@@ -79,9 +82,9 @@ def broker_config_for_home(
     )
 
 
-async def _metrics_site(running: RunningBroker, host: str, port: int) -> web.AppRunner:
+async def _metrics_site(text: Callable[[], str], host: str, port: int) -> web.AppRunner:
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=running.metrics_text(), content_type="text/plain")
+        return web.Response(text=text(), content_type="text/plain")
 
     web_app = web.Application()
     web_app.router.add_get("/metrics", metrics)
@@ -91,12 +94,28 @@ async def _metrics_site(running: RunningBroker, host: str, port: int) -> web.App
     return runner
 
 
-async def serve_until_signal(config: BrokerConfig, metrics_port: int | None) -> None:
+async def serve_until_signal(
+    config: BrokerConfig, metrics_port: int | None, cert_check_interval: float = CHECK_INTERVAL
+) -> None:
     running = await start_broker(config)
     runner = None
+    # A certificate renewed by `fleetpki serve` or `fleetpki server-cert renew` is loaded
+    # without a restart; renewing is theirs (this process holds no CA key).
+    certificates = ServerCertificates(
+        config.server_cert,
+        config.server_key,
+        [running.tls_context],
+        lambda: datetime.now(UTC),
+        interval=cert_check_interval,
+    )
+    certificates.start()
     try:
         if metrics_port is not None:
-            runner = await _metrics_site(running, config.host, metrics_port)
+            runner = await _metrics_site(
+                lambda: running.metrics_text() + certificates.metrics_text(),
+                config.host,
+                metrics_port,
+            )
         err.print(f"MQTT (mTLS) on {config.host}:{running.port}; Ctrl-C to stop", highlight=False)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -104,6 +123,7 @@ async def serve_until_signal(config: BrokerConfig, metrics_port: int | None) -> 
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        await certificates.stop()
         if runner is not None:
             await runner.cleanup()
         await running.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -127,6 +128,10 @@ class RunningBroker:
     @property
     def broker(self) -> HardenedBroker:
         return self._broker
+
+    @property
+    def tls_context(self) -> ssl.SSLContext:
+        return self._broker.tls_context
 
     def connected(self) -> dict[str, str]:
         """Identity -> role of every live, admitted session."""

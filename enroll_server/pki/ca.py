@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -136,6 +137,24 @@ def _san_entries(hostnames: Sequence[str]) -> list[x509.GeneralName]:
         except ValueError:
             out.append(x509.DNSName(host))
     return out
+
+
+# RFC 1123 2.1 host names: dot-separated labels of letters, digits and inner hyphens.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?\Z")
+
+
+def check_hostname(value: str) -> str:
+    """A server host name or IP address for the TLS certificate's SAN; ValueError if neither."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.match(value):
+            raise ValueError(
+                f"{value!r} is neither an IP address nor a DNS host name "
+                "(letters, digits and hyphens in dot-separated labels, RFC 1123)"
+            ) from None
+    return value
 
 
 def server_hostnames(extra: Sequence[str]) -> list[str]:

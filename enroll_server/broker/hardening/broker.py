@@ -152,6 +152,11 @@ class HardenedBroker(Broker):
 
     # -- listener: strict TLS, lean protocol ----------------------------------------------
 
+    @property
+    def tls_context(self) -> ssl.SSLContext:
+        """The listener's context: loading a new certificate into it serves new handshakes."""
+        return self._tls_context
+
     def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:
         return self._tls_context
 

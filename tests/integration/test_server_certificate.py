@@ -1,0 +1,155 @@
+"""The TLS server certificate of a running service: renewed and reloaded without a restart."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from typer.testing import CliRunner
+
+from enroll_server.cli import app
+from enroll_server.home import load_home
+from enroll_server.pki.keys import KeyType, generate_key, private_key_pem
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate
+from enroll_server.server import renew_and_record
+from fleetpki.identity import DeviceId
+from tests.est_client import request
+from tests.live_server import LiveServer, start_live_server
+
+runner = CliRunner()
+
+
+def presented_serial(port: int, ctx: ssl.SSLContext) -> int:
+    """The serial of the certificate a listener on 127.0.0.1:port presents to a new client."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def device_context(server: LiveServer, tmp_path: Path, verify: bool = True) -> ssl.SSLContext:
+    """A client context with a device certificate of this CA (the broker requires one)."""
+    key = generate_key(KeyType.EC_P256)
+    cert = build_device_certificate(
+        key.public_key(),
+        DeviceId("tls-probe"),
+        load_home(server.layout.root).issuer,
+        datetime.now(UTC),
+        DeviceProfile(),
+    )
+    (tmp_path / "probe.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "probe.key").write_bytes(private_key_pem(key, None))
+    ctx = server.client_ssl(tmp_path / "probe.pem", tmp_path / "probe.key")
+    if not verify:  # a certificate issued at a pretended time is not yet valid really
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def test_a_renewal_reaches_both_listeners_and_open_connections_go_on(tmp_path: Path) -> None:
+    server = start_live_server(tmp_path / "home", broker=True, cert_check_interval=0.1)
+    try:
+        ctx = device_context(server, tmp_path)
+        old = presented_serial(server.handle.est_port, ctx)
+        assert presented_serial(server.mqtt_port, ctx) == old
+        # A keep-alive connection opened before the renewal.
+        with (
+            socket.create_connection(("127.0.0.1", server.handle.est_port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as open_conn,
+        ):
+            get = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            open_conn.sendall(get)
+            assert open_conn.recv(4096).startswith(b"HTTP/1.1 200")
+            # As `fleetpki server-cert renew` does, from outside the server.
+            new = renew_and_record(load_home(server.layout.root), datetime.now(UTC), actor="cli")
+            assert new.serial_number != old
+            assert wait_for(
+                lambda: presented_serial(server.handle.est_port, ctx) == new.serial_number
+            )
+            assert wait_for(lambda: presented_serial(server.mqtt_port, ctx) == new.serial_number)
+            open_conn.sendall(get)  # the connection made with the old certificate goes on
+            assert open_conn.recv(4096).startswith(b"HTTP/1.1 200")
+        (entry,) = [e for e in server.registry.audit_log() if e.action == "tls.renew"]
+        assert entry.actor == "cli" and entry.detail["serial"] == f"{new.serial_number:x}"
+        metrics = request(server.est_url + "/metrics", server.client_ssl()).text
+        assert "fleetpki_server_certificate_reloads_total 1" in metrics
+        assert (
+            f"fleetpki_server_certificate_not_after_seconds "
+            f"{new.not_valid_after_utc.timestamp():.0f}" in metrics
+        )
+    finally:
+        server.stop()
+
+
+def test_serve_renews_its_own_certificate_once_due(tmp_path: Path) -> None:
+    # 300 days on: past 2/3 of the 397-day lifetime.
+    def later() -> datetime:
+        return datetime.now(UTC) + timedelta(days=300)
+
+    server = start_live_server(tmp_path / "home", clock=later, cert_check_interval=0.1)
+    try:
+        ctx = device_context(server, tmp_path, verify=False)
+        first = x509.load_pem_x509_certificate(server.layout.server_cert.read_bytes())
+
+        def renewed() -> bool:
+            return any(e.action == "tls.renew" for e in server.registry.audit_log())
+
+        assert wait_for(renewed)
+        now_on_disk = x509.load_pem_x509_certificate(server.layout.server_cert.read_bytes())
+        assert now_on_disk.serial_number != first.serial_number
+        assert now_on_disk.not_valid_after_utc > first.not_valid_after_utc + timedelta(days=250)
+        assert wait_for(
+            lambda: presented_serial(server.handle.est_port, ctx) == now_on_disk.serial_number
+        )
+        (entry,) = [e for e in server.registry.audit_log() if e.action == "tls.renew"]
+        assert entry.actor == "server"
+    finally:
+        server.stop()
+
+
+def test_cli_renew_and_show(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
+    before = (home / "tls/server.pem").read_bytes(), (home / "fleetpki.toml").read_bytes()
+    bad = runner.invoke(app, ["server-cert", "renew", "--home", str(home), "--hostname", "a b"])
+    assert bad.exit_code == 2
+    assert "'a b' is neither an IP address nor a DNS host name" in bad.output
+    # Nothing written by the refused request.
+    assert ((home / "tls/server.pem").read_bytes(), (home / "fleetpki.toml").read_bytes()) == before
+    r = runner.invoke(
+        app, ["server-cert", "renew", "--home", str(home), "--hostname", "gw.plant.lan"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "renewed" in r.output and "gw.plant.lan" in r.output
+    assert '"gw.plant.lan"' in (home / "fleetpki.toml").read_text()  # kept for the next renewal
+    shown = runner.invoke(app, ["server-cert", "show", "--home", str(home), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert '"gw.plant.lan"' in shown.output and '"expired": false' in shown.output
+
+
+def test_init_refuses_a_bad_hostname_and_writes_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    r = runner.invoke(app, ["init", "--home", str(home), "--hostname", "under_score.lan"])
+    assert r.exit_code == 2
+    assert "--hostname 'under_score.lan' is neither" in r.output
+    assert not home.exists()
+    shown = runner.invoke(app, ["server-cert", "show", "--home", str(home)])
+    assert shown.exit_code == 2 and "cannot read" in shown.output
