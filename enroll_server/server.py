@@ -16,6 +16,7 @@ from typing import Any
 from cryptography import x509
 
 from enroll_server.broker.server import BrokerConfig, RunningBroker, start_broker
+from enroll_server.config import ServerConfig, load_config
 from enroll_server.home import LoadedHome, hash_secret, load_home, renew_server_certificate
 from enroll_server.http_app import (
     RunningSite,
@@ -114,10 +115,18 @@ def ensure_admin_token(loaded: LoadedHome, registry: Registry, now: datetime) ->
             registry.add_admin_token(digest, "init", now)
 
 
-def renew_and_record(loaded: LoadedHome, now: datetime, *, actor: str) -> x509.Certificate:
+def renew_and_record(
+    loaded: LoadedHome, now: datetime, *, actor: str, config: ServerConfig | None = None
+) -> x509.Certificate:
     """Renew the TLS server certificate (home.renew_server_certificate) and audit it, on a
-    registry connection of its own (it runs in a worker thread or the CLI)."""
-    cert = renew_server_certificate(loaded.layout, loaded.issuer, loaded.config, now)
+    registry connection of its own (it runs in a worker thread or the CLI).
+
+    `config`: whose host names to certify; by default the home's config file as it is now,
+    not as the server read it at start (`server-cert renew --hostname` may have added one).
+    """
+    if config is None:
+        config = load_config(loaded.layout.config)
+    cert = renew_server_certificate(loaded.layout, loaded.issuer, config, now)
     with Registry.open(loaded.layout.registry) as registry:
         registry.append_audit(
             actor=actor,
@@ -126,7 +135,7 @@ def renew_and_record(loaded: LoadedHome, now: datetime, *, actor: str) -> x509.C
             detail={
                 "serial": f"{cert.serial_number:x}",
                 "not_after": cert.not_valid_after_utc.isoformat(),
-                "hostnames": list(loaded.config.hostnames),
+                "hostnames": list(config.hostnames),
             },
             now=now,
         )

@@ -122,8 +122,7 @@ def renew(
     new_names = [h for h in dict.fromkeys(added) if h not in config.hostnames]
     if new_names:
         config = replace(config, hostnames=config.hostnames + tuple(new_names))
-        loaded = replace(loaded, config=config)
-    cert = renew_and_record(loaded, now, actor="cli")
+    cert = renew_and_record(loaded, now, actor="cli", config=config)
     if new_names:
         # After the certificate: a failed renewal leaves the config as it was.
         write_atomic(loaded.layout.config, render_config(config).encode(), 0o600)

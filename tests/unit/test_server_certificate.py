@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from enroll_server.config import render_config
 from enroll_server.home import (
     SERVER_CERT_DAYS,
     HomeLayout,
@@ -23,6 +24,7 @@ from enroll_server.home import (
 )
 from enroll_server.http_app import server_ssl_context
 from enroll_server.pki.ca import check_hostname
+from enroll_server.server import renew_and_record
 from enroll_server.server_certificate import (
     ServerCertificateError,
     ServerCertificates,
@@ -221,3 +223,14 @@ def test_hostnames_of_the_config_go_into_the_certificate(loaded: LoadedHome) -> 
         "::1",
         "10.1.2.3",
     ]
+
+
+def test_the_server_renews_for_the_host_names_in_the_config_file_now(
+    loaded: LoadedHome,
+) -> None:
+    """A name added to fleetpki.toml after `serve` started is kept by its next renewal."""
+    later = replace(loaded.config, hostnames=(*loaded.config.hostnames, "added.lan"))
+    loaded.layout.config.write_text(render_config(later))
+    cert = renew_and_record(loaded, datetime.now(UTC), actor="server")  # loaded: the old config
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "added.lan" in san.get_values_for_type(x509.DNSName)
