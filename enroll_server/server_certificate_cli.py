@@ -129,7 +129,6 @@ def renew(
     _print(describe(cert, now), as_json, f"[green]renewed[/green] {loaded.layout.server_cert}")
     if not as_json:
         console.print(
-            "  A running `fleetpki serve` / `fleetpki broker` loads it within a minute. "
-            "mosquitto keeps a copy: run `fleetpki broker mosquitto-config` again and "
-            "restart it."
+            "  A running `fleetpki serve` / `fleetpki broker` loads it within a minute; "
+            "`fleetpki broker mosquitto-sync` hands it to mosquitto."
         )

@@ -42,6 +42,7 @@ import paho.mqtt.client as mqtt
 
 from enroll_server.registry.models import EventKind
 from enroll_server.revocation_http import CrlPublisher
+from enroll_server.server_certificate import ServerCertificateError, read_pair
 from fleetpki.atomic_file import PUBLIC_MODE, SECRET_MODE, write_atomic
 
 log = logging.getLogger("fleetpki.mosquitto")
@@ -573,6 +574,7 @@ class SyncRound:
 
     crl_number: int | None  # the CRL written and reloaded this round, if any
     dropped: tuple[str, ...]  # device ids whose sessions were ended
+    server_serial: int | None = None  # a renewed TLS server certificate handed over, if any
 
 
 class MosquittoSync:
@@ -580,6 +582,11 @@ class MosquittoSync:
 
     The order matters: the CRL is reloaded *before* a session is dropped, so the device's
     immediate reconnect is already refused at the handshake.
+
+    `server_pair` (the home's tls/server.pem and server.key): mosquitto reads copies in its
+    own folder; a renewed pair (`fleetpki serve` renews it at 2/3 of its lifetime) is copied
+    there, key first, and mosquitto re-reads certfile and keyfile on the same SIGHUP as the
+    CRL (mosquitto.conf(5)). A pair whose key does not match is never copied.
     """
 
     def __init__(
@@ -590,7 +597,9 @@ class MosquittoSync:
         control: DynsecControl | None,
         clock: Callable[[], datetime],
         monotonic: Callable[[], float] = time.monotonic,
+        server_pair: tuple[Path, Path] | None = None,
     ) -> None:
+        self._server_pair = server_pair
         self._publisher = publisher
         self._files = files
         self._pid = pid
@@ -613,11 +622,18 @@ class MosquittoSync:
             self._rechecks = [(due, d) for due, d in self._rechecks if d not in resumed]
         current = self._publisher.current
         applied = None
-        if current is not None and current.number != self._applied_crl:
+        server_serial = self._copy_server_pair()
+        crl_changed = current is not None and current.number != self._applied_crl
+        if crl_changed:
+            assert current is not None
             write_crl(self._files, current.pem)
+        if crl_changed or server_serial is not None:
             signal_reload(self._pid())
-            self._applied_crl = applied = current.number
-            log.info("mosquitto: CRL #%d (%d entries) loaded", current.number, current.entries)
+            if current is not None and crl_changed:
+                self._applied_crl = applied = current.number
+                log.info("mosquitto: CRL #%d (%d entries) loaded", current.number, current.entries)
+            if server_serial is not None:
+                log.info("mosquitto: TLS server certificate serial %x loaded", server_serial)
             time.sleep(RELOAD_SETTLE)
         now = self._monotonic()
         due = [d for when, d in self._rechecks if when <= now]
@@ -635,7 +651,31 @@ class MosquittoSync:
                 log.warning("mosquitto: dynsec clients %s left disabled", ", ".join(kept))
         if not self._to_drop:
             save_cursor(self._files, self._publisher.event_seq)
-        return SyncRound(applied, dropped)
+        return SyncRound(applied, dropped, server_serial)
+
+    def _copy_server_pair(self) -> int | None:
+        """Copy a changed, matching server pair into mosquitto's folder; its serial if so."""
+        if self._server_pair is None:
+            return None
+        try:
+            chain_pem, key_pem, leaf = read_pair(*self._server_pair)
+        except ServerCertificateError as exc:
+            log.warning("mosquitto: TLS server certificate not handed over: %s", exc)
+            return None
+        files = self._files
+        with contextlib.suppress(OSError):
+            if files.certfile.read_bytes() == chain_pem and files.keyfile.read_bytes() == key_pem:
+                return None
+        try:
+            owner = files.keyfile.stat()
+        except OSError:
+            owner = None
+        write_atomic(files.keyfile, key_pem, SECRET_MODE)
+        if owner is not None and os.geteuid() == 0:
+            # mosquitto may have dropped to its own account: it must still read its key.
+            os.chown(files.keyfile, owner.st_uid, owner.st_gid)
+        write_atomic(files.certfile, chain_pem, PUBLIC_MODE)
+        return leaf.serial_number
 
     def finish(self, max_wait: float) -> None:
         """Run the rechecks due within `max_wait` seconds (for one-shot runs), drop the rest."""

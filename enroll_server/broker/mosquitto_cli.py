@@ -145,7 +145,8 @@ def mosquitto_sync(
         float, typer.Option(help="Seconds between registry polls.")
     ] = DEFAULT_SYNC_INTERVAL,
 ) -> None:
-    """Keep mosquitto's CRL current (file + SIGHUP) and end revoked devices' live sessions."""
+    """Keep mosquitto's CRL and TLS server certificate current (files + SIGHUP) and end revoked
+    devices' live sessions."""
     if pid is not None and pidfile is not None:
         raise _fail("give --pid or --pidfile, not both")
     loaded = _load(home)
@@ -170,7 +171,14 @@ def mosquitto_sync(
             next_update=loaded.config.crl_next_update,
             since_seq=read_cursor(files),
         )
-        sync = MosquittoSync(publisher, files, current_pid, control, lambda: datetime.now(UTC))
+        sync = MosquittoSync(
+            publisher,
+            files,
+            current_pid,
+            control,
+            lambda: datetime.now(UTC),
+            server_pair=(loaded.layout.server_cert, loaded.layout.server_key),
+        )
         if once:
             try:
                 done = sync.step()

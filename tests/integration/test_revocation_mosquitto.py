@@ -36,7 +36,7 @@ from enroll_server.broker.mosquitto import (
     read_pid,
 )
 from enroll_server.broker.mosquitto_cli import app as mosquitto_app
-from enroll_server.home import LoadedHome, load_home
+from enroll_server.home import LoadedHome, load_home, renew_server_certificate
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.keys import load_private_key_pem
 from enroll_server.registry import Registry
@@ -80,12 +80,14 @@ class Broker:
         publisher = CrlPublisher(
             registry or self.fleet.registry, self.loaded.issuer, since_seq=read_cursor(self.files)
         )
+        layout = self.loaded.layout
         return MosquittoSync(
             publisher,
             self.files,
             lambda: read_pid(self.files.pidfile),
             open_control(self.files),
             lambda: datetime.now(UTC),
+            server_pair=(layout.server_cert, layout.server_key),
         )
 
     def log(self) -> str:
@@ -355,6 +357,45 @@ def test_rerunning_config_keeps_the_sync_password(broker: Broker, tmp_path: Path
     assert broker.files.sync_secret.read_text() == before
 
 
+def _presented_serial(broker: Broker) -> int:
+    """The serial of mosquitto's server certificate, read in a TLS 1.3 handshake (the server's
+    Certificate precedes the client's, so none is needed to see it)."""
+    ctx = ssl.create_default_context(cafile=str(broker.loaded.layout.root_cert))
+    ctx.check_hostname = False  # dialled by IP; the chain is still verified
+    with (
+        socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_sync_hands_a_renewed_server_certificate_to_mosquitto(broker: Broker) -> None:
+    sync = broker.sync()
+    assert sync.step().server_serial is None  # the copy mosquitto-config made is current
+    old = _presented_serial(broker)
+    reloads = broker.log().count("Reloading config.")
+    # A pair caught mid-renewal (new key, old certificate) is not handed over.
+    layout = broker.loaded.layout
+    old_cert = layout.server_cert.read_bytes()
+    new = renew_server_certificate(
+        layout, broker.loaded.issuer, broker.loaded.config, datetime.now(UTC)
+    )
+    new_cert = layout.server_cert.read_bytes()
+    layout.server_cert.write_bytes(old_cert)
+    assert sync.step().server_serial is None
+    assert broker.files.certfile.read_bytes() == old_cert
+    layout.server_cert.write_bytes(new_cert)
+    assert sync.step().server_serial == new.serial_number
+    broker.wait_reloads(reloads + 1)
+    deadline = time.monotonic() + 5
+    while _presented_serial(broker) == old and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _presented_serial(broker) == new.serial_number
+    assert sync.step().server_serial is None  # handed over once
+
+
 # ------------------------------------------------------------------------- revocation
 
 
@@ -614,5 +655,16 @@ def test_broker_dropping_to_its_own_account_still_reloads_and_kicks(
         assert not _can_connect(broker, "mq-priv-1")
         # mosquitto (as its own user) could save the dynsec file it rewrites on changes.
         assert "Error saving Dynamic security plugin config" not in broker.log()
+        # A renewed server key handed over stays readable by mosquitto's account.
+        layout = broker.loaded.layout
+        new = renew_server_certificate(
+            layout, broker.loaded.issuer, broker.loaded.config, datetime.now(UTC)
+        )
+        assert sync.step().server_serial == new.serial_number
+        assert pwd.getpwuid(broker.files.keyfile.stat().st_uid).pw_name == "mosquitto"
+        deadline = time.monotonic() + 5
+        while _presented_serial(broker) != new.serial_number and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _presented_serial(broker) == new.serial_number
     finally:
         dev.stop()
