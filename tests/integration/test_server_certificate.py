@@ -20,7 +20,7 @@ from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.server import renew_and_record
 from fleetpki.identity import DeviceId
 from tests.est_client import request
-from tests.live_server import LiveServer, start_live_server
+from tests.live_server import LiveServer, make_home, start_live_server
 
 runner = CliRunner()
 
@@ -104,10 +104,12 @@ def test_serve_renews_its_own_certificate_once_due(tmp_path: Path) -> None:
     def later() -> datetime:
         return datetime.now(UTC) + timedelta(days=300)
 
+    # Read before the server starts: its first check (at once) may renew at any moment after.
+    layout = make_home(tmp_path / "home")
+    first = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
     server = start_live_server(tmp_path / "home", clock=later, cert_check_interval=0.1)
     try:
         ctx = device_context(server, tmp_path, verify=False)
-        first = x509.load_pem_x509_certificate(server.layout.server_cert.read_bytes())
 
         def renewed() -> bool:
             return any(e.action == "tls.renew" for e in server.registry.audit_log())
