@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from enroll_server.cli_options import HomeOpt, JsonOpt
 from enroll_server.config import ConfigError, ServerConfig
 from enroll_server.home import HomeError, hash_secret, init_home, resolve_home
 from enroll_server.identities import ServiceIdentityError, issue_service_identity
@@ -43,12 +44,6 @@ app.add_typer(service_app, name="service")
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
-HomeOpt = Annotated[
-    Path | None,
-    typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
 
 def now_utc() -> datetime:

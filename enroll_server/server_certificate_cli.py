@@ -6,13 +6,13 @@ import json
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from cryptography import x509
 from rich.console import Console
 
+from enroll_server.cli_options import HomeOpt, JsonOpt
 from enroll_server.config import ConfigError, render_config
 from enroll_server.home import HomeError, load_home, resolve_home
 from enroll_server.pki.ca import check_hostname
@@ -27,12 +27,6 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
-HomeOpt = Annotated[
-    Path | None,
-    typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
 
 def _fail(message: str) -> None:

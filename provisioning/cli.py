@@ -25,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from enroll_server.cli_options import HomeOpt, JsonOpt
 from enroll_server.config import ConfigError, ServerConfig, load_config
 from enroll_server.home import HomeError, HomeLayout, resolve_home
 from enroll_server.pki.errors import PkiError, UnsupportedKey
@@ -53,11 +54,6 @@ out = Console()
 err = Console(stderr=True)
 ACTOR = "cli"
 
-HomeOpt = Annotated[
-    Path | None,
-    typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 # Exit codes: 2 = refused input (nothing changed), 3 = not found, 1 = anything else.
 EXIT_INPUT, EXIT_NOT_FOUND, EXIT_OTHER = 2, 3, 1
 

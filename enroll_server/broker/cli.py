@@ -17,6 +17,7 @@ from rich.console import Console
 from enroll_server.broker.errors import BrokerError
 from enroll_server.broker.policy import KeepalivePolicy
 from enroll_server.broker.server import BrokerConfig, start_broker
+from enroll_server.cli_options import HomeOpt
 from enroll_server.server_certificate import CHECK_INTERVAL, ServerCertificates
 
 app = typer.Typer(
@@ -25,10 +26,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True, soft_wrap=True)
 
-HomeOpt = Annotated[
-    Path | None,
-    typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
-]
 HostOpt = Annotated[
     str | None, typer.Option("--bind", help="Address to listen on (default: server.bind).")
 ]

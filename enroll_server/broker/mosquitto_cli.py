@@ -29,6 +29,7 @@ from enroll_server.broker.mosquitto import (
     read_pid,
     write_mosquitto_config,
 )
+from enroll_server.cli_options import HomeOpt
 from enroll_server.config import ConfigError
 from enroll_server.home import HomeError, LoadedHome, load_home, resolve_home
 from enroll_server.pki.errors import PkiError
@@ -41,11 +42,6 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
-HomeOpt = Annotated[
-    Path | None,
-    typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
-]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
