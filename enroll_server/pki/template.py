@@ -158,10 +158,11 @@ class CertificateTemplate:
             raise TypeError(f"issuance time must be timezone-aware, got {now!r}")
         if now.tzinfo is not UTC:
             now = now.astimezone(UTC)
-        now = now.replace(microsecond=0)  # the builder writes whole seconds
-        not_before = now - profile.backdate
+        # As build_device_certificate computes them; the builder then drops the fraction of
+        # a second (whole seconds in UTCTime/GeneralizedTime, RFC 5280 4.1.2.5.1-2).
+        not_before = (now - profile.backdate).replace(microsecond=0)
         # RFC 5280 4.1.2.5: a certificate must not outlive its issuer (as the builder's caller).
-        not_after = min(now + profile.validity, self._issuer_not_after)
+        not_after = min(now + profile.validity, self._issuer_not_after).replace(microsecond=0)
         cn = device_id.value.encode()
         subject = der.encode(
             0x30, der.encode(0x31, der.encode(0x30, _CN + der.encode(_UTF8STRING, cn)))

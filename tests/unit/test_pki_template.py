@@ -95,6 +95,16 @@ def test_times_in_any_zone(ca: MemoryCa, now: datetime) -> None:
     )
 
 
+@pytest.mark.parametrize("fraction", [0, 300_000, 700_000])
+def test_fractions_of_a_second_in_the_profile(ca: MemoryCa, fraction: int) -> None:
+    # The builder truncates after the arithmetic: 10.7 s - 1.5 s is 9 s, not 10 s - 1.5 s.
+    profile = DeviceProfile(
+        validity=timedelta(seconds=9, microseconds=fraction), backdate=timedelta(milliseconds=1500)
+    )
+    now = NOW.replace(microsecond=700_000)
+    _same_as_builder(ca.issuing, generate_key(KeyType.EC_P256).public_key(), "d", now, profile)
+
+
 def test_naive_time_is_refused(ca: MemoryCa) -> None:
     key = generate_key(KeyType.EC_P256).public_key()
     with pytest.raises(TypeError, match="timezone-aware"):
