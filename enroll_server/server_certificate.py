@@ -93,8 +93,11 @@ class ServerCertificates:
         self.clock = clock
         self.renew = renew
         self.interval = interval
+        # Stamp, read and load now: the contexts were built from the files a moment ago, and a
+        # pair renewed in between would otherwise match the stamp and never be loaded.
         self._stamp = self._files_stamp()
-        self.current = read_pair(cert_path, key_path)[2]
+        chain_pem, key_pem, self.current = read_pair(cert_path, key_path)
+        self._load(chain_pem, key_pem)
         self.reloads = 0
         self.renewals = 0
         self.failures = 0

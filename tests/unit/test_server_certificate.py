@@ -234,3 +234,14 @@ def test_the_server_renews_for_the_host_names_in_the_config_file_now(
     cert = renew_and_record(loaded, datetime.now(UTC), actor="server")  # loaded: the old config
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "added.lan" in san.get_values_for_type(x509.DNSName)
+
+
+def test_a_pair_renewed_before_the_keeper_starts_is_loaded_at_once(loaded: LoadedHome) -> None:
+    """The contexts are built from the files a moment before the keeper: a renewal in between
+    must not be taken for what they already hold."""
+    layout = loaded.layout
+    ctx = context(layout)
+    new = renew_server_certificate(layout, loaded.issuer, loaded.config, datetime.now(UTC))
+    keeper = ServerCertificates(layout.server_cert, layout.server_key, [ctx], datetime.now)
+    assert served_serial(ctx, layout.root_cert) == new.serial_number
+    assert keeper.reload_if_changed() is False and keeper.reloads == 0
