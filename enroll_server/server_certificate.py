@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +37,9 @@ from fleetpki.atomic_file import write_atomic
 log = logging.getLogger("fleetpki.tls")
 
 CHECK_INTERVAL = 60.0  # seconds between looks at the files and the clock
+# Seconds between renewal attempts while the certificate stays due: a failed renewal, or one
+# whose pair does not load, is retried, but does not mint a certificate every minute.
+RETRY_AFTER = 600.0
 RENEW_AT = 2 / 3  # of the lifetime, as the agent renews device certificates
 
 
@@ -86,6 +90,7 @@ class ServerCertificates:
         clock: Callable[[], datetime],
         renew: Callable[[datetime], object] | None = None,
         interval: float = CHECK_INTERVAL,
+        retry_after: float = RETRY_AFTER,
     ) -> None:
         self.cert_path = cert_path
         self.key_path = key_path
@@ -93,6 +98,8 @@ class ServerCertificates:
         self.clock = clock
         self.renew = renew
         self.interval = interval
+        self.retry_after = retry_after
+        self._next_attempt = 0.0  # time.monotonic() before which no renewal is tried
         # Stamp, read and load now: the contexts were built from the files a moment ago, and a
         # pair renewed in between would otherwise match the stamp and never be loaded.
         self._stamp = self._files_stamp()
@@ -169,6 +176,9 @@ class ServerCertificates:
         now = self.clock()
         if self.renew is None or now < renewal_due_at(self.current):
             return
+        if time.monotonic() < self._next_attempt:
+            return
+        self._next_attempt = time.monotonic() + self.retry_after
         log.info(
             "TLS server certificate serial %x is past %d%% of its lifetime (until %s): renewing",
             self.current.serial_number,

@@ -192,6 +192,7 @@ async def test_a_failed_renewal_is_counted_and_retried(
         lambda: far,
         renew=broken,
         interval=0.01,
+        retry_after=0,
     )
     keeper.start()
     try:
@@ -245,3 +246,27 @@ def test_a_pair_renewed_before_the_keeper_starts_is_loaded_at_once(loaded: Loade
     keeper = ServerCertificates(layout.server_cert, layout.server_key, [ctx], datetime.now)
     assert served_serial(ctx, layout.root_cert) == new.serial_number
     assert keeper.reload_if_changed() is False and keeper.reloads == 0
+
+
+async def test_a_renewal_that_does_not_take_is_not_repeated_every_check(
+    loaded: LoadedHome,
+) -> None:
+    """Renewed, but the pair never loads (here: nothing written): no certificate a minute."""
+    layout = loaded.layout
+    calls: list[datetime] = []
+    far = datetime.now(UTC) + timedelta(days=1000)
+    keeper = ServerCertificates(
+        layout.server_cert,
+        layout.server_key,
+        [context(layout)],
+        lambda: far,
+        renew=calls.append,
+        retry_after=3600,
+    )
+    for _ in range(20):
+        await keeper.check()
+    assert len(calls) == 1
+    keeper.retry_after = 0  # the retry is due: tried again
+    keeper._next_attempt = 0.0
+    await keeper.check()
+    assert len(calls) == 2
