@@ -171,7 +171,7 @@ class ServerCertificates:
                     copy.unlink()
 
     async def check(self) -> None:
-        """One look: reload a changed pair; renew first if the certificate is due."""
+        """One look: reload a changed pair; renew if the certificate is due (then reload)."""
         self.reload_if_changed()
         now = self.clock()
         if self.renew is None or now < renewal_due_at(self.current):
