@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -14,13 +16,13 @@ from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from enroll_server.cli import app
-from enroll_server.home import load_home
+from enroll_server.home import HomeLayout, load_home
 from enroll_server.pki.keys import KeyType, generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.server import renew_and_record
 from fleetpki.identity import DeviceId
 from tests.est_client import request
-from tests.live_server import LiveServer, make_home, start_live_server
+from tests.live_server import make_home, start_live_server
 
 runner = CliRunner()
 
@@ -36,6 +38,12 @@ def presented_serial(port: int, ctx: ssl.SSLContext) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -45,19 +53,20 @@ def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
     return condition()
 
 
-def device_context(server: LiveServer, tmp_path: Path, verify: bool = True) -> ssl.SSLContext:
+def device_context(layout: HomeLayout, tmp_path: Path, verify: bool = True) -> ssl.SSLContext:
     """A client context with a device certificate of this CA (the broker requires one)."""
     key = generate_key(KeyType.EC_P256)
     cert = build_device_certificate(
         key.public_key(),
         DeviceId("tls-probe"),
-        load_home(server.layout.root).issuer,
+        load_home(layout.root).issuer,
         datetime.now(UTC),
         DeviceProfile(),
     )
     (tmp_path / "probe.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "probe.key").write_bytes(private_key_pem(key, None))
-    ctx = server.client_ssl(tmp_path / "probe.pem", tmp_path / "probe.key")
+    ctx = ssl.create_default_context(cafile=str(layout.root_cert))
+    ctx.load_cert_chain(tmp_path / "probe.pem", tmp_path / "probe.key")
     if not verify:  # a certificate issued at a pretended time is not yet valid really
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -67,7 +76,7 @@ def device_context(server: LiveServer, tmp_path: Path, verify: bool = True) -> s
 def test_a_renewal_reaches_both_listeners_and_open_connections_go_on(tmp_path: Path) -> None:
     server = start_live_server(tmp_path / "home", broker=True, cert_check_interval=0.1)
     try:
-        ctx = device_context(server, tmp_path)
+        ctx = device_context(server.layout, tmp_path)
         old = presented_serial(server.handle.est_port, ctx)
         assert presented_serial(server.mqtt_port, ctx) == old
         # A keep-alive connection opened before the renewal.
@@ -109,7 +118,7 @@ def test_serve_renews_its_own_certificate_once_due(tmp_path: Path) -> None:
     first = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
     server = start_live_server(tmp_path / "home", clock=later, cert_check_interval=0.1)
     try:
-        ctx = device_context(server, tmp_path, verify=False)
+        ctx = device_context(server.layout, tmp_path, verify=False)
 
         def renewed() -> bool:
             return any(e.action == "tls.renew" for e in server.registry.audit_log())
@@ -155,3 +164,39 @@ def test_init_refuses_a_bad_hostname_and_writes_nothing(tmp_path: Path) -> None:
     assert not home.exists()
     shown = runner.invoke(app, ["server-cert", "show", "--home", str(home)])
     assert shown.exit_code == 2 and "cannot read" in shown.output
+
+
+async def test_the_broker_alone_loads_a_renewed_certificate(tmp_path: Path) -> None:
+    """`fleetpki broker` (serve_until_signal) in-process: it reloads what serve or the CLI
+    renewed, and never renews itself (it holds no CA key)."""
+    from enroll_server.broker.cli import broker_config_for_home, serve_until_signal
+
+    layout = make_home(tmp_path / "home")
+    port = free_port()
+    config = broker_config_for_home(layout.root, bind="127.0.0.1", port=port)
+    task = asyncio.create_task(serve_until_signal(config, None, cert_check_interval=0.1))
+    try:
+        ctx = device_context(layout, tmp_path)
+
+        async def serial() -> int | None:
+            try:
+                return await asyncio.to_thread(presented_serial, port, ctx)
+            except OSError:
+                return None  # not listening yet
+
+        deadline = time.monotonic() + 10
+        old = await serial()
+        while old is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            old = await serial()
+        assert old is not None, "the broker did not start"
+        new = await asyncio.to_thread(
+            renew_and_record, load_home(layout.root), datetime.now(UTC), actor="cli"
+        )
+        while await serial() != new.serial_number and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await serial() == new.serial_number != old
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
