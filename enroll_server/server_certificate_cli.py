@@ -73,6 +73,8 @@ def show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
     try:
         layout = HomeLayout(resolve_home(home))
+        if not layout.config.exists():
+            raise HomeError(layout.root, "not initialized: run `fleetpki init --home` first")
         _, _, cert = read_pair(layout.server_cert, layout.server_key)
     except (HomeError, ServerCertificateError) as exc:
         _fail(str(exc))

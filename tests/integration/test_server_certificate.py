@@ -163,7 +163,7 @@ def test_init_refuses_a_bad_hostname_and_writes_nothing(tmp_path: Path) -> None:
     assert "--hostname 'under_score.lan' is neither" in r.output
     assert not home.exists()
     shown = runner.invoke(app, ["server-cert", "show", "--home", str(home)])
-    assert shown.exit_code == 2 and "cannot read" in shown.output
+    assert shown.exit_code == 2 and "not initialized: run `fleetpki init" in shown.output
 
 
 async def test_the_broker_alone_loads_a_renewed_certificate(tmp_path: Path) -> None:
