@@ -21,6 +21,8 @@ class BrokerMetrics:
     drops: Counter[str] = field(default_factory=Counter)
     acl_denials: Counter[str] = field(default_factory=Counter)
     tls_handshake_failures: int = 0
+    # False when the lean TLS protocol (private asyncio interface) failed its start-up probe.
+    tls_fast_path: bool = True
 
     def refused(self, reason: str) -> None:
         self.refusals[reason] += 1
@@ -57,6 +59,10 @@ class BrokerMetrics:
             "(no, foreign, expired or wrong-purpose client certificate, or not TLS at all).",
             "# TYPE fleetpki_broker_tls_handshake_failures_total counter",
             f"fleetpki_broker_tls_handshake_failures_total {self.tls_handshake_failures}",
+            "# HELP fleetpki_broker_tls_fast_path 1 when the lean TLS protocol serves the "
+            "listener, 0 when its start-up probe failed and asyncio's standard one does.",
+            "# TYPE fleetpki_broker_tls_fast_path gauge",
+            f"fleetpki_broker_tls_fast_path {int(self.tls_fast_path)}",
             "# HELP fleetpki_broker_sessions_dropped_total Live sessions the broker ended, by "
             "reason.",
             "# TYPE fleetpki_broker_sessions_dropped_total counter",

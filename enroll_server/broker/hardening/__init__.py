@@ -26,6 +26,9 @@ tests/integration/test_broker_hardening.py that fails on stock amqtt:
    `tls.LeanSSLProtocol` reads through one buffer shared by all connections, no TLS session
    tickets are issued, and lean.py replaces the `transitions.Machine` (~16 KB) and the four
    asyncio.Queues (~13 KB) amqtt builds per connection: ~61 KB per idle session at 10,000.
+   LeanSSLProtocol subclasses asyncio's private SSLProtocol, so `tls.lean_tls_unavailable`
+   probes it at start-up; if the probe fails the listener serves through the public
+   `loop.create_server(ssl=...)` path (a warning, `fleetpki_broker_tls_fast_path 0`).
 7. MQTT 5 is not supported -> the first packet is read as one bounded frame and a v5 CONNECT is
    answered with a v5 CONNACK 0x84 (Unsupported Protocol Version) and closed, instead of being
    mis-parsed as 3.1.1.
@@ -54,7 +57,11 @@ from enroll_server.broker.hardening.connection import (
     Connection,
 )
 from enroll_server.broker.hardening.lean import LeanQueue, LeanSession
-from enroll_server.broker.hardening.tls import LeanSSLProtocol, server_tls_context
+from enroll_server.broker.hardening.tls import (
+    LeanSSLProtocol,
+    lean_tls_unavailable,
+    server_tls_context,
+)
 
 __all__ = [
     "AMQTT_VERSION",
@@ -71,5 +78,6 @@ __all__ = [
     "LeanSSLProtocol",
     "LeanSession",
     "check_amqtt_version",
+    "lean_tls_unavailable",
     "server_tls_context",
 ]

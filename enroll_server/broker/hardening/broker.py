@@ -47,6 +47,7 @@ from enroll_server.broker.hardening.lean import (
 from enroll_server.broker.hardening.tls import (
     LeanSSLProtocol,
     MqttStreamProtocol,
+    lean_tls_unavailable,
 )
 from enroll_server.broker.metrics import BrokerMetrics
 from enroll_server.broker.policy import Admission, Refusal, RefusalReason
@@ -172,6 +173,28 @@ class HardenedBroker(Broker):
             raise AmqttBrokerError("fleetpki serves MQTT over mutual TLS only")
         loop = asyncio.get_running_loop()
         on_connected = partial(self._connection_made, listener_name)
+        why_not = lean_tls_unavailable(loop, ssl_context)
+        self._metrics.tls_fast_path = why_not is None
+        if why_not is not None:
+            log.warning(
+                "broker TLS: the lean protocol cannot run on this Python (%s); serving through "
+                "asyncio's standard TLS transport instead (more memory per connection)",
+                why_not,
+            )
+
+            def plain() -> MqttStreamProtocol:
+                return MqttStreamProtocol(asyncio.StreamReader(loop=loop), on_connected, loop)
+
+            return await loop.create_server(
+                plain,
+                address,
+                port,
+                ssl=ssl_context,
+                ssl_handshake_timeout=self._handshake_timeout,
+                ssl_shutdown_timeout=5.0,
+                reuse_address=True,
+                backlog=1024,
+            )
 
         def factory() -> LeanSSLProtocol:
             reader = asyncio.StreamReader(loop=loop)

@@ -117,6 +117,38 @@ class LeanSSLProtocol(sslproto.SSLProtocol):
         self._extra.pop("peercert", None)
 
 
+def lean_tls_unavailable(loop: asyncio.AbstractEventLoop, context: ssl.SSLContext) -> str | None:
+    """Why LeanSSLProtocol cannot run on this Python (None: it can).
+
+    LeanSSLProtocol subclasses `asyncio.sslproto.SSLProtocol`, a private class: it swaps the
+    read buffer (`_ssl_buffer`, `_ssl_buffer_view`, handed out by `get_buffer`) and hooks
+    `_on_handshake_complete`. CPython may change any of these in a release, so the broker
+    probes them once at start-up on a throwaway instance and, if one does not hold, serves
+    through `loop.create_server(..., ssl=...)`, the public path, instead (same TLS, same
+    checks; only the shared read buffer and the handshake-failure count are lost).
+    """
+    try:
+        if not callable(getattr(sslproto.SSLProtocol, "_on_handshake_complete", None)):
+            return "asyncio.sslproto.SSLProtocol has no _on_handshake_complete"
+        probe = LeanSSLProtocol(
+            loop,
+            asyncio.Protocol(),
+            context,
+            handshake_timeout=1.0,
+            shutdown_timeout=1.0,
+            on_handshake_failure=lambda exc: None,
+        )
+        shared = _shared_read_buffer(LeanSSLProtocol.max_size)
+        view = probe.get_buffer(-1)
+        if not isinstance(view, memoryview) or view.obj is not shared.obj:
+            return "SSLProtocol.get_buffer no longer hands out _ssl_buffer_view"
+        if not isinstance(getattr(probe, "_extra", None), dict):
+            return "SSLProtocol keeps no _extra dict"
+    except Exception as exc:  # any change of shape shows up here, whatever it raises
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 class MqttStreamProtocol(asyncio.StreamReaderProtocol):
     """StreamReaderProtocol that remembers when the peer last sent anything (for keepalive)."""
 
