@@ -1,6 +1,9 @@
-"""The service-level error tree; http_app maps each class to one HTTP status."""
+"""The service-level error tree and the one table mapping each class to its HTTP status and
+wire code (both HTTP layers build error responses with `error_headers`)."""
 
 from __future__ import annotations
+
+from fleetpki.error_codes import ERROR_HEADER, ErrorCode
 
 
 class ServiceError(Exception):
@@ -26,11 +29,38 @@ class Forbidden(ServiceError):
     """Authenticated, but not allowed: revoked, suspended, another device's certificate (403)."""
 
 
-class DeviceRevoked(Forbidden):
-    def __init__(self, device_id: str, state: str = "revoked") -> None:
+class DeviceInactive(Forbidden):
+    """The device may not act: `state` is its registry state (suspended, revoked, provisioned)
+    or "unknown". Build it with `device_inactive`, which picks the subclass a client acts on."""
+
+    def __init__(self, device_id: str, state: str) -> None:
         super().__init__(f"device {device_id} is {state}")
         self.device_id = device_id
         self.state = state
+
+
+class DeviceRevoked(DeviceInactive):
+    """Revoked: final (RFC 5280 5.3.1); the device needs a new token to come back."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(device_id, "revoked")
+
+
+class DeviceSuspended(DeviceInactive):
+    """Suspended (certificates on hold, RFC 5280 5.3.1 certificateHold): reversible, so a
+    device waits for `fleetpki device resume` instead of stopping."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(device_id, "suspended")
+
+
+def device_inactive(device_id: str, state: str) -> DeviceInactive:
+    """The refusal of a device in registry state `state` (not active)."""
+    if state == "revoked":
+        return DeviceRevoked(device_id)
+    if state == "suspended":
+        return DeviceSuspended(device_id)
+    return DeviceInactive(device_id, state)
 
 
 class NotFound(ServiceError):
@@ -39,6 +69,10 @@ class NotFound(ServiceError):
 
 class Conflict(ServiceError):
     """The request conflicts with the current state (HTTP 409)."""
+
+
+class UnsupportedMediaType(ServiceError):
+    """The request's Content-Type is not one the operation accepts (HTTP 415)."""
 
 
 class RetryLater(ServiceError):
@@ -58,23 +92,46 @@ class Unavailable(RetryLater):
     """The service cannot complete the request now, through no fault of the client's (503)."""
 
 
-# One table maps the error tree to HTTP status codes (RFC 7030 4.2.3 leaves codes to HTTP);
-# both HTTP layers (http_app's middleware and the lean EST front end) use it.
-HTTP_STATUS: dict[type[ServiceError], int] = {
-    BadRequest: 400,
-    AuthenticationFailed: 401,
-    Forbidden: 403,
-    NotFound: 404,
-    Conflict: 409,
-    TooManyRequests: 429,
-    Unavailable: 503,
+# The one table: each error class, its HTTP status (RFC 7030 4.2.3 leaves codes to HTTP) and
+# its machine-readable code (fleetpki/error_codes.py). A class not listed takes its nearest
+# listed base's entry.
+ERRORS: dict[type[ServiceError], tuple[int, ErrorCode]] = {
+    ServiceError: (400, ErrorCode.BAD_REQUEST),
+    BadRequest: (400, ErrorCode.BAD_REQUEST),
+    AuthenticationFailed: (401, ErrorCode.AUTHENTICATION_FAILED),
+    Forbidden: (403, ErrorCode.FORBIDDEN),
+    DeviceInactive: (403, ErrorCode.DEVICE_NOT_ACTIVE),
+    DeviceSuspended: (403, ErrorCode.DEVICE_SUSPENDED),
+    DeviceRevoked: (403, ErrorCode.DEVICE_REVOKED),
+    NotFound: (404, ErrorCode.NOT_FOUND),
+    Conflict: (409, ErrorCode.CONFLICT),
+    UnsupportedMediaType: (415, ErrorCode.UNSUPPORTED_MEDIA_TYPE),
+    TooManyRequests: (429, ErrorCode.TOO_MANY_REQUESTS),
+    Unavailable: (503, ErrorCode.UNAVAILABLE),
 }
 # RFC 7617 2 / RFC 7235 3.1: a 401 names the scheme; we decode credentials as UTF-8.
 WWW_AUTHENTICATE = 'Basic realm="fleetpki EST", charset="UTF-8"'
 
 
-def http_status(exc: ServiceError) -> int:
+def wire_error(exc: ServiceError) -> tuple[int, ErrorCode]:
+    """(HTTP status, error code) of `exc`, from ERRORS."""
     for cls in type(exc).__mro__:
-        if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]
-    return 400
+        if cls in ERRORS:
+            return ERRORS[cls]
+    raise AssertionError("unreachable: ServiceError is in ERRORS")
+
+
+def http_status(exc: ServiceError) -> int:
+    return wire_error(exc)[0]
+
+
+def error_headers(exc: ServiceError) -> dict[str, str]:
+    """The headers of the error response to `exc` (besides Content-Type): its code, the
+    scheme of a 401, the Retry-After of a refusal for now (RFC 9110 10.2.3)."""
+    status, code = wire_error(exc)
+    headers = {ERROR_HEADER: code.value}
+    if status == 401:
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    if isinstance(exc, RetryLater):
+        headers["Retry-After"] = str(exc.retry_after)
+    return headers

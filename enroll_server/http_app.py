@@ -13,12 +13,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.admin_api import admin_routes
-from enroll_server.errors import (
-    WWW_AUTHENTICATE,
-    RetryLater,
-    ServiceError,
-    http_status,
-)
+from enroll_server.device_status import device_status_routes
+from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.front import EstFront
 from enroll_server.est.routes import EST_PREFIX, est_routes
 from enroll_server.state import APP_STATE, AppState
@@ -45,12 +41,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             st.metrics.enrollments.inc(f"rejected_{status}")
         # Reasons name what was wrong but never carry a secret (tokens are not echoed).
         log.info("%s %s -> %d %s", request.method, request.path, status, exc.reason)
-        headers = {}
-        if status == 401:
-            headers["WWW-Authenticate"] = WWW_AUTHENTICATE
-        if isinstance(exc, RetryLater):
-            headers["Retry-After"] = str(exc.retry_after)
-        return web.Response(status=status, text=exc.reason + "\n", headers=headers)
+        return web.Response(status=status, text=exc.reason + "\n", headers=error_headers(exc))
     except web.HTTPException as exc:
         if is_est and exc.status >= 400:
             st.metrics.enrollments.inc(f"rejected_{exc.status}")
@@ -83,6 +74,7 @@ def build_https_app(state: AppState) -> web.Application:
     app.add_routes(
         [
             *est_routes(),
+            *device_status_routes(),
             *admin_routes(),
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),

@@ -14,7 +14,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from enroll_server.errors import AuthenticationFailed, BadRequest, DeviceRevoked, Forbidden
+from enroll_server.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    DeviceRevoked,
+    DeviceSuspended,
+    Forbidden,
+    device_inactive,
+)
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
 from enroll_server.pki.errors import CsrRejected
@@ -146,7 +153,7 @@ class EnrollmentService:
             # The caller proved knowledge of the token, so saying why it fails leaks nothing.
             raise AuthenticationFailed(f"enrollment token {exc.reason}") from None
         if holder.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
-            raise DeviceRevoked(device_id.value, holder.state.value)
+            raise device_inactive(device_id.value, holder.state.value)
         if tokens is not None:
             tokens.unknown_token_seen()  # a batch created since the index last read, likely
         return Authorization(Grant(device_id, _role(holder.role)), token_hash=digest)
@@ -177,7 +184,7 @@ class EnrollmentService:
         if record.status is CertStatus.REVOKED:
             raise DeviceRevoked(record.device_id.value)
         if record.status is CertStatus.ON_HOLD:
-            raise DeviceRevoked(record.device_id.value, "suspended")
+            raise DeviceSuspended(record.device_id.value)
         # A superseded certificate may re-enroll: the device may have lost its successor to a
         # power cut before storing it (the registry marks it superseded at issuance). It is
         # still valid and unrevoked (RFC 5280 does not revoke on renewal); revoke_device
@@ -185,7 +192,7 @@ class EnrollmentService:
         device = self.registry.get_device(record.device_id)
         if device is None or device.state is not DeviceState.ACTIVE:
             state = device.state.value if device else "unknown"
-            raise DeviceRevoked(record.device_id.value, state)
+            raise device_inactive(record.device_id.value, state)
         return Authorization(
             Grant(record.device_id, _role(device.role)),
             supersedes_serial=cert.serial_number,
@@ -226,7 +233,7 @@ class EnrollmentService:
         if batch.batch_id != birth.lot:
             raise Forbidden(f"birth certificate of {birth.device_id} was made for another lot")
         if device.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
-            raise DeviceRevoked(device.device_id.value, device.state.value)
+            raise device_inactive(device.device_id.value, device.state.value)
         supersedes = None
         if device.state is DeviceState.ACTIVE:
             active = [
@@ -314,7 +321,7 @@ class EnrollmentService:
             raise AuthenticationFailed(f"enrollment token {refused.reason}") from refused
         if isinstance(refused, DeviceNotActive):
             # Revoked or suspended between authorization and commit.
-            raise DeviceRevoked(str(refused.device_id), refused.state) from refused
+            raise device_inactive(str(refused.device_id), refused.state) from refused
         raise refused
 
     def _replay(self, public_key: PublicKey, device_id: DeviceId, now: datetime) -> Enrollment:

@@ -32,11 +32,10 @@ from aiohttp import web
 from cryptography import x509
 
 from enroll_server.commit_queue import CommitFailed, registry_busy
-from enroll_server.errors import WWW_AUTHENTICATE, RetryLater, ServiceError, http_status
+from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.operations import (
     SIMPLEENROLL,
     SIMPLEREENROLL,
-    UnsupportedMediaType,
     authorize_simpleenroll,
     authorize_simplereenroll,
     check_content_type,
@@ -337,9 +336,6 @@ class EstConnection(asyncio.Protocol):
         except ServiceError as exc:
             self._service_error(head, exc)
             return
-        except UnsupportedMediaType as exc:
-            self._rejected(head, 415, exc.reason)
-            return
         except Exception:
             log.exception("POST %s failed", head.path)
             self._text(500, "internal error", close=True)
@@ -391,13 +387,8 @@ class EstConnection(asyncio.Protocol):
         )
 
     def _service_error(self, head: Head, exc: ServiceError) -> None:
-        status = http_status(exc)
-        extra = b""
-        if status == 401:
-            extra = f"WWW-Authenticate: {WWW_AUTHENTICATE}\r\n".encode()
-        if isinstance(exc, RetryLater):
-            extra += f"Retry-After: {exc.retry_after}\r\n".encode()
-        self._rejected(head, status, exc.reason, extra)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in error_headers(exc).items())
+        self._rejected(head, http_status(exc), exc.reason, extra.encode())
 
     def _rejected(
         self, head: Head, status: int, reason: str, extra: bytes = b"", linger: bool = False

@@ -15,7 +15,12 @@ from datetime import datetime
 
 from cryptography import x509
 
-from enroll_server.errors import AuthenticationFailed, BadRequest, Forbidden
+from enroll_server.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    Forbidden,
+    UnsupportedMediaType,
+)
 from enroll_server.est.wire import CSR_CONTENT_TYPE, BadEstBody, decode_base64_body
 from enroll_server.service import Authorization
 from enroll_server.state import AppState
@@ -27,18 +32,12 @@ SIMPLEREENROLL = "simplereenroll"
 ACCEPTED_CSR_TYPES = frozenset({CSR_CONTENT_TYPE, "application/octet-stream"})
 
 
-class UnsupportedMediaType(Exception):
-    """The request's Content-Type is not a PKCS#10 request (HTTP 415)."""
-
-    def __init__(self, content_type: str) -> None:
-        self.reason = f"Content-Type {content_type} is not accepted; send {CSR_CONTENT_TYPE}"
-        super().__init__(self.reason)
-
-
 def check_content_type(content_type: str) -> None:
     """`content_type` is the media type alone, lowercase, without parameters."""
     if content_type not in ACCEPTED_CSR_TYPES:
-        raise UnsupportedMediaType(content_type)
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type} is not accepted; send {CSR_CONTENT_TYPE}"
+        )
 
 
 def media_type(header: str | None) -> str:

@@ -18,7 +18,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.commit_queue import CommitFailed, CommitQueue, Done
-from enroll_server.errors import AuthenticationFailed, DeviceRevoked
+from enroll_server.errors import (
+    AuthenticationFailed,
+    DeviceInactive,
+    DeviceRevoked,
+    DeviceSuspended,
+)
 from enroll_server.pki import template as template_module
 from enroll_server.pki.keys import KeyType, generate_key
 from enroll_server.pki.profile import DeviceProfile
@@ -408,9 +413,11 @@ async def test_settle_device_gone_inactive_is_device_revoked(
         reg.revoke_device(device, reason="keyCompromise", now=NOW, actor="op")
     refused = await asyncio.wait_for(CommitQueue(reg).record(pending.issuance), timeout=5)
     assert isinstance(refused, DeviceNotActive)
-    with pytest.raises(DeviceRevoked) as info:
+    with pytest.raises(DeviceInactive) as info:
         service.settle(pending, refused)
     assert (info.value.device_id, info.value.state) == (device.value, state)
+    # The class says which, so the wire code does (device-suspended is reversible).
+    assert isinstance(info.value, DeviceSuspended if state == "suspended" else DeviceRevoked)
     assert info.value.__cause__ is refused
     assert reg.certificates_of(device) == []
 
