@@ -74,9 +74,10 @@ def utc_now() -> datetime:
 def status_of(record: CertificateRecord | None) -> CertStatusInfo:
     """The OCSP status of a registry record (RFC 6960 2.2).
 
-    A superseded certificate is still good: renewal does not invalidate the old one before its
-    notAfter. An on-hold one is "revoked" with reason certificateHold (RFC 6960 2.2 allows
-    exactly this for temporary holds) and returns to good on resume.
+    A superseded certificate (the fallback of a renewal not yet used) is still good; once the
+    renewal is used it is revoked with reason superseded (RFC 5280 5.3.1). An on-hold one is
+    "revoked" with reason certificateHold (RFC 6960 2.2 allows exactly this for temporary
+    holds) and returns to good on resume.
     """
     if record is None:
         return CertStatusInfo.unknown()
@@ -89,9 +90,20 @@ def status_of(record: CertificateRecord | None) -> CertStatusInfo:
 
 
 # Event kinds that change what the CRL lists (ISSUED, in older registries only, does not).
-CRL_EVENTS = frozenset({EventKind.REVOKED, EventKind.SUSPENDED, EventKind.RESUMED})
-# Event kinds after which a device's live broker sessions must end.
-DROP_EVENTS = frozenset({EventKind.REVOKED, EventKind.SUSPENDED})
+CRL_EVENTS = frozenset(
+    {
+        EventKind.REVOKED,
+        EventKind.SUSPENDED,
+        EventKind.RESUMED,
+        EventKind.CERT_REVOKED,
+        EventKind.SUPERSEDED,
+    }
+)
+# Event kinds after which an identity's live sessions on mosquitto must end. An operator's
+# certificate revocation is one (mosquitto cannot tell which certificate a session presented:
+# the identity reconnects with its current one). A certificate superseded by its renewal is
+# not: the renewed identity is reconnecting anyway, and the CRL refuses the old one.
+DROP_EVENTS = frozenset({EventKind.REVOKED, EventKind.SUSPENDED, EventKind.CERT_REVOKED})
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from enroll_server.errors import (
     AuthenticationFailed,
     BadRequest,
-    DeviceRevoked,
     DeviceSuspended,
     Forbidden,
     device_inactive,
@@ -29,7 +28,7 @@ from enroll_server.pki.keys import PublicKey
 from enroll_server.pki.profile import DeviceProfile, EndEntityRole
 from enroll_server.pki.template import TemplateMismatch, device_certificates
 from enroll_server.registry import Issuance, Registry, RegistryError
-from enroll_server.registry.errors import DeviceNotActive, TokenRejected
+from enroll_server.registry.errors import CertificateNotCurrent, DeviceNotActive, TokenRejected
 from enroll_server.registry.models import CertStatus, DeviceState, IssuedCertificate, Role
 from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId, InvalidIdentifier
@@ -162,7 +161,8 @@ class EnrollmentService:
         """Re-enrollment (RFC 7030 4.2.2) with the current certificate, already TLS-verified.
 
         TLS proved possession and chain; here the registry decides: the certificate must be
-        one we issued, still active, of an active device, unexpired, with clientAuth.
+        one we issued, of an active device, unexpired, with clientAuth, and its identity's
+        current certificate (or that one's unused fallback: registry.certificates).
         """
         aki = _aki(cert)
         if aki is not None and not hmac.compare_digest(aki, self._issuer_ski):
@@ -181,18 +181,23 @@ class EnrollmentService:
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if not cn or cn[0].value != record.device_id.value:
             raise Forbidden("client certificate subject does not match the registry")
-        if record.status is CertStatus.REVOKED:
-            raise DeviceRevoked(record.device_id.value)
-        if record.status is CertStatus.ON_HOLD:
-            raise DeviceSuspended(record.device_id.value)
-        # A superseded certificate may re-enroll: the device may have lost its successor to a
-        # power cut before storing it (the registry marks it superseded at issuance). It is
-        # still valid and unrevoked (RFC 5280 does not revoke on renewal); revoke_device
-        # revokes superseded certificates too.
         device = self.registry.get_device(record.device_id)
         if device is None or device.state is not DeviceState.ACTIVE:
             state = device.state.value if device else "unknown"
             raise device_inactive(record.device_id.value, state)
+        if record.status is CertStatus.ON_HOLD:
+            raise DeviceSuspended(record.device_id.value)
+        if record.status is CertStatus.REVOKED:
+            # The identity is fine, this certificate is not: revoked on its own, or cut off
+            # because a newer certificate of the identity took over (superseded).
+            raise Forbidden(
+                f"certificate {record.serial:x} of {record.device_id} is revoked "
+                f"({record.revocation_reason}): renew with the identity's newest certificate"
+            )
+        # Only the newest certificate renews, or its fallback (status superseded): the one
+        # it was renewed from, while it has never been used. The device may have lost it to a
+        # power cut before storing it; that renewal then supersedes the unused one. The
+        # registry re-checks this when it records the renewal (registry.certificates).
         return Authorization(
             Grant(record.device_id, _role(device.role)),
             supersedes_serial=cert.serial_number,
@@ -209,7 +214,8 @@ class EnrollmentService:
         (CN = serialNumber = device id) of an IDevID batch, and be made for that very lot
         (OU = batch id). The grant is for that device id only, so an IDevID can enroll only its
         own device. A revoked lot (batch revoke) or device is refused. An enrolled device may
-        bootstrap again (factory reset, as BRSKI intends): its newest certificate is superseded.
+        bootstrap again (factory reset, as BRSKI intends): every older certificate of it is
+        cut off when the new one is recorded (registry.certificates), as for a token.
         """
         # Imported here: provisioning (operator tooling) depends on enroll_server, not the
         # other way round at import time.
@@ -234,19 +240,7 @@ class EnrollmentService:
             raise Forbidden(f"birth certificate of {birth.device_id} was made for another lot")
         if device.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
             raise device_inactive(device.device_id.value, device.state.value)
-        supersedes = None
-        if device.state is DeviceState.ACTIVE:
-            active = [
-                c
-                for c in self.registry.certificates_of(device.device_id)
-                if c.status is CertStatus.ACTIVE
-            ]
-            supersedes = active[-1].serial if active else None
-        return Authorization(
-            Grant(device.device_id, _role(device.role)),
-            supersedes_serial=supersedes,
-            actor="device-idevid",
-        )
+        return Authorization(Grant(device.device_id, _role(device.role)), actor="device-idevid")
 
     # --- issuance ----------------------------------------------------------------------
     def enroll(self, csr_der: bytes, auth: Authorization, now: datetime) -> Enrollment:
@@ -322,6 +316,9 @@ class EnrollmentService:
         if isinstance(refused, DeviceNotActive):
             # Revoked or suspended between authorization and commit.
             raise device_inactive(str(refused.device_id), refused.state) from refused
+        if isinstance(refused, CertificateNotCurrent):
+            # Cut off between authorization and commit (its successor was used meanwhile).
+            raise Forbidden(f"{refused}: renew with the identity's newest certificate") from refused
         raise refused
 
     def _replay(self, public_key: PublicKey, device_id: DeviceId, now: datetime) -> Enrollment:

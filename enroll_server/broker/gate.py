@@ -25,11 +25,19 @@ from fleetpki.identity import DeviceId, is_valid_id
 log = logging.getLogger(__name__)
 
 
+class CertificateRecordView(CertificateView, Protocol):
+    @property
+    def fallback_serial(self) -> int | None: ...
+
+
 class RegistryReader(Protocol):
-    """The two registry look-ups admission needs (enroll_server.registry's Registry has them)."""
+    """What admission needs of the registry (enroll_server.registry's Registry has it)."""
 
     def get_device(self, device_id: DeviceId) -> DeviceView | None: ...
-    def get_certificate(self, serial: int) -> CertificateView | None: ...
+    def get_certificate(self, serial: int) -> CertificateRecordView | None: ...
+    def settle_certificate(
+        self, serial: int, *, now: datetime, actor: str, wait: bool = True
+    ) -> list[int]: ...
 
 
 def _registry_failures() -> tuple[type[Exception], ...]:
@@ -82,4 +90,28 @@ class AdmissionGate:
         decision = decide_connect(client_id, cert, device, record, now)
         if isinstance(decision, Refusal):
             return decision
-        return check_will(decision, will_topic) or self._keepalive.check(keepalive) or decision
+        refused = check_will(decision, will_topic) or self._keepalive.check(keepalive)
+        if refused is not None:
+            return refused
+        if record is not None and record.fallback_serial is not None:
+            self._settle(decision, now)
+        return decision
+
+    def _settle(self, admission: Admission, now: datetime) -> None:
+        """The first use of a renewed certificate: its fallback (the certificate it was renewed
+        from) is cut off everywhere (registry.settle_certificate). Done without waiting for
+        the write lock: if another writer holds it, the next connect or renewal does it."""
+        try:
+            cut = self._registry.settle_certificate(
+                admission.serial, now=now, actor="broker", wait=False
+            )
+        except self._failures as exc:
+            log.info("superseding the fallback of %s left for later: %s", admission.identity, exc)
+            return
+        if cut:
+            log.info(
+                "%s connected with its renewed certificate %x; superseded %s",
+                admission.identity,
+                admission.serial,
+                ", ".join(f"{s:x}" for s in cut),
+            )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from enum import Enum
 from typing import Protocol
@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 
 # Event kinds after which the identity's live session must end (without its will).
 DROP_ON = frozenset({"revoked", "suspended"})
+# Event kinds naming certificates of an identity that stays registered (one revoked by an
+# operator, or cut off by a newer one): only a session presenting one of them ends.
+DROP_CERTIFICATES_ON = frozenset({"cert_revoked", "superseded"})
 
 
 class EventView(Protocol):
@@ -25,6 +28,8 @@ class EventView(Protocol):
     def kind(self) -> object: ...
     @property
     def device_id(self) -> object: ...
+    @property
+    def serials(self) -> Sequence[int]: ...
 
 
 class EventSource(Protocol):
@@ -38,6 +43,9 @@ class SessionDropper(Protocol):
     event_seq: int
 
     def drop(self, identity: str, reason: str, *, event_seq: int | None = None) -> bool: ...
+    def drop_certificates(
+        self, identity: str, serials: Collection[int], reason: str, *, event_seq: int
+    ) -> bool: ...
     def drop_expired(self, now_epoch: float) -> int: ...
 
 
@@ -76,9 +84,13 @@ class RevocationWatcher:
         events, next_seq = self._source.revocation_events_since(self.seq)
         for event in events:
             kind = _text(event.kind)
+            identity = _text(event.device_id)
             if kind in DROP_ON:
-                identity = _text(event.device_id)
                 if self._broker.drop(identity, kind, event_seq=event.seq):
+                    dropped += 1
+            elif kind in DROP_CERTIFICATES_ON:
+                serials = frozenset(event.serials)
+                if self._broker.drop_certificates(identity, serials, kind, event_seq=event.seq):
                     dropped += 1
         self.seq = max(self.seq, next_seq)
         self._broker.event_seq = self.seq

@@ -1,6 +1,7 @@
 """The fleet registry: devices, batches, tokens, certificates, events and audit (SQLite)."""
 
 from enroll_server.registry.errors import (
+    CertificateNotCurrent,
     DeviceNotActive,
     DuplicateBatch,
     DuplicateDevice,
@@ -43,6 +44,7 @@ __all__ = [
     "Batch",
     "BatchKind",
     "CertStatus",
+    "CertificateNotCurrent",
     "CertificateRecord",
     "Device",
     "DeviceNotActive",

@@ -1,43 +1,35 @@
-"""Registry part for certificates: issuance, suspension, revocation and CRL input."""
+"""Registry part for certificates: issuance, renewal and the one-current-certificate rule."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from enroll_server.registry.codec import (
     CERTIFICATE_COLUMNS,
     certificate_from_row,
-    detail_json,
-    parse_ts,
     serial_hex,
     serial_int,
-    serials_json,
     ts,
 )
 from enroll_server.registry.connection import RegistryBase
 from enroll_server.registry.errors import (
+    CertificateNotCurrent,
     DeviceNotActive,
     DuplicateSerial,
     InvalidValue,
     RegistryError,
     TokenRejected,
-    UnknownBatch,
     UnknownCertificate,
     UnknownDevice,
 )
 from enroll_server.registry.models import (
-    REVOKE_REASONS,
     CertificateRecord,
-    DeviceState,
+    CertStatus,
     EventKind,
     Issuance,
     IssuedCertificate,
-    RevokedEntry,
-    parse_reason,
 )
 from fleetpki.identity import DeviceId
 
@@ -180,9 +172,14 @@ class CertificateStore(RegistryBase):
         ).rowcount
         if activated != len(rows):
             return False
+        # A device enrolling again (a reissued token) has older certificates to cut off, with
+        # an audit entry and an event each: the one-by-one path does that. For a first
+        # enrollment this is one index probe that changes nothing.
+        if conn.executemany(_CUT_OFF_PROBE, [(r[1],) for r in rows]).rowcount:
+            return False
         conn.executemany(
             f"INSERT INTO certificates ({CERTIFICATE_COLUMNS}) "  # noqa: S608
-            "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?, NULL)",
             [(r[2], r[1], r[3], r[4], r[5], r[0], r[6]) for r in rows],
         )
         conn.executemany(
@@ -223,10 +220,23 @@ class CertificateStore(RegistryBase):
             if state is None:
                 raise UnknownDevice(device_id)
             raise DeviceNotActive(device_id, state.value)
+        if supersedes_s is not None:
+            self._check_renewable(conn, supersedes_serial, device_id)  # type: ignore[arg-type]
+        # One current certificate per identity. A renewal keeps the certificate it renews
+        # from as the new one's fallback and cuts off everything else: the fallback of the
+        # renewing certificate (whose use this is), or the unused successor of a fallback
+        # renewing again (a power cut lost it). A token or birth-certificate enrollment
+        # starts over with a new key: every older certificate goes.
+        cut = revoke_rows(conn, device_id, keep=supersedes_s, reason="superseded", now_s=now_s)
+        if supersedes_s is not None:
+            conn.execute(
+                "UPDATE certificates SET status = 'superseded', fallback = NULL WHERE serial = ?",
+                (supersedes_s,),
+            )
         try:
             conn.execute(
                 f"INSERT INTO certificates ({CERTIFICATE_COLUMNS}) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?, ?)",
                 (
                     serial_s,
                     device_id.value,
@@ -235,23 +245,14 @@ class CertificateStore(RegistryBase):
                     not_after_s,
                     now_s,
                     cert.pem,
+                    supersedes_s,
                 ),
             )
         except sqlite3.IntegrityError as exc:
             # The serial PRIMARY KEY: the one uniqueness the table keeps (schema 4).
             raise DuplicateSerial(cert.serial) from exc
-        if supersedes_serial is not None:
-            old = conn.execute(
-                "SELECT status FROM certificates WHERE serial = ? AND device_id = ?",
-                (supersedes_s, device_id.value),
-            ).fetchone()
-            if old is None:
-                raise UnknownCertificate(supersedes_serial, device_id)
-            conn.execute(
-                "UPDATE certificates SET status = 'superseded' "
-                "WHERE serial = ? AND status = 'active'",
-                (supersedes_s,),
-            )
+        if cut:
+            record_cut_off(conn, now_s, item.actor, device_id, cut, by=serial_s)
         conn.execute(
             "INSERT INTO audit (at, actor, action, device_id, detail) "
             "VALUES (?, ?, 'certificate.issue', ?, ?)",
@@ -276,228 +277,100 @@ class CertificateStore(RegistryBase):
             ).fetchall()
         return [certificate_from_row(r) for r in rows]
 
-    # ------------------------------------------------------------------ revocation
-
-    def revoke_device(
-        self, device_id: DeviceId, *, reason: str, now: datetime, actor: str
-    ) -> list[int]:
-        """Revoke a device and every unexpired certificate of it; returns the serials revoked.
-
-        `reason` is an RFC 5280 5.3.1 name ('keyCompromise'; 'key-compromise' is accepted).
-        Superseded certificates are revoked too: a renewal does not make the old certificate
-        invalid, so after a key compromise it must go on the CRL as well.
-        """
-        reason_v = self._revoke_reason(reason)
-        now_s = ts(now, "now")
-        with self._write() as conn:
-            if self._state_of(conn, device_id) is None:
-                raise UnknownDevice(device_id)
-            revoked = self._revoke_in_tx(conn, [device_id.value], reason_v, now_s, actor, {})
-        return revoked[device_id.value]
-
     @staticmethod
-    def _revoke_reason(reason: str) -> str:
-        reason_v = parse_reason(reason)
-        if reason_v not in REVOKE_REASONS:
-            raise InvalidValue(
-                "revocation reason", reason, "use suspend/resume for certificateHold"
-            )
-        return reason_v
-
-    def _revoke_in_tx(
-        self,
-        conn: sqlite3.Connection,
-        device_ids: list[str],
-        reason: str,
-        now_s: str,
-        actor: str,
-        detail: dict[str, Any],
-    ) -> dict[str, list[int]]:
-        """Revoke devices and their unexpired certificates; serials revoked per device id.
-
-        Set-based (the ids travel as one JSON array) so that revoke_batch costs a handful
-        of statements per chunk rather than per device.
-        """
-        ids_json = json.dumps(device_ids)
-        rows = conn.execute(
-            "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
-            "WHERE device_id IN (SELECT value FROM json_each(?)) "
-            "AND status IN ('active', 'on_hold', 'superseded') AND not_after > ? "
-            "RETURNING device_id, serial",
-            (now_s, reason, ids_json, now_s),
-        ).fetchall()
-        serials: dict[str, list[int]] = {d: [] for d in device_ids}
-        for device, serial in rows:
-            serials[device].append(serial_int(serial))
-        for found in serials.values():
-            found.sort()
-        conn.execute(
-            "UPDATE devices SET state = 'revoked', updated_at = ? "
-            "WHERE id IN (SELECT value FROM json_each(?))",
-            (now_s, ids_json),
-        )
-        conn.executemany(
-            "INSERT INTO audit (at, actor, action, device_id, detail) "
-            "VALUES (?, ?, 'device.revoke', ?, ?)",
-            [
-                (
-                    now_s,
-                    actor,
-                    device,
-                    detail_json(
-                        {"reason": reason, "serials": [serial_hex(s) for s in found], **detail}
-                    ),
-                )
-                for device, found in serials.items()
-            ],
-        )
-        # Always emitted, even with no certificate changed: the broker drops sessions by
-        # device id, and a repeated revoke must still cut off anything still connected.
-        conn.executemany(
-            "INSERT INTO events (at, kind, device_id, serials) VALUES (?, 'revoked', ?, ?)",
-            [(now_s, device, serials_json(found)) for device, found in serials.items()],
-        )
-        return serials
-
-    def suspend_device(self, device_id: DeviceId, *, now: datetime, actor: str) -> list[int]:
-        """Put a device's active certificates on hold (RFC 5280 certificateHold); reversible."""
-        now_s = ts(now, "now")
-        with self._write() as conn:
-            state = self._state_of(conn, device_id)
-            if state is None:
-                raise UnknownDevice(device_id)
-            if state is DeviceState.REVOKED:
-                raise DeviceNotActive(device_id, state.value)
-            if state is DeviceState.SUSPENDED:
-                return []
-            rows = conn.execute(
-                "UPDATE certificates SET status = 'on_hold', revoked_at = ?, "
-                "revocation_reason = 'certificateHold' "
-                "WHERE device_id = ? AND status = 'active' AND not_after > ? RETURNING serial",
-                (now_s, device_id.value, now_s),
-            ).fetchall()
-            serials = sorted(serial_int(r[0]) for r in rows)
-            conn.execute(
-                "UPDATE devices SET state = 'suspended', updated_at = ? WHERE id = ?",
-                (now_s, device_id.value),
-            )
-            self._audit(
-                conn,
-                now_s,
-                actor,
-                "device.suspend",
-                device_id,
-                {"serials": [serial_hex(s) for s in serials], "previous_state": state.value},
-            )
-            self._event(conn, now_s, EventKind.SUSPENDED, device_id, serials)
-        return serials
-
-    def resume_device(self, device_id: DeviceId, *, now: datetime, actor: str) -> list[int]:
-        """Lift a suspension: on-hold certificates become active again (RFC 5280
-        removeFromCRL: they simply leave the next full CRL)."""
-        now_s = ts(now, "now")
-        with self._write() as conn:
-            state = self._state_of(conn, device_id)
-            if state is None:
-                raise UnknownDevice(device_id)
-            if state is DeviceState.REVOKED:
-                raise DeviceNotActive(device_id, state.value)
-            if state is not DeviceState.SUSPENDED:
-                return []
-            rows = conn.execute(
-                "UPDATE certificates SET status = 'active', revoked_at = NULL, "
-                "revocation_reason = NULL WHERE device_id = ? AND status = 'on_hold' "
-                "RETURNING serial",
-                (device_id.value,),
-            ).fetchall()
-            serials = sorted(serial_int(r[0]) for r in rows)
-            # A device suspended before it ever enrolled goes back to waiting for enrollment.
-            conn.execute(
-                "UPDATE devices SET updated_at = ?, state = CASE WHEN enrolled_at IS NULL "
-                "THEN 'provisioned' ELSE 'active' END WHERE id = ?",
-                (now_s, device_id.value),
-            )
-            self._audit(
-                conn,
-                now_s,
-                actor,
-                "device.resume",
-                device_id,
-                {"serials": [serial_hex(s) for s in serials]},
-            )
-            self._event(conn, now_s, EventKind.RESUMED, device_id, serials)
-        return serials
-
-    def revoke_batch(
-        self,
-        batch_id: str,
-        *,
-        reason: str,
-        now: datetime,
-        actor: str,
-        progress: Callable[[int], None] | None = None,
-    ) -> int:
-        """Revoke every not-yet-revoked device of a batch; returns how many were revoked.
-
-        Runs as a series of short transactions (_REVOKE_CHUNK devices each), so other
-        processes keep working meanwhile; `progress` gets the running total after each.
-        """
-        reason_v = self._revoke_reason(reason)
-        now_s = ts(now, "now")
-        with self._read() as conn:
-            if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
-                raise UnknownBatch(batch_id)
-        total = 0
-        while True:
-            with self._write() as conn:
-                ids = [
-                    r[0]
-                    for r in conn.execute(
-                        # IN, not "!= 'revoked'": an index range per state, so revoked
-                        # devices of earlier chunks are never scanned again.
-                        "SELECT id FROM devices WHERE batch_id = ? "
-                        "AND state IN ('provisioned', 'active', 'suspended') LIMIT ?",
-                        (batch_id, _REVOKE_CHUNK),
-                    )
-                ]
-                if ids:
-                    self._revoke_in_tx(conn, ids, reason_v, now_s, actor, {"batch_id": batch_id})
-                else:
-                    self._audit(
-                        conn,
-                        now_s,
-                        actor,
-                        "batch.revoke",
-                        None,
-                        {"batch_id": batch_id, "reason": reason_v, "devices": total},
-                    )
-                    break
-            total += len(ids)
-            if progress is not None:
-                progress(total)
-        return total
-
-    def revoked_entries(self, now: datetime) -> list[RevokedEntry]:
-        """CRL input (RFC 5280 5.3): revoked and on-hold certificates not yet expired.
-
-        Expired certificates leave the CRL (RFC 5280 3.3 allows it; nobody can use them).
-        """
-        now_s = ts(now, "now")
-        with self._read() as conn:
-            rows = conn.execute(
-                "SELECT serial, revoked_at, revocation_reason FROM certificates "
-                "WHERE status IN ('revoked', 'on_hold') AND not_after > ?",
-                (now_s,),
-            ).fetchall()
-        return [
-            RevokedEntry(serial=serial_int(r[0]), revoked_at=parse_ts(r[1]), reason=r[2])
-            for r in rows
-        ]
-
-    def crl_number_next(self) -> int:
-        """The next cRLNumber (RFC 5280 5.2.3: monotonically increasing), persisted."""
-        with self._write() as conn:
-            row = conn.execute(
-                "UPDATE counters SET value = value + 1 WHERE name = 'crl_number' RETURNING value"
+    def _check_renewable(conn: sqlite3.Connection, serial: int, device_id: DeviceId) -> None:
+        """Raise unless `serial` may renew: the identity's current certificate, or the fallback
+        of a current certificate never used (the device lost it to a power cut)."""
+        serial_s = serial_hex(serial)
+        row = conn.execute(
+            "SELECT status, revocation_reason FROM certificates WHERE serial = ? AND device_id = ?",
+            (serial_s, device_id.value),
+        ).fetchone()
+        if row is None:
+            raise UnknownCertificate(serial, device_id)
+        status, reason = row
+        if status == CertStatus.ACTIVE.value:
+            return
+        if status == CertStatus.SUPERSEDED.value:
+            successor = conn.execute(
+                "SELECT 1 FROM certificates WHERE device_id = ? AND status = 'active' "
+                "AND fallback = ?",
+                (device_id.value, serial_s),
             ).fetchone()
-        return int(row[0])
+            if successor is not None:
+                return
+            reason = "superseded"
+        raise CertificateNotCurrent(serial, device_id, status, reason)
+
+    def settle_certificate(
+        self, serial: int, *, now: datetime, actor: str, wait: bool = True
+    ) -> list[int]:
+        """The first use of a renewed certificate: cut off its fallback; the serials cut off.
+
+        Called when the broker admits the certificate (a renewal from it does the same in
+        record_issuances). Nothing to do, and no write, for a certificate with no fallback.
+        """
+        now_s = ts(now, "now")
+        serial_s = serial_hex(serial)
+        with self._write(wait=wait) as conn:
+            row = conn.execute(
+                "SELECT device_id FROM certificates WHERE serial = ? AND status = 'active' "
+                "AND fallback IS NOT NULL",
+                (serial_s,),
+            ).fetchone()
+            if row is None:
+                return []
+            device_id = DeviceId(row[0])
+            cut = revoke_rows(conn, device_id, keep=serial_s, reason="superseded", now_s=now_s)
+            conn.execute("UPDATE certificates SET fallback = NULL WHERE serial = ?", (serial_s,))
+            if cut:
+                record_cut_off(conn, now_s, actor, device_id, cut, by=serial_s)
+        return cut
+
+
+# Whether any certificate of a device would be cut off by a new enrollment (_issue_many).
+_CUT_OFF_PROBE = (
+    "UPDATE certificates SET fallback = fallback WHERE device_id = ? "
+    "AND status IN ('active', 'superseded', 'on_hold')"
+)
+
+
+def revoke_rows(
+    conn: sqlite3.Connection,
+    device_id: DeviceId,
+    *,
+    keep: str | None,
+    reason: str,
+    now_s: str,
+) -> list[int]:
+    """Revoke every not yet revoked certificate of `device_id` except serial `keep`; sorted
+    serials. Expired ones too: nobody can use them, and the CRL leaves them out anyway."""
+    rows = conn.execute(
+        "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, "
+        "fallback = NULL WHERE device_id = ? AND serial IS NOT ? "
+        "AND status IN ('active', 'superseded', 'on_hold') RETURNING serial",
+        (now_s, reason, device_id.value, keep),
+    ).fetchall()
+    return sorted(serial_int(r[0]) for r in rows)
+
+
+def record_cut_off(
+    conn: sqlite3.Connection,
+    now_s: str,
+    actor: str,
+    device_id: DeviceId,
+    serials: list[int],
+    *,
+    by: str,
+) -> None:
+    """Audit and announce certificates cut off because certificate `by` took over (RFC 5280
+    5.3.1 superseded): the broker drops sessions presenting them, the CRL lists them."""
+    RegistryBase._audit(
+        conn,
+        now_s,
+        actor,
+        "certificate.supersede",
+        device_id,
+        {"serials": [serial_hex(s) for s in serials], "reason": "superseded", "by": by},
+    )
+    RegistryBase._event(conn, now_s, EventKind.SUPERSEDED, device_id, serials)

@@ -14,7 +14,7 @@ from typing import Any, Self, TypeVar
 from sqlite_utils import Database
 
 from enroll_server.registry.codec import detail_json, serials_json
-from enroll_server.registry.errors import InvalidValue, RegistryBusy
+from enroll_server.registry.errors import DuplicateToken, InvalidValue, RegistryBusy
 from enroll_server.registry.models import DeviceState, EventKind
 from fleetpki.identity import DeviceId
 
@@ -164,6 +164,42 @@ class RegistryBase:
         conn.execute(
             "INSERT INTO events (at, kind, device_id, serials) VALUES (?, ?, ?, ?)",
             (at, kind.value, device_id.value, serials_json(serials)),
+        )
+
+    @staticmethod
+    def _insert_token(
+        conn: sqlite3.Connection,
+        device_id: DeviceId,
+        token_hash: str,
+        expires_s: str,
+        now_s: str,
+        actor: str,
+    ) -> None:
+        """Record a new one-time token of a device; any unused earlier one dies (reissue)."""
+        # A reissued token replaces the old one: mark the old one used so it cannot enroll.
+        killed = conn.execute(
+            "UPDATE tokens SET used_at = ? WHERE device_id = ? AND used_at IS NULL",
+            (now_s, device_id.value),
+        ).rowcount
+        try:
+            conn.execute(
+                "INSERT INTO tokens (token_hash, device_id, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?)",
+                (token_hash, device_id.value, now_s, expires_s),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise DuplicateToken(device_id) from exc
+        conn.execute(
+            "UPDATE devices SET token_expires_at = ?, updated_at = ? WHERE id = ?",
+            (expires_s, now_s, device_id.value),
+        )
+        RegistryBase._audit(
+            conn,
+            now_s,
+            actor,
+            "token.issue",
+            device_id,
+            {"expires_at": expires_s, "replaced": killed},
         )
 
     @staticmethod

@@ -121,3 +121,18 @@ class RegistryBusy(RegistryError):
         super().__init__(f"registry {path} stayed locked by another writer for {waited_ms} ms")
         self.path = path
         self.waited_ms = waited_ms
+
+
+class CertificateNotCurrent(RegistryError):
+    """A renewal from a certificate that is no longer its identity's current one: revoked,
+    on hold, or superseded by a newer certificate that has been used since."""
+
+    def __init__(
+        self, serial: int, device_id: DeviceId, status: str, reason: str | None = None
+    ) -> None:
+        why = status if reason is None else f"{status} ({reason})"
+        super().__init__(f"certificate {serial:x} of {device_id} is {why}")
+        self.serial = serial
+        self.device_id = device_id
+        self.status = status
+        self.reason = reason

@@ -26,10 +26,16 @@ class DeviceState(StrEnum):
 
 
 class CertStatus(StrEnum):
+    """A certificate's status. An identity has at most one ACTIVE certificate (its newest) and
+    at most one SUPERSEDED one: the certificate that newest one was renewed from, kept as a
+    fallback only while the newest has never been used (a power cut may have lost it before
+    the device stored it). The first use of the newest (the broker admits it, or it renews)
+    revokes the fallback with reason superseded (RFC 5280 5.3.1): registry.certificates."""
+
     ACTIVE = "active"
     REVOKED = "revoked"
     ON_HOLD = "on_hold"  # RFC 5280 5.3.1 certificateHold: listed on the CRL, reversible
-    SUPERSEDED = "superseded"  # replaced by a renewal; still valid until notAfter
+    SUPERSEDED = "superseded"  # the fallback of an unused renewal; valid until cut off
 
 
 class BatchKind(StrEnum):
@@ -43,10 +49,16 @@ class EventKind(StrEnum):
     each (certificate.issue). Older registries still hold 'issued' events,
     which revocation_events_since skips."""
 
-    REVOKED = "revoked"
+    REVOKED = "revoked"  # the device (and every certificate of it) is revoked
     SUSPENDED = "suspended"
     RESUMED = "resumed"
     ISSUED = "issued"
+    # Certificates of an identity that stays registered: an operator revoked them (one
+    # certificate, or every one at a re-key) ...
+    CERT_REVOKED = "cert_revoked"
+    # ... or a newer certificate of the same identity took over (first use of a renewal, a
+    # renewal from the fallback, a new enrollment with a token or a birth certificate).
+    SUPERSEDED = "superseded"
 
 
 # RFC 5280 5.3.1 CRLReason names, spelled as in the RFC (and as cryptography's
@@ -197,6 +209,9 @@ class CertificateRecord:
     revoked_at: datetime | None
     revocation_reason: str | None  # RFC 5280 5.3.1 name, e.g. 'keyCompromise'
     pem: str
+    # The certificate this one was renewed from, kept as its fallback (status SUPERSEDED)
+    # until this one is first used; None once used, or when there is none.
+    fallback_serial: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,7 +175,68 @@ _V4 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4)
+# One current certificate per identity (RFC 5280 5.3.1 reason superseded for the others).
+# `fallback` names the certificate a renewal was made from, kept valid (status 'superseded')
+# only until the renewal is first used (registry.certificates). Registries from before kept
+# every superseded certificate valid, and a re-enrollment with a token left the old one
+# active: this revokes, with reason superseded, every active certificate but the newest of
+# its identity and every superseded one but the newest (which becomes the fallback of the
+# active one), audits each, holds the fallback of suspended devices as suspension now holds
+# every certificate, and lets events carry certificate-level revocations.
+_V5 = Migration(
+    5,
+    "one current certificate per identity; certificate-level revocation events",
+    (
+        "ALTER TABLE certificates ADD COLUMN fallback TEXT",
+        "CREATE TEMP TABLE migration_now AS SELECT strftime('%Y-%m-%dT%H:%M:%f000Z', 'now') AS now",
+        # Every active certificate but the newest of its identity.
+        "UPDATE certificates SET status = 'revoked', revocation_reason = 'superseded', "
+        "revoked_at = (SELECT now FROM temp.migration_now) WHERE status = 'active' AND EXISTS ("
+        "SELECT 1 FROM certificates AS n WHERE n.device_id = certificates.device_id "
+        "AND n.status = 'active' AND (n.issued_at, n.serial) > "
+        "(certificates.issued_at, certificates.serial))",
+        # The newest superseded certificate becomes the fallback of the current one.
+        "UPDATE certificates SET fallback = (SELECT s.serial FROM certificates AS s "
+        "WHERE s.device_id = certificates.device_id AND s.status = 'superseded' "
+        "ORDER BY s.issued_at DESC, s.serial DESC LIMIT 1) "
+        "WHERE status IN ('active', 'on_hold')",
+        "UPDATE certificates SET status = 'revoked', revocation_reason = 'superseded', "
+        "revoked_at = (SELECT now FROM temp.migration_now) "
+        "WHERE status = 'superseded' AND serial NOT IN "
+        "(SELECT fallback FROM certificates WHERE fallback IS NOT NULL)",
+        "UPDATE certificates SET status = 'on_hold', revocation_reason = 'certificateHold', "
+        "revoked_at = (SELECT now FROM temp.migration_now) "
+        "WHERE status = 'superseded' AND device_id IN "
+        "(SELECT id FROM devices WHERE state = 'suspended')",
+        "INSERT INTO audit (at, actor, action, device_id, detail) "
+        "SELECT revoked_at, 'registry', 'certificate.supersede', device_id, "
+        "json_object('serials', json_array(serial), 'reason', 'superseded', "
+        "'why', 'schema 5: one current certificate per identity') "
+        "FROM certificates WHERE status = 'revoked' "
+        "AND revoked_at = (SELECT now FROM temp.migration_now) "
+        "ORDER BY device_id, serial",
+        "DROP TABLE temp.migration_now",
+        # SQLite cannot change a CHECK constraint: rebuild events as _V4 rebuilt certificates,
+        # keeping every seq and the AUTOINCREMENT high-water mark (pollers keep their place).
+        """CREATE TABLE events_v5 (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('revoked', 'suspended', 'resumed', 'issued',
+                                               'cert_revoked', 'superseded')),
+            device_id TEXT NOT NULL,
+            serials TEXT NOT NULL DEFAULT '[]'
+        )""",
+        "INSERT INTO sqlite_sequence (name, seq) "
+        "SELECT 'events_v5', seq FROM sqlite_sequence WHERE name = 'events'",
+        "INSERT INTO events_v5 (seq, at, kind, device_id, serials) "
+        "SELECT seq, at, kind, device_id, serials FROM events ORDER BY seq",
+        "DROP TABLE events",
+        "ALTER TABLE events_v5 RENAME TO events",
+        "CREATE INDEX events_changes ON events(seq) WHERE kind <> 'issued'",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

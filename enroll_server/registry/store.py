@@ -11,6 +11,7 @@ from enroll_server.registry.certificates import CertificateStore
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS, enable_wal
 from enroll_server.registry.devices import DeviceStore
 from enroll_server.registry.journal import Journal
+from enroll_server.registry.revocation import RevocationStore
 from enroll_server.registry.schema import migrate
 from enroll_server.registry.tokens import TokenStore
 
@@ -18,13 +19,14 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
-class Registry(DeviceStore, TokenStore, CertificateStore, Journal):
+class Registry(DeviceStore, TokenStore, CertificateStore, RevocationStore, Journal):
     """The fleet registry: devices, batches, tokens, certificates, events and audit.
 
     The only place with SQL. Several processes (server, CLI, standalone broker) may open the
     same file: every write is one short BEGIN IMMEDIATE transaction, readers never block
     writers (WAL), and changes other processes must react to go through `events_since`.
-    The methods live in one module per noun (devices, tokens, certificates, journal).
+    The methods live in one module per noun (devices, tokens, certificates, revocation,
+    journal).
     """
 
     @classmethod

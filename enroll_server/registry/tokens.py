@@ -9,7 +9,6 @@ from enroll_server.registry.codec import parse_ts, ts
 from enroll_server.registry.connection import RegistryBase, token_row_problem
 from enroll_server.registry.errors import (
     DeviceNotActive,
-    DuplicateToken,
     InvalidValue,
     TokenRejected,
     UnknownDevice,
@@ -46,31 +45,7 @@ class TokenStore(RegistryBase):
                 raise UnknownDevice(device_id)
             if state is DeviceState.REVOKED:
                 raise DeviceNotActive(device_id, state.value)
-            # A reissued token replaces the old one: mark the old one used so it cannot enroll.
-            killed = conn.execute(
-                "UPDATE tokens SET used_at = ? WHERE device_id = ? AND used_at IS NULL",
-                (now_s, device_id.value),
-            ).rowcount
-            try:
-                conn.execute(
-                    "INSERT INTO tokens (token_hash, device_id, created_at, expires_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (token_hash, device_id.value, now_s, expires_s),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise DuplicateToken(device_id) from exc
-            conn.execute(
-                "UPDATE devices SET token_expires_at = ?, updated_at = ? WHERE id = ?",
-                (expires_s, now_s, device_id.value),
-            )
-            self._audit(
-                conn,
-                now_s,
-                actor,
-                "token.issue",
-                device_id,
-                {"expires_at": expires_s, "replaced": killed},
-            )
+            self._insert_token(conn, device_id, token_hash, expires_s, now_s, actor)
 
     def check_token(self, device_id: DeviceId, token_hash: str, now: datetime) -> None:
         """Raise TokenRejected unless the token is this device's, unused and unexpired.

@@ -181,8 +181,10 @@ async def test_idevid_bundle_enrolls_connects_renews_and_rebootstraps(
         assert renewed is not None and spki(renewed.cert) not in (spki(first), spki(birth))
         assert agent.link.credentials() == (renewed.cert_path, renewed.key_path)
         assert issue_actors(server, DEV)[:2] == ["device-idevid", "device"]
+        # The broker admitted the renewed certificate: the one it was renewed from is cut off.
         old = server.registry.get_certificate(first.serial_number)
-        assert old is not None and old.status is CertStatus.SUPERSEDED
+        assert old is not None and old.status is CertStatus.REVOKED
+        assert old.revocation_reason == "superseded"
         report, code = status_report(load_config(config), datetime.now(UTC))
         assert code == ExitCode.OK and report["certificate_serial"] == renewed.serial_hex
         assert report["bootstrap"].endswith("idevid.pem") and "token_present" not in report

@@ -903,7 +903,11 @@ def test_v3_registry_migrates_to_certificates_without_a_fingerprint_index(
         # Back to schema 3: the table as schema 1 made it, the version rows cut back.
         raw.execute("ALTER TABLE certificates RENAME TO certificates_now")
         raw.execute(next(s for s in schema.MIGRATIONS[0].statements if "TABLE certificates" in s))
-        raw.execute("INSERT INTO certificates SELECT * FROM certificates_now")
+        raw.execute(
+            "INSERT INTO certificates SELECT serial, device_id, fingerprint_sha256, not_before, "
+            "not_after, issued_at, status, revoked_at, revocation_reason, pem "
+            "FROM certificates_now"
+        )
         raw.execute("DROP TABLE certificates_now")
         raw.execute("CREATE INDEX certificates_device ON certificates(device_id)")
         raw.execute(schema.MIGRATIONS[1].statements[-1])  # certificates_revoked
@@ -924,5 +928,6 @@ def test_v3_registry_migrates_to_certificates_without_a_fingerprint_index(
         indexes = {r[1]: r[2] for r in raw.execute("PRAGMA index_list(certificates)")}
         assert {"certificates_device", "certificates_revoked"} <= set(indexes)
         assert sum(indexes.values()) == 1  # one unique index: the serial's
-        assert raw.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 4
+        latest = raw.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        assert latest == schema.LATEST_VERSION
         assert raw.execute("PRAGMA foreign_key_check").fetchall() == []

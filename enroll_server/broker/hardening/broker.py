@@ -7,6 +7,7 @@ import collections
 import importlib.metadata
 import logging
 import ssl
+from collections.abc import Collection
 from functools import partial
 from typing import Any
 
@@ -71,6 +72,9 @@ _FILTERS_KEY = "fleetpki.filters"
 _SUBACK_FAILURE = 0x80
 _ACL_CACHE_SIZE = 64
 _FORGET_SESSION = frozenset({DROP_REVOKED, DROP_SUSPENDED, DROP_OPERATOR, DROP_CERT_EXPIRED})
+# Serials of certificate-level revocations remembered for the connect race (see _serve): the
+# race lasts one admission, so a bounded memory of the latest ones is plenty.
+_DROPPED_SERIALS_KEPT = 10_000
 
 
 class HardenedBroker(Broker):
@@ -103,6 +107,9 @@ class HardenedBroker(Broker):
         # admission that read the registry just before a revocation and its registration.
         self.event_seq = 0
         self._dropped_at_seq: dict[str, int] = {}
+        # The same for certificate-level revocations, by serial (insertion order = seq order,
+        # so the oldest entries are the first to go past _DROPPED_SERIALS_KEPT).
+        self._dropped_serial_at_seq: dict[int, int] = {}
         super().__init__(config)
 
     # -- views ----------------------------------------------------------------------------
@@ -133,6 +140,20 @@ class HardenedBroker(Broker):
         self._metrics.dropped(reason)
         conn.sever(reason, publish_will=False)
         return True
+
+    def drop_certificates(
+        self, identity: str, serials: Collection[int], reason: str, *, event_seq: int
+    ) -> bool:
+        """End the live session of `identity` if it presented one of `serials` (revoked or
+        superseded certificates of an identity that stays registered); False if none did."""
+        for serial in serials:
+            self._dropped_serial_at_seq[serial] = event_seq
+        while len(self._dropped_serial_at_seq) > _DROPPED_SERIALS_KEPT:
+            del self._dropped_serial_at_seq[next(iter(self._dropped_serial_at_seq))]
+        conn = self._connections.get(identity)
+        if conn is None or conn.admission is None or conn.admission.serial not in serials:
+            return False
+        return self.drop(identity, reason)
 
     def _keepalive_expired(self, conn: Connection) -> None:
         who = conn.admission.identity if conn.admission else "?"
@@ -349,7 +370,10 @@ class HardenedBroker(Broker):
                 await previous.wait_finished()
             if conn.drop_reason is not None:
                 return  # taken over in turn while waiting
-        if self._dropped_at_seq.get(identity, -1) > seq_before:
+        if (
+            self._dropped_at_seq.get(identity, -1) > seq_before
+            or self._dropped_serial_at_seq.get(decision.serial, -1) > seq_before
+        ):
             self._refuse(
                 conn,
                 RefusalReason.DEVICE_REVOKED,
