@@ -6,6 +6,11 @@
     atomic swap, reconnect) -> stop on request, on refusal/revocation, or when the certificate
     expired and no token is there to re-bootstrap (an IDevID device re-bootstraps by itself).
 
+A suspended device (the service's `device-suspended` code) does not stop: suspension is
+reversible, so it waits, asking again with a long backoff, and carries on once resumed. The
+broker's refusal (MQTT 3.1.1 CONNACK 5, or a revoked-certificate TLS alert for a certificate
+on hold) does not say which, so the agent then asks the service (GET /device/status).
+
 Asyncio-native and free of globals, so one process can run thousands (the simulator).
 """
 
@@ -33,6 +38,7 @@ from device_agent.errors import (
     CertificateRejected,
     ConfigError,
     DeviceRevoked,
+    DeviceSuspended,
     EstProtocolError,
     EstRejected,
     EstRetryLater,
@@ -64,6 +70,9 @@ CLOCK_POLL_S = 5.0
 CLOCK_REPORT_S = 300.0
 # Sleeps are chunked so that a wall-clock jump (NTP sync, suspend) is noticed within this.
 MAX_SLEEP_S = 60.0
+# A suspended device asks the service again after this, doubling up to
+# `[enroll] suspended_retry_max`: suspensions are the operator's, and last minutes or days.
+SUSPENDED_FIRST_S = 30.0
 
 
 class AgentState(StrEnum):
@@ -73,6 +82,7 @@ class AgentState(StrEnum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     RENEWING = "renewing"
+    SUSPENDED = "suspended"  # waiting for the operator to resume the device
     REVOKED = "revoked"
     REFUSED = "refused"
     EXPIRED = "expired"
@@ -113,6 +123,7 @@ class Agent:
         clock: Callable[[], datetime] | None = None,
         est_backoff: Backoff | None = None,
         mqtt_backoff: Backoff | None = None,
+        suspended_backoff: Backoff | None = None,
         clock_poll: float = CLOCK_POLL_S,
         persist_status: bool = True,
         on_event: EventHandler | None = None,
@@ -125,6 +136,12 @@ class Agent:
         self.now = clock or _utc_now
         self.est_backoff = est_backoff or Backoff(base=2.0, factor=2.0, cap=600.0)
         self.mqtt_backoff = mqtt_backoff or Backoff(base=1.0, factor=2.0, cap=120.0)
+        cap = config.suspended_retry_max
+        self.suspended_backoff = suspended_backoff or Backoff(
+            base=min(SUSPENDED_FIRST_S, cap), factor=2.0, cap=cap
+        )
+        # A session (run) waits out a suspension; a one-shot `enroll` reports it and exits.
+        self._wait_if_suspended = False
         self.clock_poll = clock_poll
         self.persist_status = persist_status
         self.on_event = on_event
@@ -150,7 +167,10 @@ class Agent:
             self._stop.set()
 
     async def run(self) -> ExitCode:
-        """Enroll if needed, then keep the session and the certificate alive until stopped."""
+        """Enroll if needed, then keep the session and the certificate alive until stopped.
+
+        A suspended device waits (state `suspended`) and carries on once resumed."""
+        self._wait_if_suspended = True
         return await self._guard(self._run)
 
     async def enroll(self, *, force: bool = False) -> ExitCode:
@@ -165,6 +185,8 @@ class Agent:
         async def body() -> ExitCode:
             await self._ensure_identity(force=force)
             return ExitCode.OK
+
+        self._wait_if_suspended = False
 
         return await self._guard(body)
 
@@ -188,9 +210,15 @@ class Agent:
             return self._finish(
                 AgentState.REVOKED, ExitCode.REFUSED, f"device revoked: {exc.reason}; stopping"
             )
+        except DeviceSuspended as exc:  # only from a one-shot command (enroll)
+            return self._finish(
+                AgentState.SUSPENDED,
+                ExitCode.REFUSED,
+                f"device suspended: {exc.reason}; `fleetpki-agent run` waits until the "
+                "operator resumes it",
+            )
         except BrokerRefused as exc:
-            state = AgentState.REVOKED if "revoked" in exc.why else AgentState.REFUSED
-            return self._finish(state, ExitCode.REFUSED, f"{exc}; stopping")
+            return self._finish(AgentState.REFUSED, ExitCode.REFUSED, f"{exc}; stopping")
         except EstRejected as exc:
             return self._finish(AgentState.REFUSED, ExitCode.REFUSED, f"{exc}; stopping")
         except NeedsRebootstrap as exc:
@@ -453,11 +481,11 @@ class Agent:
         network errors with backoff; 401/403 propagate (refused: retrying would only hammer)."""
         from device_agent.est_wire import WireError, build_csr, check_cacerts
 
-        self._set_state(AgentState.ENROLLING)
         key = await self._new_key()
         csr = build_csr(key, self.device_id)
-        attempt = 0
+        attempt = suspended = 0
         while True:
+            self._set_state(AgentState.ENROLLING)
             try:
                 cas = check_cacerts(await self.est.cacerts(), anchor)
                 certs = await send(csr)
@@ -469,6 +497,13 @@ class Agent:
                 delay, why = exc.retry_after, "enrollment pending (202)"
             except (EstUnavailable, EstProtocolError, CertificateRejected) as exc:
                 delay, why = self.est_backoff.delay(attempt, self.rng), str(exc)
+            except DeviceSuspended as exc:
+                if not self._wait_if_suspended:
+                    raise
+                delay = self._suspended(exc, suspended)
+                suspended += 1
+                await self._sleep(delay)
+                continue
             attempt += 1
             self.last_error = why
             log.warning("%s: enrollment: %s; retrying in %.1f s", self.device_id, why, delay)
@@ -527,12 +562,18 @@ class Agent:
                 )
                 self._rotated(ident)
                 return
-            previous = self.state
             self._set_state(AgentState.RENEWING)
             try:
                 new = await self._renew_once(ident, anchor)
             except DeviceRevoked:
                 raise
+            except DeviceSuspended as exc:
+                delay = retry_deadline_delay(
+                    self._suspended(exc, attempt), ident.not_after, self.now()
+                )
+                attempt += 1
+                await self._sleep(delay)
+                continue
             except EstRejected as exc:
                 if exc.status in (401, 403):
                     raise  # refused: retrying blindly would only hammer the service
@@ -559,7 +600,7 @@ class Agent:
                     new.next_renewal.isoformat(),
                 )
                 self._emit(AgentEvent.renewed(ident.serial_hex, new.serial_hex))
-                self._set_state(previous)
+                self._set_state(self._session_state())
                 self._rotated(ident)
                 return
             attempt += 1
@@ -573,7 +614,69 @@ class Agent:
                 ident.not_after.isoformat(),
             )
             self._emit(AgentEvent.retry("renew", why, delay))
-            self._set_state(previous)
+            self._set_state(self._session_state())
+            await self._sleep(delay)
+
+    def _session_state(self) -> AgentState:
+        """What the session is doing, for after a renewal or a wait."""
+        if self.link is not None and self.link.connected.is_set():
+            return AgentState.CONNECTED
+        return AgentState.CONNECTING
+
+    # -- suspension ----------------------------------------------------------------------------
+    def _suspended(self, exc: DeviceSuspended, attempt: int) -> float:
+        """Record that the service says the device is suspended; the wait before asking again."""
+        delay = self.suspended_backoff.delay(attempt, self.rng)
+        why = f"device suspended: {exc.reason}"
+        if self.state is not AgentState.SUSPENDED or self.last_error != why:
+            log.warning(
+                "%s: %s; waiting for the operator to resume it (asking again in %.0f s, then at "
+                "most every %.0f s)",
+                self.device_id,
+                why,
+                delay,
+                self.suspended_backoff.cap,
+            )
+        self.last_error = why
+        self._emit(AgentEvent.retry("suspended", why, delay))
+        self._set_state(AgentState.SUSPENDED)
+        self._write_status()
+        return delay
+
+    async def _on_broker_refused(self, refusal: BrokerRefused) -> bool:
+        """The broker refused us, and MQTT 3.1.1 cannot say why: ask the service.
+
+        Revoked: DeviceRevoked (final). Suspended: wait, asking again with the long backoff,
+        and return True once resumed (reconnect now). Active: return False (the broker's view
+        may lag the registry's; the link backs off as usual). Any other refusal: the broker's
+        BrokerRefused (final). The service unreachable: cannot tell, so wait as for a
+        suspension and ask again; a refused device must not hammer either.
+        """
+        assert self.identity is not None
+        attempt = 0
+        while True:
+            try:
+                await self.est.device_status(self.identity.cert_path, self.identity.key_path)
+            except DeviceSuspended as exc:
+                delay = self._suspended(exc, attempt)
+            except DeviceRevoked:
+                raise
+            except EstRejected as exc:
+                raise refusal from exc
+            except (EstUnavailable, EstProtocolError, TlsVerificationFailed) as exc:
+                delay = self.suspended_backoff.delay(attempt, self.rng)
+                why = f"{refusal}; the enrollment server cannot say why: {exc}"
+                self.last_error = why
+                log.warning("%s: %s; asking again in %.0f s", self.device_id, why, delay)
+                self._emit(AgentEvent.retry("mqtt", why, delay))
+            else:
+                if attempt == 0:
+                    return False
+                log.info("%s: the device was resumed; reconnecting", self.device_id)
+                self.last_error = None
+                self._set_state(AgentState.CONNECTING)
+                return True
+            attempt += 1
             await self._sleep(delay)
 
     def _rotated(self, old: Identity) -> None:
@@ -639,6 +742,7 @@ class Agent:
             on_command=self.on_command,
             on_connection=self._on_connection,
             on_retry=self._on_mqtt_retry,
+            on_refused=self._on_broker_refused,
         )
         self._set_state(AgentState.CONNECTING)
         assert self._stop is not None

@@ -29,7 +29,8 @@ exit codes:
   0  stopped on request / command succeeded
   1  crash (unexpected error; systemd restarts the agent)
   2  bad command line
-  3  refused or revoked by the service or the broker (not restarted)
+  3  revoked or refused by the service or the broker (not restarted); a suspended
+     device does not exit: `run` waits until the operator resumes it
   4  agent.toml, the trust anchor, the token file, the factory birth certificate
      (idevid_cert / idevid_key) or the state folder is unusable
   5  no valid certificate and no token: write a new token from the operator to the

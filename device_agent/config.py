@@ -15,11 +15,21 @@ from fleetpki.identity import DeviceId, InvalidIdentifier
 
 log = logging.getLogger("fleetpki.agent")
 
+SUSPENDED_RETRY_MAX_S = 600.0
+
 # Keys each section knows; anything else is logged (not fatal) so that a newer factory can add
 # keys without bricking older agents.
 _KNOWN: dict[str, set[str]] = {
     "device": {"id", "key_type"},
-    "enroll": {"server", "token_file", "idevid_cert", "idevid_key", "trust_anchor", "timeout"},
+    "enroll": {
+        "server",
+        "token_file",
+        "idevid_cert",
+        "idevid_key",
+        "trust_anchor",
+        "timeout",
+        "suspended_retry_max",
+    },
     "mqtt": {"host", "port", "telemetry_interval", "keepalive", "queue_size"},
     "state": {"dir"},
 }
@@ -37,6 +47,11 @@ class EstServer:
     def path(self, operation: str) -> str:
         # RFC 7030 3.2.2: operations sit under /.well-known/est/ below the base path.
         return f"{self.path_prefix}/.well-known/est/{operation}"
+
+    @property
+    def device_status_path(self) -> str:
+        # Not an EST operation (RFC 7030 has none for status), so outside /.well-known/est/.
+        return f"{self.path_prefix}/device/status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +84,9 @@ class AgentConfig:
     mqtt_keepalive: int = 30
     queue_size: int = 1000
     http_timeout: float = 30.0
+    # The longest wait between two checks of a suspended device (seconds): it asks the
+    # service again after 30 s, doubling up to this, so a resumed device is back within it.
+    suspended_retry_max: float = SUSPENDED_RETRY_MAX_S
     # Set for bundles of `fleetpki batch create --idevid`: bootstrap with the birth
     # certificate; `token_file` is then only a default path that is never read.
     idevid: BirthCredentials | None = None
@@ -194,6 +212,15 @@ def parse_config(text: str, path: Path) -> AgentConfig:
     timeout = _get(path, enroll, "enroll", "timeout", float, default=30.0)
     if not timeout > 0:
         raise ConfigError(path, "enroll.timeout", f"must be > 0 seconds, got {timeout}")
+    suspended_max = _get(
+        path, enroll, "enroll", "suspended_retry_max", float, default=SUSPENDED_RETRY_MAX_S
+    )
+    if not 1 <= suspended_max <= 86400:
+        raise ConfigError(
+            path,
+            "enroll.suspended_retry_max",
+            f"must be 1..86400 seconds, got {suspended_max}",
+        )
 
     return AgentConfig(
         path=path,
@@ -209,6 +236,7 @@ def parse_config(text: str, path: Path) -> AgentConfig:
         mqtt_keepalive=keepalive,
         queue_size=queue_size,
         http_timeout=timeout,
+        suspended_retry_max=suspended_max,
         idevid=_birth_credentials(path, enroll),
     )
 

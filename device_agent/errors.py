@@ -81,17 +81,27 @@ class EstRetryLater(EstError):
 
 
 class EstRejected(EstError):
-    """A 4xx answer: the server refused and said why; not retried blindly."""
+    """A 4xx answer: the server refused and said why; not retried blindly.
 
-    def __init__(self, url: str, status: int, reason: str) -> None:
+    `code` is the machine-readable `Fleetpki-Error` code (fleetpki.error_codes), or None from
+    a server that sends none; `reason` is the one line for people.
+    """
+
+    def __init__(self, url: str, status: int, reason: str, code: str | None = None) -> None:
         super().__init__(f"EST server refused ({status}) at {url}: {reason}")
         self.url = url
         self.status = status
         self.reason = reason
+        self.code = code
 
 
 class DeviceRevoked(EstRejected):
-    """403 whose reason says the device is revoked: the agent stops for good."""
+    """The service says the device is revoked (`device-revoked`): final, the agent stops."""
+
+
+class DeviceSuspended(EstRejected):
+    """The service says the device is suspended (`device-suspended`): reversible, so the
+    agent waits (long backoff) and carries on once the operator resumes it."""
 
 
 class EstProtocolError(EstError):

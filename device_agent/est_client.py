@@ -1,9 +1,11 @@
-"""The EST client (RFC 7030): cacerts, simpleenroll (token or IDevID), simplereenroll over mTLS."""
+"""The EST client (RFC 7030): cacerts, simpleenroll (token or IDevID), simplereenroll over mTLS,
+and the service's device status (GET /device/status over mTLS)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +17,8 @@ from device_agent.clock import parse_http_date
 from device_agent.config import EstServer
 from device_agent.errors import (
     DeviceRevoked,
+    DeviceSuspended,
+    EstError,
     EstProtocolError,
     EstRejected,
     EstRetryLater,
@@ -23,6 +27,7 @@ from device_agent.errors import (
 )
 from device_agent.est_wire import WireError, decode_certs_only, encode_csr, parse_retry_after
 from device_agent.tls import client_context
+from fleetpki.error_codes import ERROR_HEADER, ErrorCode
 from fleetpki.identity import DeviceId
 
 _REASON_MAX = 300
@@ -41,18 +46,18 @@ class EstClient:
         self.timeout = timeout
         self.last_server_date: datetime | None = None
 
-    def _url(self, operation: str) -> str:
-        return f"https://{self.server.host}:{self.server.port}{self.server.path(operation)}"
+    def _url(self, path: str) -> str:
+        return f"https://{self.server.host}:{self.server.port}{path}"
 
     async def _call(
         self,
         method: str,
-        operation: str,
+        path: str,
         ctx: ssl.SSLContext,
         headers: dict[str, str] | None = None,
         body: bytes = b"",
     ) -> http11.HttpResponse:
-        url = self._url(operation)
+        url = self._url(path)
         all_headers = {"User-Agent": f"fleetpki-agent/{__version__}", **(headers or {})}
         try:
             async with asyncio.timeout(self.timeout):
@@ -60,7 +65,7 @@ class EstClient:
                     method,
                     self.server.host,
                     self.server.port,
-                    self.server.path(operation),
+                    path,
                     ctx,
                     headers=all_headers,
                     body=body,
@@ -76,32 +81,42 @@ class EstClient:
 
     def _certs(self, response: http11.HttpResponse, operation: str) -> list[x509.Certificate]:
         """Map an EST answer to certificates or to the error it means (RFC 7030 4.2.3)."""
-        url = self._url(operation)
-        status = response.status
-        if status == 200:
+        url = self._url(self.server.path(operation))
+        if response.status == 200:
             try:
                 return decode_certs_only(
                     response.body, response.header("content-transfer-encoding")
                 )
             except WireError as exc:
                 raise EstProtocolError(url, exc.why) from exc
-        if status == 202:
+        if response.status == 202:
             now = datetime.now(UTC)  # the header may be an absolute date; entry-point clock
             raise EstRetryLater(url, parse_retry_after(response.header("retry-after"), now))
-        reason = _reason(response)
-        if 500 <= status <= 599 or status == 429:
-            raise EstUnavailable(url, f"HTTP {status}: {reason}", status)
-        if status == 403 and "revoked" in reason.lower():
-            raise DeviceRevoked(url, status, reason)
-        if 400 <= status <= 499:
-            raise EstRejected(url, status, reason)
-        raise EstProtocolError(url, f"unexpected HTTP status {status}: {reason}")
+        raise _refusal(response, url)
 
     async def cacerts(self) -> list[x509.Certificate]:
         """GET /cacerts (RFC 7030 4.1): the CA certificates; the caller checks them against the
         trust anchor (the TLS connection already did for the server's own chain)."""
         ctx = client_context(self.trust_anchor)
-        return self._certs(await self._call("GET", "cacerts", ctx), "cacerts")
+        return self._certs(await self._call("GET", self.server.path("cacerts"), ctx), "cacerts")
+
+    async def device_status(self, cert_path: Path, key_path: Path) -> dict[str, object]:
+        """GET /device/status over mTLS with the current certificate: the service's word on
+        whether this device may act. Returns the 200 answer ({"device", "state": "active",
+        ...}); a suspended device raises DeviceSuspended, a revoked one DeviceRevoked, any
+        other refusal EstRejected (README, "Wire contract")."""
+        ctx = client_context(self.trust_anchor, cert_path, key_path)
+        path = self.server.device_status_path
+        response = await self._call("GET", path, ctx, {"Accept": "application/json"})
+        if response.status != 200:
+            raise _refusal(response, self._url(path))
+        try:
+            answer = json.loads(response.body)
+        except ValueError as exc:
+            raise EstProtocolError(self._url(path), f"device status is not JSON: {exc}") from exc
+        if not isinstance(answer, dict):
+            raise EstProtocolError(self._url(path), "device status is not a JSON object")
+        return answer
 
     async def server_date(self) -> datetime | None:
         """The server's Date header, fetched while our clock is not yet trustworthy.
@@ -111,7 +126,7 @@ class EstClient:
         """
         ctx = client_context(self.trust_anchor, check_time=False)
         try:
-            await self._call("GET", "cacerts", ctx)
+            await self._call("GET", self.server.path("cacerts"), ctx)
         except (EstUnavailable, TlsVerificationFailed):
             return None
         return self.last_server_date
@@ -128,7 +143,9 @@ class EstClient:
             "Authorization": f"Basic {credentials}",
         }
         ctx = client_context(self.trust_anchor)
-        response = await self._call("POST", "simpleenroll", ctx, headers, encode_csr(csr))
+        response = await self._call(
+            "POST", self.server.path("simpleenroll"), ctx, headers, encode_csr(csr)
+        )
         return self._certs(response, "simpleenroll")
 
     async def simpleenroll_idevid(
@@ -139,7 +156,9 @@ class EstClient:
         IDevID-to-LDevID step of IEEE 802.1AR / BRSKI), with no HTTP Basic credentials."""
         headers = {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"}
         ctx = client_context(self.trust_anchor, cert_path, key_path)
-        response = await self._call("POST", "simpleenroll", ctx, headers, encode_csr(csr))
+        response = await self._call(
+            "POST", self.server.path("simpleenroll"), ctx, headers, encode_csr(csr)
+        )
         return self._certs(response, "simpleenroll")
 
     async def simplereenroll(
@@ -148,8 +167,29 @@ class EstClient:
         """POST /simplereenroll (RFC 7030 4.2.2), authenticated by the current certificate."""
         headers = {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"}
         ctx = client_context(self.trust_anchor, cert_path, key_path)
-        response = await self._call("POST", "simplereenroll", ctx, headers, encode_csr(csr))
+        response = await self._call(
+            "POST", self.server.path("simplereenroll"), ctx, headers, encode_csr(csr)
+        )
         return self._certs(response, "simplereenroll")
+
+
+# The refusals the agent acts on, by their wire code (never by the prose of the reason).
+_REFUSALS: dict[str, type[EstRejected]] = {
+    ErrorCode.DEVICE_REVOKED: DeviceRevoked,
+    ErrorCode.DEVICE_SUSPENDED: DeviceSuspended,
+}
+
+
+def _refusal(response: http11.HttpResponse, url: str) -> EstError:
+    """The error a non-2xx answer means: 5xx and 429 are worth retrying; a 4xx is a refusal,
+    of the class its `Fleetpki-Error` code names."""
+    status, reason = response.status, _reason(response)
+    if 500 <= status <= 599 or status == 429:
+        return EstUnavailable(url, f"HTTP {status}: {reason}", status)
+    if 400 <= status <= 499:
+        code = response.header(ERROR_HEADER)
+        return _REFUSALS.get(code or "", EstRejected)(url, status, reason, code)
+    return EstProtocolError(url, f"unexpected HTTP status {status}: {reason}")
 
 
 def _reason(response: http11.HttpResponse) -> str:

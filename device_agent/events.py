@@ -14,7 +14,7 @@ class EventKind(StrEnum):
     CONNECTED = "connected"  # the broker accepted the MQTT session
     DISCONNECTED = "disconnected"  # reason: why the session ended
     STATE = "state"  # state: the agent's new AgentState
-    RETRY = "retry"  # what ("enroll", "renew", "mqtt") failed, why, and the delay before retrying
+    RETRY = "retry"  # what ("enroll", "renew", "mqtt", "suspended") failed, why, and the delay
 
 
 @dataclass(frozen=True, slots=True)

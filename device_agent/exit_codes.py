@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     1 CRASH     an unexpected error (a bug or the OS); restarting is the right reaction.
     2 USAGE     bad command line (argparse's own code).
     3 REFUSED   the service or the broker refused or revoked this device; restarting won't help.
+                (A suspended device does not exit under `run`: it waits to be resumed.)
     4 CONFIG    agent.toml or the local state is unusable; the message names the file.
     5 REBOOTSTRAP  no valid certificate (expired, or never enrolled) and no token: the device
                    needs a new token from the operator.

@@ -33,6 +33,9 @@ Credentials = Callable[[], tuple[Path, Path]]
 ConnectionHandler = Callable[[bool, str | None], None]
 # (why the broker is unavailable, seconds until the next attempt), before each backoff wait.
 RetryHandler = Callable[[str, float], None]
+# Called when the broker refuses the device; raises to end the link, else returns True to
+# reconnect at once (the device was reinstated after a wait) or False to back off as usual.
+RefusalHandler = Callable[[BrokerRefused], Awaitable[bool]]
 
 # MQTT 3.1.1 section 3.2.2.3: CONNACK 4 = bad user name or password, 5 = not authorized.
 # paho 2 reports them as MQTT 5 reason codes 134 and 135.
@@ -100,6 +103,7 @@ class MqttLink:
         on_command: CommandHandler | None = None,
         on_connection: ConnectionHandler | None = None,
         on_retry: RetryHandler | None = None,
+        on_refused: RefusalHandler | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.device_id = device_id
@@ -113,6 +117,7 @@ class MqttLink:
         self.on_command = on_command
         self.on_connection = on_connection
         self.on_retry = on_retry
+        self.on_refused = on_refused
         self.timeout = timeout
         self.telemetry_topic = telemetry_topic(device_id)
         self.commands_topic = commands_topic(device_id)
@@ -150,7 +155,8 @@ class MqttLink:
 
     # -- connection loop -------------------------------------------------------------------
     async def run(self) -> NoReturn:
-        """Connect, serve, reconnect with backoff; raises BrokerRefused when refused."""
+        """Connect, serve, reconnect with backoff. When refused: raises BrokerRefused, or,
+        with `on_refused`, lets it decide (stop, wait, or back off as usual)."""
         attempt = 0
         while True:
             self._rotate.clear()
@@ -162,7 +168,11 @@ class MqttLink:
                 continue
             except BrokerRefused as exc:
                 why = str(exc)
-                raise
+                if self.on_refused is None:
+                    raise
+                if await self.on_refused(exc):
+                    attempt = 0
+                    continue  # reinstated after a wait: reconnect now
             except (aiomqtt.MqttError, OSError, ssl.SSLError, TimeoutError) as exc:
                 if self.connected.is_set():
                     attempt = 0  # the session was up: start the backoff afresh

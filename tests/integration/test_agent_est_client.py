@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from device_agent.config import EstServer
 from device_agent.errors import (
     DeviceRevoked,
+    DeviceSuspended,
     EstRejected,
     EstRetryLater,
     EstUnavailable,
@@ -200,17 +201,25 @@ async def test_used_token_is_401_with_reason(env: Env) -> None:
     assert not isinstance(info.value, DeviceRevoked)
 
 
-async def test_revoked_403_and_plain_403(env: Env) -> None:
+async def test_refusals_are_told_apart_by_their_code_never_by_the_prose(env: Env) -> None:
     env.script.status = [
-        (403, {}, b"device dev-000001 is revoked (key-compromise)\n"),
-        (403, {}, b"device suspended\n"),
+        (403, {"Fleetpki-Error": "device-revoked"}, b"device dev-000001 is revoked\n"),
+        (403, {"Fleetpki-Error": "device-suspended"}, b"device dev-000001 is suspended\n"),
+        # Prose that says "revoked" without the code is a plain refusal: the code decides.
+        (403, {"Fleetpki-Error": "forbidden"}, b"device revoked? no: another device's cert\n"),
+        (403, {}, b"device dev-000001 is revoked\n"),
     ]
     csr = build_csr(generate_key(KeyType.EC_P256), DEV)
-    with pytest.raises(DeviceRevoked, match="revoked"):
+    with pytest.raises(DeviceRevoked) as revoked:
         await env.client.simpleenroll(csr, DEV, "tok-1")
-    with pytest.raises(EstRejected) as info:
+    assert revoked.value.code == "device-revoked"
+    with pytest.raises(DeviceSuspended) as suspended:
         await env.client.simpleenroll(csr, DEV, "tok-1")
-    assert not isinstance(info.value, DeviceRevoked) and info.value.status == 403
+    assert suspended.value.reason == "device dev-000001 is suspended"
+    for _ in range(2):
+        with pytest.raises(EstRejected) as info:
+            await env.client.simpleenroll(csr, DEV, "tok-1")
+        assert type(info.value) is EstRejected and info.value.status == 403
 
 
 async def test_202_retry_after_and_5xx(env: Env) -> None:

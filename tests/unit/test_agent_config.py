@@ -55,6 +55,20 @@ def test_defaults_and_absolute_paths_and_base_path(tmp_path: Path) -> None:
     assert cfg.mqtt_port == 8883
     assert cfg.telemetry_interval == 5.0
     assert cfg.server.path("cacerts") == "/fleet/.well-known/est/cacerts"
+    assert cfg.server.device_status_path == "/fleet/device/status"  # not an EST operation
+    assert cfg.suspended_retry_max == 600.0
+
+
+def test_suspended_retry_max_sets_the_agent_backoff_cap(tmp_path: Path) -> None:
+    from device_agent.agent import Agent
+
+    text = BUNDLE.replace("[enroll]\n", "[enroll]\nsuspended_retry_max = 120\n")
+    cfg = parse_config(text, tmp_path / "agent.toml")
+    assert cfg.suspended_retry_max == 120.0
+    backoff = Agent(cfg).suspended_backoff
+    assert (backoff.base, backoff.cap) == (30.0, 120.0)
+    short = Agent(parse_config(text.replace("= 120", "= 5"), tmp_path / "agent.toml"))
+    assert (short.suspended_backoff.base, short.suspended_backoff.cap) == (5.0, 5.0)
 
 
 @pytest.mark.parametrize(
@@ -74,6 +88,12 @@ def test_defaults_and_absolute_paths_and_base_path(tmp_path: Path) -> None:
             "> 0",
         ),
         ('host = "localhost"', 'host = ""', "mqtt.host", "empty"),
+        (
+            'trust_anchor = "ca.pem"',
+            'trust_anchor = "ca.pem"\nsuspended_retry_max = 0',
+            "enroll.suspended_retry_max",
+            "1..86400",
+        ),
         ("[mqtt]", "[mqtt_typo]", "mqtt", "missing"),
     ],
 )
