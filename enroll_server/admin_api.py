@@ -1,4 +1,4 @@
-"""Operator HTTP API (bearer admin token): devices, revocation, batches, audit."""
+"""Operator HTTP API (bearer admin token): devices, certificates, revocation, batches, audit."""
 
 from __future__ import annotations
 
@@ -20,14 +20,17 @@ from enroll_server.registry import (
     InvalidValue,
     Registry,
     UnknownBatch,
+    UnknownCertificate,
     UnknownDevice,
     parse_reason,
+    parse_serial,
 )
 from enroll_server.state import APP_STATE, AppState
 from fleetpki.duration import InvalidDuration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
 from provisioning.batch import provision_batch
-from provisioning.errors import DeviceIdTaken, ProvisioningError
+from provisioning.errors import DeviceIdTaken, ProvisioningError, ReissueRefused
+from provisioning.lifecycle import TokenPurpose, reissue_token
 
 ADMIN_PREFIX = "/admin"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -187,6 +190,92 @@ def _transition(action: str) -> Handler:
     return handler
 
 
+def _serial(request: web.Request) -> int:
+    try:
+        return parse_serial(request.match_info["serial"])
+    except InvalidValue as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+@_require_admin
+async def show_certificate(request: web.Request) -> web.Response:
+    serial = _serial(request)
+    record = _st(request).registry.get_certificate(serial)
+    if record is None:
+        raise NotFound(str(UnknownCertificate(serial)))
+    return web.json_response({"device_id": record.device_id.value, **certificate_json(record)})
+
+
+@_require_admin
+async def revoke_certificate(request: web.Request) -> web.Response:
+    """POST /admin/certificates/{serial}/revoke {"reason": "key-compromise"}: one certificate;
+    its identity stays registered. The broker drops a session presenting it (registry event)."""
+    st = _st(request)
+    serial = _serial(request)
+    body = await _json_body(request)
+    now = st.clock()
+    try:
+        reason = parse_reason(str(body.get("reason", "unspecified")))
+        device_id, serials = await _off_the_loop(
+            st,
+            lambda r: r.revoke_certificate(serial, reason=reason, now=now, actor="admin-api"),
+        )
+    except UnknownCertificate as exc:
+        raise NotFound(str(exc)) from exc
+    except InvalidValue as exc:
+        raise BadRequest(str(exc)) from exc
+    st.on_registry_change()
+    return web.json_response({"device_id": device_id.value, "revoked": [f"{s:x}" for s in serials]})
+
+
+def _device_token(purpose: TokenPurpose) -> Handler:
+    """POST /admin/devices/{id}/rekey or /readmit {"token_ttl": "7d"} -> a new one-time token,
+    in this one response only (as POST /admin/batches gives tokens)."""
+
+    @_require_admin
+    async def handler(request: web.Request) -> web.Response:
+        st = _st(request)
+        if st.home is None:
+            raise Conflict("this server has no home folder to provision from")
+        device_id = _device_id(request)
+        body = await _json_body(request)
+        ttl_text = body.get("token_ttl")
+        home, now = st.home, st.clock()
+        try:
+            ttl = parse_duration(ttl_text) if isinstance(ttl_text, str) else None
+            result = await _off_the_loop(
+                st,
+                lambda registry: reissue_token(
+                    registry,
+                    home.layout,
+                    home.config,
+                    device_id,
+                    ttl=ttl,
+                    now=now,
+                    out_dir=None,
+                    purpose=purpose,
+                    actor="admin-api",
+                ),
+            )
+        except UnknownDevice as exc:
+            raise NotFound(str(exc)) from exc
+        except ReissueRefused as exc:
+            raise Conflict(str(exc)) from exc
+        except (InvalidDuration, ProvisioningError, InvalidValue) as exc:
+            raise BadRequest(str(exc)) from exc
+        st.on_registry_change()
+        return web.json_response(
+            {
+                "device_id": device_id.value,
+                "token": result.token,
+                "token_expires_at": result.expires_at.isoformat(),
+                "revoked": [f"{s:x}" for s in result.cut_off],
+            }
+        )
+
+    return handler
+
+
 @_require_admin
 async def list_batches(request: web.Request) -> web.Response:
     registry = _st(request).registry
@@ -308,6 +397,10 @@ def admin_routes() -> list[web.RouteDef]:
         web.post(f"{p}/devices/{{device_id}}/revoke", _transition("revoke")),
         web.post(f"{p}/devices/{{device_id}}/suspend", _transition("suspend")),
         web.post(f"{p}/devices/{{device_id}}/resume", _transition("resume")),
+        web.post(f"{p}/devices/{{device_id}}/rekey", _device_token(TokenPurpose.REKEY)),
+        web.post(f"{p}/devices/{{device_id}}/readmit", _device_token(TokenPurpose.READMIT)),
+        web.get(f"{p}/certificates/{{serial}}", show_certificate),
+        web.post(f"{p}/certificates/{{serial}}/revoke", revoke_certificate),
         web.get(f"{p}/batches", list_batches),
         web.post(f"{p}/batches", create_batch),
         web.post(f"{p}/batches/{{batch_id}}/revoke", revoke_batch),

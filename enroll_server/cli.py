@@ -348,14 +348,18 @@ def service_issue(
 def _mount_sub_apps() -> None:
     """Sub-apps live with their area: `batch` (provisioning), `broker` (+ mosquitto),
     `server-cert`, simulators."""
-    from enroll_server import server_certificate_cli
+    from enroll_server import certificate_cli, server_certificate_cli
     from enroll_server.broker import cli as broker_cli
     from enroll_server.broker import mosquitto_cli
     from provisioning import cli as batch_cli
     from simulators import cli as simulators_cli
 
     app.add_typer(batch_cli.app, name="batch")
+    # Re-key and readmit hand out a token, with reissue-token's bundle and output.
+    device_app.command("rekey")(batch_cli.device_rekey)
+    device_app.command("readmit")(batch_cli.device_readmit)
     app.add_typer(server_certificate_cli.app, name="server-cert")
+    app.add_typer(certificate_cli.app, name="cert")
     for command in mosquitto_cli.app.registered_commands:
         broker_cli.app.registered_commands.append(command)
     app.add_typer(broker_cli.app, name="broker")

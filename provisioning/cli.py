@@ -37,6 +37,8 @@ from provisioning.batch import BatchRequest, BatchResult, IdevidOptions, create_
 from provisioning.errors import ProvisioningError
 from provisioning.lifecycle import (
     BatchSummary,
+    ReissuedToken,
+    TokenPurpose,
     export_manifest,
     list_batches,
     reissue_token,
@@ -294,25 +296,75 @@ def show(
         out.print(f"  {key.replace('_', ' '):<14} {summary.counts[key]:>9}")
 
 
+_TtlOpt = Annotated[str | None, typer.Option(help="Token lifetime (default: config).")]
+_OutOpt = Annotated[Path, typer.Option("--out", help="Write the new bundle to OUT/<device id>/.")]
+_StdoutOpt = Annotated[
+    bool, typer.Option("--stdout", help="Print the token instead of writing a bundle.")
+]
+_ForceOpt = Annotated[bool, typer.Option(help="Replace an existing bundle.")]
+_KeyTypeOpt = Annotated[str, typer.Option(help="Device key type in agent.toml.")]
+
+
 @app.command("reissue-token")
 def reissue_token_(
     device_id: Annotated[str, typer.Argument(help="Device id.")],
     home: HomeOpt = None,
-    ttl: Annotated[str | None, typer.Option(help="Token lifetime (default: config).")] = None,
-    out_dir: Annotated[
-        Path, typer.Option("--out", help="Write the new bundle to OUT/<device id>/.")
-    ] = Path("."),
-    to_stdout: Annotated[
-        bool, typer.Option("--stdout", help="Print the token instead of writing a bundle.")
-    ] = False,
+    ttl: _TtlOpt = None,
+    out_dir: _OutOpt = Path("."),
+    to_stdout: _StdoutOpt = False,
     force: Annotated[
         bool,
         typer.Option(help="Replace an existing bundle; allow enrolled and IDevID devices."),
     ] = False,
-    key_type: Annotated[str, typer.Option(help="Device key type in agent.toml.")] = "ec-p256",
+    key_type: _KeyTypeOpt = "ec-p256",
     as_json: JsonOpt = False,
 ) -> None:
-    """A new one-time token for a device; its previous token dies at once."""
+    """A new one-time token for a device; its previous token dies at once. Its enrollment cuts
+    off every older certificate of the device."""
+    _device_token(
+        TokenPurpose.REISSUE, device_id, home, ttl, out_dir, to_stdout, force, key_type, as_json
+    )
+
+
+def _print_token(result: ReissuedToken, to_stdout: bool, as_json: bool) -> None:
+    expires = result.expires_at.isoformat(timespec="seconds")
+    cut_off = [f"{s:x}" for s in result.cut_off]
+    if as_json:
+        data: dict[str, Any] = {
+            "device_id": result.device_id.value,
+            "token_expires_at": expires,
+            "bundle": None if result.bundle is None else str(result.bundle),
+            "revoked_serials": cut_off,
+        }
+        if to_stdout:
+            data["token"] = result.token
+        _emit_json(data)
+        return
+    if cut_off:
+        err.print(
+            f"{result.device_id}: {len(cut_off)} certificate(s) cut off (superseded): "
+            + ", ".join(cut_off),
+            highlight=False,
+        )
+    if to_stdout:
+        # Asked for explicitly: stdout is the token and nothing else (pipe it to the device).
+        sys.stdout.write(result.token + "\n")
+    else:
+        out.print(f"[green]new token[/green] for {result.device_id} in {result.bundle}")
+        out.print(f"  expires {expires}; the previous token no longer works")
+
+
+def _device_token(
+    purpose: TokenPurpose,
+    device_id: str,
+    home: Path | None,
+    ttl: str | None,
+    out_dir: Path,
+    to_stdout: bool,
+    force: bool,
+    key_type: str,
+    as_json: bool,
+) -> None:
     now = _now()
     with _home(home) as (layout, config, registry):
         result = reissue_token(
@@ -325,23 +377,44 @@ def reissue_token_(
             out_dir=None if to_stdout else out_dir,
             force=force,
             device_key_type=key_type,
+            purpose=purpose,
         )
-    expires = result.expires_at.isoformat(timespec="seconds")
-    if as_json:
-        data: dict[str, Any] = {
-            "device_id": result.device_id.value,
-            "token_expires_at": expires,
-            "bundle": None if result.bundle is None else str(result.bundle),
-        }
-        if to_stdout:
-            data["token"] = result.token
-        _emit_json(data)
-    elif to_stdout:
-        # Asked for explicitly: stdout is the token and nothing else (pipe it to the device).
-        sys.stdout.write(result.token + "\n")
-    else:
-        out.print(f"[green]new token[/green] for {result.device_id} in {result.bundle}")
-        out.print(f"  expires {expires}; the previous token no longer works")
+    _print_token(result, to_stdout, as_json)
+
+
+def device_rekey(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    home: HomeOpt = None,
+    ttl: _TtlOpt = None,
+    out_dir: _OutOpt = Path("."),
+    to_stdout: _StdoutOpt = False,
+    force: _ForceOpt = False,
+    key_type: _KeyTypeOpt = "ec-p256",
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-key a device: cut off every certificate of it now (revoked, reason superseded:
+    refused by EST, the broker, CRL and OCSP) and give it a new one-time token to enroll
+    anew with a new key."""
+    _device_token(
+        TokenPurpose.REKEY, device_id, home, ttl, out_dir, to_stdout, force, key_type, as_json
+    )
+
+
+def device_readmit(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    home: HomeOpt = None,
+    ttl: _TtlOpt = None,
+    out_dir: _OutOpt = Path("."),
+    to_stdout: _StdoutOpt = False,
+    force: _ForceOpt = False,
+    key_type: _KeyTypeOpt = "ec-p256",
+    as_json: JsonOpt = False,
+) -> None:
+    """Undo a mistaken revocation: the device gets a new one-time token and may enroll again
+    under its id with a new key; its revoked certificates stay revoked (CRL, OCSP)."""
+    _device_token(
+        TokenPurpose.READMIT, device_id, home, ttl, out_dir, to_stdout, force, key_type, as_json
+    )
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""A batch after creation: list, show, revoke the lot, export its manifest, reissue a token."""
+"""A batch after creation: list, show, revoke the lot, export its manifest, reissue a token
+(also to re-key a device or readmit a revoked one)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -116,20 +118,50 @@ def export_manifest(registry: Registry, batch_id: str, out: TextIO, *, tar: bool
     return count
 
 
+class TokenPurpose(StrEnum):
+    """Why a device gets a new one-time token (reissue_token)."""
+
+    # A token besides its certificates: a lost bundle, a device re-flashed. Its enrollment
+    # cuts off every older certificate of the device (registry.certificates).
+    REISSUE = "reissue"
+    # Re-key: every certificate of the device is cut off now (reason superseded), then the
+    # token lets it enroll anew with a new key.
+    REKEY = "rekey"
+    # The way back after a mistaken revocation: the revoked certificates stay revoked.
+    READMIT = "readmit"
+
+
 @dataclass(frozen=True, slots=True)
 class ReissuedToken:
     device_id: DeviceId
     token: str = field(repr=False)
     expires_at: datetime
     bundle: Path | None
+    cut_off: tuple[int, ...] = ()  # serials a re-key revoked
 
 
-def _check_reissue(registry: Registry, device_id: DeviceId, force: bool) -> None:
+def _check_reissue(
+    registry: Registry, device_id: DeviceId, force: bool, purpose: TokenPurpose
+) -> None:
     device = registry.get_device(device_id)
     if device is None:
         raise UnknownDevice(device_id)
-    if device.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
-        raise ReissueRefused(device_id, f"the device is {device.state.value}")
+    if purpose is TokenPurpose.READMIT:
+        if device.state is not DeviceState.REVOKED:
+            raise ReissueRefused(
+                device_id, f"readmit is for revoked devices, and it is {device.state.value}"
+            )
+        return
+    if device.state is DeviceState.REVOKED:
+        raise ReissueRefused(
+            device_id, "the device is revoked (`fleetpki device readmit` lets it enroll again)"
+        )
+    if device.state is DeviceState.SUSPENDED:
+        raise ReissueRefused(
+            device_id, "the device is suspended (`fleetpki device resume` it first)"
+        )
+    if purpose is TokenPurpose.REKEY:
+        return
     batch = registry.get_batch(device.batch_id) if device.batch_id else None
     if batch is not None and batch.kind is BatchKind.IDEVID and not force:
         raise ReissueRefused(
@@ -160,15 +192,19 @@ def reissue_token(
     out_dir: Path | None,
     force: bool = False,
     device_key_type: str = "ec-p256",
+    purpose: TokenPurpose = TokenPurpose.REISSUE,
+    actor: str = "cli",
 ) -> ReissuedToken:
     """A new one-time token for a device; its previous unused token dies at once.
 
     With `out_dir`, a fresh bundle DIR/<id>/ is written and synced before the token is
     registered (a registered token nobody holds helps no one), replacing an existing bundle
-    only with `force`. Refused for revoked and suspended devices; for IDevID devices and
-    already-enrolled ones only with `force`.
+    only with `force`. REISSUE is refused for revoked and suspended devices, and for IDevID
+    devices and already-enrolled ones without `force`; REKEY (which also cuts off every
+    certificate of the device, in the same transaction) for revoked and suspended devices;
+    READMIT for any device not revoked.
     """
-    _check_reissue(registry, device_id, force)
+    _check_reissue(registry, device_id, force, purpose)
     if device_key_type not in b.DEVICE_KEY_TYPES:
         raise InvalidBatchOption(
             "device key type", device_key_type, "one of " + ", ".join(b.DEVICE_KEY_TYPES)
@@ -176,9 +212,26 @@ def reissue_token(
     ttl = check_ttl(ttl if ttl is not None else config.token_ttl)
     token = new_token()
     expires_at = now + ttl
+
+    def register() -> tuple[int, ...]:
+        digest = hash_token(token)
+        if purpose is TokenPurpose.REKEY:
+            return tuple(
+                registry.rekey_device(
+                    device_id, token_hash=digest, token_expires_at=expires_at, now=now, actor=actor
+                )
+            )
+        if purpose is TokenPurpose.READMIT:
+            registry.readmit_device(
+                device_id, token_hash=digest, token_expires_at=expires_at, now=now, actor=actor
+            )
+        else:
+            registry.add_token(device_id, digest, expires_at, now, actor=actor)
+        return ()
+
     if out_dir is None:
-        registry.add_token(device_id, hash_token(token), expires_at, now)
-        return ReissuedToken(device_id, token, expires_at, None)
+        cut_off = register()
+        return ReissuedToken(device_id, token, expires_at, None, cut_off)
 
     out_dir = Path(out_dir).absolute()
     target = out_dir / device_id.value
@@ -202,7 +255,7 @@ def reissue_token(
             },
         )
         sync_filesystem(staging)
-        registry.add_token(device_id, hash_token(token), expires_at, now)
+        cut_off = register()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -214,4 +267,4 @@ def reissue_token(
             f"reissue of {device_id}", staging, target, exc.strerror or str(exc)
         ) from exc
     shutil.rmtree(staging, ignore_errors=True)
-    return ReissuedToken(device_id, token, expires_at, target)
+    return ReissuedToken(device_id, token, expires_at, target, cut_off)

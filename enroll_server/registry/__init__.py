@@ -34,6 +34,7 @@ from enroll_server.registry.models import (
     RevokedEntry,
     Role,
     parse_reason,
+    parse_serial,
 )
 from enroll_server.registry.store import Registry
 
@@ -70,4 +71,5 @@ __all__ = [
     "UnknownCertificate",
     "UnknownDevice",
     "parse_reason",
+    "parse_serial",
 ]

@@ -95,6 +95,20 @@ def parse_reason(text: str) -> str:
         ) from None
 
 
+_SERIAL_HEX = re.compile(r"[0-9a-f]{1,40}")
+
+
+def parse_serial(text: str) -> int:
+    """A certificate serial as fleetpki prints it (hex, as `openssl x509 -serial` does too;
+    '0x' and ':' separators accepted) -> int. RFC 5280 4.1.2.2: positive, at most 20 octets."""
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    if not _SERIAL_HEX.fullmatch(cleaned) or int(cleaned, 16) == 0:
+        raise InvalidValue(
+            "certificate serial", text, "expected a positive hexadecimal number of 20 octets"
+        )
+    return int(cleaned, 16)
+
+
 def check_sha256_hex(what: str, value: str) -> str:
     """A SHA-256 digest as 64 lowercase hex characters (the one form the registry stores)."""
     if not isinstance(value, str) or not _SHA256_HEX.match(value):

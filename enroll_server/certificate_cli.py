@@ -1,0 +1,121 @@
+"""`fleetpki cert show|revoke SERIAL`: one certificate of a device or service identity."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from enroll_server.cli_options import HomeOpt, JsonOpt
+from enroll_server.home import HomeError, HomeLayout, resolve_home
+from enroll_server.registry import (
+    InvalidValue,
+    Registry,
+    RegistryError,
+    UnknownCertificate,
+    parse_reason,
+    parse_serial,
+)
+
+app = typer.Typer(
+    help="One certificate of a device or service: show it, revoke it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+SerialArg = Annotated[
+    str, typer.Argument(help="Certificate serial in hex (`device show` lists them).")
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _open(home: Path | None) -> Registry:
+    try:
+        layout = HomeLayout(resolve_home(home))
+    except HomeError as exc:
+        _fail(str(exc))
+        raise
+    if not layout.config.exists():
+        _fail(f"{layout.root}: not initialized: run `fleetpki init --home {layout.root}` first")
+    return Registry.open(layout.registry)
+
+
+@app.command("show")
+def show(serial: SerialArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show one certificate: its identity, status, validity and revocation."""
+    from enroll_server.admin_api import certificate_json
+
+    try:
+        number = parse_serial(serial)
+    except InvalidValue as exc:
+        _fail(str(exc))
+        raise
+    with _open(home) as registry:
+        record = registry.get_certificate(number)
+    if record is None:
+        _fail(str(UnknownCertificate(number)), 1)
+        return
+    data = {"device_id": record.device_id.value, **certificate_json(record)}
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    for key, value in data.items():
+        console.print(f"{key:>18}: {value if value is not None else '-'}", highlight=False)
+
+
+@app.command("revoke")
+def revoke(
+    serial: SerialArg,
+    home: HomeOpt = None,
+    reason: Annotated[
+        str,
+        typer.Option(
+            help="RFC 5280 reason: key-compromise, superseded, cessation-of-operation, "
+            "affiliation-changed, unspecified, ..."
+        ),
+    ] = "unspecified",
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke one certificate; its device or service stays registered. The broker drops a live
+    session that presented it (within 1 s), CRL and OCSP list it. Revoking an identity's
+    current certificate also revokes the one it was renewed from, if still valid: the
+    identity then needs `fleetpki device rekey` (devices) or `fleetpki service renew`."""
+    try:
+        number = parse_serial(serial)
+        reason_v = parse_reason(reason)
+    except InvalidValue as exc:
+        _fail(str(exc))
+        raise
+    with _open(home) as registry:
+        try:
+            device_id, serials = registry.revoke_certificate(
+                number, reason=reason_v, now=datetime.now(UTC), actor="cli"
+            )
+        except UnknownCertificate as exc:
+            _fail(str(exc), 1)
+            raise
+        except RegistryError as exc:
+            _fail(str(exc))
+            raise
+    if as_json:
+        data = {"device_id": device_id.value, "revoked": [f"{s:x}" for s in serials]}
+        sys.stdout.write(json.dumps(data) + "\n")
+    elif not serials:
+        console.print(f"certificate {number:x} of {device_id} was already revoked: nothing to do")
+    else:
+        listed = ", ".join(f"{s:x}" for s in serials)
+        console.print(
+            f"{device_id}: revoked {listed} ({reason_v}); a live session presenting it is dropped",
+            highlight=False,
+        )
