@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from device_agent import __version__
 from device_agent.agent import Agent
-from device_agent.config import load_config
+from device_agent.config import AgentConfig, load_config
 from device_agent.errors import ConfigError
+from device_agent.events import AgentEvent, EventKind
 from device_agent.exit_codes import ExitCode
+from device_agent.state_lock import AgentBusy, StateLock
 
 if TYPE_CHECKING:
     import argparse
@@ -35,6 +37,8 @@ exit codes:
      (idevid_cert / idevid_key) or the state folder is unusable
   5  no valid certificate and no token: write a new token from the operator to the
      token file, then run `fleetpki-agent enroll --config ...` (or restart the agent)
+  6  another fleetpki-agent process (a running agent, or an enroll) uses the state
+     folder; nothing was changed: stop it first (systemd restarts `run` later)
 """
 
 
@@ -128,6 +132,35 @@ async def _serve(agent: Agent, command: str, force: bool) -> ExitCode:
     return await agent.run()
 
 
+def _enroll_outcome(agent: Agent, enrolled: bool) -> str:
+    """What `enroll` did, in one line for stdout."""
+    ident = agent.identity
+    assert ident is not None
+    held = f"certificate serial {ident.serial_hex}, valid until {ident.not_after.isoformat()}"
+    if enrolled:
+        renewal = ident.next_renewal.isoformat()
+        return f"{agent.device_id}: enrolled: {held}; next renewal at {renewal}"
+    return (
+        f"{agent.device_id}: already enrolled ({held}): nothing to do "
+        "(`enroll --force` re-enrolls with the token or birth certificate)"
+    )
+
+
+def _run_locked(config: AgentConfig, command: str, force: bool) -> int:
+    """run/enroll while holding the state folder's lock (device_agent.state_lock)."""
+    enrolled: list[AgentEvent] = []
+
+    def on_event(event: AgentEvent) -> None:
+        if event.kind is EventKind.ENROLLED:
+            enrolled.append(event)
+
+    agent = Agent(config, on_event=on_event)
+    code = asyncio.run(_serve(agent, command, force))
+    if command == "enroll" and code == ExitCode.OK and agent.identity is not None:
+        print(_enroll_outcome(agent, bool(enrolled)), flush=True)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     line = sys.argv[1:] if argv is None else list(argv)
     args = _plain_args(line) or _parser().parse_args(line)
@@ -149,14 +182,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         report, code = status_report(config, datetime.now(UTC))
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         return code
-    agent = Agent(config)
+    lock = StateLock(config.state_dir)
     try:
-        return asyncio.run(_serve(agent, args.command, getattr(args, "force", False)))
+        lock.acquire()
+    except AgentBusy as exc:
+        log.error("%s: %s", config.device_id, exc)
+        return ExitCode.BUSY
+    except OSError as exc:
+        # Before anything is enrolled: a token is never spent on a key that cannot be kept.
+        why = exc.strerror or str(exc)
+        log.error(
+            "%s",
+            ConfigError(config.path, "state.dir", f"cannot write {config.state_dir}: {why}"),
+        )
+        return ExitCode.CONFIG
+    try:
+        return _run_locked(config, args.command, getattr(args, "force", False))
     except KeyboardInterrupt:
         return ExitCode.OK
     except Exception:
         log.exception("%s: crashed", config.device_id)
         return ExitCode.CRASH
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from device_agent.config import AgentConfig
 from device_agent.errors import KeystoreError
 from device_agent.exit_codes import ExitCode
 from device_agent.keystore import Keystore
+from device_agent.state_lock import LOCK_FILE, lock_holder
 
 
 def _age(delta_s: float) -> str:
@@ -25,6 +27,16 @@ def _age(delta_s: float) -> str:
         else f"{s:.0f} s"
     )
     return f"{sign}{text}" if delta_s >= 0 else f"{text} ago"
+
+
+def _running(state_dir: Path, pid: object) -> bool:
+    """Is an agent using the state folder? Its lock says so; a state folder without a lock
+    file (an older agent) falls back to the pid that last wrote status.json."""
+    if lock_holder(state_dir) is not None:
+        return True
+    if (state_dir / LOCK_FILE).exists():
+        return False
+    return _alive(pid)
 
 
 def _alive(pid: object) -> bool:
@@ -50,7 +62,7 @@ def status_report(config: AgentConfig, now: datetime) -> tuple[dict[str, Any], E
         "config": str(config.path),
         "state_dir": str(config.state_dir),
         "agent_state": status.get("state", "unknown (agent never ran)"),
-        "agent_running": _alive(status.get("pid")),
+        "agent_running": _running(config.state_dir, status.get("pid")),
         "agent_state_since": status.get("since"),
         "last_connected": status.get("last_connected"),
         "last_error": status.get("last_error"),

@@ -52,7 +52,7 @@ def test_help_documents_exit_codes() -> None:
         timeout=60,
     )
     assert r.returncode == 0
-    for line in ("3  revoked or refused", "5  no valid certificate and no token"):
+    for line in ("3  revoked or refused", "5  no valid certificate and no token", "6  another"):
         assert line in r.stdout
 
 
