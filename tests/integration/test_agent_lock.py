@@ -17,21 +17,10 @@ from device_agent.keystore import Keystore
 from enroll_server.home import hash_secret, new_secret
 from fleetpki.identity import DeviceId
 from tests.integration.test_agent_e2e import DEV, bundle_for, bundle_for_server_only
-from tests.integration.test_agent_suspension import wait_for
+from tests.integration.test_agent_suspension import agent_cli, wait_for
 from tests.live_server import LiveServer
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "device_agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        check=False,
-    )
 
 
 def new_token(server: LiveServer, config: Path) -> None:

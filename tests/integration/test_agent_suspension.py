@@ -48,6 +48,18 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`fleetpki-agent ARGS` in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "device_agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -74,15 +86,7 @@ def test_agent_process_waits_while_suspended_resumes_by_itself_and_stops_when_re
         return value if isinstance(value, dict) else {}
 
     def cli_status() -> dict[str, Any]:
-        r = subprocess.run(
-            [sys.executable, "-m", "device_agent.cli", "status", "-c", str(config), "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-            check=False,
-        )
-        report: dict[str, Any] = json.loads(r.stdout)
+        report: dict[str, Any] = json.loads(agent_cli("status", "-c", str(config), "--json").stdout)
         return report
 
     proc = subprocess.Popen(

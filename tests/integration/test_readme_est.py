@@ -36,22 +36,30 @@ def for_this_server(script: str, server: LiveServer) -> str:
     )
 
 
-def test_readme_est_example_yields_a_working_device_certificate(
-    live_stack: LiveServer, tmp_path: Path
-) -> None:
-    # A device bundle folder: ca.pem (the root) and the one-time token.
-    (tmp_path / "ca.pem").write_bytes(live_stack.layout.root_cert.read_bytes())
-    (tmp_path / "token").write_text(live_stack.mint_device(DEVICE) + "\n")
-    script = for_this_server(readme_est_example(), live_stack)
+def bundle_folder(server: LiveServer, folder: Path) -> None:
+    """A device bundle folder: ca.pem (the root) and the one-time token."""
+    (folder / "ca.pem").write_bytes(server.layout.root_cert.read_bytes())
+    (folder / "token").write_text(server.mint_device(DEVICE) + "\n")
+
+
+def run_readme_example(server: LiveServer, folder: Path) -> None:
+    script = for_this_server(readme_est_example(), server)
     run = subprocess.run(
         ["bash", "-e", "-u", "-o", "pipefail", "-c", script],
-        cwd=tmp_path,
+        cwd=folder,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert run.returncode == 0, f"README example failed:\n{run.stdout}\n{run.stderr}"
+
+
+def test_readme_est_example_yields_a_working_device_certificate(
+    live_stack: LiveServer, tmp_path: Path
+) -> None:
+    bundle_folder(live_stack, tmp_path)
+    run_readme_example(live_stack, tmp_path)
 
     leaf = x509.load_pem_x509_certificates((tmp_path / "dev.pem").read_bytes())
     assert len(leaf) == 1
@@ -98,8 +106,7 @@ def test_readme_mosquitto_pub_reaches_a_subscriber(live_stack: LiveServer, tmp_p
 
     from enroll_server.identities import issue_service_identity
 
-    (tmp_path / "ca.pem").write_bytes(live_stack.layout.root_cert.read_bytes())
-    (tmp_path / "token").write_text(live_stack.mint_device(DEVICE) + "\n")
+    bundle_folder(live_stack, tmp_path)
     svc = issue_service_identity(live_stack.layout.root, "readme-obs", None, datetime.now(UTC))
     received: list[str] = []
     ready = threading.Event()
@@ -145,16 +152,7 @@ def test_readme_mosquitto_pub_reaches_a_subscriber(live_stack: LiveServer, tmp_p
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         assert ready.wait(30), "".join(received)
-        script = for_this_server(readme_est_example(), live_stack)
-        run = subprocess.run(
-            ["bash", "-e", "-u", "-o", "pipefail", "-c", script],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert run.returncode == 0, f"README example failed:\n{run.stdout}\n{run.stderr}"
+        run_readme_example(live_stack, tmp_path)
         assert sub.wait(30) == 0, "".join(received)
         reader.join(5)
     finally:
