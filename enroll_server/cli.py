@@ -18,7 +18,6 @@ from rich.table import Table
 from enroll_server.cli_options import HomeOpt, JsonOpt
 from enroll_server.config import ConfigError, ServerConfig
 from enroll_server.home import HomeError, hash_secret, init_home, resolve_home
-from enroll_server.identities import ServiceIdentityError, issue_service_identity
 from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
@@ -38,9 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 device_app = typer.Typer(help="Inspect devices and change their state.", no_args_is_help=True)
-service_app = typer.Typer(help="Backend service identities (telemetry readers, commanders).")
 app.add_typer(device_app, name="device")
-app.add_typer(service_app, name="service")
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -329,26 +326,10 @@ def device_resume(device_id: str, home: HomeOpt = None) -> None:
     _transition("resume", device_id, home, "removeFromCRL")
 
 
-@service_app.command("issue")
-def service_issue(
-    name: str,
-    home: HomeOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for cert.pem, key.pem, ca.pem.")] = None,
-) -> None:
-    """Issue a backend service identity (reads devices/+/telemetry, sends devices/+/commands)."""
-    root = _home(home)
-    try:
-        result = issue_service_identity(root, name, out, now_utc())
-    except (ServiceIdentityError, HomeError, InvalidIdentifier, RegistryError, PkiError) as exc:
-        fail(str(exc))
-        raise
-    console.print(f"service identity {name}: {result.folder} (serial {result.serial:x})")
-
-
 def _mount_sub_apps() -> None:
     """Sub-apps live with their area: `batch` (provisioning), `broker` (+ mosquitto),
     `server-cert`, simulators."""
-    from enroll_server import certificate_cli, server_certificate_cli
+    from enroll_server import certificate_cli, server_certificate_cli, service_cli
     from enroll_server.broker import cli as broker_cli
     from enroll_server.broker import mosquitto_cli
     from provisioning import cli as batch_cli
@@ -360,6 +341,7 @@ def _mount_sub_apps() -> None:
     device_app.command("readmit")(batch_cli.device_readmit)
     app.add_typer(server_certificate_cli.app, name="server-cert")
     app.add_typer(certificate_cli.app, name="cert")
+    app.add_typer(service_cli.app, name="service")
     for command in mosquitto_cli.app.registered_commands:
         broker_cli.app.registered_commands.append(command)
     app.add_typer(broker_cli.app, name="broker")

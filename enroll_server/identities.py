@@ -1,4 +1,6 @@
-"""Backend service identities: a key and clientAuth certificate with the service role."""
+"""Backend service identities: a key and clientAuth certificate with the service role, issued
+and renewed by the operator (a running service may also renew itself over EST
+simplereenroll with its current certificate, as a device does)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,16 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.home import load_home
+from enroll_server.home import LoadedHome, load_home
 from enroll_server.pki.keys import generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
-from enroll_server.registry import IssuedCertificate, Registry
+from enroll_server.registry import (
+    CertStatus,
+    DeviceState,
+    IssuedCertificate,
+    Registry,
+    Role,
+)
 from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
 from fleetpki.identity import DeviceId
 
@@ -28,6 +36,7 @@ class ServiceIdentityError(Exception):
 class ServiceIdentity:
     folder: Path
     serial: int
+    supersedes: int | None = None  # the certificate a renewal was made from
 
     @property
     def cert(self) -> Path:
@@ -42,45 +51,103 @@ class ServiceIdentity:
         return self.folder / "ca.pem"
 
 
+def service_folder(loaded: LoadedHome, service_id: DeviceId) -> Path:
+    """Where `service issue` and `service renew` write a service's files by default."""
+    return loaded.layout.root / "services" / service_id.value
+
+
 def issue_service_identity(
     home: Path, name: str, out: Path | None, now: datetime
 ) -> ServiceIdentity:
     """Register service `name` (role 'service') and write cert.pem, key.pem (0600), ca.pem."""
     service_id = DeviceId.parse(name)
     loaded = load_home(home)
-    folder = out or (loaded.layout.root / "services" / service_id.value)
-    if folder.exists() and any(folder.iterdir()):
-        raise ServiceIdentityError(name, f"{folder} exists and is not empty")
+    folder = out or service_folder(loaded, service_id)
+    with Registry.open(loaded.layout.registry) as registry:
+        existing = registry.get_device(service_id)
+        if existing is not None:
+            if existing.role is not Role.SERVICE:
+                raise ServiceIdentityError(name, "a device has this id")
+            raise ServiceIdentityError(
+                name,
+                f"already exists ({existing.state.value}): `fleetpki service renew {name}` "
+                "issues it a new key and certificate",
+            )
+        if folder.exists() and any(folder.iterdir()):
+            raise ServiceIdentityError(name, f"{folder} exists and is not empty")
+        registry.add_device(service_id, role="service", batch_id=None, now=now, actor="cli")
+        serial = _issue(loaded, registry, service_id, folder, None, now)
+    return ServiceIdentity(folder, serial)
+
+
+def renew_service_identity(
+    home: Path, name: str, out: Path | None, now: datetime
+) -> ServiceIdentity:
+    """A new key and certificate for an existing service, written over its files.
+
+    Renewed from its current certificate, which stays valid as the new one's fallback until
+    the broker first admits the new one (a service still running with the old files goes on
+    working until it reloads them); then it is revoked, reason superseded. A service with no
+    valid certificate left (expired, or revoked on its own) starts over: every older
+    certificate is cut off at once. Refused for a revoked or suspended service.
+    """
+    service_id = DeviceId.parse(name)
+    loaded = load_home(home)
+    folder = out or service_folder(loaded, service_id)
+    with Registry.open(loaded.layout.registry) as registry:
+        existing = registry.get_device(service_id)
+        if existing is None or existing.role is not Role.SERVICE:
+            what = "no such service" if existing is None else "a device has this id"
+            raise ServiceIdentityError(name, f"{what} (`fleetpki service issue` creates one)")
+        if existing.state is not DeviceState.ACTIVE:
+            raise ServiceIdentityError(name, f"the service is {existing.state.value}")
+        current = [
+            c
+            for c in registry.certificates_of(service_id)
+            if c.status is CertStatus.ACTIVE and c.not_after > now
+        ]
+        supersedes = current[-1].serial if current else None
+        serial = _issue(loaded, registry, service_id, folder, supersedes, now)
+    return ServiceIdentity(folder, serial, supersedes)
+
+
+def _issue(
+    loaded: LoadedHome,
+    registry: Registry,
+    service_id: DeviceId,
+    folder: Path,
+    supersedes: int | None,
+    now: datetime,
+) -> int:
+    """Sign a service certificate for a new key, record it, then write the files."""
     key = generate_key(loaded.config.key_type)
-    # A service certificate lives as long as a device's; operators re-issue it with this command.
+    # A service certificate lives as long as a device's: `service renew` (or simplereenroll
+    # with the current certificate) before 2/3 of it, as the agent does.
     profile = DeviceProfile(validity=loaded.config.device_validity, backdate=loaded.config.backdate)
     cert = build_device_certificate(
         key.public_key(), service_id, loaded.issuer, now, profile, role=EndEntityRole.SERVICE
     )
     der = cert.public_bytes(serialization.Encoding.DER)
     pem = cert.public_bytes(serialization.Encoding.PEM)
-    with Registry.open(loaded.layout.registry) as registry:
-        if registry.get_device(service_id) is not None:
-            raise ServiceIdentityError(name, "already exists")
-        registry.add_device(service_id, role="service", batch_id=None, now=now, actor="cli")
-        registry.record_issuance(
-            IssuedCertificate(
-                serial=cert.serial_number,
-                device_id=service_id,
-                fingerprint_sha256=hashlib.sha256(der).hexdigest(),
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                pem=pem.decode(),
-            ),
-            consume_token_hash=None,
-            supersedes_serial=None,
-            now=now,
-            actor="cli",
-        )
+    registry.record_issuance(
+        IssuedCertificate(
+            serial=cert.serial_number,
+            device_id=service_id,
+            fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            pem=pem.decode(),
+        ),
+        consume_token_hash=None,
+        supersedes_serial=supersedes,
+        now=now,
+        actor="cli",
+    )
     make_private_dir(folder)
-    result = ServiceIdentity(folder, cert.serial_number)
-    write_atomic(result.key, private_key_pem(key, None))
+    write_atomic(folder / "key.pem", private_key_pem(key, None))
     issuing_pem = loaded.issuer.cert.public_bytes(serialization.Encoding.PEM)
-    write_atomic(result.cert, pem + issuing_pem, PUBLIC_MODE)
-    write_atomic(result.ca, loaded.root_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
-    return result
+    write_atomic(folder / "cert.pem", pem + issuing_pem, PUBLIC_MODE)
+    write_atomic(
+        folder / "ca.pem", loaded.root_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE
+    )
+    return cert.serial_number

@@ -245,3 +245,20 @@ def test_schema_5_leaves_one_current_certificate_per_identity(db_path: Path, ca:
             certs[1].serial,
         )
         assert statuses(reg, DeviceId("legacy"))[a.serial] == ("active", None)
+
+
+def test_mosquitto_drops_sessions_on_an_operators_revocation_not_on_supersession(
+    reg: Registry, ca: MemoryCa
+) -> None:
+    """mosquitto-sync kicks by identity: an operator's certificate revocation must end a
+    session presenting it; a renewal's cut-off is left to the CRL (the identity is busy
+    reconnecting with its new certificate)."""
+    from enroll_server.revocation_http import CrlUpdate
+
+    a = enroll(reg, ca, DEV.value)
+    b = renew(reg, ca, a)
+    renew(reg, ca, b, minutes=2)  # B's first use: A superseded
+    assert CrlUpdate(None, reg.events_since(0)).devices_to_drop() == []
+    other = enroll(reg, ca, "dev-other")
+    reg.revoke_certificate(other.serial, reason="key-compromise", now=NOW, actor="op")
+    assert CrlUpdate(None, reg.events_since(0)).devices_to_drop() == ["dev-other"]
