@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from enroll_server.cli_options import HomeOpt, JsonOpt
-from enroll_server.home import HomeError, HomeLayout, resolve_home
+from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
 from enroll_server.registry import (
     InvalidValue,
     Registry,
@@ -28,27 +26,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 SerialArg = Annotated[
     str, typer.Argument(help="Certificate serial in hex (`device show` lists them).")
 ]
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _open(home: Path | None) -> Registry:
-    try:
-        layout = HomeLayout(resolve_home(home))
-    except HomeError as exc:
-        _fail(str(exc))
-        raise
-    if not layout.config.exists():
-        _fail(f"{layout.root}: not initialized: run `fleetpki init --home {layout.root}` first")
-    return Registry.open(layout.registry)
 
 
 @app.command("show")
@@ -59,12 +40,11 @@ def show(serial: SerialArg, home: HomeOpt = None, as_json: JsonOpt = False) -> N
     try:
         number = parse_serial(serial)
     except InvalidValue as exc:
-        _fail(str(exc))
-        raise
-    with _open(home) as registry:
+        fail(str(exc))
+    with Registry.open(initialized_layout(home).registry) as registry:
         record = registry.get_certificate(number)
     if record is None:
-        _fail(str(UnknownCertificate(number)), 1)
+        fail(str(UnknownCertificate(number)), 1)
         return
     data = {"device_id": record.device_id.value, **certificate_json(record)}
     if as_json:
@@ -95,19 +75,16 @@ def revoke(
         number = parse_serial(serial)
         reason_v = parse_reason(reason)
     except InvalidValue as exc:
-        _fail(str(exc))
-        raise
-    with _open(home) as registry:
+        fail(str(exc))
+    with Registry.open(initialized_layout(home).registry) as registry:
         try:
             device_id, serials = registry.revoke_certificate(
                 number, reason=reason_v, now=datetime.now(UTC), actor="cli"
             )
         except UnknownCertificate as exc:
-            _fail(str(exc), 1)
-            raise
+            fail(str(exc), 1)
         except RegistryError as exc:
-            _fail(str(exc))
-            raise
+            fail(str(exc))
     if as_json:
         data = {"device_id": device_id.value, "revoked": [f"{s:x}" for s in serials]}
         sys.stdout.write(json.dumps(data) + "\n")

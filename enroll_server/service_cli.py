@@ -15,9 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from enroll_server.cli_options import HomeOpt, JsonOpt
+from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
 from enroll_server.config import ConfigError, load_config
-from enroll_server.home import HomeError, HomeLayout, resolve_home
+from enroll_server.home import HomeError, HomeLayout
 from enroll_server.identities import (
     ServiceIdentity,
     ServiceIdentityError,
@@ -43,29 +43,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 NameArg = Annotated[str, typer.Argument(help="Service name (its MQTT client id).")]
 OutOpt = Annotated[
     Path | None,
     typer.Option(help="Folder for cert.pem, key.pem, ca.pem (default: HOME/services/NAME)."),
 ]
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _layout(home: Path | None) -> HomeLayout:
-    try:
-        layout = HomeLayout(resolve_home(home))
-    except HomeError as exc:
-        _fail(str(exc))
-        raise
-    if not layout.config.exists():
-        _fail(f"{layout.root}: not initialized: run `fleetpki init --home {layout.root}` first")
-    return layout
 
 
 @contextmanager
@@ -80,19 +63,17 @@ def _errors() -> Iterator[None]:
         PkiError,
         RegistryError,
     ) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _service(registry: Registry, name: str) -> Device:
     try:
         service_id = DeviceId.parse(name)
     except InvalidIdentifier as exc:
-        _fail(str(exc))
-        raise
+        fail(str(exc))
     device = registry.get_device(service_id)
     if device is None or device.role is not Role.SERVICE:
-        _fail(f"no service named {name!r}", 1)
-        raise AssertionError  # unreachable
+        fail(f"no service named {name!r}", 1)
     return device
 
 
@@ -117,7 +98,7 @@ def usage_example(layout: HomeLayout, name: str, identity: ServiceIdentity) -> l
 @app.command("issue")
 def issue(name: NameArg, home: HomeOpt = None, out: OutOpt = None) -> None:
     """Issue a backend service identity (reads devices/+/telemetry, sends devices/+/commands)."""
-    layout = _layout(home)
+    layout = initialized_layout(home)
     with _errors():
         result = issue_service_identity(layout.root, name, out, datetime.now(UTC))
         example = usage_example(layout, name, result)
@@ -131,7 +112,7 @@ def renew(name: NameArg, home: HomeOpt = None, out: OutOpt = None) -> None:
     """A new key and certificate for a service, written over its files. The old certificate
     keeps working until the broker first admits the new one (restart or reload the service),
     then it is revoked (superseded)."""
-    layout = _layout(home)
+    layout = initialized_layout(home)
     with _errors():
         result = renew_service_identity(layout.root, name, out, datetime.now(UTC))
     old = "" if result.supersedes is None else f", supersedes {result.supersedes:x}"
@@ -159,7 +140,7 @@ def _current(registry: Registry, service: Device) -> dict[str, Any]:
 @app.command("list")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List service identities with their current certificate and when to renew it."""
-    with Registry.open(_layout(home).registry) as registry:
+    with Registry.open(initialized_layout(home).registry) as registry:
         rows = [_current(registry, s) for s in registry.list_devices(role="service")]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
@@ -177,7 +158,7 @@ def show(name: NameArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show a service, its certificates and recent audit entries."""
     from enroll_server.admin_api import certificate_json
 
-    with Registry.open(_layout(home).registry) as registry:
+    with Registry.open(initialized_layout(home).registry) as registry:
         service = _service(registry, name)
         data = {
             **_current(registry, service),
@@ -209,15 +190,14 @@ def revoke(
 ) -> None:
     """Revoke a service and every certificate of it; its live session is dropped (<1 s). One
     certificate alone: `fleetpki cert revoke SERIAL`."""
-    with Registry.open(_layout(home).registry) as registry:
+    with Registry.open(initialized_layout(home).registry) as registry:
         service = _service(registry, name)
         try:
             serials = registry.revoke_device(
                 service.device_id, reason=parse_reason(reason), now=datetime.now(UTC), actor="cli"
             )
         except InvalidValue as exc:
-            _fail(str(exc))
-            raise
+            fail(str(exc))
     console.print(
         f"service {name}: revoked ({len(serials)} certificate(s)); its live session is dropped"
     )
