@@ -630,8 +630,8 @@ class Agent:
         why = f"device suspended: {exc.reason}"
         if self.state is not AgentState.SUSPENDED or self.last_error != why:
             log.warning(
-                "%s: %s; waiting for the operator to resume it (asking again in %.0f s, then at "
-                "most every %.0f s)",
+                "%s: %s; waiting for the operator to resume it (asking again in %.1f s, then at "
+                "most every %.1f s)",
                 self.device_id,
                 why,
                 delay,

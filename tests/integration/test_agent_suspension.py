@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from device_agent.agent import Agent, AgentState
 from device_agent.backoff import Backoff
@@ -27,8 +29,10 @@ from tests.integration.test_agent_e2e import (
     bundle_for,
     bundle_for_server_only,
     until,
+    write_bundle,
 )
-from tests.live_server import LiveServer
+from tests.integration.test_revocation_mosquitto import Broker, _start
+from tests.live_server import LiveServer, start_live_server
 
 REPO = Path(__file__).resolve().parents[2]
 FAST_SUSPENDED = Backoff(base=0.2, factor=2.0, cap=0.5)
@@ -177,3 +181,52 @@ async def test_suspended_at_renewal_waits_then_renews(tmp_path: Path) -> None:
         assert await asyncio.wait_for(task, 15) == ExitCode.OK
     finally:
         server.stop()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    """A real mosquitto from `mosquitto-config`, with its sync (test_revocation_mosquitto)."""
+    yield from _start(tmp_path)
+
+
+@pytest.mark.slow  # each TLS 1.3 revoked alert reaches the agent as a connect timeout
+async def test_with_mosquitto_the_tls_alert_is_explained_by_the_service(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    """mosquitto refuses a certificate on hold with the TLS alert "certificate revoked", the
+    same as a revoked one; the agent asks the service which it is, waits while suspended,
+    carries on when resumed, and stops when revoked."""
+    broker = mosquitto
+    est = start_live_server(broker.home)  # the service of the same home, beside mosquitto
+    sync = broker.sync()
+    try:
+        config = write_bundle(
+            tmp_path / DEV,
+            device=DEV,
+            est_port=est.handle.est_port,
+            mqtt_port=broker.port,
+            root_cert=est.layout.root_cert,
+            token=est.mint_device(DEV),
+        )
+        agent = agent_for(config)
+        task = asyncio.create_task(agent.run())
+        await until(lambda: agent.state is AgentState.CONNECTED, 20, "connected to mosquitto")
+        assert agent.link is not None
+
+        est.registry.suspend_device(DeviceId(DEV), now=now(), actor="test")
+        assert sync.step().dropped == (DEV,)  # CRL with certificateHold + live drop
+        await until(lambda: agent.state is AgentState.SUSPENDED, 20, "suspended")
+        await asyncio.sleep(1.5)
+        assert not task.done()
+        connections = agent.link.connections
+
+        est.registry.resume_device(DeviceId(DEV), now=now(), actor="test")
+        sync.step()
+        await until(lambda: agent.link.connections > connections, 20, "reconnected")  # type: ignore[union-attr]
+
+        est.registry.revoke_device(DeviceId(DEV), reason="key-compromise", now=now(), actor="test")
+        sync.step()
+        assert await asyncio.wait_for(task, 30) == ExitCode.REFUSED
+        assert agent.state is AgentState.REVOKED
+    finally:
+        est.stop()
