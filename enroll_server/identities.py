@@ -5,6 +5,8 @@ simplereenroll with its current certificate, as a device does)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +18,7 @@ from enroll_server.pki.keys import generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
 from enroll_server.registry import (
     CertStatus,
+    Device,
     DeviceState,
     IssuedCertificate,
     Registry,
@@ -60,10 +63,7 @@ def issue_service_identity(
     home: Path, name: str, out: Path | None, now: datetime
 ) -> ServiceIdentity:
     """Register service `name` (role 'service') and write cert.pem, key.pem (0600), ca.pem."""
-    service_id = DeviceId.parse(name)
-    loaded = load_home(home)
-    folder = out or service_folder(loaded, service_id)
-    with Registry.open(loaded.layout.registry) as registry:
+    with _open(home, name, out) as (loaded, registry, service_id, folder):
         existing = registry.get_device(service_id)
         if existing is not None:
             if existing.role is not Role.SERVICE:
@@ -91,14 +91,8 @@ def renew_service_identity(
     valid certificate left (expired, or revoked on its own) starts over: every older
     certificate is cut off at once. Refused for a revoked or suspended service.
     """
-    service_id = DeviceId.parse(name)
-    loaded = load_home(home)
-    folder = out or service_folder(loaded, service_id)
-    with Registry.open(loaded.layout.registry) as registry:
-        existing = registry.get_device(service_id)
-        if existing is None or existing.role is not Role.SERVICE:
-            what = "no such service" if existing is None else "a device has this id"
-            raise ServiceIdentityError(name, f"{what} (`fleetpki service issue` creates one)")
+    with _open(home, name, out) as (loaded, registry, service_id, folder):
+        existing = _existing_service(registry, service_id)
         if existing.state is not DeviceState.ACTIVE:
             raise ServiceIdentityError(name, f"the service is {existing.state.value}")
         current = [
@@ -109,6 +103,45 @@ def renew_service_identity(
         supersedes = current[-1].serial if current else None
         serial = _issue(loaded, registry, service_id, folder, supersedes, now)
     return ServiceIdentity(folder, serial, supersedes)
+
+
+def readmit_service_identity(
+    home: Path, name: str, out: Path | None, now: datetime
+) -> ServiceIdentity:
+    """Undo a mistaken `service revoke`: the service is active again with a new key and
+    certificate; every revoked certificate of it stays revoked (CRL, OCSP)."""
+    with _open(home, name, out) as (loaded, registry, service_id, folder):
+        existing = _existing_service(registry, service_id)
+        if existing.state is not DeviceState.REVOKED:
+            raise ServiceIdentityError(
+                name, f"readmit is for revoked services, and it is {existing.state.value}"
+            )
+        registry.readmit_device(
+            service_id, token_hash=None, token_expires_at=None, now=now, actor="cli"
+        )
+        serial = _issue(loaded, registry, service_id, folder, None, now)
+    return ServiceIdentity(folder, serial)
+
+
+@contextmanager
+def _open(
+    home: Path, name: str, out: Path | None
+) -> Iterator[tuple[LoadedHome, Registry, DeviceId, Path]]:
+    """The home, its registry (open), the service id and the service's folder."""
+    service_id = DeviceId.parse(name)
+    loaded = load_home(home)
+    with Registry.open(loaded.layout.registry) as registry:
+        yield loaded, registry, service_id, out or service_folder(loaded, service_id)
+
+
+def _existing_service(registry: Registry, service_id: DeviceId) -> Device:
+    existing = registry.get_device(service_id)
+    if existing is None or existing.role is not Role.SERVICE:
+        what = "no such service" if existing is None else "a device has this id"
+        raise ServiceIdentityError(
+            service_id.value, f"{what} (`fleetpki service issue` creates one)"
+        )
+    return existing
 
 
 def _issue(

@@ -1,4 +1,5 @@
-"""`fleetpki service issue|list|show|renew|revoke`: backend service identities' lifecycle."""
+"""`fleetpki service issue|list|show|renew|revoke|readmit`: backend service identities'
+lifecycle."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from enroll_server.identities import (
     ServiceIdentity,
     ServiceIdentityError,
     issue_service_identity,
+    readmit_service_identity,
     renew_service_identity,
 )
 from enroll_server.pki.errors import PkiError
@@ -38,7 +40,7 @@ from fleetpki.identity import DeviceId, InvalidIdentifier
 
 app = typer.Typer(
     help="Backend service identities (read all telemetry, send commands): issue, list, show, "
-    "renew, revoke.",
+    "renew, revoke, readmit.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -118,6 +120,18 @@ def renew(name: NameArg, home: HomeOpt = None, out: OutOpt = None) -> None:
     old = "" if result.supersedes is None else f", supersedes {result.supersedes:x}"
     console.print(f"service identity {name}: {result.folder} (serial {result.serial:x}{old})")
     console.print("reload the service with the new files; the old certificate stops once it has")
+
+
+@app.command("readmit")
+def readmit(name: NameArg, home: HomeOpt = None, out: OutOpt = None) -> None:
+    """Undo a mistaken `service revoke`: a new key and certificate; the revoked certificates
+    stay revoked (CRL, OCSP)."""
+    layout = initialized_layout(home)
+    with _errors():
+        result = readmit_service_identity(layout.root, name, out, datetime.now(UTC))
+    console.print(
+        f"service identity {name}: readmitted, {result.folder} (serial {result.serial:x})"
+    )
 
 
 def _current(registry: Registry, service: Device) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from enroll_server.registry import (
     BatchKind,
     DeviceState,
     Registry,
+    Role,
     UnknownBatch,
     UnknownDevice,
     parse_reason,
@@ -146,6 +147,13 @@ def _check_reissue(
     device = registry.get_device(device_id)
     if device is None:
         raise UnknownDevice(device_id)
+    if device.role is Role.SERVICE:
+        # A service's certificate is issued by the operator, never through a token bundle.
+        raise ReissueRefused(
+            device_id,
+            f"it is a service identity (`fleetpki service renew|readmit {device_id}` gives it "
+            "a new key and certificate)",
+        )
     if purpose is TokenPurpose.READMIT:
         if device.state is not DeviceState.REVOKED:
             raise ReissueRefused(

@@ -288,19 +288,24 @@ class RevocationStore(RegistryBase):
         self,
         device_id: DeviceId,
         *,
-        token_hash: str,
-        token_expires_at: datetime,
+        token_hash: str | None,
+        token_expires_at: datetime | None,
         now: datetime,
         actor: str,
     ) -> None:
-        """Let a revoked device enroll again under its id with a new one-time token.
+        """Let a revoked device enroll again under its id with a new one-time token (a service
+        identity, whose certificate the operator issues, needs none: `token_hash` None).
 
         Its revoked certificates stay revoked (CRL and OCSP list them until they expire): the
         device comes back only with a new key, through the token the operator hands over.
         """
-        check_sha256_hex("token hash", token_hash)
         now_s = ts(now, "now")
-        expires_s = ts(token_expires_at, "token expiry")
+        expires_s = None
+        if token_hash is not None:
+            check_sha256_hex("token hash", token_hash)
+            if token_expires_at is None:
+                raise InvalidValue("token expiry", None, "a token needs an expiry")
+            expires_s = ts(token_expires_at, "token expiry")
         with self._write() as conn:
             state = self._state_of(conn, device_id)
             if state is None:
@@ -322,7 +327,8 @@ class RevocationStore(RegistryBase):
             self._audit(
                 conn, now_s, actor, "device.readmit", device_id, {"revocation_reasons": reasons}
             )
-            self._insert_token(conn, device_id, token_hash, expires_s, now_s, actor)
+            if token_hash is not None and expires_s is not None:
+                self._insert_token(conn, device_id, token_hash, expires_s, now_s, actor)
 
     def revoke_batch(
         self,

@@ -74,8 +74,14 @@ class RenewalStorm(Scenario):
             keys = {_spki(c.pem) for c in certs}
             if len(certs) >= RENEWALS + 1 and len(keys) == len(certs):
                 rotated += 1
-            older = sorted(certs, key=lambda c: c.not_before)[:-1]
-            if older and all(c.status is CertStatus.SUPERSEDED for c in older):
+            *older, newest = sorted(certs, key=lambda c: c.not_before)
+            # One current certificate: every older one is cut off (revoked, reason superseded)
+            # but the newest's fallback while the newest is still unused (registry.certificates).
+            if older and all(
+                (c.status is CertStatus.REVOKED and c.revocation_reason == "superseded")
+                or (c.status is CertStatus.SUPERSEDED and newest.fallback_serial == c.serial)
+                for c in older
+            ):
                 superseded_ok += 1
         checks.append(
             Check(
@@ -86,7 +92,7 @@ class RenewalStorm(Scenario):
         )
         checks.append(
             Check(
-                "older certificates marked superseded in the registry",
+                "older certificates cut off (superseded) in the registry",
                 superseded_ok == len(traces),
                 f"{superseded_ok:,}/{len(traces):,} devices",
             )

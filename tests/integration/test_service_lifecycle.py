@@ -136,3 +136,34 @@ def test_a_service_renews_itself_over_est_with_its_current_certificate(
         svc.serial: ("superseded", None),
         cert.serial_number: ("active", None),
     }
+
+
+def test_a_revoked_service_is_readmitted_with_a_new_key_and_never_gets_a_token(
+    live_server: LiveServer,
+) -> None:
+    server = live_server
+    home = str(server.layout.root)
+    assert runner.invoke(app, ["service", "issue", "svc-back", "--home", home]).exit_code == 0
+    folder = server.layout.root / "services" / "svc-back"
+    first = _creds(folder, "svc-back").cert.serial_number
+    r = runner.invoke(app, ["device", "rekey", "svc-back", "--home", home, "--stdout"])
+    assert r.exit_code == 2 and "service renew|readmit svc-back" in r.output
+    r = runner.invoke(app, ["service", "readmit", "svc-back", "--home", home])
+    assert r.exit_code == 2 and "readmit is for revoked services" in r.output
+    assert runner.invoke(app, ["service", "revoke", "svc-back", "--home", home]).exit_code == 0
+    r = runner.invoke(app, ["service", "readmit", "svc-back", "--home", home])
+    assert r.exit_code == 0, r.output
+    again = _creds(folder, "svc-back").cert.serial_number
+    assert statuses(server, "svc-back") == {
+        first: ("revoked", "unspecified"),
+        again: ("active", None),
+    }
+    # It renews over EST like any identity in good standing.
+    reply = request(
+        server.est_url + EST + "/simplereenroll",
+        server.client_ssl(folder / "cert.pem", folder / "key.pem"),
+        "POST",
+        b64(csr_der(make_csr(generate_key(KeyType.EC_P256), "svc-back"))),
+        {"Content-Type": "application/pkcs10"},
+    )
+    assert reply.status == 200, reply.text
