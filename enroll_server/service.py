@@ -190,9 +190,15 @@ class EnrollmentService:
         if record.status is CertStatus.REVOKED:
             # The identity is fine, this certificate is not: revoked on its own, or cut off
             # because a newer certificate of the identity took over (superseded).
+            reason = record.revocation_reason
+            advice = (
+                "renew with the identity's newest certificate"
+                if reason == "superseded"
+                else "the identity needs a re-key (fleetpki device rekey)"
+            )
             raise Forbidden(
                 f"certificate {record.serial:x} of {record.device_id} is revoked "
-                f"({record.revocation_reason}): renew with the identity's newest certificate"
+                f"({reason}): {advice}"
             )
         # Only the newest certificate renews, or its fallback (status superseded): the one
         # it was renewed from, while it has never been used. The device may have lost it to a

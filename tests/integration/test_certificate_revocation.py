@@ -56,7 +56,8 @@ async def test_admin_api_revokes_one_certificate_and_rekeys_the_device(
         await session.close()
     assert crl_reasons(server, [b.serial]) == {b.serial: x509.ReasonFlags.key_compromise}
     assert ocsp_status(server, b.cert).revocation_reason is x509.ReasonFlags.key_compromise
-    assert reenroll(server, b).status == 403
+    refused = reenroll(server, b)
+    assert refused.status == 403 and "needs a re-key (fleetpki device rekey)" in refused.text
     assert server.registry.get_device(DeviceId("dev-one")).state is DeviceState.ACTIVE  # type: ignore[union-attr]
     shown = json.loads(admin(server, "GET", f"/admin/certificates/{b.serial:x}").text)
     assert shown["status"] == "revoked" and shown["revocation_reason"] == "keyCompromise"
