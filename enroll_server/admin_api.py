@@ -104,6 +104,25 @@ def _device_id(request: web.Request) -> DeviceId:
         raise BadRequest(str(exc)) from exc
 
 
+# Paging bounds: SQLite integers are 64-bit, and a page larger than this is a mistake.
+MAX_QUERY_INT = 1_000_000_000
+
+
+def _query_int(request: web.Request, name: str, default: int) -> int:
+    """The non-negative integer query parameter `name` (`default` when absent); a 400 naming
+    the parameter and the value otherwise."""
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be an integer, got {text[:40]!r}") from None
+    if not 0 <= value <= MAX_QUERY_INT:
+        raise BadRequest(f"query parameter {name} must be 0..{MAX_QUERY_INT}, got {value}")
+    return value
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
@@ -119,11 +138,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 @_require_admin
 async def list_devices(request: web.Request) -> web.Response:
     q = request.query
-    try:
-        limit = int(q.get("limit", "1000"))
-        offset = int(q.get("offset", "0"))
-    except ValueError as exc:
-        raise BadRequest("limit and offset must be integers") from exc
+    limit = _query_int(request, "limit", 1000)
+    offset = _query_int(request, "offset", 0)
     try:
         devices = _st(request).registry.list_devices(
             state=q.get("state"), batch_id=q.get("batch"), limit=limit, offset=offset
@@ -371,7 +387,8 @@ async def audit(request: web.Request) -> web.Response:
         device_id = DeviceId.parse(device) if device else None
     except InvalidIdentifier as exc:
         raise BadRequest(str(exc)) from exc
-    entries = registry.audit_log(device_id=device_id, limit=int(request.query.get("limit", "100")))
+    limit = _query_int(request, "limit", 100)
+    entries = registry.audit_log(device_id=device_id, limit=limit)
     return web.json_response(
         {
             "audit": [

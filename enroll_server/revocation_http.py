@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
+from enroll_server.errors import UnsupportedMediaType
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.crl import build_crl, crl_needs_refresh, crl_refresh_at
 from enroll_server.pki.keys import KeyType, generate_key
@@ -437,6 +438,22 @@ def _get_path_tail(request: web.Request) -> str:
     return raw[len(prefix) :] if raw.startswith(prefix) else ""
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole request body (to its Content-Length, or its last chunk), None past `limit`.
+
+    One `read(n)` returns what has arrived so far, not n bytes: a body split across TCP
+    segments would otherwise be cut at the first one.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+    return b"".join(chunks)
+
+
 def revocation_routes(state: RevocationState) -> list[web.RouteDef]:
     """GET /crl, GET /crl.pem, POST /ocsp, GET /ocsp/{b64}; also call `state.attach(app)`."""
 
@@ -450,13 +467,18 @@ def revocation_routes(state: RevocationState) -> list[web.RouteDef]:
 
     async def post_ocsp(request: web.Request) -> web.Response:
         """DER OCSPRequest in, DER OCSPResponse out (RFC 6960 A.1)."""
+        # RFC 6960 A.1: "Content-Type: application/ocsp-request". Anything else is not an OCSP
+        # client (an HTML form, a stray script): a plain 415 saying what to send.
+        if request.content_type != OCSP_REQUEST_TYPE:
+            raise UnsupportedMediaType(
+                f"Content-Type {request.content_type} is not accepted; send {OCSP_REQUEST_TYPE}"
+            )
         length = request.content_length
         if length is not None and length > MAX_OCSP_REQUEST:
             return _ocsp_response(state.answer(b""), cacheable=False)  # malformedRequest
-        body = await request.content.read(MAX_OCSP_REQUEST + 1)
-        if len(body) > MAX_OCSP_REQUEST:
-            body = b""  # answered as malformedRequest
-        return _ocsp_response(state.answer(body), cacheable=False)
+        body = await _read_body(request, MAX_OCSP_REQUEST)
+        # An oversized body is answered as malformedRequest.
+        return _ocsp_response(state.answer(body or b""), cacheable=False)
 
     async def get_ocsp(request: web.Request) -> web.Response:
         """GET /ocsp/{url-encoded base64 of the DER request} (RFC 6960 A.1)."""

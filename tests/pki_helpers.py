@@ -105,3 +105,21 @@ def make_csr(
 
 def csr_der(csr: x509.CertificateSigningRequest) -> bytes:
     return csr.public_bytes(serialization.Encoding.DER)
+
+
+def ocsp_request_for_negative_serial(issuer: x509.Certificate) -> bytes:
+    """A DER OCSPRequest naming `issuer` with serial number -5 (cryptography refuses to build
+    one, so serial 1 is built and its INTEGER content octet rewritten)."""
+    from cryptography.x509 import ocsp
+
+    from enroll_server.pki.ocsp import cert_id_hashes
+
+    name_hash, key_hash = cert_id_hashes(issuer, hashes.SHA1())
+    der = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate_by_hash(name_hash, key_hash, 1, hashes.SHA1())
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    assert der.endswith(b"\x02\x01\x01"), "the CertID's serial is the request's last element"
+    return der[:-1] + b"\xfb"

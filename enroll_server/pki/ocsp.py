@@ -228,6 +228,10 @@ def _parse(der: bytes) -> tuple[ocsp.OCSPRequest, bytes | None]:
         raise MalformedOcspRequest(
             f"nonce of {len(nonce)} octets (RFC 9654 allows 1..{MAX_NONCE_OCTETS})"
         )
+    if request.serial_number < 0:
+        # RFC 5280 4.1.2.2: a serial number is a positive integer, so a negative one names no
+        # certificate anyone issued (and a response echoing it cannot even be encoded).
+        raise MalformedOcspRequest(f"negative serial number {request.serial_number}")
     return request, nonce
 
 

@@ -79,7 +79,18 @@ def test_bad_admin_input(live_server: LiveServer) -> None:
         {"Authorization": f"Bearer {live_server.admin_token}", "Content-Type": "application/json"},
     )
     assert r.status == 400 and "JSON" in r.text
-    assert admin(live_server, "GET", "/admin/devices?limit=x").status == 400
+    # Every integer query parameter: a 400 naming it, never a 500 (int() or SQLite overflow).
+    for path, name in (
+        ("/admin/devices?limit=x", "limit"),
+        ("/admin/devices?offset=1.5", "offset"),
+        ("/admin/devices?limit=-1", "limit"),
+        ("/admin/audit?limit=abc", "limit"),
+        ("/admin/audit?limit=99999999999999999999999", "limit"),
+    ):
+        r = admin(live_server, "GET", path)
+        assert r.status == 400, (path, r.status, r.text)
+        assert f"query parameter {name} must be" in r.text, r.text
+    assert admin(live_server, "GET", "/admin/audit?limit=2").status == 200
     assert admin(live_server, "GET", "/admin/devices?state=sleeping").status == 400
 
 

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
 
 from enroll_server.home import load_home
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.keys import load_private_key_pem
+from enroll_server.revocation_http import OCSP_REQUEST_TYPE
 from fleetpki.identity import DeviceId
 from tests.integration.revocation_support import Fleet
-from tests.pki_helpers import MemoryCa
+from tests.pki_helpers import MemoryCa, ocsp_request_for_negative_serial
 
 
 def _fleet(server: Any, folder: Path) -> Fleet:
@@ -93,3 +99,87 @@ def test_serve_publishes_crl_and_answers_ocsp(live_server: Any, tmp_path: Path) 
         assert (": good" if ok else ": revoked") in out, out
     assert good.public_bytes(serialization.Encoding.DER)  # the good one was never listed
     assert crl.get_revoked_certificate_by_serial_number(good.serial_number) is None
+
+
+def _ocsp_request(fleet: Fleet, cert: x509.Certificate) -> bytes:
+    return (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(cert, fleet.ca.issuing.cert, hashes.SHA1())
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+
+def _raw_exchange(port: int, parts: list[bytes], pause: float) -> bytes:
+    """Send `parts` as separate TCP segments `pause` seconds apart; the whole reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i, part in enumerate(parts):
+            if i:
+                time.sleep(pause)
+            sock.sendall(part)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_ocsp_post_split_across_segments_is_answered(live_server: Any, tmp_path: Path) -> None:
+    # One read() returns what has arrived: the handler used to answer the first half alone
+    # (malformedRequest). It must read to Content-Length.
+    fleet = _fleet(live_server, tmp_path)
+    cert = fleet.enroll("serve-split-1")
+    body = _ocsp_request(fleet, cert)
+    head = (
+        "POST /ocsp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"Content-Type: application/ocsp-request\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    half = len(body) // 2
+    reply = _raw_exchange(live_server.handle.http_port, [head + body[:half], body[half:]], 0.3)
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 OK", reply[:200]
+    resp = ocsp.load_der_ocsp_response(rest.partition(b"\r\n\r\n")[2])
+    assert resp.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert resp.certificate_status is ocsp.OCSPCertStatus.GOOD
+    assert resp.serial_number == cert.serial_number
+
+
+def _post(url: str, body: bytes, content_type: str | None) -> tuple[int, str, bytes]:
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.headers.get_content_type(), bytes(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get_content_type(), bytes(exc.read())
+
+
+def test_ocsp_post_requires_the_ocsp_request_content_type(live_server: Any, tmp_path: Path) -> None:
+    fleet = _fleet(live_server, tmp_path)
+    body = _ocsp_request(fleet, fleet.enroll("serve-ctype-1"))
+    url = f"{live_server.http_url}/ocsp"
+    # urllib sends application/x-www-form-urlencoded when no type is given.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        status, ctype, text = _post(url, body, content_type)
+        assert status == 415, (content_type, status)
+        assert ctype == "text/plain"
+        assert b"send application/ocsp-request" in text, text
+    # Parameters and case do not matter (RFC 9110 8.3.1).
+    status, ctype, der = _post(url, body, "Application/OCSP-Request; charset=binary")
+    assert (status, ctype) == (200, "application/ocsp-response")
+    assert ocsp.load_der_ocsp_response(der).certificate_status is ocsp.OCSPCertStatus.GOOD
+
+
+def test_ocsp_negative_serial_is_malformed_without_a_traceback(
+    live_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = _fleet(live_server, tmp_path)
+    der = ocsp_request_for_negative_serial(fleet.ca.issuing.cert)
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(3):
+            status, _, body = _post(f"{live_server.http_url}/ocsp", der, OCSP_REQUEST_TYPE)
+            assert status == 200
+            resp = ocsp.load_der_ocsp_response(body)
+            assert resp.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert live_server.handle.revocation.outcomes["internalError"] == 0

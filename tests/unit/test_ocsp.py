@@ -28,7 +28,7 @@ from enroll_server.pki.ocsp import (
     respond,
     respond_get,
 )
-from tests.pki_helpers import MemoryCa, make_ca
+from tests.pki_helpers import MemoryCa, make_ca, ocsp_request_for_negative_serial
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 REVOKED_AT = NOW - timedelta(hours=2)
@@ -241,6 +241,18 @@ def test_oversized_nonce_is_malformed(ca: MemoryCa, table: Table) -> None:
     assert respond(der, OcspResponder.by_issuer(ca.issuing), table, NOW).outcome == (
         "malformedRequest"
     )
+
+
+def test_negative_serial_is_malformed_and_not_looked_up(ca: MemoryCa, table: Table) -> None:
+    # cryptography cannot even encode a response echoing a negative serial: it used to raise
+    # there, which the HTTP edge answered with internalError and an ERROR traceback.
+    der = ocsp_request_for_negative_serial(ca.issuing.cert)
+    assert ocsp.load_der_ocsp_request(der).serial_number == -5
+    reply = respond(der, OcspResponder.by_issuer(ca.issuing), table, NOW)
+    assert reply.outcome == "malformedRequest"
+    resp = ocsp.load_der_ocsp_response(reply.der)
+    assert resp.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    assert table.asked == []
 
 
 def test_multi_certificate_request_from_openssl_is_malformed(
