@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from enroll_server.cli_options import HomeOpt, JsonOpt
+from enroll_server.cli_options import HomeOpt, JsonOpt, init_port, serve_port
 from enroll_server.config import ConfigError, ServerConfig
 from enroll_server.home import HomeError, hash_secret, init_home, resolve_home
 from enroll_server.pki.ca import check_hostname
@@ -86,9 +86,9 @@ def init(
             help="Name devices use to reach the server (default: first --hostname or localhost)."
         ),
     ] = None,
-    est_port: int = 8443,
-    http_port: int = 8080,
-    mqtt_port: int = 8883,
+    est_port: Annotated[int, init_port("HTTPS port for EST (in bundles).")] = 8443,
+    http_port: Annotated[int, init_port("Plain HTTP port for CRL and OCSP (in URLs).")] = 8080,
+    mqtt_port: Annotated[int, init_port("MQTT over TLS port (in bundles).")] = 8883,
     device_validity: Annotated[str, typer.Option(help="Device certificate lifetime.")] = "30d",
     force: Annotated[bool, typer.Option(help="Overwrite an existing home.")] = False,
 ) -> None:
@@ -150,17 +150,16 @@ def init(
 @app.command()
 def serve(
     home: HomeOpt = None,
-    est_port: Annotated[
-        int | None, typer.Option(help="HTTPS port for EST and the admin API.")
-    ] = None,
-    http_port: Annotated[int | None, typer.Option(help="Plain HTTP port for CRL and OCSP.")] = None,
-    mqtt_port: Annotated[int | None, typer.Option(help="MQTT over TLS port.")] = None,
+    est_port: Annotated[int | None, serve_port("HTTPS port for EST.")] = None,
+    http_port: Annotated[int | None, serve_port("Plain HTTP port for CRL and OCSP.")] = None,
+    mqtt_port: Annotated[int | None, serve_port("MQTT over TLS port.")] = None,
     no_broker: Annotated[
         bool, typer.Option("--no-broker", help="Do not run the embedded broker.")
     ] = False,
     bind: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
 ) -> None:
     """Run EST + admin API (HTTPS), CRL + OCSP (HTTP) and the embedded mTLS MQTT broker."""
+    from enroll_server.listen import ListenFailed
     from enroll_server.loop import install_fast_loop
     from enroll_server.runtime import run_service
     from enroll_server.server_certificate import ServerCertificateError
@@ -181,10 +180,8 @@ def serve(
                 bind=bind,
             )
         )
-    except (HomeError, ConfigError, PkiError, ServerCertificateError) as exc:
+    except (HomeError, ConfigError, PkiError, ServerCertificateError, ListenFailed) as exc:
         fail(str(exc))
-    except OSError as exc:
-        fail(f"cannot listen: {exc}")
 
 
 def _parse_device(device_id: str) -> DeviceId:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+
+from enroll_server.listen import MAX_PORT
 
 if TYPE_CHECKING:
     from enroll_server.home import HomeLayout
@@ -16,6 +18,16 @@ HomeOpt = Annotated[
     typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+def serve_port(help: str) -> Any:
+    """A port to listen on now: 0..65535, 0 for any free port (a usage error otherwise)."""
+    return typer.Option(min=0, max=MAX_PORT, help=f"{help} 0: any free port.")
+
+
+def init_port(help: str) -> Any:
+    """A port written into fleetpki.toml and certificate URLs: 1..65535 (0 names no port)."""
+    return typer.Option(min=1, max=MAX_PORT, help=help)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -26,6 +26,7 @@ from enroll_server.http_app import (
     start_est_site,
     start_site,
 )
+from enroll_server.listen import listening
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
@@ -203,12 +204,14 @@ async def start_server(
             loaded.layout.chain,
             trusted_manufacturer_ca_files(loaded.layout.root),
         )
-        https = await start_est_site(
-            build_https_app(state), host, _port(est_port, cfg.est_port), tls
-        )
+        port = _port(est_port, cfg.est_port)
+        with listening("EST (HTTPS)", host, port, "--est-port"):
+            https = await start_est_site(build_https_app(state), host, port, tls)
         http_app = build_http_app(state, revocation_routes(revocation))
         revocation.attach(http_app)
-        http = await start_site(http_app, host, _port(http_port, cfg.http_port))
+        port = _port(http_port, cfg.http_port)
+        with listening("CRL/OCSP (HTTP)", host, port, "--http-port"):
+            http = await start_site(http_app, host, port)
         handle = ServerHandle(
             loaded, state, registry, https, http, revocation, bind=host, https_tls=tls
         )
@@ -225,18 +228,20 @@ async def start_server(
         registry.close()
         raise
     if broker:
+        port = _port(mqtt_port, cfg.mqtt_port)
         try:
-            handle.broker = await start_broker(
-                BrokerConfig(
-                    server_cert=loaded.layout.server_cert,
-                    server_key=loaded.layout.server_key,
-                    ca_file=loaded.layout.chain,
-                    registry_path=loaded.layout.registry,
-                    host=host,
-                    port=_port(mqtt_port, cfg.mqtt_port),
-                ),
-                clock=clock,
-            )
+            with listening("the MQTT broker (mTLS)", host, port, "--mqtt-port"):
+                handle.broker = await start_broker(
+                    BrokerConfig(
+                        server_cert=loaded.layout.server_cert,
+                        server_key=loaded.layout.server_key,
+                        ca_file=loaded.layout.chain,
+                        registry_path=loaded.layout.registry,
+                        host=host,
+                        port=port,
+                    ),
+                    clock=clock,
+                )
         except BaseException:
             await handle.stop()
             raise

@@ -17,7 +17,8 @@ from rich.console import Console
 from enroll_server.broker.errors import BrokerError
 from enroll_server.broker.policy import KeepalivePolicy
 from enroll_server.broker.server import BrokerConfig, start_broker
-from enroll_server.cli_options import HomeOpt
+from enroll_server.cli_options import HomeOpt, serve_port
+from enroll_server.listen import ListenFailed, listening
 from enroll_server.server_certificate import CHECK_INTERVAL, ServerCertificates
 
 app = typer.Typer(
@@ -29,12 +30,9 @@ err = Console(stderr=True, soft_wrap=True)
 HostOpt = Annotated[
     str | None, typer.Option("--bind", help="Address to listen on (default: server.bind).")
 ]
-PortOpt = Annotated[
-    int | None, typer.Option("--mqtt-port", help="MQTT over TLS port (default: server.mqtt_port).")
-]
+PortOpt = Annotated[int | None, serve_port("MQTT over TLS port (default: server.mqtt_port).")]
 MetricsOpt = Annotated[
-    int | None,
-    typer.Option("--metrics-port", help="Serve Prometheus metrics on http://BIND:PORT/metrics."),
+    int | None, serve_port("Serve Prometheus metrics on http://BIND:PORT/metrics.")
 ]
 KeepaliveOpt = Annotated[
     int,
@@ -94,7 +92,8 @@ async def _metrics_site(text: Callable[[], str], host: str, port: int) -> web.Ap
 async def serve_until_signal(
     config: BrokerConfig, metrics_port: int | None, cert_check_interval: float = CHECK_INTERVAL
 ) -> None:
-    running = await start_broker(config)
+    with listening("the MQTT broker (mTLS)", config.host, config.port, "--mqtt-port"):
+        running = await start_broker(config)
     runner = None
     # A certificate renewed by `fleetpki serve` or `fleetpki server-cert renew` is loaded
     # without a restart; renewing is theirs (this process holds no CA key).
@@ -108,11 +107,12 @@ async def serve_until_signal(
     certificates.start()
     try:
         if metrics_port is not None:
-            runner = await _metrics_site(
-                lambda: running.metrics_text() + certificates.metrics_text(),
-                config.host,
-                metrics_port,
-            )
+            with listening("broker metrics (HTTP)", config.host, metrics_port, "--metrics-port"):
+                runner = await _metrics_site(
+                    lambda: running.metrics_text() + certificates.metrics_text(),
+                    config.host,
+                    metrics_port,
+                )
         err.print(f"MQTT (mTLS) on {config.host}:{running.port}; Ctrl-C to stop", highlight=False)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -152,7 +152,14 @@ def _run(
 
         install_fast_loop()  # uvloop when installed, as `fleetpki serve` does
         asyncio.run(serve_until_signal(config, metrics_port))
-    except (HomeError, ConfigError, BrokerError, FileNotFoundError, ValueError) as exc:
+    except (
+        HomeError,
+        ConfigError,
+        BrokerError,
+        FileNotFoundError,
+        ValueError,
+        ListenFailed,
+    ) as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot listen: {exc}")

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
@@ -175,30 +176,77 @@ def test_serve_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert (home / "admin.token").read_text().strip() not in out.decode()
 
 
-def test_serve_port_in_use(tmp_path: Path) -> None:
+def _fleetpki(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real `fleetpki` CLI in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "enroll_server.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+# Which listener, which option moves it, and how it names itself in the error.
+LISTENERS = {
+    "est": ("--est-port", "EST (HTTPS)"),
+    "http": ("--http-port", "CRL/OCSP (HTTP)"),
+    "mqtt": ("--mqtt-port", "the MQTT broker (mTLS)"),
+}
+
+
+@pytest.mark.parametrize("taken", list(LISTENERS))
+def test_serve_with_a_port_taken_says_which_in_one_line(tmp_path: Path, taken: str) -> None:
     home = tmp_path / "h"
     assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         busy = s.getsockname()[1]
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "enroll_server.cli",
-                "serve",
-                "--home",
-                str(home),
-                "--est-port",
-                str(busy),
-                "--http-port",
-                "0",
-                "--no-broker",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    assert r.returncode == 2 and "cannot listen" in r.stderr, r.stderr
+        ports = {option: "0" for option, _ in LISTENERS.values()}
+        option, what = LISTENERS[taken]
+        ports[option] = str(busy)
+        r = _fleetpki("serve", "--home", str(home), *[x for kv in ports.items() for x in kv])
+    # One line: what, where, and the option that moves it; no traceback, no log noise.
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: cannot listen for {what} on 127.0.0.1:{busy}: the port is already in use "
+        "(another fleetpki serve or broker, or mosquitto?); stop that process or choose "
+        f"another port with {option}"
+    ], r.stderr
+    assert r.stdout == ""
+
+
+def test_broker_alone_with_its_port_taken_says_so_in_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        r = _fleetpki("broker", "--home", str(home), "--mqtt-port", str(busy))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"on 127.0.0.1:{busy}: the port is already in use" in lines[0], lines
+
+
+@pytest.mark.parametrize("command", ["serve", "init"])
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_ports_out_of_range_are_refused_at_the_command_line(
+    tmp_path: Path, command: str, port: str
+) -> None:
+    home = tmp_path / "h"
+    if command == "serve":
+        assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
+    r = _fleetpki(command, "--home", str(home), "--est-port", port)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Invalid value for '--est-port'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    if command == "init":
+        assert not home.exists()  # nothing half-written that later commands would trip on
+
+
+def test_init_refuses_port_zero_it_would_write_into_certificates(tmp_path: Path) -> None:
+    r = _fleetpki("init", "--home", str(tmp_path / "h"), "--http-port", "0")
+    assert r.returncode == 2 and "Invalid value for '--http-port'" in r.stderr, r.stderr
+    assert not (tmp_path / "h").exists()

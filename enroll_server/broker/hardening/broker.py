@@ -77,6 +77,17 @@ _FORGET_SESSION = frozenset({DROP_REVOKED, DROP_SUSPENDED, DROP_OPERATOR, DROP_C
 _DROPPED_SERIALS_KEPT = 10_000
 
 
+# amqtt's broker state machine (transitions) logs every state change at INFO: noise at start-up.
+logging.getLogger("transitions").setLevel(logging.WARNING)
+
+
+class _NoBindTraceback(logging.Filter):
+    """Drops amqtt's "Broker startup failed" record when an OSError (bind) caused it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], OSError))
+
+
 class HardenedBroker(Broker):
     """amqtt Broker whose connection path admits before it touches any session."""
 
@@ -111,6 +122,16 @@ class HardenedBroker(Broker):
         # so the oldest entries are the first to go past _DROPPED_SERIALS_KEPT).
         self._dropped_serial_at_seq: dict[int, int] = {}
         super().__init__(config)
+
+    async def start(self) -> None:
+        """amqtt's start, without its ERROR traceback for a listener that cannot bind: the
+        caller reports that in one line naming address, port and fix (enroll_server.listen)."""
+        quiet = _NoBindTraceback()
+        self.logger.addFilter(quiet)
+        try:
+            await super().start()
+        finally:
+            self.logger.removeFilter(quiet)
 
     # -- views ----------------------------------------------------------------------------
 
