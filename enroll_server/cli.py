@@ -29,6 +29,7 @@ from enroll_server.registry import (
     parse_reason,
 )
 from fleetpki.identity import DeviceId, InvalidIdentifier
+from fleetpki.packet_size import check_max_packet_size
 
 app = typer.Typer(
     name="fleetpki",
@@ -157,6 +158,13 @@ def serve(
         bool, typer.Option("--no-broker", help="Do not run the embedded broker.")
     ] = False,
     bind: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    max_packet_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Broker: disconnect a client sending a larger MQTT packet, in bytes "
+            "(default: broker.max_packet_size of the config, 262144)."
+        ),
+    ] = None,
 ) -> None:
     """Run EST + admin API (HTTPS), CRL + OCSP (HTTP) and the embedded mTLS MQTT broker."""
     from enroll_server.listen import ListenFailed
@@ -165,6 +173,11 @@ def serve(
     from enroll_server.server_certificate import ServerCertificateError
 
     root = _home(home)
+    if max_packet_size is not None:
+        try:
+            check_max_packet_size(max_packet_size)
+        except ValueError as exc:
+            fail(str(exc))
     install_fast_loop()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -178,6 +191,7 @@ def serve(
                 mqtt_port=mqtt_port,
                 broker=not no_broker,
                 bind=bind,
+                max_packet_size=max_packet_size,
             )
         )
     except (HomeError, ConfigError, PkiError, ServerCertificateError, ListenFailed) as exc:

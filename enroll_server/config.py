@@ -11,6 +11,7 @@ from typing import Any
 from enroll_server.pki.ca import PkiUrls
 from enroll_server.pki.keys import KeyType
 from fleetpki.duration import InvalidDuration, format_duration, parse_duration
+from fleetpki.packet_size import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,8 @@ class ServerConfig:
     backdate: timedelta = timedelta(minutes=5)
     token_ttl: timedelta = timedelta(days=7)
     crl_next_update: timedelta = timedelta(hours=24)
+    # Largest MQTT packet a client may send, in bytes (embedded broker and mosquitto alike).
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     extra: dict[str, Any] = field(default_factory=dict)
 
     def urls(self) -> PkiUrls:
@@ -78,6 +81,14 @@ def _port(data: dict[str, Any], path: Path, key: str, default: int) -> int:
     return value
 
 
+def _max_packet_size(data: dict[str, Any], path: Path) -> int:
+    value: int = _get(data, path, "broker", "max_packet_size", int, DEFAULT_MAX_PACKET_SIZE)
+    try:
+        return check_max_packet_size(value)
+    except ValueError as exc:
+        raise ConfigError(path, "broker.max_packet_size", str(exc)) from exc
+
+
 def load_config(path: Path) -> ServerConfig:
     try:
         data = tomllib.loads(path.read_text())
@@ -105,6 +116,7 @@ def load_config(path: Path) -> ServerConfig:
         backdate=_duration(data, path, "ca", "backdate", "5m"),
         token_ttl=_duration(data, path, "enroll", "token_ttl", "7d"),
         crl_next_update=_duration(data, path, "crl", "next_update", "24h"),
+        max_packet_size=_max_packet_size(data, path),
         extra=data,
     )
 
@@ -130,4 +142,7 @@ token_ttl = "{format_duration(cfg.token_ttl)}"
 
 [crl]
 next_update = "{format_duration(cfg.crl_next_update)}"
+
+[broker]
+max_packet_size = {cfg.max_packet_size}   # bytes; a client sending a larger packet is disconnected
 """

@@ -16,6 +16,7 @@ async def run_service(
     mqtt_port: int | None = None,
     broker: bool = True,
     bind: str | None = None,
+    max_packet_size: int | None = None,
 ) -> None:
     handle = await start_server(
         home,
@@ -24,6 +25,7 @@ async def run_service(
         mqtt_port=mqtt_port,
         broker=broker,
         bind=bind,
+        max_packet_size=max_packet_size,
     )
     # Everything allocated so far (modules, the CA, the app) lives as long as the process:
     # move it out of the collector's sight, so the young-generation collections that the

@@ -151,6 +151,7 @@ async def start_server(
     mqtt_port: int | None = None,
     broker: bool = False,
     bind: str | None = None,
+    max_packet_size: int | None = None,
     profile: DeviceProfile | None = None,
     profile_for: ProfileChooser | None = None,
     clock: Callable[[], datetime] = utc_now,
@@ -163,6 +164,7 @@ async def start_server(
     given, chooses one per device at each issuance (see EnrollmentService).
     `server_cert_check_interval`: seconds between looks at the TLS server certificate's files
     and lifetime (server_certificate.ServerCertificates).
+    `max_packet_size` overrides the config's broker.max_packet_size.
     """
     loaded = load_home(home)
     cfg = loaded.config
@@ -239,6 +241,9 @@ async def start_server(
                         registry_path=loaded.layout.registry,
                         host=host,
                         port=port,
+                        max_packet_size=(
+                            cfg.max_packet_size if max_packet_size is None else max_packet_size
+                        ),
                     ),
                     clock=clock,
                 )

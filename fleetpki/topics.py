@@ -81,28 +81,66 @@ def _filter_within(filter_levels: list[str], allowed: list[str]) -> bool:
     )
 
 
+class Access(StrEnum):
+    PUBLISH = "publish"
+    SUBSCRIBE = "subscribe"
+
+
+# Stands for the identity's own id in a rule's pattern (mosquitto's ACL writes it as %u).
+OWN_ID = "{id}"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRule:
+    """One grant: identities of `role` may `access` every topic within `pattern`.
+
+    `pattern` is a topic filter ('+' one level, a trailing '#'); an `OWN_ID` level is the
+    identity's own id. Both brokers render the same RULES: the embedded one through
+    may_publish / may_subscribe, mosquitto through its ACL file (broker/mosquitto_acl.py).
+    """
+
+    role: Role
+    access: Access
+    pattern: str
+
+    def levels(self, identity: str) -> list[str]:
+        return [identity if level == OWN_ID else level for level in self.pattern.split("/")]
+
+
+# DESIGN.md: a device may use only devices/<its id>/#; a service (backend) reads every
+# device's telemetry and sends commands. $SYS is closed to devices (MQTT 3.1.1 section 4.7.2:
+# '#' does not match '$' topics anyway).
+RULES: tuple[TopicRule, ...] = (
+    TopicRule(Role.DEVICE, Access.PUBLISH, f"devices/{OWN_ID}/#"),
+    TopicRule(Role.DEVICE, Access.SUBSCRIBE, f"devices/{OWN_ID}/#"),
+    TopicRule(Role.SERVICE, Access.PUBLISH, "devices/+/commands"),
+    TopicRule(Role.SERVICE, Access.SUBSCRIBE, "devices/+/telemetry"),
+    TopicRule(Role.SERVICE, Access.SUBSCRIBE, "$SYS/#"),
+)
+
+
+def rules_for(role: Role, access: Access) -> tuple[TopicRule, ...]:
+    return tuple(r for r in RULES if r.role is role and r.access is access)
+
+
+def _allowed(role: Role, access: Access, identity: str, levels: list[str]) -> bool:
+    return any(_filter_within(levels, r.levels(identity)) for r in rules_for(role, access))
+
+
 def may_publish(role: Role, identity: str, topic: str) -> bool:
-    """Publish rule: a device only under devices/<id>/#, a service only to devices/+/commands."""
+    """Publish rule (RULES): a device only under devices/<id>/#, a service to devices/+/commands."""
     try:
         t = Topic(topic)
     except InvalidTopic:
         return False
-    if role is Role.DEVICE:
-        return _filter_within(t.levels, ["devices", identity, "#"])
-    return _filter_within(t.levels, ["devices", "+", "commands"])
+    return _allowed(role, Access.PUBLISH, identity, t.levels)
 
 
 def may_subscribe(role: Role, identity: str, topic_filter: str) -> bool:
-    """Subscribe rule: a device only under devices/<id>/#, a service to devices/+/telemetry.
-
-    $SYS is closed to devices (MQTT 3.1.1 section 4.7.2: '#' does not match '$' topics anyway).
-    """
+    """Subscribe rule (RULES): a device only under devices/<id>/#, a service to
+    devices/+/telemetry and $SYS/#."""
     try:
         t = Topic(topic_filter, is_filter=True)
     except InvalidTopic:
         return False
-    if role is Role.DEVICE:
-        return _filter_within(t.levels, ["devices", identity, "#"])
-    return _filter_within(t.levels, ["devices", "+", "telemetry"]) or _filter_within(
-        t.levels, ["$SYS", "#"]
-    )
+    return _allowed(role, Access.SUBSCRIBE, identity, t.levels)

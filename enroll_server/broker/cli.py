@@ -41,6 +41,14 @@ KeepaliveOpt = Annotated[
         help="Refuse CONNECTs asking for a keepalive above this (or 0), in seconds.",
     ),
 ]
+MaxPacketOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-packet-size",
+        help="Disconnect a client sending a larger MQTT packet, in bytes "
+        "(default: broker.max_packet_size of the config, 262144).",
+    ),
+]
 MaxConnOpt = Annotated[int, typer.Option("--max-connections", help="Open TLS connections at most.")]
 
 
@@ -56,6 +64,7 @@ def broker_config_for_home(
     port: int | None = None,
     max_keepalive: int = 3600,
     max_connections: int = 20_000,
+    max_packet_size: int | None = None,
 ) -> BrokerConfig:
     """The BrokerConfig of a home folder: its TLS files, chain, registry and [server] ports."""
     from enroll_server.config import load_config
@@ -74,6 +83,7 @@ def broker_config_for_home(
         port=cfg.mqtt_port if port is None else port,
         keepalive=KeepalivePolicy(max_seconds=max_keepalive),
         max_connections=max_connections,
+        max_packet_size=cfg.max_packet_size if max_packet_size is None else max_packet_size,
     )
 
 
@@ -133,6 +143,7 @@ def _run(
     metrics_port: int | None,
     max_keepalive: int,
     max_connections: int,
+    max_packet_size: int | None,
 ) -> None:
     from enroll_server.config import ConfigError
     from enroll_server.home import HomeError
@@ -147,6 +158,7 @@ def _run(
             port=port,
             max_keepalive=max_keepalive,
             max_connections=max_connections,
+            max_packet_size=max_packet_size,
         )
         from enroll_server.loop import install_fast_loop
 
@@ -174,11 +186,12 @@ def broker(
     metrics_port: MetricsOpt = None,
     max_keepalive: KeepaliveOpt = 3600,
     max_connections: MaxConnOpt = 20_000,
+    max_packet_size: MaxPacketOpt = None,
 ) -> None:
     """Run the broker alone (same registry as `fleetpki serve`; revocations from any process
     reach it within a second). Subcommands: see --help."""
     if ctx.invoked_subcommand is None:
-        _run(home, bind, mqtt_port, metrics_port, max_keepalive, max_connections)
+        _run(home, bind, mqtt_port, metrics_port, max_keepalive, max_connections, max_packet_size)
 
 
 @app.command("run")
@@ -189,6 +202,7 @@ def run(
     metrics_port: MetricsOpt = None,
     max_keepalive: KeepaliveOpt = 3600,
     max_connections: MaxConnOpt = 20_000,
+    max_packet_size: MaxPacketOpt = None,
 ) -> None:
     """Run the broker alone (the same as `fleetpki broker` without a subcommand)."""
-    _run(home, bind, mqtt_port, metrics_port, max_keepalive, max_connections)
+    _run(home, bind, mqtt_port, metrics_port, max_keepalive, max_connections, max_packet_size)

@@ -47,6 +47,24 @@ def screen_protocol(body: bytes) -> None:
     raise BadConnect(f"protocol name {name!r} level {level} is not MQTT")
 
 
+async def read_remaining_length(reader: asyncio.StreamReader) -> tuple[bytes, int | None]:
+    """The Remaining Length field of a fixed header: (its bytes, its value).
+
+    MQTT 3.1.1 section 2.2.3: a variable-length integer of at most four bytes; the value is
+    None when a fourth byte still says "more follows" (a malformed packet). Reads only the
+    field itself, so a caller can refuse a packet before a byte of its body is buffered.
+    """
+    encoded = bytearray()
+    length = 0
+    for shift in range(0, 28, 7):
+        byte = (await reader.readexactly(1))[0]
+        encoded.append(byte)
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return bytes(encoded), length
+    return bytes(encoded), None
+
+
 async def read_connect_frame(
     reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_CONNECT_SIZE
 ) -> bytes:
@@ -58,19 +76,12 @@ async def read_connect_frame(
     if first[0] != _CONNECT_BYTE:
         # [MQTT-3.1.0-1]: the first packet from the client must be CONNECT.
         raise BadConnect(f"first byte 0x{first[0]:02x} is not a CONNECT fixed header")
-    header = bytearray(first)
-    length = 0
-    for shift in range(0, 28, 7):
-        byte = (await reader.readexactly(1))[0]
-        header.append(byte)
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-    else:
-        # Section 2.2.3: the remaining length takes at most four bytes.
+    encoded, length = await read_remaining_length(reader)
+    if length is None:
         raise BadConnect("remaining length is longer than four bytes")
+    header = first + encoded
     if length > max_size:
         raise BadConnect(f"CONNECT of {length} bytes exceeds the {max_size}-byte limit")
     body = await reader.readexactly(length)
     screen_protocol(body)
-    return bytes(header) + body
+    return header + body

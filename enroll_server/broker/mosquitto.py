@@ -32,18 +32,21 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 
+from enroll_server.broker.hardening.tls import AEAD_CIPHERS
+from enroll_server.broker.mosquitto_acl import render_acl
 from enroll_server.registry.models import EventKind
 from enroll_server.revocation_http import CrlPublisher
 from enroll_server.server_certificate import ServerCertificateError, read_pair
 from fleetpki.atomic_file import PUBLIC_MODE, SECRET_MODE, write_atomic
+from fleetpki.packet_size import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
 
 log = logging.getLogger("fleetpki.mosquitto")
 
@@ -64,6 +67,13 @@ RECHECK_DELAYS = (1.0, 5.0)
 DYNSEC_ITERATIONS = 1000
 # Commands per dynsec control message (two per device); keeps messages well under 1 MB.
 KICK_CHUNK = 500
+# Bytes of one kick command in a control message at most (a 64-character id, a 32-character
+# password and correlation data): fewer commands per message under a small max_packet_size,
+# which mosquitto applies to the control listener too.
+KICK_COMMAND_BYTES = 256
+# How often mosquitto-sync re-reads the service identities for the ACL (issue/revoke of a
+# service records no registry event; the list is short).
+SERVICE_ACL_INTERVAL = 2.0
 PLUGIN_CANDIDATES = (
     Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"),
     Path("/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so"),
@@ -182,27 +192,48 @@ class MosquittoFiles:
 
 @dataclass(frozen=True, slots=True)
 class MosquittoSettings:
-    """Choices of `mosquitto-config`; the defaults suit a Debian/Ubuntu mosquitto package."""
+    """Choices of `mosquitto-config`; the defaults suit a Debian/Ubuntu mosquitto package.
+
+    `bind` defaults to loopback, as `fleetpki serve` does: serving a LAN is a choice
+    (`--bind 0.0.0.0` or the address of one interface).
+    """
 
     port: int = 8883
-    bind: str | None = None  # None: every interface
+    bind: str = "127.0.0.1"
     admin_port: int = DEFAULT_ADMIN_PORT  # loopback only
     user: str | None = "mosquitto"  # whom mosquitto runs as when started by root
     plugin: Path | None = None  # None: no dynsec plugin, so no live drop (CRL only)
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     log_types: tuple[str, ...] = ("error", "warning", "notice", "information")
 
     @property
     def live_drop(self) -> bool:
         return self.plugin is not None
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "bind": self.bind,
+            "admin_port": self.admin_port,
+            "user": self.user,
+            "plugin": None if self.plugin is None else str(self.plugin),
+            "max_packet_size": self.max_packet_size,
+        }
 
-def render_acl() -> str:
-    """The device ACL: `%u` is the username, i.e. the certificate CN, i.e. the device id."""
-    return (
-        "# Written by `fleetpki broker mosquitto-config`. A device may use only its own\n"
-        "# subtree (DESIGN.md: devices/<id>/#); %u is the CN of its client certificate.\n"
-        "pattern readwrite devices/%u/#\n"
-    )
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MosquittoSettings:
+        """The settings an earlier mosquitto-config saved (ValueError/KeyError/TypeError if
+        they are not what it writes)."""
+        plugin = data["plugin"]
+        user = data["user"]
+        return cls(
+            port=int(data["port"]),
+            bind=str(data["bind"]),
+            admin_port=int(data["admin_port"]),
+            user=None if user is None else str(user),
+            plugin=None if plugin is None else Path(plugin),
+            max_packet_size=check_max_packet_size(int(data["max_packet_size"])),
+        )
 
 
 def render_conf(files: MosquittoFiles, settings: MosquittoSettings) -> str:
@@ -217,6 +248,8 @@ def render_conf(files: MosquittoFiles, settings: MosquittoSettings) -> str:
         f"pid_file {files.pidfile}",
         "persistence false",
         "set_tcp_nodelay true",
+        # A client sending a larger packet is disconnected before its payload is read.
+        f"max_packet_size {settings.max_packet_size}",
         "log_dest stderr",
         *(f"log_type {t}" for t in settings.log_types),
     ]
@@ -227,11 +260,13 @@ def render_conf(files: MosquittoFiles, settings: MosquittoSettings) -> str:
             f"plugin {settings.plugin}",
             f"plugin_opt_config_file {files.dynsec}",
         ]
-    listen = f"listener {settings.port}" + (f" {settings.bind}" if settings.bind else "")
     lines += [
         "",
         "# Devices: mutual TLS; the client certificate's CN becomes the MQTT username.",
-        listen,
+        f"listener {settings.port} {settings.bind}",
+        # TLS 1.2 at least, AEAD suites with forward secrecy only: the embedded broker's list.
+        "tls_version tlsv1.2",
+        f"ciphers {AEAD_CIPHERS}",
         f"cafile {files.cafile}",
         f"certfile {files.certfile}",
         f"keyfile {files.keyfile}",
@@ -311,18 +346,36 @@ class BrokerMaterial:
 
 @dataclass(frozen=True, slots=True)
 class SyncSettings:
+    """fleetpki-sync.json: what mosquitto-sync needs, and the settings mosquitto-config used
+    (a rerun keeps them unless told otherwise)."""
+
     admin_port: int
     live_drop: bool
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    config: MosquittoSettings | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"admin_port": self.admin_port, "live_drop": self.live_drop}) + "\n"
+        data: dict[str, Any] = {
+            "admin_port": self.admin_port,
+            "live_drop": self.live_drop,
+            "max_packet_size": self.max_packet_size,
+        }
+        if self.config is not None:
+            data["config"] = self.config.to_dict()
+        return json.dumps(data, indent=1) + "\n"
 
     @classmethod
     def load(cls, files: MosquittoFiles) -> SyncSettings:
         try:
             data = json.loads(files.sync_settings.read_text())
-            return cls(admin_port=int(data["admin_port"]), live_drop=bool(data["live_drop"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            config = data.get("config")
+            return cls(
+                admin_port=int(data["admin_port"]),
+                live_drop=bool(data["live_drop"]),
+                max_packet_size=int(data.get("max_packet_size", DEFAULT_MAX_PACKET_SIZE)),
+                config=None if config is None else MosquittoSettings.from_dict(config),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MosquittoError(
                 f"{files.sync_settings}: unreadable ({exc}); rerun mosquitto-config"
             ) from exc
@@ -342,13 +395,20 @@ def _broker_account(user: str | None) -> tuple[int, int] | None:
 
 
 def write_mosquitto_config(
-    out: Path, material: BrokerMaterial, settings: MosquittoSettings, event_seq: int
+    out: Path,
+    material: BrokerMaterial,
+    settings: MosquittoSettings,
+    event_seq: int,
+    services: Iterable[str] = (),
 ) -> MosquittoFiles:
     """Write a complete configuration folder; keeps the sync password of an earlier run.
 
     `event_seq` is where mosquitto-sync starts dropping sessions: nothing before it matters,
     since a mosquitto started from this folder loads a CRL that already lists it.
+    `services`: the service identities the ACL names (mosquitto-sync keeps it current).
+    Every path written into mosquitto.conf is absolute (mosquitto may start elsewhere).
     """
+    out = out.absolute()
     files = MosquittoFiles(out)
     out.mkdir(parents=True, exist_ok=True)
     # mosquitto drops privileges before reading its files: its user must reach the folder.
@@ -357,7 +417,7 @@ def write_mosquitto_config(
     write_atomic(files.certfile, material.server_chain_pem, PUBLIC_MODE)
     write_atomic(files.keyfile, material.server_key_pem, SECRET_MODE)
     write_atomic(files.crlfile, material.crl_pem, PUBLIC_MODE)
-    write_atomic(files.acl, render_acl().encode(), PUBLIC_MODE)
+    write_atomic(files.acl, render_acl(services).encode(), PUBLIC_MODE)
     write_atomic(files.conf, render_conf(files, settings).encode(), PUBLIC_MODE)
     if settings.live_drop:
         password = (
@@ -366,7 +426,7 @@ def write_mosquitto_config(
         write_atomic(files.sync_secret, password.encode() + b"\n", SECRET_MODE)
         document = dynsec_document(password, os.urandom(12))
         write_atomic(files.dynsec, json.dumps(document, indent=1).encode(), SECRET_MODE)
-    sync = SyncSettings(settings.admin_port, settings.live_drop)
+    sync = SyncSettings(settings.admin_port, settings.live_drop, settings.max_packet_size, settings)
     write_atomic(files.sync_settings, sync.to_json().encode(), PUBLIC_MODE)
     write_atomic(files.sync_cursor, f"{event_seq}\n".encode(), PUBLIC_MODE)
     account = _broker_account(settings.user)
@@ -426,8 +486,14 @@ class DynsecControl:
     """A client of the dynamic-security control topic on mosquitto's loopback listener."""
 
     def __init__(
-        self, password: str, port: int, host: str = "127.0.0.1", timeout: float = 5.0
+        self,
+        password: str,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = 5.0,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     ) -> None:
+        self._chunk = max(1, min(KICK_CHUNK, (max_packet_size - 512) // KICK_COMMAND_BYTES))
         self._host = host
         self._port = port
         self._timeout = timeout
@@ -536,8 +602,8 @@ class DynsecControl:
         (left disabled: revocation outranks a hand-made dynsec account of the same name)."""
         kept_disabled: list[str] = []
         names = [u for u in dict.fromkeys(usernames) if u != SYNC_USERNAME]
-        for start in range(0, len(names), KICK_CHUNK):
-            chunk = names[start : start + KICK_CHUNK]
+        for start in range(0, len(names), self._chunk):
+            chunk = names[start : start + self._chunk]
             created = self.run(
                 [
                     {
@@ -598,8 +664,13 @@ class MosquittoSync:
         clock: Callable[[], datetime],
         monotonic: Callable[[], float] = time.monotonic,
         server_pair: tuple[Path, Path] | None = None,
+        services: Callable[[], Iterable[str]] | None = None,
+        acl_interval: float = SERVICE_ACL_INTERVAL,
     ) -> None:
         self._server_pair = server_pair
+        self._services = services
+        self._acl_interval = acl_interval
+        self._acl_checked: float | None = None
         self._publisher = publisher
         self._files = files
         self._pid = pid
@@ -627,8 +698,11 @@ class MosquittoSync:
         if crl_changed:
             assert current is not None
             write_crl(self._files, current.pem)
-        if crl_changed or server_serial is not None:
+        acl_services = self._refresh_acl()
+        if crl_changed or server_serial is not None or acl_services is not None:
             signal_reload(self._pid())
+            if acl_services is not None:
+                log.info("mosquitto: ACL with %d service identities loaded", acl_services)
             if current is not None and crl_changed:
                 self._applied_crl = applied = current.number
                 log.info("mosquitto: CRL #%d (%d entries) loaded", current.number, current.entries)
@@ -652,6 +726,25 @@ class MosquittoSync:
         if not self._to_drop:
             save_cursor(self._files, self._publisher.event_seq)
         return SyncRound(applied, dropped, server_serial)
+
+    def _refresh_acl(self) -> int | None:
+        """Rewrite the ACL if the service identities changed; their count if it did.
+
+        Read every `acl_interval` seconds: issuing or revoking a service records no event.
+        """
+        if self._services is None:
+            return None
+        now = self._monotonic()
+        if self._acl_checked is not None and now - self._acl_checked < self._acl_interval:
+            return None
+        self._acl_checked = now
+        names = sorted(set(self._services()))
+        text = render_acl(names).encode()
+        with contextlib.suppress(OSError):
+            if self._files.acl.read_bytes() == text:
+                return None
+        write_atomic(self._files.acl, text, PUBLIC_MODE)
+        return len(names)
 
     def _copy_server_pair(self) -> int | None:
         """Copy a changed, matching server pair into mosquitto's folder; its serial if so."""
@@ -697,6 +790,24 @@ class MosquittoSync:
             stop.wait(interval)
 
 
+class ServiceLister(Protocol):
+    def list_devices(
+        self, *, role: str | None = None, limit: int = 1000, offset: int = 0
+    ) -> Sequence[Any]: ...
+
+
+def service_names(registry: ServiceLister, page: int = 1000) -> list[str]:
+    """The registry's service identities that may still connect (any state but revoked)."""
+    names: list[str] = []
+    offset = 0
+    while True:
+        rows = registry.list_devices(role="service", limit=page, offset=offset)
+        names += [str(d.device_id) for d in rows if str(d.state) != "revoked"]
+        if len(rows) < page:
+            return names
+        offset += page
+
+
 def open_control(files: MosquittoFiles, timeout: float = 5.0) -> DynsecControl | None:
     """A DynsecControl (connecting on first use) if this configuration has live drop."""
     settings = SyncSettings.load(files)
@@ -706,7 +817,9 @@ def open_control(files: MosquittoFiles, timeout: float = 5.0) -> DynsecControl |
         password = files.sync_secret.read_text().strip()
     except OSError as exc:
         raise MosquittoError(f"{files.sync_secret}: unreadable ({exc})") from exc
-    return DynsecControl(password, settings.admin_port, timeout=timeout)
+    return DynsecControl(
+        password, settings.admin_port, timeout=timeout, max_packet_size=settings.max_packet_size
+    )
 
 
 def close_quietly(control: DynsecControl | None) -> None:

@@ -22,11 +22,13 @@ from enroll_server.broker.mosquitto import (
     MosquittoFiles,
     MosquittoSettings,
     MosquittoSync,
+    SyncSettings,
     close_quietly,
     find_dynsec_plugin,
     open_control,
     read_cursor,
     read_pid,
+    service_names,
     write_mosquitto_config,
 )
 from enroll_server.cli_options import HomeOpt
@@ -35,6 +37,7 @@ from enroll_server.home import HomeError, LoadedHome, load_home, resolve_home
 from enroll_server.pki.errors import PkiError
 from enroll_server.registry import Registry, RegistryError
 from enroll_server.revocation_http import CrlPublisher
+from fleetpki.packet_size import check_max_packet_size
 
 app = typer.Typer(
     help="mosquitto as the broker: configuration, CRL sync and live session drop.",
@@ -56,6 +59,17 @@ def _load(home: Path | None) -> LoadedHome:
         raise _fail(str(exc)) from exc
 
 
+def _saved_settings(out: Path) -> MosquittoSettings | None:
+    """The settings an earlier mosquitto-config wrote into `out` (None: none readable)."""
+    files = MosquittoFiles(out)
+    if not files.sync_settings.exists():
+        return None
+    try:
+        return SyncSettings.load(files).config
+    except MosquittoError:
+        return None
+
+
 @app.command("mosquitto-config")
 def mosquitto_config(
     out: Annotated[
@@ -63,20 +77,37 @@ def mosquitto_config(
     ],
     home: HomeOpt = None,
     port: Annotated[
-        int | None, typer.Option(help="Device listener port (default: mqtt_port of the config).")
+        int | None,
+        typer.Option(
+            help="Device listener port (default: as before, else mqtt_port of the config)."
+        ),
     ] = None,
     bind: Annotated[
-        str | None, typer.Option(help="Device listener address (default: all interfaces).")
+        str | None,
+        typer.Option(
+            help="Device listener address (default: as before, else 127.0.0.1; "
+            "0.0.0.0 serves every interface)."
+        ),
     ] = None,
     admin_port: Annotated[
-        int, typer.Option(help="Loopback port of the dynamic-security control listener.")
-    ] = DEFAULT_ADMIN_PORT,
+        int | None,
+        typer.Option(
+            help=f"Loopback port of the dynamic-security control listener "
+            f"(default: as before, else {DEFAULT_ADMIN_PORT})."
+        ),
+    ] = None,
     user: Annotated[
-        str, typer.Option(help="Account mosquitto drops to when started as root.")
-    ] = "mosquitto",
+        str | None,
+        typer.Option(
+            help="Account mosquitto drops to when started as root (default: as "
+            "before, else mosquitto)."
+        ),
+    ] = None,
     plugin: Annotated[
         Path | None,
-        typer.Option(help="Path of mosquitto_dynamic_security.so (default: search)."),
+        typer.Option(
+            help="Path of mosquitto_dynamic_security.so (default: as before, else search)."
+        ),
     ] = None,
     live_drop: Annotated[
         bool,
@@ -85,20 +116,50 @@ def mosquitto_config(
             help="Drop live sessions of revoked devices (needs the dynamic-security plugin).",
         ),
     ] = True,
+    max_packet_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Disconnect a client sending a larger MQTT packet, in bytes (default: as "
+            "before, else broker.max_packet_size of the config)."
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Rewrite an existing configuration folder (its settings are kept)."
+        ),
+    ] = False,
 ) -> None:
-    """Write a mosquitto 2.0 configuration: mTLS device listener with CRL, per-device ACL."""
+    """Write a mosquitto 2.0 configuration: mTLS device listener with CRL, the ACL of
+    fleetpki.topics for devices and services, TLS 1.2+ AEAD only, a maximum packet size."""
     loaded = _load(home)
     layout = loaded.layout
+    files = MosquittoFiles(out.absolute())
+    if files.conf.exists() and not force:
+        raise _fail(
+            f"{files.conf} exists (a mosquitto may be running from it); pass --force to "
+            "rewrite it (its port, bind, admin port, user and packet size are kept unless given)"
+        )
+    before = _saved_settings(files.folder) or MosquittoSettings(
+        port=loaded.config.mqtt_port, max_packet_size=loaded.config.max_packet_size
+    )
     try:
-        plugin_path = (plugin or find_dynsec_plugin()) if live_drop else None
-    except MosquittoError as exc:
+        if not live_drop:
+            plugin_path = None
+        else:
+            plugin_path = plugin or before.plugin or find_dynsec_plugin()
+        packet_size = check_max_packet_size(
+            before.max_packet_size if max_packet_size is None else max_packet_size
+        )
+    except (MosquittoError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     settings = MosquittoSettings(
-        port=port if port is not None else loaded.config.mqtt_port,
-        bind=bind,
-        admin_port=admin_port,
-        user=user,
+        port=before.port if port is None else port,
+        bind=before.bind if bind is None else bind,
+        admin_port=before.admin_port if admin_port is None else admin_port,
+        user=before.user if user is None else user,
         plugin=plugin_path,
+        max_packet_size=packet_size,
     )
     try:
         with Registry.open(layout.registry) as registry:
@@ -106,18 +167,30 @@ def mosquitto_config(
                 registry, loaded.issuer, next_update=loaded.config.crl_next_update
             )
             published = publisher.publish(datetime.now(UTC))
+            services = service_names(registry)
         material = BrokerMaterial(
             ca_chain_pem=layout.chain.read_bytes(),
             server_chain_pem=layout.server_cert.read_bytes(),
             server_key_pem=layout.server_key.read_bytes(),
             crl_pem=published.pem,
         )
-        files = write_mosquitto_config(out, material, settings, published.event_seq)
+        files = write_mosquitto_config(
+            files.folder, material, settings, published.event_seq, services
+        )
     except (OSError, RegistryError, MosquittoError) as exc:
         raise _fail(str(exc)) from exc
     console.print(f"wrote {files.conf} (CRL #{published.number}, {published.entries} entries)")
+    where = "every interface" if settings.bind in ("0.0.0.0", "::") else settings.bind
+    console.print(
+        f"devices: {where} port {settings.port}; max packet {settings.max_packet_size} bytes; "
+        f"{len(services)} service identities in the ACL"
+    )
+    if settings.bind in ("127.0.0.1", "::1", "localhost"):
+        console.print("loopback only: rerun with --force --bind 0.0.0.0 to serve a network")
     console.print(f"run:  mosquitto -c {files.conf}")
-    console.print(f"then: fleetpki broker mosquitto-sync --home {layout.root} --conf-dir {out}")
+    console.print(
+        f"then: fleetpki broker mosquitto-sync --home {layout.root} --conf-dir {files.folder}"
+    )
     if not settings.live_drop:
         console.print(
             "live drop is off: revoked devices are refused at their next connect only",
@@ -174,6 +247,7 @@ def mosquitto_sync(
             control,
             lambda: datetime.now(UTC),
             server_pair=(loaded.layout.server_cert, loaded.layout.server_key),
+            services=lambda: service_names(registry),
         )
         if once:
             try:

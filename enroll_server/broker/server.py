@@ -28,6 +28,7 @@ from enroll_server.broker.metrics import BrokerMetrics
 from enroll_server.broker.policy import KeepalivePolicy
 from enroll_server.broker.revocation import EventSource, RevocationWatcher
 from fleetpki.identity import DeviceId
+from fleetpki.packet_size import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class BrokerConfig:
     `revocation_poll_interval`: how often the registry event log is read (drop latency).
     `expiry_sweep_interval`: how often live sessions are checked for expired certificates.
     `session_expiry`: seconds a disconnected clean_session=False session is kept (None: ever).
+    `max_packet_size`: bytes; a client that sends a larger packet after CONNECT is
+    disconnected before its body is read (hardening/packets.py).
     `policy_enabled=False` turns the topic policy off -- only for the overhead benchmark.
     """
 
@@ -67,6 +70,7 @@ class BrokerConfig:
     expiry_sweep_interval: float = 5.0
     session_expiry: int | None = 7 * 24 * 3600
     max_connect_size: int = DEFAULT_MAX_CONNECT_SIZE
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     policy_enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -80,6 +84,7 @@ class BrokerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_max_packet_size(self.max_packet_size)
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
 
@@ -232,6 +237,7 @@ async def start_broker(
         handshake_timeout=config.handshake_timeout,
         policy_enabled=config.policy_enabled,
         max_connect_size=config.max_connect_size,
+        max_packet_size=config.max_packet_size,
     )
     try:
         await broker.start()

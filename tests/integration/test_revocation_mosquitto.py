@@ -196,7 +196,9 @@ def crl_only_broker(tmp_path: Path) -> Iterator[Broker]:
 class Device:
     """A real paho client with the device's certificate; records its disconnects."""
 
-    def __init__(self, broker: Broker, device_id: str) -> None:
+    def __init__(
+        self, broker: Broker, device_id: str, files: tuple[Path, Path] | None = None
+    ) -> None:
         self.device_id = device_id
         self.connected = threading.Event()
         self.dropped = threading.Event()
@@ -206,7 +208,8 @@ class Device:
         self.subacks: list[list[int]] = []
         self._got = threading.Condition()
         ctx = ssl.create_default_context(cafile=str(broker.fleet.chain_file()))
-        ctx.load_cert_chain(broker.fleet.cert_file(device_id), broker.fleet.key_file(device_id))
+        cert, key = files or (broker.fleet.cert_file(device_id), broker.fleet.key_file(device_id))
+        ctx.load_cert_chain(cert, key)
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311
         )
@@ -353,7 +356,7 @@ def test_generated_configuration(broker: Broker) -> None:
 
 def test_rerunning_config_keeps_the_sync_password(broker: Broker, tmp_path: Path) -> None:
     before = broker.files.sync_secret.read_text()
-    _config(broker.home, broker.files.folder, broker.port)
+    _config(broker.home, broker.files.folder, broker.port, "--force")
     assert broker.files.sync_secret.read_text() == before
 
 

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from functools import partial
 from typing import Any
 
-from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import BufferReader, ReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
@@ -35,6 +35,7 @@ from enroll_server.broker.hardening.connection import (
     DROP_CERT_EXPIRED,
     DROP_KEEPALIVE,
     DROP_OPERATOR,
+    DROP_PACKET_TOO_LARGE,
     DROP_PROTOCOL_ERROR,
     DROP_REVOKED,
     DROP_SUSPENDED,
@@ -45,6 +46,7 @@ from enroll_server.broker.hardening.lean import (
     LeanProtocolHandler,
     session_from_connect,
 )
+from enroll_server.broker.hardening.packets import BoundedPacketReader
 from enroll_server.broker.hardening.tls import (
     LeanSSLProtocol,
     MqttStreamProtocol,
@@ -52,6 +54,7 @@ from enroll_server.broker.hardening.tls import (
 )
 from enroll_server.broker.metrics import BrokerMetrics
 from enroll_server.broker.policy import Admission, Refusal, RefusalReason
+from fleetpki.packet_size import DEFAULT_MAX_PACKET_SIZE
 
 AMQTT_VERSION = "0.12.1"
 
@@ -102,6 +105,7 @@ class HardenedBroker(Broker):
         handshake_timeout: float,
         policy_enabled: bool = True,
         max_connect_size: int = DEFAULT_MAX_CONNECT_SIZE,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     ) -> None:
         check_amqtt_version()
         self._gate = gate
@@ -111,6 +115,7 @@ class HardenedBroker(Broker):
         self._handshake_timeout = handshake_timeout
         self._policy_enabled = policy_enabled
         self._max_connect_size = max_connect_size
+        self._max_packet_size = max_packet_size
         self._connections: dict[str, Connection] = {}
         self._open: set[Connection] = set()  # every TLS connection, admitted or not
         # Revocation bookkeeping (see RevocationWatcher): the last event seq processed and,
@@ -413,13 +418,26 @@ class HardenedBroker(Broker):
         self._metrics.accepted += 1
         if idle_limit is not None:
             conn.arm_watchdog(idle_limit, self._keepalive_expired)
-        await self._run_session(session, handler, StreamReaderAdapter(conn.reader), writer)
+        reader = BoundedPacketReader(
+            conn.reader, self._max_packet_size, partial(self._packet_refused, conn)
+        )
+        await self._run_session(session, handler, reader, writer)
+
+    def _packet_refused(self, conn: Connection, why: str, too_large: bool) -> None:
+        """A packet over the maximum size (or overrunning its own length) ends the connection
+        before its body is read; the will is published, as for any failure of the client
+        (MQTT 3.1.1 section 3.1.2.5)."""
+        reason = DROP_PACKET_TOO_LARGE if too_large else DROP_PROTOCOL_ERROR
+        who = conn.admission.identity if conn.admission else "?"
+        log.warning("dropping %s: %s", who, why)
+        self._metrics.dropped(reason)
+        conn.sever(reason, publish_will=True)
 
     async def _run_session(
         self,
         session: Session,
         handler: BrokerProtocolHandler,
-        reader: StreamReaderAdapter,
+        reader: ReaderAdapter,
         writer: StreamWriterAdapter,
     ) -> None:
         """amqtt's `_handle_client_session` for an admitted connection, minus two costs.

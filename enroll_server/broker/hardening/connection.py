@@ -20,6 +20,7 @@ DROP_CERT_EXPIRED = "cert_expired"
 DROP_KEEPALIVE = "keepalive_timeout"
 DROP_TAKEN_OVER = "taken_over"
 DROP_PROTOCOL_ERROR = "protocol_error"
+DROP_PACKET_TOO_LARGE = "packet_too_large"
 
 
 class Connection:
