@@ -13,6 +13,9 @@ from enroll_server.pki.keys import KeyType
 from fleetpki.duration import InvalidDuration, format_duration, parse_duration
 from fleetpki.packet_size import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
 
+# Where the root CA's CRL is served on the plain-HTTP listener (the issuing CA's CDP).
+ROOT_CRL_PATH = "root.crl"
+
 
 class ConfigError(ValueError):
     """A configuration value that is missing or wrong; names the file and the key."""
@@ -44,7 +47,12 @@ class ServerConfig:
 
     def urls(self) -> PkiUrls:
         base = f"http://{_url_host(self.public_host)}:{self.http_port}"
-        return PkiUrls(crl=f"{base}/crl", ocsp=f"{base}/ocsp", ca_issuers=f"{base}/issuing-ca.der")
+        return PkiUrls(
+            crl=f"{base}/crl",
+            ocsp=f"{base}/ocsp",
+            ca_issuers=f"{base}/issuing-ca.der",
+            root_crl=f"{base}/{ROOT_CRL_PATH}",
+        )
 
     def est_url(self) -> str:
         return f"https://{_url_host(self.public_host)}:{self.est_port}"

@@ -6,7 +6,7 @@ import hashlib
 import os
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -20,6 +20,7 @@ from enroll_server.pki.ca import (
     build_server_certificate,
     server_hostnames,
 )
+from enroll_server.pki.crl import build_crl, ca_certs_distribution_point, crl_needs_refresh
 from enroll_server.pki.keys import (
     PrivateKey,
     generate_key,
@@ -32,6 +33,8 @@ PASSPHRASE_ENV = "FLEETPKI_CA_PASSPHRASE"
 # The TLS server certificate's lifetime: 397 days, the CA/Browser Forum's ceiling for TLS
 # server certificates (BR 6.3.2), which clients that check it hold private CAs to as well.
 SERVER_CERT_DAYS = 397
+# The root's CRL: re-signed at half life by `fleetpki serve` (the root key is online today).
+ROOT_CRL_LIFETIME = timedelta(days=30)
 HOME_ENV = "FLEETPKI_HOME"
 
 
@@ -79,6 +82,11 @@ class HomeLayout:
     def chain(self) -> Path:
         """issuing + root, PEM: the CA file relying parties (brokers, openssl) load."""
         return self.ca_dir / "chain.pem"
+
+    @property
+    def root_crl(self) -> Path:
+        """The root CA's CRL, DER: served at /root.crl, the issuing CA's CDP."""
+        return self.ca_dir / "root.crl"
 
     @property
     def passphrase_file(self) -> Path:
@@ -173,7 +181,11 @@ def init_home(
     root_cert = build_root_ca(root_key, "fleetpki Root CA", now)
     issuing_key = generate_key(config.key_type)
     issuing_cert = build_issuing_ca(
-        issuing_key, Issuer(root_cert, root_key), "fleetpki Issuing CA", now
+        issuing_key,
+        Issuer(root_cert, root_key),
+        "fleetpki Issuing CA",
+        now,
+        crl_url=config.urls().root_crl,
     )
     issuing = Issuer(issuing_cert, issuing_key, config.urls())
     server_key = generate_key(config.key_type)
@@ -193,6 +205,7 @@ def init_home(
     write_atomic(layout.issuing_cert, _pem(issuing_cert), PUBLIC_MODE)
     write_atomic(layout.chain, _pem(issuing_cert) + _pem(root_cert), PUBLIC_MODE)
     write_atomic(layout.server_cert, _pem(server_cert) + _pem(issuing_cert), PUBLIC_MODE)
+    _write_root_crl(layout, Issuer(root_cert, root_key), 1, now)
     admin_token = new_secret()
     write_atomic(layout.admin_token, admin_token.encode() + b"\n")
     write_atomic(layout.config, render_config(config).encode(), 0o600)
@@ -246,3 +259,36 @@ def load_home(home: Path) -> LoadedHome:
         key_pem, _passphrase(layout, create=False), "issuing CA key"
     )
     return LoadedHome(layout, config, root_cert, Issuer(issuing_cert, key, config.urls()))
+
+
+def _write_root_crl(
+    layout: HomeLayout, root: Issuer, number: int, now: datetime
+) -> x509.CertificateRevocationList:
+    # The root revokes nothing today (no command revokes an issuing CA): an empty CRL that
+    # says so, for relying parties that check the whole chain.
+    crl = build_crl(
+        root.cert, root.key, [], number, now, ROOT_CRL_LIFETIME, ca_certs_distribution_point()
+    )
+    write_atomic(layout.root_crl, crl.public_bytes(serialization.Encoding.DER), PUBLIC_MODE)
+    return crl
+
+
+def root_crl(layout: HomeLayout, now: datetime) -> x509.CertificateRevocationList:
+    """The root CA's CRL (`H/ca/root.crl`), signed anew with the root key when the file is
+    missing (homes from before 2026-12-05), unreadable, or half way to its nextUpdate."""
+    number = 1
+    try:
+        current = x509.load_der_x509_crl(layout.root_crl.read_bytes())
+    except (OSError, ValueError):
+        current = None
+    if current is not None:
+        if not crl_needs_refresh(current, now):
+            return current
+        number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+    try:
+        root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
+        key_pem = layout.root_key.read_bytes()
+    except (OSError, ValueError) as exc:
+        raise HomeError(layout.root, f"root CA files unreadable: {exc}") from exc
+    key = load_private_key_pem(key_pem, _passphrase(layout, create=False), "root CA key")
+    return _write_root_crl(layout, Issuer(root_cert, key), number, now)

@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
+from enroll_server.config import ROOT_CRL_PATH
 from enroll_server.errors import UnsupportedMediaType
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.crl import build_crl, crl_needs_refresh, crl_refresh_at
@@ -394,6 +395,41 @@ class RevocationState:
             reply = OcspReply(unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR), "internalError")
         self.outcomes[reply.outcome] += 1
         return reply
+
+
+class RootCrl:
+    """The root CA's CRL as `load(now)` gives it (home.root_crl: the file, re-signed at half
+    life), served at /root.crl; looked at again only once the one in hand is due."""
+
+    def __init__(
+        self,
+        load: Callable[[datetime], x509.CertificateRevocationList],
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._load = load
+        self._clock = clock
+        self._der = b""
+        self._refresh_at: datetime | None = None
+        self._lock = asyncio.Lock()
+
+    async def der(self) -> bytes:
+        async with self._lock:
+            now = self._clock()
+            if self._refresh_at is None or now >= self._refresh_at:
+                # Signing needs the root key, decrypted from its file: off the loop.
+                crl = await asyncio.to_thread(self._load, now)
+                self._der = crl.public_bytes(serialization.Encoding.DER)
+                self._refresh_at = crl_refresh_at(crl)
+            return self._der
+
+    def routes(self) -> list[web.RouteDef]:
+        async def get_root_crl(request: web.Request) -> web.Response:
+            """The root CA's CRL, DER (the issuing CA certificate's CRL Distribution Point)."""
+            return web.Response(
+                body=await self.der(), content_type=CRL_TYPE, headers={"Cache-Control": "no-cache"}
+            )
+
+        return [web.get(f"/{ROOT_CRL_PATH}", get_root_crl)]
 
 
 def _crl_headers(published: PublishedCrl) -> dict[str, str]:

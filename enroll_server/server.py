@@ -17,7 +17,13 @@ from cryptography import x509
 
 from enroll_server.broker.server import BrokerConfig, RunningBroker, start_broker
 from enroll_server.config import ServerConfig, load_config
-from enroll_server.home import LoadedHome, hash_secret, load_home, renew_server_certificate
+from enroll_server.home import (
+    LoadedHome,
+    hash_secret,
+    load_home,
+    renew_server_certificate,
+)
+from enroll_server.home import root_crl as home_root_crl
 from enroll_server.http_app import (
     RunningSite,
     build_http_app,
@@ -30,7 +36,7 @@ from enroll_server.listen import listening
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
-from enroll_server.revocation_http import RevocationState, revocation_routes
+from enroll_server.revocation_http import RevocationState, RootCrl, revocation_routes
 from enroll_server.server_certificate import CHECK_INTERVAL, ServerCertificates
 from enroll_server.service import EnrollmentService, ProfileChooser
 from enroll_server.state import AppState, utc_now
@@ -209,7 +215,9 @@ async def start_server(
         port = _port(est_port, cfg.est_port)
         with listening("EST (HTTPS)", host, port, "--est-port"):
             https = await start_est_site(build_https_app(state), host, port, tls)
-        http_app = build_http_app(state, revocation_routes(revocation))
+        root_crl = RootCrl(partial(home_root_crl, loaded.layout), clock)
+        await root_crl.der()  # signed now if missing or due: a broken root key fails start-up
+        http_app = build_http_app(state, revocation_routes(revocation) + root_crl.routes())
         revocation.attach(http_app)
         port = _port(http_port, cfg.http_port)
         with listening("CRL/OCSP (HTTP)", host, port, "--http-port"):

@@ -27,6 +27,8 @@ class PkiUrls:
     crl: str
     ocsp: str
     ca_issuers: str
+    # The root CA's CRL: the CRL Distribution Point of the issuing CA certificate.
+    root_crl: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +96,22 @@ def build_root_ca(
 
 
 def build_issuing_ca(
-    key: PrivateKey, root: Issuer, common_name: str, now: datetime, days: int = 1825
+    key: PrivateKey,
+    root: Issuer,
+    common_name: str,
+    now: datetime,
+    days: int = 1825,
+    crl_url: str | None = None,
 ) -> x509.Certificate:
-    """The online CA that signs device and server certificates, pathLen 0 (RFC 5280 4.2.1.9)."""
+    """The online CA that signs device and server certificates, pathLen 0 (RFC 5280 4.2.1.9).
+
+    `crl_url`: where the root's CRL is published, as its CRL Distribution Point (RFC 5280
+    4.2.1.13), so relying parties that check the whole chain (`openssl verify
+    -crl_check_all`) find it.
+    """
     pub = key.public_key()
     not_after = min(now + timedelta(days=days), root.cert.not_valid_after_utc)
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(root.cert.subject)
@@ -111,13 +123,29 @@ def build_issuing_ca(
         .add_extension(_ca_key_usage(), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
         .add_extension(_aki(root.cert), critical=False)
-        .sign(root.key, signature_hash(root.key))
     )
+    if crl_url is not None:
+        builder = builder.add_extension(crl_distribution_points(crl_url), critical=False)
+    return builder.sign(root.key, signature_hash(root.key))
 
 
 def _aki(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def crl_distribution_points(url: str) -> x509.CRLDistributionPoints:
+    """One distribution point: the full-CRL URL `url` (RFC 5280 4.2.1.13)."""
+    return x509.CRLDistributionPoints(
+        [
+            x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(url)],
+                relative_name=None,
+                reasons=None,
+                crl_issuer=None,
+            )
+        ]
+    )
 
 
 def authority_key_identifier(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -158,7 +186,16 @@ def check_hostname(value: str) -> str:
 
 
 def server_hostnames(extra: Sequence[str]) -> list[str]:
-    """localhost, 127.0.0.1 and ::1 always; then each operator-given --hostname."""
+    """localhost, 127.0.0.1 and ::1 always; then each operator-given --hostname.
+
+    `localhost` is kept although pkilint flags a single-label dNSName
+    (pkix.invalid_domain_name_syntax; RFC 5280 4.2.1.6 asks for RFC 1034 preferred name
+    syntax, which one label does satisfy): clients on the server's own machine connect to
+    https://localhost (curl, the simulator, `fleetpki demo`, agents in bundles made with the
+    default public host), and TLS host name checking (RFC 6125 6.4) matches a name only
+    against dNSName entries, never against the 127.0.0.1 / ::1 IP entries. No public CA can
+    issue for it, so the name claims nothing beyond this machine.
+    """
     return ["localhost", "127.0.0.1", "::1", *extra]
 
 

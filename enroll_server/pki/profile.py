@@ -9,7 +9,7 @@ from enum import StrEnum
 from cryptography import x509
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
-from enroll_server.pki.ca import Issuer, authority_key_identifier
+from enroll_server.pki.ca import Issuer, authority_key_identifier, crl_distribution_points
 from enroll_server.pki.keys import PublicKey, signature_hash
 from enroll_server.pki.serial import new_serial
 from fleetpki.identity import SERVICE_URN_PREFIX, URN_PREFIX, DeviceId
@@ -103,17 +103,7 @@ def build_device_certificate(
     )
     if issuer.urls is not None:
         builder = builder.add_extension(
-            x509.CRLDistributionPoints(
-                [
-                    x509.DistributionPoint(
-                        full_name=[x509.UniformResourceIdentifier(issuer.urls.crl)],
-                        relative_name=None,
-                        reasons=None,
-                        crl_issuer=None,
-                    )
-                ]
-            ),
-            critical=False,
+            crl_distribution_points(issuer.urls.crl), critical=False
         ).add_extension(
             x509.AuthorityInformationAccess(
                 [

@@ -183,3 +183,62 @@ def test_ocsp_negative_serial_is_malformed_without_a_traceback(
             assert resp.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert live_server.handle.revocation.outcomes["internalError"] == 0
+
+
+def _verify_all(fleet: Fleet, crl_pems: list[bytes], device: str, folder: Path) -> tuple[int, str]:
+    crls = folder / "crls.pem"
+    crls.write_bytes(b"".join(crl_pems))
+    argv = ["openssl", "verify", "-crl_check_all", "-CAfile", str(fleet.chain_file())]
+    if crl_pems:
+        argv += ["-CRLfile", str(crls)]
+    done = subprocess.run(
+        [*argv, str(fleet.cert_file(device))], capture_output=True, text=True, timeout=20
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_the_whole_chain_checks_against_published_crls(live_server: Any, tmp_path: Path) -> None:
+    # openssl verify -crl_check_all wants a CRL from every CA of the chain: the root's is
+    # published beside the issuing CA's, and the issuing CA certificate points at it.
+    fleet = _fleet(live_server, tmp_path)
+    fleet.enroll("serve-chain-1")
+    cdp = fleet.ca.issuing.cert.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+    urls = [n.value for n in cdp.value[0].full_name or []]
+    assert urls == [live_server.handle.home.config.urls().root_crl]
+    assert urls[0].endswith("/root.crl")
+
+    root_crl = x509.load_der_x509_crl(_get(f"{live_server.http_url}/root.crl"))
+    assert root_crl.issuer == fleet.ca.root.cert.subject
+    assert root_crl.is_signature_valid(fleet.ca.root.cert.public_key())
+    idp = root_crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    assert idp.only_contains_ca_certs and idp.full_name is None
+    assert len(root_crl) == 0
+    issuing_crl = _get(f"{live_server.http_url}/crl.pem")
+    root_pem = root_crl.public_bytes(serialization.Encoding.PEM)
+
+    code, out = _verify_all(fleet, [issuing_crl, root_pem], "serve-chain-1", tmp_path)
+    assert code == 0 and ": OK" in out, out
+    # Without the root's CRL the same check fails: that is what the endpoint is for.
+    code, out = _verify_all(fleet, [issuing_crl], "serve-chain-1", tmp_path)
+    assert code != 0 and "unable to get certificate CRL" in out, out
+
+
+def test_root_crl_is_made_for_older_homes_and_re_signed_at_half_life(tmp_path: Path) -> None:
+    from enroll_server.home import ROOT_CRL_LIFETIME, root_crl
+    from tests.live_server import make_home
+
+    layout = make_home(tmp_path / "home")
+    first = x509.load_der_x509_crl(layout.root_crl.read_bytes())  # written by init
+    number = first.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    now = datetime.now(UTC)
+    assert root_crl(layout, now).public_bytes(serialization.Encoding.DER) == (
+        layout.root_crl.read_bytes()
+    )  # not due: the same file
+    later = root_crl(layout, now + ROOT_CRL_LIFETIME * 0.6)
+    assert later.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == number + 1
+    assert later.next_update_utc is not None and later.next_update_utc > now + ROOT_CRL_LIFETIME
+    layout.root_crl.unlink()  # a home made before the root published a CRL
+    remade = root_crl(layout, now)
+    assert layout.root_crl.exists() and len(remade) == 0
+    root = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
+    assert remade.is_signature_valid(root.public_key())
