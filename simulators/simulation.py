@@ -359,21 +359,32 @@ class Simulation:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._observer_task
         if self.registry is not None:
-            if self.stack is None and self.batch_id is not None:
-                # On someone else's deployment: the simulated devices' keys die with our
-                # temporary folder, so their certificates must not stay valid.
-                with contextlib.suppress(Exception):
-                    self.registry.revoke_batch(
-                        self.batch_id,
-                        reason="cessationOfOperation",
-                        now=datetime.now(UTC),
-                        actor="simulator",
-                    )
+            if self.stack is None:
+                self._revoke_our_identities(self.registry)
             self.registry.close()
         if self.stack is not None:
             await asyncio.to_thread(self.stack.close)
         if self.folder is not None and not self.options.keep:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _revoke_our_identities(self, registry: Registry) -> None:
+        """On someone else's deployment: the simulated devices' keys and the observer's die
+        with our temporary folder, so their certificates must not stay valid, and no active
+        identity of ours stays behind in that registry."""
+        now = datetime.now(UTC)
+        if self.batch_id is not None:
+            with contextlib.suppress(Exception):
+                registry.revoke_batch(
+                    self.batch_id, reason="cessationOfOperation", now=now, actor="simulator"
+                )
+        if self.observer is not None:
+            with contextlib.suppress(Exception):
+                registry.revoke_device(
+                    DeviceId(self.observer.name),
+                    reason="cessationOfOperation",
+                    now=now,
+                    actor="simulator",
+                )
 
 
 async def run_simulation(options: SimulationOptions) -> Report:

@@ -102,10 +102,14 @@ async def test_against_a_running_deployment(live_stack: LiveServer, tmp_path: Pa
         fast(devices=3, scenario="happy", home=home, ports=ports, workdir=tmp_path)
     )
     assert report.ok, report.checks
-    # The simulated devices' keys are gone with the temporary folder: their batch is revoked.
+    # The simulated devices' keys are gone with the temporary folder: their batch is revoked,
+    # and so is the observer's service identity (no active residue in someone else's registry).
     with Registry.open(live_stack.layout.registry) as registry:
         states = {d.state.value for d in registry.list_devices() if d.role.value == "device"}
+        services = registry.list_devices(role="service")
     assert states == {"revoked"}
+    assert [s.device_id.value.startswith("sim-observer-") for s in services] == [True]
+    assert {s.state.value for s in services} == {"revoked"}
 
 
 async def test_scenarios_that_restart_things_refuse_someone_elses_stack(tmp_path: Path) -> None:

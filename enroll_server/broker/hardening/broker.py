@@ -336,7 +336,9 @@ class HardenedBroker(Broker):
     def _refuse(self, conn: Connection, reason: RefusalReason, detail: str, reply: bytes) -> None:
         self._metrics.refused(reason.value)
         peer = conn.writer.get_extra_info("peername")
-        log.info("refused CONNECT from %s: %s", peer, detail)
+        # The reason label first: MQTT 3.1.1 has one code (0x05) for every "not authorized",
+        # so the log (and the refusal metric) is where revoked, suspended and cut off differ.
+        log.info("refused CONNECT from %s (%s): %s", peer, reason.value, detail)
         if reply:
             conn.writer.write(reply)
             conn.writer.close()  # flushes the CONNACK, then TLS close_notify
