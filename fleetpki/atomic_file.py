@@ -4,24 +4,50 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
 
 
-def write_atomic(path: Path, data: bytes, mode: int = SECRET_MODE) -> None:
-    """Replace `path` with `data` so that a reader (or a reboot) sees the old or the new file.
+# The temp file is a fresh name opened O_CREAT | O_EXCL | O_NOFOLLOW: a file or symlink planted
+# at that name (a fixed name could be guessed) makes the open fail instead of writing through
+# it. The target itself is replaced by rename(2), which never follows a symlink at the target:
+# the link is replaced, what it pointed to is untouched.
+_TEMP_FLAGS = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+_TEMP_ATTEMPTS = 10
 
-    The temp file is created 0600 from the start (mkstemp), so a secret is never readable by
-    others, even for the instant before chmod.
-    """
+
+def _open_temp(path: Path) -> tuple[int, Path]:
+    for _ in range(_TEMP_ATTEMPTS):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, SECRET_MODE), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, mode: int = SECRET_MODE) -> Iterator[BinaryIO]:
+    """Write `path` through a binary file object; on a clean exit it replaces `path` at once
+    (fsync, rename, fsync of the folder), on an exception nothing changes and no temp file
+    is left. The temp file is 0600 from the start, so a secret is never readable by others,
+    even for the instant before chmod."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _open_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
@@ -31,6 +57,14 @@ def write_atomic(path: Path, data: bytes, mode: int = SECRET_MODE) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = SECRET_MODE) -> None:
+    """Replace `path` with `data` so that a reader (or a reboot) sees the old or the new file."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"write_atomic needs bytes, got {type(data).__name__}")
+    with atomic_writer(path, mode) as fh:
+        fh.write(data)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -6,7 +6,7 @@ import re
 from datetime import timedelta
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*")
 
 
 class InvalidDuration(ValueError):
@@ -18,7 +18,7 @@ class InvalidDuration(ValueError):
 
 
 def parse_duration(value: str) -> timedelta:
-    m = _RE.match(value)
+    m = _RE.fullmatch(value)
     if not m:
         raise InvalidDuration(value)
     seconds = float(m.group(1)) * _UNITS[m.group(2)]

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 # user name at once, so it must be safe in all five: no '/', '+', '#', ':', spaces, dots at the
 # start (no '.' or '..' folders), control characters or non-ASCII. 64 is the RFC 5280 upper
 # bound for a CN (ub-common-name) and well inside MQTT 3.1.1's client-id allowance.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# fullmatch, never match with '^...$': '$' also matches before a trailing newline, and
+# "dev-1\n" would pass as an id (a CN, a folder and a topic level with a newline in it).
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 URN_PREFIX = "urn:fleetpki:device:"
 SERVICE_URN_PREFIX = "urn:fleetpki:service:"
 
@@ -30,7 +32,7 @@ def _check(value: object) -> str:
         raise InvalidIdentifier(value, "empty")
     if len(value) > 64:
         raise InvalidIdentifier(value, f"{len(value)} characters, at most 64 allowed")
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         bad = next((c for c in value if not (c.isascii() and (c.isalnum() or c in "_-"))), value[0])
         raise InvalidIdentifier(
             value,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +31,7 @@ from enroll_server.home import HomeError, HomeLayout, resolve_home
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
 from enroll_server.registry import Registry, RegistryError, UnknownBatch, UnknownDevice
+from fleetpki.atomic_file import PUBLIC_MODE, atomic_writer
 from fleetpki.duration import InvalidDuration, format_duration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
 from provisioning.batch import BatchRequest, BatchResult, IdevidOptions, create_batch, new_batch_id
@@ -461,11 +462,11 @@ def export(
         if out_file is None:
             export_manifest(registry, batch_id, sys.stdout, tar=tar)
             return
-        tmp = out_file.with_name(f".{out_file.name}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8", newline="") as fh:
-                rows = export_manifest(registry, batch_id, fh, tar=tar)
-            os.replace(tmp, out_file)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # A fresh temp name (O_EXCL, O_NOFOLLOW) renamed over the target: a symlink planted at
+        # either is never written through.
+        with atomic_writer(out_file, PUBLIC_MODE) as raw:
+            fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+            rows = export_manifest(registry, batch_id, fh, tar=tar)
+            fh.flush()
+            fh.detach()
     err.print(f"{rows} devices written to {out_file}")

@@ -12,7 +12,7 @@ from enroll_server.registry.errors import InvalidValue
 from fleetpki.identity import DeviceId
 from fleetpki.topics import Role  # one Role for registry and broker ACLs
 
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # fullmatch: '$' would accept a trailing newline
 
 
 class DeviceState(StrEnum):
@@ -111,7 +111,7 @@ def parse_serial(text: str) -> int:
 
 def check_sha256_hex(what: str, value: str) -> str:
     """A SHA-256 digest as 64 lowercase hex characters (the one form the registry stores)."""
-    if not isinstance(value, str) or not _SHA256_HEX.match(value):
+    if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
         raise InvalidValue(what, value, "expected 64 lowercase hex characters (SHA-256)")
     return value
 

@@ -134,6 +134,57 @@ def test_bad_serial_list_names_the_line(home: str, tmp_path: Path) -> None:
     assert_nothing_created(home, tmp_path, {"serials.csv"})
 
 
+def test_serial_list_with_a_quoted_newline_names_the_row(home: str, tmp_path: Path) -> None:
+    """A quoted cell may hold a newline (RFC 4180 2.6): that id is refused, no traceback."""
+    serials = tmp_path / "serials.csv"
+    serials.write_text('serial\nSN-1\n"SN-2\n"\nSN-3\n')
+    result = runner.invoke(
+        app,
+        [
+            "batch",
+            "create",
+            "--home",
+            home,
+            "--ids-from",
+            str(serials),
+            "--out",
+            str(tmp_path / "lot"),
+        ],
+    )
+    assert result.exit_code == 2, result.exception
+    assert "line 4" in result.stderr and "'SN-2\\n'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert_nothing_created(home, tmp_path, {"serials.csv"})
+
+
+def test_export_never_writes_through_a_planted_symlink(home: str, tmp_path: Path) -> None:
+    """Symlinks planted at the old fixed temporary name and at the target itself: export
+    writes neither victim; the target becomes a regular file with the manifest."""
+    code, _, stderr = run("create", "--home", home, "--count", "2", "--batch-id", "lot",
+                          "--out", str(tmp_path / "lot"))  # fmt: skip
+    assert code == 0, stderr
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    for name in ("via-temp", "via-target"):
+        (victims / name).write_text("precious\n")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    target = exports / "manifest.csv"
+    (exports / ".manifest.csv.tmp").symlink_to(victims / "via-temp")
+    target.symlink_to(victims / "via-target")
+    code, _, stderr = run("export", "lot", "--home", home, "--out", str(target))
+    assert code == 0, stderr
+    assert (victims / "via-temp").read_text() == "precious\n"
+    assert (victims / "via-target").read_text() == "precious\n"
+    assert not target.is_symlink() and target.read_text().startswith("device_id,")
+    assert os.stat(target).st_mode & 0o777 == 0o644
+    # A failed export (unknown batch) leaves the file as it was and no temp file behind.
+    before = target.read_bytes()
+    assert run("export", "nope", "--home", home, "--out", str(target))[0] == 3
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in exports.iterdir()) == [".manifest.csv.tmp", "manifest.csv"]
+
+
 def test_non_empty_out_needs_force(home: str, tmp_path: Path) -> None:
     out = tmp_path / "lot"
     out.mkdir()

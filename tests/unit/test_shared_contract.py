@@ -36,6 +36,9 @@ def test_valid_ids(good: str) -> None:
         ("tab\there", "'\\t'"),
         ("nul\x00", "'\\x00'"),
         ("ünï", "'ü'"),
+        # '$' matches before a trailing newline: the grammar must hold to the last character.
+        ("dev-1\n", "'\\n'"),
+        ("dev-1\r\n", "'\\r'"),
     ],
 )
 def test_invalid_ids_name_the_problem(bad: str, why: str) -> None:
@@ -76,6 +79,15 @@ def test_service_acl() -> None:
 def test_bad_filters(bad: str) -> None:
     with pytest.raises(InvalidTopic):
         Topic(bad, is_filter=True)
+
+
+def test_sha256_hex_refuses_a_trailing_newline() -> None:
+    from enroll_server.registry import InvalidValue
+    from enroll_server.registry.models import check_sha256_hex
+
+    assert check_sha256_hex("h", "a" * 64) == "a" * 64
+    with pytest.raises(InvalidValue, match="SHA-256"):
+        check_sha256_hex("h", "a" * 64 + "\n")
 
 
 def test_durations() -> None:
