@@ -50,14 +50,10 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.x509 import ocsp  # noqa: E402
 
-from enroll_server.broker.mosquitto import (  # noqa: E402
-    MosquittoFiles,
-    MosquittoSync,
-    open_control,
-    read_cursor,
-    read_pid,
-)
 from enroll_server.broker.mosquitto_cli import app as mosquitto_app  # noqa: E402
+from enroll_server.broker.mosquitto_config import MosquittoFiles  # noqa: E402
+from enroll_server.broker.mosquitto_dynsec import open_control  # noqa: E402
+from enroll_server.broker.mosquitto_sync import MosquittoSync, read_cursor, read_pid  # noqa: E402
 from enroll_server.home import load_home  # noqa: E402
 from enroll_server.pki.ca import Issuer  # noqa: E402
 from enroll_server.pki.crl import build_crl, revoked_certificate  # noqa: E402

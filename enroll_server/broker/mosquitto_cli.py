@@ -13,23 +13,24 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from enroll_server.broker.mosquitto import (
+from enroll_server.broker.mosquitto_config import (
     DEFAULT_ADMIN_PORT,
-    DEFAULT_SYNC_INTERVAL,
-    RECHECK_DELAYS,
     BrokerMaterial,
-    MosquittoError,
     MosquittoFiles,
     MosquittoSettings,
-    MosquittoSync,
     SyncSettings,
-    close_quietly,
     find_dynsec_plugin,
-    open_control,
+    write_mosquitto_config,
+)
+from enroll_server.broker.mosquitto_dynsec import close_quietly, open_control
+from enroll_server.broker.mosquitto_errors import MosquittoError
+from enroll_server.broker.mosquitto_sync import (
+    DEFAULT_SYNC_INTERVAL,
+    RECHECK_DELAYS,
+    MosquittoSync,
     read_cursor,
     read_pid,
     service_names,
-    write_mosquitto_config,
 )
 from enroll_server.cli_options import HomeOpt
 from enroll_server.config import ConfigError

@@ -10,15 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from enroll_server.broker.mosquitto import (
-    MosquittoFiles,
-    MosquittoSync,
-    open_control,
-    read_cursor,
-    read_pid,
-    service_names,
-)
 from enroll_server.broker.mosquitto_cli import app
+from enroll_server.broker.mosquitto_config import MosquittoFiles
+from enroll_server.broker.mosquitto_dynsec import open_control
+from enroll_server.broker.mosquitto_sync import MosquittoSync, read_cursor, read_pid, service_names
 from enroll_server.identities import issue_service_identity
 from enroll_server.registry import Registry
 from enroll_server.revocation_http import CrlPublisher

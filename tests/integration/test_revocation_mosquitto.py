@@ -26,16 +26,14 @@ import pytest
 from cryptography import x509
 from typer.testing import CliRunner
 
-from enroll_server.broker.mosquitto import (
+from enroll_server.broker.mosquitto_cli import app as mosquitto_app
+from enroll_server.broker.mosquitto_config import (
     SYNC_USERNAME,
     MosquittoFiles,
-    MosquittoSync,
     dynsec_password_hash,
-    open_control,
-    read_cursor,
-    read_pid,
 )
-from enroll_server.broker.mosquitto_cli import app as mosquitto_app
+from enroll_server.broker.mosquitto_dynsec import open_control
+from enroll_server.broker.mosquitto_sync import MosquittoSync, read_cursor, read_pid
 from enroll_server.home import LoadedHome, load_home, renew_server_certificate
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.keys import load_private_key_pem
