@@ -296,12 +296,19 @@ def load_process(
     Path(out).write_text(json.dumps({"lat": lat, "statuses": statuses, "cpu": cpu}))
 
 
-def commit_batch(port: int, root_pem: str) -> float | None:
-    """Mean issuances per registry transaction (group commit), from the server's /metrics."""
-    ctx = ssl.create_default_context(cafile=root_pem)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+def commit_batch(admin_port: int, home: Path) -> float | None:
+    """Mean issuances per registry transaction (group commit), from the server's /metrics
+    (on the admin listener, with the admin token)."""
+    layout = load_home(home).layout
+    ctx = ssl.create_default_context(cafile=str(layout.root_cert))
+    token = layout.admin_token.read_text().strip()
+    head = (
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            tls.sendall(head.encode())
             text = b""
             while chunk := tls.recv(65536):
                 text += chunk
@@ -417,7 +424,7 @@ def main() -> None:
 
     split_before = floor_on_server_core()
 
-    est, http = free_port(), free_port()
+    est, http, admin = free_port(), free_port(), free_port()
     phases_out = tmp / "phases.json"
     proc = subprocess.Popen(
         [
@@ -438,6 +445,7 @@ def main() -> None:
             str(est),
             "--http-port",
             str(http),
+            *(["--admin-port", str(admin)] if args.server == "fleetpki" or args.phases else []),
             "--no-broker",
         ],
         stdout=subprocess.DEVNULL,
@@ -514,11 +522,7 @@ def main() -> None:
             p.join()
         wall = time.perf_counter() - t0
         cpu1 = ps.cpu_times()
-        batch = (
-            commit_batch(est, str(load_home(home).layout.root_cert))
-            if args.server == "fleetpki"
-            else None
-        )
+        batch = commit_batch(admin, home) if args.server == "fleetpki" else None
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)

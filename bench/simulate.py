@@ -113,6 +113,7 @@ def init_home(home: Path, ports: Ports) -> None:
         sys.executable, "-m", "enroll_server.cli", "init", "--home", str(home),
         "--est-port", str(ports.est), "--http-port", str(ports.http),
         "--mqtt-port", str(ports.mqtt), "--public-host", "127.0.0.1",
+        "--admin-port", str(free_port()),
     ]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL)
 

@@ -79,7 +79,9 @@ def certificate_json(cert: CertificateRecord) -> dict[str, Any]:
     }
 
 
-def _require_admin(handler: Handler) -> Handler:
+def require_admin(handler: Handler) -> Handler:
+    """`handler`, behind the admin bearer token (a 401 without a valid one)."""
+
     @wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
@@ -135,7 +137,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-@_require_admin
+@require_admin
 async def list_devices(request: web.Request) -> web.Response:
     q = request.query
     limit = _query_int(request, "limit", 1000)
@@ -149,7 +151,7 @@ async def list_devices(request: web.Request) -> web.Response:
     return web.json_response({"devices": [device_json(d) for d in devices]})
 
 
-@_require_admin
+@require_admin
 async def show_device(request: web.Request) -> web.Response:
     device_id = _device_id(request)
     registry = _st(request).registry
@@ -170,7 +172,7 @@ async def _notify(st: AppState, device_id: DeviceId, why: str) -> None:
 
 
 def _transition(action: str) -> Handler:
-    @_require_admin
+    @require_admin
     async def handler(request: web.Request) -> web.Response:
         st = _st(request)
         device_id = _device_id(request)
@@ -213,7 +215,7 @@ def _serial(request: web.Request) -> int:
         raise BadRequest(str(exc)) from exc
 
 
-@_require_admin
+@require_admin
 async def show_certificate(request: web.Request) -> web.Response:
     serial = _serial(request)
     record = _st(request).registry.get_certificate(serial)
@@ -222,7 +224,7 @@ async def show_certificate(request: web.Request) -> web.Response:
     return web.json_response({"device_id": record.device_id.value, **certificate_json(record)})
 
 
-@_require_admin
+@require_admin
 async def revoke_certificate(request: web.Request) -> web.Response:
     """POST /admin/certificates/{serial}/revoke {"reason": "key-compromise"}: one certificate;
     its identity stays registered. The broker drops a session presenting it (registry event)."""
@@ -248,7 +250,7 @@ def _device_token(purpose: TokenPurpose) -> Handler:
     """POST /admin/devices/{id}/rekey or /readmit {"token_ttl": "7d"} -> a new one-time token,
     in this one response only (as POST /admin/batches gives tokens)."""
 
-    @_require_admin
+    @require_admin
     async def handler(request: web.Request) -> web.Response:
         st = _st(request)
         if st.home is None:
@@ -292,7 +294,7 @@ def _device_token(purpose: TokenPurpose) -> Handler:
     return handler
 
 
-@_require_admin
+@require_admin
 async def list_batches(request: web.Request) -> web.Response:
     registry = _st(request).registry
     now = _st(request).clock()
@@ -310,7 +312,7 @@ async def list_batches(request: web.Request) -> web.Response:
     return web.json_response({"batches": out})
 
 
-@_require_admin
+@require_admin
 async def create_batch(request: web.Request) -> web.Response:
     """POST /admin/batches {"count": N, "prefix": "pi-", "token_ttl": "7d"} -> ids and tokens.
 
@@ -357,7 +359,7 @@ async def create_batch(request: web.Request) -> web.Response:
     return web.json_response(result.to_json(include_tokens=True), status=201)
 
 
-@_require_admin
+@require_admin
 async def revoke_batch(request: web.Request) -> web.Response:
     st = _st(request)
     body = await _json_body(request)
@@ -379,7 +381,7 @@ async def revoke_batch(request: web.Request) -> web.Response:
     return web.json_response({"batch_id": batch_id, "revoked_devices": count})
 
 
-@_require_admin
+@require_admin
 async def audit(request: web.Request) -> web.Response:
     registry = _st(request).registry
     device = request.query.get("device")

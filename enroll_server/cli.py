@@ -90,6 +90,7 @@ def init(
     est_port: Annotated[int, init_port("HTTPS port for EST (in bundles).")] = 8443,
     http_port: Annotated[int, init_port("Plain HTTP port for CRL and OCSP (in URLs).")] = 8080,
     mqtt_port: Annotated[int, init_port("MQTT over TLS port (in bundles).")] = 8883,
+    admin_port: Annotated[int, init_port("HTTPS port for the admin API and /metrics.")] = 8444,
     device_validity: Annotated[str, typer.Option(help="Device certificate lifetime.")] = "30d",
     force: Annotated[bool, typer.Option(help="Overwrite an existing home.")] = False,
 ) -> None:
@@ -121,6 +122,7 @@ def init(
         est_port=est_port,
         http_port=http_port,
         mqtt_port=mqtt_port,
+        admin_port=admin_port,
         device_validity=validity,
     )
     now = now_utc()
@@ -154,10 +156,15 @@ def serve(
     est_port: Annotated[int | None, serve_port("HTTPS port for EST.")] = None,
     http_port: Annotated[int | None, serve_port("Plain HTTP port for CRL and OCSP.")] = None,
     mqtt_port: Annotated[int | None, serve_port("MQTT over TLS port.")] = None,
+    admin_port: Annotated[int | None, serve_port("HTTPS port for the admin API, /metrics.")] = None,
     no_broker: Annotated[
         bool, typer.Option("--no-broker", help="Do not run the embedded broker.")
     ] = False,
     bind: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    admin_bind: Annotated[
+        str | None,
+        typer.Option(help="Address of the admin listener (default: server.admin_bind, 127.0.0.1)."),
+    ] = None,
     max_packet_size: Annotated[
         int | None,
         typer.Option(
@@ -166,7 +173,7 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Run EST + admin API (HTTPS), CRL + OCSP (HTTP) and the embedded mTLS MQTT broker."""
+    """Run EST (HTTPS), CRL + OCSP (HTTP), the admin API (HTTPS, loopback) and the broker."""
     from enroll_server.listen import ListenFailed
     from enroll_server.loop import install_fast_loop
     from enroll_server.runtime import run_service
@@ -189,8 +196,10 @@ def serve(
                 est_port=est_port,
                 http_port=http_port,
                 mqtt_port=mqtt_port,
+                admin_port=admin_port,
                 broker=not no_broker,
                 bind=bind,
+                admin_bind=admin_bind,
                 max_packet_size=max_packet_size,
             )
         )

@@ -37,6 +37,9 @@ class ServerConfig:
     est_port: int = 8443
     http_port: int = 8080
     mqtt_port: int = 8883
+    # The admin API and /metrics: a listener of their own, on loopback unless said otherwise.
+    admin_bind: str = "127.0.0.1"
+    admin_port: int = 8444
     device_validity: timedelta = timedelta(days=30)
     backdate: timedelta = timedelta(minutes=5)
     token_ttl: timedelta = timedelta(days=7)
@@ -120,6 +123,8 @@ def load_config(path: Path) -> ServerConfig:
         est_port=_port(data, path, "est_port", 8443),
         http_port=_port(data, path, "http_port", 8080),
         mqtt_port=_port(data, path, "mqtt_port", 8883),
+        admin_bind=_get(data, path, "server", "admin_bind", str, "127.0.0.1"),
+        admin_port=_port(data, path, "admin_port", 8444),
         device_validity=_duration(data, path, "ca", "device_validity", "30d"),
         backdate=_duration(data, path, "ca", "backdate", "5m"),
         token_ttl=_duration(data, path, "enroll", "token_ttl", "7d"),
@@ -144,6 +149,8 @@ bind = "{cfg.bind}"
 est_port = {cfg.est_port}
 http_port = {cfg.http_port}
 mqtt_port = {cfg.mqtt_port}
+admin_bind = "{cfg.admin_bind}"   # the admin API and /metrics (HTTPS, admin token)
+admin_port = {cfg.admin_port}
 
 [enroll]
 token_ttl = "{format_duration(cfg.token_ttl)}"

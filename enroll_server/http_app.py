@@ -12,7 +12,7 @@ from pathlib import Path
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.admin_api import admin_routes
+from enroll_server.admin_api import admin_routes, require_admin
 from enroll_server.device_status import device_status_routes
 from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.front import EstFront
@@ -69,15 +69,29 @@ async def issuing_ca_der(request: web.Request) -> web.Response:
 
 
 def build_https_app(state: AppState) -> web.Application:
+    """The device-facing HTTPS app: EST and device status. No admin API, no metrics: those
+    are on the admin listener (build_admin_app), which binds to loopback by default."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
     app[APP_STATE] = state
     app.add_routes(
         [
             *est_routes(),
             *device_status_routes(),
+            web.get("/healthz", healthz),
+        ]
+    )
+    return app
+
+
+def build_admin_app(state: AppState) -> web.Application:
+    """The operators' HTTPS app: the admin API and /metrics, both behind the admin token."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app[APP_STATE] = state
+    app.add_routes(
+        [
             *admin_routes(),
             web.get("/healthz", healthz),
-            web.get("/metrics", metrics),
+            web.get("/metrics", require_admin(metrics)),
         ]
     )
     return app
@@ -104,13 +118,20 @@ def server_ssl_context(
     `extra_client_cas`: manufacturer CAs whose birth certificates (IDevID) may authenticate
     simpleenroll. Only the EST server trusts them; the broker never does.
     """
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert_chain, key)
+    ctx = admin_ssl_context(cert_chain, key)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.load_verify_locations(cafile=str(client_ca))
     for extra in extra_client_cas:
         ctx.load_verify_locations(cafile=str(extra))
+    return ctx
+
+
+def admin_ssl_context(cert_chain: Path, key: Path) -> ssl.SSLContext:
+    """TLS >= 1.2 with the server certificate, no client certificates (the admin listener
+    authenticates the bearer token); the EST context (server_ssl_context) starts from it."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_chain, key)
     # No TLS 1.3 session tickets (RFC 8446 4.6.1): a device connects to enroll and then again
     # only to renew weeks later, long after any ticket lifetime, so tickets are never used;
     # minting two per connection costs the server CPU and the device bytes on every enrollment.

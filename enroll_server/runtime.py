@@ -14,8 +14,10 @@ async def run_service(
     est_port: int | None = None,
     http_port: int | None = None,
     mqtt_port: int | None = None,
+    admin_port: int | None = None,
     broker: bool = True,
     bind: str | None = None,
+    admin_bind: str | None = None,
     max_packet_size: int | None = None,
 ) -> None:
     handle = await start_server(
@@ -23,8 +25,10 @@ async def run_service(
         est_port=est_port,
         http_port=http_port,
         mqtt_port=mqtt_port,
+        admin_port=admin_port,
         broker=broker,
         bind=bind,
+        admin_bind=admin_bind,
         max_packet_size=max_packet_size,
     )
     # Everything allocated so far (modules, the CA, the app) lives as long as the process:

@@ -26,6 +26,8 @@ from enroll_server.home import (
 from enroll_server.home import root_crl as home_root_crl
 from enroll_server.http_app import (
     RunningSite,
+    admin_ssl_context,
+    build_admin_app,
     build_http_app,
     build_https_app,
     server_ssl_context,
@@ -48,7 +50,7 @@ log = logging.getLogger("fleetpki.server")
 
 @dataclass
 class ServerHandle:
-    """The running service. `stop_est()` / `start_est()` take the EST + admin API listener
+    """The running service. `stop_est()` / `start_est()` take the EST listener
     down and up again on the same address (an outage, as the simulator stages one) while
     CRL/OCSP, the registry and the broker stay up."""
 
@@ -70,6 +72,8 @@ class ServerHandle:
     checkpointer: Checkpointer | None = None
     # Keeps the listeners' TLS server certificate current (server_certificate).
     server_certificates: ServerCertificates | None = None
+    # The admin API and /metrics (build_admin_app); set by start_server.
+    admin: RunningSite | None = None
 
     @property
     def est_port(self) -> int:
@@ -80,17 +84,22 @@ class ServerHandle:
         return self.http.port
 
     @property
+    def admin_port(self) -> int:
+        assert self.admin is not None
+        return self.admin.port
+
+    @property
     def mqtt_port(self) -> int | None:
         return self.broker.port if self.broker is not None else None
 
     async def stop_est(self) -> None:
-        """Close the EST + admin API listener and its open connections (idempotent)."""
+        """Close the EST listener and its open connections (idempotent)."""
         if self.est_up:
             self.est_up = False
             await self.https.stop()
 
     async def start_est(self) -> None:
-        """Listen for EST + admin API again on the host and port it had (idempotent)."""
+        """Listen for EST again on the host and port it had (idempotent)."""
         if self.est_up:
             return
         assert self.https_tls is not None
@@ -106,6 +115,8 @@ class ServerHandle:
                 await result
         await self.stop_est()
         await self.http.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         if self.crl_registry is not None:
             self.crl_registry.close()
         if self.checkpointer is not None:
@@ -155,15 +166,18 @@ async def start_server(
     est_port: int | None = None,
     http_port: int | None = None,
     mqtt_port: int | None = None,
+    admin_port: int | None = None,
     broker: bool = False,
     bind: str | None = None,
+    admin_bind: str | None = None,
     max_packet_size: int | None = None,
     profile: DeviceProfile | None = None,
     profile_for: ProfileChooser | None = None,
     clock: Callable[[], datetime] = utc_now,
     server_cert_check_interval: float = CHECK_INTERVAL,
 ) -> ServerHandle:
-    """Start EST + admin API (HTTPS), CRL + OCSP (HTTP) and, if `broker`, the mTLS broker.
+    """Start EST (HTTPS), CRL + OCSP (HTTP), the admin API + /metrics (HTTPS, on `admin_bind`,
+    loopback by default) and, if `broker`, the mTLS broker.
 
     Port arguments override the config; 0 binds an ephemeral port (read it from the handle).
     `profile` replaces the config's device certificate profile; `profile_for(device_id)`, if
@@ -179,6 +193,8 @@ async def start_server(
     registry = Registry.open(loaded.layout.registry, wal_autocheckpoint=LOOP_AUTOCHECKPOINT_PAGES)
     checkpointer = Checkpointer(loaded.layout.registry)
     https: RunningSite | None = None
+    http: RunningSite | None = None
+    admin: RunningSite | None = None
     crl_registry: Registry | None = None
     try:
         checkpointer.start()
@@ -222,16 +238,22 @@ async def start_server(
         port = _port(http_port, cfg.http_port)
         with listening("CRL/OCSP (HTTP)", host, port, "--http-port"):
             http = await start_site(http_app, host, port)
+        admin_host, port = admin_bind or cfg.admin_bind, _port(admin_port, cfg.admin_port)
+        admin_tls = admin_ssl_context(loaded.layout.server_cert, loaded.layout.server_key)
+        with listening("the admin API (HTTPS)", admin_host, port, "--admin-port"):
+            admin = await start_site(build_admin_app(state), admin_host, port, admin_tls)
         handle = ServerHandle(
             loaded, state, registry, https, http, revocation, bind=host, https_tls=tls
         )
+        handle.admin = admin
         handle.crl_registry = crl_registry
         handle.checkpointer = checkpointer
         tokens.start()
         handle.stoppers.append(tokens.stop)
     except BaseException:
-        if https is not None:
-            await https.stop()
+        for site in (admin, http, https):
+            if site is not None:
+                await site.stop()
         if crl_registry is not None:
             crl_registry.close()
         checkpointer.stop()
@@ -270,7 +292,7 @@ async def start_server(
         certificates = ServerCertificates(
             loaded.layout.server_cert,
             loaded.layout.server_key,
-            [tls] + ([handle.broker.tls_context] if handle.broker is not None else []),
+            [tls, admin_tls] + ([handle.broker.tls_context] if handle.broker is not None else []),
             clock,
             renew=partial(renew_and_record, loaded, actor="server"),
             interval=server_cert_check_interval,
@@ -283,11 +305,13 @@ async def start_server(
     handle.stoppers.append(certificates.stop)
     state.metrics.extra.append(certificates.metrics_text)
     log.info(
-        "EST + admin API on https://%s:%d, CRL/OCSP on http://%s:%d",
+        "EST on https://%s:%d, CRL/OCSP on http://%s:%d, admin API on https://%s:%d",
         host,
         https.port,
         host,
         http.port,
+        admin_host,
+        admin.port,
     )
     return handle
 

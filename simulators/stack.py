@@ -193,7 +193,9 @@ class HostedStack:
                 self.layout.root,
                 est_port=ports.est,
                 http_port=ports.http,
+                admin_port=0,  # the simulator does not use the admin API; any free port
                 bind=HOST,
+                admin_bind=HOST,
                 profile=self.profile,
                 profile_for=self.overrides,
                 clock=self.clock.now,

@@ -49,6 +49,10 @@ class LiveServer:
         return f"https://127.0.0.1:{self.handle.est_port}"
 
     @property
+    def admin_url(self) -> str:
+        return f"https://127.0.0.1:{self.handle.admin_port}"
+
+    @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.handle.http_port}"
 
@@ -61,6 +65,15 @@ class LiveServer:
     @property
     def admin_token(self) -> str:
         return self.layout.admin_token.read_text().strip()
+
+    def metrics(self) -> str:
+        """GET /metrics from the admin listener, with the admin token."""
+        from tests.est_client import request
+
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        reply = request(self.admin_url + "/metrics", self.client_ssl(), headers=headers)
+        assert reply.status == 200, (reply.status, reply.text)
+        return reply.text
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a coroutine on the server's loop (e.g. to reach the broker) and wait for it."""
@@ -120,6 +133,7 @@ def start_live_server(
         "est_port": 0,
         "http_port": 0,
         "mqtt_port": 0,
+        "admin_port": 0,
         "broker": broker,
         "profile": profile,
     }

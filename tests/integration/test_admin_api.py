@@ -8,11 +8,12 @@ import threading
 import time
 from datetime import UTC, datetime
 
+from enroll_server.config import ServerConfig
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.registry import CertStatus, DeviceState
 from fleetpki.identity import DeviceId
 from tests.est_client import request
-from tests.integration.test_est import enroll, leaf
+from tests.integration.test_est import EST, enroll, leaf
 from tests.live_server import LiveServer
 
 
@@ -24,14 +25,40 @@ def admin(
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    return request(server.est_url + path, server.client_ssl(), method, data, headers)
+    return request(server.admin_url + path, server.client_ssl(), method, data, headers)
 
 
 def test_admin_requires_bearer_token(live_server: LiveServer) -> None:
-    r = request(live_server.est_url + "/admin/devices", live_server.client_ssl())
+    r = request(live_server.admin_url + "/admin/devices", live_server.client_ssl())
     assert r.status == 401 and "Bearer" in r.text
     r = admin(live_server, "GET", "/admin/devices", token="wrong")
     assert r.status == 401 and r.text == "admin token is not valid\n"
+
+
+def test_admin_api_and_metrics_are_not_on_the_device_facing_est_port(
+    live_server: LiveServer,
+) -> None:
+    bearer = {"Authorization": f"Bearer {live_server.admin_token}"}
+    for path in ("/admin/devices", "/admin/audit", "/metrics"):
+        r = request(live_server.est_url + path, live_server.client_ssl(), headers=bearer)
+        assert r.status == 404, (path, r.status)
+    # EST itself and the health check stay there.
+    assert request(live_server.est_url + "/healthz", live_server.client_ssl()).status == 200
+    assert request(live_server.est_url + EST + "/cacerts", live_server.client_ssl()).status == 200
+    # The admin listener speaks TLS with the server certificate (verified against the root,
+    # host name 127.0.0.1) and listens on loopback unless told otherwise.
+    assert admin(live_server, "GET", "/admin/devices").status == 200
+    host = live_server.handle.admin.runner.addresses[0][0]  # type: ignore[union-attr]
+    assert host == "127.0.0.1" == ServerConfig().admin_bind
+
+
+def test_metrics_need_the_admin_token(live_server: LiveServer) -> None:
+    url = live_server.admin_url + "/metrics"
+    r = request(url, live_server.client_ssl())
+    assert r.status == 401 and "Bearer" in r.text
+    r = request(url, live_server.client_ssl(), headers={"Authorization": "Bearer wrong"})
+    assert r.status == 401
+    assert "fleetpki_enrollments_total" in live_server.metrics()
 
 
 def test_list_show_and_revoke(live_server: LiveServer) -> None:
@@ -72,7 +99,7 @@ def test_bad_admin_input(live_server: LiveServer) -> None:
     assert admin(live_server, "POST", "/admin/devices/nobody/revoke", {}).status == 404
     assert admin(live_server, "GET", "/admin/devices/bad%20id").status == 400
     r = request(
-        live_server.est_url + "/admin/devices/dev-in/revoke",
+        live_server.admin_url + "/admin/devices/dev-in/revoke",
         live_server.client_ssl(),
         "POST",
         b"{not json",

@@ -322,7 +322,7 @@ async def test_server_down_at_first_boot_then_up(tmp_path: Path) -> None:
     await asyncio.sleep(1.5)  # several refused connections with backoff
     assert not task.done() and agent.state is AgentState.ENROLLING
     assert "unavailable" in (agent.last_error or "")
-    handle = await start_server(home, est_port=port, http_port=0)
+    handle = await start_server(home, est_port=port, http_port=0, admin_port=0)
     try:
         assert await asyncio.wait_for(task, 15) == ExitCode.OK
     finally:

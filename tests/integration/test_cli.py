@@ -135,7 +135,7 @@ def test_service_issue(tmp_path: Path) -> None:
 def test_serve_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
     home = tmp_path / "h"
     assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
-    est, http = free_port(), free_port()
+    est, http, admin = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -148,6 +148,8 @@ def test_serve_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
             str(est),
             "--http-port",
             str(http),
+            "--admin-port",
+            str(admin),
             "--no-broker",
         ],
         stdout=subprocess.PIPE,
@@ -169,6 +171,12 @@ def test_serve_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
         ctx = ssl.create_default_context(cafile=str(home / "ca/root.pem"))
         r = request(f"https://localhost:{est}/.well-known/est/cacerts", ctx)
         assert r.status == 200
+        # The admin API is on its own listener (loopback), not on the device-facing EST port.
+        bearer = {"Authorization": f"Bearer {(home / 'admin.token').read_text().strip()}"}
+        assert (
+            request(f"https://localhost:{admin}/admin/devices", ctx, headers=bearer).status == 200
+        )
+        assert request(f"https://localhost:{est}/admin/devices", ctx, headers=bearer).status == 404
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
@@ -192,6 +200,7 @@ LISTENERS = {
     "est": ("--est-port", "EST (HTTPS)"),
     "http": ("--http-port", "CRL/OCSP (HTTP)"),
     "mqtt": ("--mqtt-port", "the MQTT broker (mTLS)"),
+    "admin": ("--admin-port", "the admin API (HTTPS)"),
 }
 
 

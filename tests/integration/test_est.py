@@ -435,7 +435,7 @@ def test_reenroll_with_expired_certificate_fails_tls(
     for _ in range(3):
         with pytest.raises(ssl.SSLError, match="CERTIFICATE_EXPIRED"):
             reenroll(live_server, c, k, "dev-exp")
-    text = request(live_server.est_url + "/metrics", live_server.client_ssl()).text
+    text = live_server.metrics()
     assert 'fleetpki_est_tls_failures_total{reason="handshake"} 3' in text
     assert live_server.registry.get_device(DeviceId("dev-exp")) is None
 
@@ -464,7 +464,7 @@ def test_metrics_and_health(live_server: LiveServer) -> None:
     token = live_server.mint_device("dev-m")
     assert enroll(live_server, "dev-m", token).status == 200
     assert enroll(live_server, "dev-m", token).status == 401
-    text = request(live_server.est_url + "/metrics", live_server.client_ssl()).text
+    text = live_server.metrics()
     assert 'fleetpki_enrollments_total{result="simpleenroll_ok"} 1' in text
     assert 'fleetpki_enrollments_total{result="rejected_401"} 1' in text
     assert "fleetpki_enroll_seconds_count 1" in text

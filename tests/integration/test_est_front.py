@@ -38,7 +38,6 @@ from enroll_server.http_app import MAX_BODY
 from enroll_server.pki.keys import KeyType, PrivateKey, generate_key
 from enroll_server.registry import CertStatus, Issuance, Registry, RegistryError
 from fleetpki.identity import DeviceId
-from tests.est_client import request
 from tests.integration.test_est import EST, b64, leaf, snapshot
 from tests.live_server import LiveServer, start_live_server
 from tests.pki_helpers import csr_der, make_csr
@@ -823,7 +822,7 @@ def test_every_issuance_goes_through_the_commit_queue(live_server: LiveServer) -
         assert isinstance(reply, RawReply), reply
         assert reply.by_front
         assert_issued(live_server, reply, dev, key)
-    text = request(live_server.est_url + "/metrics", live_server.client_ssl()).text
+    text = live_server.metrics()
     recorded = metric(text, "fleetpki_registry_commit_batch_sum")
     batches = metric(text, "fleetpki_registry_commit_batch_count")
     assert recorded == n  # each issuance committed exactly once, through the queue

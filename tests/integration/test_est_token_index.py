@@ -19,7 +19,6 @@ from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.registry import DeviceState
 from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId
-from tests.est_client import request
 from tests.integration.test_admin_api import admin
 from tests.integration.test_est import enroll, leaf, race, snapshot
 from tests.live_server import LiveServer
@@ -134,7 +133,7 @@ def test_in_process_revocation_drops_the_entry_and_metrics_show_the_index(
     )
     assert reply.status == 200
     assert "dev-adm" not in tokens
-    metrics = request(live_server.est_url + "/metrics", live_server.client_ssl()).body.decode()
+    metrics = live_server.metrics()
     assert f"fleetpki_token_index_entries {len(tokens)}" in metrics
     assert "fleetpki_token_index_full 0" in metrics
 

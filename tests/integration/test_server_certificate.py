@@ -21,7 +21,6 @@ from enroll_server.pki.keys import KeyType, generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.server import renew_and_record
 from fleetpki.identity import DeviceId
-from tests.est_client import request
 from tests.live_server import make_home, start_live_server
 
 runner = CliRunner()
@@ -94,11 +93,14 @@ def test_a_renewal_reaches_both_listeners_and_open_connections_go_on(tmp_path: P
                 lambda: presented_serial(server.handle.est_port, ctx) == new.serial_number
             )
             assert wait_for(lambda: presented_serial(server.mqtt_port, ctx) == new.serial_number)
+            assert wait_for(
+                lambda: presented_serial(server.handle.admin_port, ctx) == new.serial_number
+            )
             open_conn.sendall(get)  # the connection made with the old certificate goes on
             assert open_conn.recv(4096).startswith(b"HTTP/1.1 200")
         (entry,) = [e for e in server.registry.audit_log() if e.action == "tls.renew"]
         assert entry.actor == "cli" and entry.detail["serial"] == f"{new.serial_number:x}"
-        metrics = request(server.est_url + "/metrics", server.client_ssl()).text
+        metrics = server.metrics()
         assert "fleetpki_server_certificate_reloads_total 1" in metrics
         assert (
             f"fleetpki_server_certificate_not_after_seconds "

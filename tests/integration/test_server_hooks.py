@@ -34,7 +34,7 @@ def home(tmp_path: Path) -> HomeLayout:
 
 @contextlib.asynccontextmanager
 async def _serve(home: HomeLayout, **kw: object) -> AsyncIterator[ServerHandle]:
-    handle = await start_server(home.root, est_port=0, http_port=0, mqtt_port=0, **kw)  # type: ignore[arg-type]
+    handle = await start_server(home.root, est_port=0, http_port=0, mqtt_port=0, admin_port=0, **kw)  # type: ignore[arg-type]
     try:
         yield handle
     finally:
@@ -128,7 +128,7 @@ async def test_broker_sessions_name_the_presented_serial(home: HomeLayout, tmp_p
 async def test_the_server_checkpoints_the_wal_off_its_event_loop(home: HomeLayout) -> None:
     from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES
 
-    handle = await start_server(home.root, est_port=0, http_port=0)
+    handle = await start_server(home.root, est_port=0, http_port=0, admin_port=0)
     checkpointer = handle.checkpointer
     try:
         assert checkpointer is not None and checkpointer.running
