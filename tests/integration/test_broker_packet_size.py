@@ -138,3 +138,49 @@ def test_the_limit_comes_from_the_config_and_the_command_line(tmp_path: Path) ->
 def test_an_unusable_limit_is_refused(fleet: Fleet, bad: int) -> None:
     with pytest.raises(ValueError, match=f"max_packet_size {bad} is out of range"):
         dataclasses.replace(fleet.config(), max_packet_size=bad)
+
+
+@pytest.mark.parametrize(
+    ("packet", "why"),
+    [
+        # A PUBLISH of 5 bytes whose topic claims 100: the field runs past its packet.
+        (b"\x30\x05\x00\x64abc", "runs past"),
+        # Section 2.2.3: a remaining length of five bytes.
+        (b"\x30\xff\xff\xff\xff\x01", "longer than four bytes"),
+    ],
+)
+async def test_a_malformed_length_ends_the_connection(
+    fleet: Fleet,
+    broker: RunningBroker,
+    witness: Witness,
+    packet: bytes,
+    why: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    creds = fleet.issue("liar")
+    raw = await RawTls.open(broker.port, fleet.ca_file, creds)
+    try:
+        await raw.send(connect_packet("liar"))
+        assert await raw.recv_exactly(4) == b"\x20\x02\x00\x00"
+        await raw.send(packet + b"\x00" * 200)  # whatever follows is not read as packets
+        assert await raw.until_closed() == b""
+    finally:
+        raw.close()
+    await broker_harness.eventually(lambda: "liar" not in broker.connected())
+    assert _drops(broker, "protocol_error") == 1
+    assert any(why in r.getMessage() for r in caplog.records)
+    await witness.assert_undisturbed()
+
+
+def test_serve_and_broker_refuse_an_unusable_limit_before_starting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from enroll_server.cli import app
+
+    home = tmp_path / "home"
+    make_home(home)
+    runner = CliRunner()
+    for command in ("serve", "broker"):
+        result = runner.invoke(app, [command, "--home", str(home), "--max-packet-size", "5"])
+        assert result.exit_code == 2, result.output
+        assert "max_packet_size 5 is out of range" in result.output

@@ -184,3 +184,19 @@ def test_default_bind_is_loopback_and_the_acl_names_existing_services(tmp_path: 
         "topic read devices/+/telemetry",
         "topic read $SYS/#",
     ]
+
+
+def test_sync_cli_puts_a_service_issued_later_into_the_acl(broker: Broker) -> None:
+    assert "user late" not in broker.files.acl.read_text()
+    issue_service_identity(broker.home, "late", None, datetime.now(UTC))
+    reloads = broker.log().count("Reloading config.")
+    result = runner.invoke(
+        app,
+        [
+            "mosquitto-sync", "--home", str(broker.home),
+            "--conf-dir", str(broker.files.folder), "--once",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "user late" in broker.files.acl.read_text().splitlines()
+    broker.wait_reloads(reloads + 1)
