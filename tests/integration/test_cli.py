@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -204,14 +206,20 @@ LISTENERS = {
 }
 
 
+@contextlib.contextmanager
+def held_port() -> Iterator[int]:
+    """A port on 127.0.0.1 this test listens on (so nothing else can) until the block ends."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
 @pytest.mark.parametrize("taken", list(LISTENERS))
 def test_serve_with_a_port_taken_says_which_in_one_line(tmp_path: Path, taken: str) -> None:
     home = tmp_path / "h"
     assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        busy = s.getsockname()[1]
+    with held_port() as busy:
         ports = {option: "0" for option, _ in LISTENERS.values()}
         option, what = LISTENERS[taken]
         ports[option] = str(busy)
@@ -229,10 +237,7 @@ def test_serve_with_a_port_taken_says_which_in_one_line(tmp_path: Path, taken: s
 def test_broker_alone_with_its_port_taken_says_so_in_one_line(tmp_path: Path) -> None:
     home = tmp_path / "h"
     assert runner.invoke(app, ["init", "--home", str(home)]).exit_code == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        busy = s.getsockname()[1]
+    with held_port() as busy:
         r = _fleetpki("broker", "--home", str(home), "--mqtt-port", str(busy))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
