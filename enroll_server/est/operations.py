@@ -80,16 +80,18 @@ def authorize_simpleenroll(
 ) -> Authorization:
     """First enrollment: HTTP Basic (device id + one-time token) or an IDevID over mTLS.
 
-    Failed token guesses are counted per source address and device id (Throttle).
+    The token is checked first: a correct one always enrolls. A failure is counted per
+    source network and device id and answered 429 once either has too many (Throttle).
     """
     creds = decode_basic(authorization) if authorization else None
     if creds is not None:
         login, password = creds
-        st.throttle.check(source, login, now)
         try:
             return st.service.authorize_token(login, password, now)
         except AuthenticationFailed:
-            st.throttle.failed(source, login, now)
+            throttled = st.throttle.failed(source, login, now)
+            if throttled is not None:
+                raise throttled from None
             raise
     cert = peer_certificate()
     if cert is not None:

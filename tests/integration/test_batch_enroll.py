@@ -157,14 +157,49 @@ def test_expired_token_is_refused(server: LiveServer, tmp_path: Path, clock: Clo
     assert device is not None and device.state is DeviceState.PROVISIONED
 
 
-def test_guessing_is_throttled_per_device(server: LiveServer, tmp_path: Path) -> None:
+def test_guessing_is_throttled_per_device_but_the_right_token_enrolls(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    """Ids are sequential: anyone can name a device. Wrong guesses against it are throttled
+    (401 five times, then 429), the device's own token still enrolls at once."""
     lot = tmp_path / "lot"
     make_batch(server, lot, count=1)
     statuses = [raw_enroll(server, "dev-000001", f"guess{i:038d}").status for i in range(8)]
     assert statuses[:5] == [401] * 5
     assert set(statuses[5:]) == {429}
-    # Even the right token waits out the window: a guesser cannot tell it got lucky.
-    assert raw_enroll(server, "dev-000001", token_of(lot, "dev-000001")).status == 429
+    assert raw_enroll(server, "dev-000001", token_of(lot, "dev-000001")).status == 200
+
+
+def test_a_guesser_behind_the_same_address_does_not_lock_out_honest_devices(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    """25 failures from 127.0.0.1 (over the 20 per source), then another device behind the
+    same address enrolls with its correct token; the guesser keeps getting 429."""
+    lot = tmp_path / "lot"
+    make_batch(server, lot, count=3)
+    statuses = [raw_enroll(server, f"dev-{i:06d}", "wrong-token").status for i in range(10, 35)]
+    assert statuses[:20] == [401] * 20 and set(statuses[20:]) == {429}
+    assert raw_enroll(server, "dev-000002", token_of(lot, "dev-000002")).status == 200
+    assert raw_enroll(server, "dev-000099", "wrong-token").status == 429
+    enroll_with_bundle(server, lot / "dev-000003")  # the agent's own client, same address
+
+
+def test_failed_logins_take_bounded_memory(server: LiveServer, tmp_path: Path) -> None:
+    """A malformed login (here 8 KB) is counted for its source only, never stored; well-formed
+    ids beyond the table's cap evict the oldest instead of growing it."""
+    throttle = server.handle.state.throttle
+    body = base64.b64encode(csr_der(make_csr(generate_key(KeyType.EC_P256), "dev-000001")))
+    url = server.est_url + EST + "/simpleenroll"
+    for i in range(30):
+        login = f"{i}" + "x" * 8192
+        reply = request(url, server.client_ssl(), "POST", body, enroll_headers(login, "t"))
+        assert reply.status in (401, 429)
+    assert len(throttle) == 1  # the source alone
+    throttle.max_keys = 10
+    for i in range(40):
+        assert raw_enroll(server, f"ghost-{i}", "t").status in (401, 429)
+    assert len(throttle) == 10
+    assert max(len(k) for k in throttle._by_key) < 80
 
 
 def test_reissued_token_replaces_the_old(server: LiveServer, tmp_path: Path) -> None:

@@ -675,11 +675,16 @@ def test_front_error_replies(live_server: LiveServer) -> None:
             assert_text_reply(reply, 401)
             assert reply.text == "unknown device or wrong enrollment token\n"
             assert reply.headers["www-authenticate"].startswith("Basic ")
-        wire.send(enroll_request("err-dev", token, body))
+        wire.send(enroll_request("err-dev", "guess", body))
         reply = wire.reply()
         assert_text_reply(reply, 429)
         assert int(reply.headers["retry-after"]) >= 1
     assert snapshot(live_server, "err-dev") == (0, "provisioned", [])
+    # The throttle holds the guesser back, never the device: its own token enrolls.
+    with Wire(live_server) as wire:
+        wire.send(enroll_request("err-dev", token, body))
+        assert wire.reply().status == 200
+    assert snapshot(live_server, "err-dev")[1] == "active"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from enroll_server.config import ConfigError, ServerConfig, load_config, render_config
-from enroll_server.errors import TooManyRequests
 from enroll_server.est.csrattrs import csr_attrs_der
 from enroll_server.est.wire import (
     BadEstBody,
@@ -19,7 +18,7 @@ from enroll_server.est.wire import (
     encode_certs_only,
 )
 from enroll_server.pki.keys import KeyType
-from enroll_server.throttle import Throttle
+from enroll_server.throttle import Throttle, source_key
 from tests.pki_helpers import MemoryCa
 
 
@@ -100,20 +99,42 @@ def test_csrattrs_parses_with_openssl(tmp_path: Path) -> None:
         assert name in r.stdout, (name, r.stdout)
 
 
-def test_throttle_counts_failures_only() -> None:
+def test_throttle_counts_failures_per_source_and_well_formed_device() -> None:
     t = Throttle(per_source=3, per_device=2, window=timedelta(seconds=60))
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    t.check("1.2.3.4", "dev", now)
-    t.failed("1.2.3.4", "dev", now)
-    t.failed("1.2.3.4", "dev", now)
-    with pytest.raises(TooManyRequests) as info:
-        t.check("1.2.3.4", "dev", now)
-    assert info.value.retry_after == 60
-    t.check("1.2.3.4", "other-dev", now)  # the source still has one failure left
-    t.failed("1.2.3.4", "other-dev", now)
-    with pytest.raises(TooManyRequests):
-        t.check("1.2.3.4", "third-dev", now)  # source limit reached
-    t.check("1.2.3.4", "dev", now + timedelta(seconds=61))  # window slid past
+    assert t.failed("1.2.3.4", "dev", now) is None
+    assert t.failed("1.2.3.4", "dev", now) is None
+    over = t.failed("1.2.3.4", "dev", now)  # third failure for dev: over its 2
+    assert over is not None and over.retry_after == 60
+    assert t.failed("5.6.7.8", "other-dev", now) is None
+    assert t.failed("1.2.3.4", "third-dev", now) is not None  # the source is over its 3
+    # Later, after the window slid past, everything starts again.
+    assert t.failed("1.2.3.4", "dev", now + timedelta(seconds=61)) is None
+    # A malformed login is counted for its source alone: no key holds it.
+    assert t.failed("9.9.9.9", "x" * 10_000, now) is None
+    assert all(len(key) < 80 for key in t._by_key)
+
+
+def test_throttle_groups_ipv6_by_64_and_maps_ipv4() -> None:
+    assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:bbbb::2")
+    assert source_key("2001:db8:1:2::1") != source_key("2001:db8:1:3::1")
+    assert source_key("::ffff:10.0.0.7") == source_key("10.0.0.7") == "src:10.0.0.7"
+    assert source_key("fe80::1%eth0") == source_key("fe80::2")
+    t = Throttle(per_source=2, per_device=100)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    t.failed("2001:db8::1", "a", now)
+    t.failed("2001:db8::2", "b", now)
+    assert t.failed("2001:db8::ffff:3", "c", now) is not None
+
+
+def test_throttle_table_is_capped_oldest_evicted() -> None:
+    t = Throttle(per_source=10**6, per_device=5, max_keys=50)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    for i in range(1000):
+        t.failed("1.2.3.4", f"dev-{i}", now)
+    assert len(t) == 50
+    assert "dev:dev-999" in t._by_key and "dev:dev-0" not in t._by_key
+    assert "src:1.2.3.4" in t._by_key  # refreshed by each failure, never the oldest
 
 
 def test_config_roundtrip_and_errors(tmp_path: Path) -> None:
