@@ -77,8 +77,8 @@ def _signed(key: object, algorithm: hashes.HashAlgorithm | None, cn: str = "dev-
         (KeyType.EC_P256, hashes.SHA256()),
         (KeyType.EC_P256, hashes.SHA512()),  # verified with the loaded key, by its OID's hash
         (KeyType.EC_P384, hashes.SHA384()),
-        (KeyType.EC_P384, hashes.SHA224()),  # no fast path: is_signature_valid decides
-        (KeyType.RSA_2048, hashes.SHA256()),
+        (KeyType.RSA_2048, hashes.SHA256()),  # no fast path: is_signature_valid decides
+        (KeyType.RSA_2048, hashes.SHA384()),
         (KeyType.ED25519, None),
     ],
 )
@@ -94,6 +94,19 @@ def test_proof_of_possession_for_each_key_and_hash(
     forged = der.encode(0x30, info + algorithm_id + signature)
     with pytest.raises(CsrRejected, match="signature is invalid"):
         check_csr(load_csr(forged), GRANT)
+
+
+@pytest.mark.parametrize(
+    ("kind", "algorithm"),
+    [(kind, hashes.SHA224()) for kind in (KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048)],
+)
+def test_weak_proof_of_possession_hash_is_refused(
+    kind: KeyType, algorithm: hashes.HashAlgorithm
+) -> None:
+    """A valid self-signature over SHA-224 is no proof of possession here."""
+    request = _signed(generate_key(kind), algorithm)
+    with pytest.raises(CsrRejected, match=f"signed with {algorithm.name.upper()}"):
+        check_csr(load_csr(request), GRANT)
 
 
 def test_weak_rsa_is_rejected() -> None:
