@@ -18,6 +18,7 @@ from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.front import EstFront
 from enroll_server.est.routes import EST_PREFIX, est_routes
 from enroll_server.state import APP_STATE, AppState
+from enroll_server.tls_policy import apply_tls_policy
 
 log = logging.getLogger("fleetpki.http")
 
@@ -113,7 +114,8 @@ def build_http_app(state: AppState, extra: list[web.RouteDef] | None = None) -> 
 def server_ssl_context(
     cert_chain: Path, key: Path, client_ca: Path, extra_client_cas: Sequence[Path] = ()
 ) -> ssl.SSLContext:
-    """TLS >= 1.2; client certificates optional (first enrollment has none), verified if sent.
+    """TLS >= 1.2, AEAD suites only; client certificates optional (first enrollment has none),
+    verified if sent.
 
     `extra_client_cas`: manufacturer CAs whose birth certificates (IDevID) may authenticate
     simpleenroll. Only the EST server trusts them; the broker never does.
@@ -127,10 +129,10 @@ def server_ssl_context(
 
 
 def admin_ssl_context(cert_chain: Path, key: Path) -> ssl.SSLContext:
-    """TLS >= 1.2 with the server certificate, no client certificates (the admin listener
-    authenticates the bearer token); the EST context (server_ssl_context) starts from it."""
+    """TLS >= 1.2 and AEAD suites only, the server certificate, no client certificates (the
+    admin listener authenticates the bearer token); the EST context starts from it."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    apply_tls_policy(ctx)  # TLS >= 1.2, AEAD suites only: the broker's policy too
     ctx.load_cert_chain(cert_chain, key)
     # No TLS 1.3 session tickets (RFC 8446 4.6.1): a device connects to enroll and then again
     # only to renew weeks later, long after any ticket lifetime, so tickets are never used;

@@ -12,12 +12,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from enroll_server.broker.errors import TlsSetupError
+from enroll_server.tls_policy import apply_tls_policy
 
 log = logging.getLogger(__name__)
-
-# TLS 1.2 suites with forward secrecy and AEAD only (RFC 9325 section 4.2; TLS 1.3 suites are
-# all AEAD). An OpenSSL cipher string: mosquitto's `ciphers` option takes the same one.
-AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 # -- fact 1: client certificate required, our CA only ----------------------------------------
@@ -33,12 +30,9 @@ def server_tls_context(certfile: Path, keyfile: Path, cafile: Path) -> ssl.SSLCo
     certificate whose EKU lacks clientAuth (a server certificate) fails the handshake.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    apply_tls_policy(ctx)  # TLS >= 1.2, AEAD suites only: the EST listener's policy too
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    # No compression (CRIME); TLS 1.2 suites with forward secrecy and AEAD only.
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.set_ciphers(AEAD_CIPHERS)
     # No TLS 1.3 session tickets (RFC 8446 section 4.6.1): devices reconnect rarely and with
     # full handshakes; two tickets per connection cost CPU on every connect and, stateful or
     # not, memory per session.
