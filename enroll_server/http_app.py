@@ -17,6 +17,7 @@ from enroll_server.device_status import device_status_routes
 from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.front import EstFront
 from enroll_server.est.routes import EST_PREFIX, est_routes
+from enroll_server.http_log import RequestLog
 from enroll_server.state import APP_STATE, AppState
 from enroll_server.tls_policy import apply_tls_policy
 
@@ -153,12 +154,24 @@ class RunningSite:
         await self.runner.cleanup()
 
 
+def _runner(app: web.Application) -> web.AppRunner:
+    """The aiohttp runner of every listener; its request handlers log through RequestLog
+    (a malformed request: one line, never its bytes)."""
+    # tcp_keepalive off: connections are short (one EST exchange each) and idle ones are
+    # closed by aiohttp's keep-alive timeout anyway; it saves a setsockopt per connection.
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        tcp_keepalive=False,
+        logger=RequestLog(log),
+    )
+
+
 async def start_site(
     app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
 ) -> RunningSite:
-    # tcp_keepalive off: connections are short (one EST exchange each) and idle ones are
-    # closed by aiohttp's keep-alive timeout anyway; it saves a setsockopt per connection.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, tcp_keepalive=False)
+    runner = _runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
     await site.start()
@@ -172,7 +185,7 @@ async def start_est_site(
     app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext
 ) -> RunningSite:
     """The HTTPS listener: the lean EST front end, handing everything else to `app`."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, tcp_keepalive=False)
+    runner = _runner(app)
     await runner.setup()
     assert runner.server is not None
     front = EstFront(app[APP_STATE], runner.server, MAX_BODY)
