@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +11,6 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enroll_server.errors import (
     AuthenticationFailed,
@@ -22,6 +20,12 @@ from enroll_server.errors import (
     device_inactive,
 )
 from enroll_server.pki.ca import Issuer
+from enroll_server.pki.client_identity import (
+    IdentityRefusal,
+    check_client_certificate,
+    common_name,
+    issued_by,
+)
 from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
 from enroll_server.pki.errors import CsrRejected
 from enroll_server.pki.keys import PublicKey
@@ -112,9 +116,6 @@ class EnrollmentService:
         self.issuer = issuer
         self.profile = profile
         self.profile_for = profile_for
-        self._issuer_ski = issuer.cert.extensions.get_extension_for_class(
-            x509.SubjectKeyIdentifier
-        ).value.digest
         self._issuer_der = issuer.cert.public_bytes(serialization.Encoding.DER)
         # The profile of pki/profile.py, encoded from a template that proved itself against
         # the builder (pki/template.py); the builder itself if it did not.
@@ -160,31 +161,28 @@ class EnrollmentService:
     def authorize_certificate(self, cert: x509.Certificate, now: datetime) -> Authorization:
         """Re-enrollment (RFC 7030 4.2.2) with the current certificate, already TLS-verified.
 
-        TLS proved possession and chain; here the registry decides: the certificate must be
-        one we issued, of an active device, unexpired, with clientAuth, and its identity's
-        current certificate (or that one's unused fallback: registry.certificates).
+        TLS proved possession of the key; here: the certificate must be signed by our issuing
+        CA and be, byte for byte (fingerprint), one the registry recorded for the identity its
+        CN names (pki.client_identity, the broker's check too), unexpired, with clientAuth; the
+        identity must be active and the certificate its current one (or that one's unused
+        fallback: registry.certificates).
         """
-        aki = _aki(cert)
-        if aki is not None and not hmac.compare_digest(aki, self._issuer_ski):
+        # Our issuing CA's signature: the EST listener's TLS layer also trusts manufacturer
+        # CAs (IDevID bootstrap), so its chain check does not say the certificate is ours.
+        if not issued_by(cert, self.issuer.cert):
             raise Forbidden("client certificate was not issued by this CA's issuing CA")
-        try:
-            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            raise Forbidden("client certificate has no extended key usage") from None
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-            raise Forbidden("client certificate lacks clientAuth extended key usage")
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise Forbidden("client certificate is expired or not yet valid")
         record = self.registry.get_certificate(cert.serial_number)
-        if record is None:
-            raise Forbidden("client certificate is unknown to the registry")
-        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if not cn or cn[0].value != record.device_id.value:
-            raise Forbidden("client certificate subject does not match the registry")
-        device = self.registry.get_device(record.device_id)
-        if device is None or device.state is not DeviceState.ACTIVE:
-            state = device.state.value if device else "unknown"
-            raise device_inactive(record.device_id.value, state)
+        cn = common_name(cert)
+        try:
+            device = self.registry.get_device(DeviceId(cn)) if cn is not None else None
+        except InvalidIdentifier:
+            device = None
+        identity = check_client_certificate(cert, device, record, now)
+        if isinstance(identity, IdentityRefusal):
+            raise Forbidden(f"client {identity.detail}")
+        assert device is not None and record is not None  # a ClientIdentity has both
+        if device.state is not DeviceState.ACTIVE:
+            raise device_inactive(record.device_id.value, device.state.value)
         if record.status is CertStatus.ON_HOLD:
             raise DeviceSuspended(record.device_id.value)
         if record.status is CertStatus.REVOKED:
@@ -351,11 +349,3 @@ def certificate_pem(der: bytes) -> str:
     text = base64.b64encode(der).decode("ascii")
     lines = "\n".join(text[i : i + 64] for i in range(0, len(text), 64))
     return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
-
-
-def _aki(cert: x509.Certificate) -> bytes | None:
-    try:
-        value = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return None
-    return value.key_identifier

@@ -20,6 +20,7 @@ from enroll_server.broker.policy import (
     check_will,
     decide_connect,
 )
+from enroll_server.pki.client_identity import fingerprint
 from fleetpki.identity import DeviceId, is_valid_id
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,14 @@ class AdmissionGate:
             except self._failures as exc:
                 log.warning("registry look-up for %s failed: %s", client_id, exc)
                 return Refusal(RefusalReason.REGISTRY_UNAVAILABLE, f"registry unavailable: {exc}")
-        decision = decide_connect(client_id, cert, device, record, now)
+        decision = decide_connect(
+            client_id,
+            cert,
+            device,
+            record,
+            now,
+            fingerprint_sha256=fingerprint(cert_der) if cert_der else None,
+        )
         if isinstance(decision, Refusal):
             return decision
         refused = check_will(decision, will_topic) or self._keepalive.check(keepalive)

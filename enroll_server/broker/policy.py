@@ -8,9 +8,14 @@ from enum import Enum, StrEnum
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fleetpki.identity import SERVICE_URN_PREFIX, URN_PREFIX, is_valid_id
+from enroll_server.pki.client_identity import (
+    IdentityProblem,
+    IdentityRefusal,
+    check_client_certificate,
+    common_name,
+)
+from fleetpki.identity import is_valid_id
 from fleetpki.topics import Role, may_publish
 
 
@@ -82,6 +87,13 @@ class Admission:
     not_after: datetime
 
 
+def _text(value: object) -> str:
+    """'active' from DeviceState.ACTIVE, 'dev1' from DeviceId('dev1'), a str unchanged."""
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
 class DeviceView(Protocol):
     """What the decision needs of a registry device (enroll_server.registry.models.Device)."""
 
@@ -102,48 +114,11 @@ class CertificateView(Protocol):
     def device_id(self) -> object: ...
     @property
     def status(self) -> object: ...
+    @property
+    def fingerprint_sha256(self) -> str: ...
 
 
-def _text(value: object) -> str:
-    """'active' from DeviceState.ACTIVE, 'dev1' from DeviceId('dev1'), a str unchanged."""
-    if isinstance(value, Enum):
-        return str(value.value)
-    return str(value)
-
-
-def common_name(cert: x509.Certificate) -> str | None:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1:
-        return None
-    value = names[0].value
-    return value if isinstance(value, str) else None
-
-
-def _san_uris(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-def _has_client_auth(cert: x509.Certificate) -> bool:
-    # The TLS layer already verifies the chain for the "SSL client" purpose, which accepts a
-    # certificate without any EKU; the device profile always carries clientAuth, so demand it.
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return False
-    return ExtendedKeyUsageOID.CLIENT_AUTH in eku
-
-
-def _role_of(value: object) -> Role | None:
-    try:
-        return Role(_text(value))
-    except ValueError:
-        return None
-
-
+_IDENTITY_REFUSALS = {problem: RefusalReason(problem.value) for problem in IdentityProblem}
 _DEVICE_STATE_REFUSALS = {
     "suspended": RefusalReason.DEVICE_SUSPENDED,
     "revoked": RefusalReason.DEVICE_REVOKED,
@@ -164,12 +139,15 @@ def decide_connect(
     device: DeviceView | None,
     cert_record: CertificateView | None,
     now: datetime,
+    *,
+    fingerprint_sha256: str | None = None,
 ) -> Admission | Refusal:
     """Admit a CONNECT only if client id = certificate CN = an active registered identity whose
-    certificate (by serial) is active in the registry and valid at `now`.
+    certificate (the very one: its fingerprint) is active in the registry and valid at `now`.
 
     `device` is the registry record of `client_id` and `cert_record` that of the certificate's
-    serial (None when absent). The TLS layer has already verified the chain to our CA.
+    serial (None when absent); `fingerprint_sha256` the SHA-256 hex of the DER presented
+    (computed from `cert` if not given). The TLS layer has already verified the chain to our CA.
     """
     if cert is None:
         return Refusal(RefusalReason.NO_CERTIFICATE, "no client certificate was presented")
@@ -181,54 +159,29 @@ def decide_connect(
             RefusalReason.CLIENT_ID_MISMATCH,
             f"client id {client_id!r} differs from the certificate CN {cn!r}",
         )
-    # RFC 5280 4.1.2.5: the validity period is inclusive at both ends.
-    if now < cert.not_valid_before_utc:
-        return Refusal(
-            RefusalReason.CERT_NOT_YET_VALID,
-            f"certificate of {client_id} is valid from {cert.not_valid_before_utc.isoformat()}",
-        )
-    if now > cert.not_valid_after_utc:
-        return Refusal(
-            RefusalReason.CERT_EXPIRED,
-            f"certificate of {client_id} expired at {cert.not_valid_after_utc.isoformat()}",
-        )
-    if not _has_client_auth(cert):
-        return Refusal(
-            RefusalReason.CERT_WRONG_USAGE,
-            f"certificate of {client_id} lacks the clientAuth extended key usage",
-        )
-    if device is None or _text(device.device_id) != client_id:
-        return Refusal(RefusalReason.UNKNOWN_DEVICE, f"{client_id} is not a registered identity")
+    # Who the certificate is (pki.client_identity, shared with EST re-enrollment): valid at
+    # `now`, clientAuth, the registry's very certificate (fingerprint) of a registered
+    # identity whose role its SAN URI names. The TLS layer trusts only the fleet chain here.
+    identity = check_client_certificate(
+        cert, device, cert_record, now, fingerprint_sha256=fingerprint_sha256
+    )
+    if isinstance(identity, IdentityRefusal):
+        return Refusal(_IDENTITY_REFUSALS[identity.problem], identity.detail)
+    assert device is not None and cert_record is not None  # a ClientIdentity has both
     state = _text(device.state)
     if state != "active":
         return Refusal(
             _DEVICE_STATE_REFUSALS.get(state, RefusalReason.DEVICE_NOT_ACTIVE),
             f"{client_id} is {state}",
         )
-    role = _role_of(device.role)
-    expected_uri = (SERVICE_URN_PREFIX if role is Role.SERVICE else URN_PREFIX) + client_id
-    if role is None or expected_uri not in _san_uris(cert):
-        return Refusal(
-            RefusalReason.CERT_IDENTITY_MISMATCH,
-            f"certificate of {client_id} does not name {expected_uri} (registry role {role})",
-        )
-    serial = cert.serial_number
-    if cert_record is None or cert_record.serial != serial:
-        return Refusal(
-            RefusalReason.CERT_UNKNOWN, f"certificate serial {serial:x} is not in the registry"
-        )
-    if _text(cert_record.device_id) != client_id:
-        return Refusal(
-            RefusalReason.CERT_IDENTITY_MISMATCH,
-            f"certificate serial {serial:x} belongs to {_text(cert_record.device_id)}",
-        )
+    serial = identity.serial
     status = _text(cert_record.status)
     if status not in ("active", "superseded"):
         return Refusal(
             _CERT_STATUS_REFUSALS.get(status, RefusalReason.CERT_UNKNOWN),
             f"certificate serial {serial:x} of {client_id} is {status}",
         )
-    return Admission(client_id, role, serial, cert.not_valid_after_utc)
+    return Admission(client_id, identity.role, serial, identity.not_after)
 
 
 def check_will(admission: Admission, will_topic: str | None) -> Refusal | None:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from enroll_server.broker.policy import (
     CONNACK_IDENTIFIER_REJECTED,
@@ -52,7 +53,7 @@ def _record(cert: x509.Certificate, device_id: str, status: str = "active") -> C
     return CertificateRecord(
         serial=cert.serial_number,
         device_id=DeviceId(device_id),
-        fingerprint_sha256="0" * 64,
+        fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         issued_at=NOW,
@@ -231,3 +232,22 @@ def test_keepalive_policy() -> None:
 def test_registry_outage_answers_server_unavailable() -> None:
     refusal = Refusal(RefusalReason.REGISTRY_UNAVAILABLE, "db locked")
     assert refusal.connack_code == CONNACK_SERVER_UNAVAILABLE
+
+
+def test_only_the_recorded_certificate_passes_not_its_serial(ca: MemoryCa) -> None:
+    """Serials are public: a certificate with a recorded serial and CN but other bytes (here
+    our own CA's, to get past TLS in a test; a foreign CA's in the attack) is not admitted."""
+    genuine = _cert(ca, "dev1")
+    twin = build_device_certificate(
+        generate_key(KeyType.EC_P256).public_key(),
+        DeviceId("dev1"),
+        ca.issuing,
+        NOW,
+        DeviceProfile(validity=timedelta(days=30)),
+        serial=genuine.serial_number,
+    )
+    record = _record(genuine, "dev1")
+    assert isinstance(decide_connect("dev1", genuine, _device("dev1"), record, NOW), Admission)
+    decision = decide_connect("dev1", twin, _device("dev1"), record, NOW)
+    assert _reason(decision) is RefusalReason.CERT_UNKNOWN
+    assert "fingerprint differs" in decision.detail  # type: ignore[union-attr]
