@@ -1,23 +1,24 @@
-"""Operator HTTP API (bearer admin token): devices, certificates, revocation, batches, audit."""
+"""Operator HTTP API (an operator's bearer token; viewers read only): devices, certificates,
+revocation, batches, audit."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from enroll_server.errors import AuthenticationFailed, BadRequest, Conflict, NotFound
-from enroll_server.home import hash_secret
+from enroll_server.errors import BadRequest, Conflict, NotFound
+from enroll_server.operators import operator_for
 from enroll_server.registry import (
     CertificateRecord,
     Device,
     DuplicateBatch,
     DuplicateDevice,
     InvalidValue,
+    Operator,
     Registry,
     UnknownBatch,
     UnknownCertificate,
@@ -79,20 +80,26 @@ def certificate_json(cert: CertificateRecord) -> dict[str, Any]:
     }
 
 
-def require_admin(handler: Handler) -> Handler:
-    """`handler`, behind the admin bearer token (a 401 without a valid one)."""
+OPERATOR = web.RequestKey("fleetpki_operator", Operator)
+
+
+def require_operator(handler: Handler) -> Handler:
+    """`handler`, behind an operator's bearer token (operators.operator_for: 401 without
+    a valid one, 403 for a viewer's POST); the operator is `request[OPERATOR]`."""
 
     @wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if not hmac.compare_digest(scheme.lower(), "bearer") or not token.strip():
-            raise AuthenticationFailed("admin API needs 'Authorization: Bearer <admin token>'")
-        if not request.app[APP_STATE].registry.admin_token_valid(hash_secret(token.strip())):
-            raise AuthenticationFailed("admin token is not valid")
+        request[OPERATOR] = operator_for(
+            request.app[APP_STATE].registry, request.headers.get("Authorization"), request.method
+        )
         return await handler(request)
 
     return wrapped
+
+
+def actor_of(request: web.Request) -> str:
+    """Who the audit log says acted: the operator, by name."""
+    return request[OPERATOR].actor
 
 
 def _st(request: web.Request) -> AppState:
@@ -137,7 +144,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-@require_admin
+@require_operator
 async def list_devices(request: web.Request) -> web.Response:
     q = request.query
     limit = _query_int(request, "limit", 1000)
@@ -151,7 +158,7 @@ async def list_devices(request: web.Request) -> web.Response:
     return web.json_response({"devices": [device_json(d) for d in devices]})
 
 
-@require_admin
+@require_operator
 async def show_device(request: web.Request) -> web.Response:
     device_id = _device_id(request)
     registry = _st(request).registry
@@ -172,13 +179,13 @@ async def _notify(st: AppState, device_id: DeviceId, why: str) -> None:
 
 
 def _transition(action: str) -> Handler:
-    @require_admin
+    @require_operator
     async def handler(request: web.Request) -> web.Response:
         st = _st(request)
         device_id = _device_id(request)
         body = await _json_body(request)
         now = st.clock()
-        actor = "admin-api"
+        actor = actor_of(request)
         try:
             if action == "revoke":
                 reason = parse_reason(str(body.get("reason", "unspecified")))
@@ -215,7 +222,7 @@ def _serial(request: web.Request) -> int:
         raise BadRequest(str(exc)) from exc
 
 
-@require_admin
+@require_operator
 async def show_certificate(request: web.Request) -> web.Response:
     serial = _serial(request)
     record = _st(request).registry.get_certificate(serial)
@@ -224,7 +231,7 @@ async def show_certificate(request: web.Request) -> web.Response:
     return web.json_response({"device_id": record.device_id.value, **certificate_json(record)})
 
 
-@require_admin
+@require_operator
 async def revoke_certificate(request: web.Request) -> web.Response:
     """POST /admin/certificates/{serial}/revoke {"reason": "key-compromise"}: one certificate;
     its identity stays registered. The broker drops a session presenting it (registry event)."""
@@ -236,7 +243,7 @@ async def revoke_certificate(request: web.Request) -> web.Response:
         reason = parse_reason(str(body.get("reason", "unspecified")))
         device_id, serials = await _off_the_loop(
             st,
-            lambda r: r.revoke_certificate(serial, reason=reason, now=now, actor="admin-api"),
+            lambda r: r.revoke_certificate(serial, reason=reason, now=now, actor=actor_of(request)),
         )
     except UnknownCertificate as exc:
         raise NotFound(str(exc)) from exc
@@ -250,7 +257,7 @@ def _device_token(purpose: TokenPurpose) -> Handler:
     """POST /admin/devices/{id}/rekey or /readmit {"token_ttl": "7d"} -> a new one-time token,
     in this one response only (as POST /admin/batches gives tokens)."""
 
-    @require_admin
+    @require_operator
     async def handler(request: web.Request) -> web.Response:
         st = _st(request)
         if st.home is None:
@@ -272,7 +279,7 @@ def _device_token(purpose: TokenPurpose) -> Handler:
                     now=now,
                     out_dir=None,
                     purpose=purpose,
-                    actor="admin-api",
+                    actor=actor_of(request),
                 ),
             )
         except UnknownDevice as exc:
@@ -294,7 +301,7 @@ def _device_token(purpose: TokenPurpose) -> Handler:
     return handler
 
 
-@require_admin
+@require_operator
 async def list_batches(request: web.Request) -> web.Response:
     registry = _st(request).registry
     now = _st(request).clock()
@@ -312,7 +319,7 @@ async def list_batches(request: web.Request) -> web.Response:
     return web.json_response({"batches": out})
 
 
-@require_admin
+@require_operator
 async def create_batch(request: web.Request) -> web.Response:
     """POST /admin/batches {"count": N, "prefix": "pi-", "token_ttl": "7d"} -> ids and tokens.
 
@@ -343,7 +350,7 @@ async def create_batch(request: web.Request) -> web.Response:
                 prefix=prefix,
                 token_ttl=ttl,
                 now=now,
-                actor="admin-api",
+                actor=actor_of(request),
                 batch_id=body.get("batch_id") if isinstance(body.get("batch_id"), str) else None,
                 note=str(body.get("note", "")),
             ),
@@ -359,7 +366,7 @@ async def create_batch(request: web.Request) -> web.Response:
     return web.json_response(result.to_json(include_tokens=True), status=201)
 
 
-@require_admin
+@require_operator
 async def revoke_batch(request: web.Request) -> web.Response:
     st = _st(request)
     body = await _json_body(request)
@@ -370,7 +377,7 @@ async def revoke_batch(request: web.Request) -> web.Response:
         count = await _off_the_loop(
             st,
             lambda registry: registry.revoke_batch(
-                batch_id, reason=reason, now=now, actor="admin-api"
+                batch_id, reason=reason, now=now, actor=actor_of(request)
             ),
         )
     except UnknownBatch as exc:
@@ -381,7 +388,7 @@ async def revoke_batch(request: web.Request) -> web.Response:
     return web.json_response({"batch_id": batch_id, "revoked_devices": count})
 
 
-@require_admin
+@require_operator
 async def audit(request: web.Request) -> web.Response:
     registry = _st(request).registry
     device = request.query.get("device")

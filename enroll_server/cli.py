@@ -17,7 +17,7 @@ from rich.table import Table
 
 from enroll_server.cli_options import HomeOpt, JsonOpt, init_port, serve_port
 from enroll_server.config import ConfigError, ServerConfig
-from enroll_server.home import HomeError, hash_secret, init_home, resolve_home
+from enroll_server.home import HomeError, init_home, resolve_home
 from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
@@ -95,6 +95,7 @@ def init(
     force: Annotated[bool, typer.Option(help="Overwrite an existing home.")] = False,
 ) -> None:
     """Create the CA hierarchy, the TLS server certificate, the registry and an admin token."""
+    from enroll_server.operators import set_admin_token
     from fleetpki.duration import InvalidDuration, parse_duration
 
     root = _home(home)
@@ -134,7 +135,7 @@ def init(
     with Registry.open(result.layout.registry) as registry:
         # The registry holds token hashes and the audit trail: operator-only, like the CA files.
         os.chmod(result.layout.registry, 0o600)
-        registry.add_admin_token(hash_secret(result.admin_token), "init", now)
+        set_admin_token(registry, result.admin_token, now, actor="cli")
         registry.append_audit(
             actor="cli",
             action="ca.init",
@@ -349,7 +350,7 @@ def device_resume(device_id: str, home: HomeOpt = None) -> None:
 def _mount_sub_apps() -> None:
     """Sub-apps live with their area: `batch` (provisioning), `broker` (+ mosquitto),
     `server-cert`, simulators."""
-    from enroll_server import certificate_cli, server_certificate_cli, service_cli
+    from enroll_server import certificate_cli, operator_cli, server_certificate_cli, service_cli
     from enroll_server.broker import cli as broker_cli
     from enroll_server.broker import mosquitto_cli
     from provisioning import cli as batch_cli
@@ -366,6 +367,7 @@ def _mount_sub_apps() -> None:
         broker_cli.app.registered_commands.append(command)
     app.add_typer(broker_cli.app, name="broker")
     simulators_cli.register(app)
+    operator_cli.register(app)
 
 
 _mount_sub_apps()

@@ -12,7 +12,7 @@ from pathlib import Path
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.admin_api import admin_routes, require_admin
+from enroll_server.admin_api import admin_routes, require_operator
 from enroll_server.device_status import device_status_routes
 from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.front import EstFront
@@ -93,7 +93,7 @@ def build_admin_app(state: AppState) -> web.Application:
         [
             *admin_routes(),
             web.get("/healthz", healthz),
-            web.get("/metrics", require_admin(metrics)),
+            web.get("/metrics", require_operator(metrics)),
         ]
     )
     return app

@@ -19,7 +19,6 @@ from enroll_server.broker.server import BrokerConfig, RunningBroker, start_broke
 from enroll_server.config import ServerConfig, load_config
 from enroll_server.home import (
     LoadedHome,
-    hash_secret,
     load_home,
     renew_server_certificate,
 )
@@ -35,6 +34,7 @@ from enroll_server.http_app import (
     start_site,
 )
 from enroll_server.listen import listening
+from enroll_server.operators import bootstrap_admin
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
@@ -124,15 +124,6 @@ class ServerHandle:
         self.registry.close()
 
 
-def ensure_admin_token(loaded: LoadedHome, registry: Registry, now: datetime) -> None:
-    """Register the admin token written by init (stored hashed; idempotent)."""
-    path = loaded.layout.admin_token
-    if path.exists():
-        digest = hash_secret(path.read_text().strip())
-        if not registry.admin_token_valid(digest):
-            registry.add_admin_token(digest, "init", now)
-
-
 def renew_and_record(
     loaded: LoadedHome, now: datetime, *, actor: str, config: ServerConfig | None = None
 ) -> x509.Certificate:
@@ -198,7 +189,7 @@ async def start_server(
     crl_registry: Registry | None = None
     try:
         checkpointer.start()
-        ensure_admin_token(loaded, registry, clock())
+        bootstrap_admin(registry, loaded.layout.admin_token, clock(), actor="serve")
         profile = profile or DeviceProfile(validity=cfg.device_validity, backdate=cfg.backdate)
         service = EnrollmentService(registry, loaded.issuer, profile, profile_for)
         # First enrollments check their token in memory, not with a registry read.

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from enroll_server.config import ServerConfig, load_config
-from enroll_server.home import HomeError, HomeLayout, hash_secret, init_home
+from enroll_server.home import HomeError, HomeLayout, init_home
+from enroll_server.operators import set_admin_token
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from fleetpki.identity import DeviceId
@@ -103,7 +104,7 @@ def init_temp_home(root: Path, ports: Ports, validity: timedelta) -> HomeLayout:
     now = datetime.now(UTC)
     result = init_home(root, cfg, now)
     with Registry.open(result.layout.registry) as registry:
-        registry.add_admin_token(hash_secret(result.admin_token), "init", now)
+        set_admin_token(registry, result.admin_token, now, actor="simulator")
     return result.layout
 
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from enroll_server.config import ServerConfig
 from enroll_server.home import HomeLayout, hash_secret, init_home, new_secret
+from enroll_server.operators import set_admin_token
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.server import ServerHandle, start_server
@@ -31,7 +32,7 @@ def make_home(path: Path, **config: Any) -> HomeLayout:
     now = datetime.now(UTC)
     result = init_home(path, cfg, now)
     with Registry.open(result.layout.registry) as registry:
-        registry.add_admin_token(hash_secret(result.admin_token), "init", now)
+        set_admin_token(registry, result.admin_token, now, actor="test")
     return result.layout
 
 

@@ -136,3 +136,26 @@ class CertificateNotCurrent(RegistryError):
         self.device_id = device_id
         self.status = status
         self.reason = reason
+
+
+class UnknownOperator(RegistryError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"operator {name!r} does not exist")
+        self.name = name
+
+
+class DuplicateOperator(RegistryError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"operator {name!r} already exists (rotate its token instead)")
+        self.name = name
+
+
+class LastAdmin(RegistryError):
+    """Removing (or demoting) the only admin-role operator would lock the admin API for good."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"operator {name!r} is the only admin: add another admin first "
+            "(or rotate its token instead)"
+        )
+        self.name = name

@@ -256,3 +256,33 @@ class AuditEntry:
     action: str
     device_id: DeviceId | None
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+class OperatorRole(StrEnum):
+    """What an operator credential may do on the admin API: everything, or read only."""
+
+    ADMIN = "admin"
+    VIEWER = "viewer"
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """A named operator credential (the token itself is never stored, only SHA-256 of it)."""
+
+    name: str
+    role: OperatorRole
+    created_at: datetime
+    rotated_at: datetime | None
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names what this operator did through the admin API."""
+        return f"operator:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorCredential:
+    """An operator and the SHA-256 of its current token: what authentication compares."""
+
+    operator: Operator
+    token_hash: str

@@ -236,7 +236,31 @@ _V5 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5)
+# Operator credentials with names and roles replace the anonymous admin tokens, so one can be
+# listed, rotated and removed (a leaked token retired). Every admin token registered so far
+# keeps working: the newest (what H/admin.token holds: serve registered each new file
+# content) becomes operator 'admin', any older one 'admin-legacy-<n>', for the operator to
+# remove. Tokens stay stored as SHA-256 only.
+_V6 = Migration(
+    6,
+    "operator credentials: name, role (admin or viewer), token hash",
+    (
+        """CREATE TABLE operators (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'viewer')),
+            token_hash TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            rotated_at TEXT
+        )""",
+        "INSERT INTO operators (name, role, token_hash, created_at) "
+        "SELECT CASE WHEN rowid = (SELECT max(rowid) FROM admin_tokens) THEN 'admin' "
+        "ELSE 'admin-legacy-' || rowid END, 'admin', token_hash, created_at "
+        "FROM admin_tokens ORDER BY rowid",
+        "DROP TABLE admin_tokens",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

@@ -11,6 +11,7 @@ from enroll_server.registry.certificates import CertificateStore
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS, enable_wal
 from enroll_server.registry.devices import DeviceStore
 from enroll_server.registry.journal import Journal
+from enroll_server.registry.operators import OperatorStore
 from enroll_server.registry.revocation import RevocationStore
 from enroll_server.registry.schema import migrate
 from enroll_server.registry.tokens import TokenStore
@@ -19,8 +20,8 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
-class Registry(DeviceStore, TokenStore, CertificateStore, RevocationStore, Journal):
-    """The fleet registry: devices, batches, tokens, certificates, events and audit.
+class Registry(DeviceStore, TokenStore, CertificateStore, RevocationStore, OperatorStore, Journal):
+    """The fleet registry: devices, batches, tokens, certificates, operators, events, audit.
 
     The only place with SQL. Several processes (server, CLI, standalone broker) may open the
     same file: every write is one short BEGIN IMMEDIATE transaction, readers never block

@@ -1,15 +1,13 @@
-"""Registry part for enrollment and admin tokens (hashes only, never the tokens)."""
+"""Registry part for enrollment tokens (hashes only, never the tokens)."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime
 
 from enroll_server.registry.codec import parse_ts, ts
 from enroll_server.registry.connection import RegistryBase, token_row_problem
 from enroll_server.registry.errors import (
     DeviceNotActive,
-    InvalidValue,
     TokenRejected,
     UnknownDevice,
 )
@@ -24,7 +22,7 @@ from fleetpki.identity import DeviceId
 
 
 class TokenStore(RegistryBase):
-    """One-time enrollment tokens and operator (admin API) tokens, stored as SHA-256 only."""
+    """One-time enrollment tokens, stored as SHA-256 only (operator tokens: registry.operators)."""
 
     def add_token(
         self,
@@ -102,26 +100,3 @@ class TokenStore(RegistryBase):
         return [
             UnusedToken(int(r[0]), DeviceId(r[1]), r[2], parse_ts(r[3]), Role(r[4])) for r in rows
         ]
-
-    def add_admin_token(
-        self, token_hash: str, name: str, now: datetime, *, actor: str = "registry"
-    ) -> None:
-        """Record SHA-256(admin token); the token itself is never stored."""
-        check_sha256_hex("admin token hash", token_hash)
-        now_s = ts(now, "now")
-        with self._write() as conn:
-            try:
-                conn.execute(
-                    "INSERT INTO admin_tokens (token_hash, name, created_at) VALUES (?, ?, ?)",
-                    (token_hash, name, now_s),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise InvalidValue("admin token", name, "that token is already registered") from exc
-            self._audit(conn, now_s, actor, "admin_token.add", None, {"name": name})
-
-    def admin_token_valid(self, token_hash: str) -> bool:
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT 1 FROM admin_tokens WHERE token_hash = ?", (token_hash,)
-            ).fetchone()
-        return row is not None

@@ -32,7 +32,7 @@ def test_admin_requires_bearer_token(live_server: LiveServer) -> None:
     r = request(live_server.admin_url + "/admin/devices", live_server.client_ssl())
     assert r.status == 401 and "Bearer" in r.text
     r = admin(live_server, "GET", "/admin/devices", token="wrong")
-    assert r.status == 401 and r.text == "admin token is not valid\n"
+    assert r.status == 401 and r.text == "operator token is not valid\n"
 
 
 def test_admin_api_and_metrics_are_not_on_the_device_facing_est_port(
@@ -76,7 +76,9 @@ def test_list_show_and_revoke(live_server: LiveServer) -> None:
     assert rec is not None and rec.status is CertStatus.REVOKED
     assert rec.revocation_reason == "keyCompromise"
     audit = json.loads(admin(live_server, "GET", "/admin/audit?device=dev-adm").body)["audit"]
-    assert any(e["action"].startswith("device.revoke") and e["actor"] == "admin-api" for e in audit)
+    assert any(
+        e["action"].startswith("device.revoke") and e["actor"] == "operator:admin" for e in audit
+    )
 
 
 def test_suspend_and_resume(live_server: LiveServer) -> None:

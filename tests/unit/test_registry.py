@@ -23,17 +23,21 @@ from enroll_server.registry import (
     DeviceState,
     DuplicateBatch,
     DuplicateDevice,
+    DuplicateOperator,
     DuplicateSerial,
     EventKind,
     InvalidValue,
     IssuedCertificate,
+    LastAdmin,
     NewDevice,
+    OperatorRole,
     Registry,
     SchemaTooNew,
     TokenRejected,
     UnknownBatch,
     UnknownCertificate,
     UnknownDevice,
+    UnknownOperator,
     parse_reason,
     schema,
 )
@@ -101,7 +105,7 @@ def test_fresh_registry_is_wal_with_every_table(reg: Registry, db_path: Path) ->
             "batches",
             "audit",
             "events",
-            "admin_tokens",
+            "operators",
             "schema_version",
         }
         version = db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
@@ -762,12 +766,53 @@ def test_audit_log_filters_by_device_newest_first(reg: Registry) -> None:
     assert len(reg.audit_log(limit=2)) == 2
 
 
-def test_admin_tokens(reg: Registry) -> None:
-    reg.add_admin_token(token_hash("admin-secret"), "bootstrap", NOW)
-    assert reg.admin_token_valid(token_hash("admin-secret"))
-    assert not reg.admin_token_valid(token_hash("guess"))
+def test_operators_add_rotate_remove(reg: Registry) -> None:
+    reg.add_operator("alice", OperatorRole.ADMIN, token_hash("a1"), NOW, actor="cli")
+    reg.add_operator("victor", OperatorRole.VIEWER, token_hash("v1"), NOW, actor="cli")
+    creds = {c.operator.name: c for c in reg.operator_credentials()}
+    assert creds["alice"].token_hash == token_hash("a1")
+    assert creds["victor"].operator.role is OperatorRole.VIEWER
+    with pytest.raises(DuplicateOperator):
+        reg.add_operator("alice", OperatorRole.VIEWER, token_hash("a2"), NOW, actor="cli")
+    with pytest.raises(InvalidValue, match="already registered"):
+        reg.add_operator("bob", OperatorRole.ADMIN, token_hash("a1"), NOW, actor="cli")
+    with pytest.raises(InvalidValue, match="operator name"):
+        reg.add_operator("bad name", OperatorRole.ADMIN, token_hash("b"), NOW, actor="cli")
     with pytest.raises(InvalidValue):
-        reg.add_admin_token("not-a-hash", "x", NOW)
+        reg.add_operator("bob", OperatorRole.ADMIN, "not-a-hash", NOW, actor="cli")
+    reg.rotate_operator("alice", token_hash("a2"), NOW, actor="cli")
+    creds = {c.operator.name: c for c in reg.operator_credentials()}
+    assert creds["alice"].token_hash == token_hash("a2")
+    assert creds["alice"].operator.rotated_at == NOW
+    with pytest.raises(UnknownOperator):
+        reg.rotate_operator("nobody", token_hash("x"), NOW, actor="cli")
+    with pytest.raises(LastAdmin):
+        reg.remove_operator("alice", NOW, actor="cli")
+    reg.remove_operator("victor", NOW, actor="cli")
+    with pytest.raises(UnknownOperator):
+        reg.remove_operator("victor", NOW, actor="cli")
+    assert [o.name for o in reg.list_operators()] == ["alice"]
+    actions = [e.action for e in reg.audit_log(limit=10)]
+    assert actions[:4] == ["operator.remove", "operator.rotate", "operator.add", "operator.add"]
+
+
+def test_schema_6_turns_admin_tokens_into_operators(db_path: Path) -> None:
+    """A registry from before operators: the newest admin token becomes operator 'admin',
+    older ones 'admin-legacy-<n>', all still valid until removed."""
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TEXT)")
+        for migration in schema.MIGRATIONS[:5]:
+            for statement in migration.statements:
+                raw.execute(statement)
+            raw.execute("INSERT INTO schema_version VALUES (?, 'x')", (migration.version,))
+        for secret in ("first", "second"):
+            raw.execute(
+                "INSERT INTO admin_tokens (token_hash, name, created_at) VALUES (?, 'init', ?)",
+                (token_hash(secret), "2026-01-01T00:00:00.000000Z"),
+            )
+    with Registry.open(db_path) as reg:
+        creds = {c.operator.name: c.token_hash for c in reg.operator_credentials()}
+    assert creds == {"admin": token_hash("second"), "admin-legacy-1": token_hash("first")}
 
 
 def _open_and_add(path: str, device: str, now: datetime) -> str:
@@ -911,6 +956,8 @@ def test_v3_registry_migrates_to_certificates_without_a_fingerprint_index(
         raw.execute("DROP TABLE certificates_now")
         raw.execute("CREATE INDEX certificates_device ON certificates(device_id)")
         raw.execute(schema.MIGRATIONS[1].statements[-1])  # certificates_revoked
+        raw.execute("DROP TABLE operators")  # schema 6's, which replaced admin_tokens
+        raw.execute(next(s for s in schema.MIGRATIONS[0].statements if "admin_tokens" in s))
         raw.execute("DELETE FROM schema_version WHERE version > 3")
         unique = [r[0] for r in raw.execute("PRAGMA index_list(certificates)") if r[2]]
         assert len(unique) == 2  # serial and fingerprint: a schema 3 table
@@ -931,3 +978,27 @@ def test_v3_registry_migrates_to_certificates_without_a_fingerprint_index(
         latest = raw.execute("SELECT max(version) FROM schema_version").fetchone()[0]
         assert latest == schema.LATEST_VERSION
         assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_operator_authentication_compares_every_credential() -> None:
+    from enroll_server.operators import authenticate, may
+    from enroll_server.registry import Operator, OperatorCredential
+
+    def cred(name: str, role: OperatorRole, secret: str) -> OperatorCredential:
+        return OperatorCredential(Operator(name, role, NOW, None), token_hash(secret))
+
+    creds = [cred("a", OperatorRole.ADMIN, "sa"), cred("v", OperatorRole.VIEWER, "sv")]
+    seen: list[str] = []
+
+    def watched() -> Iterator[OperatorCredential]:
+        for c in creds:
+            seen.append(c.operator.name)
+            yield c
+
+    found = authenticate(watched(), "sa")
+    assert found is not None and found.name == "a"
+    assert seen == ["a", "v"]  # no early exit after the match
+    assert authenticate(creds, "nope") is None and authenticate([], "sa") is None
+    viewer = creds[1].operator
+    assert may(viewer, "GET") and may(viewer, "head") and not may(viewer, "POST")
+    assert may(creds[0].operator, "DELETE")
