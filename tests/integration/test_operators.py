@@ -160,3 +160,24 @@ def test_bad_operator_input_changes_nothing(live_server: LiveServer, tmp_path: P
     assert cli("operator", "rotate", "nobody", "--home", home)[0] == 3
     assert existing.read_text() == "keep"
     assert [o.name for o in live_server.registry.list_operators()] == ["admin"]
+
+
+def test_init_force_retires_the_previous_admin_token(tmp_path: Path) -> None:
+    """init --force writes a new H/admin.token over a kept registry: the old token is retired,
+    not kept beside the new one."""
+    from enroll_server.home import HomeLayout
+    from enroll_server.operators import authenticate
+    from enroll_server.registry import Registry
+
+    home = tmp_path / "home"
+    assert cli("init", "--home", str(home))[0] == 0
+    layout = HomeLayout(home)
+    old = layout.admin_token.read_text().strip()
+    code, _, stderr = cli("init", "--home", str(home), "--force")
+    assert code == 0, stderr
+    new = layout.admin_token.read_text().strip()
+    with Registry.open(layout.registry) as registry:
+        creds = registry.operator_credentials()
+    assert authenticate(creds, old) is None
+    found = authenticate(creds, new)
+    assert found is not None and found.name == "admin" and len(creds) == 1
