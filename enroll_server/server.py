@@ -34,6 +34,7 @@ from enroll_server.http_app import (
     start_site,
 )
 from enroll_server.listen import listening
+from enroll_server.manufacturers import REFRESH_INTERVAL, TrustedManufacturers
 from enroll_server.operators import bootstrap_admin
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
@@ -43,7 +44,6 @@ from enroll_server.server_certificate import CHECK_INTERVAL, ServerCertificates
 from enroll_server.service import EnrollmentService, ProfileChooser
 from enroll_server.state import AppState, utc_now
 from enroll_server.token_index import TokenIndex
-from provisioning.manufacturer import trusted_manufacturer_ca_files
 
 log = logging.getLogger("fleetpki.server")
 
@@ -191,7 +191,18 @@ async def start_server(
         checkpointer.start()
         bootstrap_admin(registry, loaded.layout.admin_token, clock(), actor="serve")
         profile = profile or DeviceProfile(validity=cfg.device_validity, backdate=cfg.backdate)
-        service = EnrollmentService(registry, loaded.issuer, profile, profile_for)
+        host = bind or cfg.bind
+        # The EST listener trusts the manufacturer CAs for birth certificates (IDevID) besides
+        # the fleet chain: TrustedManufacturers loads them into it, and the service checks each
+        # birth certificate against them as the files are at that moment.
+        tls = server_ssl_context(
+            loaded.layout.server_cert, loaded.layout.server_key, loaded.layout.chain
+        )
+        manufacturers = TrustedManufacturers(loaded.layout.root, [tls])
+        manufacturers.current()
+        service = EnrollmentService(
+            registry, loaded.issuer, profile, profile_for, manufacturers=manufacturers.current
+        )
         # First enrollments check their token in memory, not with a registry read.
         service.tokens = TokenIndex(registry)
         state = AppState(
@@ -212,13 +223,6 @@ async def start_server(
         tokens = service.tokens
         state.on_revocation.append(lambda device, why: tokens.discard(device))
         state.metrics.extra.append(tokens.metrics_text)
-        host = bind or cfg.bind
-        tls = server_ssl_context(
-            loaded.layout.server_cert,
-            loaded.layout.server_key,
-            loaded.layout.chain,
-            trusted_manufacturer_ca_files(loaded.layout.root),
-        )
         port = _port(est_port, cfg.est_port)
         with listening("EST (HTTPS)", host, port, "--est-port"):
             https = await start_est_site(build_https_app(state), host, port, tls)
@@ -241,6 +245,10 @@ async def start_server(
         handle.checkpointer = checkpointer
         tokens.start()
         handle.stoppers.append(tokens.stop)
+        refresh = asyncio.get_running_loop().create_task(
+            _refresh_manufacturers(manufacturers), name="fleetpki-manufacturers"
+        )
+        handle.stoppers.append(refresh.cancel)
     except BaseException:
         for site in (admin, http, https):
             if site is not None:
@@ -305,6 +313,17 @@ async def start_server(
         admin.port,
     )
     return handle
+
+
+async def _refresh_manufacturers(manufacturers: TrustedManufacturers) -> None:
+    """Look at H/manufacturers every few seconds, so that a CA added while the server runs is
+    trusted by the EST handshake (a removed one is refused by the service's check at once)."""
+    while True:
+        await asyncio.sleep(REFRESH_INTERVAL)
+        try:
+            manufacturers.current()
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("reading the manufacturer CAs failed: %s", exc)
 
 
 def _port(override: int | None, configured: int) -> int:

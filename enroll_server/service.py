@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -19,6 +19,7 @@ from enroll_server.errors import (
     Forbidden,
     device_inactive,
 )
+from enroll_server.pki.birth_certificate import check_birth_certificate
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.client_identity import (
     IdentityRefusal,
@@ -27,13 +28,19 @@ from enroll_server.pki.client_identity import (
     issued_by,
 )
 from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
-from enroll_server.pki.errors import CsrRejected
+from enroll_server.pki.errors import BirthCertificateRejected, CsrRejected
 from enroll_server.pki.keys import PublicKey
 from enroll_server.pki.profile import DeviceProfile, EndEntityRole
 from enroll_server.pki.template import TemplateMismatch, device_certificates
 from enroll_server.registry import Issuance, Registry, RegistryError
 from enroll_server.registry.errors import CertificateNotCurrent, DeviceNotActive, TokenRejected
-from enroll_server.registry.models import CertStatus, DeviceState, IssuedCertificate, Role
+from enroll_server.registry.models import (
+    BatchKind,
+    CertStatus,
+    DeviceState,
+    IssuedCertificate,
+    Role,
+)
 from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId, InvalidIdentifier
 
@@ -108,8 +115,12 @@ class EnrollmentService:
         issuer: Issuer,
         profile: DeviceProfile,
         profile_for: ProfileChooser | None = None,
+        manufacturers: Callable[[], Mapping[str, x509.Certificate]] | None = None,
     ) -> None:
         self.registry = registry
+        # The manufacturer CAs trusted for birth certificates, by name, as they are now
+        # (manufacturers.TrustedManufacturers.current); None trusts none (no IDevID).
+        self.manufacturers = manufacturers
         # Set by the server (start_server): unused tokens in memory, so that a first
         # enrollment skips the registry read; None reads the registry every time.
         self.tokens: TokenIndex | None = None
@@ -213,25 +224,18 @@ class EnrollmentService:
         """simpleenroll over mTLS with a factory birth certificate (IDevID, IEEE 802.1AR).
 
         TLS proved possession of the birth key and a chain to some loaded root; here: the
-        certificate must be signed by a manufacturer CA of this home (H/manufacturers/*/ca.pem,
-        re-read each time, so removing a CA file cuts it off without a restart), name a device
-        (CN = serialNumber = device id) of an IDevID batch, and be made for that very lot
-        (OU = batch id). The grant is for that device id only, so an IDevID can enroll only its
-        own device. A revoked lot (batch revoke) or device is refused. An enrolled device may
-        bootstrap again (factory reset, as BRSKI intends): every older certificate of it is
-        cut off when the new one is recorded (registry.certificates), as for a token.
+        certificate must be signed by a manufacturer CA trusted now (`manufacturers`, given by
+        the server: H/manufacturers/*/ca.pem as the files are at this call, so removing a CA
+        file cuts it off without a restart), by the very manufacturer its lot was made with,
+        name a device (CN = serialNumber = device id) of an IDevID batch, and be made for that
+        very lot (OU = batch id). The grant is for that device id only, so an IDevID can enroll
+        only its own device. A revoked lot (batch revoke) or device is refused. An enrolled
+        device may bootstrap again (factory reset, as BRSKI intends): every older certificate
+        of it is cut off when the new one is recorded (registry.certificates), as for a token.
         """
-        # Imported here: provisioning (operator tooling) depends on enroll_server, not the
-        # other way round at import time.
-        from enroll_server.registry.models import BatchKind
-        from provisioning.errors import BirthCertificateRejected
-        from provisioning.idevid import check_birth_certificate
-        from provisioning.manufacturer import load_trusted_manufacturers
-
-        # The registry lives at the home's root (HomeLayout.registry = H/registry.db).
-        trusted = load_trusted_manufacturers(self.registry.path.parent)
+        trusted = self.manufacturers() if self.manufacturers is not None else {}
         try:
-            birth = check_birth_certificate(cert, trusted, now)
+            birth = check_birth_certificate(cert, list(trusted.values()), now)
         except BirthCertificateRejected as exc:
             raise Forbidden(exc.reason) from None
         device = self.registry.get_device(birth.device_id)
@@ -242,6 +246,14 @@ class EnrollmentService:
             raise Forbidden(f"birth certificate of {birth.device_id}: no such IDevID device")
         if batch.batch_id != birth.lot:
             raise Forbidden(f"birth certificate of {birth.device_id} was made for another lot")
+        # The lot is bound to the manufacturer it was made with (batch create --manufacturer):
+        # another trusted factory cannot enroll it by writing its lot id into the OU.
+        # Lots recorded before schema 7 name none and take any trusted manufacturer.
+        if batch.manufacturer is not None and trusted.get(batch.manufacturer) != birth.manufacturer:
+            raise Forbidden(
+                f"birth certificate of {birth.device_id} was not signed by manufacturer "
+                f"{batch.manufacturer}, whose lot {batch.batch_id} it names"
+            )
         if device.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
             raise device_inactive(device.device_id.value, device.state.value)
         return Authorization(Grant(device.device_id, _role(device.role)), actor="device-idevid")

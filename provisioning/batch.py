@@ -382,6 +382,7 @@ def _register(
         return registry.create_batch(
             batch_id, devices, kind=kind.value, token_ttl=ttl, now=now, actor=actor,
             note=request.note,
+            manufacturer=request.idevid.manufacturer if request.idevid is not None else None,
         )  # fmt: skip
     except DuplicateDevice as exc:
         raise source.conflict(exc.device_id) from exc

@@ -104,14 +104,3 @@ class ManufacturerError(ProvisioningError):
         super().__init__(f"manufacturer CA {name!r}: {why}")
         self.name = name
         self.why = why
-
-
-class BirthCertificateRejected(ProvisioningError):
-    """A factory birth certificate (IDevID) that does not authorize an enrollment.
-
-    `reason` is one line that names no secret; the service turns it into HTTP 403.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason

@@ -12,6 +12,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from enroll_server.home import PASSPHRASE_ENV, HomeLayout
+from enroll_server.manufacturers import (
+    CA_CERT,
+    MANUFACTURERS_DIR,
+    manufacturers_dir,
+    trusted_manufacturer_ca_files,
+)
 from enroll_server.pki.ca import CA_BACKDATE
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.keys import (
@@ -27,13 +33,22 @@ from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
 from fleetpki.identity import is_valid_id
 from provisioning.errors import ManufacturerError
 
-MANUFACTURERS_DIR = "manufacturers"
 DEFAULT_MANUFACTURER = "factory"
-CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 # IEEE 802.1AR 7.2.7.2 expects an IDevID (and so its CA) to outlive the device; 25 years
 # covers industrial equipment without reaching for the 9999 "no expiry" date.
 CA_VALIDITY = timedelta(days=25 * 366)
+
+
+__all__ = [
+    "CA_CERT",
+    "MANUFACTURERS_DIR",
+    "ManufacturerCa",
+    "build_manufacturer_ca",
+    "load_or_create_manufacturer",
+    "manufacturers_dir",
+    "trusted_manufacturer_ca_files",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,37 +58,10 @@ class ManufacturerCa:
     key: PrivateKey
 
 
-def manufacturers_dir(home: Path) -> Path:
-    return Path(home) / MANUFACTURERS_DIR
-
-
 def _folder(home: Path, name: str) -> Path:
     if not is_valid_id(name):
         raise ManufacturerError(name, "names use letters, digits, '-' and '_' only")
     return manufacturers_dir(home) / name
-
-
-def trusted_manufacturer_ca_files(home: Path) -> list[Path]:
-    """Every manufacturer CA certificate of the home (H/manufacturers/<name>/ca.pem).
-
-    The EST TLS server must load these as client-verification roots in addition to the
-    fleet chain, or a device cannot present its birth certificate at all.
-    """
-    folder = manufacturers_dir(home)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob(f"*/{CA_CERT}") if p.is_file())
-
-
-def load_trusted_manufacturers(home: Path) -> list[x509.Certificate]:
-    """The manufacturer CA certificates; an unreadable file is skipped (trusts nothing)."""
-    out: list[x509.Certificate] = []
-    for path in trusted_manufacturer_ca_files(home):
-        try:
-            out.append(x509.load_pem_x509_certificate(path.read_bytes()))
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 def build_manufacturer_ca(key: PrivateKey, name: str, now: datetime) -> x509.Certificate:

@@ -29,3 +29,14 @@ class BadPassphrase(PkiError):
     def __init__(self, what: str) -> None:
         super().__init__(f"cannot decrypt {what}: wrong passphrase or corrupt key file")
         self.what = what
+
+
+class BirthCertificateRejected(PkiError):
+    """A factory birth certificate (IDevID) that does not authorize an enrollment.
+
+    `reason` is one line that names no secret; the service turns it into HTTP 403.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

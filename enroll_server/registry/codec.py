@@ -91,10 +91,11 @@ def batch_from_row(row: tuple[Any, ...]) -> Batch:
         token_ttl=timedelta(seconds=int(row[3])),
         note=row[4],
         kind=BatchKind(row[5]),
+        manufacturer=row[6],
     )
 
 
-BATCH_COLUMNS = "id, created_at, device_count, token_ttl_seconds, note, kind"
+BATCH_COLUMNS = "id, created_at, device_count, token_ttl_seconds, note, kind, manufacturer"
 
 
 def certificate_from_row(row: tuple[Any, ...]) -> CertificateRecord:

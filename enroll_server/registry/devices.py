@@ -55,8 +55,12 @@ class DeviceStore(RegistryBase):
         now: datetime,
         actor: str,
         note: str = "",
+        manufacturer: str | None = None,
     ) -> int:
         """Register a factory batch and its devices, all or nothing; returns the device count.
+
+        `manufacturer`: for an IDevID lot, the manufacturer CA whose birth certificates alone
+        may enroll it (required for kind idevid, refused for token batches).
 
         A device id seen twice (in `devices` or already registered) raises DuplicateDevice
         and leaves the registry unchanged. `devices` is consumed lazily, in chunks.
@@ -66,6 +70,10 @@ class DeviceStore(RegistryBase):
             raise InvalidValue("token ttl", token_ttl, "must be positive")
         if not batch_id:
             raise InvalidValue("batch id", batch_id, "must not be empty")
+        if (manufacturer is None) != (batch_kind is BatchKind.TOKEN):
+            raise InvalidValue(
+                "manufacturer", manufacturer, "an IDevID lot names one, a token batch none"
+            )
         now_s = ts(now, "now")
         default_expiry = ts(now + token_ttl)
         source = iter(devices)
@@ -74,8 +82,15 @@ class DeviceStore(RegistryBase):
             try:
                 conn.execute(
                     "INSERT INTO batches (id, created_at, device_count, token_ttl_seconds, note, "
-                    "kind) VALUES (?, ?, 0, ?, ?, ?)",
-                    (batch_id, now_s, int(token_ttl.total_seconds()), note, batch_kind.value),
+                    "kind, manufacturer) VALUES (?, ?, 0, ?, ?, ?, ?)",
+                    (
+                        batch_id,
+                        now_s,
+                        int(token_ttl.total_seconds()),
+                        note,
+                        batch_kind.value,
+                        manufacturer,
+                    ),
                 )
             except sqlite3.IntegrityError as exc:
                 raise DuplicateBatch(batch_id) from exc
@@ -125,7 +140,13 @@ class DeviceStore(RegistryBase):
                 actor,
                 "batch.create",
                 None,
-                {"batch_id": batch_id, "kind": batch_kind.value, "devices": count, "note": note},
+                {
+                    "batch_id": batch_id,
+                    "kind": batch_kind.value,
+                    "devices": count,
+                    "note": note,
+                    **({"manufacturer": manufacturer} if manufacturer else {}),
+                },
             )
         return count
 

@@ -174,6 +174,9 @@ class Batch:
     token_ttl: timedelta
     note: str
     kind: BatchKind
+    # IDevID lots: the manufacturer (H/manufacturers/<name>) whose birth certificates alone
+    # may enroll the lot; None for token batches and IDevID lots from before schema 7.
+    manufacturer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -260,7 +260,16 @@ _V6 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
+# An IDevID lot is bound to the manufacturer whose CA made its birth certificates: the
+# service refuses another trusted manufacturer's certificate naming the lot. Lots created
+# before keep NULL (no binding recorded: any trusted manufacturer, as before).
+_V7 = Migration(
+    7,
+    "the manufacturer of each IDevID lot",
+    ("ALTER TABLE batches ADD COLUMN manufacturer TEXT",),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

@@ -7,17 +7,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-import enroll_server.server
 from device_agent.config import AgentConfig, load_config
 from device_agent.errors import EstRejected
 from device_agent.est_client import EstClient
@@ -25,12 +23,14 @@ from device_agent.est_wire import build_csr
 from device_agent.keys import KeyType, generate_key
 from enroll_server.config import load_config as load_server_config
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.http_app import server_ssl_context
-from enroll_server.registry import DeviceState
+from enroll_server.home import HomeLayout
+from enroll_server.pki import keys as pki_keys
+from enroll_server.registry import DeviceState, Registry
 from fleetpki.identity import DeviceId
 from provisioning.batch import BatchRequest, IdevidOptions, create_batch
+from provisioning.idevid import build_birth_certificate
 from provisioning.lifecycle import reissue_token, revoke_batch
-from provisioning.manufacturer import trusted_manufacturer_ca_files
+from provisioning.manufacturer import load_or_create_manufacturer, trusted_manufacturer_ca_files
 from tests.est_client import Reply, enroll_headers, request
 from tests.live_server import LiveServer, make_home, start_live_server
 from tests.pki_helpers import csr_der, make_csr
@@ -236,36 +236,29 @@ def test_revoked_lot_cannot_enroll(server: LiveServer, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ IDevID
 
 
-@pytest.fixture
-def idevid_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[LiveServer, Path, str]]:
-    """A service whose TLS layer also trusts the home's manufacturer CAs for client certs:
-    the change to server_ssl_context that http_app/server need (see provisioning report)."""
-    home = tmp_path / "home"
-    layout = make_home(home)
-    lot = tmp_path / "lot"
-    from enroll_server.registry import Registry
-
+def idevid_lot(
+    layout: HomeLayout, out: Path, manufacturer: str = "acme", prefix: str = "sn-"
+) -> str:
+    """`fleetpki batch create --idevid --manufacturer M --count 3 --prefix P --out OUT`."""
     with Registry.open(layout.registry) as registry:
-        batch_id = create_batch(
+        return create_batch(
             registry,
             layout,
             load_server_config(layout.config),
-            BatchRequest(count=3, prefix="sn-", out_dir=lot, idevid=IdevidOptions("acme")),
+            BatchRequest(count=3, prefix=prefix, out_dir=out, idevid=IdevidOptions(manufacturer)),
             now=datetime.now(UTC),
             actor="test",
         ).batch_id
 
-    # Tolerant of extra arguments: once server.py passes the manufacturer CAs itself, loading
-    # them twice is harmless and this patch can go.
-    def with_manufacturers(*args: Any, **kwargs: Any) -> ssl.SSLContext:
-        ctx = server_ssl_context(*args, **kwargs)
-        for path in trusted_manufacturer_ca_files(home):
-            ctx.load_verify_locations(cafile=str(path))
-        return ctx
 
-    monkeypatch.setattr(enroll_server.server, "server_ssl_context", with_manufacturers)
+@pytest.fixture
+def idevid_server(tmp_path: Path) -> Iterator[tuple[LiveServer, Path, str]]:
+    """A service on a home with an IDevID lot of manufacturer acme (its TLS layer trusts the
+    manufacturer CA for client certificates)."""
+    home = tmp_path / "home"
+    layout = make_home(home)
+    lot = tmp_path / "lot"
+    batch_id = idevid_lot(layout, lot)
     live = start_live_server(home)
     try:
         yield live, lot, batch_id
@@ -303,3 +296,86 @@ def test_idevid_bootstrap_over_mtls(idevid_server: tuple[LiveServer, Path, str])
     )
     refused = birth_enroll(server, lot / "sn-000003")
     assert refused.status == 403 and "revoked" in refused.text
+
+
+def test_removing_a_manufacturer_ca_cuts_it_off_while_serving(
+    idevid_server: tuple[LiveServer, Path, str],
+) -> None:
+    """The CA file is the trust: deleted while the server runs, the next birth certificate of
+    that manufacturer is refused (the TLS handshake still completes: OpenSSL cannot drop a
+    trust anchor from a live context; the service's check refuses it)."""
+    server, lot, _ = idevid_server
+    enrolled = birth_enroll(server, lot / "sn-000001")
+    assert enrolled.status == 200
+    acme = load_or_create_manufacturer(server.layout, "acme", datetime.now(UTC))
+    for path in trusted_manufacturer_ca_files(server.layout.root):
+        path.unlink()
+    refused = birth_enroll(server, lot / "sn-000002")
+    assert refused.status == 403, refused.text
+    assert "not issued by a manufacturer CA" in refused.text
+    assert server.registry.certificates_of(DeviceId("sn-000002")) == []
+    # Nor does the removed CA get anything through re-enrollment: a copy of sn-000001's
+    # fleet certificate (subject, serial, SAN) signed by it passes the TLS handshake, which
+    # still trusts the CA, and is refused by the service.
+    fleet = leaf(decode_certs_only(enrolled.body))
+    key = pki_keys.generate_key(pki_keys.KeyType.EC_P256)
+    copy = (
+        x509.CertificateBuilder()
+        .subject_name(fleet.subject)
+        .issuer_name(acme.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(fleet.serial_number)
+        .not_valid_before(fleet.not_valid_before_utc)
+        .not_valid_after(fleet.not_valid_after_utc)
+        .add_extension(fleet.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value, False)
+        .add_extension(
+            fleet.extensions.get_extension_for_class(x509.SubjectAlternativeName).value, False
+        )
+        .sign(acme.key, pki_keys.signature_hash(acme.key))
+    )
+    cert_path, key_path = server.layout.root / "copy.pem", server.layout.root / "copy.key"
+    cert_path.write_bytes(copy.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(pki_keys.private_key_pem(key, None))
+    body = base64.b64encode(
+        csr_der(make_csr(pki_keys.generate_key(pki_keys.KeyType.EC_P256), "sn-000001"))
+    )
+    reply = request(
+        server.est_url + EST + "/simplereenroll",
+        server.client_ssl(cert_path, key_path),
+        "POST",
+        body,
+        {"Content-Type": "application/pkcs10"},
+    )
+    assert reply.status == 403, reply.text
+    assert len(server.registry.certificates_of(DeviceId("sn-000001"))) == 1
+
+
+def test_a_lot_enrolls_only_with_its_own_manufacturer(tmp_path: Path) -> None:
+    """Factory B's genuine birth certificate naming factory A's lot (OU) is refused: each
+    IDevID lot is bound to the manufacturer it was made with."""
+    home = tmp_path / "home"
+    layout = make_home(home)
+    lot_a = idevid_lot(layout, tmp_path / "a", manufacturer="factory-a", prefix="a-")
+    idevid_lot(layout, tmp_path / "b", manufacturer="factory-b", prefix="b-")
+    with Registry.open(layout.registry) as registry:
+        batch = registry.get_batch(lot_a)
+        assert batch is not None and batch.manufacturer == "factory-a"
+    factory_b = load_or_create_manufacturer(layout, "factory-b", datetime.now(UTC))
+    key = pki_keys.generate_key(pki_keys.KeyType.EC_P256)
+    forged = build_birth_certificate(
+        key.public_key(), DeviceId("a-000001"), lot_a, factory_b, datetime.now(UTC)
+    )
+    bundle = tmp_path / "forged"
+    bundle.mkdir()
+    (bundle / "idevid.pem").write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    (bundle / "idevid.key").write_bytes(pki_keys.private_key_pem(key, None))
+    server = start_live_server(home)
+    try:
+        refused = birth_enroll(server, bundle, cn="a-000001")
+        assert refused.status == 403, refused.text
+        assert "was not signed by manufacturer factory-a" in refused.text
+        assert server.registry.certificates_of(DeviceId("a-000001")) == []
+        # Factory A's own birth certificate for the same device enrolls.
+        assert birth_enroll(server, tmp_path / "a" / "a-000001").status == 200
+    finally:
+        server.stop()

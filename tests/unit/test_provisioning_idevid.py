@@ -19,7 +19,8 @@ from cryptography.x509.oid import NameOID
 from enroll_server.config import load_config
 from enroll_server.errors import BadRequest, DeviceRevoked, Forbidden
 from enroll_server.home import HomeLayout, load_home
-from enroll_server.pki.errors import BadPassphrase
+from enroll_server.manufacturers import TrustedManufacturers
+from enroll_server.pki.errors import BadPassphrase, BirthCertificateRejected
 from enroll_server.pki.keys import KeyType, generate_key, load_private_key_pem
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import BatchKind, CertStatus, DeviceState, Registry
@@ -27,7 +28,7 @@ from enroll_server.service import EnrollmentService
 from fleetpki.identity import DeviceId
 from provisioning.batch import BatchRequest, IdevidOptions, create_batch
 from provisioning.csr_list import scan_csr_list
-from provisioning.errors import BirthCertificateRejected, CsrListError, InvalidBatchOption
+from provisioning.errors import CsrListError, InvalidBatchOption
 from provisioning.idevid import build_birth_certificate, check_birth_certificate
 from provisioning.lifecycle import revoke_batch
 from provisioning.manufacturer import (
@@ -265,7 +266,10 @@ def enroll_csr(device: str) -> bytes:
 
 @pytest.fixture
 def service(layout: HomeLayout, registry: Registry) -> EnrollmentService:
-    return EnrollmentService(registry, load_home(layout.root).issuer, DeviceProfile())
+    trusted = TrustedManufacturers(layout.root)
+    return EnrollmentService(
+        registry, load_home(layout.root).issuer, DeviceProfile(), manufacturers=trusted.current
+    )
 
 
 def test_service_bootstrap_with_birth_certificate(
@@ -339,3 +343,21 @@ def test_service_refuses_foreign_and_misplaced_birth_certificates(
         path.unlink()
     with pytest.raises(Forbidden, match="manufacturer"):
         service.authorize_bootstrap_certificate(cert, NOW)
+
+
+def test_trusted_manufacturers_follow_the_folder(layout: HomeLayout) -> None:
+    """Added CA: trusted and loaded into the TLS context; removed CA: no longer trusted."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trusted = TrustedManufacturers(layout.root, [ctx])
+    assert trusted.current() == {}
+    acme = load_or_create_manufacturer(layout, "acme", NOW)
+    assert trusted.current() == {"acme": acme.cert}
+    anchors = ctx.cert_store_stats()["x509_ca"]
+    assert anchors == 1
+    other = load_or_create_manufacturer(layout, "other", NOW)
+    assert trusted.current() == {"acme": acme.cert, "other": other.cert}
+    assert ctx.cert_store_stats()["x509_ca"] == 2
+    (layout.root / "manufacturers" / "acme" / "ca.pem").unlink()
+    assert trusted.current() == {"other": other.cert}
