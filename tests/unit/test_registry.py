@@ -130,11 +130,15 @@ def test_reopen_keeps_data_and_does_not_migrate_again(db_path: Path) -> None:
 def test_newer_schema_is_refused(db_path: Path) -> None:
     Registry.open(db_path).close()
     with sqlite3.connect(db_path) as raw:
-        raw.execute("INSERT INTO schema_version (version, applied_at) VALUES (7, 'x')")
+        raw.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?, 'x')",
+            (schema.LATEST_VERSION + 1,),
+        )
     with pytest.raises(SchemaTooNew) as info:
         Registry.open(db_path)
-    assert (info.value.found, info.value.known) == (7, schema.LATEST_VERSION)
-    assert "7" in str(info.value)
+    newer = schema.LATEST_VERSION + 1
+    assert (info.value.found, info.value.known) == (newer, schema.LATEST_VERSION)
+    assert str(newer) in str(info.value)
 
 
 def test_older_schema_gets_missing_migrations(
