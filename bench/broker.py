@@ -64,11 +64,11 @@ from enroll_server.pki.ca import (  # noqa: E402
 from enroll_server.pki.keys import KeyType, generate_key, private_key_pem  # noqa: E402
 from enroll_server.pki.profile import (  # noqa: E402
     DeviceProfile,
-    EndEntityRole,
     build_device_certificate,
 )
 from enroll_server.registry import IssuedCertificate, NewDevice, Registry  # noqa: E402
 from fleetpki.identity import DeviceId  # noqa: E402
+from fleetpki.topics import Role  # noqa: E402
 
 HOST = "127.0.0.1"
 BROKER_CPU = 0
@@ -129,7 +129,7 @@ def build_fleet(root: Path, n: int) -> Fleet:
     certs_dir.mkdir()
     profile = DeviceProfile(validity=timedelta(days=2))
 
-    def issue(name: str, role: EndEntityRole) -> Path:
+    def issue(name: str, role: Role) -> Path:
         did = DeviceId(name)
         cert = build_device_certificate(device_key.public_key(), did, issuer, now, profile, role)
         path = certs_dir / f"{name}.pem"
@@ -150,9 +150,9 @@ def build_fleet(root: Path, n: int) -> Fleet:
         )
         return path
 
-    devices = [(i, issue(i, EndEntityRole.DEVICE), key_path) for i in ids]
+    devices = [(i, issue(i, Role.DEVICE), key_path) for i in ids]
     registry.add_device(DeviceId("backend"), role="service", now=now, actor="bench")
-    service = ("backend", issue("backend", EndEntityRole.SERVICE), key_path)
+    service = ("backend", issue("backend", Role.SERVICE), key_path)
     registry.close()
     return Fleet(
         root,

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from enroll_server.home import LoadedHome, load_home
 from enroll_server.pki.keys import generate_key, private_key_pem
-from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.registry import (
     CertStatus,
     Device,
@@ -158,7 +158,7 @@ def _issue(
     # with the current certificate) before 2/3 of it, as the agent does.
     profile = DeviceProfile(validity=loaded.config.device_validity, backdate=loaded.config.backdate)
     cert = build_device_certificate(
-        key.public_key(), service_id, loaded.issuer, now, profile, role=EndEntityRole.SERVICE
+        key.public_key(), service_id, loaded.issuer, now, profile, role=Role.SERVICE
     )
     der = cert.public_bytes(serialization.Encoding.DER)
     pem = cert.public_bytes(serialization.Encoding.PEM)

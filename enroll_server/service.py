@@ -30,7 +30,7 @@ from enroll_server.pki.client_identity import (
 from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
 from enroll_server.pki.errors import BirthCertificateRejected, CsrRejected
 from enroll_server.pki.keys import PublicKey
-from enroll_server.pki.profile import DeviceProfile, EndEntityRole
+from enroll_server.pki.profile import DeviceProfile
 from enroll_server.pki.template import TemplateMismatch, device_certificates
 from enroll_server.registry import Issuance, Registry, RegistryError
 from enroll_server.registry.errors import CertificateNotCurrent, DeviceNotActive, TokenRejected
@@ -39,7 +39,6 @@ from enroll_server.registry.models import (
     CertStatus,
     DeviceState,
     IssuedCertificate,
-    Role,
 )
 from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId, InvalidIdentifier
@@ -97,10 +96,6 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _role(role: Role) -> EndEntityRole:
-    return EndEntityRole.SERVICE if role is Role.SERVICE else EndEntityRole.DEVICE
-
-
 # Chooses the profile (certificate lifetime, backdating) of one device's next certificate.
 ProfileChooser = Callable[[DeviceId], DeviceProfile]
 
@@ -146,7 +141,7 @@ class EnrollmentService:
             if role is not None:
                 # Vouched for by the index; the commit re-checks token and device (see
                 # enroll_server.token_index), and `settle` reports what it refuses.
-                return Authorization(Grant(device_id, _role(role)), token_hash=digest)
+                return Authorization(Grant(device_id, role), token_hash=digest)
         try:
             # One read for token and device.
             holder = self.registry.check_token_holder(device_id, digest, now)
@@ -157,7 +152,7 @@ class EnrollmentService:
                 device = self.registry.get_device(device_id)
                 if device is not None and device.state is DeviceState.ACTIVE:
                     return Authorization(
-                        Grant(device_id, _role(device.role)),
+                        Grant(device_id, device.role),
                         token_hash=digest,
                         retry_of_used_token=True,
                     )
@@ -167,7 +162,7 @@ class EnrollmentService:
             raise device_inactive(device_id.value, holder.state.value)
         if tokens is not None:
             tokens.unknown_token_seen()  # a batch created since the index last read, likely
-        return Authorization(Grant(device_id, _role(holder.role)), token_hash=digest)
+        return Authorization(Grant(device_id, holder.role), token_hash=digest)
 
     def authorize_certificate(self, cert: x509.Certificate, now: datetime) -> Authorization:
         """Re-enrollment (RFC 7030 4.2.2) with the current certificate, already TLS-verified.
@@ -214,7 +209,7 @@ class EnrollmentService:
         # power cut before storing it; that renewal then supersedes the unused one. The
         # registry re-checks this when it records the renewal (registry.certificates).
         return Authorization(
-            Grant(record.device_id, _role(device.role)),
+            Grant(record.device_id, device.role),
             supersedes_serial=cert.serial_number,
         )
 
@@ -256,7 +251,7 @@ class EnrollmentService:
             )
         if device.state in (DeviceState.REVOKED, DeviceState.SUSPENDED):
             raise device_inactive(device.device_id.value, device.state.value)
-        return Authorization(Grant(device.device_id, _role(device.role)), actor="device-idevid")
+        return Authorization(Grant(device.device_id, device.role), actor="device-idevid")
 
     # --- issuance ----------------------------------------------------------------------
     def enroll(self, csr_der: bytes, auth: Authorization, now: datetime) -> Enrollment:

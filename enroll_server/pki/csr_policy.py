@@ -13,8 +13,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorit
 from enroll_server.pki import der
 from enroll_server.pki.errors import CsrRejected, UnsupportedKey
 from enroll_server.pki.keys import KeyType, PublicKey, key_type_of
-from enroll_server.pki.profile import EndEntityRole
 from fleetpki.identity import SERVICE_URN_PREFIX, URN_PREFIX, DeviceId
+from fleetpki.topics import Role
 
 # A P-384 or RSA-4096 CSR with a few extensions is < 2 KiB of DER; 16 KiB leaves ample room
 # for any honest request and bounds what an unauthenticated peer can make us parse.
@@ -27,7 +27,7 @@ class Grant:
     """What an authenticated caller may obtain: authorization yields it, the issuer enforces it."""
 
     device_id: DeviceId
-    role: EndEntityRole = EndEntityRole.DEVICE
+    role: Role = Role.DEVICE
     key_types: frozenset[KeyType] = field(default=DEFAULT_KEY_TYPES)
 
 
@@ -112,7 +112,7 @@ def _check_extensions(csr: x509.CertificateSigningRequest, grant: Grant) -> None
         if isinstance(value, x509.KeyUsage) and (value.key_cert_sign or value.crl_sign):
             raise CsrRejected("CSR requests keyCertSign/cRLSign key usage")
         if isinstance(value, x509.SubjectAlternativeName):
-            prefix = SERVICE_URN_PREFIX if grant.role is EndEntityRole.SERVICE else URN_PREFIX
+            prefix = SERVICE_URN_PREFIX if grant.role is Role.SERVICE else URN_PREFIX
             ours = prefix + grant.device_id.value
             for name in value:
                 if not (isinstance(name, x509.UniformResourceIdentifier) and name.value == ours):

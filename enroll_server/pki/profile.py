@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 
 from cryptography import x509
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
@@ -13,11 +12,7 @@ from enroll_server.pki.ca import Issuer, authority_key_identifier, crl_distribut
 from enroll_server.pki.keys import PublicKey, signature_hash
 from enroll_server.pki.serial import new_serial
 from fleetpki.identity import SERVICE_URN_PREFIX, URN_PREFIX, DeviceId
-
-
-class EndEntityRole(StrEnum):
-    DEVICE = "device"
-    SERVICE = "service"
+from fleetpki.topics import Role
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +48,9 @@ SIGNATURE_ONLY_KEY_USAGE = x509.KeyUsage(
 )
 
 
-def end_entity_uri(device_id: DeviceId, role: EndEntityRole) -> str:
+def end_entity_uri(device_id: DeviceId, role: Role) -> str:
     """The SAN URI of a device or service certificate."""
-    prefix = SERVICE_URN_PREFIX if role is EndEntityRole.SERVICE else URN_PREFIX
+    prefix = SERVICE_URN_PREFIX if role is Role.SERVICE else URN_PREFIX
     return prefix + device_id.value
 
 
@@ -65,7 +60,7 @@ def build_device_certificate(
     issuer: Issuer,
     now: datetime,
     profile: DeviceProfile,
-    role: EndEntityRole = EndEntityRole.DEVICE,
+    role: Role = Role.DEVICE,
     serial: int | None = None,
 ) -> x509.Certificate:
     """Build and sign the client certificate of one device (the profile of DESIGN.md).

@@ -31,12 +31,12 @@ from enroll_server.pki.errors import PkiError
 from enroll_server.pki.keys import PrivateKey, PublicKey, signature_hash
 from enroll_server.pki.profile import (
     DeviceProfile,
-    EndEntityRole,
     build_device_certificate,
     end_entity_uri,
 )
 from enroll_server.pki.serial import new_serial
 from fleetpki.identity import DeviceId
+from fleetpki.topics import Role
 
 _OID_SAN = bytes.fromhex("0603551d11")  # id-ce-subjectAltName, 2.5.29.17
 _OID_SKI = bytes.fromhex("0603551d0e")  # id-ce-subjectKeyIdentifier, 2.5.29.14
@@ -151,7 +151,7 @@ class CertificateTemplate:
         now: datetime,
         profile: DeviceProfile,
         serial: int,
-        role: EndEntityRole = EndEntityRole.DEVICE,
+        role: Role = Role.DEVICE,
     ) -> tuple[bytes, datetime, datetime]:
         """(TBSCertificate DER, notBefore, notAfter) of build_device_certificate's certificate."""
         if now.tzinfo is None:
@@ -194,7 +194,7 @@ class CertificateTemplate:
         device_id: DeviceId,
         now: datetime,
         profile: DeviceProfile,
-        role: EndEntityRole = EndEntityRole.DEVICE,
+        role: Role = Role.DEVICE,
         serial: int | None = None,
     ) -> SignedCertificate:
         """Encode and sign one certificate (RFC 5280 4.1: TBS, algorithm, signature)."""
@@ -222,7 +222,7 @@ class BuilderCertificates:
         device_id: DeviceId,
         now: datetime,
         profile: DeviceProfile,
-        role: EndEntityRole = EndEntityRole.DEVICE,
+        role: Role = Role.DEVICE,
         serial: int | None = None,
     ) -> SignedCertificate:
         cert = build_device_certificate(

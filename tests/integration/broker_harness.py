@@ -29,7 +29,7 @@ from enroll_server.broker.acl import ADMISSION_KEY
 from enroll_server.broker.policy import Admission, common_name
 from enroll_server.pki.ca import build_server_certificate
 from enroll_server.pki.keys import KeyType, PrivateKey, generate_key, private_key_pem
-from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.registry import Registry
 from fleetpki.identity import SERVICE_URN_PREFIX, DeviceId
 from fleetpki.topics import Role
@@ -125,7 +125,7 @@ class Fleet:
             self.ca.issuing,
             now,
             profile,
-            EndEntityRole(role),
+            Role(role),
         )
         if register:
             did = DeviceId(device_id)

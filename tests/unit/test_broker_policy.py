@@ -21,7 +21,7 @@ from enroll_server.broker.policy import (
 )
 from enroll_server.pki.ca import build_server_certificate
 from enroll_server.pki.keys import KeyType, generate_key
-from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.registry.models import (
     CertificateRecord,
     CertStatus,
@@ -72,7 +72,7 @@ def _cert(ca: MemoryCa, device_id: str, role: str = "device") -> x509.Certificat
         ca.issuing,
         NOW,
         DeviceProfile(validity=timedelta(days=30)),
-        EndEntityRole(role),
+        Role(role),
     )
 
 

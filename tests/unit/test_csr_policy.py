@@ -19,8 +19,8 @@ from enroll_server.pki.csr_policy import (
 )
 from enroll_server.pki.errors import CsrRejected
 from enroll_server.pki.keys import KeyType, generate_key
-from enroll_server.pki.profile import EndEntityRole
 from fleetpki.identity import DeviceId
+from fleetpki.topics import Role
 from tests.pki_helpers import csr_der, make_csr
 
 GRANT = Grant(DeviceId("dev-1"))
@@ -186,7 +186,7 @@ def test_foreign_san_is_rejected(name: x509.GeneralName) -> None:
 
 
 def test_service_grant_expects_service_urn() -> None:
-    grant = Grant(DeviceId("backend"), role=EndEntityRole.SERVICE)
+    grant = Grant(DeviceId("backend"), role=Role.SERVICE)
     san = x509.SubjectAlternativeName(
         [x509.UniformResourceIdentifier("urn:fleetpki:device:backend")]
     )

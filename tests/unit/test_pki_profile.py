@@ -12,9 +12,10 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from enroll_server.pki import serial as serial_module
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.keys import KeyType, generate_key, key_type_of
-from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.pki.serial import new_serial
 from fleetpki.identity import DeviceId
+from fleetpki.topics import Role
 from tests.pki_helpers import URLS, MemoryCa, make_ca
 
 
@@ -92,7 +93,7 @@ def test_service_certificate_uses_service_urn(ca: MemoryCa) -> None:
         ca.issuing,
         datetime.now(UTC),
         DeviceProfile(),
-        role=EndEntityRole.SERVICE,
+        role=Role.SERVICE,
     )
     san = ext(cert, x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [

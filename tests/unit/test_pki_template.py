@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from enroll_server.pki import der
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.keys import KeyType, generate_key
-from enroll_server.pki.profile import DeviceProfile, EndEntityRole, build_device_certificate
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.pki.serial import new_serial
 from enroll_server.pki.template import (
     BuilderCertificates,
@@ -22,6 +22,7 @@ from enroll_server.pki.template import (
     device_certificates,
 )
 from fleetpki.identity import DeviceId
+from fleetpki.topics import Role
 from tests.pki_helpers import MemoryCa, make_ca
 
 NOW = datetime(2026, 12, 3, 7, 45, 12, 987654, tzinfo=UTC)
@@ -33,7 +34,7 @@ def _same_as_builder(
     device: str,
     now: datetime,
     profile: DeviceProfile,
-    role: EndEntityRole = EndEntityRole.DEVICE,
+    role: Role = Role.DEVICE,
 ) -> x509.Certificate:
     """Issue with the template and the builder for the same inputs; assert the TBS agree."""
     serial = new_serial()
@@ -69,9 +70,9 @@ def test_every_issuer_key_type(ca_kind: KeyType) -> None:
         _same_as_builder(ca.issuing, key, "dev-0001", NOW, DeviceProfile())
 
 
-@pytest.mark.parametrize("role", list(EndEntityRole))
+@pytest.mark.parametrize("role", list(Role))
 @pytest.mark.parametrize("device", ["a", "dev-0001", "X" * 64, "Z9_" + "-" * 40])
-def test_roles_and_id_lengths(ca: MemoryCa, role: EndEntityRole, device: str) -> None:
+def test_roles_and_id_lengths(ca: MemoryCa, role: Role, device: str) -> None:
     # 64-character ids push the subject, SAN and TBS lengths past the short DER form.
     cert = _same_as_builder(
         ca.issuing, generate_key(KeyType.EC_P384).public_key(), device, NOW, DeviceProfile(), role
