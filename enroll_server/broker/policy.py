@@ -163,7 +163,7 @@ def decide_connect(
     # `now`, clientAuth, the registry's very certificate (fingerprint) of a registered
     # identity whose role its SAN URI names. The TLS layer trusts only the fleet chain here.
     identity = check_client_certificate(
-        cert, device, cert_record, now, fingerprint_sha256=fingerprint_sha256
+        cert, device, cert_record, now, fingerprint_sha256=fingerprint_sha256, cn=cn
     )
     if isinstance(identity, IdentityRefusal):
         return Refusal(_IDENTITY_REFUSALS[identity.problem], identity.detail)

@@ -116,6 +116,7 @@ def check_client_certificate(
     now: datetime,
     *,
     fingerprint_sha256: str | None = None,
+    cn: str | None = None,
 ) -> ClientIdentity | IdentityRefusal:
     """Whether `cert` is a certificate the registry holds for a registered identity, at `now`.
 
@@ -124,9 +125,11 @@ def check_client_certificate(
     registry record of the certificate's serial (`serial`, `device_id`, `fingerprint_sha256`:
     registry.models.CertificateRecord), None if there is none. `fingerprint_sha256`: SHA-256
     hex of the DER the client presented, when the caller has the DER (cheaper than
-    re-encoding); computed from `cert` otherwise.
+    re-encoding); computed from `cert` otherwise. `cn`: the certificate's CN, when the caller
+    has read it already (the broker compares it with the client id first).
     """
-    cn = common_name(cert)
+    if cn is None:
+        cn = common_name(cert)
     # RFC 5280 4.1.2.5: the validity period is inclusive at both ends.
     if now < cert.not_valid_before_utc:
         return IdentityRefusal(
