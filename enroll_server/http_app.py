@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,20 +112,15 @@ def build_http_app(state: AppState, extra: list[web.RouteDef] | None = None) -> 
     return app
 
 
-def server_ssl_context(
-    cert_chain: Path, key: Path, client_ca: Path, extra_client_cas: Sequence[Path] = ()
-) -> ssl.SSLContext:
+def server_ssl_context(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     """TLS >= 1.2, AEAD suites only; client certificates optional (first enrollment has none),
-    verified if sent.
-
-    `extra_client_cas`: manufacturer CAs whose birth certificates (IDevID) may authenticate
-    simpleenroll. Only the EST server trusts them; the broker never does.
+    verified if sent, against `client_ca` (the fleet chain). The server adds the manufacturer
+    CAs, whose birth certificates (IDevID) may authenticate simpleenroll, through
+    manufacturers.TrustedManufacturers; only the EST listener trusts them, the broker never.
     """
     ctx = admin_ssl_context(cert_chain, key)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.load_verify_locations(cafile=str(client_ca))
-    for extra in extra_client_cas:
-        ctx.load_verify_locations(cafile=str(extra))
     return ctx
 
 
