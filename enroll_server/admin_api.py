@@ -164,7 +164,7 @@ async def show_device(request: web.Request) -> web.Response:
     registry = _st(request).registry
     device = registry.get_device(device_id)
     if device is None:
-        raise NotFound(f"device {device_id} does not exist")
+        raise NotFound(str(UnknownDevice(device_id)))
     certs = registry.certificates_of(device_id)
     return web.json_response(
         {**device_json(device), "certificates": [certificate_json(c) for c in certs]}

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
+from enroll_server.exit_codes import ExitCode
 from enroll_server.registry import (
     InvalidValue,
     Registry,
@@ -44,7 +45,7 @@ def show(serial: SerialArg, home: HomeOpt = None, as_json: JsonOpt = False) -> N
     with Registry.open(initialized_layout(home).registry) as registry:
         record = registry.get_certificate(number)
     if record is None:
-        fail(str(UnknownCertificate(number)), 1)
+        fail(str(UnknownCertificate(number)), ExitCode.NOT_FOUND)
         return
     data = {"device_id": record.device_id.value, **certificate_json(record)}
     if as_json:
@@ -82,7 +83,7 @@ def revoke(
                 number, reason=reason_v, now=datetime.now(UTC), actor="cli"
             )
         except UnknownCertificate as exc:
-            fail(str(exc), 1)
+            fail(str(exc), ExitCode.NOT_FOUND)
         except RegistryError as exc:
             fail(str(exc))
     if as_json:

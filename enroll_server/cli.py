@@ -17,6 +17,7 @@ from rich.table import Table
 
 from enroll_server.cli_options import HomeOpt, JsonOpt, init_port, serve_port
 from enroll_server.config import ConfigError, ServerConfig
+from enroll_server.exit_codes import ExitCode, fail
 from enroll_server.home import HomeError, init_home, resolve_home
 from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
@@ -46,11 +47,6 @@ err = Console(stderr=True, soft_wrap=True)
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
-
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _home(home: Path | None) -> Path:
@@ -263,8 +259,7 @@ def device_show(device_id: str, home: HomeOpt = None, as_json: JsonOpt = False) 
     with open_registry(home) as registry:
         device = registry.get_device(did)
         if device is None:
-            fail(f"device {did} does not exist", 1)
-            return
+            fail(str(UnknownDevice(did)), ExitCode.NOT_FOUND)
         certs = registry.certificates_of(did)
         audit = registry.audit_log(device_id=did, limit=20)
     data = {**device_json(device), "certificates": [certificate_json(c) for c in certs]}
@@ -308,8 +303,7 @@ def _transition(action: str, device_id: str, home: Path | None, reason: str) -> 
             else:
                 serials = registry.resume_device(did, now=now, actor="cli")
         except UnknownDevice as exc:
-            fail(str(exc), 1)
-            raise
+            fail(str(exc), ExitCode.NOT_FOUND)
         except (InvalidValue, RegistryError) as exc:
             fail(str(exc))
             raise

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
+from enroll_server.exit_codes import fail
 from enroll_server.listen import MAX_PORT
+
+__all__ = ["HomeOpt", "JsonOpt", "fail", "init_port", "initialized_layout", "serve_port"]
 
 if TYPE_CHECKING:
     from enroll_server.home import HomeLayout
@@ -28,12 +30,6 @@ def serve_port(help: str) -> Any:
 def init_port(help: str) -> Any:
     """A port written into fleetpki.toml and certificate URLs: 1..65535 (0 names no port)."""
     return typer.Option(min=1, max=MAX_PORT, help=help)
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """One error line on stderr and exit `code` (2: refused input, 1: not found)."""
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def initialized_layout(home: Path | None) -> HomeLayout:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
+from enroll_server.exit_codes import ExitCode
 from enroll_server.home import HomeLayout
 from enroll_server.operators import (
     ADMIN_OPERATOR,
@@ -34,7 +35,6 @@ from enroll_server.registry import (
 from enroll_server.registry.connection import parse_enum
 
 ACTOR = "cli"
-EXIT_NOT_FOUND = 3
 
 app = typer.Typer(
     help="Operator credentials for the admin API: add, list, remove, rotate (roles admin, viewer).",
@@ -66,7 +66,7 @@ def _registry(home: Path | None) -> Iterator[tuple[HomeLayout, Registry]]:
         with Registry.open(layout.registry) as registry:
             yield layout, registry
     except UnknownOperator as exc:
-        fail(str(exc), EXIT_NOT_FOUND)
+        fail(str(exc), ExitCode.NOT_FOUND)
     except (LastAdmin, InvalidValue, RegistryError) as exc:
         fail(str(exc))
 

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from enroll_server.cli_options import HomeOpt, JsonOpt
 from enroll_server.config import ConfigError, render_config
+from enroll_server.exit_codes import fail
 from enroll_server.home import HomeError, load_home, resolve_home
 from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError
@@ -29,9 +30,7 @@ console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(2)
+_fail = fail
 
 
 def describe(cert: x509.Certificate, now: datetime) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
 from enroll_server.config import ConfigError, load_config
+from enroll_server.exit_codes import ExitCode
 from enroll_server.home import HomeError, HomeLayout
 from enroll_server.identities import (
     ServiceIdentity,
@@ -75,7 +76,7 @@ def _service(registry: Registry, name: str) -> Device:
         fail(str(exc))
     device = registry.get_device(service_id)
     if device is None or device.role is not Role.SERVICE:
-        fail(f"no service named {name!r}", 1)
+        fail(f"service {name!r} is not registered", ExitCode.NOT_FOUND)
     return device
 
 

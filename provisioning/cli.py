@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,6 +27,8 @@ from rich.table import Table
 
 from enroll_server.cli_options import HomeOpt, JsonOpt
 from enroll_server.config import ConfigError, ServerConfig, load_config
+from enroll_server.exit_codes import ExitCode
+from enroll_server.exit_codes import fail as _fail
 from enroll_server.home import HomeError, HomeLayout, resolve_home
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
@@ -57,14 +59,6 @@ out = Console()
 err = Console(stderr=True)
 ACTOR = "cli"
 
-# Exit codes: 2 = refused input (nothing changed), 3 = not found, 1 = anything else.
-EXIT_INPUT, EXIT_NOT_FOUND, EXIT_OTHER = 2, 3, 1
-
-
-def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(code)
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -80,15 +74,22 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except (UnknownBatch, UnknownDevice) as exc:
-        _fail(str(exc), EXIT_NOT_FOUND)
-    except (ProvisioningError, RegistryError, InvalidIdentifier, InvalidDuration) as exc:
-        _fail(str(exc))
-    except (HomeError, ConfigError, PkiError) as exc:
-        _fail(str(exc), EXIT_OTHER)
+        _fail(str(exc), ExitCode.NOT_FOUND)
+    except (
+        ProvisioningError,
+        RegistryError,
+        InvalidIdentifier,
+        InvalidDuration,
+        HomeError,
+        ConfigError,
+    ) as exc:
+        _fail(str(exc), ExitCode.USAGE)
+    except PkiError as exc:
+        _fail(str(exc), ExitCode.FAILED)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing of the batch was kept", 130)
+        _fail("interrupted; nothing of the batch was kept", ExitCode.INTERRUPTED)
     except OSError as exc:
-        _fail(f"{exc.filename or ''}: {exc.strerror or exc}", EXIT_OTHER)
+        _fail(f"{exc.filename or ''}: {exc.strerror or exc}", ExitCode.FAILED)
 
 
 @contextmanager
@@ -435,7 +436,7 @@ def revoke(
         if not (yes or as_json) and not typer.confirm(
             f"Revoke all {summary.counts['total']} devices of batch {batch_id}?", err=True
         ):
-            _fail("not confirmed; nothing revoked", EXIT_OTHER)
+            _fail("not confirmed; nothing revoked", ExitCode.FAILED)
         started = time.perf_counter()
         with _Bars() as bars:
             revoked = revoke_batch(

@@ -15,10 +15,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from enroll_server.exit_codes import ExitCode
+
 T = TypeVar("T")
 
 # 0: every check passed; 1: a scenario check failed; 2: bad input or the stack was unusable.
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_ERROR = ExitCode.OK, ExitCode.FAILED, ExitCode.USAGE
 
 SCENARIO_HELP = (
     "happy | renewal-storm | revoke | token-replay | bad-csr | expired-cert | clock-skew | "
@@ -168,7 +170,7 @@ def simulate(
         raise typer.Exit(EXIT_ERROR) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("interrupted; everything the run started has been stopped")
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     if as_json:
         sys.stdout.write(json.dumps(report_json(report), indent=2) + "\n")
     else:
@@ -207,7 +209,7 @@ def demo(
         raise typer.Exit(EXIT_ERROR) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("interrupted; everything the demo started has been stopped and removed")
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     raise typer.Exit(EXIT_OK if ok else EXIT_CHECK_FAILED)
 
 

@@ -18,6 +18,7 @@ from enroll_server.broker.errors import BrokerError
 from enroll_server.broker.policy import KeepalivePolicy
 from enroll_server.broker.server import BrokerConfig, start_broker
 from enroll_server.cli_options import HomeOpt, serve_port
+from enroll_server.exit_codes import fail
 from enroll_server.listen import ListenFailed, listening
 from enroll_server.server_certificate import CHECK_INTERVAL, ServerCertificates
 
@@ -52,9 +53,7 @@ MaxPacketOpt = Annotated[
 MaxConnOpt = Annotated[int, typer.Option("--max-connections", help="Open TLS connections at most.")]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
+_fail = fail
 
 
 def broker_config_for_home(

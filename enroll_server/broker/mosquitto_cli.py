@@ -34,6 +34,7 @@ from enroll_server.broker.mosquitto_sync import (
 )
 from enroll_server.cli_options import HomeOpt
 from enroll_server.config import ConfigError
+from enroll_server.exit_codes import ExitCode, error_exit
 from enroll_server.home import HomeError, LoadedHome, load_home, resolve_home
 from enroll_server.pki.errors import PkiError
 from enroll_server.registry import Registry, RegistryError
@@ -48,9 +49,7 @@ console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
+_fail = error_exit
 
 
 def _load(home: Path | None) -> LoadedHome:
@@ -255,7 +254,7 @@ def mosquitto_sync(
                 done = sync.step()
                 sync.finish(max_wait=RECHECK_DELAYS[0])
             except MosquittoError as exc:
-                raise _fail(str(exc), code=1) from exc
+                raise _fail(str(exc), code=ExitCode.FAILED) from exc
             console.print(
                 f"CRL #{done.crl_number} loaded; dropped {len(done.dropped)} session(s)"
                 + (f": {', '.join(done.dropped)}" if done.dropped else "")

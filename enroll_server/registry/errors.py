@@ -37,7 +37,7 @@ class UnknownBatch(RegistryError):
     """A batch id the registry has never seen."""
 
     def __init__(self, batch_id: str) -> None:
-        super().__init__(f"batch {batch_id!r} does not exist")
+        super().__init__(f"batch {batch_id!r} is not registered")
         self.batch_id = batch_id
 
 

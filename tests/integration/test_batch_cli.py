@@ -204,7 +204,7 @@ def test_unknown_things_exit_3(home: str) -> None:
 
 def test_uninitialized_home(tmp_path: Path) -> None:
     code, _, stderr = run("list", "--home", str(tmp_path / "nothing"))
-    assert code == 1 and "not initialized" in stderr
+    assert code == 2 and "not initialized" in stderr
 
 
 def test_ctrl_c_of_a_real_process_leaves_nothing(home: str, tmp_path: Path) -> None:

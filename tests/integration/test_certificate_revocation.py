@@ -91,7 +91,7 @@ async def test_cli_revokes_a_certificate_rekeys_and_readmits_a_device(
     r = runner.invoke(app, ["cert", "revoke", f"{a.serial:x}", "--home", home])
     assert r.exit_code == 0 and "already revoked: nothing to do" in r.output
     assert runner.invoke(app, ["cert", "revoke", "zz", "--home", home]).exit_code == 2
-    assert runner.invoke(app, ["cert", "revoke", "abc", "--home", home]).exit_code == 1
+    assert runner.invoke(app, ["cert", "revoke", "abc", "--home", home]).exit_code == 3
     r = runner.invoke(app, ["cert", "show", f"{a.serial:x}", "--home", home, "--json"])
     assert r.exit_code == 0 and '"status": "revoked"' in r.output
 

@@ -111,7 +111,7 @@ def test_device_commands(tmp_path: Path) -> None:
     assert shown["state"] == "revoked"
     assert shown["certificates"][0]["revocation_reason"] == "keyCompromise"
     r = runner.invoke(app, ["device", "revoke", "nobody", "--home", home])
-    assert r.exit_code == 1 and "device nobody is not registered" in r.output
+    assert r.exit_code == 3 and "device nobody is not registered" in r.output
     r = runner.invoke(app, ["device", "revoke", "dev-cli", "--home", home, "--reason", "bored"])
     assert r.exit_code == 2 and "revocation reason" in r.output
     r = runner.invoke(app, ["device", "show", "../etc", "--home", home])

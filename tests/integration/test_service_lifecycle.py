@@ -108,7 +108,7 @@ async def test_service_issue_prints_an_example_that_works_and_renew_and_revoke(
     )
     r = runner.invoke(app, ["service", "renew", "backend", "--home", home])
     assert r.exit_code == 2 and "the service is revoked" in r.output
-    assert runner.invoke(app, ["service", "show", "dev-tele", "--home", home]).exit_code == 1
+    assert runner.invoke(app, ["service", "show", "dev-tele", "--home", home]).exit_code == 3
 
 
 def test_a_service_renews_itself_over_est_with_its_current_certificate(
