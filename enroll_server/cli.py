@@ -23,6 +23,7 @@ from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
 from enroll_server.registry import (
+    DeviceState,
     InvalidValue,
     Registry,
     RegistryError,
@@ -289,11 +290,30 @@ def device_show(device_id: str, home: HomeOpt = None, as_json: JsonOpt = False) 
         console.print(f"  {e.at.isoformat(timespec='seconds')} {e.actor:>10} {e.action}")
 
 
+def transition_outcome(action: str, before: DeviceState, serials: list[int]) -> str:
+    """What `device revoke|suspend|resume` did, in words: a repeat says "nothing to do"."""
+    n = f"{len(serials)} certificate(s)"
+    if action == "revoke":
+        if before is DeviceState.REVOKED and not serials:
+            return "already revoked: nothing to do (any live session is dropped again)"
+        return f"revoked: {n} revoked, its live sessions are dropped; it can never enroll again"
+    if action == "suspend":
+        if before is DeviceState.SUSPENDED:
+            return "already suspended: nothing to do"
+        return f"suspended: {n} on hold, its live sessions are dropped; `device resume` lifts it"
+    if before is not DeviceState.SUSPENDED:
+        return f"not suspended (state {before.value}): nothing to do"
+    return f"resumed: {n} taken off hold; the device may connect again"
+
+
 def _transition(action: str, device_id: str, home: Path | None, reason: str) -> None:
     did = _parse_device(device_id)
     now = now_utc()
     with open_registry(home) as registry:
         try:
+            device = registry.get_device(did)
+            if device is None:
+                raise UnknownDevice(did)
             if action == "revoke":
                 serials = registry.revoke_device(
                     did, reason=parse_reason(reason), now=now, actor="cli"
@@ -306,11 +326,7 @@ def _transition(action: str, device_id: str, home: Path | None, reason: str) -> 
             fail(str(exc), ExitCode.NOT_FOUND)
         except (InvalidValue, RegistryError) as exc:
             fail(str(exc))
-            raise
-    done = {"revoke": "revoked", "suspend": "suspended", "resume": "resumed"}[action]
-    console.print(
-        f"{did}: {done} ({len(serials)} certificate(s)); live sessions are dropped by the broker"
-    )
+    console.print(f"{did}: {transition_outcome(action, device.state, serials)}", highlight=False)
 
 
 @device_app.command("revoke")

@@ -82,6 +82,20 @@ REVOKE_REASONS: frozenset[str] = frozenset(REVOCATION_REASONS) - {
     "removeFromCRL",
 }
 _REASON_BY_KEY = {r.lower(): r for r in REVOCATION_REASONS}
+# How the CLI and the README spell each reason (`--reason key-compromise`); parse_reason takes
+# either spelling, and its error lists these, the ones an operator types.
+REASON_OPTIONS: dict[str, str] = {
+    "unspecified": "unspecified",
+    "keyCompromise": "key-compromise",
+    "cACompromise": "ca-compromise",
+    "affiliationChanged": "affiliation-changed",
+    "superseded": "superseded",
+    "cessationOfOperation": "cessation-of-operation",
+    "certificateHold": "certificate-hold",
+    "removeFromCRL": "remove-from-crl",
+    "privilegeWithdrawn": "privilege-withdrawn",
+    "aACompromise": "aa-compromise",
+}
 
 
 def parse_reason(text: str) -> str:
@@ -91,7 +105,10 @@ def parse_reason(text: str) -> str:
         return _REASON_BY_KEY[key]
     except KeyError:
         raise InvalidValue(
-            "revocation reason", text, "not an RFC 5280 reason: " + ", ".join(REVOCATION_REASONS)
+            "revocation reason",
+            text,
+            "not a revocation reason (RFC 5280 5.3.1): "
+            + ", ".join(REASON_OPTIONS[r] for r in REVOCATION_REASONS if r in REVOKE_REASONS),
         ) from None
 
 

@@ -65,7 +65,7 @@ class RevocationStore(RegistryBase):
         reason_v = parse_reason(reason)
         if reason_v not in REVOKE_REASONS:
             raise InvalidValue(
-                "revocation reason", reason, "use suspend/resume for certificateHold"
+                "revocation reason", reason, "use suspend and resume for certificate-hold"
             )
         return reason_v
 

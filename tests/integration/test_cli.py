@@ -104,7 +104,7 @@ def test_device_commands(tmp_path: Path) -> None:
     r = runner.invoke(
         app, ["device", "revoke", "dev-cli", "--home", home, "--reason", "key-compromise"]
     )
-    assert r.exit_code == 0 and "revoked (1 certificate(s))" in r.output
+    assert r.exit_code == 0 and "dev-cli: revoked: 1 certificate(s) revoked" in r.output
     shown = json.loads(
         runner.invoke(app, ["device", "show", "dev-cli", "--home", home, "--json"]).output
     )
