@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
+from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
 from enroll_server.registry import (
     InvalidValue,
@@ -26,7 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)
+console = stdout_console(soft_wrap=True)
 
 SerialArg = Annotated[
     str, typer.Argument(help="Certificate serial in hex (`device show` lists them).")

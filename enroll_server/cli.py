@@ -17,6 +17,7 @@ from rich.table import Table
 
 from enroll_server.cli_options import HomeOpt, JsonOpt, init_port, serve_port
 from enroll_server.config import ConfigError, ServerConfig
+from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode, fail
 from enroll_server.home import HomeError, init_home, resolve_home
 from enroll_server.pki.ca import check_hostname
@@ -42,7 +43,7 @@ app = typer.Typer(
 device_app = typer.Typer(help="Inspect devices and change their state.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
 
-console = Console(soft_wrap=True)
+console = stdout_console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
+from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
 from enroll_server.home import HomeLayout
 from enroll_server.operators import (
@@ -46,7 +47,7 @@ admin_token_app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)
+console = stdout_console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 NameArg = Annotated[str, typer.Argument(help="Operator name (letters, digits, '-', '_').")]

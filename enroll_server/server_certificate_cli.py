@@ -14,6 +14,7 @@ from rich.console import Console
 
 from enroll_server.cli_options import HomeOpt, JsonOpt
 from enroll_server.config import ConfigError, render_config
+from enroll_server.console import stdout_console
 from enroll_server.exit_codes import fail
 from enroll_server.home import HomeError, load_home, resolve_home
 from enroll_server.pki.ca import check_hostname
@@ -26,7 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)
+console = stdout_console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
 from enroll_server.config import ConfigError, load_config
+from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
 from enroll_server.home import HomeError, HomeLayout
 from enroll_server.identities import (
@@ -45,7 +45,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)
+console = stdout_console(soft_wrap=True)
 
 NameArg = Annotated[str, typer.Argument(help="Service name (its MQTT client id).")]
 OutOpt = Annotated[

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from enroll_server.cli_options import HomeOpt, JsonOpt
 from enroll_server.config import ConfigError, ServerConfig, load_config
+from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
 from enroll_server.exit_codes import fail as _fail
 from enroll_server.home import HomeError, HomeLayout, resolve_home
@@ -55,7 +56,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = stdout_console()
 err = Console(stderr=True)
 ACTOR = "cli"
 

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
 
 T = TypeVar("T")
@@ -132,7 +133,7 @@ def simulate(
     from simulators.stack import Ports
 
     err = Console(stderr=True, soft_wrap=True)
-    out = Console()
+    out = stdout_console()
     if list_scenarios:
         from simulators.scenarios import SCENARIOS
 

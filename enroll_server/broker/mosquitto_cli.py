@@ -34,6 +34,7 @@ from enroll_server.broker.mosquitto_sync import (
 )
 from enroll_server.cli_options import HomeOpt
 from enroll_server.config import ConfigError
+from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode, error_exit
 from enroll_server.home import HomeError, LoadedHome, load_home, resolve_home
 from enroll_server.pki.errors import PkiError
@@ -45,7 +46,7 @@ app = typer.Typer(
     help="mosquitto as the broker: configuration, CRL sync and live session drop.",
     no_args_is_help=True,
 )
-console = Console(soft_wrap=True)
+console = stdout_console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
