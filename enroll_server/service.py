@@ -302,8 +302,20 @@ class EnrollmentService:
         )
 
     def settle(self, pending: PendingEnrollment, refused: RegistryError | None) -> Enrollment:
-        """The enrollment once its issuance is recorded; the client's error if it was refused."""
+        """The enrollment once its issuance is recorded; the client's error if it was refused.
+
+        Every recorded issuance passes here (single or batched commit): its one log line, which
+        names the certificate and never the token, the CSR or a key.
+        """
         if refused is None:
+            issuance = pending.issuance
+            log.info(
+                "%s: device %s, serial %x, not after %s",
+                "renewed" if issuance.supersedes_serial is not None else "enrolled",
+                issuance.cert.device_id,
+                issuance.cert.serial,
+                issuance.cert.not_after.isoformat(timespec="seconds"),
+            )
             return pending.enrollment
         if isinstance(refused, TokenRejected):
             if refused.reason in ("unknown", "wrong-device"):
