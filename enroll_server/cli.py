@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from enroll_server.cli_help import tidy_help
 from enroll_server.cli_options import HomeOpt, JsonOpt, init_port, serve_port
 from enroll_server.config import ConfigError, ServerConfig
 from enroll_server.console import stdout_console
@@ -382,6 +383,7 @@ def _mount_sub_apps() -> None:
 
 
 _mount_sub_apps()
+tidy_help(app)
 
 
 def main() -> None:
