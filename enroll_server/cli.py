@@ -160,7 +160,13 @@ def serve(
     no_broker: Annotated[
         bool, typer.Option("--no-broker", help="Do not run the embedded broker.")
     ] = False,
-    bind: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    bind: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to listen on (default: server.bind, 127.0.0.1: this machine only; "
+            "0.0.0.0: every interface, to serve devices on the network)."
+        ),
+    ] = None,
     admin_bind: Annotated[
         str | None,
         typer.Option(help="Address of the admin listener (default: server.admin_bind, 127.0.0.1)."),

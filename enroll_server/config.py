@@ -145,7 +145,7 @@ backdate = "{format_duration(cfg.backdate)}"   # notBefore in the past: devices 
 [server]
 hostnames = [{hosts}]
 public_host = "{cfg.public_host}"   # the name devices use; goes into CRL/OCSP URLs and bundles
-bind = "{cfg.bind}"
+bind = "{cfg.bind}"   # 127.0.0.1: this machine only; "0.0.0.0" to serve devices on the network
 est_port = {cfg.est_port}
 http_port = {cfg.http_port}
 mqtt_port = {cfg.mqtt_port}

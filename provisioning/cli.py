@@ -39,6 +39,7 @@ from fleetpki.duration import InvalidDuration, format_duration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
 from provisioning.batch import BatchRequest, BatchResult, IdevidOptions, create_batch, new_batch_id
 from provisioning.errors import ProvisioningError
+from provisioning.host_check import unresolvable
 from provisioning.lifecycle import (
     BatchSummary,
     ReissuedToken,
@@ -230,6 +231,16 @@ def create(
             )
         elapsed = time.perf_counter() - started
     _print_created(result, elapsed, as_json)
+    why = unresolvable(config.public_host)
+    if why is not None:
+        err.print(
+            f"warning: the bundles send devices to {config.public_host!r}, which does not "
+            f"resolve from here ({why}); check the name devices will use (`public_host` in "
+            f"{layout.config}, or `fleetpki init --public-host`)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _print_created(result: BatchResult, elapsed: float, as_json: bool) -> None:
