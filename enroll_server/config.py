@@ -46,6 +46,11 @@ class ServerConfig:
     crl_next_update: timedelta = timedelta(hours=24)
     # Largest MQTT packet a client may send, in bytes (embedded broker and mosquitto alike).
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    # Connection limits of every listener (enroll_server/connection_limits.py).
+    head_timeout: timedelta = timedelta(seconds=10)
+    idle_timeout: timedelta = timedelta(seconds=30)
+    max_per_source: int = 64
+    cap_loopback: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def urls(self) -> PkiUrls:
@@ -100,6 +105,18 @@ def _max_packet_size(data: dict[str, Any], path: Path) -> int:
         raise ConfigError(path, "broker.max_packet_size", str(exc)) from exc
 
 
+def _max_per_source(data: dict[str, Any], path: Path) -> int:
+    value: int = _get(data, path, "connections", "max_per_source", int, 64)
+    if value < 1:
+        raise ConfigError(path, "connections.max_per_source", f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(delta: timedelta) -> str:
+    """A duration for the config file, to the millisecond ('10s', '0.5s')."""
+    return f"{round(delta.total_seconds(), 3):g}s"
+
+
 def load_config(path: Path) -> ServerConfig:
     try:
         data = tomllib.loads(path.read_text())
@@ -130,6 +147,10 @@ def load_config(path: Path) -> ServerConfig:
         token_ttl=_duration(data, path, "enroll", "token_ttl", "7d"),
         crl_next_update=_duration(data, path, "crl", "next_update", "24h"),
         max_packet_size=_max_packet_size(data, path),
+        head_timeout=_duration(data, path, "connections", "head_timeout", "10s"),
+        idle_timeout=_duration(data, path, "connections", "idle_timeout", "30s"),
+        max_per_source=_max_per_source(data, path),
+        cap_loopback=_get(data, path, "connections", "cap_loopback", bool, False),
         extra=data,
     )
 
@@ -160,4 +181,14 @@ next_update = "{format_duration(cfg.crl_next_update)}"
 
 [broker]
 max_packet_size = {cfg.max_packet_size}   # bytes; a client sending a larger packet is disconnected
+
+[connections]   # every listener: EST, CRL/OCSP, admin (the broker takes head_timeout)
+# TLS handshake, and a request head from its first byte (the broker: TLS and CONNECT)
+head_timeout = "{_seconds(cfg.head_timeout)}"
+# no request in progress; a body that stops arriving; a reply the client does not read
+idle_timeout = "{_seconds(cfg.idle_timeout)}"
+# open connections per source address (IPv6: per /64), per listener
+max_per_source = {cfg.max_per_source}
+# true: loopback (this machine, a local reverse proxy) is capped too
+cap_loopback = {"true" if cfg.cap_loopback else "false"}
 """

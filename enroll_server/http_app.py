@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.admin_api import admin_routes, require_operator
+from enroll_server.connection_limits import (
+    CONNECTION_GUARD,
+    ConnectionLimits,
+    Guard,
+    Watched,
+    deadline_middleware,
+)
 from enroll_server.device_status import device_status_routes
 from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.front import EstFront
@@ -73,7 +82,9 @@ async def issuing_ca_der(request: web.Request) -> web.Response:
 def build_https_app(state: AppState) -> web.Application:
     """The device-facing HTTPS app: EST and device status. No admin API, no metrics: those
     are on the admin listener (build_admin_app), which binds to loopback by default."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[deadline_middleware, error_middleware], client_max_size=MAX_BODY
+    )
     app[APP_STATE] = state
     app.add_routes(
         [
@@ -87,7 +98,9 @@ def build_https_app(state: AppState) -> web.Application:
 
 def build_admin_app(state: AppState) -> web.Application:
     """The operators' HTTPS app: the admin API and /metrics, both behind the admin token."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[deadline_middleware, error_middleware], client_max_size=MAX_BODY
+    )
     app[APP_STATE] = state
     app.add_routes(
         [
@@ -100,7 +113,9 @@ def build_admin_app(state: AppState) -> web.Application:
 
 
 def build_http_app(state: AppState, extra: list[web.RouteDef] | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[deadline_middleware, error_middleware], client_max_size=MAX_BODY
+    )
     app[APP_STATE] = state
     app.add_routes(
         [
@@ -129,6 +144,10 @@ def admin_ssl_context(cert_chain: Path, key: Path) -> ssl.SSLContext:
     admin listener authenticates the bearer token); the EST context starts from it."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     apply_tls_policy(ctx)  # TLS >= 1.2, AEAD suites only: the broker's policy too
+    # A client that ends its input with a bare FIN after its request (no close_notify) still
+    # gets the reply: OpenSSL 3 would otherwise fail the connection (and send decode_error).
+    # No truncation risk: every HTTP message here is delimited by its own framing.
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     ctx.load_cert_chain(cert_chain, key)
     # No TLS 1.3 session tickets (RFC 8446 4.6.1): a device connects to enroll and then again
     # only to renew weeks later, long after any ticket lifetime, so tickets are never used;
@@ -142,51 +161,92 @@ class RunningSite:
     runner: web.AppRunner
     port: int
     front: EstFront | None = None
+    guard: Guard | None = None
+    server: asyncio.Server | None = None
+
+    @property
+    def addresses(self) -> list[Any]:
+        """The socket addresses listened on (a plain aiohttp site's)."""
+        return [sock.getsockname() for sock in self.server.sockets] if self.server else []
 
     async def stop(self) -> None:
+        if self.guard is not None:
+            self.guard.stop()
+        if self.server is not None:
+            self.server.close()
         if self.front is not None:
             await self.front.stop()
         await self.runner.cleanup()
 
 
-def _runner(app: web.Application) -> web.AppRunner:
+def _runner(app: web.Application, limits: ConnectionLimits) -> web.AppRunner:
     """The aiohttp runner of every listener; its request handlers log through RequestLog
     (a malformed request: one line, never its bytes)."""
-    # tcp_keepalive off: connections are short (one EST exchange each) and idle ones are
-    # closed by aiohttp's keep-alive timeout anyway; it saves a setsockopt per connection.
     return web.AppRunner(
         app,
         access_log=None,
         handle_signals=False,
+        # Off: connections are short and the guard closes idle ones (connection_limits);
+        # it saves a setsockopt per connection.
         tcp_keepalive=False,
+        # aiohttp's own idle close (its default is an hour), should the guard not know a
+        # connection; the guard applies the same limit.
+        keepalive_timeout=limits.idle_timeout,
         logger=RequestLog(log),
     )
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    limits: ConnectionLimits | None = None,
 ) -> RunningSite:
-    runner = _runner(app)
+    """A plain aiohttp listener (CRL/OCSP over HTTP, the admin API over HTTPS), its
+    connections held to `limits` (connection_limits)."""
+    limits = limits or ConnectionLimits()
+    guard = Guard(limits)
+    app[CONNECTION_GUARD] = guard
+    runner = _runner(app, limits)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
-    await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    bound = sockets[0].getsockname()[1] if sockets else port
-    return RunningSite(runner, bound)
+    handlers = runner.server
+    assert handlers is not None
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(
+            lambda: Watched(guard, handlers()),
+            host,
+            port,
+            ssl=ssl_context,
+            ssl_handshake_timeout=limits.head_timeout if ssl_context is not None else None,
+            backlog=1024,
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
+    guard.start()
+    bound = server.sockets[0].getsockname()[1] if server.sockets else port
+    return RunningSite(runner, bound, guard=guard, server=server)
 
 
 async def start_est_site(
-    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext
+    app: web.Application,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    limits: ConnectionLimits | None = None,
 ) -> RunningSite:
     """The HTTPS listener: the lean EST front end, handing everything else to `app`."""
-    runner = _runner(app)
+    guard = Guard(limits or ConnectionLimits())
+    app[CONNECTION_GUARD] = guard
+    runner = _runner(app, guard.limits)
     await runner.setup()
     assert runner.server is not None
-    front = EstFront(app[APP_STATE], runner.server, MAX_BODY)
+    front = EstFront(app[APP_STATE], runner.server, MAX_BODY, guard)
     try:
         bound = await front.start(host, port, ssl_context)
     except BaseException:
         await runner.cleanup()
         raise
-    return RunningSite(runner, bound, front)
+    return RunningSite(runner, bound, front, guard)

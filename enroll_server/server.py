@@ -17,6 +17,7 @@ from cryptography import x509
 
 from enroll_server.broker.server import BrokerConfig, RunningBroker, start_broker
 from enroll_server.config import ServerConfig, load_config
+from enroll_server.connection_limits import ConnectionLimits
 from enroll_server.home import (
     LoadedHome,
     load_home,
@@ -103,8 +104,9 @@ class ServerHandle:
         if self.est_up:
             return
         assert self.https_tls is not None
+        limits = self.https.guard.limits if self.https.guard is not None else None
         self.https = await start_est_site(
-            build_https_app(self.state), self.bind, self.https.port, self.https_tls
+            build_https_app(self.state), self.bind, self.https.port, self.https_tls, limits
         )
         self.est_up = True
 
@@ -223,20 +225,21 @@ async def start_server(
         tokens = service.tokens
         state.on_revocation.append(lambda device, why: tokens.discard(device))
         state.metrics.extra.append(tokens.metrics_text)
+        limits = ConnectionLimits.from_config(cfg)
         port = _port(est_port, cfg.est_port)
         with listening("EST (HTTPS)", host, port, "--est-port"):
-            https = await start_est_site(build_https_app(state), host, port, tls)
+            https = await start_est_site(build_https_app(state), host, port, tls, limits)
         root_crl = RootCrl(partial(home_root_crl, loaded.layout), clock)
         await root_crl.der()  # signed now if missing or due: a broken root key fails start-up
         http_app = build_http_app(state, revocation_routes(revocation) + root_crl.routes())
         revocation.attach(http_app)
         port = _port(http_port, cfg.http_port)
         with listening("CRL/OCSP (HTTP)", host, port, "--http-port"):
-            http = await start_site(http_app, host, port)
+            http = await start_site(http_app, host, port, limits=limits)
         admin_host, port = admin_bind or cfg.admin_bind, _port(admin_port, cfg.admin_port)
         admin_tls = admin_ssl_context(loaded.layout.server_cert, loaded.layout.server_key)
         with listening("the admin API (HTTPS)", admin_host, port, "--admin-port"):
-            admin = await start_site(build_admin_app(state), admin_host, port, admin_tls)
+            admin = await start_site(build_admin_app(state), admin_host, port, admin_tls, limits)
         handle = ServerHandle(
             loaded, state, registry, https, http, revocation, bind=host, https_tls=tls
         )
@@ -273,6 +276,9 @@ async def start_server(
                         max_packet_size=(
                             cfg.max_packet_size if max_packet_size is None else max_packet_size
                         ),
+                        # The TLS handshake and CONNECT: the request-head deadline of MQTT.
+                        connect_timeout=limits.head_timeout,
+                        handshake_timeout=limits.head_timeout,
                     ),
                     clock=clock,
                 )

@@ -258,8 +258,11 @@ class TlsSocketTransport(asyncio.Transport):
                 # A TLS 1.2 renegotiation (none is offered) that cannot write: give up.
                 self._finish(None, graceful=False)
                 return
-            except (ssl.SSLEOFError, ConnectionResetError):
-                data = b""  # the peer left without close_notify: an EOF like any other
+            except ssl.SSLEOFError:
+                data = b""  # FIN without close_notify: an end of input like any other
+            except ConnectionResetError as exc:
+                self._finish(exc, graceful=False)  # nothing can reach the peer any more
+                return
             except (OSError, ssl.SSLError) as exc:
                 self._finish(exc, graceful=False)
                 return
@@ -410,15 +413,22 @@ class TlsListener:
         ssl_context: ssl.SSLContext,
         handshake_timeout: float = 30.0,
         on_failure: Callable[[str], object] | None = None,
+        admit: Callable[[Any], str | None] | None = None,
+        release: Callable[[str], None] | None = None,
     ) -> None:
         """`on_failure(reason)` is told of every handshake that did not complete: "handshake"
-        (refused or broken: unknown CA, expired client certificate, not TLS) or "timeout"."""
+        (refused or broken: unknown CA, expired client certificate, not TLS) or "timeout".
+        `admit(peername)` is asked at each accept: None refuses the connection (closed at
+        once), a string is handed to `release` when the connection ends (a per-source cap)."""
         self.factory = factory
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
         self.on_failure = on_failure
+        self.admit = admit
+        self.release = release
         self.sockets: list[socket.socket] = []
         self.connections: set[TlsSocketTransport] = set()
+        self._sources: dict[TlsSocketTransport, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def listen(self, host: str, port: int, backlog: int = 1024) -> int:
@@ -466,6 +476,12 @@ class TlsListener:
         for transport in list(self.connections):
             transport.abort()
 
+    def _done(self, transport: TlsSocketTransport) -> None:
+        self.connections.discard(transport)
+        source = self._sources.pop(transport, "")
+        if source and self.release is not None:
+            self.release(source)
+
     def _resume_accepting(self, listener: socket.socket) -> None:
         if self._loop is not None and listener in self.sockets:
             self._loop.add_reader(listener.fileno(), self._accept, listener)
@@ -494,6 +510,13 @@ class TlsListener:
                 loop.remove_reader(listener.fileno())
                 loop.call_later(_ACCEPT_PAUSE, self._resume_accepting, listener)
                 return
+            source = ""
+            if self.admit is not None:
+                admitted = self.admit(peername)
+                if admitted is None:
+                    raw.close()  # over the per-source cap: no TLS, no state
+                    continue
+                source = admitted
             raw.setblocking(False)
             if not _NODELAY_INHERITED:
                 with contextlib.suppress(OSError):
@@ -504,16 +527,20 @@ class TlsListener:
                 )
             except (OSError, ssl.SSLError):
                 raw.close()
+                if source and self.release is not None:
+                    self.release(source)
                 continue
             transport = TlsSocketTransport(
                 loop,
                 raw,
                 tls,
                 self.factory(),
-                on_done=self.connections.discard,
+                on_done=self._done,
                 peername=peername,
                 on_failure=self.on_failure,
             )
             self.connections.add(transport)
+            if source:
+                self._sources[transport] = source
             # With TCP_DEFER_ACCEPT the ClientHello is usually here already.
             transport._read_ready()

@@ -83,6 +83,9 @@ def broker_config_for_home(
         keepalive=KeepalivePolicy(max_seconds=max_keepalive),
         max_connections=max_connections,
         max_packet_size=cfg.max_packet_size if max_packet_size is None else max_packet_size,
+        # The TLS handshake and CONNECT: the request-head deadline of every listener.
+        connect_timeout=cfg.head_timeout.total_seconds(),
+        handshake_timeout=cfg.head_timeout.total_seconds(),
     )
 
 

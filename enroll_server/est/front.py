@@ -11,9 +11,13 @@ as that is clear, on the same connection and with the bytes read so far, to
 the aiohttp application, which answers exactly as it would alone. The rules of who may
 enroll and what is accepted live in est/operations.py, shared with the aiohttp routes.
 
-A connection that does not complete a request within IDLE_TIMEOUT is closed (slow clients
-hold no resources for long); a head over MAX_HEAD bytes gets 431, a body over the limit 413
-without being read (RFC 9110 15.5.14).
+Connections are held to the listener's deadlines and per-source cap (connection_limits.py):
+the front end keeps its connections' `Watch` itself and hands it over with the connection. A
+head over MAX_HEAD bytes gets 431, a body over the limit 413 without being read (RFC 9110
+15.5.14). While an enrollment waits for its commit, at most one more request is buffered
+(pipelining); past that the connection is not read until the reply is out (TCP flow control).
+After the client ends its input (FIN or TLS close_notify), requests already received are
+answered, then the connection is closed (a half-close, RFC 9112 9.6).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from aiohttp import web
 from cryptography import x509
 
 from enroll_server.commit_queue import CommitFailed, registry_busy
+from enroll_server.connection_limits import READING, Guard, Watch, Watched
 from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.operations import (
     SIMPLEENROLL,
@@ -55,14 +60,12 @@ EST_PATH = b"/.well-known/est/"
 _OPERATIONS = {EST_PATH + SIMPLEENROLL.encode(): SIMPLEENROLL}
 _OPERATIONS[EST_PATH + SIMPLEREENROLL.encode()] = SIMPLEREENROLL
 MAX_HEAD = 16 * 1024
-IDLE_TIMEOUT = 30.0
 # After refusing a request whose body is still arriving (413, 431), keep reading and
 # discarding for this long (or this many bytes) before closing: closing at once makes the
 # peer's TCP answer the rest of its upload with a reset, which can destroy our response
 # before the client reads it (RFC 9112 9.6, "lingering close").
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
-_SWEEP_EVERY = 5.0
 _REASON = {
     200: b"OK",
     400: b"Bad Request",
@@ -156,37 +159,39 @@ def parse_head(raw: bytes) -> Head:
 
 
 class EstFront:
-    """One listener: its connections, the aiohttp server to hand over to, the idle sweep."""
+    """One listener: its connections, the aiohttp server to hand over to, their limits."""
 
-    def __init__(self, state: AppState, handover: web.Server, max_body: int) -> None:
+    def __init__(self, state: AppState, handover: web.Server, max_body: int, guard: Guard) -> None:
         self.state = state
         self.handover = handover
         self.max_body = max_body
+        self.guard = guard
+        # Buffered while an enrollment waits for its commit: one more whole request at most.
+        self.max_buffer = MAX_HEAD + 4 + max_body
         self.connections: set[EstConnection] = set()
         self._listener: TlsListener | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
         self._date_second = -1
         self._date = b""
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> int:
         """Listen on host:port (0: any free port); returns the port bound."""
-        loop = asyncio.get_running_loop()
         listener = TlsListener(
             lambda: EstConnection(self),
             ssl_context,
-            IDLE_TIMEOUT,
+            self.guard.limits.head_timeout,
             on_failure=self.state.metrics.tls_failures.inc,
+            admit=self.guard.admit,
+            release=self.guard.release,
         )
         bound = listener.listen(host, port)
         self._listener = listener
-        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+        self.guard.also_sweep.append(listener.sweep)
+        self.guard.start()
         return bound
 
     async def stop(self) -> None:
         """Stop listening and close every connection the front end still holds."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self.guard.stop()
         if self._listener is not None:
             # Aborts every connection: those the front end serves and those handed over.
             self._listener.close()
@@ -202,16 +207,6 @@ class EstFront:
             self._date = formatdate(second, usegmt=True).encode()
         return self._date
 
-    def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        cutoff = time.monotonic() - IDLE_TIMEOUT
-        for conn in list(self.connections):
-            if conn.idle_since is not None and conn.idle_since < cutoff:
-                conn.abort()
-        if self._listener is not None:
-            self._listener.sweep()
-        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
-
 
 class EstConnection(asyncio.Protocol):
     """One client connection while the front end serves it."""
@@ -222,10 +217,12 @@ class EstConnection(asyncio.Protocol):
         self.buf = bytearray()
         self.head: Head | None = None
         self.body_at = 0
-        # Waiting for the registry commit of this connection's certificate; reading on.
+        # Waiting for the registry commit of this connection's certificate.
         self.busy = False
-        # time.monotonic() since when this connection owes us a request (None while busy).
-        self.idle_since: float | None = None
+        # The client ended its input: answer what is in, then close.
+        self.eof = False
+        # Where the connection stands against the listener's deadlines (connection_limits).
+        self.watch: Watch | None = None
         # The request being answered is HTTP/1.0 (RFC 9112 9.3: keep-alive is then explicit).
         self.http10 = False
         # Lingering close: input is discarded until EOF, LINGER_SECONDS or LINGER_BYTES.
@@ -238,7 +235,7 @@ class EstConnection(asyncio.Protocol):
         # Any transport alike asyncio.Transport (uvloop's TLS transport is no subclass).
         self.transport = cast(asyncio.Transport, transport)
         self.front.connections.add(self)
-        self.idle_since = time.monotonic()
+        self.watch = self.front.guard.watch(transport)
 
     def data_received(self, data: bytes) -> None:
         if self.draining:
@@ -246,15 +243,28 @@ class EstConnection(asyncio.Protocol):
             if self.drained > LINGER_BYTES:
                 self.abort()
             return
+        if self.watch is not None:
+            self.watch.received(time.monotonic())
         self.buf += data
         if not self.busy:
             self._serve_buffered()
+        elif len(self.buf) > self.front.max_buffer and self.transport is not None:
+            # Pipelined bytes beyond one whole request while the commit is pending: stop
+            # reading (TCP pushes back on the client) until the reply is out (_committed).
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
-        return False  # close; a certificate being committed is still recorded
+        """End of the client's input (FIN or close_notify): a half-close. A request being
+        committed is answered, then the connection closes; with nothing left to answer (no
+        request, or only part of one) it closes now. Either way a certificate being
+        committed is still recorded."""
+        self.eof = True
+        return self.busy and self.transport is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
+        if self.watch is not None:
+            self.front.guard.forget(self.watch)
         self.transport = None
         if self._linger_timer is not None:
             self._linger_timer.cancel()
@@ -280,6 +290,9 @@ class EstConnection(asyncio.Protocol):
                 except _HandOver:
                     self._hand_over()
                     return
+                if self.watch is not None:
+                    self.watch.serving()
+                    self.watch.body = READING
                 if head.length > self.front.max_body:
                     self._rejected(
                         head,
@@ -294,6 +307,8 @@ class EstConnection(asyncio.Protocol):
             end = self.body_at + head.length
             if len(self.buf) < end:
                 return
+            if self.watch is not None:
+                self.watch.body = None
             body = bytes(self.buf[self.body_at : end])
             del self.buf[:end]
             self.head = None
@@ -345,7 +360,8 @@ class EstConnection(asyncio.Protocol):
             return
         # Nothing reaches the client before its certificate is committed (group commit).
         self.busy = True
-        self.idle_since = None
+        if self.watch is not None:
+            self.watch.serving()
         st.commits.submit(outcome.issuance, partial(self._committed, head, started, outcome))
 
     def _committed(
@@ -358,7 +374,6 @@ class EstConnection(asyncio.Protocol):
         self.busy = False
         if self.transport is None:
             return  # the client left; if it was recorded, a retry (same token, key) gets it
-        self.idle_since = time.monotonic()
         if isinstance(outcome, CommitFailed) and outcome.busy:
             self._service_error(head, registry_busy())
         elif outcome is not None and not isinstance(outcome, RegistryError):
@@ -376,6 +391,12 @@ class EstConnection(asyncio.Protocol):
                 self._issued(head, started, enrollment)
         if self.buf:
             self._serve_buffered()  # a pipelined request
+        if self.transport is None or self.busy:
+            return
+        if self.eof:
+            self.transport.close()  # half-closed: what was asked is answered
+        elif not self.draining and not self.transport.is_reading():
+            self.transport.resume_reading()
 
     # --- replies -------------------------------------------------------------------------
     def _issued(self, head: Head, started: float, enrollment: Enrollment) -> None:
@@ -416,6 +437,8 @@ class EstConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        if self.eof and not self.buf:
+            keep_alive = False  # the client ended its input: this reply is the last
         reply = (
             b"HTTP/1.1 %d %s\r\nServer: fleetpki\r\nDate: %s\r\nContent-Length: %d\r\n%s%s\r\n%s"
             % (
@@ -433,13 +456,15 @@ class EstConnection(asyncio.Protocol):
         if keep_alive or linger:
             transport.write(reply)
         if keep_alive:
-            self.idle_since = time.monotonic()
+            if self.watch is not None:
+                self.watch.idle_since = time.monotonic()
         elif linger:
             self.draining = True
             self.drained = 0
             self.buf.clear()
             self.head = None
-            self.idle_since = None
+            if self.watch is not None:
+                self.watch.serving()  # the linger timer ends it
             self._linger_timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.abort)
         else:
             self.transport = None
@@ -473,10 +498,16 @@ class EstConnection(asyncio.Protocol):
             return
         self.front.connections.discard(self)
         self.transport = None
-        handler = self.front.handover()
+        # aiohttp's handler, kept to the same deadlines: the head's clock runs on.
+        handler = Watched(self.front.guard, self.front.handover(), self.watch)
+        self.watch = None
+        if not transport.is_reading():
+            transport.resume_reading()
         transport.set_protocol(handler)
         handler.connection_made(transport)
         data = bytes(self.buf)
         self.buf.clear()
         if data:
-            handler.data_received(data)
+            handler.inner.data_received(data)  # received already: not news for the Watch
+        if self.eof:
+            handler.eof_received()

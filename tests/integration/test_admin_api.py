@@ -48,7 +48,8 @@ def test_admin_api_and_metrics_are_not_on_the_device_facing_est_port(
     # The admin listener speaks TLS with the server certificate (verified against the root,
     # host name 127.0.0.1) and listens on loopback unless told otherwise.
     assert admin(live_server, "GET", "/admin/devices").status == 200
-    host = live_server.handle.admin.runner.addresses[0][0]  # type: ignore[union-attr]
+    assert live_server.handle.admin is not None
+    host = live_server.handle.admin.addresses[0][0]
     assert host == "127.0.0.1" == ServerConfig().admin_bind
 
 

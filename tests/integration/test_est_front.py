@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -223,15 +224,15 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
-def start_server(home: Path, loop: str) -> LiveServer:
+def start_server(home: Path, loop: str, **config: Any) -> LiveServer:
     """start_live_server on stock asyncio or on uvloop (as `fleetpki serve` runs)."""
     if loop == "asyncio":
-        return start_live_server(home)
+        return start_live_server(home, **config)
     uvloop = pytest.importorskip("uvloop")
     previous = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
-        return start_live_server(home)  # creates its loop from the policy, here and now
+        return start_live_server(home, **config)  # its loop comes from the policy, now
     finally:
         asyncio.set_event_loop_policy(previous)
 
@@ -750,13 +751,14 @@ def test_client_gone_before_reply_then_retry_gets_same_certificate(
 
 # --- idle connections ---------------------------------------------------------------------------
 @pytest.mark.parametrize("loop", LOOPS)
-def test_idle_connections_are_closed(
-    loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    idle = 0.5
-    monkeypatch.setattr(front, "IDLE_TIMEOUT", idle)
-    monkeypatch.setattr(front, "_SWEEP_EVERY", 0.1)  # read when the listener starts
-    srv = start_server(tmp_path / "home", loop)
+def test_idle_connections_are_closed(loop: str, tmp_path: Path) -> None:
+    head, idle = 0.5, 1.0
+    srv = start_server(
+        tmp_path / "home",
+        loop,
+        head_timeout=timedelta(seconds=head),
+        idle_timeout=timedelta(seconds=idle),
+    )
     try:
         key = generate_key(KeyType.EC_P256)
         token = srv.mint_device("idler")
@@ -767,24 +769,24 @@ def test_idle_connections_are_closed(
             partial.send(b"POST " + SIMPLEENROLL + b" HTTP/1.1\r\nHost: loc")
             served.send(enroll_request("idler", token, csr_body("idler", key)))
             assert_issued(srv, served.reply(), "idler", key)
+            replied = time.monotonic()
             handed.send(get("/healthz"))
             assert handed.reply().by_aiohttp
 
-            # Half a head: closed once IDLE_TIMEOUT passes, not before.
-            assert partial.closed_by_server(within=idle + 3)
-            assert time.monotonic() - opened >= idle
-            # Kept alive after its reply, then silent: closed as well.
-            assert served.closed_by_server(within=3)
-            # Still in the TLS handshake: dropped by the same sweep (handshake timeout).
+            # Half a head: closed once the head deadline passes, not before.
+            assert partial.closed_by_server(within=head + 3)
+            assert time.monotonic() - opened >= head
+            # Still in the TLS handshake: dropped by the same deadline.
             stuck.settimeout(3)
             try:
                 assert stuck.recv(1) == b""
             except ConnectionResetError:
                 pass
-            # aiohttp's connection is not the front end's to sweep (its own keep-alive rules).
-            time.sleep(max(0.0, opened + 2 * idle + 0.3 - time.monotonic()))
-            handed.send(get("/healthz"))
-            assert handed.reply().status == 200
+            # Kept alive after its reply, then silent: closed at the idle deadline.
+            assert served.closed_by_server(within=idle + 3)
+            assert time.monotonic() - replied >= idle
+            # Handed over to aiohttp, answered, then silent: the same idle deadline.
+            assert handed.closed_by_server(within=3)
     finally:
         srv.stop()
 
