@@ -21,11 +21,11 @@ from enroll_server.config import ConfigError, ServerConfig
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode, fail
 from enroll_server.home import HomeError, init_home, resolve_home
+from enroll_server.outcome import transition_outcome
 from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
 from enroll_server.registry import (
-    DeviceState,
     InvalidValue,
     Registry,
     RegistryError,
@@ -296,22 +296,6 @@ def device_show(device_id: str, home: HomeOpt = None, as_json: JsonOpt = False) 
     console.print(table)
     for e in audit:
         console.print(f"  {e.at.isoformat(timespec='seconds')} {e.actor:>10} {e.action}")
-
-
-def transition_outcome(action: str, before: DeviceState, serials: list[int]) -> str:
-    """What `device revoke|suspend|resume` did, in words: a repeat says "nothing to do"."""
-    n = f"{len(serials)} certificate(s)"
-    if action == "revoke":
-        if before is DeviceState.REVOKED and not serials:
-            return "already revoked: nothing to do (any live session is dropped again)"
-        return f"revoked: {n} revoked, its live sessions are dropped; it can never enroll again"
-    if action == "suspend":
-        if before is DeviceState.SUSPENDED:
-            return "already suspended: nothing to do"
-        return f"suspended: {n} on hold, its live sessions are dropped; `device resume` lifts it"
-    if before is not DeviceState.SUSPENDED:
-        return f"not suspended (state {before.value}): nothing to do"
-    return f"resumed: {n} taken off hold; the device may connect again"
 
 
 def _transition(action: str, device_id: str, home: Path | None, reason: str) -> None:

@@ -27,6 +27,7 @@ from enroll_server.identities import (
     readmit_service_identity,
     renew_service_identity,
 )
+from enroll_server.outcome import transition_outcome
 from enroll_server.pki.errors import PkiError
 from enroll_server.registry import (
     CertStatus,
@@ -213,6 +214,4 @@ def revoke(
             )
         except InvalidValue as exc:
             fail(str(exc))
-    console.print(
-        f"service {name}: revoked ({len(serials)} certificate(s)); its live session is dropped"
-    )
+    console.print(f"service {name}: {transition_outcome('revoke', service.state, serials)}")

@@ -66,3 +66,18 @@ def test_bad_reason_lists_the_spellings_the_help_shows(tmp_path: Path) -> None:
         app, ["device", "revoke", "st-000001", "--home", home, "--reason", "certificate-hold"]
     )
     assert r.exit_code == 2 and "use suspend and resume" in r.stderr
+
+
+def test_service_revoke_twice_says_nothing_to_do(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    make_home(Path(home))
+    issued = runner.invoke(
+        app, ["service", "issue", "backend", "--home", home, "--out", str(tmp_path / "svc")]
+    )
+    assert issued.exit_code == 0, issued.output
+    first = runner.invoke(app, ["service", "revoke", "backend", "--home", home])
+    assert first.exit_code == 0
+    assert first.stdout.startswith("service backend: revoked: 1 certificate(s) revoked")
+    again = runner.invoke(app, ["service", "revoke", "backend", "--home", home])
+    assert again.exit_code == 0
+    assert again.stdout.startswith("service backend: already revoked: nothing to do"), again.stdout
