@@ -263,13 +263,23 @@ class Watched(asyncio.Protocol):
     """An aiohttp request handler's connection, counted per source and held to the deadlines.
 
     `watch`: the connection's Watch when the EST front end hands it over (admitted already);
-    None for a fresh connection of a plain aiohttp listener.
+    None for a fresh connection of a plain aiohttp listener. `half_close`: whether the
+    transport keeps its write side after the peer's end of input (asyncio's own TLS transport
+    does not: the admin listener's connections then close as asyncio closes them).
     """
 
-    def __init__(self, guard: Guard, inner: asyncio.Protocol, watch: Watch | None = None) -> None:
+    def __init__(
+        self,
+        guard: Guard,
+        inner: asyncio.Protocol,
+        watch: Watch | None = None,
+        *,
+        half_close: bool = True,
+    ) -> None:
         self.guard = guard
         self.inner = inner
         self.watch = watch
+        self.half_close = half_close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.watch is None:
@@ -292,7 +302,7 @@ class Watched(asyncio.Protocol):
             return False
         self.inner.eof_received()
         self.watch.eof = True
-        return True
+        return self.half_close or None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.watch is not None:

@@ -215,7 +215,7 @@ async def start_site(
     loop = asyncio.get_running_loop()
     try:
         server = await loop.create_server(
-            lambda: Watched(guard, handlers()),
+            lambda: Watched(guard, handlers(), half_close=ssl_context is None),
             host,
             port,
             ssl=ssl_context,

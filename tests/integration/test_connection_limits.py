@@ -174,6 +174,18 @@ def test_admin_listener_closes_an_idle_connection(server: LiveServer) -> None:
         assert time.monotonic() - started >= IDLE - 0.1
 
 
+def test_broker_takes_the_head_deadline_for_tls_and_connect(tmp_path: Path) -> None:
+    srv = start_live_server(tmp_path / "home", broker=True, **short_deadlines())
+    try:
+        with socket.create_connection(("127.0.0.1", srv.mqtt_port), timeout=5) as silent:
+            started = time.monotonic()
+            silent.sendall(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes
+            assert closed_within(silent, HEAD + 3)  # not the broker's own 10 s
+            assert time.monotonic() - started >= HEAD - 0.1
+    finally:
+        srv.stop()
+
+
 # --- per-source cap ----------------------------------------------------------------------------
 def tls_connect(server: LiveServer, port: int, source: str = "127.0.0.1") -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
@@ -436,6 +448,20 @@ def test_half_closed_plain_http_request_gets_its_reply(server: LiveServer) -> No
         while chunk := sock.recv(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200"), reply
+
+
+def test_admin_listener_close_notify_is_quiet(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncio's TLS transport has no half-close: the admin listener closes as asyncio does,
+    without asyncio's warning about eof_received()."""
+    client = BioClient(server, server.handle.admin_port)
+    client.send(get("/admin/devices"))
+    client.close_notify()
+    client.read_to_end()
+    client.raw.close()
+    time.sleep(0.2)
+    assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
 
 
 def test_half_close_with_nothing_to_answer_closes(server: LiveServer) -> None:
