@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
+from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt, fail, initialized_layout
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
 from enroll_server.registry import (
@@ -59,13 +59,7 @@ def show(serial: SerialArg, home: HomeOpt = None, as_json: JsonOpt = False) -> N
 def revoke(
     serial: SerialArg,
     home: HomeOpt = None,
-    reason: Annotated[
-        str,
-        typer.Option(
-            help="RFC 5280 reason: key-compromise, superseded, cessation-of-operation, "
-            "affiliation-changed, unspecified, ..."
-        ),
-    ] = "unspecified",
+    reason: ReasonOpt = "unspecified",
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke one certificate; its device or service stays registered. The broker drops a live

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from enroll_server.cli_help import tidy_help
-from enroll_server.cli_options import HomeOpt, JsonOpt, init_port, serve_port
+from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt, init_port, serve_port
 from enroll_server.config import ConfigError, ServerConfig
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode, fail
@@ -325,15 +325,10 @@ def _transition(action: str, device_id: str, home: Path | None, reason: str) -> 
 def device_revoke(
     device_id: str,
     home: HomeOpt = None,
-    reason: Annotated[
-        str,
-        typer.Option(
-            help="RFC 5280 reason: key-compromise, superseded, cessation-of-operation, "
-            "affiliation-changed, unspecified, ..."
-        ),
-    ] = "unspecified",
+    reason: ReasonOpt = "unspecified",
 ) -> None:
-    """Revoke every unexpired certificate of a device; it can never enroll again."""
+    """Revoke every unexpired certificate of a device (final for them; `device readmit` lets it
+    enroll again with a new key)."""
     _transition("revoke", device_id, home, reason)
 
 

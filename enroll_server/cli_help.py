@@ -59,29 +59,28 @@ def _usage(command: Any, ctx: Any) -> list[str]:
     return pieces
 
 
-class FleetpkiCommand(TyperCommand):
-    """A command whose help has plain metavars and reflowed paragraphs."""
+class _TidyHelp:
+    """Plain metavars and reflowed paragraphs; mixed into a typer command or group class."""
+
+    help: str | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.help = reflow(self.help)
 
     def get_params(self, ctx: Any) -> list[Any]:
-        return _tidy_params(super().get_params(ctx))
+        return _tidy_params(super().get_params(ctx))  # type: ignore[misc]
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return _usage(self, ctx)
 
 
-class FleetpkiGroup(TyperGroup):
+class FleetpkiCommand(_TidyHelp, TyperCommand):
+    """A command whose help has plain metavars and reflowed paragraphs."""
+
+
+class FleetpkiGroup(_TidyHelp, TyperGroup):
     """A command group whose help has plain metavars and reflowed paragraphs."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.help = reflow(self.help)
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _tidy_params(super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return [*_usage(self, ctx), self.subcommand_metavar]

@@ -9,8 +9,17 @@ import typer
 
 from enroll_server.exit_codes import fail
 from enroll_server.listen import MAX_PORT
+from enroll_server.registry.models import REVOKE_REASON_OPTIONS
 
-__all__ = ["HomeOpt", "JsonOpt", "fail", "init_port", "initialized_layout", "serve_port"]
+__all__ = [
+    "HomeOpt",
+    "JsonOpt",
+    "ReasonOpt",
+    "fail",
+    "init_port",
+    "initialized_layout",
+    "serve_port",
+]
 
 if TYPE_CHECKING:
     from enroll_server.home import HomeLayout
@@ -20,6 +29,12 @@ HomeOpt = Annotated[
     typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+ReasonOpt = Annotated[
+    str,
+    typer.Option(
+        "--reason", help=f"Revocation reason (RFC 5280 5.3.1): {', '.join(REVOKE_REASON_OPTIONS)}."
+    ),
+]
 
 
 def serve_port(help: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
+from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt, fail, initialized_layout
 from enroll_server.config import ConfigError, load_config
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
@@ -200,9 +200,7 @@ def show(name: NameArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 def revoke(
     name: NameArg,
     home: HomeOpt = None,
-    reason: Annotated[
-        str, typer.Option(help="RFC 5280 reason: key-compromise, cessation-of-operation, ...")
-    ] = "unspecified",
+    reason: ReasonOpt = "unspecified",
 ) -> None:
     """Revoke a service and every certificate of it; its live session is dropped (<1 s). One
     certificate alone: `fleetpki cert revoke SERIAL`."""

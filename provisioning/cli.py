@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from enroll_server.cli_options import HomeOpt, JsonOpt
+from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt
 from enroll_server.config import ConfigError, ServerConfig, load_config
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
@@ -434,9 +434,7 @@ def device_readmit(
 @app.command()
 def revoke(
     batch_id: Annotated[str, typer.Argument(help="Batch id.")],
-    reason: Annotated[
-        str, typer.Option(help="RFC 5280 reason, e.g. key-compromise, cessation-of-operation.")
-    ],
+    reason: ReasonOpt,
     home: HomeOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     as_json: JsonOpt = False,

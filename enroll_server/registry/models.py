@@ -96,6 +96,10 @@ REASON_OPTIONS: dict[str, str] = {
     "privilegeWithdrawn": "privilege-withdrawn",
     "aACompromise": "aa-compromise",
 }
+# The reasons an operator may revoke with, as typed: the --reason help and errors list these.
+REVOKE_REASON_OPTIONS: tuple[str, ...] = tuple(
+    REASON_OPTIONS[r] for r in REVOCATION_REASONS if r in REVOKE_REASONS
+)
 
 
 def parse_reason(text: str) -> str:
@@ -107,8 +111,7 @@ def parse_reason(text: str) -> str:
         raise InvalidValue(
             "revocation reason",
             text,
-            "not a revocation reason (RFC 5280 5.3.1): "
-            + ", ".join(REASON_OPTIONS[r] for r in REVOCATION_REASONS if r in REVOKE_REASONS),
+            "not a revocation reason (RFC 5280 5.3.1): " + ", ".join(REVOKE_REASON_OPTIONS),
         ) from None
 
 

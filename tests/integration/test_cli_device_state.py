@@ -81,3 +81,12 @@ def test_service_revoke_twice_says_nothing_to_do(tmp_path: Path) -> None:
     again = runner.invoke(app, ["service", "revoke", "backend", "--home", home])
     assert again.exit_code == 0
     assert again.stdout.startswith("service backend: already revoked: nothing to do"), again.stdout
+
+
+def test_every_reason_option_lists_the_same_spellings() -> None:
+    from enroll_server.registry.models import REVOKE_REASON_OPTIONS
+
+    for command in ("device", "cert", "service", "batch"):
+        result = runner.invoke(app, [command, "revoke", "--help"], env={"COLUMNS": "200"})
+        text = " ".join(result.output.replace("\u2502", " ").split())  # box edges out
+        assert ", ".join(REVOKE_REASON_OPTIONS) in text, (command, text)
