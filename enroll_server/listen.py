@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import socket
 from collections.abc import Iterator
 
@@ -20,6 +21,29 @@ class ListenFailed(Exception):
         self.host = host
         self.port = port
         self.why = why
+
+
+def serves_only_this_machine(bind: str, public_host: str) -> str | None:
+    """A warning when listeners bound to loopback wait for devices told to come from elsewhere.
+
+    The safe default `bind = "127.0.0.1"` is right for a first try, and wrong as soon as the
+    bundles name a host devices reach over a network: they would all time out, with no line
+    on the server saying why.
+    """
+    if not _is_loopback(bind) or _is_loopback(public_host) or public_host == "localhost":
+        return None
+    return (
+        f"listening on {bind} (this machine only), while bundles send devices to "
+        f"{public_host!r}: to serve them, run `fleetpki serve --bind 0.0.0.0` (or one address "
+        f"of this machine), or set bind under [server] in fleetpki.toml"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _address(host: str) -> str:

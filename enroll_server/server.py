@@ -34,7 +34,7 @@ from enroll_server.http_app import (
     start_est_site,
     start_site,
 )
-from enroll_server.listen import listening
+from enroll_server.listen import listening, serves_only_this_machine
 from enroll_server.manufacturers import REFRESH_INTERVAL, TrustedManufacturers
 from enroll_server.operators import bootstrap_admin
 from enroll_server.pki.profile import DeviceProfile
@@ -318,6 +318,8 @@ async def start_server(
         admin_host,
         admin.port,
     )
+    if (warning := serves_only_this_machine(host, cfg.public_host)) is not None:
+        log.warning("%s", warning)
     return handle
 
 
