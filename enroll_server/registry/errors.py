@@ -140,7 +140,7 @@ class CertificateNotCurrent(RegistryError):
 
 class UnknownOperator(RegistryError):
     def __init__(self, name: str) -> None:
-        super().__init__(f"operator {name!r} does not exist")
+        super().__init__(f"operator {name!r} is not registered")
         self.name = name
 
 

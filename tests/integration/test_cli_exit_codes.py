@@ -32,6 +32,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> str:
         ["batch", "show", "no-such-batch"],
         ["batch", "reissue-token", "ghost", "--stdout"],
         ["service", "show", "ghost"],
+        ["operator", "rotate", "ghost"],
     ],
 )
 def test_unknown_device_or_batch_is_not_found_everywhere(home: str, args: list[str]) -> None:
