@@ -140,7 +140,7 @@ def test_revoking_one_certificate_keeps_the_identity_and_takes_its_fallback_alon
     assert sorted(event.serials) == sorted([a.serial, b.serial])
     with pytest.raises(UnknownCertificate):
         reg.revoke_certificate(12345, reason="unspecified", now=NOW, actor="op")
-    with pytest.raises(ValueError, match="certificateHold"):
+    with pytest.raises(ValueError, match="certificate-hold"):
         reg.revoke_certificate(b.serial, reason="certificate-hold", now=NOW, actor="op")
 
 
