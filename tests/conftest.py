@@ -1,18 +1,50 @@
-"""Shared fixtures: one fresh in-memory CA per test session."""
+"""Shared fixtures: one fresh in-memory CA per test session; one throwaway PostgreSQL cluster per
+session (started by the first test that asks for it), a fresh database per test."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.pg_cluster import PgCluster
 from tests.pki_helpers import MemoryCa, make_ca
 
 
 @pytest.fixture(scope="session")
 def ca() -> MemoryCa:
     return make_ca()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL 15 cluster on 127.0.0.1 (tests/pg_cluster.py), stopped and removed after."""
+    cluster = PgCluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A fresh, empty database of the session's cluster (its URL carries the password)."""
+    return pg_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a registry test opens its registry: an SQLite file, then a PostgreSQL database
+    with fleetpki's schema (the same test runs on both backends)."""
+    if request.param == "sqlite":
+        return tmp_path / "registry.db"
+    from enroll_server.registry import Registry
+
+    url: str = request.getfixturevalue("pg_url")
+    Registry.open(url, create=True).close()
+    return url
 
 
 @pytest.fixture

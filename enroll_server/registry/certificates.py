@@ -13,7 +13,7 @@ from enroll_server.registry.codec import (
     serial_int,
     ts,
 )
-from enroll_server.registry.connection import RegistryBase
+from enroll_server.registry.connection import RegistryBase, Sql
 from enroll_server.registry.errors import (
     CertificateNotCurrent,
     DeviceNotActive,
@@ -127,7 +127,7 @@ class CertificateStore(RegistryBase):
         return outcomes
 
     @staticmethod
-    def _issue_many(conn: sqlite3.Connection, batch: Sequence[Issuance]) -> bool:
+    def _issue_many(conn: Sql, batch: Sequence[Issuance]) -> bool:
         """The common case in one executemany per statement; False if any row was refused.
 
         Python-side cost per statement, not per row, is what this saves (the hot path of a
@@ -189,7 +189,7 @@ class CertificateStore(RegistryBase):
         )
         return True
 
-    def _issue_one(self, conn: sqlite3.Connection, item: Issuance) -> None:
+    def _issue_one(self, conn: Sql, item: Issuance) -> None:
         """One issuance inside the caller's transaction; raises the RegistryError refusing it."""
         cert = item.cert
         now_s = ts(item.now, "now")
@@ -278,7 +278,7 @@ class CertificateStore(RegistryBase):
         return [certificate_from_row(r) for r in rows]
 
     @staticmethod
-    def _check_renewable(conn: sqlite3.Connection, serial: int, device_id: DeviceId) -> None:
+    def _check_renewable(conn: Sql, serial: int, device_id: DeviceId) -> None:
         """Raise unless `serial` may renew: the identity's current certificate, or the fallback
         of a current certificate never used (the device lost it to a power cut)."""
         serial_s = serial_hex(serial)
@@ -336,7 +336,7 @@ _CUT_OFF_PROBE = (
 
 
 def revoke_rows(
-    conn: sqlite3.Connection,
+    conn: Sql,
     device_id: DeviceId,
     *,
     keep: str | None,
@@ -347,7 +347,7 @@ def revoke_rows(
     serials. Expired ones too: nobody can use them, and the CRL leaves them out anyway."""
     rows = conn.execute(
         "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?, "
-        "fallback = NULL WHERE device_id = ? AND serial IS NOT ? "
+        "fallback = NULL WHERE device_id = ? AND serial IS DISTINCT FROM ? "
         "AND status IN ('active', 'superseded', 'on_hold') RETURNING serial",
         (now_s, reason, device_id.value, keep),
     ).fetchall()
@@ -355,7 +355,7 @@ def revoke_rows(
 
 
 def record_cut_off(
-    conn: sqlite3.Connection,
+    conn: Sql,
     now_s: str,
     actor: str,
     device_id: DeviceId,

@@ -1,4 +1,5 @@
-"""The registry's SQLite connection: WAL setup, short write transactions, shared SQL."""
+"""The registry's connection (SQLite, or PostgreSQL through registry.postgres): WAL setup, short
+write transactions, shared SQL."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from sqlite_utils import Database
 
 from enroll_server.registry.codec import detail_json, serials_json
 from enroll_server.registry.errors import DuplicateToken, InvalidValue, RegistryBusy
+from enroll_server.registry.location import PostgresLocation, RegistryLocation
 from enroll_server.registry.models import DeviceState, EventKind
 from fleetpki.identity import DeviceId
+
+if TYPE_CHECKING:  # psycopg is imported only when a PostgreSQL registry is opened
+    from enroll_server.registry.postgres import PgConnection
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -53,25 +58,64 @@ def enable_wal(db: Database, path: Path) -> None:
         delay = min(delay * 2, 0.05)
 
 
+class Cursor(Protocol):
+    """What a statement returns, on either backend."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Sql(Protocol):
+    """The connection the registry's parts write SQL to: sqlite3's, or registry.postgres'
+    PgConnection, which takes the same SQL (`?` placeholders) and raises the same errors."""
+
+    def execute(self, sql: str, params: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Any, /) -> Cursor: ...
+
+
+def _begin_immediate(conn: Sql, where: str, *, wait: bool) -> None:
+    try:
+        if wait:
+            conn.execute("BEGIN IMMEDIATE")
+        else:
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise RegistryBusy(where, BUSY_TIMEOUT_MS if wait else 0) from exc
+        raise
+
+
 class RegistryBase:
     """The connection, its lock and transactions, and SQL shared by the registry's parts.
 
-    Every write is one short `BEGIN IMMEDIATE` transaction: it takes the write lock up
-    front, so two processes never both read and then try to upgrade to writing (in WAL mode
-    that upgrade fails with SQLITE_BUSY at once instead of waiting for busy_timeout). One
-    instance may be shared by threads: a lock serializes use of its connection.
+    Every write is one short transaction that holds the registry's write lock from its start
+    (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: an advisory lock, registry.postgres), so two
+    writers never both read and then try to upgrade to writing (in WAL mode that upgrade fails
+    with SQLITE_BUSY at once instead of waiting for busy_timeout). One instance may be shared
+    by threads: a lock serializes use of its connection.
     """
 
-    def __init__(self, db: Database, path: Path) -> None:
-        """Use Registry.open(path)."""
-        self._db = db
-        self._conn: sqlite3.Connection = db.conn
-        self._path = path
+    def __init__(self, conn: sqlite3.Connection | PgConnection, location: RegistryLocation) -> None:
+        """Use Registry.open(location)."""
+        self._conn: Sql = conn
+        self._raw = conn
+        self._location = location
         self._lock = threading.RLock()
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._raw.close()
 
     def __enter__(self) -> Self:
         return self
@@ -80,66 +124,76 @@ class RegistryBase:
         self.close()
 
     @property
+    def location(self) -> RegistryLocation:
+        return self._location
+
+    @property
+    def shared(self) -> bool:
+        """Whether the registry is a database server other hosts may write to (PostgreSQL):
+        then nothing read from it may be kept as the truth in one process's memory."""
+        return isinstance(self._location, PostgresLocation)
+
+    @property
     def path(self) -> Path:
-        return self._path
+        """The SQLite file (a PostgreSQL registry has none: check `shared` first)."""
+        if isinstance(self._location, PostgresLocation):
+            raise TypeError(f"registry {self._location} is not a file")
+        return self._location.path
+
+    def _sqlite(self) -> sqlite3.Connection:
+        if not isinstance(self._raw, sqlite3.Connection):
+            raise TypeError(f"registry {self._location} is not SQLite")
+        return self._raw
 
     @property
     def journal_mode(self) -> str:
         with self._lock:
-            return str(self._db.journal_mode)
+            return str(self._sqlite().execute("PRAGMA journal_mode").fetchone()[0])
 
     @property
     def wal_autocheckpoint(self) -> int:
         """WAL pages past which a commit on this connection checkpoints by itself."""
         with self._lock:
-            return int(self._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+            return int(self._sqlite().execute("PRAGMA wal_autocheckpoint").fetchone()[0])
 
     @contextmanager
-    def _write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
-        """One BEGIN IMMEDIATE transaction, committed when the block ends.
+    def _write(self, *, wait: bool = True) -> Iterator[Sql]:
+        """One write transaction holding the write lock, committed when the block ends.
 
         `wait=False`: if another connection holds the write lock, raise RegistryBusy at once
         instead of waiting up to the busy timeout (callers on an event loop retry later).
         """
         with self._lock:
-            conn = self._conn
+            raw = self._raw
+            if isinstance(raw, sqlite3.Connection):
+                _begin_immediate(raw, str(self._location), wait=wait)
+            else:
+                raw.begin(wait=wait, busy_ms=BUSY_TIMEOUT_MS)
             try:
-                if wait:
-                    conn.execute("BEGIN IMMEDIATE")
-                else:
-                    conn.execute("PRAGMA busy_timeout = 0")
-                    try:
-                        conn.execute("BEGIN IMMEDIATE")
-                    finally:
-                        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    raise RegistryBusy(str(self._path), BUSY_TIMEOUT_MS if wait else 0) from exc
-                raise
-            try:
-                yield conn
-                conn.execute("COMMIT")
+                yield raw
+                raw.commit()
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                if raw.in_transaction:
+                    raw.rollback()
                 raise
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        # Outside a transaction each SELECT reads its own consistent WAL snapshot.
+    def _read(self) -> Iterator[Sql]:
+        # Outside a transaction each SELECT reads its own consistent snapshot (WAL; PostgreSQL
+        # in autocommit).
         with self._lock:
             yield self._conn
 
     # ------------------------------------------------------------------ shared SQL
 
     @staticmethod
-    def _state_of(conn: sqlite3.Connection, device_id: DeviceId) -> DeviceState | None:
+    def _state_of(conn: Sql, device_id: DeviceId) -> DeviceState | None:
         row = conn.execute("SELECT state FROM devices WHERE id = ?", (device_id.value,)).fetchone()
         return None if row is None else DeviceState(row[0])
 
     @staticmethod
     def _audit(
-        conn: sqlite3.Connection,
+        conn: Sql,
         at: str,
         actor: str,
         action: str,
@@ -159,7 +213,7 @@ class RegistryBase:
 
     @staticmethod
     def _event(
-        conn: sqlite3.Connection, at: str, kind: EventKind, device_id: DeviceId, serials: list[int]
+        conn: Sql, at: str, kind: EventKind, device_id: DeviceId, serials: list[int]
     ) -> None:
         conn.execute(
             "INSERT INTO events (at, kind, device_id, serials) VALUES (?, ?, ?, ?)",
@@ -168,7 +222,7 @@ class RegistryBase:
 
     @staticmethod
     def _insert_token(
-        conn: sqlite3.Connection,
+        conn: Sql,
         device_id: DeviceId,
         token_hash: str,
         expires_s: str,
@@ -203,9 +257,7 @@ class RegistryBase:
         )
 
     @staticmethod
-    def _token_problem(
-        conn: sqlite3.Connection, device_id: DeviceId, token_hash: str, now_s: str
-    ) -> str | None:
+    def _token_problem(conn: Sql, device_id: DeviceId, token_hash: str, now_s: str) -> str | None:
         row = conn.execute(
             "SELECT device_id, expires_at, used_at FROM tokens WHERE token_hash = ?",
             (token_hash,),

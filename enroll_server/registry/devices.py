@@ -15,7 +15,7 @@ from enroll_server.registry.codec import (
     device_from_row,
     ts,
 )
-from enroll_server.registry.connection import RegistryBase, parse_enum
+from enroll_server.registry.connection import RegistryBase, Sql, parse_enum
 from enroll_server.registry.errors import (
     DuplicateBatch,
     DuplicateDevice,
@@ -123,7 +123,6 @@ class DeviceStore(RegistryBase):
                     if duplicate is None:
                         raise
                     raise DuplicateDevice(duplicate) from exc
-                conn.execute("RELEASE batch_chunk")
                 try:
                     conn.executemany(
                         "INSERT INTO tokens (token_hash, device_id, created_at, expires_at) "
@@ -131,7 +130,11 @@ class DeviceStore(RegistryBase):
                         token_rows,
                     )
                 except sqlite3.IntegrityError as exc:
+                    # Back to the savepoint first: PostgreSQL reads nothing more in a
+                    # transaction a statement failed in.
+                    conn.execute("ROLLBACK TO batch_chunk")
                     raise DuplicateToken(self._first_duplicate_token(conn, chunk)) from exc
+                conn.execute("RELEASE batch_chunk")
                 count += len(chunk)
             conn.execute("UPDATE batches SET device_count = ? WHERE id = ?", (count, batch_id))
             self._audit(
@@ -151,7 +154,7 @@ class DeviceStore(RegistryBase):
         return count
 
     @staticmethod
-    def _first_duplicate(conn: sqlite3.Connection, chunk: list[NewDevice]) -> DeviceId | None:
+    def _first_duplicate(conn: Sql, chunk: list[NewDevice]) -> DeviceId | None:
         seen: set[str] = set()
         for new in chunk:
             value = new.device_id.value
@@ -162,7 +165,7 @@ class DeviceStore(RegistryBase):
         return None
 
     @staticmethod
-    def _first_duplicate_token(conn: sqlite3.Connection, chunk: list[NewDevice]) -> DeviceId:
+    def _first_duplicate_token(conn: Sql, chunk: list[NewDevice]) -> DeviceId:
         seen: set[str] = set()
         for new in chunk:
             if new.token_hash is None:
@@ -297,16 +300,17 @@ class DeviceStore(RegistryBase):
             if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
                 raise UnknownBatch(batch_id)
             row = conn.execute(
+                # count(*) FILTER: the same SQL on SQLite (3.30+) and PostgreSQL.
                 """SELECT
-                    coalesce(sum(state = 'provisioned'
-                        AND (token_expires_at IS NULL OR token_expires_at > :now)), 0),
-                    coalesce(sum(state = 'provisioned' AND token_expires_at <= :now), 0),
-                    coalesce(sum(state = 'active'), 0),
-                    coalesce(sum(state = 'suspended'), 0),
-                    coalesce(sum(state = 'revoked'), 0),
+                    count(*) FILTER (WHERE state = 'provisioned'
+                        AND (token_expires_at IS NULL OR token_expires_at > ?)),
+                    count(*) FILTER (WHERE state = 'provisioned' AND token_expires_at <= ?),
+                    count(*) FILTER (WHERE state = 'active'),
+                    count(*) FILTER (WHERE state = 'suspended'),
+                    count(*) FILTER (WHERE state = 'revoked'),
                     count(*)
-                FROM devices WHERE batch_id = :batch""",
-                {"now": now_s, "batch": batch_id},
+                FROM devices WHERE batch_id = ?""",
+                (now_s, now_s, batch_id),
             ).fetchone()
         keys = ("provisioned", "token_expired", "enrolled", "suspended", "revoked", "total")
         return {k: int(v) for k, v in zip(keys, row, strict=True)}

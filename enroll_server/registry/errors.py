@@ -77,6 +77,31 @@ class SchemaTooNew(RegistryError):
         self.known = known
 
 
+class SchemaTooOld(RegistryError):
+    """A shared (PostgreSQL) registry at an older schema: nodes never migrate it by themselves,
+    since other nodes may still run the older fleetpki against it."""
+
+    def __init__(self, where: str, found: int, known: int) -> None:
+        super().__init__(
+            f"registry {where} has schema version {found}, older than this fleetpki's "
+            f"({known}); run `fleetpki registry migrate` once all nodes run this version"
+        )
+        self.where = where
+        self.found = found
+        self.known = known
+
+
+class NoSchema(RegistryError):
+    """A PostgreSQL database without fleetpki's tables (`fleetpki init --registry` makes them)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(
+            f"registry {where} holds no fleetpki schema; create it with "
+            "`fleetpki init --registry URL` (or `fleetpki registry copy` into it)"
+        )
+        self.where = where
+
+
 class DuplicateToken(RegistryError):
     """A token hash that is already recorded (the same token handed to two devices)."""
 
@@ -121,6 +146,17 @@ class RegistryBusy(RegistryError):
         super().__init__(f"registry {path} stayed locked by another writer for {waited_ms} ms")
         self.path = path
         self.waited_ms = waited_ms
+
+
+class RegistryUnavailable(RegistryBusy):
+    """The registry cannot be reached (PostgreSQL down, restarting, refusing our login): as
+    with a held lock, nothing of the request was recorded and the client may try again."""
+
+    def __init__(self, where: str, why: str) -> None:
+        RegistryError.__init__(self, f"registry {where} is unavailable: {why}")
+        self.path = where
+        self.waited_ms = 0
+        self.why = why
 
 
 class CertificateNotCurrent(RegistryError):

@@ -4,7 +4,6 @@ and the CRL's input."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -18,7 +17,7 @@ from enroll_server.registry.codec import (
     serials_json,
     ts,
 )
-from enroll_server.registry.connection import RegistryBase
+from enroll_server.registry.connection import RegistryBase, Sql
 from enroll_server.registry.errors import (
     DeviceNotActive,
     InvalidValue,
@@ -71,7 +70,7 @@ class RevocationStore(RegistryBase):
 
     def _revoke_in_tx(
         self,
-        conn: sqlite3.Connection,
+        conn: Sql,
         device_ids: list[str],
         reason: str,
         now_s: str,

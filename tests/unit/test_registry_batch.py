@@ -14,6 +14,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from enroll_server.registry import (
@@ -31,6 +32,7 @@ from enroll_server.registry import (
 )
 from enroll_server.registry import certificates as certificates_mod
 from enroll_server.registry.certificates import CertificateStore, _batchable
+from enroll_server.registry.location import PostgresLocation
 from fleetpki.identity import DeviceId
 from tests.pki_helpers import MemoryCa
 from tests.unit.test_registry import NOW, TTL, issued, new_devices, token_hash
@@ -42,8 +44,9 @@ TABLES = ("batches", "devices", "tokens", "certificates", "audit", "events")
 
 
 @pytest.fixture
-def reg(tmp_path: Path) -> Iterator[Registry]:
-    registry = Registry.open(tmp_path / "r.db")
+def reg(registry_location: Path | str) -> Iterator[Registry]:
+    """The registry on each backend in turn (conftest.registry_location)."""
+    registry = Registry.open(registry_location)
     yield registry
     registry.close()
 
@@ -72,9 +75,15 @@ def token_item(
     return Issuance(issued(ca, device.value), token or own_token(device), None, now, actor)
 
 
-def dump(path: Path) -> dict[str, list[tuple[object, ...]]]:
+def dump(reg: Registry) -> dict[str, list[tuple[object, ...]]]:
     """Every row of the data tables, as committed (read through a second connection)."""
-    with closing(sqlite3.connect(path)) as raw:
+    if isinstance(reg.location, PostgresLocation):
+        with psycopg.connect(reg.location.url) as pg:
+            return {
+                t: sorted(pg.execute(f"SELECT * FROM {t}").fetchall(), key=repr)  # type: ignore[arg-type]
+                for t in TABLES
+            }
+    with closing(sqlite3.connect(reg.path)) as raw:
         return {t: raw.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in TABLES}
 
 
@@ -197,8 +206,7 @@ def test_batch_of_token_issuances_is_one_executemany_transaction(
     assert len(audits) == 6
     assert {e.actor for e in audits} == {"est"}
     # Issuances are in the audit log only: the events journal is for revocation pollers.
-    with closing(sqlite3.connect(reg.path)) as raw:
-        assert raw.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    assert dump(reg)["events"] == []
 
 
 @pytest.mark.parametrize("path", ["fast", "slow"])
@@ -235,9 +243,9 @@ def test_batch_writes_exactly_what_single_calls_write(
             monkeypatch.setattr(certificates_mod, "_batchable", lambda batch: False)
         assert batched.record_issuances(items) == [None] * 5
         assert one_by_one == (items if path == "slow" else [])
-        expected = dump(single.path)
+        expected = dump(single)
         assert len(expected["certificates"]) == 5 and len(expected["audit"]) >= 5
-        assert dump(batched.path) == expected
+        assert dump(batched) == expected
     finally:
         single.close()
         batched.close()
@@ -245,11 +253,11 @@ def test_batch_writes_exactly_what_single_calls_write(
 
 def test_empty_batch_writes_nothing(reg: Registry, ca: MemoryCa) -> None:
     provision(reg, 2)
-    before = dump(reg.path)
+    before = dump(reg)
     with traced(reg) as seen:
         assert reg.record_issuances([]) == []
     assert tx_counts(seen)["begin"] == 0
-    assert dump(reg.path) == before
+    assert dump(reg) == before
 
 
 @pytest.mark.parametrize(
@@ -472,30 +480,48 @@ def test_unexpected_database_error_records_nothing(
     devices = provision(reg, 4)
     doomed = devices[3].value
     failing = [True]
+    error: type[Exception] = sqlite3.OperationalError
+    if isinstance(reg.location, PostgresLocation):
+        error = psycopg.errors.RaiseException
+        with psycopg.connect(reg.location.url, autocommit=True) as pg:
+            pg.execute(
+                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.device_id = '{doomed}' THEN RAISE EXCEPTION 'disk on fire'; END IF; "
+                "RETURN NEW; END $$"
+            )
+            pg.execute(
+                "CREATE TRIGGER boom_on_audit AFTER INSERT ON audit "
+                "FOR EACH ROW EXECUTE FUNCTION boom()"
+            )
+    else:
 
-    def boom(device: str) -> int:
-        if failing[0] and device == doomed:
-            raise RuntimeError("disk on fire")
-        return 0
+        def boom(device: str) -> int:
+            if failing[0] and device == doomed:
+                raise RuntimeError("disk on fire")
+            return 0
 
-    reg._conn.create_function("boom", 1, boom)
-    reg._conn.execute(
-        "CREATE TRIGGER boom_on_audit AFTER INSERT ON audit BEGIN SELECT boom(NEW.device_id); END"
-    )
+        reg._conn.create_function("boom", 1, boom)  # type: ignore[attr-defined]
+        reg._conn.execute(
+            "CREATE TRIGGER boom_on_audit AFTER INSERT ON audit "
+            "BEGIN SELECT boom(NEW.device_id); END"
+        )
     items = [token_item(ca, d) for d in devices]
     if path == "slow":  # a refusal first, so the error strikes while redoing one by one
         items[1] = token_item(ca, devices[1], token=token_hash("wrong"))
-    before = dump(reg.path)
-    with traced(reg) as seen, pytest.raises(sqlite3.OperationalError):
+    before = dump(reg)
+    with traced(reg) as seen, pytest.raises(error):
         reg.record_issuances(items)
     assert tx_counts(seen)["commit"] == 0
     assert one_by_one == ([] if path == "fast" else items)  # items 0..2 were written, then undone
-    assert not reg._conn.in_transaction
-    assert dump(reg.path) == before
+    assert not reg._conn.in_transaction  # type: ignore[attr-defined]
+    assert dump(reg) == before
     for d in devices:
         assert_no_trace(reg, d, own_token(d))
     # The registry is still usable: the same batch goes through once the fault is gone.
     failing[0] = False
+    if isinstance(reg.location, PostgresLocation):
+        with psycopg.connect(reg.location.url, autocommit=True) as pg:
+            pg.execute("DROP TRIGGER boom_on_audit ON audit")
     outcomes = reg.record_issuances(items)
     assert outcomes[0] is None and outcomes[2:] == [None, None]
     assert len(reg.certificates_of(devices[3])) == 1

@@ -34,8 +34,9 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def reg(db_path: Path) -> Iterator[Registry]:
-    with Registry.open(db_path) as registry:
+def reg(registry_location: Path | str) -> Iterator[Registry]:
+    """The registry on each backend in turn (conftest.registry_location)."""
+    with Registry.open(registry_location) as registry:
         yield registry
 
 
