@@ -46,7 +46,7 @@ async def _off_the_loop(st: AppState, job: Callable[[Registry], T]) -> T:
     loop (commit_queue); on the loop's own connection its lock would hold every request."""
 
     def run() -> T:
-        with Registry.open(st.registry.path) as registry:
+        with Registry.open(st.registry.location) as registry:
             return job(registry)
 
     return await asyncio.to_thread(run)

@@ -12,6 +12,7 @@ import typer
 from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt, fail, initialized_layout
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
+from enroll_server.home import registry_location
 from enroll_server.registry import (
     InvalidValue,
     Registry,
@@ -42,7 +43,7 @@ def show(serial: SerialArg, home: HomeOpt = None, as_json: JsonOpt = False) -> N
         number = parse_serial(serial)
     except InvalidValue as exc:
         fail(str(exc))
-    with Registry.open(initialized_layout(home).registry) as registry:
+    with Registry.open(registry_location(initialized_layout(home))) as registry:
         record = registry.get_certificate(number)
     if record is None:
         fail(str(UnknownCertificate(number)), ExitCode.NOT_FOUND)
@@ -71,7 +72,7 @@ def revoke(
         reason_v = parse_reason(reason)
     except InvalidValue as exc:
         fail(str(exc))
-    with Registry.open(initialized_layout(home).registry) as registry:
+    with Registry.open(registry_location(initialized_layout(home))) as registry:
         try:
             device_id, serials = registry.revoke_certificate(
                 number, reason=reason_v, now=datetime.now(UTC), actor="cli"

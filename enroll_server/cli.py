@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,10 +17,18 @@ from rich.console import Console
 from rich.table import Table
 
 from enroll_server.cli_help import tidy_help
-from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt, init_port, serve_port
+from enroll_server.cli_options import (
+    HomeOpt,
+    JsonOpt,
+    ReasonOpt,
+    RegistryOpt,
+    fail_registry,
+    init_port,
+    serve_port,
+)
 from enroll_server.config import ConfigError, ServerConfig
 from enroll_server.console import stdout_console
-from enroll_server.exit_codes import ExitCode, fail
+from enroll_server.exit_codes import ExitCode, error_exit, fail
 from enroll_server.home import HomeError, init_home, resolve_home
 from enroll_server.outcome import transition_outcome
 from enroll_server.pki.ca import check_hostname
@@ -31,6 +40,19 @@ from enroll_server.registry import (
     RegistryError,
     UnknownDevice,
     parse_reason,
+)
+from enroll_server.registry.errors import (
+    NoSchema,
+    RegistryUnavailable,
+    SchemaTooNew,
+    SchemaTooOld,
+)
+from enroll_server.registry.location import (
+    PostgresLocation,
+    RegistryLocation,
+    SqliteLocation,
+    has_password,
+    parse_location,
 )
 from fleetpki.identity import DeviceId, InvalidIdentifier
 from fleetpki.packet_size import check_max_packet_size
@@ -60,14 +82,48 @@ def _home(home: Path | None) -> Path:
         raise  # unreachable
 
 
-def open_registry(home: Path | None) -> Registry:
+def _new_registry(root: Path, registry: str | None, password_file: str | None) -> RegistryLocation:
+    """The registry `init` creates: H/registry.db, or an empty PostgreSQL database (checked
+    before any file is written: unreachable, or holding a fleetpki registry already, is
+    refused with nothing made)."""
     from enroll_server.home import HomeLayout
+
+    layout = HomeLayout(root)
+    try:
+        location = parse_location(registry) if registry else SqliteLocation(layout.registry)
+    except InvalidValue as exc:
+        fail(f"--registry: {exc.why}")
+    if isinstance(location, SqliteLocation):
+        if password_file:
+            fail("--registry-password-file is for a PostgreSQL registry (--registry postgresql://)")
+        return location
+    if has_password(location.url):
+        fail(
+            f"--registry {location}: fleetpki.toml never holds a password; give it with "
+            "--registry-password-file, PGPASSWORD or ~/.pgpass"
+        )
+    pw = (root / password_file) if password_file else None
+    location = replace(location, password_file=pw)
+    try:
+        Registry.open(location).close()
+    except NoSchema:
+        return location  # empty: init makes the schema
+    except RegistryError as exc:
+        fail_registry(exc)
+    fail(
+        f"--registry {location} already holds a fleetpki registry; point a new node at it "
+        "with its own home (`fleetpki node add`), or give init an empty database"
+    )
+
+
+def open_registry(home: Path | None) -> Registry:
+    from enroll_server.home import HomeLayout, registry_location
 
     root = _home(home)
     layout = HomeLayout(root)
     if not layout.config.exists():
         fail(f"{root}: not initialized: run `fleetpki init --home {root}` first")
-    return Registry.open(layout.registry)
+    return Registry.open(registry_location(layout))
 
 
 @app.command()
@@ -92,12 +148,21 @@ def init(
     admin_port: Annotated[int, init_port("HTTPS port for the admin API and /metrics.")] = 8444,
     device_validity: Annotated[str, typer.Option(help="Device certificate lifetime.")] = "30d",
     force: Annotated[bool, typer.Option(help="Overwrite an existing home.")] = False,
+    registry: RegistryOpt = None,
+    registry_password_file: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL registry: a file (relative to the home) holding the password; "
+            "written to fleetpki.toml, the password itself never is."
+        ),
+    ] = None,
 ) -> None:
     """Create the CA hierarchy, the TLS server certificate, the registry and an admin token."""
     from enroll_server.operators import set_admin_token
     from fleetpki.duration import InvalidDuration, parse_duration
 
     root = _home(home)
+    location = _new_registry(root, registry, registry_password_file)
     try:
         kind = parse_key_type(key_type)
         validity = parse_duration(device_validity)
@@ -124,6 +189,8 @@ def init(
         mqtt_port=mqtt_port,
         admin_port=admin_port,
         device_validity=validity,
+        registry=location.url if isinstance(location, PostgresLocation) else "",
+        registry_password_file=registry_password_file or "",
     )
     now = now_utc()
     try:
@@ -131,11 +198,12 @@ def init(
     except HomeError as exc:
         fail(str(exc))
         raise
-    with Registry.open(result.layout.registry) as registry:
-        # The registry holds token hashes and the audit trail: operator-only, like the CA files.
-        os.chmod(result.layout.registry, 0o600)
-        set_admin_token(registry, result.admin_token, now, actor="cli")
-        registry.append_audit(
+    with Registry.open(location, create=True) as reg:
+        if isinstance(location, SqliteLocation):
+            # Token hashes and the audit trail: operator-only, like the CA files.
+            os.chmod(location.path, 0o600)
+        set_admin_token(reg, result.admin_token, now, actor="cli")
+        reg.append_audit(
             actor="cli",
             action="ca.init",
             device_id=None,
@@ -146,7 +214,7 @@ def init(
     console.print(f"  root CA      {result.layout.root_cert}  (give this to devices as ca.pem)")
     console.print(f"  issuing CA   {result.layout.issuing_cert}")
     console.print(f"  TLS server   {result.layout.server_cert}  SANs: {', '.join(hosts)}")
-    console.print(f"  registry     {result.layout.registry}")
+    console.print(f"  registry     {location}")
     console.print(f"  admin token  {result.layout.admin_token}  (0600; keep it secret)")
 
 
@@ -178,6 +246,7 @@ def serve(
             "(default: broker.max_packet_size of the config, 262144)."
         ),
     ] = None,
+    registry: RegistryOpt = None,
 ) -> None:
     """Run EST (HTTPS), CRL + OCSP (HTTP), the admin API (HTTPS, loopback) and the broker."""
     from enroll_server.listen import ListenFailed
@@ -207,9 +276,16 @@ def serve(
                 bind=bind,
                 admin_bind=admin_bind,
                 max_packet_size=max_packet_size,
+                registry_at=registry,
             )
         )
     except (HomeError, ConfigError, PkiError, ServerCertificateError, ListenFailed) as exc:
+        fail(str(exc))
+    except (RegistryUnavailable, NoSchema, SchemaTooOld, SchemaTooNew) as exc:
+        # A registry this node cannot use: unreachable, refusing the login, or another
+        # version's schema (a node never migrates a shared one by itself).
+        fail_registry(exc)
+    except InvalidValue as exc:
         fail(str(exc))
 
 
@@ -347,7 +423,13 @@ def device_resume(device_id: str, home: HomeOpt = None) -> None:
 def _mount_sub_apps() -> None:
     """Sub-apps live with their area: `batch` (provisioning), `broker` (+ mosquitto),
     `server-cert`, simulators."""
-    from enroll_server import certificate_cli, operator_cli, server_certificate_cli, service_cli
+    from enroll_server import (
+        certificate_cli,
+        operator_cli,
+        registry_cli,
+        server_certificate_cli,
+        service_cli,
+    )
     from enroll_server.broker import cli as broker_cli
     from enroll_server.broker import mosquitto_cli
     from provisioning import cli as batch_cli
@@ -360,6 +442,7 @@ def _mount_sub_apps() -> None:
     app.add_typer(server_certificate_cli.app, name="server-cert")
     app.add_typer(certificate_cli.app, name="cert")
     app.add_typer(service_cli.app, name="service")
+    app.add_typer(registry_cli.app, name="registry")
     for command in mosquitto_cli.app.registered_commands:
         broker_cli.app.registered_commands.append(command)
     app.add_typer(broker_cli.app, name="broker")
@@ -372,7 +455,12 @@ tidy_help(app)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except (RegistryUnavailable, NoSchema, SchemaTooOld, SchemaTooNew) as exc:
+        # Any command whose registry cannot be used (the usual case: PostgreSQL down).
+        code = ExitCode.FAILED if isinstance(exc, RegistryUnavailable) else ExitCode.USAGE
+        raise SystemExit(error_exit(str(exc), code).exit_code) from None
 
 
 if __name__ == "__main__":

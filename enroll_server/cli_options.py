@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from enroll_server.exit_codes import fail
+from enroll_server.exit_codes import ExitCode, fail
 from enroll_server.listen import MAX_PORT
+from enroll_server.registry.errors import RegistryError, RegistryUnavailable
 from enroll_server.registry.models import REVOKE_REASON_OPTIONS
 
 __all__ = [
     "HomeOpt",
     "JsonOpt",
     "ReasonOpt",
+    "RegistryOpt",
     "fail",
+    "fail_registry",
     "init_port",
     "initialized_layout",
     "serve_port",
@@ -28,6 +31,16 @@ HomeOpt = Annotated[
     Path | None,
     typer.Option("--home", help="Home folder (default: $FLEETPKI_HOME).", show_default=False),
 ]
+RegistryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--registry",
+        help="The registry: postgresql://USER@HOST/DB (shared by several nodes) or an SQLite "
+        "file (default: $FLEETPKI_REGISTRY, else fleetpki.toml's registry, else H/registry.db). "
+        "No password here: registry_password_file, PGPASSWORD or ~/.pgpass.",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 ReasonOpt = Annotated[
     str,
@@ -35,6 +48,13 @@ ReasonOpt = Annotated[
         "--reason", help=f"Revocation reason (RFC 5280 5.3.1): {', '.join(REVOKE_REASON_OPTIONS)}."
     ),
 ]
+
+
+def fail_registry(exc: RegistryError) -> NoReturn:
+    """Exit on a registry that cannot be used: unreachable or refusing the login (1), or with
+    no schema or another version's (2, as for an uninitialized home); the message names it,
+    never with a password."""
+    fail(str(exc), ExitCode.FAILED if isinstance(exc, RegistryUnavailable) else ExitCode.USAGE)
 
 
 def serve_port(help: str) -> Any:

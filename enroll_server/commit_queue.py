@@ -19,6 +19,7 @@ from enroll_server.errors import Unavailable
 from enroll_server.metrics import Histogram
 from enroll_server.registry import Issuance, Registry, RegistryBusy, RegistryError
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS
+from enroll_server.registry.errors import RegistryUnavailable
 
 log = logging.getLogger("fleetpki.commit")
 
@@ -44,12 +45,16 @@ class CommitFailed(Exception):
 BUSY_RETRY_AFTER = 5
 
 
-def registry_busy() -> Unavailable:
-    """What a client hears when its issuance met the registry locked past the deadline (503)."""
-    return Unavailable(
-        "the registry is locked by another writer; nothing was issued, try again",
-        BUSY_RETRY_AFTER,
-    )
+def registry_busy(cause: BaseException | None = None) -> Unavailable:
+    """What a client hears when its request met the registry locked past the deadline, or
+    unreachable (PostgreSQL restarting: RegistryUnavailable): 503 with Retry-After."""
+    if isinstance(cause, RegistryUnavailable) or isinstance(
+        getattr(cause, "__cause__", None), RegistryUnavailable
+    ):
+        why = "the registry is unavailable"
+    else:
+        why = "the registry is locked by another writer"
+    return Unavailable(f"{why}; nothing was issued, try again", BUSY_RETRY_AFTER)
 
 
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -10,6 +11,8 @@ from typing import Any
 
 from enroll_server.pki.ca import PkiUrls
 from enroll_server.pki.keys import KeyType
+from enroll_server.registry.errors import InvalidValue
+from enroll_server.registry.location import has_password, parse_location, redact
 from fleetpki.duration import InvalidDuration, format_duration, parse_duration
 from fleetpki.packet_size import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
 
@@ -51,6 +54,10 @@ class ServerConfig:
     idle_timeout: timedelta = timedelta(seconds=30)
     max_per_source: int = 64
     cap_loopback: bool = False
+    # Top-level `registry`: a PostgreSQL URL shared by several nodes ("" = H/registry.db),
+    # never with a password in it; `registry_password_file` (relative to the home) holds one.
+    registry: str = ""
+    registry_password_file: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def urls(self) -> PkiUrls:
@@ -112,6 +119,29 @@ def _max_per_source(data: dict[str, Any], path: Path) -> int:
     return value
 
 
+def _registry(data: dict[str, Any], path: Path) -> tuple[str, str]:
+    """The top-level `registry` and `registry_password_file` (strings, "" when absent)."""
+    values = []
+    for key in ("registry", "registry_password_file"):
+        value = data.get(key, "")
+        if not isinstance(value, str):
+            raise ConfigError(path, key, f"must be a string, got {type(value).__name__}")
+        values.append(value)
+    registry, password_file = values
+    if has_password(registry):
+        raise ConfigError(
+            path,
+            "registry",
+            f"{redact(registry)} holds a password: fleetpki.toml never does; put it in "
+            "registry_password_file, PGPASSWORD or libpq's ~/.pgpass",
+        )
+    try:
+        parse_location(registry or "registry.db")
+    except InvalidValue as exc:
+        raise ConfigError(path, "registry", exc.why) from None
+    return registry, password_file
+
+
 def _seconds(delta: timedelta) -> str:
     """A duration for the config file, to the millisecond ('10s', '0.5s')."""
     return f"{round(delta.total_seconds(), 3):g}s"
@@ -132,6 +162,7 @@ def load_config(path: Path) -> ServerConfig:
     hostnames = _get(data, path, "server", "hostnames", list, ["localhost", "127.0.0.1", "::1"])
     if not hostnames or not all(isinstance(h, str) and h for h in hostnames):
         raise ConfigError(path, "server.hostnames", "must be a non-empty list of host names")
+    registry, password_file = _registry(data, path)
     return ServerConfig(
         key_type=key_type,
         hostnames=tuple(hostnames),
@@ -151,13 +182,26 @@ def load_config(path: Path) -> ServerConfig:
         idle_timeout=_duration(data, path, "connections", "idle_timeout", "30s"),
         max_per_source=_max_per_source(data, path),
         cap_loopback=_get(data, path, "connections", "cap_loopback", bool, False),
+        registry=registry,
+        registry_password_file=password_file,
         extra=data,
     )
+
+
+def _render_registry(cfg: ServerConfig) -> str:
+    if not cfg.registry:
+        return '# registry = "postgresql://fleetpki@db.example/fleetpki"   # default: registry.db\n'
+    # json.dumps: a TOML basic string (quotes and backslashes escaped alike).
+    lines = f"registry = {json.dumps(cfg.registry)}   # every node's; never a password here\n"
+    if cfg.registry_password_file:
+        lines += f"registry_password_file = {json.dumps(cfg.registry_password_file)}\n"
+    return lines
 
 
 def render_config(cfg: ServerConfig) -> str:
     hosts = ", ".join(f'"{h}"' for h in cfg.hostnames)
     return f"""# fleetpki server configuration (written by `fleetpki init`).
+{_render_registry(cfg)}
 [ca]
 key_type = "{cfg.key_type.value}"
 device_validity = "{format_duration(cfg.device_validity)}"   # lifetime of device certificates

@@ -27,6 +27,7 @@ from enroll_server.pki.keys import (
     load_private_key_pem,
     private_key_pem,
 )
+from enroll_server.registry.location import RegistryLocation, choose_location
 from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
 
 PASSPHRASE_ENV = "FLEETPKI_CA_PASSPHRASE"
@@ -241,6 +242,26 @@ class LoadedHome:
     config: ServerConfig
     root_cert: x509.Certificate
     issuer: Issuer
+    registry: RegistryLocation
+
+
+def registry_location(
+    layout: HomeLayout, config: ServerConfig | None = None, *, flag: str | None = None
+) -> RegistryLocation:
+    """The home's registry: `--registry` (`flag`), else FLEETPKI_REGISTRY, else fleetpki.toml's
+    `registry`, else H/registry.db. A PostgreSQL password comes from `registry_password_file`
+    (relative to the home), PGPASSWORD or libpq's passfile, never from fleetpki.toml."""
+    if config is None and layout.config.exists():
+        config = load_config(layout.config)
+    password_file = None
+    if config is not None and config.registry_password_file:
+        password_file = layout.root / config.registry_password_file
+    return choose_location(
+        layout.registry,
+        flag=flag,
+        configured=config.registry if config is not None else None,
+        password_file=password_file,
+    )
 
 
 def load_home(home: Path) -> LoadedHome:
@@ -258,7 +279,13 @@ def load_home(home: Path) -> LoadedHome:
     key: PrivateKey = load_private_key_pem(
         key_pem, _passphrase(layout, create=False), "issuing CA key"
     )
-    return LoadedHome(layout, config, root_cert, Issuer(issuing_cert, key, config.urls()))
+    return LoadedHome(
+        layout,
+        config,
+        root_cert,
+        Issuer(issuing_cert, key, config.urls()),
+        registry_location(layout, config),
+    )
 
 
 def _write_root_crl(

@@ -15,6 +15,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.admin_api import admin_routes, require_operator
+from enroll_server.commit_queue import registry_busy
 from enroll_server.connection_limits import (
     CONNECTION_GUARD,
     ConnectionLimits,
@@ -27,6 +28,7 @@ from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.front import EstFront
 from enroll_server.est.routes import EST_PREFIX, est_routes
 from enroll_server.http_log import RequestLog
+from enroll_server.registry import RegistryBusy
 from enroll_server.state import APP_STATE, AppState
 from enroll_server.tls_policy import apply_tls_policy
 
@@ -53,6 +55,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # Reasons name what was wrong but never carry a secret (tokens are not echoed).
         log.info("%s %s -> %d %s", request.method, request.path, status, exc.reason)
         return web.Response(status=status, text=exc.reason + "\n", headers=error_headers(exc))
+    except RegistryBusy as exc:
+        # The registry locked past the deadline or unreachable (PostgreSQL restarting): 503
+        # with Retry-After; each write is one transaction, so nothing was half-written.
+        log.warning("%s %s -> 503 %s", request.method, request.path, exc)
+        unavailable = registry_busy(exc)
+        if is_est:
+            st.metrics.enrollments.inc("rejected_503")
+        return web.Response(
+            status=503, text=unavailable.reason + "\n", headers=error_headers(unavailable)
+        )
     except web.HTTPException as exc:
         if is_est and exc.status >= 400:
             st.metrics.enrollments.inc(f"rejected_{exc.status}")

@@ -130,7 +130,7 @@ def _open(
     """The home, its registry (open), the service id and the service's folder."""
     service_id = DeviceId.parse(name)
     loaded = load_home(home)
-    with Registry.open(loaded.layout.registry) as registry:
+    with Registry.open(loaded.registry) as registry:
         yield loaded, registry, service_id, out or service_folder(loaded, service_id)
 
 

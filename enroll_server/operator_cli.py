@@ -18,7 +18,7 @@ from rich.table import Table
 from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
-from enroll_server.home import HomeLayout
+from enroll_server.home import HomeLayout, registry_location
 from enroll_server.operators import (
     ADMIN_OPERATOR,
     add_operator,
@@ -64,7 +64,7 @@ TokenOutOpt = Annotated[
 def _registry(home: Path | None) -> Iterator[tuple[HomeLayout, Registry]]:
     layout = initialized_layout(home)
     try:
-        with Registry.open(layout.registry) as registry:
+        with Registry.open(registry_location(layout)) as registry:
             yield layout, registry
     except UnknownOperator as exc:
         fail(str(exc), ExitCode.NOT_FOUND)

@@ -19,6 +19,7 @@ async def run_service(
     bind: str | None = None,
     admin_bind: str | None = None,
     max_packet_size: int | None = None,
+    registry_at: str | None = None,
 ) -> None:
     handle = await start_server(
         home,
@@ -30,6 +31,7 @@ async def run_service(
         bind=bind,
         admin_bind=admin_bind,
         max_packet_size=max_packet_size,
+        registry_at=registry_at,
     )
     # Everything allocated so far (modules, the CA, the app) lives as long as the process:
     # move it out of the collector's sight, so the young-generation collections that the

@@ -7,7 +7,7 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -21,6 +21,7 @@ from enroll_server.connection_limits import ConnectionLimits
 from enroll_server.home import (
     LoadedHome,
     load_home,
+    registry_location,
     renew_server_certificate,
 )
 from enroll_server.home import root_crl as home_root_crl
@@ -138,7 +139,7 @@ def renew_and_record(
     if config is None:
         config = load_config(loaded.layout.config)
     cert = renew_server_certificate(loaded.layout, loaded.issuer, config, now)
-    with Registry.open(loaded.layout.registry) as registry:
+    with Registry.open(loaded.registry) as registry:
         registry.append_audit(
             actor=actor,
             action="tls.renew",
@@ -168,6 +169,7 @@ async def start_server(
     profile_for: ProfileChooser | None = None,
     clock: Callable[[], datetime] = utc_now,
     server_cert_check_interval: float = CHECK_INTERVAL,
+    registry_at: str | None = None,
 ) -> ServerHandle:
     """Start EST (HTTPS), CRL + OCSP (HTTP), the admin API + /metrics (HTTPS, on `admin_bind`,
     loopback by default) and, if `broker`, the mTLS broker.
@@ -178,19 +180,27 @@ async def start_server(
     `server_cert_check_interval`: seconds between looks at the TLS server certificate's files
     and lifetime (server_certificate.ServerCertificates).
     `max_packet_size` overrides the config's broker.max_packet_size.
+    `registry_at`: the registry (`--registry`: a PostgreSQL URL or an SQLite file) instead of
+    the home's (home.registry_location).
     """
     loaded = load_home(home)
+    if registry_at is not None:
+        loaded = replace(
+            loaded, registry=registry_location(loaded.layout, loaded.config, flag=registry_at)
+        )
     cfg = loaded.config
     # The event loop's connection leaves WAL checkpoints to a thread (registry.checkpointer):
     # a checkpoint in a commit on the loop held every connection for 45-140 ms at fleet size.
-    registry = Registry.open(loaded.layout.registry, wal_autocheckpoint=LOOP_AUTOCHECKPOINT_PAGES)
-    checkpointer = Checkpointer(loaded.layout.registry)
+    # PostgreSQL checkpoints by itself, off this process.
+    registry = Registry.open(loaded.registry, wal_autocheckpoint=LOOP_AUTOCHECKPOINT_PAGES)
+    checkpointer = Checkpointer(registry.path) if not registry.shared else None
     https: RunningSite | None = None
     http: RunningSite | None = None
     admin: RunningSite | None = None
     crl_registry: Registry | None = None
     try:
-        checkpointer.start()
+        if checkpointer is not None:
+            checkpointer.start()
         bootstrap_admin(registry, loaded.layout.admin_token, clock(), actor="serve")
         profile = profile or DeviceProfile(validity=cfg.device_validity, backdate=cfg.backdate)
         host = bind or cfg.bind
@@ -217,7 +227,7 @@ async def start_server(
         # The CRL publisher works in a worker thread (a big CRL takes a second to sign) and
         # bumps the CRL number, a write that may wait for a lock another process holds: on a
         # connection of its own, so that wait never holds the loop's registry reads.
-        crl_registry = Registry.open(loaded.layout.registry)
+        crl_registry = Registry.open(loaded.registry)
         revocation = RevocationState.from_registry(
             crl_registry, loaded.issuer, next_update=cfg.crl_next_update, clock=clock
         )
@@ -258,7 +268,8 @@ async def start_server(
                 await site.stop()
         if crl_registry is not None:
             crl_registry.close()
-        checkpointer.stop()
+        if checkpointer is not None:
+            checkpointer.stop()
         registry.close()
         raise
     if broker:
@@ -270,7 +281,7 @@ async def start_server(
                         server_cert=loaded.layout.server_cert,
                         server_key=loaded.layout.server_key,
                         ca_file=loaded.layout.chain,
-                        registry_path=loaded.layout.registry,
+                        registry_path=loaded.registry,
                         host=host,
                         port=port,
                         max_packet_size=(

@@ -19,7 +19,7 @@ from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt, fail, initial
 from enroll_server.config import ConfigError, load_config
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
-from enroll_server.home import HomeError, HomeLayout
+from enroll_server.home import HomeError, HomeLayout, registry_location
 from enroll_server.identities import (
     ServiceIdentity,
     ServiceIdentityError,
@@ -156,7 +156,7 @@ def _current(registry: Registry, service: Device) -> dict[str, Any]:
 @app.command("list")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List service identities with their current certificate and when to renew it."""
-    with Registry.open(initialized_layout(home).registry) as registry:
+    with Registry.open(registry_location(initialized_layout(home))) as registry:
         rows = [_current(registry, s) for s in registry.list_devices(role="service")]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
@@ -174,7 +174,7 @@ def show(name: NameArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show a service, its certificates and recent audit entries."""
     from enroll_server.admin_api import certificate_json
 
-    with Registry.open(initialized_layout(home).registry) as registry:
+    with Registry.open(registry_location(initialized_layout(home))) as registry:
         service = _service(registry, name)
         data = {
             **_current(registry, service),
@@ -204,7 +204,7 @@ def revoke(
 ) -> None:
     """Revoke a service and every certificate of it; its live session is dropped (<1 s). One
     certificate alone: `fleetpki cert revoke SERIAL`."""
-    with Registry.open(initialized_layout(home).registry) as registry:
+    with Registry.open(registry_location(initialized_layout(home))) as registry:
         service = _service(registry, name)
         try:
             serials = registry.revoke_device(

@@ -28,6 +28,11 @@ not know (a factory batch created by `fleetpki batch create` since), at most onc
 `min_interval` seconds, in slices of `chunk` rowids so that the event loop is never held
 for more than a few ms. Past `limit` entries it stops adding: tokens beyond that take the
 registry read, correctly, at the old cost.
+
+Several nodes on one PostgreSQL registry each keep an index; none is the authority, so a token
+spent at node B and then presented at node A is refused by A's commit (tested in
+tests/integration/test_registry_postgres_serve.py). The rowid rule holds there too: writers
+take the registry's write lock (registry.postgres), so rowid order is commit order.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from enroll_server.registry import Registry, Role
+from enroll_server.registry import Registry, RegistryBusy, Role
 
 log = logging.getLogger("fleetpki.tokens")
 
@@ -50,6 +55,8 @@ TOKEN_INDEX_LIMIT = 200_000
 CHUNK_ROWS = 500
 # Seconds between two reads prompted by tokens the index did not know.
 MIN_INTERVAL = 1.0
+# Seconds between two reads of a registry that was locked or unreachable.
+_RETRY_S = 1.0
 _ROLES = {role.value: role for role in Role}
 
 
@@ -158,7 +165,13 @@ class TokenIndex:
             self._wake.clear()
             more = True
             while more:
-                more = self.read_slice()
+                try:
+                    more = self.read_slice()
+                except RegistryBusy as exc:
+                    # Locked or unreachable (PostgreSQL restarting): the index only goes
+                    # stale meanwhile (tokens it lacks take the registry read); read again.
+                    log.warning("token index: %s; retrying in %.0f s", exc, _RETRY_S)
+                    await asyncio.sleep(_RETRY_S)
                 await asyncio.sleep(0)  # let connections run between two slices
             await self._wake.wait()
             wait = self._last_read + self.min_interval - self._clock()

@@ -30,7 +30,7 @@ from enroll_server.config import ConfigError, ServerConfig, load_config
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode
 from enroll_server.exit_codes import fail as _fail
-from enroll_server.home import HomeError, HomeLayout, resolve_home
+from enroll_server.home import HomeError, HomeLayout, registry_location, resolve_home
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
 from enroll_server.registry import Registry, RegistryError, UnknownBatch, UnknownDevice
@@ -102,7 +102,7 @@ def _home(home: Path | None) -> Iterator[tuple[HomeLayout, ServerConfig, Registr
         if not layout.config.exists():
             raise HomeError(layout.root, "not initialized: run `fleetpki init --home` first")
         config = load_config(layout.config)
-        registry = Registry.open(layout.registry)
+        registry = Registry.open(registry_location(layout, config))
     try:
         with _errors():
             yield layout, config, registry

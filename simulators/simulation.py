@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from enroll_server.config import load_config as load_server_config
-from enroll_server.home import HomeLayout
+from enroll_server.home import HomeLayout, registry_location
 from enroll_server.registry import Registry
 from fleetpki.identity import DeviceId
 from simulators.errors import (
@@ -189,7 +189,7 @@ class Simulation:
         else:
             self.layout, self.endpoints = existing_endpoints(opts.home, opts.ports)
             await self._probe(self.layout, self.endpoints)
-        self.registry = Registry.open(self.layout.registry)
+        self.registry = Registry.open(registry_location(self.layout))
         await self._start_observer()
         await self._create_batch()
 

@@ -16,22 +16,33 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from enroll_server.config import ServerConfig
-from enroll_server.home import HomeLayout, hash_secret, init_home, new_secret
+from enroll_server.home import HomeLayout, hash_secret, init_home, new_secret, registry_location
 from enroll_server.operators import set_admin_token
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.server import ServerHandle, start_server
+from fleetpki.atomic_file import write_atomic
 from fleetpki.identity import DeviceId
 
 T = TypeVar("T")
 
 
-def make_home(path: Path, **config: Any) -> HomeLayout:
-    """`fleetpki init` in-process: CA hierarchy, server certificate, registry, admin token."""
+PASSWORD_FILE = "registry.password"
+
+
+def make_home(path: Path, *, registry_password: str | None = None, **config: Any) -> HomeLayout:
+    """`fleetpki init` in-process: CA hierarchy, server certificate, registry, admin token.
+
+    `registry="postgresql://user@host/db"` (config) puts the registry in that empty database,
+    `registry_password` in H/registry.password (fleetpki.toml's registry_password_file)."""
+    if registry_password is not None:
+        config["registry_password_file"] = PASSWORD_FILE
     cfg = ServerConfig(**config)
     now = datetime.now(UTC)
     result = init_home(path, cfg, now)
-    with Registry.open(result.layout.registry) as registry:
+    if registry_password is not None:
+        write_atomic(result.layout.root / PASSWORD_FILE, registry_password.encode() + b"\n")
+    with Registry.open(registry_location(result.layout), create=True) as registry:
         set_admin_token(registry, result.admin_token, now, actor="test")
     return result.layout
 
@@ -112,6 +123,7 @@ class LiveServer:
 def start_live_server(
     home: Path,
     *,
+    registry_password: str | None = None,
     profile: DeviceProfile | None = None,
     clock: Callable[[], datetime] | None = None,
     broker: bool = False,
@@ -119,7 +131,9 @@ def start_live_server(
     **config: Any,
 ) -> LiveServer:
     layout = (
-        make_home(home, **config) if not (home / "fleetpki.toml").exists() else HomeLayout(home)
+        make_home(home, registry_password=registry_password, **config)
+        if not (home / "fleetpki.toml").exists()
+        else HomeLayout(home)
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -149,4 +163,4 @@ def start_live_server(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         raise
-    return LiveServer(layout, handle, loop, thread, Registry.open(layout.registry))
+    return LiveServer(layout, handle, loop, thread, Registry.open(registry_location(layout)))

@@ -67,7 +67,7 @@ def broker_config_for_home(
 ) -> BrokerConfig:
     """The BrokerConfig of a home folder: its TLS files, chain, registry and [server] ports."""
     from enroll_server.config import load_config
-    from enroll_server.home import HomeLayout, resolve_home
+    from enroll_server.home import HomeLayout, registry_location, resolve_home
 
     layout = HomeLayout(resolve_home(home))
     if not layout.config.exists():
@@ -77,7 +77,7 @@ def broker_config_for_home(
         server_cert=layout.server_cert,
         server_key=layout.server_key,
         ca_file=layout.chain,
-        registry_path=layout.registry,
+        registry_path=registry_location(layout, cfg),
         host=bind or cfg.bind,
         port=cfg.mqtt_port if port is None else port,
         keepalive=KeepalivePolicy(max_seconds=max_keepalive),

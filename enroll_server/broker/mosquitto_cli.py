@@ -36,7 +36,7 @@ from enroll_server.cli_options import HomeOpt
 from enroll_server.config import ConfigError
 from enroll_server.console import stdout_console
 from enroll_server.exit_codes import ExitCode, error_exit
-from enroll_server.home import HomeError, LoadedHome, load_home, resolve_home
+from enroll_server.home import HomeError, LoadedHome, load_home, registry_location, resolve_home
 from enroll_server.pki.errors import PkiError
 from enroll_server.registry import Registry, RegistryError
 from enroll_server.revocation_http import CrlPublisher
@@ -163,7 +163,7 @@ def mosquitto_config(
         max_packet_size=packet_size,
     )
     try:
-        with Registry.open(layout.registry) as registry:
+        with Registry.open(registry_location(layout)) as registry:
             publisher = CrlPublisher(
                 registry, loaded.issuer, next_update=loaded.config.crl_next_update
             )
@@ -230,7 +230,7 @@ def mosquitto_sync(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        registry = Registry.open(loaded.layout.registry)
+        registry = Registry.open(loaded.registry)
         control = open_control(files)
     except (OSError, RegistryError, MosquittoError) as exc:
         raise _fail(str(exc)) from exc

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from amqtt.errors import BrokerError as AmqttBrokerError
 
@@ -29,6 +29,9 @@ from enroll_server.broker.policy import KeepalivePolicy
 from enroll_server.broker.revocation import EventSource, RevocationWatcher
 from fleetpki.identity import DeviceId
 from fleetpki.packet_size import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
+
+if TYPE_CHECKING:
+    from enroll_server.registry.location import RegistryLocation
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ class BrokerConfig:
     server_cert: Path
     server_key: Path
     ca_file: Path
-    registry_path: Path
+    # The registry: an SQLite file, or a RegistryLocation (home.registry_location).
+    registry_path: Path | RegistryLocation
     host: str = "127.0.0.1"
     port: int = 8883
     keepalive: KeepalivePolicy = field(default_factory=KeepalivePolicy)
@@ -197,7 +201,7 @@ class RunningBroker:
         await self.stop()
 
 
-def _open_registry(path: Path) -> BrokerRegistry:
+def _open_registry(path: Path | RegistryLocation) -> BrokerRegistry:
     from enroll_server.registry import Registry
 
     registry: BrokerRegistry = Registry.open(path)

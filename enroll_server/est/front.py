@@ -49,7 +49,7 @@ from enroll_server.est.operations import (
     peer_certificate_of,
 )
 from enroll_server.est.wire import CERTS_ONLY_CONTENT_TYPE, encode_certs_only_der
-from enroll_server.registry import RegistryError
+from enroll_server.registry import RegistryBusy, RegistryError
 from enroll_server.service import Enrollment, PendingEnrollment
 from enroll_server.state import AppState
 from enroll_server.tls_socket import TlsListener
@@ -351,6 +351,10 @@ class EstConnection(asyncio.Protocol):
         except ServiceError as exc:
             self._service_error(head, exc)
             return
+        except RegistryBusy as exc:  # a registry read (the token's) met it locked or down
+            log.warning("POST %s: %s", head.path, exc)
+            self._service_error(head, registry_busy(exc))
+            return
         except Exception:
             log.exception("POST %s failed", head.path)
             self._text(500, "internal error", close=True)
@@ -375,7 +379,7 @@ class EstConnection(asyncio.Protocol):
         if self.transport is None:
             return  # the client left; if it was recorded, a retry (same token, key) gets it
         if isinstance(outcome, CommitFailed) and outcome.busy:
-            self._service_error(head, registry_busy())
+            self._service_error(head, registry_busy(outcome))
         elif outcome is not None and not isinstance(outcome, RegistryError):
             # The transaction failed (logged by the commit queue): nothing was recorded.
             self._rejected(head, 500, _NOT_RECORDED)

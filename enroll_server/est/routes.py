@@ -74,7 +74,7 @@ async def _enroll(st: AppState, csr: bytes, auth: Authorization, now: datetime) 
         refused = await st.commits.record(outcome.issuance)
     except CommitFailed as exc:
         if exc.busy:
-            raise registry_busy() from exc
+            raise registry_busy(exc) from exc
         raise
     return st.service.settle(outcome, refused)
 

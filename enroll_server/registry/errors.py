@@ -195,3 +195,22 @@ class LastAdmin(RegistryError):
             "(or rotate its token instead)"
         )
         self.name = name
+
+
+class TargetNotEmpty(RegistryError):
+    """`fleetpki registry copy` into a registry that already holds fleet data."""
+
+    def __init__(self, where: str, table: str, rows: int) -> None:
+        super().__init__(
+            f"registry {where} is not empty ({rows} rows in {table}); copy only into a new one"
+        )
+        self.where = where
+        self.table = table
+
+
+class CopyMismatch(RegistryError):
+    """A table whose row count or checksum differs between source and copy."""
+
+    def __init__(self, table: str, detail: str) -> None:
+        super().__init__(f"table {table} differs after the copy: {detail}")
+        self.table = table

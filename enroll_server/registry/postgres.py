@@ -101,11 +101,18 @@ class PgConnection:
         """`params` by position (`?`) or by name (`:name`), as sqlite3 takes them."""
         if self._trace is not None:
             self._trace(sql)
+        args = params if isinstance(params, dict) else tuple(params)
         conn = self._live()
         try:
-            return conn.execute(
-                translate(sql), params if isinstance(params, dict) else tuple(params)
-            )
+            return conn.execute(translate(sql), args)
+        except psycopg.Error as exc:
+            error = self._convert(exc)
+            if not isinstance(error, RegistryUnavailable) or self._in_tx:
+                raise error from exc
+        # The connection had died since its last use (PostgreSQL restarted meanwhile): outside
+        # a transaction nothing was lost, so a new connection runs the statement once more.
+        try:
+            return self._live().execute(translate(sql), args)
         except psycopg.Error as exc:
             raise self._convert(exc) from exc
 

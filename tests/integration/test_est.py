@@ -267,17 +267,26 @@ def test_wrong_content_type_is_415(live_server: LiveServer) -> None:
     assert r.status == 415 and "application/pkcs10" in r.text
 
 
-def race(server: LiveServer, device: str, token: str, clients: int = 8) -> list[int]:
-    """`clients` simpleenrolls with one token, each with a key of its own, released at once;
-    asserts that exactly one got a certificate and the registry holds exactly one."""
+def race(
+    server: LiveServer,
+    device: str,
+    token: str,
+    clients: int = 8,
+    *,
+    others: tuple[LiveServer, ...] = (),
+) -> list[int]:
+    """`clients` simpleenrolls with one token, each with a key of its own, released at once
+    (spread over `server` and `others`, nodes sharing its registry); asserts that exactly one
+    got a certificate and the registry holds exactly one."""
     results: list[int] = []
     barrier = threading.Barrier(clients)
+    nodes = (server, *others)
 
-    def go() -> None:
+    def go(node: LiveServer) -> None:
         barrier.wait(5)
-        results.append(enroll(server, device, token).status)
+        results.append(enroll(node, device, token).status)
 
-    threads = [threading.Thread(target=go) for _ in range(clients)]
+    threads = [threading.Thread(target=go, args=(nodes[i % len(nodes)],)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:

@@ -107,18 +107,27 @@ def test_password_from_a_file_or_pgpassword(
         assert reg.count_devices() == 0
 
 
-def test_a_restarted_server_fails_one_call_then_the_registry_reconnects(
+def test_a_restarted_server_costs_no_call_and_a_lost_transaction_writes_nothing(
     pg_url: str, pg_cluster: PgCluster
 ) -> None:
     with Registry.open(pg_url, create=True) as reg:
         reg.add_device(DeviceId("before"), now=NOW, actor="op")
         pg_cluster.restart()
-        with pytest.raises(RegistryUnavailable):
-            reg.add_device(DeviceId("during"), now=NOW, actor="op")
-        # Nothing half-written, and the next call works on a new connection.
-        assert reg.get_device(DeviceId("during")) is None
-        reg.add_device(DeviceId("after"), now=NOW, actor="op")
-        assert {d.device_id.value for d in reg.list_devices()} == {"before", "after"}
+        # Outside a transaction a dead connection is replaced and the statement run again.
+        reg.add_device(DeviceId("after-restart"), now=NOW, actor="op")
+        # Cut off inside a transaction: that transaction fails as a whole, nothing of it stays.
+        pid = reg._conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with pytest.raises(RegistryUnavailable), reg._write() as conn:
+            conn.execute(
+                "INSERT INTO devices (id, role, state, created_at, updated_at) "
+                "VALUES ('half', 'device', 'provisioned', 'x', 'x')"
+            )
+            _sql(pg_url, f"SELECT pg_terminate_backend({pid})")
+            conn.execute("UPDATE devices SET updated_at = 'y' WHERE id = 'half'")
+        assert reg.get_device(DeviceId("half")) is None
+        reg.add_device(DeviceId("after-cut"), now=NOW, actor="op")
+        names = {d.device_id.value for d in reg.list_devices()}
+        assert names == {"before", "after-restart", "after-cut"}
 
 
 def test_locations_and_redaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
