@@ -126,7 +126,10 @@ def _get(
 
 
 def _server(path: Path, url: str) -> EstServer:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unbalanced '[' or ']' ("Invalid IPv6 URL")
+        raise ConfigError(path, "enroll.server", f"is not a URL ({exc}): {url!r}") from exc
     if parts.scheme != "https":
         raise ConfigError(path, "enroll.server", f"must be an https:// URL, got {url!r}")
     if not parts.hostname:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import verification
@@ -75,7 +75,9 @@ def decode_certs_only(body: bytes, transfer_encoding: str | None = None) -> list
     for der in candidates:
         try:
             certs = pkcs7.load_der_pkcs7_certificates(der)
-        except ValueError as exc:
+        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+            # UnsupportedAlgorithm: a ContentInfo other than signedData (RFC 2315 7);
+            # InvalidVersion: a certificate of a version other than 1..3 (RFC 5280 4.1.2.1).
             last = exc
             continue
         if not certs:
@@ -90,13 +92,24 @@ def parse_retry_after(value: str | None, now: datetime, default: float = 60.0) -
     seconds: float = default
     if value:
         text = value.strip()
-        if text.isdigit():
+        # ASCII digits only (RFC 9110 10.2.3: delta-seconds = 1*DIGIT): str.isdigit() also
+        # says yes to '¹' and '٣', which int() refuses.
+        if text.isascii() and text.isdigit():
             seconds = float(int(text))
         else:
             when = parse_http_date(text)
             if when is not None:
                 seconds = (when - now).total_seconds()
     return min(max(seconds, 1.0), 86400.0)
+
+
+def _public_key(cert: x509.Certificate) -> object:
+    """The certificate's public key, or None if it cannot be loaded (a broken or unknown
+    SubjectPublicKeyInfo is not our key)."""
+    try:
+        return cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return None
 
 
 def _is_self_signed(cert: x509.Certificate) -> bool:
@@ -108,7 +121,7 @@ def order_chain(
 ) -> list[x509.Certificate]:
     """The chain to store and present in TLS: our leaf first, then its issuers up to (not
     including) a self-signed root. Issuers come from the response or from /cacerts."""
-    leaves = [c for c in certs if same_public_key(c.public_key(), leaf_key.public_key())]
+    leaves = [c for c in certs if same_public_key(_public_key(c), leaf_key.public_key())]
     if not leaves:
         raise WireError("no certificate in the response carries our public key")
     chain = [leaves[0]]

@@ -61,15 +61,10 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         await reader.readexactly(2)
 
 
-async def _exchange(
-    host: str, port: int, request: bytes, ctx: ssl.SSLContext, head_only: bool
-) -> HttpResponse:
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=ctx, server_hostname=host, limit=MAX_HEADER
-    )
+async def read_response(reader: asyncio.StreamReader, head_only: bool) -> HttpResponse:
+    """One HTTP/1.1 response from `reader` (RFC 9112 6.3: a body framed by chunked coding,
+    Content-Length or the end of the connection); raises HttpError for anything else."""
     try:
-        writer.write(request)
-        await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
         status, reason, headers = _parse_head(head[:-4])
         if head_only or status in (204, 304):
@@ -91,6 +86,18 @@ async def _exchange(
         return HttpResponse(status, reason, headers, body)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
         raise HttpError(f"malformed or truncated HTTP response: {exc}") from exc
+
+
+async def _exchange(
+    host: str, port: int, request: bytes, ctx: ssl.SSLContext, head_only: bool
+) -> HttpResponse:
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=ctx, server_hostname=host, limit=MAX_HEADER
+    )
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await read_response(reader, head_only)
     finally:
         writer.close()
         try:

@@ -25,7 +25,7 @@ from enroll_server.connection_limits import (
 )
 from enroll_server.device_status import device_status_routes
 from enroll_server.errors import ServiceError, error_headers, http_status
-from enroll_server.est.front import EstFront
+from enroll_server.est.front import MAX_FIELDS, MAX_LINE, EstFront
 from enroll_server.est.routes import EST_PREFIX, est_routes
 from enroll_server.http_log import RequestLog
 from enroll_server.registry import RegistryBusy
@@ -205,6 +205,10 @@ def _runner(app: web.Application, limits: ConnectionLimits) -> web.AppRunner:
         # connection; the guard applies the same limit.
         keepalive_timeout=limits.idle_timeout,
         logger=RequestLog(log),
+        # The head limits the EST front end hands over at (est/front.py), aiohttp's defaults.
+        max_line_size=MAX_LINE,
+        max_field_size=MAX_LINE,
+        max_headers=MAX_FIELDS,
     )
 
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enroll_server.pki.ca import (
@@ -123,3 +124,14 @@ def ocsp_request_for_negative_serial(issuer: x509.Certificate) -> bytes:
     )
     assert der.endswith(b"\x02\x01\x01"), "the CertID's serial is the request's last element"
     return der[:-1] + b"\xfb"
+
+
+def sign_request_info(key: ec.EllipticCurvePrivateKey, info: bytes) -> bytes:
+    """A CertificationRequest (RFC 2986 4.2) around any certificationRequestInfo bytes,
+    signed ecdsa-with-SHA256 by `key`: a request whose proof of possession holds (if the info
+    carries `key`'s public key) whatever else the info says. For fuzzing and its regressions."""
+    from enroll_server.pki import der
+
+    algorithm = der.encode(0x30, der.encode(0x06, bytes.fromhex("2a8648ce3d040302")))
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    return der.encode(0x30, info + algorithm + der.encode(0x03, b"\x00" + signature))

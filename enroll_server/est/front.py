@@ -88,9 +88,19 @@ _CERTS_ONLY_HEADERS = (
 )
 # Headers the front end must interpret alone, so a repeat of one is left to aiohttp to judge.
 _SINGLE = frozenset({b"content-length", b"content-type", b"authorization", b"connection", b"host"})
-# RFC 9110 5.1: a field name is a token; 5.5: a value holds no CR, LF or NUL.
-_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_BAD_VALUE = re.compile(rb"[\r\n\x00]")
+# RFC 9110 5.1: a field name is a token; 5.5: a value is VCHAR, obs-text, SP and HTAB, no
+# other control character (aiohttp refuses them: 400).
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD_NAME = re.compile(_TOKEN + rb"\Z")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 3986 3.4: query = *( pchar / "/" / "?" ); anything else in a target (a control
+# character, a fragment, '{', a bad %-escape) is aiohttp's to judge.
+_QUERY = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*\Z")
+# aiohttp's own limits on a request head (a line, a field, the number of fields), passed to
+# the request handlers it serves with (http_app._runner): a head past one of them is handed
+# over, so that it gets aiohttp's answer (400 or 431) and not a different one here.
+MAX_LINE = 8190
+MAX_FIELDS = 128
 
 
 class _HandOver(Exception):
@@ -111,28 +121,36 @@ class Head:
 
 
 def parse_head(raw: bytes) -> Head:
-    """The head of an enrollment POST; raises _HandOver for any other or unusual request."""
+    """The head of an enrollment POST; raises _HandOver for any other or unusual request.
+
+    Whatever it accepts, aiohttp's parser would read as the same request, ending at the same
+    byte (tests/est_front_differential.py checks this, bench/fuzz/fuzz_est_front.py fuzzes
+    it): anything it is not sure of is handed over.
+    """
     lines = raw.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
+    operation = request_line_operation(lines[0])
+    if operation is None or len(lines) - 1 > MAX_FIELDS:
         raise _HandOver
-    method, target, version = parts
-    operation = _OPERATIONS.get(target.split(b"?", 1)[0])
-    if method != b"POST" or operation is None or version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise _HandOver
+    _, target, version = lines[0].split(b" ")
     fields: dict[bytes, bytes] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         # No colon, a name that is no token (whitespace before the colon, RFC 9112 5.1;
-        # obs-fold), a value with CR, LF or NUL: aiohttp judges these (400).
-        if not sep or not _FIELD_NAME.match(name) or _BAD_VALUE.search(value):
+        # obs-fold), a control character in the value, an over-long line: aiohttp judges.
+        if (
+            not sep
+            or len(line) > MAX_LINE
+            or not _FIELD_NAME.match(name)
+            or _BAD_VALUE.search(value)
+        ):
             raise _HandOver
         key = name.lower()
         if key in fields and key in _SINGLE:
             raise _HandOver
         fields[key] = value.strip(b" \t")
-    # Chunked bodies and 100-continue are rare on this path; aiohttp implements them.
-    if b"transfer-encoding" in fields or b"expect" in fields:
+    # Chunked bodies and 100-continue are rare on this path; aiohttp implements them. An
+    # Upgrade (RFC 9110 7.8) makes aiohttp read what follows as another protocol.
+    if b"transfer-encoding" in fields or b"expect" in fields or b"upgrade" in fields:
         raise _HandOver
     length = fields.get(b"content-length")
     if length is None or not length.isdigit() or len(length) > 12:
@@ -140,22 +158,52 @@ def parse_head(raw: bytes) -> Head:
     # RFC 9112 3.2: an HTTP/1.1 request carries exactly one Host (duplicates: _SINGLE).
     if version == b"HTTP/1.1" and b"host" not in fields:
         raise _HandOver
-    connection = fields.get(b"connection", b"").lower()
-    if version == b"HTTP/1.1":
-        keep_alive = b"close" not in connection
-    else:
-        keep_alive = b"keep-alive" in connection
+    keep_alive = _keep_alive(version, fields.get(b"connection", b""))
     content_type = fields.get(b"content-type")
     authorization = fields.get(b"authorization")
     return Head(
         operation=operation,
-        path=target.decode("latin-1"),
+        path=target.decode("ascii"),  # _QUERY: ASCII only
         length=int(length),
-        content_type=None if content_type is None else content_type.decode("latin-1"),
-        authorization=None if authorization is None else authorization.decode("latin-1"),
+        content_type=None if content_type is None else _text(content_type),
+        authorization=None if authorization is None else _text(authorization),
         keep_alive=keep_alive,
         http10=version == b"HTTP/1.0",
     )
+
+
+def request_line_operation(line: bytes) -> str | None:
+    """The EST operation of a request line the front end may serve (RFC 9112 3: method SP
+    target SP version), None for any other."""
+    parts = line.split(b" ")
+    if len(parts) != 3 or len(line) > MAX_LINE:
+        return None
+    method, target, version = parts
+    path, _, query = target.partition(b"?")
+    operation = _OPERATIONS.get(path)
+    if method != b"POST" or version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return None
+    if query and not _QUERY.match(query):
+        return None
+    return operation
+
+
+def _text(value: bytes) -> str:
+    """A field value as aiohttp gives it to a handler: UTF-8, other bytes kept as surrogates
+    (obs-text, RFC 9110 5.5), so that both paths judge the same string."""
+    return value.decode("utf-8", "surrogateescape")
+
+
+def _keep_alive(version: bytes, connection: bytes) -> bool:
+    """Whether the connection persists after this request (RFC 9112 9.3): the Connection
+    field's options (RFC 9110 7.6.1, a comma list of tokens) say close, or keep-alive for
+    HTTP/1.0. A value that is not such a list is aiohttp's to judge."""
+    options = [o.strip(b" \t").lower() for o in connection.split(b",")] if connection else []
+    if any(not _FIELD_NAME.match(o) for o in options if o):
+        raise _HandOver
+    if b"close" in options:
+        return False
+    return version == b"HTTP/1.1" or b"keep-alive" in options
 
 
 class EstFront:
@@ -325,14 +373,8 @@ class EstConnection(asyncio.Protocol):
         if newlines != buf.count(b"\r\n"):
             return False
         if newlines == 0:
-            return len(buf) < 5 or buf.startswith(b"POST ")
-        line = bytes(buf[: buf.find(b"\r\n")]).split(b" ")
-        return (
-            len(line) == 3
-            and line[0] == b"POST"
-            and line[1].split(b"?", 1)[0] in _OPERATIONS
-            and line[2] in (b"HTTP/1.1", b"HTTP/1.0")
-        )
+            return len(buf) <= MAX_LINE and (len(buf) < 5 or buf.startswith(b"POST "))
+        return request_line_operation(bytes(buf[: buf.find(b"\r\n")])) is not None
 
     def _serve(self, head: Head, body: bytes) -> None:
         self.http10 = head.http10

@@ -43,7 +43,7 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
         raise CsrRejected(f"CSR of {len(der)} bytes exceeds the {MAX_CSR_DER}-byte limit")
     try:
         return x509.load_der_x509_csr(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion: version other than v1
         raise CsrRejected("body is not a DER-encoded PKCS#10 certificate request") from exc
 
 
@@ -83,7 +83,9 @@ def _subject_is_cn(request: bytes, value: str) -> bool:
 def _subject_cn(csr: x509.CertificateSigningRequest) -> str:
     try:
         cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
+        # TypeError: an attribute cryptography cannot represent (a BIT STRING value under an
+        # OID other than x500UniqueIdentifier).
         raise CsrRejected("CSR subject cannot be decoded") from exc
     if len(cns) != 1:
         raise CsrRejected(f"CSR subject must hold exactly one CN, found {len(cns)}")
@@ -177,7 +179,8 @@ def check_csr(
     """
     try:
         public_key = csr.public_key()
-    except (ValueError, UnsupportedKey) as exc:
+    except (ValueError, UnsupportedKey, UnsupportedAlgorithm) as exc:
+        # UnsupportedAlgorithm: a SubjectPublicKeyInfo algorithm cryptography does not know.
         raise CsrRejected(f"CSR public key cannot be used: {exc}") from exc
     # RFC 2986 4.2 / RFC 7030 3.4: the self-signature proves possession of the private key.
     _check_signature_hash(csr)

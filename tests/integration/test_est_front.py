@@ -33,7 +33,7 @@ import pytest
 from cryptography import x509
 
 from enroll_server.est import front
-from enroll_server.est.front import MAX_HEAD, Head, _HandOver, parse_head
+from enroll_server.est.front import MAX_HEAD, MAX_LINE, Head, _HandOver, parse_head
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.http_app import MAX_BODY
 from enroll_server.pki.keys import KeyType, PrivateKey, generate_key
@@ -572,10 +572,19 @@ def test_head_of_exactly_max_head_is_served(server: LiveServer) -> None:
     key = generate_key(KeyType.EC_P256)
     token = server.mint_device("full-head")
     body = csr_body("full-head", key)
-    plain = head("full-head", token, length=len(body), extra=[b"X-Pad: "])
-    # Pad X-Pad so that the head without its final CRLFCRLF is MAX_HEAD bytes.
-    pad = b"p" * (MAX_HEAD + 4 - len(plain))
-    raw = head("full-head", token, length=len(body), extra=[b"X-Pad: " + pad])
+    names = [b"X-Pad-%d: " % i for i in range(4)]
+    plain = head("full-head", token, length=len(body), extra=names)
+    # Pad the X-Pad fields so that the head without its final CRLFCRLF is MAX_HEAD bytes,
+    # each line within aiohttp's MAX_LINE (a longer one is aiohttp's to refuse).
+    pad = MAX_HEAD + 4 - len(plain)
+    sizes = [pad // 4] * 3 + [pad - 3 * (pad // 4)]
+    assert max(sizes) + len(names[0]) <= MAX_LINE
+    raw = head(
+        "full-head",
+        token,
+        length=len(body),
+        extra=[name + b"p" * size for name, size in zip(names, sizes, strict=True)],
+    )
     assert raw.index(b"\r\n\r\n") == MAX_HEAD
     with Wire(server) as wire:
         wire.send(raw + body)
@@ -938,6 +947,10 @@ MALFORMED_FIELDS = {
     # RFC 9110 5.5: CR, LF or NUL in a value: reject or replace with SP, MUST.
     "NUL in a field value": [b"X-Note: a\x00b"],
     "bare CR in a field value": [b"X-Note: a\rb"],
+    # RFC 9110 5.5: no control character but HTAB (tests/unit/test_est_front_differential.py).
+    "control character in a field value": [b"X-Note: a\x01b"],
+    # aiohttp's per-field limit (est/front.py MAX_LINE).
+    "field value over MAX_LINE": [b"X-Pad: " + b"p" * (MAX_LINE + 1)],
     # RFC 9112 3.2: MUST answer 400 to an HTTP/1.1 request without Host or with two.
     "two Host fields": [b"Host: elsewhere"],
     "no Host field": None,

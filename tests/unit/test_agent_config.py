@@ -95,6 +95,13 @@ def test_suspended_retry_max_sets_the_agent_backoff_cap(tmp_path: Path) -> None:
             "1..86400",
         ),
         ("[mqtt]", "[mqtt_typo]", "mqtt", "missing"),
+        # bench/fuzz/fuzz_agent_bundle.py: urlsplit's ValueError ("Invalid IPv6 URL") escaped.
+        (
+            'server = "https://localhost:8443"',
+            'server = "https://localc[lhos443"',
+            "enroll.server",
+            "is not a URL",
+        ),
     ],
 )
 def test_bad_values_name_file_and_key(

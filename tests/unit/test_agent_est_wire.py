@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, pkcs7
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+from device_agent.clock import parse_http_date
 from device_agent.est_wire import (
     WireError,
     build_csr,
@@ -21,6 +22,7 @@ from device_agent.est_wire import (
     parse_retry_after,
 )
 from device_agent.keys import KeyType, generate_key
+from enroll_server.pki import der
 from enroll_server.pki.profile import DeviceProfile
 from fleetpki.identity import DeviceId
 from tests.pki_helpers import MemoryCa, make_ca
@@ -122,3 +124,51 @@ def test_check_cacerts(ca: MemoryCa) -> None:
     assert check_cacerts([stranger.issuing.cert, ca.issuing.cert], ca.root.cert) == [
         ca.issuing.cert
     ]
+
+
+# --- found by bench/fuzz/fuzz_agent_http.py and fuzz_agent_pkcs7.py: each escaped the agent's
+# error classes (WireError -> EstProtocolError) and would have ended its run loop.
+def test_pkcs7_that_is_not_signed_data_is_a_wire_error() -> None:
+    # ContentInfo { id-data (1.2.840.113549.1.7.1), [0] OCTET STRING }: cryptography raised
+    # UnsupportedAlgorithm ("Only basic signed structures are currently supported").
+    data = der.encode(0x06, bytes.fromhex("2a864886f70d010701"))
+    body = der.encode(0x30, data + der.encode(0xA0, der.encode(0x04, b"x")))
+    for encoded in (body, base64.b64encode(body)):
+        with pytest.raises(WireError, match="not a PKCS#7 certs-only"):
+            decode_certs_only(encoded)
+
+
+def test_pkcs7_holding_a_certificate_of_version_30_is_a_wire_error(ca: MemoryCa) -> None:
+    cert, _ = ca.device_cert(DEV.value)
+    body = pkcs7.serialize_certificates([cert], Encoding.DER)
+    v3 = b"\xa0\x03\x02\x01\x02"  # tbsCertificate.version [0] EXPLICIT INTEGER 2 (v3)
+    assert body.count(v3) == 1
+    with pytest.raises(WireError, match="not a PKCS#7 certs-only"):
+        decode_certs_only(body.replace(v3, b"\xa0\x03\x02\x01\x1e"), "binary")
+
+
+def test_certificate_whose_key_cannot_load_is_not_ours(ca: MemoryCa) -> None:
+    cert, key = ca.device_cert(DEV.value)
+    raw = cert.public_bytes(Encoding.DER)
+    point = cert.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    assert raw.count(point) == 1
+    # The point moved off the curve: cert.public_key() raised ValueError("Invalid key").
+    broken = x509.load_der_x509_certificate(raw.replace(point, point[:-1] + bytes([point[-1] ^ 1])))
+    with pytest.raises(WireError, match="carries our public key"):
+        order_chain(key, [broken], [])
+
+
+def test_retry_after_of_non_ascii_digits_is_the_default() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    # '12¹¹0' (latin-1 0xb9 is SUPERSCRIPT ONE): str.isdigit() said yes, int() refused.
+    assert parse_retry_after("12\xb9\xb9\xb90", now, default=45) == 45
+    assert parse_retry_after("\u0663", now, default=45) == 45  # ARABIC-INDIC DIGIT THREE
+
+
+def test_http_date_with_an_overflowing_field_is_no_date() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    value = "Sat, 05 Dec 2026 12:0" + "5" * 120 + "1:00 MT"  # parsedate: OverflowError
+    assert parse_http_date(value) is None
+    assert parse_retry_after(value, now, default=45) == 45
+    # A date at the edge of datetime's range that its zone offset moves past it.
+    assert parse_http_date("Fri, 31 Dec 9999 23:59:59 -0100") is None

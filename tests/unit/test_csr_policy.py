@@ -6,6 +6,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -21,7 +22,7 @@ from enroll_server.pki.errors import CsrRejected
 from enroll_server.pki.keys import KeyType, generate_key
 from fleetpki.identity import DeviceId
 from fleetpki.topics import Role
-from tests.pki_helpers import csr_der, make_csr
+from tests.pki_helpers import csr_der, make_csr, sign_request_info
 
 GRANT = Grant(DeviceId("dev-1"))
 
@@ -254,3 +255,50 @@ def test_subject_shortcut_never_accepts_a_truncated_request() -> None:
     assert _subject_is_cn(der, "dev-1")
     for cut in (0, 1, 2, 5, 10, 20):
         assert not _subject_is_cn(der[:cut], "dev-1")
+
+
+# --- found by bench/fuzz/fuzz_csr_policy.py (each was an exception the EST edge answered 500) --
+# The certificationRequestInfo of each crashing input; whatever signs it, it fails before the
+# signature is looked at.
+FUZZ_FINDINGS = {
+    # The SubjectPublicKeyInfo's algorithm OID mutated to 1.2.72.108349.2.1: cryptography's
+    # csr.public_key() raised UnsupportedAlgorithm.
+    "unknown public key algorithm": (
+        "307502010030133111300f06035504030c086465762d303030313059301306072a4886ce3d020106082a86"
+        "48ce3d03010703420004efeff35b79ff1301a8e30e4e3ac8900c6cb149884c6ac97fb8ef9cafe7a63b88ca"
+        "1288ce2637c20a053dfe74e3ec89386ab78b58fada55ba195f8a4263d808d0a000",
+        "public key cannot be used",
+    ),
+    # version 8 (RFC 2986 4.1 knows only v1 = 0): x509.InvalidVersion, not a ValueError.
+    "version 8": (
+        "307502010830133111300f06035504030c086465762d303030313059301306072a8648ce3d020106082a86"
+        "48ce3d03010703420004efeff35b79ff1301a8e30e4e3ac8900c6cb149884c6ac97fb8ef9cafe7a63b88ca"
+        "1288ce2637c20a053dfe74e3ec89386ab78b58fada55ba195f8a4263d808d0a000",
+        "not a DER-encoded PKCS#10",
+    ),
+    # A subject attribute 2.5.4.12 (title) holding a BIT STRING: csr.subject raised TypeError.
+    "BIT STRING subject attribute": (
+        "3081c402010030133111300f060355040c0308e465762d303030313059301306072a8648ce3d020106082a"
+        "8648ce3d03010703420004695e8fc21f6510b982715397983b032f34a611b669d2f05e5f308074572a5409"
+        "ed27e5c5949e5107042bddc5aa14cabcf4ea59a9713959b37d8c21b48783dd5ba04f304d06092a864886f7"
+        "0d01090e3140303e30270603551d1104e0cfe179e38a8d973a666c656574706b693a6425766963653a6465"
+        "762d3030303130130603551d25040c300a06082b06010505070302",
+        "subject cannot be decoded",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUZZ_FINDINGS))
+def test_fuzzed_requests_are_rejected_with_a_reason(case: str) -> None:
+    info, words = FUZZ_FINDINGS[case]
+    key = ec.generate_private_key(ec.SECP256R1())
+    raw = bytes.fromhex(info)
+    if case != "unknown public key algorithm":  # that one fails at its key, not its signature
+        # The input's P-256 SubjectPublicKeyInfo (91 bytes) replaced by this key's, so that
+        # the proof of possession holds as it did in the fuzzing run.
+        at = raw.index(b"\x30\x59\x30\x13\x06\x07\x2a\x86\x48\xce\x3d\x02\x01")
+        spki = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        raw = raw[:at] + spki + raw[at + 91 :]
+    request = sign_request_info(key, raw)
+    with pytest.raises(CsrRejected, match=words):
+        check_csr(load_csr(request), Grant(DeviceId("dev-0001")), request)
