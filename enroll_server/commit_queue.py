@@ -89,6 +89,12 @@ class CommitQueue:
     OCSP and the broker's revocation drops with it. Instead the batch waits on the loop,
     retried every few ms, up to `busy_deadline` seconds (the registry's busy timeout); then
     each of its issuances fails with CommitFailed.
+
+    On a PostgreSQL registry the same holds: one transaction per group, its write lock only
+    tried (pg_try_advisory_xact_lock, registry.postgres), a refused or unreachable one retried
+    the same way (RegistryUnavailable is a RegistryBusy). The statements stay synchronous on
+    the loop, as with SQLite: a group costs a handful of loopback round trips (executemany
+    pipelines its rows), and one connection per process keeps every group in commit order.
     """
 
     def __init__(

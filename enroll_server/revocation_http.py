@@ -34,6 +34,7 @@ from enroll_server.pki.ocsp import (
     respond_get,
     unsuccessful,
 )
+from enroll_server.registry.errors import RegistryBusy
 from enroll_server.registry.models import (
     CertificateRecord,
     CertStatus,
@@ -388,6 +389,11 @@ class RevocationState:
     def _guarded(self, work: Callable[[], OcspReply]) -> OcspReply:
         try:
             reply = work()
+        except RegistryBusy as exc:
+            # The registry locked or unreachable (PostgreSQL restarting): RFC 6960 2.3
+            # tryLater, which a client retries, rather than internalError.
+            log.warning("OCSP: %s", exc)
+            reply = OcspReply(unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER), "tryLater")
         except Exception:
             # A registry or signing failure is ours, not the client's: internalError
             # (RFC 6960 2.3), never an HTTP 500 an OCSP client cannot parse.

@@ -117,13 +117,25 @@ class PgConnection:
             raise self._convert(exc) from exc
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> psycopg.Cursor[Any]:
-        """rowcount is the sum over every row, as sqlite3's is."""
+        """rowcount is the sum over every row, as sqlite3's is.
+
+        A plain multi-row INSERT (a factory batch: 100,000 devices and tokens) goes through
+        COPY, about ten times faster than one INSERT a row; the same rows, the same errors.
+        """
         if self._trace is not None:
             self._trace(sql)
         conn = self._live()
         cursor = conn.cursor()
+        params = [tuple(r) for r in rows]
+        plan = _copy_plan(sql) if len(params) >= COPY_MIN_ROWS else None
         try:
-            cursor.executemany(translate(sql), [tuple(r) for r in rows])
+            if plan is None:
+                cursor.executemany(translate(sql), params)
+            else:
+                table, columns, values = plan
+                with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                    for row in params:
+                        copy.write_row(_fill(values, row))
         except psycopg.Error as exc:
             raise self._convert(exc) from exc
         return cursor
@@ -177,6 +189,45 @@ class PgConnection:
             self.execute("ROLLBACK")
         except RegistryUnavailable:
             pass
+
+
+# Rows from which executemany writes an INSERT with COPY instead.
+COPY_MIN_ROWS = 64
+_INSERT = re.compile(
+    r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \(((?:\?|'[^']*'|NULL|-?\d+)"
+    r"(?:, (?:\?|'[^']*'|NULL|-?\d+))*)\)",
+)
+_VALUE = re.compile(r"\?|'[^']*'|NULL|-?\d+")
+
+
+@functools.lru_cache(maxsize=64)
+def _copy_plan(sql: str) -> tuple[str, tuple[str, ...], tuple[object, ...]] | None:
+    """(table, columns, values) of `INSERT INTO t (c, ...) VALUES (v, ...)` whose values are
+    `?` or constants (a `?` is the marker object _PARAM); None for any other statement."""
+    found = _INSERT.fullmatch(sql.strip())
+    if found is None:
+        return None
+    columns = tuple(c.strip() for c in found.group(2).split(","))
+    values: list[object] = []
+    for token in _VALUE.findall(found.group(3)):
+        if token == "?":
+            values.append(_PARAM)
+        elif token == "NULL":
+            values.append(None)
+        elif token.startswith("'"):
+            values.append(token[1:-1])
+        else:
+            values.append(int(token))
+    return (found.group(1), columns, tuple(values)) if len(values) == len(columns) else None
+
+
+_PARAM = object()
+
+
+def _fill(values: tuple[object, ...], row: tuple[Any, ...]) -> list[object]:
+    """One COPY row: the statement's constants, and the row's parameters in place of `?`."""
+    params = iter(row)
+    return [next(params) if v is _PARAM else v for v in values]
 
 
 _KEY_COLUMNS = re.compile(r"Key \(([^)]*)\)=")

@@ -14,12 +14,17 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
 from typer.testing import CliRunner
 
 from enroll_server.cli import app
+from enroll_server.est.wire import decode_certs_only
 from enroll_server.registry import DeviceState
 from fleetpki.identity import DeviceId
-from tests.integration.test_est import enroll, race
+from tests.est_client import Reply, request
+from tests.integration.test_est import enroll, leaf, race
 from tests.live_server import LiveServer, start_live_server
 from tests.pg_cluster import PASSWORD, PgCluster
 
@@ -77,6 +82,15 @@ def test_postgresql_down_is_503_with_retry_after_and_the_node_recovers_by_itself
     )
     try:
         token = server.mint_device("pg-outage")
+        known = x509.load_pem_x509_certificate(
+            leaf_pem(enroll(server, "pg-outage-known", server.mint_device("pg-outage-known")))
+        )
+        ocsp_req = (
+            ocsp.OCSPRequestBuilder()
+            .add_certificate(known, server.handle.home.issuer.cert, hashes.SHA256())
+            .build()
+            .public_bytes(serialization.Encoding.DER)
+        )
         pg_cluster.restart()  # under the running server: the next request reconnects
         assert enroll(server, "pg-outage-warmup", "x").status == 401  # a read, on a new connection
         pg_cluster.pg_ctl("stop", "-m", "fast", "-w")
@@ -87,6 +101,10 @@ def test_postgresql_down_is_503_with_retry_after_and_the_node_recovers_by_itself
             assert int(reply.headers["retry-after"]) > 0
             assert "registry is unavailable" in reply.text and PASSWORD not in reply.text
             assert time.monotonic() - started < 15
+            # OCSP's own way of saying so (RFC 6960 2.3), not internalError.
+            answer = request(server.http_url + "/ocsp", None, "POST", ocsp_req, OCSP_HEADERS)
+            status = ocsp.load_der_ocsp_response(answer.body).response_status
+            assert status is ocsp.OCSPResponseStatus.TRY_LATER
         finally:
             pg_cluster.pg_ctl("start", "-w", "-t", "30", "-l", str(pg_cluster.base / "log"))
         # Nothing was half-written: the token is unspent, the device still waits.
@@ -96,6 +114,15 @@ def test_postgresql_down_is_503_with_retry_after_and_the_node_recovers_by_itself
         assert enroll(server, "pg-outage", token).status == 200
     finally:
         server.stop()
+
+
+OCSP_HEADERS = {"Content-Type": "application/ocsp-request"}
+
+
+def leaf_pem(reply: Reply) -> bytes:
+    assert reply.status == 200, reply.text
+    certs = decode_certs_only(reply.body)
+    return leaf(certs).public_bytes(serialization.Encoding.PEM)
 
 
 def _serve(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
