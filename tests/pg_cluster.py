@@ -21,14 +21,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PG_BIN = Path(os.environ.get("FLEETPKI_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """FLEETPKI_PG_BIN, else Debian's PostgreSQL 15, else the newest version installed."""
+    if "FLEETPKI_PG_BIN" in os.environ:
+        return Path(os.environ["FLEETPKI_PG_BIN"])
+    preferred = Path("/usr/lib/postgresql/15/bin")
+    if preferred.exists():
+        return preferred
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    return found[-1] if found else preferred
+
+
+PG_BIN = _pg_bin()
 START_TIMEOUT_S = 30
 SUPERUSER = "fleetpki"
 PASSWORD = "throwaway-test-password"
-
-
-def available() -> bool:
-    return (PG_BIN / "initdb").exists() and (PG_BIN / "pg_ctl").exists()
 
 
 def _free_port() -> int:
