@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 from enroll_server.errors import Unavailable
 from enroll_server.metrics import Histogram
@@ -67,6 +68,23 @@ _BUSY_MAX_RETRY = 0.1
 _BUSY_WARN_AFTER = 0.5
 
 
+_Result = list[BaseException | None] | Exception
+
+
+def _record(registry: Registry, batch: list[tuple[Issuance, Done]]) -> _Result:
+    """One record_issuances of `batch`, never waiting for the write lock: its outcomes, or the
+    exception that failed the whole transaction (returned, to cross a thread)."""
+    try:
+        outcomes: list[BaseException | None] = list(
+            registry.record_issuances([item for item, _ in batch], wait=False)
+        )
+        if len(outcomes) != len(batch):
+            raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} issuances")
+    except Exception as exc:
+        return exc
+    return outcomes
+
+
 class CommitQueue:
     """Collects issuances on the loop and records them with one `record_issuances` per batch.
 
@@ -90,11 +108,14 @@ class CommitQueue:
     retried every few ms, up to `busy_deadline` seconds (the registry's busy timeout); then
     each of its issuances fails with CommitFailed.
 
-    On a PostgreSQL registry the same holds: one transaction per group, its write lock only
-    tried (pg_try_advisory_xact_lock, registry.postgres), a refused or unreachable one retried
-    the same way (RegistryUnavailable is a RegistryBusy). The statements stay synchronous on
-    the loop, as with SQLite: a group costs a handful of loopback round trips (executemany
-    pipelines its rows), and one connection per process keeps every group in commit order.
+    On a PostgreSQL registry (`writer`: a second connection) the transaction runs in a worker
+    thread, one at a time: a group there costs a few network round trips and the server's
+    commit sync (about 3.5 ms for 16 issuances against a loopback PostgreSQL, 2 ms of it
+    waiting), which the loop spends serving instead; what is submitted meanwhile forms the
+    next group, committed right after. Its write lock is only tried
+    (pg_try_advisory_xact_lock, registry.postgres); a held or unreachable one (a
+    RegistryUnavailable is a RegistryBusy) is retried as above. SQLite keeps the commit on
+    the loop: it takes ~0.5 ms of CPU and no wait.
     """
 
     def __init__(
@@ -103,8 +124,12 @@ class CommitQueue:
         window: float = 0.015,
         max_batch: int = 256,
         busy_deadline: float = BUSY_TIMEOUT_MS / 1000,
+        writer: Registry | None = None,
     ) -> None:
         self.registry = registry
+        # A connection of the commits' own, used from a worker thread (a shared registry).
+        self.writer = writer
+        self._in_flight = False
         self.window = window
         self.max_batch = max_batch
         self.busy_deadline = busy_deadline
@@ -158,26 +183,54 @@ class CommitQueue:
         self.flush()
 
     def flush(self) -> None:
-        """Record everything queued now, in one transaction, and report each outcome."""
+        """Record everything queued now, in one transaction, and report each outcome.
+
+        With a `writer`, the transaction runs in a worker thread and this returns at once;
+        what is queued meanwhile goes in the next transaction, right after this one.
+        """
+        if self._in_flight:
+            return  # the commit under way flushes what queued meanwhile when it is done
         batch, self._pending = self._pending, []
         if not batch:
             return
         self._last_flush = time.monotonic()
+        if self.writer is None:
+            self._settle(batch, _record(self.registry, batch))
+            return
+        self._in_flight = True
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(None, _record, self.writer, batch)
+        running.add_done_callback(partial(self._recorded, batch))
+
+    def _recorded(
+        self, batch: list[tuple[Issuance, Done]], running: asyncio.Future[_Result]
+    ) -> None:
+        """The worker thread's commit is done (on the loop): report it, flush what waits."""
+        self._in_flight = False
+        if running.cancelled():
+            result: _Result = RuntimeError("the commit was cancelled (the loop is stopping)")
+        else:
+            result = running.result()
+        self._settle(batch, result)
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+
+    def _settle(self, batch: list[tuple[Issuance, Done]], result: _Result) -> None:
+        """Report each issuance's outcome, or put the batch back while the lock is held."""
         outcomes: list[BaseException | None]
-        try:
-            outcomes = list(self.registry.record_issuances([item for item, _ in batch], wait=False))
-            if len(outcomes) != len(batch):
-                raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} issuances")
-        except Exception as exc:  # every waiter must hear of it, not just one
-            cause: Exception = exc
-            if isinstance(exc, RegistryBusy):
+        if isinstance(result, Exception):  # every waiter must hear of it, not just one
+            cause: Exception = result
+            if isinstance(result, RegistryBusy):
                 if self._wait_for_lock(batch):
                     return
-                cause = RegistryBusy(exc.path, round(self.busy_deadline * 1000))
+                if not isinstance(result, RegistryUnavailable):
+                    cause = RegistryBusy(result.path, round(self.busy_deadline * 1000))
             failed = CommitFailed(cause, len(batch))
             log.error("%s", failed)
             outcomes = [failed] * len(batch)
         else:
+            outcomes = result
             self.batches.observe(float(len(batch)))
         if self._busy_since is not None:
             waited = time.monotonic() - self._busy_since

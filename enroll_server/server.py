@@ -72,6 +72,8 @@ class ServerHandle:
     crl_registry: Registry | None = None
     # WAL checkpoints, off the event loop (registry.checkpointer).
     checkpointer: Checkpointer | None = None
+    # PostgreSQL: the group commits' own connection (start_server); closed after the sites.
+    commit_writer: Registry | None = None
     # Keeps the listeners' TLS server certificate current (server_certificate).
     server_certificates: ServerCertificates | None = None
     # The admin API and /metrics (build_admin_app); set by start_server.
@@ -124,6 +126,8 @@ class ServerHandle:
             self.crl_registry.close()
         if self.checkpointer is not None:
             self.checkpointer.stop()
+        if self.commit_writer is not None:
+            self.commit_writer.close()
         self.registry.close()
 
 
@@ -198,6 +202,7 @@ async def start_server(
     http: RunningSite | None = None
     admin: RunningSite | None = None
     crl_registry: Registry | None = None
+    commit_writer: Registry | None = None
     try:
         if checkpointer is not None:
             checkpointer.start()
@@ -224,6 +229,11 @@ async def start_server(
             clock=clock,
             home=loaded,
         )
+        if registry.shared:
+            # PostgreSQL: the group commits run in a worker thread on a connection of their
+            # own, so the loop serves on while the database syncs (commit_queue).
+            commit_writer = Registry.open(loaded.registry)
+            state.commits.writer = commit_writer
         # The CRL publisher works in a worker thread (a big CRL takes a second to sign) and
         # bumps the CRL number, a write that may wait for a lock another process holds: on a
         # connection of its own, so that wait never holds the loop's registry reads.
@@ -255,6 +265,7 @@ async def start_server(
         )
         handle.admin = admin
         handle.crl_registry = crl_registry
+        handle.commit_writer = commit_writer
         handle.checkpointer = checkpointer
         tokens.start()
         handle.stoppers.append(tokens.stop)
@@ -268,6 +279,8 @@ async def start_server(
                 await site.stop()
         if crl_registry is not None:
             crl_registry.close()
+        if commit_writer is not None:
+            commit_writer.close()
         if checkpointer is not None:
             checkpointer.stop()
         registry.close()

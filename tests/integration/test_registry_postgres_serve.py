@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +182,25 @@ def test_init_makes_the_schema_and_keeps_the_password_out_of_fleetpki_toml(
     )
     assert again.exit_code == 2 and "already holds a fleetpki registry" in again.output
     assert not (tmp_path / "h2").exists()
+
+
+def test_concurrent_enrollments_through_two_nodes_are_all_recorded(
+    two_nodes: tuple[LiveServer, LiveServer],
+) -> None:
+    """Group commits from a worker thread on each node (commit_queue's writer), interleaved
+    on one registry: every client that got a certificate finds it recorded, once."""
+    a, b = two_nodes
+    tokens = {f"pg-storm-{i:03d}": a.mint_device(f"pg-storm-{i:03d}") for i in range(60)}
+    statuses: dict[str, int] = {}
+
+    def go(device: str, node: LiveServer) -> None:
+        statuses[device] = enroll(node, device, tokens[device]).status
+
+    threads = [threading.Thread(target=go, args=(d, (a, b)[i % 2])) for i, d in enumerate(tokens)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(statuses.values()) == {200}, statuses
+    for device in tokens:
+        assert len(a.registry.certificates_of(DeviceId(device))) == 1
