@@ -34,17 +34,24 @@ def pg_url(pg_cluster: PgCluster) -> str:
     return pg_cluster.new_database()
 
 
+@pytest.fixture(scope="session")
+def pg_registry_template(pg_cluster: PgCluster) -> str:
+    """The name of a database holding an empty fleetpki registry, to copy for each test."""
+    from enroll_server.registry import Registry
+
+    url = pg_cluster.new_database("registry_template")
+    Registry.open(url, create=True).close()
+    return url.rsplit("/", 1)[1]
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def registry_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
     """Where a registry test opens its registry: an SQLite file, then a PostgreSQL database
     with fleetpki's schema (the same test runs on both backends)."""
     if request.param == "sqlite":
         return tmp_path / "registry.db"
-    from enroll_server.registry import Registry
-
-    url: str = request.getfixturevalue("pg_url")
-    Registry.open(url, create=True).close()
-    return url
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    return cluster.new_database(template=request.getfixturevalue("pg_registry_template"))
 
 
 @pytest.fixture

@@ -128,10 +128,22 @@ class PgCluster:
 
     # ------------------------------------------------------------------ databases
 
-    def new_database(self, prefix: str = "t") -> str:
-        """A fresh empty database; its URL (with the password)."""
+    def new_database(self, prefix: str = "t", *, template: str | None = None) -> str:
+        """A fresh database, empty or a copy of database `template` (which nobody may be
+        connected to); its URL (with the password)."""
+        import psycopg
+
         name = f"{prefix}_{os.getpid()}_{next(self._counter)}"
-        self.sql(f'CREATE DATABASE "{name}"')
+        like = f' TEMPLATE "{template}"' if template else ""
+        # Over the unix socket, as the superuser: ~20 ms, where a psql process takes ~100.
+        with psycopg.connect(
+            host=str(self.socket_dir),
+            port=self.port,
+            user=SUPERUSER,
+            dbname="postgres",
+            autocommit=True,
+        ) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"{like}')  # type: ignore[arg-type]
         return self.url(name)
 
     def sql(self, statement: str, database: str = "postgres") -> str:
