@@ -116,6 +116,17 @@ def _new_registry(root: Path, registry: str | None, password_file: str | None) -
     )
 
 
+def _configured(root: Path, location: RegistryLocation) -> str:
+    """fleetpki.toml's `registry` for `location`: "" for the default H/registry.db."""
+    from enroll_server.home import HomeLayout
+
+    if isinstance(location, PostgresLocation):
+        return location.url
+    if location.path.resolve() == HomeLayout(root).registry.resolve():
+        return ""
+    return f"sqlite:///{location.path.resolve()}"
+
+
 def open_registry(home: Path | None) -> Registry:
     from enroll_server.home import HomeLayout, registry_location
 
@@ -189,7 +200,7 @@ def init(
         mqtt_port=mqtt_port,
         admin_port=admin_port,
         device_validity=validity,
-        registry=location.url if isinstance(location, PostgresLocation) else "",
+        registry=_configured(root, location),
         registry_password_file=registry_password_file or "",
     )
     now = now_utc()

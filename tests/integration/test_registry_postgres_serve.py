@@ -204,3 +204,15 @@ def test_concurrent_enrollments_through_two_nodes_are_all_recorded(
     assert set(statuses.values()) == {200}, statuses
     for device in tokens:
         assert len(a.registry.certificates_of(DeviceId(device))) == 1
+
+
+def test_init_with_an_sqlite_file_elsewhere_records_it(tmp_path: Path) -> None:
+    runner = CliRunner()
+    home, elsewhere = tmp_path / "home", tmp_path / "data" / "fleet.db"
+    elsewhere.parent.mkdir()
+    made = runner.invoke(app, ["init", "--home", str(home), "--registry", f"sqlite:///{elsewhere}"])
+    assert made.exit_code == 0, made.output
+    assert f'registry = "sqlite:///{elsewhere}"' in (home / "fleetpki.toml").read_text()
+    assert elsewhere.exists() and not (home / "registry.db").exists()
+    listed = runner.invoke(app, ["operator", "list", "--home", str(home)])
+    assert listed.exit_code == 0 and "admin" in listed.output
