@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bare_est_server import Calibration
 
-from enroll_server.loop import install_fast_loop
+from enroll_server.transport.loop import install_fast_loop
 
 
 def main() -> None:

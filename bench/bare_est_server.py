@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from enroll_server.est.front import _HandOver, parse_head
 from enroll_server.est.wire import encode_certs_only_der
-from enroll_server.home import load_home
-from enroll_server.http_app import server_ssl_context
-from enroll_server.loop import install_fast_loop
+from enroll_server.home.layout import load_home
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
-from enroll_server.tls_socket import TlsListener
+from enroll_server.transport.loop import install_fast_loop
+from enroll_server.transport.tls_socket import TlsListener
+from enroll_server.web.app import server_ssl_context
 from fleetpki.identity import DeviceId
 
 _HEAD_OK = (

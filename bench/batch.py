@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from enroll_server.config import load_config  # noqa: E402
+from enroll_server.home.config import load_config  # noqa: E402
 from enroll_server.registry import NewDevice, Registry  # noqa: E402
 from fleetpki.identity import DeviceId  # noqa: E402
 from provisioning.batch import BatchRequest, create_batch, provision_batch  # noqa: E402

@@ -175,7 +175,7 @@ sys.path.insert(0, spec["root"])
 os.sched_setaffinity(0, {spec["cpu"]})
 logging.basicConfig(level=logging.WARNING)
 from enroll_server.broker import BrokerConfig, KeepalivePolicy, start_broker
-from enroll_server.loop import install_fast_loop
+from enroll_server.transport.loop import install_fast_loop
 install_fast_loop()  # the event loop `fleetpki serve` and `fleetpki broker` run on
 async def main():
     cfg = BrokerConfig(

@@ -49,16 +49,16 @@ from cryptography.hazmat.primitives import serialization
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from enroll_server.home import LoadedHome, hash_secret, load_home, new_secret  # noqa: E402
-from enroll_server.http_app import server_ssl_context  # noqa: E402
-from enroll_server.loop import install_fast_loop  # noqa: E402
+from enroll_server.enrollment.service import certificate_pem  # noqa: E402
+from enroll_server.home.layout import LoadedHome, hash_secret, load_home, new_secret  # noqa: E402
 from enroll_server.pki.csr_policy import signature_valid  # noqa: E402
 from enroll_server.pki.keys import KeyType, generate_key, signature_hash  # noqa: E402
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate  # noqa: E402
 from enroll_server.pki.template import CertificateTemplate  # noqa: E402
 from enroll_server.registry import NewDevice, Registry  # noqa: E402
 from enroll_server.registry.models import Issuance, IssuedCertificate  # noqa: E402
-from enroll_server.service import certificate_pem  # noqa: E402
+from enroll_server.transport.loop import install_fast_loop  # noqa: E402
+from enroll_server.web.app import server_ssl_context  # noqa: E402
 from fleetpki.identity import DeviceId  # noqa: E402
 from tests.live_server import make_home  # noqa: E402
 
@@ -556,7 +556,7 @@ def main() -> None:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}, "
         f"Python {platform.python_version()}",
-        # `fleetpki serve` runs on uvloop when it is installed (enroll_server.loop); so does
+        # `fleetpki serve` runs on uvloop when installed (enroll_server.transport.loop); so does
         # the load generator.
         "event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "pinned": {"server_cpus": sorted(server_cpus), "load_cpus": sorted(load_cpus or ())}

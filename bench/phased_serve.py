@@ -22,11 +22,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from enroll_server.cli import main as cli_main
+from enroll_server.enrollment.service import EnrollmentService
 from enroll_server.est.front import EstConnection
 from enroll_server.registry.certificates import CertificateStore
 from enroll_server.registry.tokens import TokenStore
-from enroll_server.service import EnrollmentService
-from enroll_server.tls_socket import TlsSocketTransport
+from enroll_server.transport.tls_socket import TlsSocketTransport
 
 # (name in the report, class, method); inner phases after the phase that holds them.
 PHASES: tuple[tuple[str, type, str], ...] = (

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from enroll import enrolled_fleet  # noqa: E402 (bench/enroll.py)
 
-from enroll_server.home import hash_secret, load_home, new_secret  # noqa: E402
+from enroll_server.home.layout import hash_secret, load_home, new_secret  # noqa: E402
 from enroll_server.registry import (  # noqa: E402
     Issuance,
     IssuedCertificate,

@@ -54,14 +54,14 @@ from enroll_server.broker.mosquitto_cli import app as mosquitto_app  # noqa: E40
 from enroll_server.broker.mosquitto_config import MosquittoFiles  # noqa: E402
 from enroll_server.broker.mosquitto_dynsec import open_control  # noqa: E402
 from enroll_server.broker.mosquitto_sync import MosquittoSync, read_cursor, read_pid  # noqa: E402
-from enroll_server.home import load_home  # noqa: E402
+from enroll_server.home.layout import load_home  # noqa: E402
 from enroll_server.pki.ca import Issuer  # noqa: E402
 from enroll_server.pki.crl import build_crl, revoked_certificate  # noqa: E402
 from enroll_server.pki.keys import load_private_key_pem, private_key_pem  # noqa: E402
 from enroll_server.pki.ocsp import CertStatusInfo, OcspResponder, respond  # noqa: E402
 from enroll_server.pki.serial import new_serial  # noqa: E402
 from enroll_server.registry import Registry, RevokedEntry  # noqa: E402
-from enroll_server.revocation_http import CrlPublisher  # noqa: E402
+from enroll_server.revocation.publisher import CrlPublisher  # noqa: E402
 from fleetpki.identity import DeviceId  # noqa: E402
 from tests.integration.revocation_support import Fleet, free_port  # noqa: E402
 from tests.live_server import make_home  # noqa: E402
@@ -117,8 +117,8 @@ def _ocsp_server(folder: str, port_out: Any, cpu: int | None, fast_loop: bool) -
     """Child process: the real handlers on 127.0.0.1:0, registry-backed, one core."""
     from aiohttp import web
 
-    from enroll_server.loop import install_fast_loop
-    from enroll_server.revocation_http import RevocationState, revocation_routes
+    from enroll_server.revocation.routes import RevocationState, revocation_routes
+    from enroll_server.transport.loop import install_fast_loop
 
     if fast_loop:
         install_fast_loop()  # what `fleetpki serve` does

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from device_agent.events import AgentEvent, EventKind  # noqa: E402
-from enroll_server.loop import install_fast_loop  # noqa: E402
+from enroll_server.transport.loop import install_fast_loop  # noqa: E402
 from simulators.report import percentiles  # noqa: E402
 from simulators.scenarios import get_scenario  # noqa: E402
 from simulators.simulation import Simulation, SimulationOptions  # noqa: E402

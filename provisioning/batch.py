@@ -12,8 +12,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.config import ServerConfig
-from enroll_server.home import HomeLayout
+from enroll_server.home.config import ServerConfig
+from enroll_server.home.layout import HomeLayout
 from enroll_server.pki.keys import KeyType, PublicKey, generate_key, private_key_pem
 from enroll_server.registry import (
     BatchKind,

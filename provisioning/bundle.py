@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from enroll_server.config import ServerConfig
+from enroll_server.home.config import ServerConfig
 from fleetpki.identity import DeviceId
 
 AGENT_TOML = "agent.toml"

@@ -25,12 +25,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt
-from enroll_server.config import ConfigError, ServerConfig, load_config
-from enroll_server.console import stdout_console
-from enroll_server.exit_codes import ExitCode
-from enroll_server.exit_codes import fail as _fail
-from enroll_server.home import HomeError, HomeLayout, registry_location, resolve_home
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import ExitCode
+from enroll_server.cli.exit_codes import fail as _fail
+from enroll_server.cli.options import HomeOpt, JsonOpt, ReasonOpt
+from enroll_server.home.config import ConfigError, ServerConfig, load_config
+from enroll_server.home.layout import HomeError, HomeLayout, registry_location, resolve_home
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
 from enroll_server.registry import Registry, RegistryError, UnknownBatch, UnknownDevice

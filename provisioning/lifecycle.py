@@ -13,8 +13,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
 
-from enroll_server.config import ServerConfig
-from enroll_server.home import HomeLayout
+from enroll_server.home.config import ServerConfig
+from enroll_server.home.layout import HomeLayout
 from enroll_server.registry import (
     Batch,
     BatchKind,

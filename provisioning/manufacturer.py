@@ -11,13 +11,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from enroll_server.home import PASSPHRASE_ENV, HomeLayout
-from enroll_server.manufacturers import (
+from enroll_server.enrollment.manufacturers import (
     CA_CERT,
     MANUFACTURERS_DIR,
     manufacturers_dir,
     trusted_manufacturer_ca_files,
 )
+from enroll_server.home.layout import PASSPHRASE_ENV, HomeLayout
 from enroll_server.pki.ca import CA_BACKDATE
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.keys import (

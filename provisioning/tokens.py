@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from enroll_server.home import hash_secret, new_secret
+from enroll_server.home.layout import hash_secret, new_secret
 from fleetpki.identity import DeviceId
 from provisioning.errors import InvalidBatchOption
 

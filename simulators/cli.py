@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from enroll_server.console import stdout_console
-from enroll_server.exit_codes import ExitCode
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import ExitCode
 
 T = TypeVar("T")
 
@@ -215,6 +215,6 @@ def demo(
 
 
 def register(app: typer.Typer) -> None:
-    """Mount `simulate` and `demo` on the `fleetpki` app (called by enroll_server.cli)."""
+    """Mount `simulate` and `demo` on the `fleetpki` app (called by enroll_server.cli.app)."""
     app.command("simulate")(simulate)
     app.command("demo")(demo)

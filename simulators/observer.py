@@ -17,7 +17,7 @@ from pathlib import Path
 import aiomqtt
 from aiomqtt.client import ProtocolVersion
 
-from enroll_server.identities import ServiceIdentity, issue_service_identity
+from enroll_server.enrollment.identities import ServiceIdentity, issue_service_identity
 from simulators.trace import Journal
 
 log = logging.getLogger("fleetpki.simulator")

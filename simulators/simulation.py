@@ -22,8 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from enroll_server.config import load_config as load_server_config
-from enroll_server.home import HomeLayout, registry_location
+from enroll_server.home.config import load_config as load_server_config
+from enroll_server.home.layout import HomeLayout, registry_location
 from enroll_server.registry import Registry
 from fleetpki.identity import DeviceId
 from simulators.errors import (

@@ -20,9 +20,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from enroll_server.config import ServerConfig, load_config
-from enroll_server.home import HomeError, HomeLayout, init_home
-from enroll_server.operators import set_admin_token
+from enroll_server.enrollment.operators import set_admin_token
+from enroll_server.home.config import ServerConfig, load_config
+from enroll_server.home.layout import HomeError, HomeLayout, init_home
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from fleetpki.identity import DeviceId
@@ -30,7 +30,7 @@ from simulators.errors import PortInUse, ServerUnreachable, SimulatorError
 
 if TYPE_CHECKING:
     from enroll_server.broker import RunningBroker
-    from enroll_server.server import ServerHandle
+    from enroll_server.wiring.server import ServerHandle
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -187,7 +187,7 @@ class HostedStack:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     async def _start_all(self, ports: Ports) -> None:
-        from enroll_server.server import start_server
+        from enroll_server.wiring.server import start_server
 
         try:
             self._server = await start_server(

@@ -33,10 +33,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from enroll_server.connection_limits import ConnectionLimits
 from enroll_server.est import front
 from enroll_server.est.front import Head
-from enroll_server.http_app import MAX_BODY, _runner
+from enroll_server.transport.connection_limits import ConnectionLimits
+from enroll_server.web.app import MAX_BODY, _runner
 
 # Pieces of requests for generated streams (the Hypothesis property, the atheris harness): the
 # request lines and fields the front end reads, and the odd bytes HTTP parsers disagree on.

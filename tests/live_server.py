@@ -15,12 +15,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from enroll_server.config import ServerConfig
-from enroll_server.home import HomeLayout, hash_secret, init_home, new_secret, registry_location
-from enroll_server.operators import set_admin_token
+from enroll_server.enrollment.operators import set_admin_token
+from enroll_server.home.config import ServerConfig
+from enroll_server.home.layout import (
+    HomeLayout,
+    hash_secret,
+    init_home,
+    new_secret,
+    registry_location,
+)
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
-from enroll_server.server import ServerHandle, start_server
+from enroll_server.wiring.server import ServerHandle, start_server
 from fleetpki.atomic_file import write_atomic
 from fleetpki.identity import DeviceId
 

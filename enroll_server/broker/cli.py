@@ -17,10 +17,10 @@ from rich.console import Console
 from enroll_server.broker.errors import BrokerError
 from enroll_server.broker.policy import KeepalivePolicy
 from enroll_server.broker.server import BrokerConfig, start_broker
-from enroll_server.cli_options import HomeOpt, serve_port
-from enroll_server.exit_codes import fail
-from enroll_server.listen import ListenFailed, listening
-from enroll_server.server_certificate import CHECK_INTERVAL, ServerCertificates
+from enroll_server.cli.exit_codes import fail
+from enroll_server.cli.options import HomeOpt, serve_port
+from enroll_server.home.server_certificate import CHECK_INTERVAL, ServerCertificates
+from enroll_server.transport.listen import ListenFailed, listening
 
 app = typer.Typer(
     help="The embedded mTLS MQTT broker (run alone: `fleetpki broker --home H`).",
@@ -66,8 +66,8 @@ def broker_config_for_home(
     max_packet_size: int | None = None,
 ) -> BrokerConfig:
     """The BrokerConfig of a home folder: its TLS files, chain, registry and [server] ports."""
-    from enroll_server.config import load_config
-    from enroll_server.home import HomeLayout, registry_location, resolve_home
+    from enroll_server.home.config import load_config
+    from enroll_server.home.layout import HomeLayout, registry_location, resolve_home
 
     layout = HomeLayout(resolve_home(home))
     if not layout.config.exists():
@@ -147,8 +147,8 @@ def _run(
     max_connections: int,
     max_packet_size: int | None,
 ) -> None:
-    from enroll_server.config import ConfigError
-    from enroll_server.home import HomeError
+    from enroll_server.home.config import ConfigError
+    from enroll_server.home.layout import HomeError
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -162,7 +162,7 @@ def _run(
             max_connections=max_connections,
             max_packet_size=max_packet_size,
         )
-        from enroll_server.loop import install_fast_loop
+        from enroll_server.transport.loop import install_fast_loop
 
         install_fast_loop()  # uvloop when installed, as `fleetpki serve` does
         asyncio.run(serve_until_signal(config, metrics_port))

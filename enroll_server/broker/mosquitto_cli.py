@@ -32,14 +32,20 @@ from enroll_server.broker.mosquitto_sync import (
     read_pid,
     service_names,
 )
-from enroll_server.cli_options import HomeOpt
-from enroll_server.config import ConfigError
-from enroll_server.console import stdout_console
-from enroll_server.exit_codes import ExitCode, error_exit
-from enroll_server.home import HomeError, LoadedHome, load_home, registry_location, resolve_home
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import ExitCode, error_exit
+from enroll_server.cli.options import HomeOpt
+from enroll_server.home.config import ConfigError
+from enroll_server.home.layout import (
+    HomeError,
+    LoadedHome,
+    load_home,
+    registry_location,
+    resolve_home,
+)
 from enroll_server.pki.errors import PkiError
 from enroll_server.registry import Registry, RegistryError
-from enroll_server.revocation_http import CrlPublisher
+from enroll_server.revocation.publisher import CrlPublisher
 from fleetpki.packet_size import check_max_packet_size
 
 app = typer.Typer(

@@ -19,7 +19,7 @@ from typing import Any
 
 from enroll_server.broker.mosquitto_acl import render_acl
 from enroll_server.broker.mosquitto_errors import MosquittoError, PluginNotFound
-from enroll_server.tls_policy import AEAD_CIPHERS
+from enroll_server.transport.tls_policy import AEAD_CIPHERS
 from fleetpki.atomic_file import PUBLIC_MODE, SECRET_MODE, write_atomic
 from fleetpki.packet_size import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
 

@@ -37,10 +37,10 @@ from enroll_server.broker.mosquitto_acl import render_acl
 from enroll_server.broker.mosquitto_config import MosquittoFiles, write_crl
 from enroll_server.broker.mosquitto_dynsec import DynsecControl
 from enroll_server.broker.mosquitto_errors import MosquittoError, MosquittoNotRunning
+from enroll_server.home.server_certificate import ServerCertificateError, read_pair
 from enroll_server.registry.errors import RegistryError
 from enroll_server.registry.models import EventKind
-from enroll_server.revocation_http import CrlPublisher
-from enroll_server.server_certificate import ServerCertificateError, read_pair
+from enroll_server.revocation.publisher import CrlPublisher
 from fleetpki.atomic_file import PUBLIC_MODE, SECRET_MODE, write_atomic
 
 log = logging.getLogger("fleetpki.mosquitto")

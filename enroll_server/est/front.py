@@ -35,8 +35,8 @@ from typing import cast
 from aiohttp import web
 from cryptography import x509
 
-from enroll_server.commit_queue import CommitFailed, registry_busy
-from enroll_server.connection_limits import READING, Guard, Watch, Watched
+from enroll_server.enrollment.commit_queue import CommitFailed, registry_busy
+from enroll_server.enrollment.service import Enrollment, PendingEnrollment
 from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.operations import (
     SIMPLEENROLL,
@@ -50,9 +50,9 @@ from enroll_server.est.operations import (
 )
 from enroll_server.est.wire import CERTS_ONLY_CONTENT_TYPE, encode_certs_only_der
 from enroll_server.registry import RegistryBusy, RegistryError
-from enroll_server.service import Enrollment, PendingEnrollment
-from enroll_server.state import AppState
-from enroll_server.tls_socket import TlsListener
+from enroll_server.transport.connection_limits import READING, Guard, Watch, Watched
+from enroll_server.transport.tls_socket import TlsListener
+from enroll_server.web.state import AppState
 
 log = logging.getLogger("fleetpki.http")
 

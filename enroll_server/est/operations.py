@@ -15,6 +15,7 @@ from datetime import datetime
 
 from cryptography import x509
 
+from enroll_server.enrollment.service import Authorization
 from enroll_server.errors import (
     AuthenticationFailed,
     BadRequest,
@@ -22,8 +23,7 @@ from enroll_server.errors import (
     UnsupportedMediaType,
 )
 from enroll_server.est.wire import CSR_CONTENT_TYPE, BadEstBody, decode_base64_body
-from enroll_server.service import Authorization
-from enroll_server.state import AppState
+from enroll_server.web.state import AppState
 
 SIMPLEENROLL = "simpleenroll"
 SIMPLEREENROLL = "simplereenroll"

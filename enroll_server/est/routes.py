@@ -11,7 +11,8 @@ from datetime import datetime
 from aiohttp import web
 from cryptography import x509
 
-from enroll_server.commit_queue import CommitFailed, registry_busy
+from enroll_server.enrollment.commit_queue import CommitFailed, registry_busy
+from enroll_server.enrollment.service import Authorization, Enrollment
 from enroll_server.est.csrattrs import csr_attrs_der
 from enroll_server.est.operations import (
     authorize_simpleenroll,
@@ -29,8 +30,7 @@ from enroll_server.est.wire import (
     encode_der_b64,
 )
 from enroll_server.pki.csr_policy import DEFAULT_KEY_TYPES
-from enroll_server.service import Authorization, Enrollment
-from enroll_server.state import APP_STATE, AppState
+from enroll_server.web.state import APP_STATE, AppState
 
 EST_PREFIX = "/.well-known/est"
 

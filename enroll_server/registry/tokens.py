@@ -87,8 +87,8 @@ class TokenStore(RegistryBase):
         """The unused tokens with after_rowid < rowid <= upto_rowid whose device may enroll
         (provisioned or active), in rowid order; expired ones included (the caller knows when
         it is). A range of rowids, not a LIMIT on the result: one call reads at most
-        upto - after rows however many of them are spent (enroll_server.token_index reads the table
-        in such slices on the event loop)."""
+        upto - after rows however many of them are spent (enroll_server.enrollment.token_index
+        reads the table in such slices on the event loop)."""
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT t.rowid, t.device_id, t.token_hash, t.expires_at, d.role "

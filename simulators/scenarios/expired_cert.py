@@ -16,7 +16,7 @@ from device_agent.est_wire import build_csr
 from device_agent.keys import generate_key
 from device_agent.keystore import Identity, Keystore
 from device_agent.tls import client_context
-from enroll_server.config import load_config as load_server_config
+from enroll_server.home.config import load_config as load_server_config
 from fleetpki.atomic_file import write_atomic
 from fleetpki.identity import DeviceId
 from simulators.report import Check, Report

@@ -8,8 +8,8 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from enroll_server.config import ServerConfig
 from enroll_server.est.wire import decode_certs_only
+from enroll_server.home.config import ServerConfig
 from enroll_server.registry import CertStatus, DeviceState
 from fleetpki.identity import DeviceId
 from tests.est_client import request

@@ -25,9 +25,9 @@ from device_agent.backoff import Backoff
 from device_agent.config import load_config
 from device_agent.exit_codes import ExitCode
 from device_agent.keystore import Keystore
-from enroll_server.identities import issue_service_identity
+from enroll_server.enrollment.identities import issue_service_identity
 from enroll_server.pki.profile import DeviceProfile
-from enroll_server.server import start_server
+from enroll_server.wiring.server import start_server
 from tests.live_server import LiveServer, make_home, start_live_server
 from tests.pki_helpers import make_ca
 
@@ -300,7 +300,7 @@ async def test_server_down_at_first_boot_then_up(tmp_path: Path) -> None:
     home = tmp_path / "home"
     layout = make_home(home)
     port = free_port()
-    from enroll_server.home import hash_secret, new_secret
+    from enroll_server.home.layout import hash_secret, new_secret
     from enroll_server.registry import Registry
     from fleetpki.identity import DeviceId
 
@@ -402,7 +402,7 @@ async def test_expired_certificate_needs_a_new_token_then_recovers(
         assert str(config.parent / "token") in (agent.last_error or "")
         assert "expired" in (agent.last_error or "")
         # The operator issues a new token; the agent re-bootstraps with it.
-        from enroll_server.home import hash_secret, new_secret
+        from enroll_server.home.layout import hash_secret, new_secret
         from fleetpki.identity import DeviceId
 
         token = new_secret()

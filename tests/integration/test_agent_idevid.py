@@ -29,8 +29,8 @@ from device_agent.backoff import Backoff
 from device_agent.config import load_config
 from device_agent.exit_codes import ExitCode
 from device_agent.status import status_report
-from enroll_server.config import load_config as load_server_config
-from enroll_server.identities import issue_service_identity
+from enroll_server.enrollment.identities import issue_service_identity
+from enroll_server.home.config import load_config as load_server_config
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import CertStatus, Registry
 from fleetpki.identity import DeviceId

@@ -14,7 +14,7 @@ from typing import Any
 
 from device_agent.exit_codes import ExitCode
 from device_agent.keystore import Keystore
-from enroll_server.home import hash_secret, new_secret
+from enroll_server.home.layout import hash_secret, new_secret
 from fleetpki.identity import DeviceId
 from tests.integration.test_agent_e2e import DEV, bundle_for, bundle_for_server_only
 from tests.integration.test_agent_suspension import agent_cli, wait_for

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
-from enroll_server.home import HomeLayout
+from enroll_server.cli.app import app
+from enroll_server.home.layout import HomeLayout
 from enroll_server.registry import Registry
 from tests.live_server import make_home
 

@@ -21,9 +21,9 @@ from device_agent.errors import EstRejected
 from device_agent.est_client import EstClient
 from device_agent.est_wire import build_csr
 from device_agent.keys import KeyType, generate_key
-from enroll_server.config import load_config as load_server_config
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.home import HomeLayout
+from enroll_server.home.config import load_config as load_server_config
+from enroll_server.home.layout import HomeLayout
 from enroll_server.pki import keys as pki_keys
 from enroll_server.registry import DeviceState, Registry
 from fleetpki.identity import DeviceId

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
+from enroll_server.cli.app import app
 from provisioning.host_check import unresolvable
 
 runner = CliRunner()

@@ -175,7 +175,7 @@ async def test_a_malformed_length_ends_the_connection(
 def test_serve_and_broker_refuse_an_unusable_limit_before_starting(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from enroll_server.cli import app
+    from enroll_server.cli.app import app
 
     home = tmp_path / "home"
     make_home(home)

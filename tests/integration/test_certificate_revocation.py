@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.x509 import ocsp
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
+from enroll_server.cli.app import app
 from enroll_server.registry import DeviceState
 from fleetpki.identity import DeviceId
 from tests.integration.broker_harness import PAHO_ACCEPTED, PahoDevice, eventually

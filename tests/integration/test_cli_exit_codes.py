@@ -1,4 +1,4 @@
-"""One exit-code table for every `fleetpki` command (enroll_server.exit_codes, README "Exit
+"""One exit-code table for every `fleetpki` command (enroll_server.cli.exit_codes, README "Exit
 codes"): the same kind of error gives the same code whichever command met it."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
-from enroll_server.exit_codes import ExitCode
+from enroll_server.cli.app import app
+from enroll_server.cli.exit_codes import ExitCode
 from tests.live_server import make_home
 
 runner = CliRunner()

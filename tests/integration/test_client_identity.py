@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enroll_server.enrollment.identities import issue_service_identity
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.identities import issue_service_identity
 from enroll_server.pki.keys import (
     KeyType,
     PrivateKey,

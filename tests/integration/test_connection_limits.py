@@ -24,13 +24,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.connection_limits import ConnectionLimits, Guard
 from enroll_server.est.front import MAX_HEAD
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.home import hash_secret, new_secret
-from enroll_server.http_app import MAX_BODY
+from enroll_server.home.layout import hash_secret, new_secret
 from enroll_server.pki.keys import KeyType, generate_key
 from enroll_server.registry import Registry
+from enroll_server.transport.connection_limits import ConnectionLimits, Guard
+from enroll_server.web.app import MAX_BODY
 from fleetpki.identity import DeviceId
 from tests.integration.test_est import leaf
 from tests.integration.test_est_front import (
@@ -533,7 +533,7 @@ def test_pipelined_flood_behind_a_pending_commit_is_not_buffered(server: LiveSer
 
 # --- configuration -------------------------------------------------------------------------------
 def test_connections_section_round_trips_and_refuses_bad_values(tmp_path: Path) -> None:
-    from enroll_server.config import ConfigError, ServerConfig, load_config, render_config
+    from enroll_server.home.config import ConfigError, ServerConfig, load_config, render_config
 
     path = tmp_path / "fleetpki.toml"
     cfg = ServerConfig(

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.home import load_home
+from enroll_server.home.layout import load_home
 from enroll_server.pki.keys import KeyType, PrivateKey, generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.registry import CertStatus, DeviceState

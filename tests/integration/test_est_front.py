@@ -35,9 +35,9 @@ from cryptography import x509
 from enroll_server.est import front
 from enroll_server.est.front import MAX_HEAD, MAX_LINE, Head, _HandOver, parse_head
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.http_app import MAX_BODY
 from enroll_server.pki.keys import KeyType, PrivateKey, generate_key
 from enroll_server.registry import CertStatus, Issuance, Registry, RegistryError
+from enroll_server.web.app import MAX_BODY
 from fleetpki.identity import DeviceId
 from tests.integration.test_est import EST, b64, leaf, snapshot
 from tests.live_server import LiveServer, start_live_server

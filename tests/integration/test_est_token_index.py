@@ -12,12 +12,12 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 
+from enroll_server.enrollment.token_index import TokenIndex
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.home import hash_secret
+from enroll_server.home.layout import hash_secret
 from enroll_server.pki.keys import KeyType, generate_key
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.registry import DeviceState
-from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId
 from tests.integration.test_admin_api import admin
 from tests.integration.test_est import enroll, leaf, race, snapshot

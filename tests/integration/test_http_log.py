@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from enroll_server.http_log import RequestLog
+from enroll_server.web.request_log import RequestLog
 from tests.live_server import LiveServer, start_live_server
 
 SECRET = "s3cr3t-t0ken-never-logged"

@@ -14,9 +14,9 @@ from enroll_server.broker.mosquitto_cli import app
 from enroll_server.broker.mosquitto_config import MosquittoFiles
 from enroll_server.broker.mosquitto_dynsec import open_control
 from enroll_server.broker.mosquitto_sync import MosquittoSync, read_cursor, read_pid, service_names
-from enroll_server.identities import issue_service_identity
+from enroll_server.enrollment.identities import issue_service_identity
 from enroll_server.registry import Registry
-from enroll_server.revocation_http import CrlPublisher
+from enroll_server.revocation.publisher import CrlPublisher
 from fleetpki.identity import DeviceId
 from tests.integration.test_revocation_mosquitto import Broker, Device, _start, runner
 from tests.live_server import make_home

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
+from enroll_server.cli.app import app
 from enroll_server.registry import DeviceState
 from fleetpki.identity import DeviceId
 from tests.est_client import Reply, request
@@ -165,8 +165,8 @@ def test_bad_operator_input_changes_nothing(live_server: LiveServer, tmp_path: P
 def test_init_force_retires_the_previous_admin_token(tmp_path: Path) -> None:
     """init --force writes a new H/admin.token over a kept registry: the old token is retired,
     not kept beside the new one."""
-    from enroll_server.home import HomeLayout
-    from enroll_server.operators import authenticate
+    from enroll_server.enrollment.operators import authenticate
+    from enroll_server.home.layout import HomeLayout
     from enroll_server.registry import Registry
 
     home = tmp_path / "home"

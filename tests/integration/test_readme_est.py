@@ -104,7 +104,7 @@ def test_readme_mosquitto_pub_reaches_a_subscriber(live_stack: LiveServer, tmp_p
     """The block's last line really publishes: a service identity receives the message."""
     from datetime import UTC, datetime
 
-    from enroll_server.identities import issue_service_identity
+    from enroll_server.enrollment.identities import issue_service_identity
 
     bundle_folder(live_stack, tmp_path)
     svc = issue_service_identity(live_stack.layout.root, "readme-obs", None, datetime.now(UTC))

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
+from enroll_server.cli.app import app
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.registry import DeviceState
 from fleetpki.identity import DeviceId

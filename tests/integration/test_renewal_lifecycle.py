@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.home import hash_secret, new_secret
+from enroll_server.home.layout import hash_secret, new_secret
 from enroll_server.pki.keys import KeyType, PrivateKey, generate_key
 from enroll_server.registry import CertStatus
 from fleetpki.identity import DeviceId

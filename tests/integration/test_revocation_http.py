@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from enroll_server.registry import Registry
-from enroll_server.revocation_http import (
+from enroll_server.revocation.routes import (
     CRL_TYPE,
     OCSP_RESPONSE_TYPE,
     OcspSignerPolicy,

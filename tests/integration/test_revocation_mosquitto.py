@@ -34,11 +34,11 @@ from enroll_server.broker.mosquitto_config import (
 )
 from enroll_server.broker.mosquitto_dynsec import open_control
 from enroll_server.broker.mosquitto_sync import MosquittoSync, read_cursor, read_pid
-from enroll_server.home import LoadedHome, load_home, renew_server_certificate
+from enroll_server.home.layout import LoadedHome, load_home, renew_server_certificate
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.keys import load_private_key_pem
 from enroll_server.registry import Registry
-from enroll_server.revocation_http import CrlPublisher
+from enroll_server.revocation.publisher import CrlPublisher
 from fleetpki.identity import DeviceId
 from tests.integration.revocation_support import Fleet, free_port
 from tests.live_server import make_home

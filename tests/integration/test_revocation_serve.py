@@ -17,10 +17,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from enroll_server.home import load_home
+from enroll_server.home.layout import load_home
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.keys import load_private_key_pem
-from enroll_server.revocation_http import OCSP_REQUEST_TYPE
+from enroll_server.revocation.routes import OCSP_REQUEST_TYPE
 from fleetpki.identity import DeviceId
 from tests.integration.revocation_support import Fleet
 from tests.pki_helpers import MemoryCa, ocsp_request_for_negative_serial
@@ -224,7 +224,7 @@ def test_the_whole_chain_checks_against_published_crls(live_server: Any, tmp_pat
 
 
 def test_root_crl_is_made_for_older_homes_and_re_signed_at_half_life(tmp_path: Path) -> None:
-    from enroll_server.home import ROOT_CRL_LIFETIME, root_crl
+    from enroll_server.home.layout import ROOT_CRL_LIFETIME, root_crl
     from tests.live_server import make_home
 
     layout = make_home(tmp_path / "home")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from enroll_server.listen import serves_only_this_machine
+from enroll_server.transport.listen import serves_only_this_machine
 from tests.live_server import start_live_server
 
 

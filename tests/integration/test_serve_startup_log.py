@@ -11,7 +11,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
+from enroll_server.cli.app import app
 
 
 def test_serve_start_up_has_no_transitions_lines(tmp_path: Path) -> None:

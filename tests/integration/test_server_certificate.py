@@ -15,11 +15,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
-from enroll_server.home import HomeLayout, load_home
+from enroll_server.cli.app import app
+from enroll_server.home.layout import HomeLayout, load_home
 from enroll_server.pki.keys import KeyType, generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
-from enroll_server.server import renew_and_record
+from enroll_server.wiring.server import renew_and_record
 from fleetpki.identity import DeviceId
 from tests.live_server import make_home, start_live_server
 

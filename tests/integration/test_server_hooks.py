@@ -16,9 +16,9 @@ from device_agent.agent import Agent, AgentState
 from device_agent.backoff import Backoff
 from device_agent.config import load_config
 from device_agent.exit_codes import ExitCode
-from enroll_server.home import HomeLayout, hash_secret, new_secret
+from enroll_server.home.layout import HomeLayout, hash_secret, new_secret
 from enroll_server.pki.profile import DeviceProfile
-from enroll_server.server import ServerHandle, start_server
+from enroll_server.wiring.server import ServerHandle, start_server
 from fleetpki.identity import DeviceId
 from tests.integration.test_agent_e2e import write_bundle
 from tests.live_server import make_home

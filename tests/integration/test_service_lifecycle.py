@@ -12,7 +12,7 @@ from pathlib import Path
 from cryptography import x509
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
+from enroll_server.cli.app import app
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.pki.keys import KeyType, generate_key
 from fleetpki.identity import SERVICE_URN_PREFIX
@@ -114,7 +114,7 @@ async def test_service_issue_prints_an_example_that_works_and_renew_and_revoke(
 def test_a_service_renews_itself_over_est_with_its_current_certificate(
     live_server: LiveServer,
 ) -> None:
-    from enroll_server.identities import issue_service_identity
+    from enroll_server.enrollment.identities import issue_service_identity
 
     server = live_server
     svc = issue_service_identity(server.layout.root, "svc-est", None, datetime.now(UTC))

@@ -222,7 +222,7 @@ def test_cli_plot_without_matplotlib_says_how_to_install(
 
 
 def test_fleetpki_cli_mounts_simulate_and_demo() -> None:
-    from enroll_server.cli import app
+    from enroll_server.cli.app import app
 
     names = {c.name for c in app.registered_commands}
     assert {"simulate", "demo"} <= names

@@ -13,8 +13,8 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
+from enroll_server.enrollment.identities import issue_service_identity
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.identities import issue_service_identity
 from enroll_server.pki.keys import KeyType, generate_key, private_key_pem
 from tests.integration.test_admin_api import admin
 from tests.integration.test_est import enroll, leaf

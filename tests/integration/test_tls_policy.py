@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from enroll_server.broker.hardening import server_tls_context
-from enroll_server.http_app import server_ssl_context
+from enroll_server.web.app import server_ssl_context
 from tests.live_server import LiveServer, start_live_server
 
 CBC = ["ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES128-SHA"]

@@ -1,4 +1,4 @@
-"""TlsListener / TlsSocketTransport (enroll_server/tls_socket.py) with real TLS on loopback.
+"""TlsListener / TlsSocketTransport (enroll_server/transport/tls_socket.py), real TLS on loopback.
 
 The EST listener runs on this transport; the EST and admin API tests exercise it end to end.
 These pin down what those do not reach: back-pressure (a reader slower than the writer),
@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.tls_socket import TlsListener, TlsSocketTransport
+from enroll_server.transport.tls_socket import TlsListener, TlsSocketTransport
 from tests.pki_helpers import MemoryCa
 
 BIG = 8 * 1024 * 1024  # far more than loopback socket buffers hold: send() must wait
@@ -376,8 +376,8 @@ async def test_a_raising_protocol_loses_its_connection_and_nothing_else(
 _EMFILE_CHILD = r"""
 import asyncio, resource, ssl, sys
 sys.path.insert(0, sys.argv[1])
-from enroll_server import tls_socket
-from enroll_server.tls_socket import TlsListener
+from enroll_server.transport import tls_socket
+from enroll_server.transport.tls_socket import TlsListener
 
 calls = 0
 

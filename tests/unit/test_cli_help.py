@@ -8,8 +8,8 @@ from typing import Any
 import typer.main
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
-from enroll_server.cli_help import reflow
+from enroll_server.cli.app import app
+from enroll_server.cli.help import reflow
 
 runner = CliRunner()
 

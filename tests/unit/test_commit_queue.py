@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.commit_queue import CommitFailed, CommitQueue, Done
+from enroll_server.enrollment.commit_queue import CommitFailed, CommitQueue, Done
+from enroll_server.enrollment.service import (
+    BAD_CREDENTIALS,
+    Enrollment,
+    EnrollmentService,
+    PendingEnrollment,
+)
 from enroll_server.errors import (
     AuthenticationFailed,
     DeviceInactive,
@@ -38,12 +44,6 @@ from enroll_server.registry import (
     RegistryBusy,
     RegistryError,
     TokenRejected,
-)
-from enroll_server.service import (
-    BAD_CREDENTIALS,
-    Enrollment,
-    EnrollmentService,
-    PendingEnrollment,
 )
 from fleetpki.identity import DeviceId
 from tests.pki_helpers import MemoryCa, csr_der, make_csr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from enroll_server.config import ConfigError, ServerConfig, load_config, render_config
+from enroll_server.enrollment.throttle import Throttle, source_key
 from enroll_server.est.csrattrs import csr_attrs_der
 from enroll_server.est.wire import (
     BadEstBody,
@@ -17,8 +17,8 @@ from enroll_server.est.wire import (
     decode_certs_only,
     encode_certs_only,
 )
+from enroll_server.home.config import ConfigError, ServerConfig, load_config, render_config
 from enroll_server.pki.keys import KeyType
-from enroll_server.throttle import Throttle, source_key
 from tests.pki_helpers import MemoryCa
 
 
@@ -69,7 +69,7 @@ def test_certs_only_from_der_is_byte_identical_to_cryptography(ca: MemoryCa) -> 
 def test_service_pem_is_what_cryptography_writes(ca: MemoryCa) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from enroll_server.service import certificate_pem
+    from enroll_server.enrollment.service import certificate_pem
 
     for cert in (ca.device_cert("wire-pem-1")[0], ca.issuing.cert, ca.root.cert):
         assert certificate_pem(cert.public_bytes(serialization.Encoding.DER)) == (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.config import parse_config
-from enroll_server.config import ServerConfig
+from enroll_server.home.config import ServerConfig
 from fleetpki.identity import DeviceId
 from provisioning.bundle import BundleSettings, BundleWriter, render_agent_toml
 

@@ -16,15 +16,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from enroll_server.config import load_config
+from enroll_server.enrollment.manufacturers import TrustedManufacturers
+from enroll_server.enrollment.service import EnrollmentService
 from enroll_server.errors import BadRequest, DeviceRevoked, Forbidden
-from enroll_server.home import HomeLayout, load_home
-from enroll_server.manufacturers import TrustedManufacturers
+from enroll_server.home.config import load_config
+from enroll_server.home.layout import HomeLayout, load_home
 from enroll_server.pki.errors import BadPassphrase, BirthCertificateRejected
 from enroll_server.pki.keys import KeyType, generate_key, load_private_key_pem
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import BatchKind, CertStatus, DeviceState, Registry
-from enroll_server.service import EnrollmentService
 from fleetpki.identity import DeviceId
 from provisioning.batch import BatchRequest, IdevidOptions, create_batch
 from provisioning.csr_list import scan_csr_list

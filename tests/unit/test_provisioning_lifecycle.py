@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from enroll_server.config import ServerConfig, load_config
-from enroll_server.home import HomeLayout, hash_secret
+from enroll_server.home.config import ServerConfig, load_config
+from enroll_server.home.layout import HomeLayout, hash_secret
 from enroll_server.registry import DeviceState, Registry, TokenRejected, UnknownBatch
 from fleetpki.identity import DeviceId
 from provisioning.batch import BatchRequest, create_batch

@@ -1015,7 +1015,7 @@ def test_v3_registry_migrates_to_certificates_without_a_fingerprint_index(
 
 
 def test_operator_authentication_compares_every_credential() -> None:
-    from enroll_server.operators import authenticate, may
+    from enroll_server.enrollment.operators import authenticate, may
     from enroll_server.registry import Operator, OperatorCredential
 
     def cred(name: str, role: OperatorRole, secret: str) -> OperatorCredential:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
+from enroll_server.cli.app import app
 from enroll_server.registry import OperatorRole, Registry
 from enroll_server.registry.copy import TABLES, table_sums
 from fleetpki.identity import DeviceId

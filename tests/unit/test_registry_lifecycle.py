@@ -254,7 +254,7 @@ def test_mosquitto_drops_sessions_on_an_operators_revocation_not_on_supersession
     """mosquitto-sync kicks by identity: an operator's certificate revocation must end a
     session presenting it; a renewal's cut-off is left to the CRL (the identity is busy
     reconnecting with its new certificate)."""
-    from enroll_server.revocation_http import CrlUpdate
+    from enroll_server.revocation.publisher import CrlUpdate
 
     a = enroll(reg, ca, DEV.value)
     b = renew(reg, ca, a)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from enroll_server.cli import app
-from enroll_server.config import ServerConfig, load_config, render_config
+from enroll_server.cli.app import app
+from enroll_server.home.config import ServerConfig, load_config, render_config
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 

@@ -14,23 +14,23 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from enroll_server.config import render_config
-from enroll_server.home import (
+from enroll_server.home.config import render_config
+from enroll_server.home.layout import (
     SERVER_CERT_DAYS,
     HomeLayout,
     LoadedHome,
     load_home,
     renew_server_certificate,
 )
-from enroll_server.http_app import server_ssl_context
-from enroll_server.pki.ca import check_hostname
-from enroll_server.server import renew_and_record
-from enroll_server.server_certificate import (
+from enroll_server.home.server_certificate import (
     ServerCertificateError,
     ServerCertificates,
     read_pair,
     renewal_due_at,
 )
+from enroll_server.pki.ca import check_hostname
+from enroll_server.web.app import server_ssl_context
+from enroll_server.wiring.server import renew_and_record
 from tests.live_server import make_home
 
 

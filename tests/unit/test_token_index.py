@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from enroll_server.enrollment.token_index import TokenIndex
 from enroll_server.registry import NewDevice, Registry, Role
-from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId
 from tests.pki_helpers import MemoryCa
 from tests.unit.test_registry import NOW, TTL, issued, token_hash

@@ -130,7 +130,8 @@ class HardenedBroker(Broker):
 
     async def start(self) -> None:
         """amqtt's start, without its ERROR traceback for a listener that cannot bind: the
-        caller reports that in one line naming address, port and fix (enroll_server.listen)."""
+        caller reports that in one line naming address, port and fix
+        (enroll_server.transport.listen)."""
         quiet = _NoBindTraceback()
         self.logger.addFilter(quiet)
         try:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from enroll_server.broker.errors import TlsSetupError
-from enroll_server.tls_policy import apply_tls_policy
+from enroll_server.transport.tls_policy import apply_tls_policy
 
 log = logging.getLogger(__name__)
 

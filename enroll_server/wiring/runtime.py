@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from enroll_server.server import serve_forever, start_server
+from enroll_server.wiring.server import serve_forever, start_server
 
 
 async def run_service(

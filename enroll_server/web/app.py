@@ -14,23 +14,23 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.admin_api import admin_routes, require_operator
-from enroll_server.commit_queue import registry_busy
-from enroll_server.connection_limits import (
+from enroll_server.enrollment.commit_queue import registry_busy
+from enroll_server.errors import ServiceError, error_headers, http_status
+from enroll_server.est.front import MAX_FIELDS, MAX_LINE, EstFront
+from enroll_server.est.routes import EST_PREFIX, est_routes
+from enroll_server.registry import RegistryBusy
+from enroll_server.transport.connection_limits import (
     CONNECTION_GUARD,
     ConnectionLimits,
     Guard,
     Watched,
     deadline_middleware,
 )
-from enroll_server.device_status import device_status_routes
-from enroll_server.errors import ServiceError, error_headers, http_status
-from enroll_server.est.front import MAX_FIELDS, MAX_LINE, EstFront
-from enroll_server.est.routes import EST_PREFIX, est_routes
-from enroll_server.http_log import RequestLog
-from enroll_server.registry import RegistryBusy
-from enroll_server.state import APP_STATE, AppState
-from enroll_server.tls_policy import apply_tls_policy
+from enroll_server.transport.tls_policy import apply_tls_policy
+from enroll_server.web.admin_api import admin_routes, require_operator
+from enroll_server.web.device_status import device_status_routes
+from enroll_server.web.request_log import RequestLog
+from enroll_server.web.state import APP_STATE, AppState
 
 log = logging.getLogger("fleetpki.http")
 

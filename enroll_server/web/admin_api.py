@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from enroll_server.enrollment.operators import operator_for
 from enroll_server.errors import BadRequest, Conflict, NotFound
-from enroll_server.operators import operator_for
 from enroll_server.registry import (
     CertificateRecord,
     Device,
@@ -26,7 +26,7 @@ from enroll_server.registry import (
     parse_reason,
     parse_serial,
 )
-from enroll_server.state import APP_STATE, AppState
+from enroll_server.web.state import APP_STATE, AppState
 from fleetpki.duration import InvalidDuration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
 from provisioning.batch import provision_batch

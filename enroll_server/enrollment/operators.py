@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from enroll_server.errors import AuthenticationFailed, Forbidden
-from enroll_server.home import hash_secret, new_secret
+from enroll_server.home.layout import hash_secret, new_secret
 from enroll_server.registry import (
     DuplicateOperator,
     Operator,

@@ -12,14 +12,14 @@ import typer
 from cryptography import x509
 from rich.console import Console
 
-from enroll_server.cli_options import HomeOpt, JsonOpt
-from enroll_server.config import ConfigError, render_config
-from enroll_server.console import stdout_console
-from enroll_server.exit_codes import fail
-from enroll_server.home import HomeError, load_home, resolve_home
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import fail
+from enroll_server.cli.options import HomeOpt, JsonOpt
+from enroll_server.home.config import ConfigError, render_config
+from enroll_server.home.layout import HomeError, load_home, resolve_home
+from enroll_server.home.server_certificate import ServerCertificateError, read_pair, renewal_due_at
 from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError
-from enroll_server.server_certificate import ServerCertificateError, read_pair, renewal_due_at
 from fleetpki.atomic_file import write_atomic
 
 app = typer.Typer(
@@ -69,7 +69,7 @@ def _print(info: dict[str, Any], as_json: bool, heading: str) -> None:
 @app.command("show")
 def show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """The certificate the service and broker present: names, serial, validity, renewal."""
-    from enroll_server.home import HomeLayout
+    from enroll_server.home.layout import HomeLayout
 
     try:
         layout = HomeLayout(resolve_home(home))
@@ -101,7 +101,7 @@ def renew(
     A running `fleetpki serve` or `fleetpki broker` loads it within a minute, without a
     restart; `fleetpki serve` also renews by itself at 2/3 of the lifetime.
     """
-    from enroll_server.server import renew_and_record
+    from enroll_server.wiring.server import renew_and_record
 
     try:
         added = [check_hostname(h) for h in hostname or []]

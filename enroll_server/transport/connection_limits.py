@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from enroll_server.config import ServerConfig
-from enroll_server.throttle import source_key
+from enroll_server.enrollment.throttle import source_key
+from enroll_server.home.config import ServerConfig
 
 log = logging.getLogger("fleetpki.connections")
 

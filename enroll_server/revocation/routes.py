@@ -1,27 +1,25 @@
-"""CRL and OCSP over plain HTTP: the publisher that keeps the CRL current, and the handlers."""
+"""CRL and OCSP over plain HTTP: the revocation state the handlers serve, and the handlers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from email.utils import format_datetime
-from typing import Protocol
 
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
-from enroll_server.config import ROOT_CRL_PATH
 from enroll_server.errors import UnsupportedMediaType
+from enroll_server.home.config import ROOT_CRL_PATH
 from enroll_server.pki.ca import Issuer
-from enroll_server.pki.crl import build_crl, crl_needs_refresh, crl_refresh_at
+from enroll_server.pki.crl import crl_refresh_at
 from enroll_server.pki.keys import KeyType, generate_key
 from enroll_server.pki.ocsp import (
     DEFAULT_RESPONSE_VALIDITY,
@@ -35,12 +33,13 @@ from enroll_server.pki.ocsp import (
     unsuccessful,
 )
 from enroll_server.registry.errors import RegistryBusy
-from enroll_server.registry.models import (
-    CertificateRecord,
-    CertStatus,
-    Event,
-    EventKind,
-    RevokedEntry,
+from enroll_server.registry.models import CertificateRecord, CertStatus
+from enroll_server.revocation.publisher import (
+    CrlPublisher,
+    CrlUpdate,
+    PublishedCrl,
+    RevocationSource,
+    utc_now,
 )
 
 log = logging.getLogger("fleetpki.revocation")
@@ -53,25 +52,6 @@ MAX_OCSP_REQUEST = 16 * 1024
 # How long an HTTP cache may keep a GET OCSP answer: short, revocations must show quickly.
 OCSP_GET_MAX_AGE = timedelta(seconds=60)
 DEFAULT_POLL_INTERVAL = 0.5
-_EVENT_PAGE = 10_000
-
-
-class RevocationSource(Protocol):
-    """The part of registry.Registry the revocation publisher reads."""
-
-    def revoked_entries(self, now: datetime) -> list[RevokedEntry]: ...
-
-    def crl_number_next(self) -> int: ...
-
-    def revocation_events_since(self, seq: int, *, limit: int = ...) -> tuple[list[Event], int]: ...
-
-    def last_event_seq(self) -> int: ...
-
-    def get_certificate(self, serial: int) -> CertificateRecord | None: ...
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def status_of(record: CertificateRecord | None) -> CertStatusInfo:
@@ -90,161 +70,6 @@ def status_of(record: CertificateRecord | None) -> CertStatusInfo:
     if record.status is CertStatus.ON_HOLD:
         return CertStatusInfo.revoked(revoked_at, "certificateHold")
     return CertStatusInfo.revoked(revoked_at, record.revocation_reason)
-
-
-# Event kinds that change what the CRL lists (ISSUED, in older registries only, does not).
-CRL_EVENTS = frozenset(
-    {
-        EventKind.REVOKED,
-        EventKind.SUSPENDED,
-        EventKind.RESUMED,
-        EventKind.CERT_REVOKED,
-        EventKind.SUPERSEDED,
-    }
-)
-# Event kinds after which an identity's live sessions on mosquitto must end. An operator's
-# certificate revocation is one (mosquitto cannot tell which certificate a session presented:
-# the identity reconnects with its current one). A certificate superseded by its renewal is
-# not: the renewed identity is reconnecting anyway, and the CRL refuses the old one.
-DROP_EVENTS = frozenset({EventKind.REVOKED, EventKind.SUSPENDED, EventKind.CERT_REVOKED})
-
-
-@dataclass(frozen=True, slots=True)
-class PublishedCrl:
-    """One signed CRL in both encodings, with what the HTTP edge and the syncers need."""
-
-    crl: x509.CertificateRevocationList
-    der: bytes
-    pem: bytes
-    number: int
-    entries: int
-    event_seq: int  # every registry event up to this seq is reflected
-    build_seconds: float
-
-    @property
-    def this_update(self) -> datetime:
-        return self.crl.last_update_utc
-
-    @property
-    def next_update(self) -> datetime | None:
-        return self.crl.next_update_utc
-
-    @property
-    def refresh_at(self) -> datetime:
-        return crl_refresh_at(self.crl)
-
-    @property
-    def etag(self) -> str:
-        return f'"crl-{self.number}"'
-
-
-@dataclass(frozen=True, slots=True)
-class CrlUpdate:
-    """What one poll found: the new CRL (if rebuilt) and the events seen since the last poll."""
-
-    published: PublishedCrl | None
-    events: list[Event]
-
-    def devices_to_drop(self) -> list[str]:
-        """Device ids with a revocation or suspension among the events, in order, once each."""
-        seen: dict[str, None] = {}
-        for event in self.events:
-            if event.kind in DROP_EVENTS:
-                seen.setdefault(event.device_id.value)
-        return list(seen)
-
-
-class CrlPublisher:
-    """Builds the issuing CA's CRL from the registry and knows when to build it again.
-
-    Rebuilds when a revocation event (revoke, suspend, resume) appears in the registry's
-    event log - whichever process wrote it - and when the current CRL reaches half its
-    lifetime. No sockets and no files here: the HTTP edge serves `current`, the mosquitto
-    syncer writes it to disk.
-    """
-
-    def __init__(
-        self,
-        registry: RevocationSource,
-        issuer: Issuer,
-        *,
-        next_update: timedelta = timedelta(hours=24),
-        idp_url: str | None = None,
-        since_seq: int | None = None,
-    ) -> None:
-        """`since_seq`: report events after this seq (default: only those from now on)."""
-        url = idp_url or (issuer.urls.crl if issuer.urls else None)
-        if not url:
-            raise ValueError("a CRL needs its distribution point URL (issuer.urls or idp_url)")
-        self._registry = registry
-        self._issuer = issuer
-        self._next_update = next_update
-        self._idp_url = url
-        self._seq = registry.last_event_seq() if since_seq is None else since_seq
-        self._current: PublishedCrl | None = None
-
-    @property
-    def current(self) -> PublishedCrl | None:
-        return self._current
-
-    @property
-    def event_seq(self) -> int:
-        """Events up to this seq have been reported by `poll` (and are in `current`)."""
-        return self._seq
-
-    def publish(self, now: datetime) -> PublishedCrl:
-        """Build and sign a new CRL now, whatever the registry says changed."""
-        seq = self._registry.last_event_seq()
-        started = time.perf_counter()
-        entries = self._registry.revoked_entries(now)
-        number = self._registry.crl_number_next()
-        crl = build_crl(
-            self._issuer.cert,
-            self._issuer.key,
-            entries,
-            number,
-            now,
-            self._next_update,
-            self._idp_url,
-        )
-        published = PublishedCrl(
-            crl=crl,
-            der=crl.public_bytes(serialization.Encoding.DER),
-            pem=crl.public_bytes(serialization.Encoding.PEM),
-            number=number,
-            entries=len(entries),
-            event_seq=seq,
-            build_seconds=time.perf_counter() - started,
-        )
-        self._current = published
-        return published
-
-    def _new_events(self) -> tuple[list[Event], int]:
-        """Revocation, suspension and resumption events since the last poll, and the seq
-        they (and the issuances between them, skipped) reach."""
-        events: list[Event] = []
-        seq = self._seq
-        while True:
-            page, seq = self._registry.revocation_events_since(seq, limit=_EVENT_PAGE)
-            events.extend(page)
-            if len(page) < _EVENT_PAGE:
-                return events, seq
-
-    def poll(self, now: datetime) -> CrlUpdate:
-        """Rebuild if a revocation event arrived or the CRL is due for refresh.
-
-        Every revocation, suspension and resumption event is reported exactly once (issuance
-        events are skipped). The entries are read after the events, so the CRL reflects at
-        least every event reported; a revocation landing in between is reported (and rebuilt
-        for) by the next poll.
-        """
-        events, seq = self._new_events()
-        changed = any(e.kind in CRL_EVENTS for e in events)
-        stale = self._current is None or crl_needs_refresh(self._current.crl, now)
-        self._seq = max(self._seq, seq)
-        if changed or stale:
-            return CrlUpdate(self.publish(now), events)
-        return CrlUpdate(None, events)
 
 
 @dataclass

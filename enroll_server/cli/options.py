@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from enroll_server.exit_codes import ExitCode, fail
-from enroll_server.listen import MAX_PORT
+from enroll_server.cli.exit_codes import ExitCode, fail
 from enroll_server.registry.errors import RegistryError, RegistryUnavailable
 from enroll_server.registry.models import REVOKE_REASON_OPTIONS
+from enroll_server.transport.listen import MAX_PORT
 
 __all__ = [
     "HomeOpt",
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from enroll_server.home import HomeLayout
+    from enroll_server.home.layout import HomeLayout
 
 HomeOpt = Annotated[
     Path | None,
@@ -69,7 +69,7 @@ def init_port(help: str) -> Any:
 
 def initialized_layout(home: Path | None) -> HomeLayout:
     """The home folder's layout; exits with a message if it is not set or not initialized."""
-    from enroll_server.home import HomeError, HomeLayout, resolve_home
+    from enroll_server.home.layout import HomeError, HomeLayout, resolve_home
 
     try:
         layout = HomeLayout(resolve_home(home))

@@ -16,16 +16,26 @@ from typing import Any
 from cryptography import x509
 
 from enroll_server.broker.server import BrokerConfig, RunningBroker, start_broker
-from enroll_server.config import ServerConfig, load_config
-from enroll_server.connection_limits import ConnectionLimits
-from enroll_server.home import (
+from enroll_server.enrollment.manufacturers import REFRESH_INTERVAL, TrustedManufacturers
+from enroll_server.enrollment.operators import bootstrap_admin
+from enroll_server.enrollment.service import EnrollmentService, ProfileChooser
+from enroll_server.enrollment.token_index import TokenIndex
+from enroll_server.home.config import ServerConfig, load_config
+from enroll_server.home.layout import (
     LoadedHome,
     load_home,
     registry_location,
     renew_server_certificate,
 )
-from enroll_server.home import root_crl as home_root_crl
-from enroll_server.http_app import (
+from enroll_server.home.layout import root_crl as home_root_crl
+from enroll_server.home.server_certificate import CHECK_INTERVAL, ServerCertificates
+from enroll_server.pki.profile import DeviceProfile
+from enroll_server.registry import Registry
+from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
+from enroll_server.revocation.routes import RevocationState, RootCrl, revocation_routes
+from enroll_server.transport.connection_limits import ConnectionLimits
+from enroll_server.transport.listen import listening, serves_only_this_machine
+from enroll_server.web.app import (
     RunningSite,
     admin_ssl_context,
     build_admin_app,
@@ -35,17 +45,7 @@ from enroll_server.http_app import (
     start_est_site,
     start_site,
 )
-from enroll_server.listen import listening, serves_only_this_machine
-from enroll_server.manufacturers import REFRESH_INTERVAL, TrustedManufacturers
-from enroll_server.operators import bootstrap_admin
-from enroll_server.pki.profile import DeviceProfile
-from enroll_server.registry import Registry
-from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
-from enroll_server.revocation_http import RevocationState, RootCrl, revocation_routes
-from enroll_server.server_certificate import CHECK_INTERVAL, ServerCertificates
-from enroll_server.service import EnrollmentService, ProfileChooser
-from enroll_server.state import AppState, utc_now
-from enroll_server.token_index import TokenIndex
+from enroll_server.web.state import AppState, utc_now
 
 log = logging.getLogger("fleetpki.server")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.config import ServerConfig, load_config, render_config
+from enroll_server.home.config import ServerConfig, load_config, render_config
 from enroll_server.pki.ca import (
     Issuer,
     build_issuing_ca,

@@ -15,19 +15,19 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt, fail, initialized_layout
-from enroll_server.config import ConfigError, load_config
-from enroll_server.console import stdout_console
-from enroll_server.exit_codes import ExitCode
-from enroll_server.home import HomeError, HomeLayout, registry_location
-from enroll_server.identities import (
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import ExitCode
+from enroll_server.cli.options import HomeOpt, JsonOpt, ReasonOpt, fail, initialized_layout
+from enroll_server.enrollment.identities import (
     ServiceIdentity,
     ServiceIdentityError,
     issue_service_identity,
     readmit_service_identity,
     renew_service_identity,
 )
-from enroll_server.outcome import transition_outcome
+from enroll_server.enrollment.outcome import transition_outcome
+from enroll_server.home.config import ConfigError, load_config
+from enroll_server.home.layout import HomeError, HomeLayout, registry_location
 from enroll_server.pki.errors import PkiError
 from enroll_server.registry import (
     CertStatus,
@@ -172,7 +172,7 @@ def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 @app.command("show")
 def show(name: NameArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show a service, its certificates and recent audit entries."""
-    from enroll_server.admin_api import certificate_json
+    from enroll_server.web.admin_api import certificate_json
 
     with Registry.open(registry_location(initialized_layout(home))) as registry:
         service = _service(registry, name)

@@ -9,10 +9,10 @@ from typing import Annotated
 
 import typer
 
-from enroll_server.cli_options import HomeOpt, JsonOpt, ReasonOpt, fail, initialized_layout
-from enroll_server.console import stdout_console
-from enroll_server.exit_codes import ExitCode
-from enroll_server.home import registry_location
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import ExitCode
+from enroll_server.cli.options import HomeOpt, JsonOpt, ReasonOpt, fail, initialized_layout
+from enroll_server.home.layout import registry_location
 from enroll_server.registry import (
     InvalidValue,
     Registry,
@@ -37,7 +37,7 @@ SerialArg = Annotated[
 @app.command("show")
 def show(serial: SerialArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show one certificate: its identity, status, validity and revocation."""
-    from enroll_server.admin_api import certificate_json
+    from enroll_server.web.admin_api import certificate_json
 
     try:
         number = parse_serial(serial)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.home import LoadedHome, load_home
+from enroll_server.home.layout import LoadedHome, load_home
 from enroll_server.pki.keys import generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.registry import (

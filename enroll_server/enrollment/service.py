@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from enroll_server.enrollment.token_index import TokenIndex
 from enroll_server.errors import (
     AuthenticationFailed,
     BadRequest,
@@ -40,7 +41,6 @@ from enroll_server.registry.models import (
     DeviceState,
     IssuedCertificate,
 )
-from enroll_server.token_index import TokenIndex
 from fleetpki.identity import DeviceId, InvalidIdentifier
 
 log = logging.getLogger("fleetpki.service")
@@ -140,7 +140,7 @@ class EnrollmentService:
             role = tokens.take(device_id.value, digest, now)
             if role is not None:
                 # Vouched for by the index; the commit re-checks token and device (see
-                # enroll_server.token_index), and `settle` reports what it refuses.
+                # enroll_server.enrollment.token_index), and `settle` reports what it refuses.
                 return Authorization(Grant(device_id, role), token_hash=digest)
         try:
             # One read for token and device.

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from enroll_server.errors import Forbidden
 from enroll_server.est.routes import peer_certificate
-from enroll_server.state import APP_STATE
+from enroll_server.web.state import APP_STATE
 
 DEVICE_STATUS_PATH = "/device/status"
 

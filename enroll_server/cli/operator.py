@@ -1,5 +1,5 @@
 """`fleetpki operator add|list|remove|rotate` and `fleetpki admin-token rotate`: operator
-credentials for the admin API (enroll_server.operators)."""
+credentials for the admin API (enroll_server.enrollment.operators)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from enroll_server.cli_options import HomeOpt, JsonOpt, fail, initialized_layout
-from enroll_server.console import stdout_console
-from enroll_server.exit_codes import ExitCode
-from enroll_server.home import HomeLayout, registry_location
-from enroll_server.operators import (
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import ExitCode
+from enroll_server.cli.options import HomeOpt, JsonOpt, fail, initialized_layout
+from enroll_server.enrollment.operators import (
     ADMIN_OPERATOR,
     add_operator,
     rotate_operator,
     write_token_file,
 )
+from enroll_server.home.layout import HomeLayout, registry_location
 from enroll_server.registry import (
     InvalidValue,
     LastAdmin,

@@ -49,7 +49,7 @@ class ServerConfig:
     crl_next_update: timedelta = timedelta(hours=24)
     # Largest MQTT packet a client may send, in bytes (embedded broker and mosquitto alike).
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
-    # Connection limits of every listener (enroll_server/connection_limits.py).
+    # Connection limits of every listener (enroll_server/transport/connection_limits.py).
     head_timeout: timedelta = timedelta(seconds=10)
     idle_timeout: timedelta = timedelta(seconds=30)
     max_per_source: int = 64

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+from enroll_server.enrollment.metrics import Histogram
 from enroll_server.errors import Unavailable
-from enroll_server.metrics import Histogram
 from enroll_server.registry import Issuance, Registry, RegistryBusy, RegistryError
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS
 from enroll_server.registry.errors import RegistryUnavailable

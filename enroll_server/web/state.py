@@ -10,12 +10,12 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
-from enroll_server.commit_queue import CommitQueue
-from enroll_server.home import LoadedHome
-from enroll_server.metrics import Metrics
+from enroll_server.enrollment.commit_queue import CommitQueue
+from enroll_server.enrollment.metrics import Metrics
+from enroll_server.enrollment.service import EnrollmentService
+from enroll_server.enrollment.throttle import Throttle
+from enroll_server.home.layout import LoadedHome
 from enroll_server.registry import Registry
-from enroll_server.service import EnrollmentService
-from enroll_server.throttle import Throttle
 
 
 def utc_now() -> datetime:

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from enroll_server.cli_options import HomeOpt, RegistryOpt, fail, fail_registry
-from enroll_server.console import stdout_console
-from enroll_server.exit_codes import ExitCode
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import ExitCode
+from enroll_server.cli.options import HomeOpt, RegistryOpt, fail, fail_registry
 from enroll_server.registry import InvalidValue, Registry, RegistryError
 from enroll_server.registry.copy import copy_registry
 from enroll_server.registry.errors import (
@@ -43,8 +43,8 @@ def _location(option: str, text: str, password_file: Path | None = None) -> Regi
 
 def _home_registry(home: Path | None, registry: str | None) -> RegistryLocation:
     """--registry if given, else the home's registry (home.registry_location)."""
-    from enroll_server.cli_options import initialized_layout
-    from enroll_server.home import registry_location
+    from enroll_server.cli.options import initialized_layout
+    from enroll_server.home.layout import registry_location
 
     if registry is not None and home is None:
         return _location("--registry", registry)

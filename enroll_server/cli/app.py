@@ -16,8 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from enroll_server.cli_help import tidy_help
-from enroll_server.cli_options import (
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import ExitCode, error_exit, fail
+from enroll_server.cli.help import tidy_help
+from enroll_server.cli.options import (
     HomeOpt,
     JsonOpt,
     ReasonOpt,
@@ -26,11 +28,9 @@ from enroll_server.cli_options import (
     init_port,
     serve_port,
 )
-from enroll_server.config import ConfigError, ServerConfig
-from enroll_server.console import stdout_console
-from enroll_server.exit_codes import ExitCode, error_exit, fail
-from enroll_server.home import HomeError, init_home, resolve_home
-from enroll_server.outcome import transition_outcome
+from enroll_server.enrollment.outcome import transition_outcome
+from enroll_server.home.config import ConfigError, ServerConfig
+from enroll_server.home.layout import HomeError, init_home, resolve_home
 from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
@@ -86,7 +86,7 @@ def _new_registry(root: Path, registry: str | None, password_file: str | None) -
     """The registry `init` creates: H/registry.db, or an empty PostgreSQL database (checked
     before any file is written: unreachable, or holding a fleetpki registry already, is
     refused with nothing made)."""
-    from enroll_server.home import HomeLayout
+    from enroll_server.home.layout import HomeLayout
 
     layout = HomeLayout(root)
     try:
@@ -118,7 +118,7 @@ def _new_registry(root: Path, registry: str | None, password_file: str | None) -
 
 def _configured(root: Path, location: RegistryLocation) -> str:
     """fleetpki.toml's `registry` for `location`: "" for the default H/registry.db."""
-    from enroll_server.home import HomeLayout
+    from enroll_server.home.layout import HomeLayout
 
     if isinstance(location, PostgresLocation):
         return location.url
@@ -128,7 +128,7 @@ def _configured(root: Path, location: RegistryLocation) -> str:
 
 
 def open_registry(home: Path | None) -> Registry:
-    from enroll_server.home import HomeLayout, registry_location
+    from enroll_server.home.layout import HomeLayout, registry_location
 
     root = _home(home)
     layout = HomeLayout(root)
@@ -169,7 +169,7 @@ def init(
     ] = None,
 ) -> None:
     """Create the CA hierarchy, the TLS server certificate, the registry and an admin token."""
-    from enroll_server.operators import set_admin_token
+    from enroll_server.enrollment.operators import set_admin_token
     from fleetpki.duration import InvalidDuration, parse_duration
 
     root = _home(home)
@@ -260,10 +260,10 @@ def serve(
     registry: RegistryOpt = None,
 ) -> None:
     """Run EST (HTTPS), CRL + OCSP (HTTP), the admin API (HTTPS, loopback) and the broker."""
-    from enroll_server.listen import ListenFailed
-    from enroll_server.loop import install_fast_loop
-    from enroll_server.runtime import run_service
-    from enroll_server.server_certificate import ServerCertificateError
+    from enroll_server.home.server_certificate import ServerCertificateError
+    from enroll_server.transport.listen import ListenFailed
+    from enroll_server.transport.loop import install_fast_loop
+    from enroll_server.wiring.runtime import run_service
 
     root = _home(home)
     if max_packet_size is not None:
@@ -323,7 +323,7 @@ def device_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List devices."""
-    from enroll_server.admin_api import device_json
+    from enroll_server.web.admin_api import device_json
 
     with open_registry(home) as registry:
         try:
@@ -349,7 +349,7 @@ def device_list(
 @device_app.command("show")
 def device_show(device_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show one device, its certificates and recent audit entries."""
-    from enroll_server.admin_api import certificate_json, device_json
+    from enroll_server.web.admin_api import certificate_json, device_json
 
     did = _parse_device(device_id)
     with open_registry(home) as registry:
@@ -434,15 +434,13 @@ def device_resume(device_id: str, home: HomeOpt = None) -> None:
 def _mount_sub_apps() -> None:
     """Sub-apps live with their area: `batch` (provisioning), `broker` (+ mosquitto),
     `server-cert`, simulators."""
-    from enroll_server import (
-        certificate_cli,
-        operator_cli,
-        registry_cli,
-        server_certificate_cli,
-        service_cli,
-    )
     from enroll_server.broker import cli as broker_cli
     from enroll_server.broker import mosquitto_cli
+    from enroll_server.cli import certificate as certificate_cli
+    from enroll_server.cli import operator as operator_cli
+    from enroll_server.cli import registry as registry_cli
+    from enroll_server.cli import server_certificate as server_certificate_cli
+    from enroll_server.cli import service as service_cli
     from provisioning import cli as batch_cli
     from simulators import cli as simulators_cli
 

@@ -1,0 +1,1 @@
+"""The enrollment core: authorize, check, issue, record; tokens, throttle, operators. No HTTP."""

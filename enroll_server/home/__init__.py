@@ -1,0 +1,1 @@
+"""The operator's home folder: its layout, fleetpki.toml, the TLS server certificate."""

@@ -1,0 +1,1 @@
+"""Listening: the TLS policy, the TLS socket transport, connection limits and the bind error."""

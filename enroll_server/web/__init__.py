@@ -1,0 +1,1 @@
+"""The HTTP side: the aiohttp apps, admin API, device status, the state handlers reach."""
