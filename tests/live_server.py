@@ -29,6 +29,7 @@ from enroll_server.registry import Registry
 from enroll_server.wiring.server import ServerHandle, start_server
 from fleetpki.atomic_file import write_atomic
 from fleetpki.identity import DeviceId
+from provisioning.admin import Provisioning
 
 T = TypeVar("T")
 
@@ -134,6 +135,7 @@ def start_live_server(
     clock: Callable[[], datetime] | None = None,
     broker: bool = False,
     cert_check_interval: float | None = None,
+    provisioning: bool = True,
     **config: Any,
 ) -> LiveServer:
     layout = (
@@ -157,6 +159,7 @@ def start_live_server(
         "admin_port": 0,
         "broker": broker,
         "profile": profile,
+        "provisioner": Provisioning() if provisioning else None,
     }
     if clock is not None:
         kwargs["clock"] = clock

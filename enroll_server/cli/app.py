@@ -264,6 +264,7 @@ def serve(
     from enroll_server.transport.listen import ListenFailed
     from enroll_server.transport.loop import install_fast_loop
     from enroll_server.wiring.runtime import run_service
+    from provisioning.admin import Provisioning
 
     root = _home(home)
     if max_packet_size is not None:
@@ -288,6 +289,7 @@ def serve(
                 admin_bind=admin_bind,
                 max_packet_size=max_packet_size,
                 registry_at=registry,
+                provisioner=Provisioning(),
             )
         )
     except (HomeError, ConfigError, PkiError, ServerCertificateError, ListenFailed) as exc:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from enroll_server.enrollment.operators import operator_for
 from enroll_server.errors import BadRequest, Conflict, NotFound
+from enroll_server.home.layout import LoadedHome
 from enroll_server.registry import (
     CertificateRecord,
     Device,
@@ -26,12 +27,10 @@ from enroll_server.registry import (
     parse_reason,
     parse_serial,
 )
+from enroll_server.web.provisioner import Provisioner, TokenPurpose
 from enroll_server.web.state import APP_STATE, AppState
 from fleetpki.duration import InvalidDuration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
-from provisioning.batch import provision_batch
-from provisioning.errors import DeviceIdTaken, ProvisioningError, ReissueRefused
-from provisioning.lifecycle import TokenPurpose, reissue_token
 
 ADMIN_PREFIX = "/admin"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -253,6 +252,15 @@ async def revoke_certificate(request: web.Request) -> web.Response:
     return web.json_response({"device_id": device_id.value, "revoked": [f"{s:x}" for s in serials]})
 
 
+def _provisioning(st: AppState) -> tuple[LoadedHome, Provisioner]:
+    """The home and the operator tooling the batch and token routes need (409 without)."""
+    if st.home is None:
+        raise Conflict("this server has no home folder to provision from")
+    if st.provisioner is None:
+        raise Conflict("this server was started without the operator tooling (provisioning)")
+    return st.home, st.provisioner
+
+
 def _device_token(purpose: TokenPurpose) -> Handler:
     """POST /admin/devices/{id}/rekey or /readmit {"token_ttl": "7d"} -> a new one-time token,
     in this one response only (as POST /admin/batches gives tokens)."""
@@ -260,33 +268,28 @@ def _device_token(purpose: TokenPurpose) -> Handler:
     @require_operator
     async def handler(request: web.Request) -> web.Response:
         st = _st(request)
-        if st.home is None:
-            raise Conflict("this server has no home folder to provision from")
+        home, provisioner = _provisioning(st)
         device_id = _device_id(request)
         body = await _json_body(request)
         ttl_text = body.get("token_ttl")
-        home, now = st.home, st.clock()
+        now = st.clock()
         try:
             ttl = parse_duration(ttl_text) if isinstance(ttl_text, str) else None
             result = await _off_the_loop(
                 st,
-                lambda registry: reissue_token(
+                lambda registry: provisioner.new_token(
                     registry,
-                    home.layout,
-                    home.config,
+                    home,
                     device_id,
+                    purpose=purpose,
                     ttl=ttl,
                     now=now,
-                    out_dir=None,
-                    purpose=purpose,
                     actor=actor_of(request),
                 ),
             )
         except UnknownDevice as exc:
             raise NotFound(str(exc)) from exc
-        except ReissueRefused as exc:
-            raise Conflict(str(exc)) from exc
-        except (InvalidDuration, ProvisioningError, InvalidValue) as exc:
+        except (InvalidDuration, InvalidValue) as exc:
             raise BadRequest(str(exc)) from exc
         st.on_registry_change()
         return web.json_response(
@@ -327,8 +330,7 @@ async def create_batch(request: web.Request) -> web.Response:
     hashes in the registry), for factory systems that flash devices themselves.
     """
     st = _st(request)
-    if st.home is None:
-        raise Conflict("this server has no home folder to provision from")
+    home, provisioner = _provisioning(st)
     body = await _json_body(request)
     count = body.get("count")
     prefix = body.get("prefix", "dev-")
@@ -339,13 +341,12 @@ async def create_batch(request: web.Request) -> web.Response:
         raise BadRequest(f"prefix must be a string, got {prefix!r}")
     try:
         ttl = parse_duration(ttl_text) if isinstance(ttl_text, str) else None
-        home, now = st.home, st.clock()
+        now = st.clock()
         result = await _off_the_loop(
             st,
-            lambda registry: provision_batch(
+            lambda registry: provisioner.create_batch(
                 registry,
-                home.layout,
-                home.config,
+                home,
                 count=count,
                 prefix=prefix,
                 token_ttl=ttl,
@@ -357,9 +358,9 @@ async def create_batch(request: web.Request) -> web.Response:
         )
     except InvalidDuration as exc:
         raise BadRequest(str(exc)) from exc
-    except (DeviceIdTaken, DuplicateDevice, DuplicateBatch) as exc:
+    except (DuplicateDevice, DuplicateBatch) as exc:
         raise Conflict(str(exc)) from exc
-    except (ProvisioningError, InvalidValue, InvalidIdentifier) as exc:
+    except (InvalidValue, InvalidIdentifier) as exc:
         raise BadRequest(str(exc)) from exc
     if st.service.tokens is not None:
         st.service.tokens.unknown_token_seen()  # read the batch's tokens now, not at first use
@@ -423,8 +424,8 @@ def admin_routes() -> list[web.RouteDef]:
         web.post(f"{p}/devices/{{device_id}}/revoke", _transition("revoke")),
         web.post(f"{p}/devices/{{device_id}}/suspend", _transition("suspend")),
         web.post(f"{p}/devices/{{device_id}}/resume", _transition("resume")),
-        web.post(f"{p}/devices/{{device_id}}/rekey", _device_token(TokenPurpose.REKEY)),
-        web.post(f"{p}/devices/{{device_id}}/readmit", _device_token(TokenPurpose.READMIT)),
+        web.post(f"{p}/devices/{{device_id}}/rekey", _device_token("rekey")),
+        web.post(f"{p}/devices/{{device_id}}/readmit", _device_token("readmit")),
         web.get(f"{p}/certificates/{{serial}}", show_certificate),
         web.post(f"{p}/certificates/{{serial}}/revoke", revoke_certificate),
         web.get(f"{p}/batches", list_batches),

@@ -16,6 +16,7 @@ from enroll_server.enrollment.service import EnrollmentService
 from enroll_server.enrollment.throttle import Throttle
 from enroll_server.home.layout import LoadedHome
 from enroll_server.registry import Registry
+from enroll_server.web.provisioner import Provisioner
 
 
 def utc_now() -> datetime:
@@ -31,6 +32,8 @@ class AppState:
     throttle: Throttle = field(default_factory=Throttle)
     clock: Callable[[], datetime] = utc_now
     home: LoadedHome | None = None  # config and layout, for operator routes (batches)
+    # Batch creation and new device tokens (admin API), passed in by whoever wires the server.
+    provisioner: Provisioner | None = None
     # Hooks set by `serve`: drop a device's live broker session at once (in-process path);
     # called with (device id, "revoked" | "suspended").
     on_revocation: list[Callable[[str, str], Any]] = field(default_factory=list)

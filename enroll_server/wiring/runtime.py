@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from enroll_server.web.provisioner import Provisioner
 from enroll_server.wiring.server import serve_forever, start_server
 
 
@@ -20,6 +21,7 @@ async def run_service(
     admin_bind: str | None = None,
     max_packet_size: int | None = None,
     registry_at: str | None = None,
+    provisioner: Provisioner | None = None,
 ) -> None:
     handle = await start_server(
         home,
@@ -32,6 +34,7 @@ async def run_service(
         admin_bind=admin_bind,
         max_packet_size=max_packet_size,
         registry_at=registry_at,
+        provisioner=provisioner,
     )
     # Everything allocated so far (modules, the CA, the app) lives as long as the process:
     # move it out of the collector's sight, so the young-generation collections that the

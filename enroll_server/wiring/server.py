@@ -45,6 +45,7 @@ from enroll_server.web.app import (
     start_est_site,
     start_site,
 )
+from enroll_server.web.provisioner import Provisioner
 from enroll_server.web.state import AppState, utc_now
 
 log = logging.getLogger("fleetpki.server")
@@ -174,6 +175,7 @@ async def start_server(
     clock: Callable[[], datetime] = utc_now,
     server_cert_check_interval: float = CHECK_INTERVAL,
     registry_at: str | None = None,
+    provisioner: Provisioner | None = None,
 ) -> ServerHandle:
     """Start EST (HTTPS), CRL + OCSP (HTTP), the admin API + /metrics (HTTPS, on `admin_bind`,
     loopback by default) and, if `broker`, the mTLS broker.
@@ -186,6 +188,8 @@ async def start_server(
     `max_packet_size` overrides the config's broker.max_packet_size.
     `registry_at`: the registry (`--registry`: a PostgreSQL URL or an SQLite file) instead of
     the home's (home.registry_location).
+    `provisioner`: batch creation and new device tokens for the admin API
+    (`provisioning.admin.Provisioning`; without it those routes answer 409).
     """
     loaded = load_home(home)
     if registry_at is not None:
@@ -228,6 +232,7 @@ async def start_server(
             ca_chain=(loaded.issuer.cert, loaded.root_cert),
             clock=clock,
             home=loaded,
+            provisioner=provisioner,
         )
         if registry.shared:
             # PostgreSQL: the group commits run in a worker thread on a connection of their

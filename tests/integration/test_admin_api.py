@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.home.config import ServerConfig
@@ -14,7 +15,7 @@ from enroll_server.registry import CertStatus, DeviceState
 from fleetpki.identity import DeviceId
 from tests.est_client import request
 from tests.integration.test_est import EST, enroll, leaf
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, start_live_server
 
 
 def admin(
@@ -258,3 +259,21 @@ def test_a_crl_publisher_waiting_for_the_write_lock_does_not_hold_the_loops_read
         holder.close()
     publishing.join(15)
     assert not publishing.is_alive()
+
+
+def test_batch_routes_without_the_operator_tooling_refuse_and_create_nothing(
+    tmp_path: Path,
+) -> None:
+    """The admin API creates batches and device tokens through the provisioner the wiring
+    passes in; a server started without one says so (409) and writes nothing."""
+    server = start_live_server(tmp_path / "home", provisioning=False)
+    try:
+        r = admin(server, "POST", "/admin/batches", {"count": 2, "prefix": "none-"})
+        assert r.status == 409, r.text
+        assert "without the operator tooling" in r.text
+        assert server.registry.list_batches() == []
+        server.mint_device("dev-tool")
+        r = admin(server, "POST", "/admin/devices/dev-tool/rekey", {})
+        assert r.status == 409 and "without the operator tooling" in r.text
+    finally:
+        server.stop()
