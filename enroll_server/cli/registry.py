@@ -10,7 +10,7 @@ import typer
 from enroll_server.cli.console import stdout_console
 from enroll_server.cli.exit_codes import ExitCode
 from enroll_server.cli.options import HomeOpt, RegistryOpt, fail, fail_registry
-from enroll_server.registry import InvalidValue, Registry, RegistryError
+from enroll_server.registry import InvalidValue, Registry, RegistryError, schema
 from enroll_server.registry.copy import copy_registry
 from enroll_server.registry.errors import (
     CopyMismatch,
@@ -21,7 +21,6 @@ from enroll_server.registry.errors import (
     TargetNotEmpty,
 )
 from enroll_server.registry.location import PostgresLocation, RegistryLocation, parse_location
-from enroll_server.registry.schema import LATEST_VERSION
 
 app = typer.Typer(
     help="The registry itself: copy a fleet into a new one (SQLite to PostgreSQL), migrate.",
@@ -112,4 +111,4 @@ def migrate(home: HomeOpt = None, registry: RegistryOpt = None) -> None:
         Registry.open(location, upgrade=True).close()
     except _UNUSABLE as exc:
         fail_registry(exc)
-    console.print(f"registry {location}: schema version {LATEST_VERSION}")
+    console.print(f"registry {location}: schema version {schema.LATEST_VERSION}")

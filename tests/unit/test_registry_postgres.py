@@ -146,3 +146,29 @@ def test_locations_and_redaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert choose_location(default, configured="postgresql://c/db").url == "postgresql://env/db"  # type: ignore[union-attr]
     flagged = choose_location(default, flag="postgresql://flag/db", configured="x")
     assert flagged == PostgresLocation("postgresql://flag/db")
+
+
+def test_registry_migrate_command_upgrades_a_shared_registry(
+    pg_url: str, pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from enroll_server.cli.app import app
+
+    Registry.open(pg_url, create=True).close()
+    nxt = schema.LATEST_VERSION + 1
+    v_next = schema.Migration(
+        nxt, "notes", ("CREATE TABLE notes (id INTEGER)",), ("CREATE TABLE notes (id BIGINT)",)
+    )
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, v_next))
+    monkeypatch.setattr(schema, "LATEST_VERSION", nxt)
+    runner = CliRunner()
+    dead = pg_url.replace(f":{pg_cluster.port}/", ":1/")
+    down = runner.invoke(app, ["registry", "migrate", "--registry", dead])
+    assert down.exit_code == 1 and "unavailable" in down.output and PASSWORD not in down.output
+    with pytest.raises(SchemaTooOld):
+        Registry.open(pg_url)
+    done = runner.invoke(app, ["registry", "migrate", "--registry", pg_url])
+    assert done.exit_code == 0, done.output
+    assert f"schema version {nxt}" in done.output and PASSWORD not in done.output
+    Registry.open(pg_url).close()
