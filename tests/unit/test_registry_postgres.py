@@ -36,6 +36,17 @@ def _sql(url: str, statement: str) -> None:
         raw.execute(statement)  # type: ignore[arg-type]
 
 
+def newer_fleetpki(monkeypatch: pytest.MonkeyPatch) -> int:
+    """This fleetpki as if it had one more migration (a table `notes`); its version."""
+    nxt = schema.LATEST_VERSION + 1
+    v_next = schema.Migration(
+        nxt, "notes", ("CREATE TABLE notes (id INTEGER)",), ("CREATE TABLE notes (id BIGINT)",)
+    )
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, v_next))
+    monkeypatch.setattr(schema, "LATEST_VERSION", nxt)
+    return nxt
+
+
 def test_a_database_without_the_schema_is_refused_until_created(pg_url: str) -> None:
     with pytest.raises(NoSchema, match="fleetpki init --registry"):
         Registry.open(pg_url)
@@ -60,12 +71,7 @@ def test_an_older_schema_is_refused_until_migrated(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     Registry.open(pg_url, create=True).close()
-    nxt = schema.LATEST_VERSION + 1
-    v_next = schema.Migration(
-        nxt, "notes", ("CREATE TABLE notes (id INTEGER)",), ("CREATE TABLE notes (id BIGINT)",)
-    )
-    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, v_next))
-    monkeypatch.setattr(schema, "LATEST_VERSION", nxt)
+    nxt = newer_fleetpki(monkeypatch)
     with pytest.raises(SchemaTooOld, match="fleetpki registry migrate") as info:
         Registry.open(pg_url)
     assert PASSWORD not in str(info.value)
@@ -156,12 +162,7 @@ def test_registry_migrate_command_upgrades_a_shared_registry(
     from enroll_server.cli.app import app
 
     Registry.open(pg_url, create=True).close()
-    nxt = schema.LATEST_VERSION + 1
-    v_next = schema.Migration(
-        nxt, "notes", ("CREATE TABLE notes (id INTEGER)",), ("CREATE TABLE notes (id BIGINT)",)
-    )
-    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, v_next))
-    monkeypatch.setattr(schema, "LATEST_VERSION", nxt)
+    nxt = newer_fleetpki(monkeypatch)
     runner = CliRunner()
     dead = pg_url.replace(f":{pg_cluster.port}/", ":1/")
     down = runner.invoke(app, ["registry", "migrate", "--registry", dead])
