@@ -6,7 +6,7 @@ import io
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -319,27 +319,6 @@ _ForceOpt = Annotated[bool, typer.Option(help="Replace an existing bundle.")]
 _KeyTypeOpt = Annotated[str, typer.Option(help="Device key type in agent.toml.")]
 
 
-@app.command("reissue-token")
-def reissue_token_(
-    device_id: Annotated[str, typer.Argument(help="Device id.")],
-    home: HomeOpt = None,
-    ttl: _TtlOpt = None,
-    out_dir: _OutOpt = Path("."),
-    to_stdout: _StdoutOpt = False,
-    force: Annotated[
-        bool,
-        typer.Option(help="Replace an existing bundle; allow enrolled and IDevID devices."),
-    ] = False,
-    key_type: _KeyTypeOpt = "ec-p256",
-    as_json: JsonOpt = False,
-) -> None:
-    """A new one-time token for a device; its previous token dies at once. Its enrollment cuts
-    off every older certificate of the device."""
-    _device_token(
-        TokenPurpose.REISSUE, device_id, home, ttl, out_dir, to_stdout, force, key_type, as_json
-    )
-
-
 def _print_token(result: ReissuedToken, to_stdout: bool, as_json: bool) -> None:
     expires = result.expires_at.isoformat(timespec="seconds")
     cut_off = [f"{s:x}" for s in result.cut_off]
@@ -396,39 +375,53 @@ def _device_token(
     _print_token(result, to_stdout, as_json)
 
 
-def device_rekey(
-    device_id: Annotated[str, typer.Argument(help="Device id.")],
-    home: HomeOpt = None,
-    ttl: _TtlOpt = None,
-    out_dir: _OutOpt = Path("."),
-    to_stdout: _StdoutOpt = False,
-    force: _ForceOpt = False,
-    key_type: _KeyTypeOpt = "ec-p256",
-    as_json: JsonOpt = False,
-) -> None:
+def _device_token_command(
+    purpose: TokenPurpose, doc: str, force_opt: object = _ForceOpt
+) -> Callable[..., None]:
+    """`fleetpki batch reissue-token` and `device rekey|readmit`: one command shape, told apart
+    by the token's purpose (and what --force allows)."""
+
+    def command(
+        device_id: Annotated[str, typer.Argument(help="Device id.")],
+        home: HomeOpt = None,
+        ttl: _TtlOpt = None,
+        out_dir: _OutOpt = Path("."),
+        to_stdout: _StdoutOpt = False,
+        force: _ForceOpt = False,
+        key_type: _KeyTypeOpt = "ec-p256",
+        as_json: JsonOpt = False,
+    ) -> None:
+        _device_token(purpose, device_id, home, ttl, out_dir, to_stdout, force, key_type, as_json)
+
+    command.__doc__ = doc
+    command.__annotations__ = {**command.__annotations__, "force": force_opt}
+    return command
+
+
+reissue_token_ = app.command("reissue-token")(
+    _device_token_command(
+        TokenPurpose.REISSUE,
+        """A new one-time token for a device; its previous token dies at once. Its enrollment cuts
+    off every older certificate of the device.""",
+        Annotated[
+            bool,
+            typer.Option(help="Replace an existing bundle; allow enrolled and IDevID devices."),
+        ],
+    )
+)
+
+
+device_rekey = _device_token_command(
+    TokenPurpose.REKEY,
     """Re-key a device: cut off every certificate of it now (revoked, reason superseded:
     refused by EST, the broker, CRL and OCSP) and give it a new one-time token to enroll
-    anew with a new key."""
-    _device_token(
-        TokenPurpose.REKEY, device_id, home, ttl, out_dir, to_stdout, force, key_type, as_json
-    )
-
-
-def device_readmit(
-    device_id: Annotated[str, typer.Argument(help="Device id.")],
-    home: HomeOpt = None,
-    ttl: _TtlOpt = None,
-    out_dir: _OutOpt = Path("."),
-    to_stdout: _StdoutOpt = False,
-    force: _ForceOpt = False,
-    key_type: _KeyTypeOpt = "ec-p256",
-    as_json: JsonOpt = False,
-) -> None:
+    anew with a new key.""",
+)
+device_readmit = _device_token_command(
+    TokenPurpose.READMIT,
     """Undo a mistaken revocation: the device gets a new one-time token and may enroll again
-    under its id with a new key; its revoked certificates stay revoked (CRL, OCSP)."""
-    _device_token(
-        TokenPurpose.READMIT, device_id, home, ttl, out_dir, to_stdout, force, key_type, as_json
-    )
+    under its id with a new key; its revoked certificates stay revoked (CRL, OCSP).""",
+)
 
 
 @app.command()

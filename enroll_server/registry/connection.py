@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 from sqlite_utils import Database
 
 from enroll_server.registry.codec import detail_json, serials_json
-from enroll_server.registry.errors import DuplicateToken, InvalidValue, RegistryBusy
+from enroll_server.registry.errors import (
+    DeviceNotActive,
+    DuplicateToken,
+    InvalidValue,
+    RegistryBusy,
+    UnknownDevice,
+)
 from enroll_server.registry.location import PostgresLocation, RegistryLocation
 from enroll_server.registry.models import DeviceState, EventKind
 from fleetpki.identity import DeviceId
@@ -190,6 +196,16 @@ class RegistryBase:
     def _state_of(conn: Sql, device_id: DeviceId) -> DeviceState | None:
         row = conn.execute("SELECT state FROM devices WHERE id = ?", (device_id.value,)).fetchone()
         return None if row is None else DeviceState(row[0])
+
+    @classmethod
+    def _state_unless(cls, conn: Sql, device_id: DeviceId, *refused: DeviceState) -> DeviceState:
+        """The device's state: UnknownDevice if it has none, DeviceNotActive if `refused`."""
+        state = cls._state_of(conn, device_id)
+        if state is None:
+            raise UnknownDevice(device_id)
+        if state in refused:
+            raise DeviceNotActive(device_id, state.value)
+        return state
 
     @staticmethod
     def _audit(

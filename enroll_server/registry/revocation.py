@@ -19,7 +19,6 @@ from enroll_server.registry.codec import (
 )
 from enroll_server.registry.connection import RegistryBase, Sql
 from enroll_server.registry.errors import (
-    DeviceNotActive,
     InvalidValue,
     UnknownBatch,
     UnknownCertificate,
@@ -128,11 +127,7 @@ class RevocationStore(RegistryBase):
         certificateHold), so CRL and OCSP list each; reversible with resume_device."""
         now_s = ts(now, "now")
         with self._write() as conn:
-            state = self._state_of(conn, device_id)
-            if state is None:
-                raise UnknownDevice(device_id)
-            if state is DeviceState.REVOKED:
-                raise DeviceNotActive(device_id, state.value)
+            state = self._state_unless(conn, device_id, DeviceState.REVOKED)
             if state is DeviceState.SUSPENDED:
                 return []
             # Every certificate still valid, the fallback of an unused renewal included, or
@@ -164,11 +159,7 @@ class RevocationStore(RegistryBase):
         removeFromCRL: they simply leave the next full CRL)."""
         now_s = ts(now, "now")
         with self._write() as conn:
-            state = self._state_of(conn, device_id)
-            if state is None:
-                raise UnknownDevice(device_id)
-            if state is DeviceState.REVOKED:
-                raise DeviceNotActive(device_id, state.value)
+            state = self._state_unless(conn, device_id, DeviceState.REVOKED)
             if state is not DeviceState.SUSPENDED:
                 return []
             # Each held certificate gets its status back: the fallback of an unused renewal
@@ -261,11 +252,7 @@ class RevocationStore(RegistryBase):
         now_s = ts(now, "now")
         expires_s = ts(token_expires_at, "token expiry")
         with self._write() as conn:
-            state = self._state_of(conn, device_id)
-            if state is None:
-                raise UnknownDevice(device_id)
-            if state in (DeviceState.SUSPENDED, DeviceState.REVOKED):
-                raise DeviceNotActive(device_id, state.value)
+            state = self._state_unless(conn, device_id, DeviceState.SUSPENDED, DeviceState.REVOKED)
             serials = revoke_rows(conn, device_id, keep=None, reason="superseded", now_s=now_s)
             conn.execute(
                 "UPDATE devices SET state = 'provisioned', updated_at = ? WHERE id = ?",
@@ -306,11 +293,9 @@ class RevocationStore(RegistryBase):
                 raise InvalidValue("token expiry", None, "a token needs an expiry")
             expires_s = ts(token_expires_at, "token expiry")
         with self._write() as conn:
-            state = self._state_of(conn, device_id)
-            if state is None:
-                raise UnknownDevice(device_id)
-            if state is not DeviceState.REVOKED:
-                raise DeviceNotActive(device_id, state.value)
+            self._state_unless(
+                conn, device_id, *(s for s in DeviceState if s is not DeviceState.REVOKED)
+            )
             reasons = [
                 r[0]
                 for r in conn.execute(

@@ -7,9 +7,7 @@ from datetime import datetime
 from enroll_server.registry.codec import parse_ts, ts
 from enroll_server.registry.connection import RegistryBase, token_row_problem
 from enroll_server.registry.errors import (
-    DeviceNotActive,
     TokenRejected,
-    UnknownDevice,
 )
 from enroll_server.registry.models import (
     DeviceState,
@@ -38,11 +36,7 @@ class TokenStore(RegistryBase):
         now_s = ts(now, "now")
         expires_s = ts(expires_at, "token expiry")
         with self._write() as conn:
-            state = self._state_of(conn, device_id)
-            if state is None:
-                raise UnknownDevice(device_id)
-            if state is DeviceState.REVOKED:
-                raise DeviceNotActive(device_id, state.value)
+            self._state_unless(conn, device_id, DeviceState.REVOKED)
             self._insert_token(conn, device_id, token_hash, expires_s, now_s, actor)
 
     def check_token(self, device_id: DeviceId, token_hash: str, now: datetime) -> None:
