@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from enroll_server.cli import main as cli_main
 from enroll_server.enrollment.service import EnrollmentService
 from enroll_server.est.front import EstConnection
-from enroll_server.registry.certificates import CertificateStore
+from enroll_server.registry.issuance import IssuanceStore
 from enroll_server.registry.tokens import TokenStore
 from enroll_server.transport.tls_socket import TlsSocketTransport
 
@@ -34,7 +34,7 @@ PHASES: tuple[tuple[str, type, str], ...] = (
     ("  token check (authorize_token)", EnrollmentService, "authorize_token"),
     ("    registry read (check_token_holder)", TokenStore, "check_token_holder"),
     ("  CSR policy + sign + encode (EnrollmentService.issue)", EnrollmentService, "issue"),
-    ("group commit (record_issuances)", CertificateStore, "record_issuances"),
+    ("group commit (record_issuances)", IssuanceStore, "record_issuances"),
     ("reply once committed (EstConnection._committed)", EstConnection, "_committed"),
     ("  write, close_notify, close (write_last)", TlsSocketTransport, "write_last"),
 )

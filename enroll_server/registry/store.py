@@ -11,6 +11,7 @@ from sqlite_utils import Database
 from enroll_server.registry.certificates import CertificateStore
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS, enable_wal
 from enroll_server.registry.devices import DeviceStore
+from enroll_server.registry.issuance import IssuanceStore
 from enroll_server.registry.journal import Journal
 from enroll_server.registry.location import (
     PostgresLocation,
@@ -27,7 +28,15 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
-class Registry(DeviceStore, TokenStore, CertificateStore, RevocationStore, OperatorStore, Journal):
+class Registry(
+    DeviceStore,
+    TokenStore,
+    IssuanceStore,
+    CertificateStore,
+    RevocationStore,
+    OperatorStore,
+    Journal,
+):
     """The fleet registry: devices, batches, tokens, certificates, operators, events, audit.
 
     The only place with SQL. Several processes (server, CLI, standalone broker; on

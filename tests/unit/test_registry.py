@@ -386,8 +386,8 @@ def test_check_token_holder_reads_token_and_device_at_once(reg: Registry, ca: Me
 
 
 def test_issue_audit_detail_is_what_detail_json_writes(reg: Registry, ca: MemoryCa) -> None:
-    from enroll_server.registry.certificates import _issue_detail
     from enroll_server.registry.codec import detail_json
+    from enroll_server.registry.issuance import _issue_detail
 
     for supersedes, with_token in ((None, True), ("0abc", False)):
         assert _issue_detail("1f", "2030-01-02T03:04:05.000006Z", supersedes, with_token) == (

@@ -30,8 +30,8 @@ from enroll_server.registry import (
     UnknownCertificate,
     UnknownDevice,
 )
-from enroll_server.registry import certificates as certificates_mod
-from enroll_server.registry.certificates import CertificateStore, _batchable
+from enroll_server.registry import issuance as issuance_mod
+from enroll_server.registry.issuance import IssuanceStore, _batchable
 from enroll_server.registry.location import PostgresLocation
 from fleetpki.identity import DeviceId
 from tests.pki_helpers import MemoryCa
@@ -111,13 +111,13 @@ def tx_counts(seen: list[str]) -> dict[str, int]:
 def one_by_one(monkeypatch: pytest.MonkeyPatch) -> list[Issuance]:
     """The items the slow path (_issue_one) handled, in order."""
     handled: list[Issuance] = []
-    real = CertificateStore._issue_one
+    real = IssuanceStore._issue_one
 
-    def spy(self: CertificateStore, conn: sqlite3.Connection, item: Issuance) -> None:
+    def spy(self: IssuanceStore, conn: sqlite3.Connection, item: Issuance) -> None:
         handled.append(item)
         real(self, conn, item)
 
-    monkeypatch.setattr(CertificateStore, "_issue_one", spy)
+    monkeypatch.setattr(IssuanceStore, "_issue_one", spy)
     return handled
 
 
@@ -240,7 +240,7 @@ def test_batch_writes_exactly_what_single_calls_write(
             )
         one_by_one.clear()
         if path == "slow":
-            monkeypatch.setattr(certificates_mod, "_batchable", lambda batch: False)
+            monkeypatch.setattr(issuance_mod, "_batchable", lambda batch: False)
         assert batched.record_issuances(items) == [None] * 5
         assert one_by_one == (items if path == "slow" else [])
         expected = dump(single)
