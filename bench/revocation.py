@@ -117,7 +117,8 @@ def _ocsp_server(folder: str, port_out: Any, cpu: int | None, fast_loop: bool) -
     """Child process: the real handlers on 127.0.0.1:0, registry-backed, one core."""
     from aiohttp import web
 
-    from enroll_server.revocation.routes import RevocationState, revocation_routes
+    from enroll_server.revocation.routes import revocation_routes
+    from enroll_server.revocation.state import RevocationState
     from enroll_server.transport.loop import install_fast_loop
 
     if fast_loop:

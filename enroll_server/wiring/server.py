@@ -32,7 +32,8 @@ from enroll_server.home.server_certificate import CHECK_INTERVAL, ServerCertific
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
-from enroll_server.revocation.routes import RevocationState, RootCrl, revocation_routes
+from enroll_server.revocation.routes import RootCrl, revocation_routes
+from enroll_server.revocation.state import RevocationState
 from enroll_server.transport.connection_limits import ConnectionLimits
 from enroll_server.transport.listen import listening, serves_only_this_machine
 from enroll_server.web.app import (

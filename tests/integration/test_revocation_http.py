@@ -19,13 +19,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from enroll_server.registry import Registry
-from enroll_server.revocation.routes import (
-    CRL_TYPE,
-    OCSP_RESPONSE_TYPE,
-    OcspSignerPolicy,
-    RevocationState,
-    revocation_routes,
-)
+from enroll_server.revocation.routes import CRL_TYPE, OCSP_RESPONSE_TYPE, revocation_routes
+from enroll_server.revocation.state import OcspSignerPolicy, RevocationState
 from fleetpki.identity import DeviceId
 from tests.integration.revocation_support import Fleet, run
 from tests.pki_helpers import MemoryCa, issued_record, make_ca
