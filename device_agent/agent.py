@@ -319,7 +319,7 @@ class Agent:
             certs = x509.load_pem_x509_certificates(path.read_bytes())
         except OSError as exc:
             raise ConfigError(path, None, f"cannot read the trust anchor: {exc.strerror}") from exc
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise ConfigError(path, None, f"not a PEM certificate: {exc}") from exc
         if not certs:
             raise ConfigError(path, None, "holds no certificate")

@@ -82,6 +82,13 @@ def decode_certs_only(body: bytes, transfer_encoding: str | None = None) -> list
             continue
         if not certs:
             raise WireError("PKCS#7 certs-only structure holds no certificate")
+        for number, cert in enumerate(certs, 1):
+            try:
+                # Parsed lazily by cryptography; the chain checks compare both.
+                cert.subject, cert.issuer  # noqa: B018
+            except (ValueError, TypeError) as exc:
+                why = f"certificate {number} of the reply has an unreadable name: {exc}"
+                raise WireError(why) from exc
         return certs
     raise WireError(f"not a PKCS#7 certs-only structure (base64 or DER): {last}")
 

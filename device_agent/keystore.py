@@ -129,7 +129,7 @@ class Identity:
             chain = tuple(x509.load_pem_x509_certificates(self.cert_path.read_bytes()))
         except OSError as exc:
             raise StateCorrupt(self.cert_path, f"cannot read the certificate: {exc}") from exc
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise StateCorrupt(self.cert_path, f"not a valid PEM certificate chain: {exc}") from exc
         if not chain:
             raise StateCorrupt(self.cert_path, "holds no certificate")

@@ -172,3 +172,17 @@ def test_http_date_with_an_overflowing_field_is_no_date() -> None:
     assert parse_retry_after(value, now, default=45) == 45
     # A date at the edge of datetime's range that its zone offset moves past it.
     assert parse_http_date("Fri, 31 Dec 9999 23:59:59 -0100") is None
+
+
+def test_certificate_with_an_unreadable_subject_is_a_wire_error(ca: MemoryCa) -> None:
+    cert, _ = ca.device_cert(DEV.value)
+    subject = cert.subject.public_bytes()
+    body = pkcs7.serialize_certificates([cert], Encoding.DER)
+    assert body.count(subject) == 1
+    # The CN's UTF8String tag (0x0c) mutated to 0x08 (EXTERNAL): check_issued's leaf.subject
+    # raised ValueError ("UnexpectedTag ... location: subject").
+    cn = DEV.value.encode()
+    broken = subject.replace(b"\x0c" + bytes([len(cn)]) + cn, b"\x08" + bytes([len(cn)]) + cn)
+    assert broken != subject
+    with pytest.raises(WireError, match="certificate 1 of the reply has an unreadable name"):
+        decode_certs_only(body.replace(subject, broken), "binary")

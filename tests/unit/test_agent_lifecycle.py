@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -9,10 +10,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device_agent.agent import Agent, AgentState
 from device_agent.config import load_config
+from device_agent.errors import ConfigError, StateCorrupt
 from device_agent.exit_codes import ExitCode
 from device_agent.keys import KeyType, generate_key
 from device_agent.keystore import Keystore
@@ -119,3 +122,30 @@ def test_telemetry_payload_fields_and_hook_cannot_spoof() -> None:
         now=now, uptime=1, cert_not_after=now, agent_version="x", extra={"o": object()}
     )
     assert "o" not in json.loads(bad)
+
+
+def _version_4(cert: x509.Certificate) -> bytes:
+    """`cert` as PEM with tbsCertificate.version 3 (X.509 knows v1..v3, encoded 0..2)."""
+    der = cert.public_bytes(Encoding.DER)
+    v3 = b"\xa0\x03\x02\x01\x02"
+    assert der.count(v3) == 1
+    body = base64.encodebytes(der.replace(v3, b"\xa0\x03\x02\x01\x03"))
+    return b"-----BEGIN CERTIFICATE-----\n" + body + b"-----END CERTIFICATE-----\n"
+
+
+def test_trust_anchor_of_version_4_is_a_config_error(ca: MemoryCa, bundle: Path) -> None:
+    """bench/fuzz/fuzz_agent_bundle.py: x509.InvalidVersion (no ValueError) escaped _anchor."""
+    (bundle.parent / "ca.pem").write_bytes(_version_4(ca.root.cert))
+    with pytest.raises(ConfigError, match="not a PEM certificate"):
+        Agent(load_config(bundle))._anchor()
+
+
+def test_stored_chain_of_version_4_is_state_corrupt(ca: MemoryCa, bundle: Path) -> None:
+    store = _enrolled(ca, bundle)
+    identity = store.load()
+    assert identity is not None
+    identity.cert_path.write_bytes(_version_4(identity.chain[0]))
+    reloaded = store.load()
+    assert reloaded is not None
+    with pytest.raises(StateCorrupt, match="not a valid PEM certificate chain"):
+        reloaded.chain

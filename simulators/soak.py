@@ -1,0 +1,431 @@
+"""The soak: a fleet renewing, being revoked and losing its broker, for a long time.
+
+`fleetpki serve --no-broker` and `fleetpki broker` run as two processes on a temporary home
+whose device certificates last `validity` (about a minute in the long form, so every agent
+renews many times); the simulator's agents (real device_agent.Agent instances, this process)
+enroll, stream QoS 1 telemetry to an observer, renew at 2/3 of each lifetime; every
+`revoke_every` a share of the fleet is revoked as an operator would; every `broker_every` the
+broker process is stopped and started again. Every `sample_every` the resident memory and
+open file descriptors of the three processes are sampled, with the number of connected
+agents.
+
+What it reports (SoakResult; bench/soak.py prints it, plots it and writes JSON):
+- the slope of RSS and fds after the warm-up (target: flat);
+- QoS 1 telemetry: acknowledged by the broker (PUBACK) vs seen by the observer, counted per
+  broker lifetime after the observer is subscribed and the fleet reconnected (a subscriber
+  with a clean session has no claim on what is published while it is away, so what is
+  acknowledged during a restart is reported apart);
+- stuck agents: not revoked, yet not connected at the end (or stopped on an error);
+- revoked agents still connected at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from simulators.report import Check, Report
+from simulators.scenarios.base import Scenario
+from simulators.simulation import Simulation, SimulationOptions
+from simulators.stack import HOST, Ports, free_port, init_temp_home
+from simulators.trace import Outcome
+
+if TYPE_CHECKING:
+    from simulators.fleet import AgentSettings
+
+START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SoakOptions:
+    devices: int = 20
+    duration: float = 120.0  # seconds of soak after the fleet is up
+    validity: float = 60.0  # device certificate lifetime, seconds
+    revoke_share: float = 0.01  # of the fleet, each revoke_every
+    revoke_every: float = 60.0
+    broker_every: float = 300.0
+    sample_every: float = 10.0
+    telemetry_interval: float = 5.0
+    warmup: float = 0.25  # share of the run before the slope is measured
+    max_inflight: int = 32
+    workdir: Path | None = None
+    seed: int | None = None
+    keep: bool = False  # keep the temporary folder (home, process logs) for inspection
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    t: float  # seconds since the soak began
+    rss: dict[str, int]  # process -> bytes
+    fds: dict[str, int]
+    connected: int
+
+
+@dataclass
+class Segment:
+    """One broker lifetime's telemetry accounting (from the baseline to the drain)."""
+
+    started: float
+    acknowledged: int = 0
+    received: int = 0
+    lost: int = 0
+
+
+@dataclass
+class SoakResult:
+    options: SoakOptions
+    devices: int
+    seconds: float
+    samples: list[Sample] = field(default_factory=list)
+    restarts: list[float] = field(default_factory=list)
+    revocations: list[tuple[float, str]] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    window_acknowledged: int = 0  # during broker restarts (observer away)
+    window_received: int = 0
+    renewals: int = 0
+    min_renewals: int = 0  # the fewest renewals of an agent never revoked
+    stuck: list[str] = field(default_factory=list)
+    revoked_connected: list[str] = field(default_factory=list)
+    report: Report | None = None
+
+    @property
+    def acknowledged(self) -> int:
+        return sum(s.acknowledged for s in self.segments)
+
+    @property
+    def received(self) -> int:
+        return sum(s.received for s in self.segments)
+
+    @property
+    def lost(self) -> int:
+        return sum(s.lost for s in self.segments)
+
+    def series(self, kind: str, process: str) -> list[tuple[float, int]]:
+        return [(s.t, getattr(s, kind)[process]) for s in self.samples if process in s.rss]
+
+    def slope_per_hour(self, kind: str, process: str) -> float | None:
+        """Least-squares slope of `kind` ('rss' bytes, 'fds') after the warm-up, per hour.
+
+        The broker's is taken within each of its lifetimes (a restart starts it afresh) and
+        averaged, weighted by the samples in each."""
+        start = self.seconds * self.options.warmup
+        points = [(t, v) for t, v in self.series(kind, process) if t >= start]
+        if process != "broker":
+            return _slope(points)
+        bounds = [start, *[r for r in self.restarts if r > start], float("inf")]
+        weighted = 0.0
+        count = 0
+        for lo, hi in itertools.pairwise(bounds):
+            part = [(t, v) for t, v in points if lo <= t < hi]
+            slope = _slope(part)
+            if slope is not None:
+                weighted += slope * len(part)
+                count += len(part)
+        return weighted / count if count else None
+
+    def after_warmup(self, kind: str, process: str) -> tuple[int, int]:
+        """(value at the first sample after the warm-up, value at the last sample)."""
+        start = self.seconds * self.options.warmup
+        points = [v for t, v in self.series(kind, process) if t >= start]
+        return (points[0], points[-1]) if points else (0, 0)
+
+
+def _slope(points: list[tuple[float, int]]) -> float | None:
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return None
+    cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
+    return cov / var * 3600
+
+
+class Services:
+    """`fleetpki serve --no-broker` and `fleetpki broker` as child processes of one home."""
+
+    def __init__(self, home: Path, logs: Path) -> None:
+        self.home = home
+        self.logs = logs
+        self.server: subprocess.Popen[bytes] | None = None
+        self.broker: subprocess.Popen[bytes] | None = None
+        self._broker_runs = 0
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        command = [sys.executable, "-m", "enroll_server.cli", *args, "--home", str(self.home)]
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def start(self, est_port: int, http_port: int, mqtt_port: int) -> None:
+        self.server = self._spawn("serve", "serve", "--no-broker")
+        self.mqtt_port = mqtt_port
+        self.start_broker()
+        _wait_listening(self.server, "fleetpki serve", [est_port, http_port])
+
+    def start_broker(self) -> None:
+        self._broker_runs += 1
+        self.broker = self._spawn(f"broker-{self._broker_runs}", "broker")
+        _wait_listening(self.broker, "fleetpki broker", [self.mqtt_port])
+
+    def stop_broker(self) -> None:
+        if self.broker is not None:
+            _stop(self.broker)
+            self.broker = None
+
+    def pids(self) -> dict[str, int]:
+        found = {"simulator": os.getpid()}
+        if self.server is not None and self.server.poll() is None:
+            found["server"] = self.server.pid
+        if self.broker is not None and self.broker.poll() is None:
+            found["broker"] = self.broker.pid
+        return found
+
+    def close(self) -> None:
+        self.stop_broker()
+        if self.server is not None:
+            _stop(self.server)
+            self.server = None
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], what: str, ports: list[int]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    for port in ports:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with status {proc.returncode} at start")
+            with socket.socket() as sock:
+                sock.settimeout(1)
+                if sock.connect_ex((HOST, port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not listening on {port} after {START_TIMEOUT:.0f} s")
+            time.sleep(0.2)
+
+
+def _sample(t: float, pids: dict[str, int], connected: int) -> Sample:
+    import psutil
+
+    rss: dict[str, int] = {}
+    fds: dict[str, int] = {}
+    for name, pid in pids.items():
+        try:
+            proc = psutil.Process(pid)
+            rss[name] = proc.memory_info().rss
+            fds[name] = proc.num_fds()
+        except psutil.Error:
+            continue
+    return Sample(t, rss, fds, connected)
+
+
+def _home(root: Path) -> tuple[Path, Path, Ports]:
+    ports = Ports(est=free_port(), http=free_port(), mqtt=free_port())
+    layout = init_temp_home(root, ports, timedelta(days=30))
+    return layout.root, layout.config, ports
+
+
+def _with_validity(config: str, validity: float) -> str:
+    """fleetpki.toml with device certificates of `validity` seconds, backdated 2 s."""
+    config = re.sub(
+        r'(?m)^device_validity = "[^"]*"', f'device_validity = "{validity:.0f}s"', config
+    )
+    return re.sub(r'(?m)^backdate = "[^"]*"', 'backdate = "2s"', config)
+
+
+class Soak(Scenario):
+    """The soak as a simulator scenario (against the two processes of `Services`)."""
+
+    name = "soak"
+    summary = "renewals, revocations and broker restarts for a long time; memory and fds"
+    delivery_check = False  # accounted per broker lifetime here instead
+
+    def __init__(self, options: SoakOptions, services: Services) -> None:
+        self.options = options
+        self.services = services
+        self.result = SoakResult(options, options.devices, 0.0)
+        self._closed_at: tuple[dict[str, int], dict[str, int]] = ({}, {})
+
+    def agent_settings(self, options: SimulationOptions) -> AgentSettings:
+        from device_agent.backoff import Backoff
+        from simulators.fleet import AgentSettings
+
+        # A broker restart every few minutes: reconnect within seconds, not two minutes.
+        return AgentSettings(
+            telemetry_interval=options.telemetry_interval,
+            mqtt_backoff=Backoff(base=1.0, factor=2.0, cap=10.0),
+        )
+
+    async def run(self, sim: Simulation) -> Report:
+        fleet, observer = sim.fleet, sim.observer
+        assert fleet is not None and observer is not None
+        opts, result = self.options, self.result
+        up = await sim.bring_up()
+        begin = sim.seconds()
+
+        def now() -> float:
+            return sim.seconds() - begin
+
+        revoked: set[str] = set()
+        live = [d for d in fleet.ids]
+
+        def counts() -> tuple[dict[str, int], dict[str, int]]:
+            fleet.sync_counts()
+            traces = sim.journal.traces
+            return (
+                {d: traces[d].sent for d in fleet.ids},
+                {d: traces[d].received for d in fleet.ids},
+            )
+
+        async def settle(within: float) -> None:
+            """Until the observer is subscribed and every agent not revoked is connected."""
+
+            def ready() -> bool:
+                return observer.subscribed.is_set() and all(
+                    sim.journal.trace(d).connected for d in live if fleet.running(d)
+                )
+
+            await fleet.wait_until(ready, within, poll=0.2)
+            await asyncio.sleep(2.0)
+
+        async def close_segment(
+            segment: Segment, base: tuple[dict[str, int], dict[str, int]]
+        ) -> None:
+            sent, _ = counts()
+            await fleet.wait_until(
+                lambda: all(
+                    sim.journal.traces[d].received - base[1][d] >= sent[d] - base[0][d]
+                    for d in fleet.ids
+                ),
+                10.0,
+                poll=0.2,
+            )
+            _, received = counts()
+            for d in fleet.ids:
+                acked = sent[d] - base[0][d]
+                seen = received[d] - base[1][d]
+                segment.acknowledged += acked
+                segment.received += min(seen, acked)
+                segment.lost += max(0, acked - seen)
+            result.segments.append(segment)
+            self._closed_at = (sent, received)
+
+        base = counts()
+        segment = Segment(0.0)
+        next_sample = 0.0
+        next_revoke = opts.revoke_every
+        next_restart = opts.broker_every
+        while (t := now()) < opts.duration:
+            if t >= next_sample:
+                sample = _sample(t, self.services.pids(), sim.journal.connected_count())
+                result.samples.append(sample)
+                next_sample += opts.sample_every
+            if t >= next_revoke:
+                count = max(1, round(opts.revoke_share * opts.devices))
+                for device_id in sim.rng.sample(live, min(count, len(live))):
+                    sim.revoke(device_id)
+                    live.remove(device_id)
+                    revoked.add(device_id)
+                    result.revocations.append((t, device_id))
+                next_revoke += opts.revoke_every
+            if t >= next_restart:
+                await close_segment(segment, base)
+                restart_at = now()
+                result.restarts.append(restart_at)
+                sim.journal.mark(sim.seconds(), "broker restart")
+                await asyncio.to_thread(self.services.stop_broker)
+                await asyncio.to_thread(self.services.start_broker)
+                await settle(60.0)
+                base = counts()
+                sent_closed, received_closed = self._closed_at
+                result.window_acknowledged += sum(base[0][d] - sent_closed[d] for d in fleet.ids)
+                result.window_received += sum(base[1][d] - received_closed[d] for d in fleet.ids)
+                segment = Segment(now())
+                next_restart += opts.broker_every
+            wake = min(next_sample, next_revoke, next_restart, opts.duration)
+            await asyncio.sleep(max(0.05, min(1.0, wake - now())))
+        await close_segment(segment, base)
+        result.samples.append(_sample(now(), self.services.pids(), sim.journal.connected_count()))
+        result.seconds = now()
+        # Stuck: every agent not revoked reconnects by itself within a minute at most.
+        await settle(60.0)
+        for device_id in fleet.ids:
+            trace = sim.journal.trace(device_id)
+            if device_id in revoked:
+                if trace.connected:
+                    result.revoked_connected.append(device_id)
+            elif not trace.connected or trace.outcome is not Outcome.RUNNING:
+                result.stuck.append(device_id)
+        renewals = {d: len(sim.journal.trace(d).renewed) for d in live}
+        result.renewals = sum(len(t.renewed) for t in sim.journal.traces.values())
+        result.min_renewals = min(renewals.values(), default=0)
+        checks = [
+            up,
+            Check("no acknowledged telemetry lost", result.lost == 0, f"{result.lost} lost"),
+            Check("no agent stuck", not result.stuck, f"{len(result.stuck)} stuck"),
+            Check(
+                "no revoked agent connected",
+                not result.revoked_connected,
+                f"{len(result.revoked_connected)} still connected",
+            ),
+        ]
+        return await sim.finish(checks)
+
+
+async def run_soak(
+    options: SoakOptions, on_progress: Callable[[str], Any] | None = None
+) -> SoakResult:
+    """Run the soak from an empty temporary home to its result; cleans up after itself."""
+    folder = Path(tempfile.mkdtemp(prefix="fleetpki-soak-", dir=options.workdir))
+    home, config, ports = await asyncio.to_thread(_home, folder / "home")
+    services = Services(home, folder)
+    try:
+        # The server reads the short device lifetime at its start; the file then goes back to
+        # the normal one for what the simulator issues in-process (its observer's service
+        # certificate, which must outlive the run).
+        normal = config.read_text()
+        config.write_text(_with_validity(normal, options.validity))
+        await asyncio.to_thread(services.start, ports.est, ports.http, ports.mqtt)
+        config.write_text(normal)
+        scenario = Soak(options, services)
+        sim_options = SimulationOptions(
+            devices=options.devices,
+            home=home,
+            telemetry_interval=options.telemetry_interval,
+            max_inflight=options.max_inflight,
+            workdir=folder,
+            seed=options.seed,
+            bring_up_timeout=60.0 + options.devices * 0.2,
+        )
+        async with Simulation(sim_options, scenario, narrate=on_progress) as sim:
+            scenario.result.report = await scenario.run(sim)
+        return scenario.result
+    finally:
+        await asyncio.to_thread(services.close)
+        if not options.keep:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
