@@ -333,28 +333,32 @@ class Soak(Scenario):
             result.segments.append(segment)
             self._closed_at = (sent, received)
 
-        base = counts()
-        segment = Segment(0.0)
-        next_sample = 0.0
-        next_revoke = opts.revoke_every
-        next_restart = opts.broker_every
-        while (t := now()) < opts.duration:
-            if t >= next_sample:
-                sample = _sample(t, self.services.pids(), sim.journal.connected_count())
-                result.samples.append(sample)
-                next_sample += opts.sample_every
-            if t >= next_revoke:
+        async def sampler() -> None:
+            while True:
+                pids = self.services.pids()
+                connected = sim.journal.connected_count()
+                result.samples.append(await asyncio.to_thread(_sample, now(), pids, connected))
+                await asyncio.sleep(opts.sample_every - now() % opts.sample_every)
+
+        async def revoker() -> None:
+            while True:
+                await asyncio.sleep(opts.revoke_every - now() % opts.revoke_every)
                 count = max(1, round(opts.revoke_share * opts.devices))
                 for device_id in sim.rng.sample(live, min(count, len(live))):
                     sim.revoke(device_id)
                     live.remove(device_id)
                     revoked.add(device_id)
-                    result.revocations.append((t, device_id))
-                next_revoke += opts.revoke_every
-            if t >= next_restart:
+                    result.revocations.append((now(), device_id))
+
+        # Sampling and revocations go on through broker restarts.
+        tasks = [asyncio.create_task(sampler()), asyncio.create_task(revoker())]
+        base = counts()
+        segment = Segment(0.0)
+        try:
+            while now() + opts.broker_every < opts.duration:
+                await asyncio.sleep(opts.broker_every - now() % opts.broker_every)
                 await close_segment(segment, base)
-                restart_at = now()
-                result.restarts.append(restart_at)
+                result.restarts.append(now())
                 sim.journal.mark(sim.seconds(), "broker restart")
                 await asyncio.to_thread(self.services.stop_broker)
                 await asyncio.to_thread(self.services.start_broker)
@@ -364,9 +368,11 @@ class Soak(Scenario):
                 result.window_acknowledged += sum(base[0][d] - sent_closed[d] for d in fleet.ids)
                 result.window_received += sum(base[1][d] - received_closed[d] for d in fleet.ids)
                 segment = Segment(now())
-                next_restart += opts.broker_every
-            wake = min(next_sample, next_revoke, next_restart, opts.duration)
-            await asyncio.sleep(max(0.05, min(1.0, wake - now())))
+            await asyncio.sleep(max(0.0, opts.duration - now()))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         await close_segment(segment, base)
         result.samples.append(_sample(now(), self.services.pids(), sim.journal.connected_count()))
         result.seconds = now()

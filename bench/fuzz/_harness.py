@@ -2,7 +2,7 @@
 
 A harness is `python bench/fuzz/fuzz_NAME.py [libFuzzer flags]`: it writes its seed inputs
 (valid examples built at start, so the fuzzer begins from the real format) into its corpus
-folder when that is empty, then hands over to atheris (libFuzzer). Flags given on the command
+folder, then hands over to atheris (libFuzzer). Flags given on the command
 line pass through; without a corpus folder among them it uses FLEETPKI_FUZZ_DIR/NAME
 (default /tmp/fleetpki-fuzz/NAME). bench/fuzz/run.py runs them all with a time budget.
 """
@@ -30,9 +30,9 @@ def corpus_dir(name: str) -> Path:
 
 
 def write_seeds(folder: Path, seeds: Iterable[bytes]) -> None:
+    """Add this start's seeds to the corpus (a harness whose CA is made at start has seeds
+    that chain to it: those of an earlier run no longer do)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if any(folder.iterdir()):
-        return
     for seed in seeds:
         (folder / hashlib.sha1(seed).hexdigest()).write_bytes(seed)
 
