@@ -12,8 +12,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
-from sqlite_utils import Database
-
 from enroll_server.registry.codec import detail_json, serials_json
 from enroll_server.registry.errors import (
     DeviceNotActive,
@@ -42,8 +40,9 @@ def parse_enum(kind: type[_E], what: str, value: str) -> _E:
         raise InvalidValue(what, value, f"expected one of {allowed}") from None
 
 
-def enable_wal(db: Database, path: Path) -> None:
-    """Switch the file to WAL, retrying while another process holds it.
+def enable_wal(conn: sqlite3.Connection, path: Path) -> None:
+    """Switch the file to WAL (https://www.sqlite.org/wal.html), retrying while another
+    process holds it.
 
     Changing journal_mode can fail with SQLITE_BUSY at once, without consulting the busy
     handler, when several processes open a fresh file together; so retry with backoff up to
@@ -53,7 +52,8 @@ def enable_wal(db: Database, path: Path) -> None:
     delay = 0.002
     while True:
         try:
-            db.enable_wal()
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):

@@ -6,8 +6,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from sqlite_utils import Database
-
 from enroll_server.registry.certificates import CertificateStore
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS, enable_wal
 from enroll_server.registry.devices import DeviceStore
@@ -99,8 +97,7 @@ class Registry(
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             # Per connection, and a no-op inside a transaction: set before anything else.
             conn.execute("PRAGMA foreign_keys = ON")
-            db = Database(conn, execute_plugins=False)
-            enable_wal(db, path)
+            enable_wal(conn, path)
             # NORMAL is durable-enough in WAL mode: a power cut may lose the last commits but
             # never corrupts the file (https://www.sqlite.org/pragma.html#pragma_synchronous).
             conn.execute("PRAGMA synchronous = NORMAL")

@@ -17,7 +17,7 @@ from tests.unit.test_agent_config import BUNDLE
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "device_agent" / "fleetpki-agent.service"
-SERVER_ONLY = ("aiohttp", "typer", "rich", "sqlite_utils", "amqtt", "enroll_server")
+SERVER_ONLY = ("aiohttp", "typer", "rich", "psycopg", "amqtt", "enroll_server")
 
 
 def test_base_install_needs_no_server_dependencies() -> None:
