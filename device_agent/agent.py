@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -54,6 +54,7 @@ from device_agent.mqtt_link import CommandHandler, MqttLink
 from device_agent.schedule import is_expired, renewal_after_issue, retry_deadline_delay
 from device_agent.telemetry import TelemetryHook, telemetry_payload
 from device_agent.tls import client_context
+from fleetpki.clock import utc_now
 
 if TYPE_CHECKING:
     from device_agent.est_client import EstClient
@@ -94,10 +95,6 @@ class _StopRequested(Exception):
     """Raised inside the agent's loops when stop() was called."""
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
@@ -133,7 +130,7 @@ class Agent:
         self.telemetry_hook = telemetry_hook
         self.on_command = on_command
         self.rng = rng or random.Random()
-        self.now = clock or _utc_now
+        self.now = clock or utc_now
         self.est_backoff = est_backoff or Backoff(base=2.0, factor=2.0, cap=600.0)
         self.mqtt_backoff = mqtt_backoff or Backoff(base=1.0, factor=2.0, cap=120.0)
         cap = config.suspended_retry_max

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +35,7 @@ from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import parse_key_type
 from enroll_server.registry import Registry, RegistryError, UnknownBatch, UnknownDevice
 from fleetpki.atomic_file import PUBLIC_MODE, atomic_writer
+from fleetpki.clock import utc_now
 from fleetpki.duration import InvalidDuration, format_duration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
 from provisioning.batch import BatchRequest, BatchResult, IdevidOptions, create_batch, new_batch_id
@@ -60,10 +61,6 @@ app = typer.Typer(
 out = stdout_console()
 err = Console(stderr=True)
 ACTOR = "cli"
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _emit_json(data: Any) -> None:
@@ -198,7 +195,7 @@ def create(
 
     All or nothing: on any error or Ctrl-C nothing of the lot is kept.
     """
-    now = _now()
+    now = utc_now()
     with _home(home) as (layout, config, registry):
         if idevid_csrs is not None and not idevid:
             _fail("--idevid-csrs needs --idevid")
@@ -275,7 +272,7 @@ _COLUMNS = ("kind", "total", "provisioned", "enrolled", "expired", "revoked")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """All batches with their devices by state."""
     with _home(home) as (_, _cfg, registry):
-        summaries = list_batches(registry, _now())
+        summaries = list_batches(registry, utc_now())
     if as_json:
         _emit_json([s.to_json() for s in summaries])
         return
@@ -296,7 +293,7 @@ def show(
 ) -> None:
     """One batch: provisioned, enrolled, token expired, suspended, revoked."""
     with _home(home) as (_, _cfg, registry):
-        summary = show_batch(registry, batch_id, _now())
+        summary = show_batch(registry, batch_id, utc_now())
     if as_json:
         _emit_json(summary.to_json())
         return
@@ -358,7 +355,7 @@ def _device_token(
     key_type: str,
     as_json: bool,
 ) -> None:
-    now = _now()
+    now = utc_now()
     with _home(home) as (layout, config, registry):
         result = reissue_token(
             registry,
@@ -433,7 +430,7 @@ def revoke(
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke the whole lot: every device and certificate of the batch."""
-    now = _now()
+    now = utc_now()
     with _home(home) as (_, _cfg, registry):
         summary = show_batch(registry, batch_id, now)
         if not (yes or as_json) and not typer.confirm(

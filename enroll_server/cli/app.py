@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,6 +53,7 @@ from enroll_server.registry.location import (
     has_password,
     parse_location,
 )
+from fleetpki.clock import utc_now
 from fleetpki.identity import DeviceId, InvalidIdentifier
 from fleetpki.packet_size import check_max_packet_size
 
@@ -68,10 +68,6 @@ app.add_typer(device_app, name="device")
 
 console = stdout_console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
 
 
 def _home(home: Path | None) -> Path:
@@ -203,7 +199,7 @@ def init(
         registry=_configured(root, location),
         registry_password_file=registry_password_file or "",
     )
-    now = now_utc()
+    now = utc_now()
     try:
         result = init_home(root, cfg, now, force=force)
     except HomeError as exc:
@@ -389,7 +385,7 @@ def device_show(device_id: str, home: HomeOpt = None, as_json: JsonOpt = False) 
 
 def _transition(action: str, device_id: str, home: Path | None, reason: str) -> None:
     did = _parse_device(device_id)
-    now = now_utc()
+    now = utc_now()
     with open_registry(home) as registry:
         try:
             device = registry.get_device(did)

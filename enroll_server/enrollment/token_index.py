@@ -43,9 +43,10 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from enroll_server.registry import Registry, RegistryBusy, Role
+from fleetpki.clock import utc_now
 
 log = logging.getLogger("fleetpki.tokens")
 
@@ -60,10 +61,6 @@ _RETRY_S = 1.0
 _ROLES = {role.value: role for role in Role}
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class TokenIndex:
     """Unused tokens by device id: (SHA-256 of the token, its expiry, the device's role)."""
 
@@ -75,7 +72,7 @@ class TokenIndex:
         chunk: int = CHUNK_ROWS,
         min_interval: float = MIN_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], datetime] = _utc_now,
+        wall: Callable[[], datetime] = utc_now,
     ) -> None:
         self.registry = registry
         self.limit = limit

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from cryptography import x509
@@ -33,10 +33,6 @@ class RevocationSource(Protocol):
     def last_event_seq(self) -> int: ...
 
     def get_certificate(self, serial: int) -> CertificateRecord | None: ...
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 # Event kinds that change what the CRL lists (ISSUED, in older registries only, does not).

@@ -18,8 +18,9 @@ from enroll_server.errors import UnsupportedMediaType
 from enroll_server.home.config import ROOT_CRL_PATH
 from enroll_server.pki.crl import crl_refresh_at
 from enroll_server.pki.ocsp import OcspReply
-from enroll_server.revocation.publisher import PublishedCrl, utc_now
+from enroll_server.revocation.publisher import PublishedCrl
 from enroll_server.revocation.state import RevocationState
+from fleetpki.clock import utc_now
 
 OCSP_REQUEST_TYPE = "application/ocsp-request"
 OCSP_RESPONSE_TYPE = "application/ocsp-response"

@@ -37,8 +37,8 @@ from enroll_server.revocation.publisher import (
     CrlUpdate,
     PublishedCrl,
     RevocationSource,
-    utc_now,
 )
+from fleetpki.clock import utc_now
 
 if TYPE_CHECKING:
     from aiohttp import web

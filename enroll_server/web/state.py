@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -17,10 +17,7 @@ from enroll_server.enrollment.throttle import Throttle
 from enroll_server.home.layout import LoadedHome
 from enroll_server.registry import Registry
 from enroll_server.web.provisioner import Provisioner
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
+from fleetpki.clock import utc_now
 
 
 @dataclass

@@ -47,7 +47,8 @@ from enroll_server.web.app import (
     start_site,
 )
 from enroll_server.web.provisioner import Provisioner
-from enroll_server.web.state import AppState, utc_now
+from enroll_server.web.state import AppState
+from fleetpki.clock import utc_now
 
 log = logging.getLogger("fleetpki.server")
 
