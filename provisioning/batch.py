@@ -402,8 +402,10 @@ def provision_batch(
     batch_id: str | None = None,
     start: int = 1,
     note: str = "",
+    progress: Progress | None = None,
 ) -> BatchResult:
-    """A token batch from a prefix and a count (the admin API's POST /admin/batches).
+    """A token batch from a prefix and a count (the admin API's POST /admin/batches, the
+    console's batch form).
 
     With out_dir=None nothing is written to disk: BatchResult.tokens holds the clear tokens
     (at most MAX_IN_MEMORY) and the registry holds only their hashes.
@@ -417,4 +419,4 @@ def provision_batch(
         batch_id=batch_id,
         note=note,
     )
-    return create_batch(registry, layout, config, request, now=now, actor=actor)
+    return create_batch(registry, layout, config, request, now=now, actor=actor, progress=progress)

@@ -193,6 +193,14 @@ def demo(
         Path | None, typer.Option(help="Parent folder of the demo's temporary home.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show agent logs.")] = False,
+    keep_running: Annotated[
+        bool,
+        typer.Option(
+            "--keep-running",
+            help="After the story, leave the fleet running and print the web console's URL "
+            "and a login; Ctrl-C stops and removes everything.",
+        ),
+    ] = False,
 ) -> None:
     """The whole platform in under a minute: init, serve, a factory batch, 25 agents enroll
     and stream telemetry, one is revoked and cut off, one renews; then everything is removed."""
@@ -202,7 +210,9 @@ def demo(
     quiet_logging(verbose)
     console = Console(highlight=False)
     try:
-        ok = run_cancellable(run_demo(console, devices=devices, workdir=workdir))
+        ok = run_cancellable(
+            run_demo(console, devices=devices, workdir=workdir, keep_running=keep_running)
+        )
     except SimulatorError as exc:
         Console(stderr=True, soft_wrap=True).print(
             f"[red]error:[/red] {escape(str(exc))}", highlight=False

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from enroll_server.transport.loop import until_stop_signal
 from simulators.errors import InvalidOption
 from simulators.fleet import AgentSettings
 from simulators.report import Report
@@ -176,8 +177,34 @@ async def _tell(sim: Simulation, story: Story) -> None:
     )
 
 
-async def run_demo(console: Console, *, devices: int = 25, workdir: Path | None = None) -> bool:
-    """Tell the demo's story; True if every step did what it promised."""
+async def _keep_running(sim: Simulation, console: Console) -> None:
+    """Print where the console is and how to log in, then wait for Ctrl-C or SIGTERM: the
+    end of this demo, not an interruption (the report and cleanup follow as always)."""
+    stack = sim.stack
+    assert stack is not None
+    token = stack.layout.admin_token.read_text().strip()
+    console.print(
+        "\n[bold]The demo fleet keeps running.[/bold] Open the web console (its certificate is "
+        f"signed by the demo's own CA, {stack.layout.root_cert}: let the browser accept it)",
+        highlight=False,
+    )
+    console.print(f"  console   {stack.console_url}", highlight=False, markup=False)
+    console.print(f"  login     {token}", highlight=False, markup=False)
+    console.print("            (the admin token of this throwaway home)", highlight=False)
+    console.print("Ctrl-C stops the fleet and removes everything.", highlight=False)
+    await until_stop_signal()
+
+
+async def run_demo(
+    console: Console,
+    *,
+    devices: int = 25,
+    workdir: Path | None = None,
+    keep_running: bool = False,
+) -> bool:
+    """Tell the demo's story; True if every step did what it promised. `keep_running`: after
+    the story, leave the fleet running and print the web console's address and a login until
+    Ctrl-C or SIGTERM, then clean up as always."""
     if devices < 7:
         raise InvalidOption("--devices", devices, "the demo needs at least 7 devices")
     began = time.monotonic()
@@ -193,6 +220,8 @@ async def run_demo(console: Console, *, devices: int = 25, workdir: Path | None 
     sim = Simulation(options, DemoScenario(), narrate=story.say)
     async with sim:
         await _tell(sim, story)
+        if keep_running:
+            await _keep_running(sim, console)
     folder = sim.folder
     story.say("Stopping every agent, the broker and the service.")
     story.expect(

@@ -188,25 +188,35 @@ class HostedStack:
 
     async def _start_all(self, ports: Ports) -> None:
         from enroll_server.wiring.server import start_server
+        from provisioning.admin import Provisioning
 
         try:
             self._server = await start_server(
                 self.layout.root,
                 est_port=ports.est,
                 http_port=ports.http,
-                admin_port=0,  # the simulator does not use the admin API; any free port
+                admin_port=0,  # any free port: the console of `demo --keep-running` prints it
                 bind=HOST,
                 admin_bind=HOST,
                 profile=self.profile,
                 profile_for=self.overrides,
                 clock=self.clock.now,
+                # The console of `demo --keep-running` creates batches and tokens.
+                provisioner=Provisioning(),
             )
         except OSError as exc:
             raise _port_error("EST or CRL/OCSP", ports.est, exc) from exc
         # Mirror `serve`: an admin-API revocation drops the live session in-process too.
         self._server.state.on_revocation.append(self._drop)
         broker = await self._start_broker(ports.mqtt)
+        self._server.state.live_sessions = broker.sessions  # the console's "connected now"
         self.endpoints = Endpoints(HOST, self._server.est_port, self._server.http_port, broker.port)
+
+    @property
+    def console_url(self) -> str:
+        """The web console (the admin listener's /console/; `fleetpki demo --keep-running`)."""
+        assert self._server is not None, "the stack is not running"
+        return f"https://{HOST}:{self._server.admin_port}/console/"
 
     def _drop(self, device_id: str, why: str) -> None:
         if self._broker is not None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -24,13 +24,13 @@ from enroll_server.enrollment.identities import (
     issue_service_identity,
     readmit_service_identity,
     renew_service_identity,
+    service_summary,
 )
 from enroll_server.enrollment.outcome import transition_outcome
 from enroll_server.home.config import ConfigError, load_config
 from enroll_server.home.layout import HomeError, HomeLayout, registry_location
 from enroll_server.pki.errors import PkiError
 from enroll_server.registry import (
-    CertStatus,
     Device,
     InvalidValue,
     Registry,
@@ -136,28 +136,11 @@ def readmit(name: NameArg, home: HomeOpt = None, out: OutOpt = None) -> None:
     )
 
 
-def _current(registry: Registry, service: Device) -> dict[str, Any]:
-    certs = registry.certificates_of(service.device_id)
-    active = [c for c in certs if c.status is CertStatus.ACTIVE]
-    current = active[-1] if active else None
-    renew_by = None
-    if current is not None:
-        renew_by = current.not_before + (current.not_after - current.not_before) * 2 / 3
-    return {
-        "name": service.device_id.value,
-        "state": service.state.value,
-        "serial": None if current is None else f"{current.serial:x}",
-        "not_after": None if current is None else current.not_after.isoformat(),
-        # At 2/3 of the lifetime, as the device agent renews (device_agent/schedule.py).
-        "renew_by": None if renew_by is None else renew_by.isoformat(),
-    }
-
-
 @app.command("list")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List service identities with their current certificate and when to renew it."""
     with Registry.open(registry_location(initialized_layout(home))) as registry:
-        rows = [_current(registry, s) for s in registry.list_devices(role="service")]
+        rows = [service_summary(registry, s) for s in registry.list_devices(role="service")]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -177,7 +160,7 @@ def show(name: NameArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     with Registry.open(registry_location(initialized_layout(home))) as registry:
         service = _service(registry, name)
         data = {
-            **_current(registry, service),
+            **service_summary(registry, service),
             "certificates": [
                 certificate_json(c) for c in registry.certificates_of(service.device_id)
             ],

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
@@ -60,9 +61,10 @@ def service_folder(loaded: LoadedHome, service_id: DeviceId) -> Path:
 
 
 def issue_service_identity(
-    home: Path, name: str, out: Path | None, now: datetime
+    home: Path, name: str, out: Path | None, now: datetime, *, actor: str = "cli"
 ) -> ServiceIdentity:
-    """Register service `name` (role 'service') and write cert.pem, key.pem (0600), ca.pem."""
+    """Register service `name` (role 'service') and write cert.pem, key.pem (0600), ca.pem.
+    `actor`: who the audit log names (the CLI, or a console operator)."""
     with _open(home, name, out) as (loaded, registry, service_id, folder):
         existing = registry.get_device(service_id)
         if existing is not None:
@@ -75,8 +77,8 @@ def issue_service_identity(
             )
         if folder.exists() and any(folder.iterdir()):
             raise ServiceIdentityError(name, f"{folder} exists and is not empty")
-        registry.add_device(service_id, role="service", batch_id=None, now=now, actor="cli")
-        serial = _issue(loaded, registry, service_id, folder, None, now)
+        registry.add_device(service_id, role="service", batch_id=None, now=now, actor=actor)
+        serial = _issue(loaded, registry, service_id, folder, None, now, actor)
     return ServiceIdentity(folder, serial)
 
 
@@ -151,6 +153,7 @@ def _issue(
     folder: Path,
     supersedes: int | None,
     now: datetime,
+    actor: str = "cli",
 ) -> int:
     """Sign a service certificate for a new key, record it, then write the files."""
     key = generate_key(loaded.config.key_type)
@@ -174,7 +177,7 @@ def _issue(
         consume_token_hash=None,
         supersedes_serial=supersedes,
         now=now,
-        actor="cli",
+        actor=actor,
     )
     make_private_dir(folder)
     write_atomic(folder / "key.pem", private_key_pem(key, None))
@@ -184,3 +187,22 @@ def _issue(
         folder / "ca.pem", loaded.root_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE
     )
     return cert.serial_number
+
+
+def service_summary(registry: Registry, service: Device) -> dict[str, Any]:
+    """A service and its current certificate, with when to renew it (`service list`, the
+    console's services page)."""
+    certs = registry.certificates_of(service.device_id)
+    active = [c for c in certs if c.status is CertStatus.ACTIVE]
+    current = active[-1] if active else None
+    renew_by = None
+    if current is not None:
+        renew_by = current.not_before + (current.not_after - current.not_before) * 2 / 3
+    return {
+        "name": service.device_id.value,
+        "state": service.state.value,
+        "serial": None if current is None else f"{current.serial:x}",
+        "not_after": None if current is None else current.not_after.isoformat(),
+        # At 2/3 of the lifetime, as the device agent renews (device_agent/schedule.py).
+        "renew_by": None if renew_by is None else renew_by.isoformat(),
+    }

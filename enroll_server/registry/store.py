@@ -9,6 +9,7 @@ from pathlib import Path
 from enroll_server.registry.certificates import CertificateStore
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS, enable_wal
 from enroll_server.registry.devices import DeviceStore
+from enroll_server.registry.fleet_view import FleetView
 from enroll_server.registry.issuance import IssuanceStore
 from enroll_server.registry.journal import Journal
 from enroll_server.registry.location import (
@@ -34,6 +35,7 @@ class Registry(
     RevocationStore,
     OperatorStore,
     Journal,
+    FleetView,
 ):
     """The fleet registry: devices, batches, tokens, certificates, operators, events, audit.
 

@@ -1,10 +1,12 @@
-"""The server's event loop choice: uvloop when installed (server extra), else stock asyncio."""
+"""The server's event loop: uvloop when installed (server extra), else stock asyncio; and
+waiting on it for the signal that ends a long-running command."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib
 import os
+import signal
 
 
 def install_fast_loop() -> bool:
@@ -26,3 +28,18 @@ def install_fast_loop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
+
+
+async def until_stop_signal() -> None:
+    """Return at SIGINT (Ctrl-C) or SIGTERM, taken as the normal end of a command that runs
+    until stopped (`fleetpki serve`, `demo --keep-running`): what follows is its usual
+    cleanup, not an interruption. The loop's previous handling of both is restored."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -3,7 +3,6 @@ revocation, batches, audit."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -12,7 +11,6 @@ from aiohttp import web
 
 from enroll_server.enrollment.operators import operator_for
 from enroll_server.errors import BadRequest, Conflict, NotFound
-from enroll_server.home.layout import LoadedHome
 from enroll_server.registry import (
     CertificateRecord,
     Device,
@@ -20,14 +18,20 @@ from enroll_server.registry import (
     DuplicateDevice,
     InvalidValue,
     Operator,
-    Registry,
     UnknownBatch,
     UnknownCertificate,
     UnknownDevice,
-    parse_reason,
     parse_serial,
 )
-from enroll_server.web.provisioner import Provisioner, TokenPurpose
+from enroll_server.web.operator_actions import (
+    Transition,
+    change_device_state,
+    create_token_batch,
+    new_device_token,
+)
+from enroll_server.web.operator_actions import revoke_batch as revoke_whole_batch
+from enroll_server.web.operator_actions import revoke_certificate as revoke_certificate_now
+from enroll_server.web.provisioner import TokenPurpose
 from enroll_server.web.state import APP_STATE, AppState
 from fleetpki.duration import InvalidDuration, parse_duration
 from fleetpki.identity import DeviceId, InvalidIdentifier
@@ -35,20 +39,6 @@ from fleetpki.identity import DeviceId, InvalidIdentifier
 ADMIN_PREFIX = "/admin"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
-
-
-async def _off_the_loop(st: AppState, job: Callable[[Registry], T]) -> T:
-    """Run an operator's registry write in a worker thread, on a connection of its own, so
-    the server goes on serving meanwhile: a batch of 100,000 devices takes seconds, and any
-    write may wait up to the busy timeout for a lock another process holds. WAL readers never
-    wait for the writer, and the enrollment commit waits for the lock without blocking the
-    loop (commit_queue); on the loop's own connection its lock would hold every request."""
-
-    def run() -> T:
-        with Registry.open(st.registry.location) as registry:
-            return job(registry)
-
-    return await asyncio.to_thread(run)
 
 
 def device_json(device: Device) -> dict[str, Any]:
@@ -170,43 +160,23 @@ async def show_device(request: web.Request) -> web.Response:
     )
 
 
-async def _notify(st: AppState, device_id: DeviceId, why: str) -> None:
-    for hook in st.on_revocation:
-        result = hook(device_id.value, why)
-        if hasattr(result, "__await__"):
-            await result
-
-
-def _transition(action: str) -> Handler:
+def _transition(action: Transition) -> Handler:
     @require_operator
     async def handler(request: web.Request) -> web.Response:
-        st = _st(request)
         device_id = _device_id(request)
         body = await _json_body(request)
-        now = st.clock()
-        actor = actor_of(request)
         try:
-            if action == "revoke":
-                reason = parse_reason(str(body.get("reason", "unspecified")))
-                serials = await _off_the_loop(
-                    st,
-                    lambda r: r.revoke_device(device_id, reason=reason, now=now, actor=actor),
-                )
-            elif action == "suspend":
-                serials = await _off_the_loop(
-                    st, lambda r: r.suspend_device(device_id, now=now, actor=actor)
-                )
-            else:
-                serials = await _off_the_loop(
-                    st, lambda r: r.resume_device(device_id, now=now, actor=actor)
-                )
+            serials = await change_device_state(
+                _st(request),
+                device_id,
+                action,
+                reason=str(body.get("reason", "unspecified")),
+                actor=actor_of(request),
+            )
         except UnknownDevice as exc:
             raise NotFound(str(exc)) from exc
         except InvalidValue as exc:
             raise BadRequest(str(exc)) from exc
-        if action in ("revoke", "suspend"):
-            await _notify(st, device_id, "revoked" if action == "revoke" else "suspended")
-        st.on_registry_change()
         return web.json_response(
             {"device_id": device_id.value, "action": action, "serials": [f"{s:x}" for s in serials]}
         )
@@ -234,31 +204,20 @@ async def show_certificate(request: web.Request) -> web.Response:
 async def revoke_certificate(request: web.Request) -> web.Response:
     """POST /admin/certificates/{serial}/revoke {"reason": "key-compromise"}: one certificate;
     its identity stays registered. The broker drops a session presenting it (registry event)."""
-    st = _st(request)
     serial = _serial(request)
     body = await _json_body(request)
-    now = st.clock()
     try:
-        reason = parse_reason(str(body.get("reason", "unspecified")))
-        device_id, serials = await _off_the_loop(
-            st,
-            lambda r: r.revoke_certificate(serial, reason=reason, now=now, actor=actor_of(request)),
+        device_id, serials = await revoke_certificate_now(
+            _st(request),
+            serial,
+            reason=str(body.get("reason", "unspecified")),
+            actor=actor_of(request),
         )
     except UnknownCertificate as exc:
         raise NotFound(str(exc)) from exc
     except InvalidValue as exc:
         raise BadRequest(str(exc)) from exc
-    st.on_registry_change()
     return web.json_response({"device_id": device_id.value, "revoked": [f"{s:x}" for s in serials]})
-
-
-def _provisioning(st: AppState) -> tuple[LoadedHome, Provisioner]:
-    """The home and the operator tooling the batch and token routes need (409 without)."""
-    if st.home is None:
-        raise Conflict("this server has no home folder to provision from")
-    if st.provisioner is None:
-        raise Conflict("this server was started without the operator tooling (provisioning)")
-    return st.home, st.provisioner
 
 
 def _device_token(purpose: TokenPurpose) -> Handler:
@@ -267,31 +226,18 @@ def _device_token(purpose: TokenPurpose) -> Handler:
 
     @require_operator
     async def handler(request: web.Request) -> web.Response:
-        st = _st(request)
-        home, provisioner = _provisioning(st)
         device_id = _device_id(request)
         body = await _json_body(request)
         ttl_text = body.get("token_ttl")
-        now = st.clock()
         try:
             ttl = parse_duration(ttl_text) if isinstance(ttl_text, str) else None
-            result = await _off_the_loop(
-                st,
-                lambda registry: provisioner.new_token(
-                    registry,
-                    home,
-                    device_id,
-                    purpose=purpose,
-                    ttl=ttl,
-                    now=now,
-                    actor=actor_of(request),
-                ),
+            result = await new_device_token(
+                _st(request), device_id, purpose, ttl=ttl, actor=actor_of(request)
             )
         except UnknownDevice as exc:
             raise NotFound(str(exc)) from exc
         except (InvalidDuration, InvalidValue) as exc:
             raise BadRequest(str(exc)) from exc
-        st.on_registry_change()
         return web.json_response(
             {
                 "device_id": device_id.value,
@@ -329,8 +275,6 @@ async def create_batch(request: web.Request) -> web.Response:
     Nothing is written to disk: the clear tokens are in this one response (and only their
     hashes in the registry), for factory systems that flash devices themselves.
     """
-    st = _st(request)
-    home, provisioner = _provisioning(st)
     body = await _json_body(request)
     count = body.get("count")
     prefix = body.get("prefix", "dev-")
@@ -341,20 +285,14 @@ async def create_batch(request: web.Request) -> web.Response:
         raise BadRequest(f"prefix must be a string, got {prefix!r}")
     try:
         ttl = parse_duration(ttl_text) if isinstance(ttl_text, str) else None
-        now = st.clock()
-        result = await _off_the_loop(
-            st,
-            lambda registry: provisioner.create_batch(
-                registry,
-                home,
-                count=count,
-                prefix=prefix,
-                token_ttl=ttl,
-                now=now,
-                actor=actor_of(request),
-                batch_id=body.get("batch_id") if isinstance(body.get("batch_id"), str) else None,
-                note=str(body.get("note", "")),
-            ),
+        result = await create_token_batch(
+            _st(request),
+            count=count,
+            prefix=prefix,
+            token_ttl=ttl,
+            actor=actor_of(request),
+            batch_id=body.get("batch_id") if isinstance(body.get("batch_id"), str) else None,
+            note=str(body.get("note", "")),
         )
     except InvalidDuration as exc:
         raise BadRequest(str(exc)) from exc
@@ -362,30 +300,24 @@ async def create_batch(request: web.Request) -> web.Response:
         raise Conflict(str(exc)) from exc
     except (InvalidValue, InvalidIdentifier) as exc:
         raise BadRequest(str(exc)) from exc
-    if st.service.tokens is not None:
-        st.service.tokens.unknown_token_seen()  # read the batch's tokens now, not at first use
     return web.json_response(result.to_json(include_tokens=True), status=201)
 
 
 @require_operator
 async def revoke_batch(request: web.Request) -> web.Response:
-    st = _st(request)
     body = await _json_body(request)
     batch_id = request.match_info["batch_id"]
     try:
-        reason = parse_reason(str(body.get("reason", "unspecified")))
-        now = st.clock()
-        count = await _off_the_loop(
-            st,
-            lambda registry: registry.revoke_batch(
-                batch_id, reason=reason, now=now, actor=actor_of(request)
-            ),
+        count = await revoke_whole_batch(
+            _st(request),
+            batch_id,
+            reason=str(body.get("reason", "unspecified")),
+            actor=actor_of(request),
         )
     except UnknownBatch as exc:
         raise NotFound(str(exc)) from exc
     except InvalidValue as exc:
         raise BadRequest(str(exc)) from exc
-    st.on_registry_change()
     return web.json_response({"batch_id": batch_id, "revoked_devices": count})
 
 
@@ -421,9 +353,9 @@ def admin_routes() -> list[web.RouteDef]:
     return [
         web.get(f"{p}/devices", list_devices),
         web.get(f"{p}/devices/{{device_id}}", show_device),
-        web.post(f"{p}/devices/{{device_id}}/revoke", _transition("revoke")),
-        web.post(f"{p}/devices/{{device_id}}/suspend", _transition("suspend")),
-        web.post(f"{p}/devices/{{device_id}}/resume", _transition("resume")),
+        web.post(f"{p}/devices/{{device_id}}/revoke", _transition(Transition.REVOKE)),
+        web.post(f"{p}/devices/{{device_id}}/suspend", _transition(Transition.SUSPEND)),
+        web.post(f"{p}/devices/{{device_id}}/resume", _transition(Transition.RESUME)),
         web.post(f"{p}/devices/{{device_id}}/rekey", _device_token("rekey")),
         web.post(f"{p}/devices/{{device_id}}/readmit", _device_token("readmit")),
         web.get(f"{p}/certificates/{{serial}}", show_certificate),

@@ -31,6 +31,7 @@ from enroll_server.web.admin_api import admin_routes, require_operator
 from enroll_server.web.device_status import device_status_routes
 from enroll_server.web.request_log import RequestLog
 from enroll_server.web.state import APP_STATE, AppState
+from enroll_server.webconsole import CONSOLE_PREFIX, build_console_app
 
 log = logging.getLogger("fleetpki.http")
 
@@ -109,7 +110,8 @@ def build_https_app(state: AppState) -> web.Application:
 
 
 def build_admin_app(state: AppState) -> web.Application:
-    """The operators' HTTPS app: the admin API and /metrics, both behind the admin token."""
+    """The operators' HTTPS app: the admin API and /metrics, both behind an operator token,
+    and the web console under /console/ (behind a login with one)."""
     app = web.Application(
         middlewares=[deadline_middleware, error_middleware], client_max_size=MAX_BODY
     )
@@ -119,9 +121,16 @@ def build_admin_app(state: AppState) -> web.Application:
             *admin_routes(),
             web.get("/healthz", healthz),
             web.get("/metrics", require_operator(metrics)),
+            web.get("/", to_console),
+            web.get(CONSOLE_PREFIX, to_console),
         ]
     )
+    app.add_subapp(CONSOLE_PREFIX, build_console_app(state))
     return app
+
+
+async def to_console(request: web.Request) -> web.Response:
+    raise web.HTTPSeeOther("/console/")
 
 
 def build_http_app(state: AppState, extra: list[web.RouteDef] | None = None) -> web.Application:

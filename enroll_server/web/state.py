@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -36,6 +36,10 @@ class AppState:
     on_revocation: list[Callable[[str, str], Any]] = field(default_factory=list)
     # Hooks run after any registry change that affects revocation data (CRL/OCSP rebuild).
     on_change: list[Callable[[], Any]] = field(default_factory=list)
+    # What the console shows as live, where this process knows it: the embedded broker's
+    # sessions (device id -> certificate serial) and the CRL being served (PublishedCrl).
+    live_sessions: Callable[[], Mapping[str, int]] | None = None
+    current_crl: Callable[[], Any] | None = None
 
     # Group commit of issuances (one registry transaction per loop iteration).
     commits: CommitQueue = field(init=False)

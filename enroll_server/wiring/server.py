@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,6 +35,7 @@ from enroll_server.revocation.routes import RootCrl, revocation_routes
 from enroll_server.revocation.state import RevocationState
 from enroll_server.transport.connection_limits import ConnectionLimits
 from enroll_server.transport.listen import listening, serves_only_this_machine
+from enroll_server.transport.loop import until_stop_signal
 from enroll_server.web.app import (
     RunningSite,
     admin_ssl_context,
@@ -249,6 +249,7 @@ async def start_server(
             crl_registry, loaded.issuer, next_update=cfg.crl_next_update, clock=clock
         )
         state.on_change.append(revocation.changed)
+        state.current_crl = revocation.crl
         tokens = service.tokens
         state.on_revocation.append(lambda device, why: tokens.discard(device))
         state.metrics.extra.append(tokens.metrics_text)
@@ -320,6 +321,7 @@ async def start_server(
         # In-process revocations drop the session at once; other processes' revocations reach
         # the broker through its registry event poll (every 200 ms).
         state.on_revocation.append(lambda device, why: running.disconnect(device, reason=why))
+        state.live_sessions = running.sessions
         state.metrics.extra.append(running.metrics_text)
         handle.stoppers.append(running.stop)
     # The TLS server certificate of both listeners: reloaded when its files change, renewed
@@ -371,11 +373,7 @@ def _port(override: int | None, configured: int) -> int:
 
 async def serve_forever(handle: ServerHandle) -> None:
     """Block until SIGINT/SIGTERM, then stop cleanly."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stop_signal()
     finally:
         await handle.stop()

@@ -1,0 +1,114 @@
+"""Console sessions, CSRF tokens and the overview's activity chart, with no server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from enroll_server.home.layout import hash_secret
+from enroll_server.registry import Operator, OperatorCredential, OperatorRole
+from enroll_server.registry.fleet_view import DeviceQuery
+from enroll_server.webconsole import activity
+from enroll_server.webconsole.sessions import (
+    ABSOLUTE_TIMEOUT,
+    IDLE_TIMEOUT,
+    SessionStore,
+    csrf_ok,
+)
+
+T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+ALICE = Operator("alice", OperatorRole.ADMIN, T0, None)
+
+
+def creds(token: str, operator: Operator = ALICE) -> list[OperatorCredential]:
+    return [OperatorCredential(operator, hash_secret(token))]
+
+
+def test_a_session_lives_while_used_and_ends_idle_or_old() -> None:
+    store = SessionStore()
+    sid, _ = store.open(ALICE, "tok", T0)
+    assert sid not in repr(store._by_hash)  # only its hash is kept
+    found = store.current(sid, creds("tok"), T0 + IDLE_TIMEOUT / 2)
+    assert found is not None and found[1] == ALICE
+    # Kept alive by use, until the absolute limit.
+    at = T0
+    while at + IDLE_TIMEOUT / 2 < T0 + ABSOLUTE_TIMEOUT:
+        at += IDLE_TIMEOUT / 2
+        assert store.current(sid, creds("tok"), at) is not None
+    assert store.current(sid, creds("tok"), T0 + ABSOLUTE_TIMEOUT) is None
+    sid, _ = store.open(ALICE, "tok", T0)
+    assert store.current(sid, creds("tok"), T0 + IDLE_TIMEOUT) is None
+    assert len(store) == 0  # an expired session is forgotten, not just refused
+
+
+def test_logout_a_new_token_or_a_removed_operator_ends_the_session() -> None:
+    store = SessionStore()
+    sid, _ = store.open(ALICE, "tok", T0)
+    store.close(sid)
+    assert store.current(sid, creds("tok"), T0) is None
+    sid, _ = store.open(ALICE, "tok", T0)
+    assert store.current(sid, creds("rotated"), T0) is None  # token rotated
+    assert store.current(sid, creds("tok"), T0) is None  # and it stays ended
+    sid, _ = store.open(ALICE, "tok", T0)
+    bob = Operator("bob", OperatorRole.ADMIN, T0, None)
+    assert store.current(sid, creds("tok", bob), T0) is None  # alice removed
+    assert store.current("", creds("tok"), T0) is None
+    assert store.current(None, creds("tok"), T0) is None
+
+
+def test_the_role_is_read_at_each_request() -> None:
+    store = SessionStore()
+    sid, _ = store.open(ALICE, "tok", T0)
+    demoted = Operator("alice", OperatorRole.VIEWER, T0, None)
+    found = store.current(sid, creds("tok", demoted), T0)
+    assert found is not None and found[1].role is OperatorRole.VIEWER
+
+
+def test_the_store_is_bounded() -> None:
+    store = SessionStore(max_sessions=3)
+    ids = [store.open(ALICE, "tok", T0 + timedelta(seconds=i))[0] for i in range(5)]
+    assert len(store) == 3
+    assert store.current(ids[0], creds("tok"), T0 + timedelta(seconds=6)) is None
+    assert store.current(ids[4], creds("tok"), T0 + timedelta(seconds=6)) is not None
+
+
+def test_csrf_tokens_belong_to_their_session() -> None:
+    store = SessionStore()
+    _, one = store.open(ALICE, "tok", T0)
+    _, two = store.open(ALICE, "tok", T0)
+    assert csrf_ok(one, one.csrf)
+    assert not csrf_ok(one, two.csrf)
+    assert not csrf_ok(one, None) and not csrf_ok(one, "") and not csrf_ok(one, "é")
+
+
+def test_activity_counts_per_hour_and_series() -> None:
+    now = T0 + timedelta(minutes=30)
+    rows = [
+        (now - timedelta(minutes=5), "certificate.issue", '{"supersedes": null}'),
+        (now - timedelta(hours=2), "certificate.issue", '{"supersedes": "ab"}'),
+        (now - timedelta(hours=2), "device.revoke", "{}"),
+        (now - timedelta(hours=30), "device.revoke", "{}"),  # outside the window
+        (now, "batch.create", "{}"),  # not charted
+    ]
+    hours = activity.hourly(rows, {activity.hour_floor(now): 4}, now)
+    assert len(hours) == 24 and hours[-1].start == T0
+    assert hours[-1].counts == {"enrollments": 1, "renewals": 0, "refusals": 4, "revocations": 0}
+    assert hours[-3].counts == {"enrollments": 0, "renewals": 1, "refusals": 0, "revocations": 1}
+    chart = activity.chart(hours)
+    assert chart.peak == 4 and chart.totals["revocations"] == 1
+    tallest = max(chart.bars, key=lambda b: b.height)
+    assert (tallest.series, tallest.count, tallest.height) == ("refusals", 4, chart.height - 20)
+
+
+def test_refusals_are_sampled_from_the_counter() -> None:
+    counter = activity.RefusalCounter()
+    counter.sample(10, T0)  # the first sample is the baseline: nothing before it is counted
+    counter.sample(13, T0 + timedelta(minutes=10))
+    counter.sample(15, T0 + timedelta(hours=1))
+    assert counter.per_hour() == {T0: 3, T0 + timedelta(hours=1): 2}
+    assert activity.refused_total({"rejected_401": 2, "rejected_429": 1, "simpleenroll_ok": 9}) == 3
+
+
+def test_a_prefix_is_a_range_of_the_primary_key() -> None:
+    clause, params = DeviceQuery(prefix="pi-00").where()
+    assert "id >= ? AND id < ?" in clause and params == ["pi-00", "pi-00\x7f"]
+    assert DeviceQuery().where() == ("role = 'device'", [])
