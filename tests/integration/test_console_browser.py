@@ -240,6 +240,7 @@ def test_batch_bundles_enroll_an_agent_whose_revocation_drops_it_live(
         )
         wait_for("the session to drop", lambda: "pi-000001" not in sessions(server), 5)
         dropped_in = time.monotonic() - clicked
+        browser.refresh()  # the page shows the broker's sessions as they were when rendered
         assert browser.find_element(By.ID, "connected").text == "no"
         assert agent.wait(30) == ExitCode.REFUSED  # the agent stops: revoked
         # The overview, never reloaded, counts it.
