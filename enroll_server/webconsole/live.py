@@ -1,8 +1,9 @@
 """The console's live stream (Server-Sent Events, HTML Living Standard 9.2): every new audit
 entry as it is committed (by this server, the CLI or another node), and the fleet's counts
-by state and connected sessions whenever they change. Pages are rendered from the registry,
-so a reload is always right; the stream starts after the newest entry the page showed
-(`?since=`, or the browser's Last-Event-ID on a reconnect), so nothing falls between."""
+by state, connected sessions and refused enrollments whenever they change. Pages are
+rendered from the registry, so a reload is always right; the stream starts after the newest
+entry the page showed (`?since=`, or the browser's Last-Event-ID on a reconnect), so nothing
+falls between."""
 
 from __future__ import annotations
 
@@ -125,10 +126,12 @@ def fleet_snapshot(request: web.Request) -> dict[str, Any]:
     """Devices by state and live sessions, as the overview shows them."""
     st = state(request)
     by_state = st.registry.devices_by_state()
-    request.app[REFUSALS].sample(refused_total(dict(st.metrics.enrollments.values)), st.clock())
+    refused = refused_total(dict(st.metrics.enrollments.values))
+    request.app[REFUSALS].sample(refused, st.clock())
     live = st.live_sessions
     return {
         "by_state": by_state,
         "total": sum(by_state.values()),
         "connected": None if live is None else len(live()),
+        "refused": refused,
     }

@@ -72,7 +72,8 @@ async def overview(request: web.Request) -> dict[str, Any]:
     registry, now = st.registry, st.clock()
     by_state = registry.devices_by_state()
     counter = request.app[REFUSALS]
-    counter.sample(activity.refused_total(dict(st.metrics.enrollments.values)), now)
+    refused = activity.refused_total(dict(st.metrics.enrollments.values))
+    counter.sample(refused, now)
     since = activity.hour_floor(now) - timedelta(hours=activity.HOURS - 1)
     rows = registry.audit_actions_since(since, activity.CHART_ACTIONS)
     chart = activity.chart(activity.hourly(rows, counter.per_hour(), now))
@@ -101,6 +102,7 @@ async def overview(request: web.Request) -> dict[str, Any]:
         "issuing": _expiry(st.ca_chain[0], now),
         "root": _expiry(st.ca_chain[1], now) if len(st.ca_chain) > 1 else None,
         "recent": recent,
+        "refused": refused,
         "last_seq": recent[0].seq if recent else 0,
     }
 

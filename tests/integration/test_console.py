@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import ssl
 import stat
@@ -23,7 +24,7 @@ from enroll_server.enrollment.operators import add_operator, rotate_operator
 from enroll_server.registry import DeviceState, OperatorRole
 from fleetpki.identity import DeviceId
 from tests.console_client import ConsoleClient, Page
-from tests.est_client import request
+from tests.est_client import enroll_headers, request
 from tests.live_server import LiveServer, start_live_server
 
 runner = CliRunner()
@@ -401,6 +402,15 @@ def test_the_live_stream_sends_new_audit_entries_and_fleet_counts(server: LiveSe
     cookie = client.cookie("fleetpki_console")
     assert cookie is not None and cookie.value is not None
     since = server.registry.last_audit_seq()
+    # A refused enrollment (a wrong token): not in the registry, counted by the process.
+    refused = request(
+        server.est_url + "/.well-known/est/simpleenroll",
+        server.client_ssl(),
+        "POST",
+        b"MIIB",
+        enroll_headers("cons-012", "not-the-token"),
+    )
+    assert refused.status == 401
     # A revocation by another door (the CLI's registry call) after the page was rendered.
     server.registry.revoke_device(
         DeviceId("cons-011"), reason="keyCompromise", now=datetime.now(UTC), actor="cli"
@@ -409,3 +419,5 @@ def test_the_live_stream_sends_new_audit_entries_and_fleet_counts(server: LiveSe
     assert "text/event-stream" in text
     assert "event: audit" in text and '"device_id":"cons-011"' in text
     assert "event: fleet" in text and '"revoked":' in text
+    assert re.search(r'"refused":[1-9]', text), text
+    assert re.search(r'id="count-refused">[1-9]', client.get("/console/").text)

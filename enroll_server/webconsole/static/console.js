@@ -15,7 +15,7 @@
   stream.onerror = function () { if (status) status.textContent = "reconnecting…"; };
   stream.addEventListener("fleet", function (ev) {
     const fleet = JSON.parse(ev.data);
-    const counts = Object.assign({ total: fleet.total }, fleet.by_state);
+    const counts = Object.assign({ total: fleet.total, refused: fleet.refused }, fleet.by_state);
     if (fleet.connected !== null) counts.connected = fleet.connected;
     document.querySelectorAll("[data-count]").forEach(function (el) {
       const value = counts[el.dataset.count];
