@@ -103,17 +103,23 @@ class Downloads:
         download.path.unlink(missing_ok=True)
 
     def expire(self, now: datetime) -> None:
+        """Delete this process's downloads past their lifetime, and any file or folder left in
+        the folder for longer than that (by a process that crashed: they hold secrets). Another
+        server on the same home keeps its own, younger, ones."""
         for key in [k for k, d in self._pending.items() if now - d.created_at > DOWNLOAD_LIFETIME]:
             self.done(self._pending.pop(key))
+        if self.root is None or not self.root.exists():
+            return
+        oldest = (now - DOWNLOAD_LIFETIME).timestamp()
+        for leftover in self.root.iterdir():
+            if leftover.lstat().st_mtime < oldest:
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
 
     def discard_all(self) -> None:
         """At shutdown: nothing pending survives the process (its ids die with it)."""
         for download in self._pending.values():
             self.done(download)
         self._pending.clear()
-        if self.root is not None and self.root.exists():
-            for leftover in self.root.iterdir():
-                if leftover.is_dir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)

@@ -1,13 +1,19 @@
-"""Console sessions, CSRF tokens and the overview's activity chart, with no server."""
+"""Console sessions, CSRF tokens, one-time downloads and the overview's activity chart, with
+no server."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
 
 from enroll_server.home.layout import hash_secret
 from enroll_server.registry import Operator, OperatorCredential, OperatorRole
 from enroll_server.registry.fleet_view import DeviceQuery
 from enroll_server.webconsole import activity
+from enroll_server.webconsole.downloads import DOWNLOAD_LIFETIME, DownloadGone, Downloads
 from enroll_server.webconsole.sessions import (
     ABSOLUTE_TIMEOUT,
     IDLE_TIMEOUT,
@@ -112,3 +118,30 @@ def test_a_prefix_is_a_range_of_the_primary_key() -> None:
     clause, params = DeviceQuery(prefix="pi-00").where()
     assert "id >= ? AND id < ?" in clause and params == ["pi-00", "pi-00\x7f"]
     assert DeviceQuery().where() == ("role = 'device'", [])
+
+
+def test_downloads_are_taken_once_by_their_operator_and_expire(tmp_path: Path) -> None:
+    downloads = Downloads(tmp_path / "dl")
+    folder = downloads.workspace()
+    (folder / "token").write_text("secret")
+    found = downloads.add_tree(folder, operator_name="alice", filename="x.tar", what="x", now=T0)
+    assert not folder.exists() and found.path.exists()
+    with pytest.raises(DownloadGone):
+        downloads.peek(found.download_id, "bob", T0)  # another operator's is as good as absent
+    taken = downloads.take(found.download_id, "alice", T0)
+    Downloads.done(taken)
+    with pytest.raises(DownloadGone):
+        downloads.take(found.download_id, "alice", T0)
+    assert not taken.path.exists()
+    # Past its lifetime a download is gone, and so is what a crashed process left behind.
+    late = downloads.add_tree(
+        downloads.workspace(), operator_name="alice", filename="y.tar", what="y", now=T0
+    )
+    stray = tmp_path / "dl" / "work-crashed"
+    stray.mkdir()
+    old = (T0 - timedelta(hours=2)).timestamp()
+    os.utime(stray, (old, old))
+    downloads.expire(T0 + DOWNLOAD_LIFETIME + timedelta(seconds=1))
+    assert not late.path.exists() and not stray.exists()
+    with pytest.raises(DownloadGone):
+        downloads.peek(late.download_id, "alice", T0 + DOWNLOAD_LIFETIME + timedelta(seconds=1))
