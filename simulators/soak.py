@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from simulators.fleet import AgentSettings
 
 START_TIMEOUT = 60.0
+QUIET = 5.0  # seconds without a message reaching the observer: it has all it will get
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ class Segment:
     acknowledged: int = 0
     received: int = 0
     lost: int = 0
+    lost_by_device: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +100,8 @@ class SoakResult:
     renewals: int = 0
     min_renewals: int = 0  # the fewest renewals of an agent never revoked
     stuck: list[str] = field(default_factory=list)
+    # device -> (agent state, last error, outcome, seconds since its last connect or None)
+    stuck_detail: dict[str, list[object]] = field(default_factory=dict)
     revoked_connected: list[str] = field(default_factory=list)
     report: Report | None = None
 
@@ -315,14 +319,19 @@ class Soak(Scenario):
             segment: Segment, base: tuple[dict[str, int], dict[str, int]]
         ) -> None:
             sent, _ = counts()
-            await fleet.wait_until(
-                lambda: all(
-                    sim.journal.traces[d].received - base[1][d] >= sent[d] - base[0][d]
-                    for d in fleet.ids
-                ),
-                10.0,
-                poll=0.2,
-            )
+            # Until every acknowledged message has reached the observer, or none has arrived
+            # for QUIET s (the observer lags behind a busy broker; it is not loss), 60 s at most.
+            deadline = sim.seconds() + 60.0
+            last, last_change = observer.messages, sim.seconds()
+            while sim.seconds() < deadline:
+                traces = sim.journal.traces
+                if all(traces[d].received - base[1][d] >= sent[d] - base[0][d] for d in fleet.ids):
+                    break
+                await asyncio.sleep(0.2)
+                if observer.messages != last:
+                    last, last_change = observer.messages, sim.seconds()
+                elif sim.seconds() - last_change >= QUIET:
+                    break
             _, received = counts()
             for d in fleet.ids:
                 acked = sent[d] - base[0][d]
@@ -330,6 +339,8 @@ class Soak(Scenario):
                 segment.acknowledged += acked
                 segment.received += min(seen, acked)
                 segment.lost += max(0, acked - seen)
+                if acked > seen:
+                    segment.lost_by_device[d] = acked - seen
             result.segments.append(segment)
             self._closed_at = (sent, received)
 
@@ -373,7 +384,6 @@ class Soak(Scenario):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        await close_segment(segment, base)
         result.samples.append(_sample(now(), self.services.pids(), sim.journal.connected_count()))
         result.seconds = now()
         # Stuck: every agent not revoked reconnects by itself within a minute at most.
@@ -385,6 +395,18 @@ class Soak(Scenario):
                     result.revoked_connected.append(device_id)
             elif not trace.connected or trace.outcome is not Outcome.RUNNING:
                 result.stuck.append(device_id)
+                agent = fleet.agents.get(device_id)
+                result.stuck_detail[device_id] = [
+                    str(agent.state) if agent else None,
+                    agent.last_error if agent else None,
+                    trace.outcome.value,
+                    round(sim.seconds() - trace.connects[-1], 1) if trace.connects else None,
+                    [round(t - begin, 1) for t in trace.disconnects[-3:]],
+                ]
+        # The last broker lifetime ends with the fleet switched off: what it acknowledged is
+        # all there is to wait for.
+        await fleet.stop()
+        await close_segment(segment, base)
         renewals = {d: len(sim.journal.trace(d).renewed) for d in live}
         result.renewals = sum(len(t.renewed) for t in sim.journal.traces.values())
         result.min_renewals = min(renewals.values(), default=0)
