@@ -22,6 +22,7 @@ What it reports (SoakResult; bench/soak.py prints it, plots it and writes JSON):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -173,7 +174,9 @@ class Services:
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("ab")
         command = [sys.executable, "-m", "enroll_server.cli", *args, "--home", str(self.home)]
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
 
     def start(self, est_port: int, http_port: int, mqtt_port: int) -> None:
         self.server = self._spawn("serve", "serve", "--no-broker")
@@ -204,6 +207,15 @@ class Services:
         if self.server is not None:
             _stop(self.server)
             self.server = None
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the soak's process dies (PR_SET_PDEATHSIG), so a
+    killed soak leaves no server or broker behind."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
