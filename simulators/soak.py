@@ -260,7 +260,7 @@ def _sample(t: float, pids: dict[str, int], connected: int) -> Sample:
 
 def _home(root: Path) -> tuple[Path, Path, Ports]:
     ports = Ports(est=free_port(), http=free_port(), mqtt=free_port())
-    layout = init_temp_home(root, ports, timedelta(days=30))
+    layout = init_temp_home(root, ports, timedelta(days=30), admin_port=free_port())
     return layout.root, layout.config, ports
 
 

@@ -87,9 +87,13 @@ def _check_free(what: str, host: str, port: int) -> None:
             raise SimulatorError(f"cannot listen for {what} on {host}:{port}: {exc}") from exc
 
 
-def init_temp_home(root: Path, ports: Ports, validity: timedelta) -> HomeLayout:
+def init_temp_home(
+    root: Path, ports: Ports, validity: timedelta, admin_port: int | None = None
+) -> HomeLayout:
     """`fleetpki init` in-process, with the ports written into the config (and so into the
-    CRL and OCSP URLs of every certificate)."""
+    CRL and OCSP URLs of every certificate). `admin_port` matters only to a `fleetpki serve`
+    started on the home (the in-process stack picks its own): give one that is free, not the
+    default 8444 another server on this machine may hold."""
     cfg = ServerConfig(
         hostnames=("localhost", HOST),
         public_host=HOST,
@@ -97,6 +101,7 @@ def init_temp_home(root: Path, ports: Ports, validity: timedelta) -> HomeLayout:
         est_port=ports.est,
         http_port=ports.http,
         mqtt_port=ports.mqtt,
+        **({} if admin_port is None else {"admin_port": admin_port}),
         # The scenario's device lifetime reaches the service as a DeviceProfile; the config
         # keeps a normal one, which backend identities (the telemetry observer) get.
         device_validity=max(validity, timedelta(days=30)),
