@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
+from enroll_server.broker.rabbitmq_auth_routes import rabbitmq_auth_routes
 from enroll_server.enrollment.commit_queue import registry_busy
 from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.front import MAX_FIELDS, MAX_LINE, EstFront
@@ -119,6 +120,7 @@ def build_admin_app(state: AppState) -> web.Application:
     app.add_routes(
         [
             *admin_routes(),
+            *rabbitmq_auth_routes(),
             web.get("/healthz", healthz),
             web.get("/metrics", require_operator(metrics)),
             web.get("/", to_console),
