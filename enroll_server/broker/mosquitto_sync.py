@@ -208,25 +208,7 @@ class MosquittoSync:
         """Copy a changed, matching server pair into mosquitto's folder; its serial if so."""
         if self._server_pair is None:
             return None
-        try:
-            chain_pem, key_pem, leaf = read_pair(*self._server_pair)
-        except ServerCertificateError as exc:
-            log.warning("mosquitto: TLS server certificate not handed over: %s", exc)
-            return None
-        files = self._files
-        with contextlib.suppress(OSError):
-            if files.certfile.read_bytes() == chain_pem and files.keyfile.read_bytes() == key_pem:
-                return None
-        try:
-            owner = files.keyfile.stat()
-        except OSError:
-            owner = None
-        write_atomic(files.keyfile, key_pem, SECRET_MODE)
-        if owner is not None and os.geteuid() == 0:
-            # mosquitto may have dropped to its own account: it must still read its key.
-            os.chown(files.keyfile, owner.st_uid, owner.st_gid)
-        write_atomic(files.certfile, chain_pem, PUBLIC_MODE)
-        return leaf.serial_number
+        return copy_server_pair(self._server_pair, self._files.certfile, self._files.keyfile)
 
     def finish(self, max_wait: float) -> None:
         """Run the rechecks due within `max_wait` seconds (for one-shot runs), drop the rest."""
@@ -240,12 +222,48 @@ class MosquittoSync:
 
     def run(self, interval: float, stop: threading.Event) -> None:
         """Sync every `interval` seconds until `stop` is set; failures are logged and retried."""
-        while not stop.is_set():
-            try:
-                self.step()
-            except MosquittoError as exc:
-                log.warning("mosquitto sync round failed, retrying: %s", exc)
-            stop.wait(interval)
+        run_rounds(self.step, interval, stop, MosquittoError, "mosquitto")
+
+
+def run_rounds(
+    step: Callable[[], object],
+    interval: float,
+    stop: threading.Event,
+    retried: type[Exception] | tuple[type[Exception], ...],
+    broker: str,
+) -> None:
+    """A syncer's loop: one `step` every `interval` seconds until `stop` is set; a `retried`
+    failure is logged and the round tried again (the registry cursor has not moved)."""
+    while not stop.is_set():
+        try:
+            step()
+        except retried as exc:
+            log.warning("%s sync round failed, retrying: %s", broker, exc)
+        stop.wait(interval)
+
+
+def copy_server_pair(server_pair: tuple[Path, Path], certfile: Path, keyfile: Path) -> int | None:
+    """Copy a changed, matching TLS server pair (the home's, renewed by `fleetpki serve`)
+    to a broker's own files, key first; the new certificate's serial if it was copied.
+    A pair whose key does not match is never copied."""
+    try:
+        chain_pem, key_pem, leaf = read_pair(*server_pair)
+    except ServerCertificateError as exc:
+        log.warning("TLS server certificate not handed over to the broker: %s", exc)
+        return None
+    with contextlib.suppress(OSError):
+        if certfile.read_bytes() == chain_pem and keyfile.read_bytes() == key_pem:
+            return None
+    try:
+        owner = keyfile.stat()
+    except OSError:
+        owner = None
+    write_atomic(keyfile, key_pem, SECRET_MODE)
+    if owner is not None and os.geteuid() == 0:
+        # the broker may have dropped to its own account: it must still read its key.
+        os.chown(keyfile, owner.st_uid, owner.st_gid)
+    write_atomic(certfile, chain_pem, PUBLIC_MODE)
+    return leaf.serial_number
 
 
 class ServiceLister(Protocol):

@@ -19,6 +19,7 @@ certificate: a revoked or suspended device is refused at every step, not only at
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,9 @@ from typing import Protocol
 from fleetpki.identity import is_valid_id
 from fleetpki.topics import Role, may_publish, may_subscribe
 
+# rabbitmq-sync's management login: no device id nor DNS name starts with "_", so no certificate
+# of our CA carries this CN.
+SYNC_USERNAME = "_fleetpki-sync"
 ALLOW = "allow"
 DENY = "deny"
 VHOST = "/"
@@ -64,11 +68,15 @@ class Decision:
 
     allowed: bool
     why: str
+    tags: tuple[str, ...] = ()
 
     @property
     def body(self) -> str:
-        """What the HTTP backend reads: "allow" or "deny" (tags are never granted)."""
-        return ALLOW if self.allowed else DENY
+        """What the HTTP backend reads: "deny", or "allow" and the user's tags (only
+        rabbitmq-sync has one)."""
+        if not self.allowed:
+            return DENY
+        return " ".join((ALLOW, *self.tags))
 
 
 def _deny(why: str) -> Decision:
@@ -125,6 +133,17 @@ def decide_user(username: str, password: str | None, identity: Identity | None) 
     if password:
         return _deny(f"{username!r} sent a password: only certificate logins are accepted")
     return _admitted(username, identity) or Decision(True, f"{username} logged in")
+
+
+def decide_sync_user(password: str | None, expected: str | None) -> Decision:
+    """rabbitmq-sync's management login (SYNC_USERNAME): its password from the home's secret
+    file. It gets the administrator tag (closing another user's connections needs it) and no
+    vhost (decide_vhost refuses it), so it cannot use MQTT."""
+    if expected is None or password is None:
+        return _deny(f"{SYNC_USERNAME} has no password set up")
+    if not hmac.compare_digest(password.encode(), expected.encode()):
+        return _deny(f"{SYNC_USERNAME}: wrong password")
+    return Decision(True, f"{SYNC_USERNAME} logged in", tags=("administrator",))
 
 
 def decide_vhost(

@@ -22,9 +22,11 @@ from pathlib import Path
 from aiohttp import web
 
 from enroll_server.broker.rabbitmq_auth import (
+    SYNC_USERNAME,
     Decision,
     Identity,
     decide_resource,
+    decide_sync_user,
     decide_topic,
     decide_user,
     decide_vhost,
@@ -38,25 +40,27 @@ log = logging.getLogger("fleetpki.rabbitmq")
 
 PREFIX = "/rabbitmq"
 SECRET_FILE = "rabbitmq-auth.secret"
+# The management password of rabbitmq-sync (user SYNC_USERNAME), answered here too.
+SYNC_SECRET_FILE = "rabbitmq-sync.secret"
 
 
-def secret_path(home: Path) -> Path:
-    return home / SECRET_FILE
+def secret_path(home: Path, name: str = SECRET_FILE) -> Path:
+    return home / name
 
 
-def read_secret(home: Path) -> str | None:
+def read_secret(home: Path, name: str = SECRET_FILE) -> str | None:
     try:
-        return secret_path(home).read_text().strip() or None
+        return secret_path(home, name).read_text().strip() or None
     except OSError:
         return None
 
 
-def ensure_secret(home: Path, new: str) -> str:
-    """The home's auth secret; `new` is written (0600, atomically) when there is none yet."""
-    current = read_secret(home)
+def ensure_secret(home: Path, new: str, name: str = SECRET_FILE) -> str:
+    """A secret of the home; `new` is written (0600, atomically) when there is none yet."""
+    current = read_secret(home, name)
     if current is not None:
         return current
-    write_atomic(secret_path(home), new.encode() + b"\n", SECRET_MODE)
+    write_atomic(secret_path(home, name), new.encode() + b"\n", SECRET_MODE)
     return new
 
 
@@ -103,8 +107,11 @@ async def _params(request: web.Request) -> dict[str, str]:
 async def user(request: web.Request) -> web.Response:
     p = await _params(request)
     name = p.get("username", "")
-    identity = _identity(_state(request), name)
-    return _answer("user", decide_user(name, p.get("password"), identity))
+    state = _state(request)
+    if name == SYNC_USERNAME:
+        expected = read_secret(state.home.layout.root, SYNC_SECRET_FILE) if state.home else None
+        return _answer("user", decide_sync_user(p.get("password"), expected))
+    return _answer("user", decide_user(name, p.get("password"), _identity(state, name)))
 
 
 async def vhost(request: web.Request) -> web.Response:

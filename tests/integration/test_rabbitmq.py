@@ -1,0 +1,442 @@
+"""A real RabbitMQ 3.10 node started from `rabbitmq-config`, its authorisation answered by a
+real `fleetpki serve` (HTTP auth backend), kept current by rabbitmq-sync.
+
+One node for the whole module: RabbitMQ takes seconds to boot. Each test uses its own device
+ids, so what one test revokes does not disturb another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from typer.testing import CliRunner
+
+from device_agent.backoff import Backoff
+from device_agent.mqtt_link import MqttLink
+from enroll_server.broker.rabbitmq_auth_routes import SYNC_SECRET_FILE, read_secret
+from enroll_server.broker.rabbitmq_cli import app as rabbitmq_app
+from enroll_server.broker.rabbitmq_config import RabbitFiles, crl_hash
+from enroll_server.broker.rabbitmq_sync import Management, RabbitSync, read_cursor
+from enroll_server.home.layout import load_home
+from enroll_server.pki.keys import private_key_pem
+from enroll_server.revocation.publisher import CrlPublisher
+from fleetpki.identity import DeviceId
+from tests.integration.revocation_support import Fleet
+from tests.integration.test_revocation_mosquitto import _ca_of
+from tests.live_server import LiveServer, start_live_server
+from tests.pki_helpers import MemoryCa
+from tests.rabbitmq_node import SERVER, RabbitNode, free_port, stop_epmd
+
+runner = CliRunner()
+FAST = Backoff(base=0.2, factor=2.0, cap=1.0)
+
+
+@dataclass
+class Tier:
+    server: LiveServer
+    fleet: Fleet
+    files: RabbitFiles
+    node: RabbitNode
+    folder: Path
+
+    @property
+    def port(self) -> int:
+        return self.node.mqtt_port
+
+    @property
+    def home(self) -> Path:
+        return self.server.layout.root
+
+    def management(self) -> Management:
+        password = read_secret(self.home, SYNC_SECRET_FILE)
+        assert password is not None
+        return Management((self.node.management_port,), password)
+
+    def sync(self) -> RabbitSync:
+        loaded = load_home(self.home)
+        publisher = CrlPublisher(
+            self.fleet.registry, loaded.issuer, since_seq=read_cursor(self.files)
+        )
+        return RabbitSync(
+            publisher,
+            self.files,
+            self.management(),
+            lambda: datetime.now(UTC),
+            server_pair=(loaded.layout.server_cert, loaded.layout.server_key),
+        )
+
+
+@pytest.fixture(scope="module")
+def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
+    # .ci/run installs rabbitmq-server; its absence must fail the run, not skip it.
+    assert SERVER.exists(), "rabbitmq-server is required (apt-get install rabbitmq-server)"
+    assert shutil.which("mosquitto_pub"), "mosquitto-clients are required"
+    folder = tmp_path_factory.mktemp("rabbitmq")
+    server = start_live_server(folder / "home")
+    epmd = free_port()
+    node: RabbitNode | None = None
+    try:
+        fleet = Fleet(_ca_of(load_home(server.layout.root)), server.registry, folder)
+        conf = folder / "conf"
+        mqtt_port, management_port = free_port(), free_port()
+        result = runner.invoke(
+            rabbitmq_app,
+            [
+                "rabbitmq-config",
+                "--home",
+                str(server.layout.root),
+                "--out",
+                str(conf),
+                "--port",
+                str(mqtt_port),
+                "--management-port",
+                str(management_port),
+                "--auth-url",
+                f"https://localhost:{server.handle.admin_port}",
+                "--user",
+                "root",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        node = RabbitNode(folder, conf, "fpk1", mqtt_port, management_port, epmd)
+        node.start()
+        yield Tier(server, fleet, RabbitFiles(conf), node, folder)
+    finally:
+        if node is not None:
+            node.stop()
+        stop_epmd(epmd)
+        server.stop()
+
+
+# ------------------------------------------------------------------------------- clients
+
+
+@dataclass
+class Attempt:
+    """What one CONNECT got: accepted (CONNACK 0), refused (CONNACK code), or closed first."""
+
+    connack: int | None  # None: no CONNACK (TLS refused, or the connection closed)
+    error: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.connack == 0
+
+
+def _ctx(fleet: Fleet, files: tuple[Path, Path] | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(fleet.chain_file()))
+    ctx.check_hostname = False  # the server certificate names localhost; we dial 127.0.0.1
+    if files is not None:
+        ctx.load_cert_chain(*files)
+    return ctx
+
+
+class Client:
+    """A paho client driven by hand (no background thread: no reconnects behind our back)."""
+
+    def __init__(
+        self,
+        tier: Tier,
+        client_id: str,
+        files: tuple[Path, Path] | None,
+        *,
+        password: tuple[str, str] | None = None,
+        protocol: Any = mqtt.MQTTv311,
+    ) -> None:
+        self.tier = tier
+        self.connack: int | None = None
+        self.closed = False
+        self.messages: list[tuple[str, bytes]] = []
+        self.subacks: list[list[int]] = []
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
+        )
+        self.c.tls_set_context(_ctx(tier.fleet, files))
+        if password is not None:
+            self.c.username_pw_set(*password)
+        self.c.on_connect = self._on_connect
+        self.c.on_disconnect = lambda *_a: setattr(self, "closed", True)
+        self.c.on_message = lambda _c, _u, m: self.messages.append((m.topic, bytes(m.payload)))
+        self.c.on_subscribe = lambda _c, _u, _m, codes, _p: self.subacks.append(
+            [int(getattr(x, "value", x)) for x in codes]
+        )
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.connack = int(getattr(reason, "value", reason))
+
+    def pump(self, seconds: float, until: Any = None) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.closed:
+            if self.c.loop(0.02) != mqtt.MQTT_ERR_SUCCESS:
+                self.closed = True
+                return
+            if until is not None and until():
+                return
+
+    def connect(self, timeout: float = 5) -> Attempt:
+        try:
+            self.c.connect("127.0.0.1", self.tier.port, keepalive=30)
+        except (ssl.SSLError, OSError) as exc:
+            return Attempt(None, str(exc))
+        self.pump(timeout, lambda: self.connack is not None)
+        return Attempt(self.connack if not (self.closed and self.connack is None) else None)
+
+    def subscribe(self, topic: str) -> None:
+        self.c.subscribe(topic, qos=0)
+
+    def publish(self, topic: str, payload: bytes = b"x") -> None:
+        self.c.publish(topic, payload, qos=0)
+
+    def close(self) -> None:
+        self.c.disconnect()
+
+
+def device(tier: Tier, device_id: str) -> tuple[Path, Path]:
+    tier.fleet.enroll(device_id)
+    return tier.fleet.cert_file(device_id), tier.fleet.key_file(device_id)
+
+
+def connected(tier: Tier, device_id: str, files: tuple[Path, Path] | None = None) -> Client:
+    files = files or (tier.fleet.cert_file(device_id), tier.fleet.key_file(device_id))
+    client = Client(tier, device_id, files)
+    assert client.connect().accepted, f"{device_id} was refused"
+    return client
+
+
+def mosquitto_pub(tier: Tier, device_id: str, topic: str, *extra: str) -> int:
+    return subprocess.run(
+        [
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(tier.port),
+            "--cafile",
+            str(tier.fleet.chain_file()),
+            "--cert",
+            str(tier.fleet.cert_file(device_id)),
+            "--key",
+            str(tier.fleet.key_file(device_id)),
+            "--insecure",
+            "-i",
+            device_id,
+            "-t",
+            topic,
+            "-m",
+            "hello",
+            "-q",
+            "1",
+            *extra,
+        ],
+        capture_output=True,
+        timeout=15,
+    ).returncode
+
+
+# --------------------------------------------------------------------------------- tests
+
+
+def test_generated_configuration(tier: Tier) -> None:
+    files = tier.files
+    conf = files.conf.read_text().splitlines()
+    for line in (
+        f"mqtt.listeners.ssl.default = 127.0.0.1:{tier.port}",
+        "listeners.tcp = none",
+        "mqtt.listeners.tcp = none",
+        "mqtt.ssl_cert_login = true",
+        "ssl_cert_login_from = common_name",
+        "mqtt.allow_anonymous = false",
+        "auth_backends.1 = cache",
+        "auth_cache.cached_backend = http",
+        "management.tcp.ip = 127.0.0.1",
+    ):
+        assert line in conf, line
+    advanced = files.advanced.read_text()
+    for term in ("{verify, verify_peer}", "{fail_if_no_peer_cert, true}", "{crl_check, peer}"):
+        assert term in advanced, term
+    for private in (files.keyfile, files.conf, files.advanced):
+        assert private.stat().st_mode & 0o777 == 0o600, private
+    crls = list(files.crl_dir.iterdir())
+    assert [p.name for p in crls] == [f"{crl_hash(crls[0].read_bytes())}.r0"]
+    assert files.plugins.read_text() == (
+        "[rabbitmq_mqtt,rabbitmq_auth_backend_http,rabbitmq_auth_backend_cache,"
+        "rabbitmq_management].\n"
+    )
+
+
+def service(tier: Tier, name: str) -> Client:
+    """A backend identity (role service in the registry) reading every device's telemetry."""
+    if tier.fleet.registry.get_device(DeviceId(name)) is None:
+        tier.fleet.registry.add_device(
+            DeviceId(name), role="service", now=datetime.now(UTC), actor="t"
+        )
+    client = connected(tier, name, device(tier, name))
+    client.subscribe("devices/+/telemetry")
+    client.pump(2, lambda: bool(client.subacks))
+    assert client.subacks == [[0]]
+    return client
+
+
+def test_devices_publish_on_their_own_topic_mosquitto_clients_and_our_agent(tier: Tier) -> None:
+    device(tier, "ok-1")
+    device(tier, "ok-2")
+    watcher = service(tier, "svc-1")
+    assert mosquitto_pub(tier, "ok-1", "devices/ok-1/telemetry") == 0
+    watcher.pump(5, lambda: bool(watcher.messages))
+    assert watcher.messages == [("devices/ok-1/telemetry", b"hello")]
+
+    # our agent's MQTT link, unchanged: it connects as itself and its telemetry arrives
+    cert, key = tier.fleet.cert_file("ok-2"), tier.fleet.key_file("ok-2")
+
+    async def run_link() -> int:
+        link = MqttLink(
+            DeviceId("ok-2"),
+            "localhost",
+            tier.port,
+            tier.fleet.chain_file(),
+            lambda: (cert, key),
+            backoff=FAST,
+            timeout=3.0,
+        )
+        task = asyncio.create_task(link.run())
+        try:
+            async with asyncio.timeout(10):
+                await link.connected.wait()
+            link.enqueue(b'{"n": 1}')
+            async with asyncio.timeout(10):
+                while link.published < 1:
+                    await asyncio.sleep(0.02)
+            return link.published
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    assert asyncio.run(run_link()) == 1
+    watcher.pump(5, lambda: len(watcher.messages) > 1)
+    assert watcher.messages[1] == ("devices/ok-2/telemetry", b'{"n": 1}')
+    watcher.close()
+
+
+def test_refused_no_certificate(tier: Tier) -> None:
+    assert Client(tier, "nocert", None).connect().connack is None
+
+
+def test_refused_certificate_of_another_ca(tier: Tier, ca: MemoryCa) -> None:
+    cert, key = ca.device_cert("stranger", now=datetime.now(UTC))
+    c, k = tier.folder / "stranger.pem", tier.folder / "stranger.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(private_key_pem(key, None))
+    assert Client(tier, "stranger", (c, k)).connect().connack is None
+
+
+def test_refused_certificate_with_a_password(tier: Tier) -> None:
+    """A username/password would otherwise win over the certificate (RabbitMQ 3.10)."""
+    files = device(tier, "pw-1")
+    for creds in (("guest", "guest"), ("pw-1", "anything")):
+        got = Client(tier, "pw-1", files, password=creds).connect()
+        assert not got.accepted, creds
+
+
+def test_refused_mqtt5(tier: Tier) -> None:
+    files = device(tier, "v5-1")
+    got = Client(tier, "v5-1", files, protocol=mqtt.MQTTv5).connect()
+    assert not got.accepted
+
+
+def test_refused_spoofed_client_id_and_the_victim_is_not_kicked(tier: Tier) -> None:
+    device(tier, "victim")
+    attacker = device(tier, "attacker")
+    victim = connected(tier, "victim")
+    got = Client(tier, "victim", attacker).connect()
+    assert got.connack == 135, got  # CONNACK 5 "not authorized", as paho's reason code
+    victim.pump(1.0)
+    assert not victim.closed, "the victim's session was taken over"
+    victim.close()
+
+
+def test_made_useless_other_devices_topic_and_wildcards(tier: Tier) -> None:
+    device(tier, "top-1")
+    device(tier, "top-2")
+    target = connected(tier, "top-2")
+    target.subscribe("devices/top-2/#")
+    target.pump(0.5, lambda: target.subacks)
+    # publishing into another device's topic: not delivered, and the publisher is cut off
+    assert mosquitto_pub(tier, "top-1", "devices/top-2/commands") != 0
+    target.pump(1.0)
+    assert target.messages == []
+    target.close()
+    # subscribing to another device's topics, to '#' or to every device: connection closed
+    for topic in ("devices/top-2/#", "#", "devices/+/telemetry"):
+        snoop = connected(tier, "top-1")
+        snoop.subscribe(topic)
+        snoop.pump(3, lambda s=snoop: bool(s.subacks))  # type: ignore[misc]
+        assert snoop.closed or snoop.subacks == [[128]], topic
+
+
+def test_revoke_drops_the_live_session_within_1s_and_reconnect_is_refused(tier: Tier) -> None:
+    device(tier, "rev-1")
+    device(tier, "sus-1")
+    sync = tier.sync()
+    stop = threading.Event()
+    loop = threading.Thread(target=sync.run, args=(0.05, stop), daemon=True)
+    loop.start()
+    try:
+        for name, act in (
+            ("rev-1", tier.fleet.registry.revoke_device),
+            ("sus-1", tier.fleet.registry.suspend_device),
+        ):
+            live = connected(tier, name)
+            started = time.monotonic()
+            if name == "rev-1":
+                act(DeviceId(name), reason="keyCompromise", now=datetime.now(UTC), actor="t")
+            else:
+                act(DeviceId(name), now=datetime.now(UTC), actor="t")
+            live.pump(3)
+            took = time.monotonic() - started
+            assert live.closed and took < 1.0, (name, took)
+            assert not Client(tier, name, live_files(tier, name)).connect().accepted, name
+    finally:
+        stop.set()
+        loop.join(5)
+
+
+def live_files(tier: Tier, name: str) -> tuple[Path, Path]:
+    return tier.fleet.cert_file(name), tier.fleet.key_file(name)
+
+
+def test_sync_killed_and_restarted_catches_up(tier: Tier) -> None:
+    device(tier, "late-1")
+    # one round now: the cursor is current
+    assert tier.sync().step() is not None
+    live = connected(tier, "late-1")
+    # revoked while no syncer runs
+    tier.fleet.registry.revoke_device(
+        DeviceId("late-1"), reason="keyCompromise", now=datetime.now(UTC), actor="t"
+    )
+    live.pump(1.0)
+    assert not live.closed  # nobody told RabbitMQ yet
+    result = runner.invoke(
+        rabbitmq_app,
+        ["rabbitmq-sync", "--home", str(tier.home), "--conf-dir", str(tier.files.folder), "--once"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "late-1" in result.output
+    live.pump(2)
+    assert live.closed
+    assert not Client(tier, "late-1", live_files(tier, "late-1")).connect().accepted
+    # the management password never reaches the output
+    password = read_secret(tier.home, SYNC_SECRET_FILE)
+    assert password is not None and password not in result.output
