@@ -112,7 +112,8 @@ def build_https_app(state: AppState) -> web.Application:
 
 def build_admin_app(state: AppState) -> web.Application:
     """The operators' HTTPS app: the admin API and /metrics, both behind an operator token,
-    and the web console under /console/ (behind a login with one)."""
+    the web console under /console/ (behind a login with one), and RabbitMQ's HTTP auth
+    backend under /rabbitmq/<secret>/ (broker.rabbitmq_auth_routes: RabbitMQ sends no token)."""
     app = web.Application(
         middlewares=[deadline_middleware, error_middleware], client_max_size=MAX_BODY
     )
