@@ -23,7 +23,12 @@ from enroll_server.broker.rabbitmq_config import (
     RabbitSettings,
     write_rabbitmq_config,
 )
-from enroll_server.broker.rabbitmq_sync import Management, RabbitSync, read_cursor
+from enroll_server.broker.rabbitmq_sync import (
+    Management,
+    PemCacheClear,
+    RabbitSync,
+    read_cursor,
+)
 from enroll_server.cli.exit_codes import ExitCode, error_exit
 from enroll_server.cli.options import HomeOpt
 from enroll_server.home.layout import new_secret, registry_location
@@ -115,6 +120,16 @@ def rabbitmq_sync(
             "one rabbitmq-config wrote)."
         ),
     ] = None,
+    node: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A node (NAME@HOST) to make re-read a renewed server certificate through "
+            "rabbitmqctl (repeat for each; needs its Erlang cookie)."
+        ),
+    ] = None,
+    rabbitmqctl: Annotated[
+        str, typer.Option(help="The rabbitmqctl to run for --node.")
+    ] = "rabbitmqctl",
     once: Annotated[bool, typer.Option("--once", help="One round, then exit.")] = False,
     interval: Annotated[
         float, typer.Option(help="Seconds between registry polls.")
@@ -154,6 +169,7 @@ def rabbitmq_sync(
             management,
             lambda: datetime.now(UTC),
             server_pair=(loaded.layout.server_cert, loaded.layout.server_key),
+            reload_certificates=PemCacheClear(tuple(node), rabbitmqctl) if node else None,
         )
         if once:
             try:

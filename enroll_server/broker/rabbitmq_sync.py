@@ -6,8 +6,9 @@ What RabbitMQ 3.10.8 does (each point tested in tests/integration/test_rabbitmq.
 - `DELETE /api/connections/username/<id>` on the management API ends every connection of
   that user on every node of the cluster within milliseconds (`rabbitmqctl
   close_all_user_connections` does nothing to MQTT connections).
-- the certificate files are read by new TLS handshakes, so a renewed server pair needs no
-  restart either.
+- Erlang's TLS keeps the server certificate files it read in its PEM cache: a renewed pair
+  copied into the folder is presented only after `ssl:clear_pem_cache()` on each node
+  (PemCacheClear, through rabbitmqctl: it needs the node's Erlang cookie), or a restart.
 Order per round: the CRL file first, then the kicks, so an immediate reconnect is refused at
 the handshake. A kick that fails (RabbitMQ down) is kept and retried; the cursor of
 registry events moves only when every kick is done, so a restarted syncer catches up.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import base64
 import http.client
 import logging
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -72,6 +74,33 @@ class Management:
         raise ManagementUnavailable(f"kick of {username} failed: {'; '.join(problems)}")
 
 
+@dataclass(frozen=True, slots=True)
+class PemCacheClear:
+    """Makes each node re-read its certificate files: `rabbitmqctl -n NODE eval
+    'ssl:clear_pem_cache().'` (run as the account whose HOME holds the Erlang cookie)."""
+
+    nodes: tuple[str, ...]
+    rabbitmqctl: str = "rabbitmqctl"
+    env: dict[str, str] | None = None
+
+    def __call__(self) -> None:
+        for node in self.nodes:
+            try:
+                done = subprocess.run(
+                    [self.rabbitmqctl, "-n", node, "eval", "ssl:clear_pem_cache()."],
+                    env=self.env,
+                    capture_output=True,
+                    timeout=60,
+                    check=False,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.warning("rabbitmq: %s: PEM cache not cleared: %s", node, exc)
+                continue
+            if done.returncode != 0:
+                why = (done.stdout + done.stderr).decode(errors="replace").strip()[-200:]
+                log.warning("rabbitmq: %s: PEM cache not cleared: %s", node, why)
+
+
 def read_cursor(files: RabbitFiles) -> int | None:
     try:
         return int(files.sync_cursor.read_text().strip())
@@ -97,6 +126,7 @@ class RabbitSync:
         clock: Callable[[], datetime],
         monotonic: Callable[[], float] = time.monotonic,
         server_pair: tuple[Path, Path] | None = None,
+        reload_certificates: Callable[[], None] | None = None,
         recheck_delays: Sequence[float] = RECHECK_DELAYS,
     ) -> None:
         self._publisher = publisher
@@ -105,6 +135,7 @@ class RabbitSync:
         self._clock = clock
         self._monotonic = monotonic
         self._server_pair = server_pair
+        self._reload_certificates = reload_certificates
         self._recheck_delays = tuple(recheck_delays)
         self._applied_crl: int | None = None
         self._to_drop: dict[str, None] = {}
@@ -124,6 +155,13 @@ class RabbitSync:
             serial = copy_server_pair(self._server_pair, self._files.certfile, self._files.keyfile)
             if serial is not None:
                 log.info("rabbitmq: TLS server certificate serial %x copied", serial)
+                if self._reload_certificates is not None:
+                    self._reload_certificates()
+                else:
+                    log.warning(
+                        "rabbitmq: the nodes present the old server certificate until "
+                        "ssl:clear_pem_cache() or a restart (rabbitmq-sync --node)"
+                    )
         now = self._monotonic()
         # A handshake under way while the CRL file was replaced may have read the old one:
         # the same users are kicked again a little later.

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
@@ -29,8 +31,13 @@ from device_agent.mqtt_link import MqttLink
 from enroll_server.broker.rabbitmq_auth_routes import SYNC_SECRET_FILE, read_secret
 from enroll_server.broker.rabbitmq_cli import app as rabbitmq_app
 from enroll_server.broker.rabbitmq_config import RabbitFiles, crl_hash
-from enroll_server.broker.rabbitmq_sync import Management, RabbitSync, read_cursor
-from enroll_server.home.layout import load_home
+from enroll_server.broker.rabbitmq_sync import (
+    Management,
+    PemCacheClear,
+    RabbitSync,
+    read_cursor,
+)
+from enroll_server.home.layout import load_home, renew_server_certificate
 from enroll_server.pki.keys import private_key_pem
 from enroll_server.revocation.publisher import CrlPublisher
 from fleetpki.identity import DeviceId
@@ -38,7 +45,7 @@ from tests.integration.revocation_support import Fleet
 from tests.integration.test_revocation_mosquitto import _ca_of
 from tests.live_server import LiveServer, start_live_server
 from tests.pki_helpers import MemoryCa
-from tests.rabbitmq_node import SERVER, RabbitNode, free_port, stop_epmd
+from tests.rabbitmq_node import CTL, SERVER, RabbitNode, free_port, stop_epmd
 
 runner = CliRunner()
 FAST = Backoff(base=0.2, factor=2.0, cap=1.0)
@@ -65,7 +72,7 @@ class Tier:
         assert password is not None
         return Management((self.node.management_port,), password)
 
-    def sync(self) -> RabbitSync:
+    def sync(self, reload_certificates: Callable[[], None] | None = None) -> RabbitSync:
         loaded = load_home(self.home)
         publisher = CrlPublisher(
             self.fleet.registry, loaded.issuer, since_seq=read_cursor(self.files)
@@ -76,6 +83,7 @@ class Tier:
             self.management(),
             lambda: datetime.now(UTC),
             server_pair=(loaded.layout.server_cert, loaded.layout.server_key),
+            reload_certificates=reload_certificates,
         )
 
 
@@ -440,3 +448,47 @@ def test_sync_killed_and_restarted_catches_up(tier: Tier) -> None:
     # the management password never reaches the output
     password = read_secret(tier.home, SYNC_SECRET_FILE)
     assert password is not None and password not in result.output
+
+
+def test_a_missing_crl_file_refuses_everyone_so_it_is_only_replaced(tier: Tier) -> None:
+    """Fail closed: RabbitMQ refuses every client while the CRL file is missing; rabbitmq-sync
+    replaces it atomically (never missing) and a new CRL is read without a restart."""
+    files = device(tier, "crl-1")
+    [crl] = list(tier.files.crl_dir.iterdir())
+    saved = crl.read_bytes()
+    crl.unlink()
+    try:
+        assert not Client(tier, "crl-1", files).connect().accepted
+    finally:
+        crl.write_bytes(saved)
+    assert connected(tier, "crl-1", files)
+    sync = tier.sync()
+    sync.step()  # writes the current CRL over the file in place
+    assert [p.name for p in tier.files.crl_dir.iterdir()] == [crl.name]
+    assert Client(tier, "crl-1", files).connect().accepted
+
+
+def presented_serial(tier: Tier) -> int:
+    ctx = _ctx(tier.fleet, live_files(tier, "cert-1"))
+    with socket.create_connection(("127.0.0.1", tier.port)) as raw, ctx.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_sync_hands_a_renewed_server_certificate_to_rabbitmq(tier: Tier) -> None:
+    device(tier, "cert-1")
+    sync = tier.sync(
+        reload_certificates=PemCacheClear((tier.node.node,), str(CTL), tier.node.env())
+    )
+    assert sync.step().server_serial is None  # the copy rabbitmq-config made is current
+    old = presented_serial(tier)
+    loaded = load_home(tier.home)
+    new = renew_server_certificate(loaded.layout, loaded.issuer, loaded.config, datetime.now(UTC))
+    assert sync.step().server_serial == new.serial_number
+    assert tier.files.certfile.read_bytes() == loaded.layout.server_cert.read_bytes()
+    assert tier.files.keyfile.stat().st_mode & 0o777 == 0o600
+    assert sync.step().server_serial is None  # copied once
+    # presented at once to new connections, which verify its chain and get in
+    assert old != new.serial_number == presented_serial(tier)
+    connected(tier, "cert-1").close()
