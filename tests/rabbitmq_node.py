@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -60,6 +61,7 @@ class RabbitNode:
     epmd_port: int
     dist: int = field(default_factory=dist_port)
     proc: subprocess.Popen[bytes] | None = None
+    conf_file: Path | None = None  # default: conf_dir/rabbitmq.conf
 
     @property
     def node(self) -> str:
@@ -86,16 +88,27 @@ class RabbitNode:
             "RABBITMQ_LOGS": "-",
             "RABBITMQ_PID_FILE": str(self.pidfile),
             "RABBITMQ_PLUGINS_EXPAND_DIR": str(base / "plugins"),
-            "RABBITMQ_CONFIG_FILE": str(self.conf_dir / "rabbitmq.conf"),
+            "RABBITMQ_CONFIG_FILE": str(self.conf_file or self.conf_dir / "rabbitmq.conf"),
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.conf_dir / "advanced.config"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.conf_dir / "enabled_plugins"),
         }
 
     def start(self) -> None:
+        self.launch()
+        self.wait()
+
+    def launch(self) -> None:
+        cookie = self.folder / ".erlang.cookie"
+        if not cookie.exists():  # one cookie for every node of the folder, before any starts
+            cookie.write_text(secrets.token_hex(20))
+            cookie.chmod(0o400)
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
                 [str(SERVER)], env=self.env(), stdout=sink, stderr=sink, start_new_session=True
             )
+
+    def wait(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + BOOT_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -135,32 +148,37 @@ class RabbitNode:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def stop(self) -> None:
-        """End the node (beam.smp by its pid file, then the script's group), then our epmd."""
-        beam = None
-        with contextlib.suppress(OSError, ValueError):
-            beam = int(self.pidfile.read_text().strip())
-        for pid in (beam,):
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-        if self.proc is not None:
+    def beam_pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to beam.smp (by its pid file) and to the script's process group."""
+        beam = self.beam_pid()
+        if beam is not None and _alive(beam):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        if beam is not None:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and _alive(beam):
-                time.sleep(0.1)
-            if _alive(beam):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(beam, signal.SIGKILL)
+                os.kill(beam, signum)
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+
+    def stop(self, *, kill: bool = False) -> None:
+        """End the node: SIGTERM (SIGKILL with `kill`, or after 20 s), and wait for it."""
+        beam = self.beam_pid()
+        self.signal(signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (
+            (beam is not None and _alive(beam))
+            or (self.proc is not None and self.proc.poll() is None)
+        ):
+            time.sleep(0.05)
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(5)
         self.proc = None
+        self.pidfile.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
