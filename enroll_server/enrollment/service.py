@@ -18,6 +18,7 @@ from enroll_server.errors import (
     BadRequest,
     DeviceSuspended,
     Forbidden,
+    Unavailable,
     device_inactive,
 )
 from enroll_server.pki.birth_certificate import check_birth_certificate
@@ -32,6 +33,7 @@ from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
 from enroll_server.pki.errors import BirthCertificateRejected, CsrRejected
 from enroll_server.pki.keys import PublicKey
 from enroll_server.pki.profile import DeviceProfile
+from enroll_server.pki.signer import SignerError
 from enroll_server.pki.template import TemplateMismatch, device_certificates
 from enroll_server.registry import Issuance, Registry, RegistryError
 from enroll_server.registry.errors import CertificateNotCurrent, DeviceNotActive, TokenRejected
@@ -47,6 +49,8 @@ log = logging.getLogger("fleetpki.service")
 
 # How long after issuance a lost reply may be fetched again with the spent token.
 RETRY_WINDOW = timedelta(minutes=15)
+# Seconds a device is asked to wait (Retry-After) when the CA key's token cannot sign.
+SIGNER_RETRY_AFTER = 10
 # One message for unknown device, wrong token and a token of another device: the difference
 # would let an attacker enumerate device ids (issue: no enumeration oracle).
 BAD_CREDENTIALS = "unknown device or wrong enrollment token"
@@ -283,9 +287,14 @@ class EnrollmentService:
         device_id = auth.grant.device_id
         # One attribute test on the hot path when no per-device profile is configured.
         profile = self.profile if self.profile_for is None else self.profile_for(device_id)
-        signed = self._certificates.issue(
-            approved.public_key, device_id, now, profile, auth.grant.role
-        )
+        try:
+            signed = self._certificates.issue(
+                approved.public_key, device_id, now, profile, auth.grant.role
+            )
+        except SignerError as exc:
+            # The CA key's token is unreachable (removed, session lost) or signed wrongly:
+            # nothing is recorded and the token is not used, so the device just asks again.
+            raise Unavailable(f"{exc}; nothing was issued, try again", SIGNER_RETRY_AFTER) from exc
         # Encoded once: the fingerprint, the registry's PEM and the reply all derive from it.
         der = signed.der
         record = IssuedCertificate(

@@ -12,8 +12,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from enroll_server.pki.keys import PrivateKey, PublicKey, signature_hash
+from enroll_server.pki.keys import PrivateKey, PublicKey
 from enroll_server.pki.serial import new_serial
+from enroll_server.pki.signer import Signer, sign_x509
 
 # Certificates are backdated a little so that a relying party whose clock lags (a Pi that has
 # just synced, a broker in another zone) does not see them as "not yet valid".
@@ -33,10 +34,13 @@ class PkiUrls:
 
 @dataclass(frozen=True, slots=True)
 class Issuer:
-    """A CA certificate, its signing key and the URLs its certificates point to."""
+    """A CA certificate, its signing key and the URLs its certificates point to.
+
+    `key` is a key in memory or any Signer (a key in a PKCS#11 token, pki/signer.py).
+    """
 
     cert: x509.Certificate
-    key: PrivateKey
+    key: PrivateKey | Signer
     urls: PkiUrls | None = None
 
 
@@ -75,12 +79,12 @@ def _ca_key_usage() -> x509.KeyUsage:
 
 
 def build_root_ca(
-    key: PrivateKey, common_name: str, now: datetime, days: int = 3650
+    key: PrivateKey | Signer, common_name: str, now: datetime, days: int = 3650
 ) -> x509.Certificate:
     """Self-signed root, pathLen 1: it may sign one level of CA (the issuing CA) and no more."""
     name = _name(common_name)
     pub = key.public_key()
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -91,12 +95,12 @@ def build_root_ca(
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
-        .sign(key, signature_hash(key))
     )
+    return sign_x509(builder, key)
 
 
 def build_issuing_ca(
-    key: PrivateKey,
+    key: PrivateKey | Signer,
     root: Issuer,
     common_name: str,
     now: datetime,
@@ -126,7 +130,7 @@ def build_issuing_ca(
     )
     if crl_url is not None:
         builder = builder.add_extension(crl_distribution_points(crl_url), critical=False)
-    return builder.sign(root.key, signature_hash(root.key))
+    return sign_x509(builder, root.key)
 
 
 def _aki(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -239,4 +243,4 @@ def build_server_certificate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki(issuer.cert), critical=False)
     )
-    return builder.sign(issuer.key, signature_hash(issuer.key))
+    return sign_x509(builder, issuer.key)

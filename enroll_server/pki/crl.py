@@ -10,7 +10,8 @@ from cryptography import x509
 
 from enroll_server.pki.ca import authority_key_identifier
 from enroll_server.pki.errors import PkiError
-from enroll_server.pki.keys import PrivateKey, signature_hash
+from enroll_server.pki.keys import PrivateKey
+from enroll_server.pki.signer import Signer, sign_x509
 
 # thisUpdate is backdated a little: a relying party whose clock lags ours (a broker on another
 # host, a Pi before NTP) would otherwise reject a fresh CRL as "not yet valid" and, with
@@ -119,7 +120,7 @@ def ca_certs_distribution_point() -> x509.IssuingDistributionPoint:
 
 def build_crl(
     issuer_cert: x509.Certificate,
-    issuer_key: PrivateKey,
+    issuer_key: PrivateKey | Signer,
     entries: Sequence[RevokedEntryLike],
     crl_number: int,
     now: datetime,
@@ -155,7 +156,7 @@ def build_crl(
         extensions=extensions,
         revoked_certificates=revoked,
     )
-    return builder.sign(issuer_key, signature_hash(issuer_key))
+    return sign_x509(builder, issuer_key)
 
 
 def crl_lifetime(crl: x509.CertificateRevocationList) -> timedelta | None:

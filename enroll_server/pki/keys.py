@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
+from enroll_server.pki import der
 from enroll_server.pki.errors import BadPassphrase, UnsupportedKey
 from fleetpki.keys import KeyType, PrivateKey, PublicKey, generate_key, signature_hash
 
@@ -19,6 +21,7 @@ __all__ = [
     "parse_key_type",
     "private_key_pem",
     "signature_hash",
+    "subject_public_key_bits",
 ]
 
 
@@ -78,3 +81,20 @@ def load_private_key_pem(pem: bytes, passphrase: bytes | None, what: str = "key"
     ):
         raise UnsupportedKey(f"{what}: key type {type(key).__name__} is not supported")
     return key
+
+
+def subject_public_key_bits(public_key: CertificatePublicKeyTypes) -> bytes:
+    """The subjectPublicKey BIT STRING value (no unused-bits octet), what issuerKeyHash hashes.
+
+    RFC 6960 4.1.1: "the hash of the issuer's public key ... excluding the tag and length
+    fields" of the BIT STRING in the issuer certificate's SubjectPublicKeyInfo.
+    """
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _, seq_start, _ = der.read(spki, 0)  # SubjectPublicKeyInfo SEQUENCE
+    _, _, alg_end = der.read(spki, seq_start)  # AlgorithmIdentifier
+    tag, bits_start, bits_end = der.read(spki, alg_end)
+    if tag != 0x03:
+        raise ValueError(f"SubjectPublicKeyInfo without a BIT STRING (tag {tag:#x})")
+    return spki[bits_start + 1 : bits_end]

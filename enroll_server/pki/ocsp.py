@@ -12,17 +12,16 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enroll_server.pki.ca import Issuer, authority_key_identifier
 from enroll_server.pki.crl import reason_flag
-from enroll_server.pki.der import read as read_der
 from enroll_server.pki.errors import PkiError
-from enroll_server.pki.keys import PrivateKey, PublicKey, signature_hash
+from enroll_server.pki.keys import PrivateKey, PublicKey, subject_public_key_bits
 from enroll_server.pki.profile import SIGNATURE_ONLY_KEY_USAGE
 from enroll_server.pki.serial import new_serial
+from enroll_server.pki.signer import Signer, sign_ocsp, sign_x509
 
 # RFC 9654 2.1 (which obsoletes RFC 8954): a nonce is 1..128 octets; longer or empty ones
 # "MUST" be answered with malformedRequest.
@@ -102,23 +101,6 @@ class OcspReply:
     serial: int | None = None
 
 
-def subject_public_key_bits(public_key: CertificatePublicKeyTypes) -> bytes:
-    """The subjectPublicKey BIT STRING value (no unused-bits octet), what issuerKeyHash hashes.
-
-    RFC 6960 4.1.1: "the hash of the issuer's public key ... excluding the tag and length
-    fields" of the BIT STRING in the issuer certificate's SubjectPublicKeyInfo.
-    """
-    spki = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    _, seq_start, _ = read_der(spki, 0)  # SubjectPublicKeyInfo SEQUENCE
-    _, _, alg_end = read_der(spki, seq_start)  # AlgorithmIdentifier
-    tag, bits_start, bits_end = read_der(spki, alg_end)
-    if tag != 0x03:
-        raise ValueError(f"SubjectPublicKeyInfo without a BIT STRING (tag {tag:#x})")
-    return spki[bits_start + 1 : bits_end]
-
-
 def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
     h = hashes.Hash(algorithm)
     h.update(data)
@@ -161,7 +143,7 @@ class OcspResponder:
 
     issuer_cert: x509.Certificate
     signer_cert: x509.Certificate
-    signer_key: PrivateKey
+    signer_key: PrivateKey | Signer
     validity: timedelta = DEFAULT_RESPONSE_VALIDITY
     _hashes: dict[str, tuple[bytes, bytes]] = field(init=False, repr=False, compare=False)
 
@@ -275,29 +257,25 @@ def respond(
             raise ValueError(f"lookup said serial {serial:x} is revoked but gave no time")
         if info.reason not in (None, "unspecified"):
             revocation_reason = reason_flag(serial, info.reason)
-    builder = (
-        ocsp.OCSPResponseBuilder()
-        .add_response_by_hash(
-            # Echo the CertID exactly as asked, same hash algorithm (RFC 5019 2.2.1).
-            issuer_name_hash=request.issuer_name_hash,
-            issuer_key_hash=request.issuer_key_hash,
-            serial_number=serial,
-            algorithm=algorithm,
-            cert_status=info.status,
-            this_update=now,
-            next_update=next_update,
-            revocation_time=info.revoked_at if info.status is ocsp.OCSPCertStatus.REVOKED else None,
-            revocation_reason=revocation_reason,
-        )
-        # byKey (RFC 6960 4.2.1), the form RFC 5019 2.2.2 recommends: no name comparison.
-        .responder_id(ocsp.OCSPResponderEncoding.HASH, responder.signer_cert)
+    builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+        # Echo the CertID exactly as asked, same hash algorithm (RFC 5019 2.2.1).
+        issuer_name_hash=request.issuer_name_hash,
+        issuer_key_hash=request.issuer_key_hash,
+        serial_number=serial,
+        algorithm=algorithm,
+        cert_status=info.status,
+        this_update=now,
+        next_update=next_update,
+        revocation_time=info.revoked_at if info.status is ocsp.OCSPCertStatus.REVOKED else None,
+        revocation_reason=revocation_reason,
     )
     if responder.delegated:
         # RFC 6960 4.2.2.2: the client needs the delegation certificate to verify the signature.
         builder = builder.certificates([responder.signer_cert])
     if nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
-    response = builder.sign(responder.signer_key, signature_hash(responder.signer_key))
+    # byKey (RFC 6960 4.2.1), the form RFC 5019 2.2.2 recommends: no name comparison.
+    response = sign_ocsp(builder, responder.signer_cert, responder.signer_key)
     return OcspReply(
         response.public_bytes(serialization.Encoding.DER),
         info.status.name.lower(),
@@ -356,7 +334,7 @@ def build_ocsp_signer_certificate(
     # A few minutes back for relying parties whose clock lags, as for other certificates.
     not_before = now - timedelta(minutes=5)
     not_after = min(now + validity, issuer.cert.not_valid_after_utc)
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer.cert.subject)
@@ -373,5 +351,5 @@ def build_ocsp_signer_certificate(
         .add_extension(x509.OCSPNoCheck(), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(authority_key_identifier(issuer.cert), critical=False)
-        .sign(issuer.key, signature_hash(issuer.key))
     )
+    return sign_x509(builder, issuer.key)

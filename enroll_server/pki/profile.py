@@ -9,8 +9,9 @@ from cryptography import x509
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from enroll_server.pki.ca import Issuer, authority_key_identifier, crl_distribution_points
-from enroll_server.pki.keys import PublicKey, signature_hash
+from enroll_server.pki.keys import PublicKey
 from enroll_server.pki.serial import new_serial
+from enroll_server.pki.signer import sign_x509
 from fleetpki.identity import SERVICE_URN_PREFIX, URN_PREFIX, DeviceId
 from fleetpki.topics import Role
 
@@ -114,4 +115,4 @@ def build_device_certificate(
             ),
             critical=False,
         )
-    return builder.sign(issuer.key, signature_hash(issuer.key))
+    return sign_x509(builder, issuer.key)

@@ -22,19 +22,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from enroll_server.pki import der
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.errors import PkiError
-from enroll_server.pki.keys import PrivateKey, PublicKey, signature_hash
+from enroll_server.pki.keys import PublicKey
 from enroll_server.pki.profile import (
     DeviceProfile,
     build_device_certificate,
     end_entity_uri,
 )
 from enroll_server.pki.serial import new_serial
+from enroll_server.pki.signer import SignerError, as_signer
 from fleetpki.identity import DeviceId
 from fleetpki.topics import Role
 
@@ -61,21 +62,6 @@ class SignedCertificate:
     serial: int
     not_before: datetime
     not_after: datetime
-
-
-def _signer(key: PrivateKey) -> Callable[[bytes], bytes]:
-    """Sign as CertificateBuilder.sign(key, signature_hash(key)) does: ECDSA, PKCS#1 v1.5
-    (RFC 4055 sha*WithRSAEncryption) or Ed25519 (RFC 8410, no pre-hash)."""
-    algorithm = signature_hash(key)
-    if isinstance(key, ec.EllipticCurvePrivateKey) and algorithm is not None:
-        ecdsa = ec.ECDSA(algorithm)
-        return lambda data: key.sign(data, ecdsa)
-    if isinstance(key, rsa.RSAPrivateKey) and algorithm is not None:
-        pkcs1 = padding.PKCS1v15()
-        return lambda data: key.sign(data, pkcs1, algorithm)
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign
-    raise TemplateMismatch(f"no signer for a {type(key).__name__}")
 
 
 def _time(t: datetime) -> bytes:
@@ -105,7 +91,11 @@ class CertificateTemplate:
     """Issues exactly the certificates `build_device_certificate` would, for one issuer."""
 
     def __init__(self, issuer: Issuer) -> None:
-        self._sign = _signer(issuer.key)
+        # A key in memory or a token (pki/signer.py): the TBS is signed the same way either way.
+        try:
+            self._sign = as_signer(issuer.key).sign
+        except SignerError as exc:
+            raise TemplateMismatch(str(exc)) from None
         self._issuer_not_after = issuer.cert.not_valid_after_utc
         probe_key = ec.generate_private_key(ec.SECP256R1()).public_key()
         probe_id = DeviceId("template-probe")

@@ -30,6 +30,7 @@ from enroll_server.pki.ocsp import (
     respond_get,
     unsuccessful,
 )
+from enroll_server.pki.signer import SignerUnavailable
 from enroll_server.registry.errors import RegistryBusy
 from enroll_server.registry.models import CertificateRecord, CertStatus
 from enroll_server.revocation.publisher import (
@@ -211,6 +212,10 @@ class RevocationState:
         except RegistryBusy as exc:
             # The registry locked or unreachable (PostgreSQL restarting): RFC 6960 2.3
             # tryLater, which a client retries, rather than internalError.
+            log.warning("OCSP: %s", exc)
+            reply = OcspReply(unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER), "tryLater")
+        except SignerUnavailable as exc:
+            # The CA key's token is away (removed, session lost): tryLater too, it may return.
             log.warning("OCSP: %s", exc)
             reply = OcspReply(unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER), "tryLater")
         except Exception:

@@ -1,0 +1,283 @@
+"""The issuing CA key in a PKCS#11 token (SoftHSM2): every signature made by the token, every
+signed object verified by openssl against the chain, and the failures a token can have.
+
+This module owns one SoftHSM2 configuration (SOFTHSM2_CONF, token directory under tmp): a
+PKCS#11 module reads it once per process, at C_Initialize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pkcs11
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+from enroll_server.enrollment.service import EnrollmentService
+from enroll_server.errors import Unavailable, http_status
+from enroll_server.pki.ca import Issuer, build_issuing_ca
+from enroll_server.pki.crl import build_crl
+from enroll_server.pki.keys import KeyType, generate_key
+from enroll_server.pki.ocsp import CertStatusInfo, OcspResponder, respond
+from enroll_server.pki.profile import DeviceProfile
+from enroll_server.pki.signer import (
+    DEFAULT_PKCS11_MODULE,
+    Pkcs11Signer,
+    SignerUnavailable,
+    generate_pkcs11_key,
+    parse_pkcs11_uri,
+)
+from enroll_server.pki.template import CertificateTemplate, device_certificates
+from enroll_server.registry import Registry
+from enroll_server.registry.models import NewDevice, RevokedEntry
+from enroll_server.revocation.publisher import CrlPublisher
+from enroll_server.revocation.state import RevocationState
+from fleetpki.identity import DeviceId
+from tests.pki_helpers import URLS, MemoryCa, csr_der, make_ca, make_csr
+
+PIN = "4711-hsm"
+URI = "pkcs11:token=fleetpki-ca;object=issuing"
+
+
+@dataclass
+class Hsm:
+    tokens: Path
+    doomed_dir: str
+    signer: Pkcs11Signer
+    ca: MemoryCa  # root (file key) and, as `issuing`, the CA whose key is in the token
+
+
+def _init_token(label: str) -> None:
+    subprocess.run(
+        [
+            "softhsm2-util",
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            PIN,
+            "--so-pin",
+            "so-" + PIN,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture(scope="module")
+def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hsm]:
+    base = tmp_path_factory.mktemp("softhsm")
+    tokens = base / "tokens"
+    tokens.mkdir()
+    conf = base / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    saved = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    try:
+        _init_token("fleetpki-ca")
+        _init_token("spare")  # never logged in: where a wrong PIN is tried
+        before = {d.name for d in tokens.iterdir()}
+        _init_token("doomed")  # removed while serving
+        (doomed_dir,) = {d.name for d in tokens.iterdir()} - before
+        generate_pkcs11_key(
+            DEFAULT_PKCS11_MODULE, parse_pkcs11_uri("pkcs11:token=doomed;object=issuing"), PIN
+        )
+        uri = parse_pkcs11_uri(URI)
+        generate_pkcs11_key(DEFAULT_PKCS11_MODULE, uri, PIN)
+        signer = Pkcs11Signer(DEFAULT_PKCS11_MODULE, uri, PIN)
+        files = make_ca()
+        now = datetime.now(UTC)
+        cert = build_issuing_ca(signer, files.root, "HSM Issuing CA", now)
+        ca = MemoryCa(files.root, Issuer(cert, signer, URLS), files.server_cert, files.server_key)
+        yield Hsm(tokens, doomed_dir, signer, ca)
+        signer.close_session()
+    finally:
+        if saved is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = saved
+
+
+def _pem(path: Path, *objs: x509.Certificate | x509.CertificateRevocationList) -> Path:
+    path.write_bytes(b"".join(o.public_bytes(serialization.Encoding.PEM) for o in objs))
+    return path
+
+
+def _openssl(*args: str | Path) -> str:
+    done = subprocess.run(
+        ["openssl", *map(str, args)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    return done.stdout + done.stderr
+
+
+def _ocsp_request(cert: x509.Certificate, issuer: x509.Certificate) -> bytes:
+    request = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build()
+    return request.public_bytes(serialization.Encoding.DER)
+
+
+def test_issue_renew_revoke_crl_and_ocsp_verify_with_openssl(hsm: Hsm, tmp_path: Path) -> None:
+    issuing, root = hsm.ca.issuing, hsm.ca.root
+    # The template's self-check passes with the token: its fast path is what signs.
+    certificates = device_certificates(issuing)
+    assert isinstance(certificates, CertificateTemplate)
+    now = datetime.now(UTC)
+    device = DeviceId("hsm-device-1")
+    key = generate_key(KeyType.EC_P256)
+    first = x509.load_der_x509_certificate(
+        certificates.issue(key.public_key(), device, now, DeviceProfile()).der
+    )
+    renewed = x509.load_der_x509_certificate(
+        certificates.issue(
+            generate_key(KeyType.EC_P256).public_key(), device, now, DeviceProfile()
+        ).der
+    )
+    chain = _pem(tmp_path / "chain.pem", issuing.cert, root.cert)
+    root_pem = _pem(tmp_path / "root.pem", root.cert)
+    issuing_pem = _pem(tmp_path / "issuing.pem", issuing.cert)
+    for n, cert in enumerate((first, renewed)):
+        leaf = _pem(tmp_path / f"leaf{n}.pem", cert)
+        out = _openssl("verify", "-CAfile", root_pem, "-untrusted", issuing_pem, leaf)
+        assert f"{leaf}: OK" in out
+    # The first certificate revoked (superseded by the renewal): the token signs the CRL.
+    entry = RevokedEntry(first.serial_number, now, "superseded")
+    crl = build_crl(issuing.cert, issuing.key, [entry], 7, now, timedelta(hours=1), URLS.crl)
+    crl_pem = _pem(tmp_path / "crl.pem", crl)
+    assert "verify OK" in _openssl("crl", "-in", crl_pem, "-noout", "-verify", "-CAfile", chain)
+    with_crl = _pem(tmp_path / "chain_crl.pem", issuing.cert, root.cert, crl)
+    leaf0 = tmp_path / "leaf0.pem"
+    done = subprocess.run(
+        ["openssl", "verify", "-crl_check", "-CAfile", with_crl, leaf0],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode != 0 and "revoked" in done.stdout + done.stderr
+    assert f"{tmp_path / 'leaf1.pem'}: OK" in _openssl(
+        "verify", "-crl_check", "-CAfile", with_crl, tmp_path / "leaf1.pem"
+    )
+    # OCSP signed by the CA itself (the token): openssl checks it against the chain.
+    responder = OcspResponder.by_issuer(issuing)
+    statuses = {
+        first.serial_number: CertStatusInfo.revoked(now, "superseded"),
+        renewed.serial_number: CertStatusInfo.good(),
+    }
+    for n, (cert, word) in enumerate(((first, "revoked"), (renewed, "good"))):
+        reply = respond(_ocsp_request(cert, issuing.cert), responder, statuses.__getitem__, now)
+        resp = tmp_path / f"resp{n}.der"
+        resp.write_bytes(reply.der)
+        out = _openssl(
+            "ocsp",
+            "-respin",
+            resp,
+            "-CAfile",
+            chain,
+            "-issuer",
+            issuing_pem,
+            "-cert",
+            tmp_path / f"leaf{n}.pem",
+            "-no_nonce",
+        )
+        assert "Response verify OK" in out and f": {word}" in out
+
+
+def test_key_is_not_extractable(hsm: Hsm) -> None:
+    lib = pkcs11.lib(DEFAULT_PKCS11_MODULE)
+    # The signer's login is the process's (PKCS#11 v2.40 5.6): this session shares it.
+    with lib.get_token(token_label="fleetpki-ca").open() as session:
+        (key,) = session.get_objects(
+            {
+                pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
+                pkcs11.Attribute.LABEL: "issuing",
+            }
+        )
+        assert key[pkcs11.Attribute.EXTRACTABLE] is False
+        assert key[pkcs11.Attribute.SENSITIVE] is True
+        with pytest.raises(pkcs11.AttributeSensitive):
+            key[pkcs11.Attribute.VALUE]
+        # Nor can it be wrapped out of the token under a key of the caller's choosing.
+        wrapping = session.generate_key(
+            pkcs11.KeyType.AES, 256, template={pkcs11.Attribute.WRAP: True}
+        )
+        with pytest.raises(pkcs11.PKCS11Error):
+            wrapping.wrap_key(key)
+
+
+def test_wrong_pin_and_missing_token_are_clear_errors(hsm: Hsm) -> None:
+    with pytest.raises(SignerUnavailable, match=r"token 'spare': wrong PIN") as wrong:
+        Pkcs11Signer(DEFAULT_PKCS11_MODULE, parse_pkcs11_uri("pkcs11:token=spare;object=x"), "0000")
+    assert "0000" not in str(wrong.value)
+    with pytest.raises(SignerUnavailable, match=r"no token labelled 'absent'"):
+        Pkcs11Signer(DEFAULT_PKCS11_MODULE, parse_pkcs11_uri("pkcs11:token=absent;object=x"), PIN)
+    with pytest.raises(SignerUnavailable, match=r"no private_key objects match"):
+        Pkcs11Signer(DEFAULT_PKCS11_MODULE, parse_pkcs11_uri(URI.replace("issuing", "nokey")), PIN)
+
+
+def test_session_lost_reconnects_on_the_next_signature(hsm: Hsm) -> None:
+    certificates = device_certificates(hsm.ca.issuing)
+    pub = generate_key(KeyType.EC_P256).public_key()
+    hsm.signer._session.close()  # a module reset or a token reinserted drops the session
+    again = certificates.issue(pub, DeviceId("after"), datetime.now(UTC), DeviceProfile())
+    x509.load_der_x509_certificate(again.der).verify_directly_issued_by(hsm.ca.issuing.cert)
+
+
+def test_token_removed_while_serving_is_a_clear_error(hsm: Hsm, tmp_path: Path) -> None:
+    """Devices hear 503 + Retry-After, OCSP clients tryLater; nothing recorded, no token used."""
+    uri = parse_pkcs11_uri("pkcs11:token=doomed;object=issuing")
+    signer = Pkcs11Signer(DEFAULT_PKCS11_MODULE, uri, PIN)
+    now = datetime.now(UTC).replace(microsecond=0)
+    issuing = Issuer(build_issuing_ca(signer, hsm.ca.root, "Doomed CA", now), signer, URLS)
+    registry = Registry.open(tmp_path / "registry.db")
+    device = DeviceId("doomed-000001")
+    registry.create_batch(
+        "doomed",
+        [NewDevice(device, hashlib.sha256(b"tok").hexdigest())],
+        kind="token",
+        token_ttl=timedelta(days=1),
+        now=now,
+        actor="op",
+    )
+    service = EnrollmentService(registry, issuing, DeviceProfile())
+    assert isinstance(service._certificates, CertificateTemplate)
+    revocation = RevocationState(
+        CrlPublisher(registry, issuing), issuing, lambda serial: CertStatusInfo.good()
+    )
+    key = generate_key(KeyType.EC_P256)
+    csr = csr_der(make_csr(key, device.value))
+    # A certificate of this CA's, signed while the token was there: the OCSP question.
+    signed = service._certificates.issue(
+        key.public_key(), DeviceId("doomed-000002"), now, DeviceProfile()
+    )
+    good = x509.load_der_x509_certificate(signed.der)
+    # The token goes away under a live session: its directory removed, the session dropped.
+    (doomed,) = (d for d in hsm.tokens.iterdir() if d.name == hsm.doomed_dir)
+    shutil.rmtree(doomed)
+    signer._session.close()
+    try:
+        auth = service.authorize_token(device.value, "tok", now)
+        with pytest.raises(Unavailable, match="token 'doomed'") as refused:
+            service.issue(csr, auth, now)
+        assert refused.value.retry_after > 0 and http_status(refused.value) == 503
+        assert registry.certificates_of(device) == []
+        # The enrollment token is not used up: the same device may ask again.
+        service.authorize_token(device.value, "tok", now)
+        reply = revocation.answer(_ocsp_request(good, issuing.cert))
+        assert reply.outcome == "tryLater"
+        with pytest.raises(SignerUnavailable, match="token 'doomed'"):
+            build_crl(issuing.cert, signer, [], 8, now, timedelta(hours=1), URLS.crl)
+    finally:
+        registry.close()
