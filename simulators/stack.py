@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import socket
 import ssl
@@ -101,11 +102,12 @@ def init_temp_home(
         est_port=ports.est,
         http_port=ports.http,
         mqtt_port=ports.mqtt,
-        **({} if admin_port is None else {"admin_port": admin_port}),
         # The scenario's device lifetime reaches the service as a DeviceProfile; the config
         # keeps a normal one, which backend identities (the telemetry observer) get.
         device_validity=max(validity, timedelta(days=30)),
     )
+    if admin_port is not None:
+        cfg = dataclasses.replace(cfg, admin_port=admin_port)
     now = datetime.now(UTC)
     result = init_home(root, cfg, now)
     with Registry.open(result.layout.registry) as registry:

@@ -69,10 +69,19 @@ class Metrics:
             "TLS handshakes on the EST port that did not complete, by reason.",
             "reason",
         )
+        # False when the EST listener serves through asyncio's TLS transport because the fast
+        # path's start-up self-check failed (transport/tls_socket.fast_path_unavailable).
+        self.est_tls_fast_path = True
         self.extra: list[Callable[[], str]] = []
 
     def render(self) -> str:
         lines = self.enrollments.render() + self.latency.render() + self.tls_failures.render()
+        lines += [
+            "# HELP fleetpki_est_tls_fast_path 1 when the EST listener's TLS runs on the "
+            "socket-bound fast path, 0 on asyncio's standard TLS transport.",
+            "# TYPE fleetpki_est_tls_fast_path gauge",
+            f"fleetpki_est_tls_fast_path {int(self.est_tls_fast_path)}",
+        ]
         text = "\n".join(lines) + "\n"
         for source in self.extra:
             text += source()

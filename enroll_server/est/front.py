@@ -51,7 +51,7 @@ from enroll_server.est.operations import (
 from enroll_server.est.wire import CERTS_ONLY_CONTENT_TYPE, encode_certs_only_der
 from enroll_server.registry import RegistryBusy, RegistryError
 from enroll_server.transport.connection_limits import READING, Guard, Watch, Watched
-from enroll_server.transport.tls_socket import TlsListener
+from enroll_server.transport.tls_socket import TlsListener, fast_path_unavailable
 from enroll_server.web.state import AppState
 
 log = logging.getLogger("fleetpki.http")
@@ -218,11 +218,41 @@ class EstFront:
         self.max_buffer = MAX_HEAD + 4 + max_body
         self.connections: set[EstConnection] = set()
         self._listener: TlsListener | None = None
+        # The public path's server (asyncio TLS) when the fast path's self-check failed.
+        self._server: asyncio.Server | None = None
+        self.fast_path = True
         self._date_second = -1
         self._date = b""
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> int:
-        """Listen on host:port (0: any free port); returns the port bound."""
+        """Listen on host:port (0: any free port); returns the port bound.
+
+        TLS runs on the socket-bound fast path (transport/tls_socket.py) when its start-up
+        self-check passes, else on asyncio's public TLS transport: the same TLS, the same
+        front end and limits; lost are the fast path's CPU gain (BENCHMARKS.md) and the
+        count of failed handshakes, which asyncio does not report.
+        """
+        why_not = fast_path_unavailable()
+        self.fast_path = why_not is None
+        self.state.metrics.est_tls_fast_path = self.fast_path
+        if why_not is not None:
+            log.warning(
+                "the EST listener's TLS fast path is unavailable on this Python (%s); "
+                "serving through asyncio's standard TLS transport instead",
+                why_not,
+            )
+            self.guard.start()
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
+                lambda: EstConnection(self, admit=True),
+                host,
+                port,
+                ssl=ssl_context,
+                ssl_handshake_timeout=self.guard.limits.head_timeout,
+                backlog=1024,
+                reuse_address=True,
+            )
+            return int(self._server.sockets[0].getsockname()[1])
         listener = TlsListener(
             lambda: EstConnection(self),
             ssl_context,
@@ -244,6 +274,12 @@ class EstFront:
             # Aborts every connection: those the front end serves and those handed over.
             self._listener.close()
             self._listener = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            # Every connection has a Watch, handed over or not (connection_limits.Watched).
+            for watch in list(self.guard.watches.values()):
+                watch.transport.abort()  # type: ignore[attr-defined]
         for conn in list(self.connections):
             conn.abort()
 
@@ -259,8 +295,11 @@ class EstFront:
 class EstConnection(asyncio.Protocol):
     """One client connection while the front end serves it."""
 
-    def __init__(self, front: EstFront) -> None:
+    def __init__(self, front: EstFront, *, admit: bool = False) -> None:
+        """`admit`: count the connection against its source's cap here (asyncio's TLS
+        transport, after the handshake); TlsListener admits at accept, before TLS."""
         self.front = front
+        self.admit = admit
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.head: Head | None = None
@@ -282,8 +321,15 @@ class EstConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Any transport alike asyncio.Transport (uvloop's TLS transport is no subclass).
         self.transport = cast(asyncio.Transport, transport)
+        source = ""
+        if self.admit:
+            admitted = self.front.guard.admit(transport.get_extra_info("peername"))
+            if admitted is None:
+                self.transport.abort()  # over the per-source cap
+                return
+            source = admitted  # released by guard.forget with the Watch
         self.front.connections.add(self)
-        self.watch = self.front.guard.watch(transport)
+        self.watch = self.front.guard.watch(transport, source)
 
     def data_received(self, data: bytes) -> None:
         if self.draining:

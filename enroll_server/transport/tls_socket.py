@@ -22,6 +22,11 @@ to the accepted socket: the very object `ssl.SSLSocket` keeps in its `_sslobj` a
 subclass: detach and re-attach the descriptor, getpeername, settimeout, a Python-level wrapper
 on every read and write) cost more CPU per connection than everything else this module does
 (BENCHMARKS.md); `get_extra_info("ssl_object")` still hands out a public `ssl.SSLObject`.
+
+`_ssl._SSLSocket` and `SSLContext._wrap_socket` are CPython internals that any release may
+change, so `fast_path_unavailable()` runs a real handshake and exchange through them once at
+start-up; if anything differs, the EST listener serves through asyncio's public TLS transport
+(`loop.create_server(ssl=...)`) instead, with a warning and `fleetpki_est_tls_fast_path 0`.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ import logging
 import socket
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("fleetpki.tls")
@@ -58,6 +66,96 @@ def _ssl_object(tls: Any) -> ssl.SSLObject:
     view = ssl.SSLObject.__new__(ssl.SSLObject)
     view._sslobj = tls  # type: ignore[attr-defined]
     return view
+
+
+def fast_path_unavailable() -> str | None:
+    """Why the socket-bound `_ssl._SSLSocket` cannot serve on this Python (None: it can).
+
+    A throwaway certificate, a socketpair, and the calls TlsSocketTransport makes, in its
+    order: `SSLContext._wrap_socket(server_side=True)`, do_handshake with a client certificate
+    (non-blocking: SSLWantReadError in between), getpeercert/cipher through the public
+    SSLObject view, read, write, pending, shutdown. Any change of shape shows up here, at
+    start-up, rather than as a broken enrollment.
+    """
+    try:
+        server_ctx, client_ctx = _probe_contexts()
+        near, far = socket.socketpair()
+        with near, far:
+            near.setblocking(False)
+            far.setblocking(False)
+            tls = server_ctx._wrap_socket(  # type: ignore[attr-defined]
+                near, server_side=True, server_hostname=None
+            )
+            client = client_ctx.wrap_socket(far, do_handshake_on_connect=False)
+            done = [False, False]
+            for _ in range(50):  # a TLS 1.3 handshake takes 2-3 turns
+                for i, step in enumerate((tls.do_handshake, client.do_handshake)):
+                    if not done[i]:
+                        try:
+                            step()
+                            done[i] = True
+                        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                            pass
+                if all(done):
+                    break
+            else:
+                return "the handshake through SSLContext._wrap_socket did not complete"
+            view = _ssl_object(tls)
+            if not view.getpeercert(binary_form=True) or not view.cipher():
+                return "the socket-bound _SSLSocket shows no peer certificate or cipher"
+            client.send(b"ping")
+            if tls.read(_READ_SIZE) != b"ping" or tls.pending() != 0:
+                return "_SSLSocket.read did not return what the peer sent"
+            if tls.write(b"pong") != 4 or client.recv(16) != b"pong":
+                return "_SSLSocket.write did not deliver to the peer"
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                tls.shutdown()
+            client.close()
+    except Exception as exc:  # any change of shape shows up here, whatever it raises
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _probe_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context that asks for a client certificate and a client that presents one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetpki tls probe")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    # load_cert_chain reads files only; the throwaway key lives a moment in a private folder.
+    with tempfile.TemporaryDirectory(prefix="fleetpki-tls-probe-") as folder:
+        chain = Path(folder) / "probe.pem"
+        chain.touch(0o600)
+        chain.write_bytes(key_pem + pem)
+        server_ctx.load_cert_chain(chain)
+        client_ctx.load_cert_chain(chain)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(cadata=pem.decode())
+    return server_ctx, client_ctx
 
 
 class TlsSocketTransport(asyncio.Transport):

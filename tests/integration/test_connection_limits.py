@@ -555,3 +555,56 @@ def test_connections_section_round_trips_and_refuses_bad_values(tmp_path: Path) 
         with pytest.raises(ConfigError) as err:
             load_config(path)
         assert err.value.key == key
+
+
+def test_public_tls_path_keeps_the_cap_and_the_head_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the TLS fast path's self-check fails, the EST listener runs on asyncio's TLS
+    transport: the per-source cap (counted once the handshake is done) and the head deadline
+    still hold there."""
+    from enroll_server.est import front
+
+    monkeypatch.setattr(front, "fast_path_unavailable", lambda: "forced off by the test")
+    srv = start_live_server(
+        tmp_path / "home",
+        max_per_source=3,
+        cap_loopback=True,
+        **short_deadlines(idle_timeout=timedelta(seconds=LONG_IDLE)),
+    )
+    try:
+        port = srv.handle.est_port
+        with contextlib.ExitStack() as held:
+            est = []
+            for _ in range(3):
+                conn = held.enter_context(tls_connect(srv, port))
+                conn.sendall(get("/healthz"))
+                assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+                est.append(conn)
+            try:
+                with tls_connect(srv, port) as fourth:  # the handshake may complete ...
+                    fourth.sendall(get("/healthz"))
+                    fourth.settimeout(5)
+                    assert fourth.recv(65536) == b""  # ... but nothing is served
+            except (ssl.SSLError, ConnectionError):
+                pass
+            est.pop().close()
+            deadline = time.monotonic() + 5
+            while True:
+                with tls_connect(srv, port) as again:
+                    again.sendall(get("/healthz"))
+                    again.settimeout(5)
+                    try:
+                        if again.recv(65536).startswith(b"HTTP/1.1 200"):
+                            break
+                    except (ssl.SSLError, ConnectionError):
+                        pass
+                assert time.monotonic() < deadline, "the closed connection's place stayed taken"
+                time.sleep(0.05)
+        with tls_connect(srv, port) as dripping:
+            started = time.monotonic()
+            dripping.sendall(b"GET /healthz HTTP/1.1\r\n")
+            assert drip(dripping, b"X-Slow: " + b"a" * 200, 0.1, started + LONG_IDLE + 3)
+            assert HEAD <= time.monotonic() - started < SOON
+    finally:
+        srv.stop()

@@ -45,6 +45,9 @@ from tests.pki_helpers import csr_der, make_csr
 
 SIMPLEENROLL = f"{EST}/simpleenroll".encode()
 LOOPS = ["asyncio", "uvloop"]
+# The same front end on asyncio's standard TLS transport: the path `fleetpki serve` takes when
+# the fast path's start-up self-check fails (transport/tls_socket.fast_path_unavailable).
+PUBLIC_TLS = "asyncio-public-tls"
 
 
 # --- a raw HTTP/1.1 client over TLS ------------------------------------------------------------
@@ -237,9 +240,16 @@ def start_server(home: Path, loop: str, **config: Any) -> LiveServer:
         asyncio.set_event_loop_policy(previous)
 
 
-@pytest.fixture(params=LOOPS)
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveServer]:
-    srv = start_server(tmp_path / "home", request.param)
+@pytest.fixture(params=[*LOOPS, PUBLIC_TLS])
+def server(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[LiveServer]:
+    loop = request.param
+    if loop == PUBLIC_TLS:
+        monkeypatch.setattr(front, "fast_path_unavailable", lambda: "forced off by the test")
+        loop = "asyncio"
+    srv = start_server(tmp_path / "home", loop)
+    assert metric(srv.metrics(), "fleetpki_est_tls_fast_path") == (request.param != PUBLIC_TLS)
     try:
         yield srv
     finally:

@@ -9,6 +9,7 @@ protocol, and that aiohttp runs unchanged on it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 import ssl
@@ -18,7 +19,12 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.transport.tls_socket import TlsListener, TlsSocketTransport
+from enroll_server.transport.tls_socket import (
+    TlsListener,
+    TlsSocketTransport,
+    fast_path_unavailable,
+)
+from fleetpki.identity import DeviceId
 from tests.pki_helpers import MemoryCa
 
 BIG = 8 * 1024 * 1024  # far more than loopback socket buffers hold: send() must wait
@@ -469,3 +475,86 @@ def test_accept_failures_pause_accepting_instead_of_spinning(
         if child.poll() is None:
             child.kill()
             child.wait(5)
+
+
+# --- the start-up self-check of the private interfaces ------------------------------------------
+def test_fast_path_self_check_passes_on_this_python() -> None:
+    assert fast_path_unavailable() is None
+
+
+_REAL_WRAP = ssl.SSLContext._wrap_socket  # type: ignore[attr-defined]
+
+
+def _gone(self: ssl.SSLContext, *args: object, **kwargs: object) -> object:
+    """SSLContext._wrap_socket as a CPython without it would answer the fast path's call (an
+    attribute of a C type cannot be deleted, so the test shadows it on the Python subclass).
+    ssl.SSLSocket's own use (owner=, the test's clients) still works."""
+    if "owner" not in kwargs:
+        raise AttributeError("'SSLContext' object has no attribute '_wrap_socket'")
+    return _REAL_WRAP(self, *args, **kwargs)
+
+
+def test_self_check_names_a_missing_wrap_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssl.SSLContext, "_wrap_socket", _gone)
+    why = fast_path_unavailable()
+    assert why is not None and "_wrap_socket" in why
+
+
+def test_self_check_notices_an_ssl_socket_that_reads_differently(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A CPython whose socket-bound _SSLSocket takes other arguments or hands back another
+    # type: the transport's reads would break on every connection.
+    real = ssl.SSLContext._wrap_socket  # type: ignore[attr-defined]
+
+    class Changed:
+        def __init__(self, inner: object) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._inner, name)
+
+        def read(self, n: int) -> str:  # str, not bytes
+            return self._inner.read(n).decode()  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(
+        ssl.SSLContext, "_wrap_socket", lambda self, *a, **k: Changed(real(self, *a, **k))
+    )
+    assert fast_path_unavailable() == "_SSLSocket.read did not return what the peer sent"
+
+
+def test_server_warns_and_enrolls_on_the_public_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the private interface gone, `serve` warns, reports 0 and enrolls devices all the
+    same (the whole EST front-end suite also runs this way: test_est_front.PUBLIC_TLS)."""
+    from enroll_server.pki.keys import KeyType, generate_key
+    from tests.est_client import request
+    from tests.integration.test_est import EST, b64
+    from tests.live_server import start_live_server
+    from tests.pki_helpers import csr_der, make_csr
+
+    monkeypatch.setattr(ssl.SSLContext, "_wrap_socket", _gone)
+    caplog.set_level(logging.WARNING, "fleetpki.http")
+    srv = start_live_server(tmp_path / "home")
+    try:
+        assert "fleetpki_est_tls_fast_path 0" in srv.metrics()
+        assert any("TLS fast path is unavailable" in r.getMessage() for r in caplog.records)
+        token = srv.mint_device("dev-public-1")
+        body = b64(csr_der(make_csr(generate_key(KeyType.EC_P256), "dev-public-1")))
+        reply = request(
+            srv.est_url + EST + "/simpleenroll",
+            srv.client_ssl(),
+            "POST",
+            body,
+            {
+                "Content-Type": "application/pkcs10",
+                "Content-Transfer-Encoding": "base64",
+                "Authorization": "Basic "
+                + base64.b64encode(f"dev-public-1:{token}".encode()).decode(),
+            },
+        )
+        assert reply.status == 200, reply.text
+        assert len(srv.registry.certificates_of(DeviceId("dev-public-1"))) == 1
+    finally:
+        srv.stop()
