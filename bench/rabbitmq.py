@@ -21,9 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typer.testing import CliRunner
 
-from enroll_server.broker.rabbitmq_cli import app as rabbitmq_app
 from enroll_server.broker.rabbitmq_config import RabbitFiles
 from enroll_server.home.layout import load_home
 from fleetpki.identity import DeviceId
@@ -31,7 +29,7 @@ from tests.integration.revocation_support import Fleet
 from tests.integration.test_rabbitmq import Client, Tier, device, service
 from tests.integration.test_revocation_mosquitto import _ca_of
 from tests.live_server import start_live_server
-from tests.rabbitmq_node import RabbitNode, free_port, stop_epmd
+from tests.rabbitmq_node import RabbitNode, configure, free_port, stop_epmd
 
 
 def pct(values: list[float], q: float) -> float:
@@ -54,25 +52,7 @@ def main() -> None:
         fleet = Fleet(_ca_of(load_home(server.layout.root)), server.registry, folder)
         conf = folder / "conf"
         mqtt_port, management_port = free_port(), free_port()
-        out = CliRunner().invoke(
-            rabbitmq_app,
-            [
-                "rabbitmq-config",
-                "--home",
-                str(server.layout.root),
-                "--out",
-                str(conf),
-                "--port",
-                str(mqtt_port),
-                "--management-port",
-                str(management_port),
-                "--auth-url",
-                f"https://localhost:{server.handle.admin_port}",
-                "--user",
-                "root",
-            ],
-        )
-        assert out.exit_code == 0, out.output
+        configure(server.layout.root, conf, mqtt_port, management_port, server.handle.admin_port)
         node = RabbitNode(folder, conf, "bench", mqtt_port, management_port, epmd)
         started = time.monotonic()
         node.start()

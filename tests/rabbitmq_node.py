@@ -192,6 +192,23 @@ def _alive(pid: int) -> bool:
     return False
 
 
+def configure(home: Path, out: Path, mqtt_port: int, management_port: int, admin_port: int) -> None:
+    """`fleetpki broker rabbitmq-config` for a test node: loopback ports, fleetpki's admin
+    listener at `admin_port`, files kept by root (the tests' account)."""
+    from typer.testing import CliRunner
+
+    from enroll_server.broker.rabbitmq_cli import app
+
+    argv = [
+        "rabbitmq-config",
+        *("--home", str(home), "--out", str(out), "--port", str(mqtt_port)),
+        *("--management-port", str(management_port), "--user", "root"),
+        *("--auth-url", f"https://localhost:{admin_port}"),
+    ]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+
+
 def stop_epmd(epmd_port: int) -> None:
     """epmd outlives the nodes; ours listens on a private port, so only ours is asked."""
     env = {**os.environ, "ERL_EPMD_PORT": str(epmd_port)}

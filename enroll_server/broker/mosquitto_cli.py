@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -75,6 +76,18 @@ def _saved_settings(out: Path) -> MosquittoSettings | None:
         return SyncSettings.load(files).config
     except MosquittoError:
         return None
+
+
+def until_signalled(run: Callable[[threading.Event], None]) -> None:
+    """Run a syncer's loop until SIGTERM or SIGINT sets its stop event."""
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    run(stop)
 
 
 @app.command("mosquitto-config")
@@ -267,15 +280,8 @@ def mosquitto_sync(
                 + (f": {', '.join(done.dropped)}" if done.dropped else "")
             )
             return
-        stop = threading.Event()
-
-        def _stop(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
         console.print(f"syncing {files.conf} every {interval:g} s (Ctrl-C to stop)")
-        sync.run(interval, stop)
+        until_signalled(lambda stop: sync.run(interval, stop))
     finally:
         close_quietly(control)
         registry.close()

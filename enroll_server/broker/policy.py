@@ -87,7 +87,7 @@ class Admission:
     not_after: datetime
 
 
-def _text(value: object) -> str:
+def value_text(value: object) -> str:
     """'active' from DeviceState.ACTIVE, 'dev1' from DeviceId('dev1'), a str unchanged."""
     if isinstance(value, Enum):
         return str(value.value)
@@ -168,14 +168,14 @@ def decide_connect(
     if isinstance(identity, IdentityRefusal):
         return Refusal(_IDENTITY_REFUSALS[identity.problem], identity.detail)
     assert device is not None and cert_record is not None  # a ClientIdentity has both
-    state = _text(device.state)
+    state = value_text(device.state)
     if state != "active":
         return Refusal(
             _DEVICE_STATE_REFUSALS.get(state, RefusalReason.DEVICE_NOT_ACTIVE),
             f"{client_id} is {state}",
         )
     serial = identity.serial
-    status = _text(cert_record.status)
+    status = value_text(cert_record.status)
     if status not in ("active", "superseded"):
         return Refusal(
             _CERT_STATUS_REFUSALS.get(status, RefusalReason.CERT_UNKNOWN),

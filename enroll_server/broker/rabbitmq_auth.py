@@ -23,9 +23,9 @@ import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
 from typing import Protocol
 
+from enroll_server.broker.policy import DeviceView, value_text
 from fleetpki.identity import is_valid_id
 from fleetpki.topics import Role, may_publish, may_subscribe
 
@@ -42,24 +42,15 @@ SUBSCRIPTION_QUEUE_PREFIX = "mqtt-subscription-"
 SUBSCRIPTION_QUEUE_SUFFIXES = ("qos0", "qos1")
 
 
-class DeviceView(Protocol):
-    @property
-    def role(self) -> object: ...
-    @property
-    def state(self) -> object: ...
-
-
 class CertificateView(Protocol):
+    """What the decision needs of a registry certificate record (CertificateRecord)."""
+
     @property
     def status(self) -> object: ...
     @property
     def not_before(self) -> datetime: ...
     @property
     def not_after(self) -> datetime: ...
-
-
-def _text(value: object) -> str:
-    return str(value.value) if isinstance(value, Enum) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +98,12 @@ def identity_of(
     """
     if not is_valid_id(name) or device is None:
         return None
-    role = Role(_text(device.role))
-    state = _text(device.state)
+    role = Role(value_text(device.role))
+    state = value_text(device.state)
     if state != "active":
         return Identity(name, role, f"{name} is {state}")
     current = any(
-        _text(c.status) in ("active", "superseded") and c.not_before <= now < c.not_after
+        value_text(c.status) in ("active", "superseded") and c.not_before <= now < c.not_after
         for c in certificates
     )
     if not current:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
 
-from enroll_server.broker.mosquitto_cli import _load, console
+from enroll_server.broker.mosquitto_cli import _load, console, until_signalled
 from enroll_server.broker.mosquitto_config import BrokerMaterial
 from enroll_server.broker.mosquitto_sync import DEFAULT_SYNC_INTERVAL
 from enroll_server.broker.rabbitmq_auth_routes import SYNC_SECRET_FILE, ensure_secret, read_secret
@@ -181,14 +178,7 @@ def rabbitmq_sync(
                 + (f": {', '.join(done.dropped)}" if done.dropped else "")
             )
             return
-        stop = threading.Event()
-
-        def _stop(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
         console.print(f"syncing {files.folder} every {interval:g} s (Ctrl-C to stop)")
-        sync.run(interval, stop)
+        until_signalled(lambda stop: sync.run(interval, stop))
     finally:
         registry.close()

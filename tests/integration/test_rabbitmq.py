@@ -33,6 +33,7 @@ from enroll_server.broker.rabbitmq_cli import app as rabbitmq_app
 from enroll_server.broker.rabbitmq_config import RabbitFiles, crl_hash
 from enroll_server.broker.rabbitmq_sync import (
     Management,
+    ManagementUnavailable,
     PemCacheClear,
     RabbitSync,
     read_cursor,
@@ -45,7 +46,7 @@ from tests.integration.revocation_support import Fleet
 from tests.integration.test_revocation_mosquitto import _ca_of
 from tests.live_server import LiveServer, start_live_server
 from tests.pki_helpers import MemoryCa
-from tests.rabbitmq_node import CTL, SERVER, RabbitNode, free_port, stop_epmd
+from tests.rabbitmq_node import CTL, SERVER, RabbitNode, configure, free_port, stop_epmd
 
 runner = CliRunner()
 FAST = Backoff(base=0.2, factor=2.0, cap=1.0)
@@ -72,7 +73,11 @@ class Tier:
         assert password is not None
         return Management((self.node.management_port,), password)
 
-    def sync(self, reload_certificates: Callable[[], None] | None = None) -> RabbitSync:
+    def sync(
+        self,
+        reload_certificates: Callable[[], None] | None = None,
+        management: Management | None = None,
+    ) -> RabbitSync:
         loaded = load_home(self.home)
         publisher = CrlPublisher(
             self.fleet.registry, loaded.issuer, since_seq=read_cursor(self.files)
@@ -80,7 +85,7 @@ class Tier:
         return RabbitSync(
             publisher,
             self.files,
-            self.management(),
+            management or self.management(),
             lambda: datetime.now(UTC),
             server_pair=(loaded.layout.server_cert, loaded.layout.server_key),
             reload_certificates=reload_certificates,
@@ -100,25 +105,7 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
         fleet = Fleet(_ca_of(load_home(server.layout.root)), server.registry, folder)
         conf = folder / "conf"
         mqtt_port, management_port = free_port(), free_port()
-        result = runner.invoke(
-            rabbitmq_app,
-            [
-                "rabbitmq-config",
-                "--home",
-                str(server.layout.root),
-                "--out",
-                str(conf),
-                "--port",
-                str(mqtt_port),
-                "--management-port",
-                str(management_port),
-                "--auth-url",
-                f"https://localhost:{server.handle.admin_port}",
-                "--user",
-                "root",
-            ],
-        )
-        assert result.exit_code == 0, result.output
+        configure(server.layout.root, conf, mqtt_port, management_port, server.handle.admin_port)
         node = RabbitNode(folder, conf, "fpk1", mqtt_port, management_port, epmd)
         node.start()
         yield Tier(server, fleet, RabbitFiles(conf), node, folder)
@@ -492,3 +479,25 @@ def test_sync_hands_a_renewed_server_certificate_to_rabbitmq(tier: Tier) -> None
     # presented at once to new connections, which verify its chain and get in
     assert old != new.serial_number == presented_serial(tier)
     connected(tier, "cert-1").close()
+
+
+def test_kicks_that_fail_while_rabbitmq_is_unreachable_are_retried_after_a_restart(
+    tier: Tier,
+) -> None:
+    """RabbitMQ's management API down: the kick fails, the cursor stays, and a syncer
+    started again later (from the cursor) drops the session."""
+    files = device(tier, "down-1")
+    tier.sync().step()
+    before = read_cursor(tier.files)
+    live = connected(tier, "down-1", files)
+    tier.fleet.registry.suspend_device(DeviceId("down-1"), now=datetime.now(UTC), actor="t")
+    unreachable = Management((free_port(),), "x")
+    with pytest.raises(ManagementUnavailable):
+        tier.sync(management=unreachable).step()
+    assert read_cursor(tier.files) == before
+    live.pump(0.5)
+    assert not live.closed
+    assert tier.sync().step().dropped == ("down-1",)
+    live.pump(2)
+    assert live.closed
+    assert read_cursor(tier.files) != before

@@ -17,7 +17,6 @@ import pytest
 from typer.testing import CliRunner
 
 from enroll_server.broker.rabbitmq_auth_routes import SYNC_SECRET_FILE, read_secret
-from enroll_server.broker.rabbitmq_cli import app as rabbitmq_app
 from enroll_server.broker.rabbitmq_config import RabbitFiles
 from enroll_server.broker.rabbitmq_sync import Management, RabbitSync, read_cursor
 from enroll_server.home.layout import load_home
@@ -27,7 +26,7 @@ from tests.integration.revocation_support import Fleet
 from tests.integration.test_rabbitmq import Client, Tier, device, live_files, service
 from tests.integration.test_revocation_mosquitto import _ca_of
 from tests.live_server import LiveServer, start_live_server
-from tests.rabbitmq_node import SERVER, RabbitNode, free_port, stop_epmd
+from tests.rabbitmq_node import SERVER, RabbitNode, configure, free_port, stop_epmd
 
 runner = CliRunner()
 
@@ -68,25 +67,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         fleet = Fleet(_ca_of(load_home(server.layout.root)), server.registry, folder)
         conf = folder / "conf"
         ports = [(free_port(), free_port()) for _ in range(3)]
-        result = runner.invoke(
-            rabbitmq_app,
-            [
-                "rabbitmq-config",
-                "--home",
-                str(server.layout.root),
-                "--out",
-                str(conf),
-                "--port",
-                str(ports[0][0]),
-                "--management-port",
-                str(ports[0][1]),
-                "--auth-url",
-                f"https://localhost:{server.handle.admin_port}",
-                "--user",
-                "root",
-            ],
-        )
-        assert result.exit_code == 0, result.output
+        configure(server.layout.root, conf, ports[0][0], ports[0][1], server.handle.admin_port)
         # One machine, three nodes: the same files, each its own ports.
         text = (conf / "rabbitmq.conf").read_text()
         for i, (mqtt_port, management_port) in enumerate(ports):

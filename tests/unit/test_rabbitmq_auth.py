@@ -25,6 +25,7 @@ SVC = Identity("backend", Role.SERVICE)
 
 @dataclass
 class Dev:
+    device_id: str = "dev-1"
     role: str = "device"
     state: str = "active"
 
