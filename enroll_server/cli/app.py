@@ -32,7 +32,8 @@ from enroll_server.home.config import ConfigError, ServerConfig
 from enroll_server.home.layout import HomeError, init_home, resolve_home
 from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
-from enroll_server.pki.keys import parse_key_type
+from enroll_server.pki.keys import KeyType, parse_key_type
+from enroll_server.pki.signer import Pkcs11Signer
 from enroll_server.registry import (
     InvalidValue,
     Registry,
@@ -76,6 +77,34 @@ def _home(home: Path | None) -> Path:
     except HomeError as exc:
         fail(str(exc))
         raise  # unreachable
+
+
+def _token_key(
+    root: Path, cfg: ServerConfig, ca_key: str, pin_file: Path | None
+) -> tuple[ServerConfig, Pkcs11Signer]:
+    """`init --ca-key`: the issuing CA key in its token (made there if absent), and the
+    config that names it: URI, module, PIN file path; never the PIN."""
+    from enroll_server.home.layout import HomeLayout, ca_token_signer
+    from enroll_server.pki.signer import BadKeyUri, SignerError, module_path, parse_pkcs11_uri
+
+    curves = {KeyType.EC_P256: "secp256r1", KeyType.EC_P384: "secp384r1"}
+    if cfg.key_type not in curves:
+        fail("--ca-key makes an EC key in the token: use --key-type ec-p256 or ec-p384")
+    try:
+        uri = parse_pkcs11_uri(ca_key)
+    except BadKeyUri as exc:
+        fail(f"--ca-key: {exc}")
+    cfg = replace(
+        cfg,
+        ca_key=str(uri),
+        pkcs11_module=module_path(None, uri),
+        pkcs11_pin_file=str(pin_file.resolve()) if pin_file is not None else "",
+    )
+    try:
+        signer = ca_token_signer(HomeLayout(root), cfg, create=True, curve=curves[cfg.key_type])
+    except SignerError as exc:
+        fail(str(exc), ExitCode.FAILED)
+    return cfg, signer
 
 
 def _new_registry(root: Path, registry: str | None, password_file: str | None) -> RegistryLocation:
@@ -163,6 +192,23 @@ def init(
             "written to fleetpki.toml, the password itself never is."
         ),
     ] = None,
+    ca_key: Annotated[
+        str | None,
+        typer.Option(
+            "--ca-key",
+            help="The issuing CA key in a PKCS#11 token: pkcs11:token=LABEL;object=LABEL "
+            "(RFC 7512); made there, non-extractable, unless it exists. Module: "
+            "FLEETPKI_PKCS11_MODULE or the URI's module-path (default SoftHSM2's).",
+        ),
+    ] = None,
+    pin_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--pin-file",
+            help="With --ca-key: a file holding the token PIN (else FLEETPKI_PKCS11_PIN); "
+            "its path goes to fleetpki.toml, the PIN never does.",
+        ),
+    ] = None,
 ) -> None:
     """Create the CA hierarchy, the TLS server certificate, the registry and an admin token."""
     from enroll_server.enrollment.operators import set_admin_token
@@ -199,9 +245,12 @@ def init(
         registry=_configured(root, location),
         registry_password_file=registry_password_file or "",
     )
+    signer = None
+    if ca_key is not None:
+        cfg, signer = _token_key(root, cfg, ca_key, pin_file)
     now = utc_now()
     try:
-        result = init_home(root, cfg, now, force=force)
+        result = init_home(root, cfg, now, force=force, issuing_signer=signer)
     except HomeError as exc:
         fail(str(exc))
         raise

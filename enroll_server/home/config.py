@@ -11,6 +11,7 @@ from typing import Any
 
 from enroll_server.pki.ca import PkiUrls
 from enroll_server.pki.keys import KeyType
+from enroll_server.pki.signer import BadKeyUri, parse_pkcs11_uri
 from enroll_server.registry.errors import InvalidValue
 from enroll_server.registry.location import has_password, parse_location, redact
 from fleetpki.duration import InvalidDuration, format_duration, parse_duration
@@ -58,6 +59,12 @@ class ServerConfig:
     # never with a password in it; `registry_password_file` (relative to the home) holds one.
     registry: str = ""
     registry_password_file: str = ""
+    # The issuing CA key in a PKCS#11 token (RFC 7512 URI, "" = the encrypted key file), the
+    # module that reaches it ("" = $FLEETPKI_PKCS11_MODULE or SoftHSM2's) and a file holding
+    # the PIN ("" = $FLEETPKI_PKCS11_PIN); never the PIN itself.
+    ca_key: str = ""
+    pkcs11_module: str = ""
+    pkcs11_pin_file: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def urls(self) -> PkiUrls:
@@ -163,6 +170,12 @@ def load_config(path: Path) -> ServerConfig:
     if not hostnames or not all(isinstance(h, str) and h for h in hostnames):
         raise ConfigError(path, "server.hostnames", "must be a non-empty list of host names")
     registry, password_file = _registry(data, path)
+    ca_key = _get(data, path, "ca", "key", str, "")
+    if ca_key:
+        try:
+            parse_pkcs11_uri(ca_key)
+        except BadKeyUri as exc:
+            raise ConfigError(path, "ca.key", exc.why) from None
     return ServerConfig(
         key_type=key_type,
         hostnames=tuple(hostnames),
@@ -184,6 +197,9 @@ def load_config(path: Path) -> ServerConfig:
         cap_loopback=_get(data, path, "connections", "cap_loopback", bool, False),
         registry=registry,
         registry_password_file=password_file,
+        ca_key=ca_key,
+        pkcs11_module=_get(data, path, "ca", "pkcs11_module", str, ""),
+        pkcs11_pin_file=_get(data, path, "ca", "pkcs11_pin_file", str, ""),
         extra=data,
     )
 
@@ -198,6 +214,16 @@ def _render_registry(cfg: ServerConfig) -> str:
     return lines
 
 
+def _render_ca_key(cfg: ServerConfig) -> str:
+    if not cfg.ca_key:
+        return ""
+    lines = f"key = {json.dumps(cfg.ca_key)}   # the issuing CA key, in a PKCS#11 token\n"
+    lines += f"pkcs11_module = {json.dumps(cfg.pkcs11_module)}\n"
+    if cfg.pkcs11_pin_file:
+        lines += f"pkcs11_pin_file = {json.dumps(cfg.pkcs11_pin_file)}   # the PIN, never here\n"
+    return lines
+
+
 def render_config(cfg: ServerConfig) -> str:
     hosts = ", ".join(f'"{h}"' for h in cfg.hostnames)
     return f"""# fleetpki server configuration (written by `fleetpki init`).
@@ -206,7 +232,7 @@ def render_config(cfg: ServerConfig) -> str:
 key_type = "{cfg.key_type.value}"
 device_validity = "{format_duration(cfg.device_validity)}"   # lifetime of device certificates
 backdate = "{format_duration(cfg.backdate)}"   # notBefore in the past: devices without RTC
-
+{_render_ca_key(cfg)}
 [server]
 hostnames = [{hosts}]
 public_host = "{cfg.public_host}"   # the name devices use; goes into CRL/OCSP URLs and bundles

@@ -27,6 +27,15 @@ from enroll_server.pki.keys import (
     load_private_key_pem,
     private_key_pem,
 )
+from enroll_server.pki.signer import (
+    Pkcs11Signer,
+    Signer,
+    SignerError,
+    module_path,
+    parse_pkcs11_uri,
+    read_pin,
+    token_signer,
+)
 from enroll_server.registry.location import RegistryLocation, choose_location
 from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
 
@@ -164,11 +173,17 @@ class InitResult:
 
 
 def init_home(
-    home: Path, config: ServerConfig, now: datetime, *, force: bool = False
+    home: Path,
+    config: ServerConfig,
+    now: datetime,
+    *,
+    force: bool = False,
+    issuing_signer: Signer | None = None,
 ) -> InitResult:
     """Create the CA hierarchy, the TLS server certificate, the config and the admin token.
 
     The registry is created by the caller (it owns SQL); this function only writes files.
+    `issuing_signer`: the issuing CA key in a token (config.ca_key names it); no key file.
     """
     layout = HomeLayout(home)
     if layout.config.exists() and not force:
@@ -180,7 +195,12 @@ def init_home(
 
     root_key = generate_key(config.key_type)
     root_cert = build_root_ca(root_key, "fleetpki Root CA", now)
-    issuing_key = generate_key(config.key_type)
+    file_key: PrivateKey | None = None
+    issuing_key: PrivateKey | Signer
+    if issuing_signer is None:
+        issuing_key = file_key = generate_key(config.key_type)
+    else:
+        issuing_key = issuing_signer
     issuing_cert = build_issuing_ca(
         issuing_key,
         Issuer(root_cert, root_key),
@@ -198,7 +218,10 @@ def init_home(
         SERVER_CERT_DAYS,
     )
     write_atomic(layout.root_key, private_key_pem(root_key, phrase))
-    write_atomic(layout.issuing_key, private_key_pem(issuing_key, phrase))
+    if file_key is not None:
+        write_atomic(layout.issuing_key, private_key_pem(file_key, phrase))
+    elif layout.issuing_key.exists():
+        layout.issuing_key.unlink()  # a --force over a home whose key was a file
     # The TLS key is not encrypted: servers must restart unattended; it is 0600 and can only
     # impersonate the server, not issue certificates.
     write_atomic(layout.server_key, private_key_pem(server_key, None))
@@ -273,12 +296,19 @@ def load_home(home: Path) -> LoadedHome:
     try:
         root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
         issuing_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
-        key_pem = layout.issuing_key.read_bytes()
+        key_pem = b"" if config.ca_key else layout.issuing_key.read_bytes()
     except (OSError, ValueError) as exc:
         raise HomeError(home, f"CA files unreadable: {exc}") from exc
-    key: PrivateKey = load_private_key_pem(
-        key_pem, _passphrase(layout, create=False), "issuing CA key"
-    )
+    key: PrivateKey | Signer
+    if config.ca_key:
+        try:
+            key = ca_token_signer(layout, config)
+        except SignerError as exc:
+            raise HomeError(home, str(exc)) from None
+        if key.public_key() != issuing_cert.public_key():
+            raise HomeError(home, f"{config.ca_key} is not the issuing CA certificate's key")
+    else:
+        key = load_private_key_pem(key_pem, _passphrase(layout, create=False), "issuing CA key")
     return LoadedHome(
         layout,
         config,
@@ -286,6 +316,25 @@ def load_home(home: Path) -> LoadedHome:
         Issuer(issuing_cert, key, config.urls()),
         registry_location(layout, config),
     )
+
+
+def ca_token_signer(
+    layout: HomeLayout,
+    config: ServerConfig,
+    pin_file: Path | None = None,
+    *,
+    create: bool = False,
+    curve: str = "secp256r1",
+) -> Pkcs11Signer:
+    """The issuing CA key in its token (config.ca_key): the module from fleetpki.toml or the
+    environment, the PIN from `pin_file`, fleetpki.toml's pkcs11_pin_file (relative to the
+    home) or $FLEETPKI_PKCS11_PIN. SignerError (BadKeyUri, SignerUnavailable) if unusable."""
+    uri = parse_pkcs11_uri(config.ca_key)
+    if pin_file is None and config.pkcs11_pin_file:
+        pin_file = layout.root / config.pkcs11_pin_file
+    pin = read_pin(pin_file)
+    module = module_path(config.pkcs11_module, uri)
+    return token_signer(module, uri, pin, create=create, curve=curve)
 
 
 def _write_root_crl(

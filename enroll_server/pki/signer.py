@@ -73,6 +73,10 @@ class SignerUnavailable(SignerError):
         self.why = why
 
 
+class KeyNotFound(SignerUnavailable):
+    """No private key (or several) in the token matches the URI."""
+
+
 class BadSignature(SignerError):
     """A signature from the token that does not verify with the CA's public key."""
 
@@ -128,6 +132,11 @@ def as_signer(key: PrivateKey | Signer) -> Signer:
     if not isinstance(key, Signer):
         raise SignerError(f"no signer for a {type(key).__name__}")
     return key
+
+
+def in_token(key: PrivateKey | Signer) -> bool:
+    """True when `key` signs somewhere else than in this process (a PKCS#11 token)."""
+    return not isinstance(as_signer(key), FileKeySigner)
 
 
 def verify_signature(public_key: PublicKey, signature: bytes, data: bytes, algorithm: Any) -> bool:
@@ -441,7 +450,7 @@ def _find(session: pkcs11.Session, uri: Pkcs11Uri, object_class: Any) -> Any:
     found = list(session.get_objects(attrs))
     if len(found) != 1:
         what = "no" if not found else f"{len(found)}"
-        raise SignerUnavailable(f"{what} {object_class.name.lower()} objects match {uri}")
+        raise KeyNotFound(f"{what} {object_class.name.lower()} objects match {uri}")
     return found[0]
 
 
@@ -485,6 +494,19 @@ def generate_pkcs11_key(module: str, uri: Pkcs11Uri, pin: str, curve: str = "sec
         raise SignerUnavailable(f"token {uri.token!r}: {_pkcs11_error(exc)}") from None
     finally:
         session.close()
+
+
+def token_signer(
+    module: str, uri: Pkcs11Uri, pin: str, *, create: bool = False, curve: str = "secp256r1"
+) -> Pkcs11Signer:
+    """The key `uri` names; with `create`, made in the token first if it holds none."""
+    try:
+        return Pkcs11Signer(module, uri, pin)
+    except KeyNotFound:
+        if not create:
+            raise
+    generate_pkcs11_key(module, uri, pin, curve)
+    return Pkcs11Signer(module, uri, pin)
 
 
 class Pkcs11Signer:

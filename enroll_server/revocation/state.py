@@ -30,7 +30,7 @@ from enroll_server.pki.ocsp import (
     respond_get,
     unsuccessful,
 )
-from enroll_server.pki.signer import SignerUnavailable
+from enroll_server.pki.signer import SignerUnavailable, in_token
 from enroll_server.registry.errors import RegistryBusy
 from enroll_server.registry.models import CertificateRecord, CertStatus
 from enroll_server.revocation.publisher import (
@@ -108,13 +108,21 @@ class RevocationState:
         clock: Callable[[], datetime] = utc_now,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
     ) -> RevocationState:
-        """The usual wiring: CRL from the registry, OCSP status from registry records."""
+        """The usual wiring: CRL from the registry, OCSP status from registry records.
+
+        OCSP responses are signed by the issuing CA, unless its key is in a token: then by a
+        delegated responder (RFC 6960 4.2.2.2) whose key lives in memory only and whose
+        short-lived certificate the token signs at each renewal. A token signature per OCSP
+        answer would tie every relying party's status check to the token (its latency, its
+        sessions, its being there), for no gain: the responder certificate says exactly
+        which CA delegated it, for how long, and carries id-pkix-ocsp-nocheck.
+        """
         publisher = CrlPublisher(registry, issuer, next_update=next_update)
         return cls(
             publisher=publisher,
             issuer=issuer,
             lookup=lambda serial: status_of(registry.get_certificate(serial)),
-            signer_policy=signer_policy or OcspSignerPolicy(),
+            signer_policy=signer_policy or OcspSignerPolicy(delegated=in_token(issuer.key)),
             clock=clock,
             poll_interval=poll_interval,
         )

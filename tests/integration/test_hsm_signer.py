@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -193,6 +193,45 @@ def test_issue_renew_revoke_crl_and_ocsp_verify_with_openssl(hsm: Hsm, tmp_path:
             "-no_nonce",
         )
         assert "Response verify OK" in out and f": {word}" in out
+
+
+def test_ocsp_is_delegated_when_the_key_is_in_a_token(hsm: Hsm, tmp_path: Path) -> None:
+    """RFC 6960 4.2.2.2: a responder certificate the token signs, responses signed in memory."""
+    issuing, root = hsm.ca.issuing, hsm.ca.root
+    registry = Registry.open(tmp_path / "registry.db")
+    try:
+        state = RevocationState.from_registry(registry, issuing)
+        now = datetime.now(UTC)
+        responder = state.responder(now)
+        assert responder.delegated and responder.signer_cert.issuer == issuing.cert.subject
+        # A key in memory: the CA signs its own responses.
+        files = RevocationState.from_registry(registry, replace(hsm.ca.root, urls=URLS))
+        assert not files.responder(now).delegated
+        certificates = device_certificates(issuing)
+        pub = generate_key(KeyType.EC_P256).public_key()
+        signed = certificates.issue(pub, DeviceId("ocsp-1"), now, DeviceProfile())
+        cert = x509.load_der_x509_certificate(signed.der)
+        reply = state.answer(_ocsp_request(cert, issuing.cert))
+        assert reply.outcome == "unknown"  # not in this registry: signed, but unknown
+        resp = tmp_path / "resp.der"
+        resp.write_bytes(reply.der)
+        leaf = _pem(tmp_path / "leaf.pem", cert)
+        chain = _pem(tmp_path / "chain.pem", issuing.cert, root.cert)
+        out = _openssl(
+            "ocsp",
+            "-respin",
+            resp,
+            "-CAfile",
+            chain,
+            "-issuer",
+            _pem(tmp_path / "issuing.pem", issuing.cert),
+            "-cert",
+            leaf,
+            "-no_nonce",
+        )
+        assert "Response verify OK" in out and ": unknown" in out
+    finally:
+        registry.close()
 
 
 def test_key_is_not_extractable(hsm: Hsm) -> None:
