@@ -8,6 +8,7 @@ ids, so what one test revokes does not disturb another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import ssl
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -501,3 +502,29 @@ def test_kicks_that_fail_while_rabbitmq_is_unreachable_are_retried_after_a_resta
     live.pump(2)
     assert live.closed
     assert read_cursor(tier.files) != before
+
+
+def test_refused_expired_certificate(tier: Tier) -> None:
+    then = datetime.now(UTC) - timedelta(days=400)
+    tier.fleet.enroll("old-1", now=then)
+    files = live_files(tier, "old-1")
+    assert Client(tier, "old-1", files).connect().connack is None  # TLS: certificate expired
+
+
+def test_refused_server_auth_only_certificate(tier: Tier) -> None:
+    """The fleet's own TLS server certificate (serverAuth, CN not a registered identity)."""
+    layout = tier.server.layout
+    got = Client(tier, "localhost", (layout.server_cert, layout.server_key)).connect()
+    assert not got.accepted
+
+
+def test_garbage_is_dropped_and_the_node_keeps_serving(tier: Tier) -> None:
+    for junk in (b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n", bytes(range(256))):
+        with socket.create_connection(("127.0.0.1", tier.port), timeout=5) as raw:
+            raw.sendall(junk)
+            # closed by the node within the 5 s timeout (a TimeoutError fails the test):
+            # at most a TLS alert, then the end or a reset
+            with contextlib.suppress(ConnectionResetError):
+                while raw.recv(4096):
+                    pass
+    connected(tier, "after-junk", device(tier, "after-junk")).close()
