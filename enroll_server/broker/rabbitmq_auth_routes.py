@@ -100,7 +100,7 @@ def _answer(question: str, decision: Decision) -> web.Response:
 
 async def _params(request: web.Request) -> dict[str, str]:
     _check_secret(request)
-    form = await request.post() if request.method == "POST" else request.query
+    form = await request.post()
     return {k: str(v) for k, v in form.items()}
 
 
@@ -162,5 +162,6 @@ def rabbitmq_auth_routes() -> list[web.RouteDef]:
         ("resource", resource),
         ("topic", topic),
     ):
-        routes += [web.post(f"{base}/{path}", handler), web.get(f"{base}/{path}", handler)]
+        # POST only (rabbitmq-config sets auth_http.http_method = post): no password in a URL
+        routes.append(web.post(f"{base}/{path}", handler))
     return routes

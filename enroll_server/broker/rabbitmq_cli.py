@@ -67,13 +67,16 @@ def rabbitmq_config(
     files = RabbitFiles(out.absolute())
     if files.conf.exists() and not force:
         raise error_exit(f"{files.conf} exists (a RabbitMQ may use it); pass --force to rewrite it")
-    settings = RabbitSettings(
-        port=loaded.config.mqtt_port if port is None else port,
-        bind=bind,
-        management_port=management_port,
-        auth_url=auth_url or f"https://localhost:{loaded.config.admin_port}",
-        user=user,
-    )
+    try:
+        settings = RabbitSettings(
+            port=loaded.config.mqtt_port if port is None else port,
+            bind=bind,
+            management_port=management_port,
+            auth_url=auth_url or f"https://localhost:{loaded.config.admin_port}",
+            user=user,
+        )
+    except RabbitConfigError as exc:
+        raise error_exit(str(exc)) from exc
     try:
         secret = ensure_secret(layout.root, new_secret())
         ensure_secret(layout.root, new_secret(), SYNC_SECRET_FILE)

@@ -99,6 +99,23 @@ class RabbitSettings:
     auth_url: str = "https://localhost:8444"  # fleetpki serve's admin listener
     user: str | None = "rabbitmq"  # whom to hand the folder to when written by root
 
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.auth_url)
+        if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
+            raise RabbitConfigError(
+                f"auth URL {self.auth_url!r} is not https://HOST:PORT (fleetpki serve's admin "
+                "listener; RabbitMQ verifies its certificate against our CA)"
+            )
+        for name, port in (("port", self.port), ("management port", self.management_port)):
+            if not 1 <= port <= 65535:
+                raise RabbitConfigError(f"{name} {port} is not in 1..65535")
+
+    @property
+    def auth_host(self) -> str:
+        host = urlsplit(self.auth_url).hostname
+        assert host is not None  # __post_init__
+        return host
+
     def to_json(self) -> str:
         return (
             json.dumps(
@@ -237,9 +254,7 @@ def write_rabbitmq_config(
     out = out.absolute()
     files = RabbitFiles(out)
     out.mkdir(parents=True, exist_ok=True)
-    host = urlsplit(settings.auth_url).hostname
-    if not host or not settings.auth_url.startswith("https://"):
-        raise RabbitConfigError(f"auth URL {settings.auth_url!r} is not https://HOST:PORT")
+    host = settings.auth_host
     write_atomic(files.cafile, material.ca_chain_pem, PUBLIC_MODE)
     write_atomic(files.certfile, material.server_chain_pem, PUBLIC_MODE)
     write_atomic(files.keyfile, material.server_key_pem, SECRET_MODE)
