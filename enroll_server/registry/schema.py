@@ -360,6 +360,14 @@ _POSTGRES_V7: tuple[str, ...] = (
         serials TEXT NOT NULL DEFAULT '[]'
     )""",
     "CREATE INDEX events_changes ON events(seq) WHERE kind <> 'issued'",
+    # Every node listens (registry/notify.py): a change reaches all of them at its commit.
+    """CREATE FUNCTION events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN
+         PERFORM pg_notify('fleetpki_events', '');
+         RETURN NULL;
+       END $$""",
+    "CREATE TRIGGER events_changed AFTER INSERT ON events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_notify()",
     """CREATE TABLE operators (
         name TEXT PRIMARY KEY,
         role TEXT NOT NULL CHECK (role IN ('admin', 'viewer')),

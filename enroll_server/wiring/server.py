@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 
@@ -48,6 +48,9 @@ from enroll_server.web.app import (
 )
 from enroll_server.web.provisioner import Provisioner
 from enroll_server.web.state import AppState
+
+if TYPE_CHECKING:
+    from enroll_server.registry.notify import EventListener
 from fleetpki.clock import utc_now
 
 log = logging.getLogger("fleetpki.server")
@@ -79,6 +82,8 @@ class ServerHandle:
     commit_writer: Registry | None = None
     # Keeps the listeners' TLS server certificate current (server_certificate).
     server_certificates: ServerCertificates | None = None
+    # On a shared (PostgreSQL) registry: the LISTEN thread that wakes revocation here.
+    event_listener: EventListener | None = None
     # The admin API and /metrics (build_admin_app); set by start_server.
     admin: RunningSite | None = None
 
@@ -324,6 +329,21 @@ async def start_server(
         state.live_sessions = running.sessions
         state.metrics.extra.append(running.metrics_text)
         handle.stoppers.append(running.stop)
+    if registry.shared:
+        # Other nodes' revocations: PostgreSQL notifies at their commit (registry/notify.py),
+        # so this node's broker, CRL and OCSP learn of them at once, not at the next poll.
+        from enroll_server.registry.location import PostgresLocation
+        from enroll_server.registry.notify import EventListener  # psycopg: only when used
+
+        loop = asyncio.get_running_loop()
+        wake: list[Callable[[], object]] = [revocation.changed]
+        if handle.broker is not None:
+            wake.append(handle.broker.poll_revocations)
+        location = cast(PostgresLocation, loaded.registry)
+        listener = EventListener(location, [partial(loop.call_soon_threadsafe, w) for w in wake])
+        listener.start()
+        handle.event_listener = listener
+        handle.stoppers.append(partial(asyncio.to_thread, listener.stop))
     # The TLS server certificate of both listeners: reloaded when its files change, renewed
     # by this process (it holds the issuing CA) at 2/3 of its lifetime.
     try:
