@@ -484,6 +484,7 @@ def _mount_sub_apps() -> None:
     from enroll_server.broker import cli as broker_cli
     from enroll_server.broker import mosquitto_cli, rabbitmq_cli
     from enroll_server.cli import certificate as certificate_cli
+    from enroll_server.cli import node as node_cli
     from enroll_server.cli import operator as operator_cli
     from enroll_server.cli import registry as registry_cli
     from enroll_server.cli import server_certificate as server_certificate_cli
@@ -499,6 +500,7 @@ def _mount_sub_apps() -> None:
     app.add_typer(certificate_cli.app, name="cert")
     app.add_typer(service_cli.app, name="service")
     app.add_typer(registry_cli.app, name="registry")
+    app.add_typer(node_cli.app, name="node")
     for command in (*mosquitto_cli.app.registered_commands, *rabbitmq_cli.app.registered_commands):
         broker_cli.app.registered_commands.append(command)
     app.add_typer(broker_cli.app, name="broker")
