@@ -7,10 +7,12 @@ PKCS#11 module reads it once per process, at C_Initialize.
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -20,13 +22,16 @@ import pkcs11
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 
-from enroll_server.enrollment.service import EnrollmentService
-from enroll_server.errors import Unavailable, http_status
+from enroll_server.enrollment.operators import set_admin_token
+from enroll_server.est.wire import decode_certs_only
+from enroll_server.home.config import ServerConfig
+from enroll_server.home.layout import init_home, registry_location
 from enroll_server.pki.ca import Issuer, build_issuing_ca
 from enroll_server.pki.crl import build_crl
-from enroll_server.pki.keys import KeyType, generate_key
+from enroll_server.pki.keys import KeyType, generate_key, private_key_pem
 from enroll_server.pki.ocsp import CertStatusInfo, OcspResponder, respond
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.pki.signer import (
@@ -35,23 +40,27 @@ from enroll_server.pki.signer import (
     SignerUnavailable,
     generate_pkcs11_key,
     parse_pkcs11_uri,
+    token_signer,
 )
 from enroll_server.pki.template import CertificateTemplate, device_certificates
 from enroll_server.registry import Registry
-from enroll_server.registry.models import NewDevice, RevokedEntry
+from enroll_server.registry.models import RevokedEntry
 from enroll_server.revocation.publisher import CrlPublisher
 from enroll_server.revocation.state import RevocationState
 from fleetpki.identity import DeviceId
+from tests.est_client import enroll_headers, request
+from tests.live_server import start_live_server
 from tests.pki_helpers import URLS, MemoryCa, csr_der, make_ca, make_csr
 
 PIN = "4711-hsm"
+EST = "/.well-known/est"
 URI = "pkcs11:token=fleetpki-ca;object=issuing"
 
 
 @dataclass
 class Hsm:
     tokens: Path
-    doomed_dir: str
+    served_dir: str
     signer: Pkcs11Signer
     ca: MemoryCa  # root (file key) and, as `issuing`, the CA whose key is in the token
 
@@ -90,11 +99,10 @@ def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hsm]:
         _init_token("fleetpki-ca")
         _init_token("spare")  # never logged in: where a wrong PIN is tried
         before = {d.name for d in tokens.iterdir()}
-        _init_token("doomed")  # removed while serving
-        (doomed_dir,) = {d.name for d in tokens.iterdir()} - before
-        generate_pkcs11_key(
-            DEFAULT_PKCS11_MODULE, parse_pkcs11_uri("pkcs11:token=doomed;object=issuing"), PIN
-        )
+        # A live server's, removed while serving. SoftHSM2 then fails every token lookup
+        # (GeneralError), so the removal is the last thing this module does.
+        _init_token("served")
+        (served_dir,) = {d.name for d in tokens.iterdir()} - before
         uri = parse_pkcs11_uri(URI)
         generate_pkcs11_key(DEFAULT_PKCS11_MODULE, uri, PIN)
         signer = Pkcs11Signer(DEFAULT_PKCS11_MODULE, uri, PIN)
@@ -102,7 +110,7 @@ def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hsm]:
         now = datetime.now(UTC)
         cert = build_issuing_ca(signer, files.root, "HSM Issuing CA", now)
         ca = MemoryCa(files.root, Issuer(cert, signer, URLS), files.server_cert, files.server_key)
-        yield Hsm(tokens, doomed_dir, signer, ca)
+        yield Hsm(tokens, served_dir, signer, ca)
         signer.close_session()
     finally:
         if saved is None:
@@ -267,49 +275,134 @@ def test_session_lost_reconnects_on_the_next_signature(hsm: Hsm) -> None:
     x509.load_der_x509_certificate(again.der).verify_directly_issued_by(hsm.ca.issuing.cert)
 
 
-def test_token_removed_while_serving_is_a_clear_error(hsm: Hsm, tmp_path: Path) -> None:
-    """Devices hear 503 + Retry-After, OCSP clients tryLater; nothing recorded, no token used."""
-    uri = parse_pkcs11_uri("pkcs11:token=doomed;object=issuing")
-    signer = Pkcs11Signer(DEFAULT_PKCS11_MODULE, uri, PIN)
-    now = datetime.now(UTC).replace(microsecond=0)
-    issuing = Issuer(build_issuing_ca(signer, hsm.ca.root, "Doomed CA", now), signer, URLS)
-    registry = Registry.open(tmp_path / "registry.db")
-    device = DeviceId("doomed-000001")
-    registry.create_batch(
-        "doomed",
-        [NewDevice(device, hashlib.sha256(b"tok").hexdigest())],
-        kind="token",
-        token_ttl=timedelta(days=1),
-        now=now,
-        actor="op",
-    )
-    service = EnrollmentService(registry, issuing, DeviceProfile())
-    assert isinstance(service._certificates, CertificateTemplate)
-    revocation = RevocationState(
-        CrlPublisher(registry, issuing), issuing, lambda serial: CertStatusInfo.good()
-    )
-    key = generate_key(KeyType.EC_P256)
-    csr = csr_der(make_csr(key, device.value))
-    # A certificate of this CA's, signed while the token was there: the OCSP question.
-    signed = service._certificates.issue(
-        key.public_key(), DeviceId("doomed-000002"), now, DeviceProfile()
-    )
-    good = x509.load_der_x509_certificate(signed.der)
-    # The token goes away under a live session: its directory removed, the session dropped.
-    (doomed,) = (d for d in hsm.tokens.iterdir() if d.name == hsm.doomed_dir)
-    shutil.rmtree(doomed)
-    signer._session.close()
+def test_serve_enroll_renew_revoke_then_the_token_goes_away(
+    hsm: Hsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real server on a home whose issuing key is in the token: EST enroll and renew, an
+    admin revoke, CRL and OCSP over HTTP, all checked by openssl; then the token is removed
+    and devices hear 503 + Retry-After with nothing recorded."""
+    uri = parse_pkcs11_uri("pkcs11:token=served;object=issuing")
+    signer = token_signer(DEFAULT_PKCS11_MODULE, uri, PIN, create=True)
+    home = tmp_path / "home"
+    cfg = ServerConfig(ca_key=str(uri), pkcs11_module=DEFAULT_PKCS11_MODULE)
+    now = datetime.now(UTC)
+    result = init_home(home, cfg, now, issuing_signer=signer)
+    with Registry.open(registry_location(result.layout), create=True) as registry:
+        set_admin_token(registry, result.admin_token, now, actor="test")
+    monkeypatch.setenv("FLEETPKI_PKCS11_PIN", PIN)
+    server = start_live_server(home)
     try:
-        auth = service.authorize_token(device.value, "tok", now)
-        with pytest.raises(Unavailable, match="token 'doomed'") as refused:
-            service.issue(csr, auth, now)
-        assert refused.value.retry_after > 0 and http_status(refused.value) == 503
-        assert registry.certificates_of(device) == []
-        # The enrollment token is not used up: the same device may ask again.
-        service.authorize_token(device.value, "tok", now)
-        reply = revocation.answer(_ocsp_request(good, issuing.cert))
-        assert reply.outcome == "tryLater"
-        with pytest.raises(SignerUnavailable, match="token 'doomed'"):
-            build_crl(issuing.cert, signer, [], 8, now, timedelta(hours=1), URLS.crl)
+        chain = result.layout.chain
+        key = generate_key(KeyType.EC_P256)
+        token = server.mint_device("hsm-dev-1")
+        reply = request(
+            server.est_url + EST + "/simpleenroll",
+            server.client_ssl(),
+            "POST",
+            base64.b64encode(csr_der(make_csr(key, "hsm-dev-1"))),
+            enroll_headers("hsm-dev-1", token),
+        )
+        assert reply.status == 200, reply.text
+        (first,) = [
+            c for c in decode_certs_only(reply.body) if c.subject != result.issuing_cert.subject
+        ]
+        leaf = _pem(tmp_path / "first.pem", first)
+        assert ": OK" in _openssl("verify", "-CAfile", chain, leaf)
+        (tmp_path / "k.pem").write_bytes(private_key_pem(key, None))
+        renewed_reply = request(
+            server.est_url + EST + "/simplereenroll",
+            server.client_ssl(leaf, tmp_path / "k.pem"),
+            "POST",
+            base64.b64encode(csr_der(make_csr(generate_key(KeyType.EC_P256), "hsm-dev-1"))),
+            {"Content-Type": "application/pkcs10"},
+        )
+        assert renewed_reply.status == 200, renewed_reply.text
+        (renewed,) = [
+            c
+            for c in decode_certs_only(renewed_reply.body)
+            if c.subject != result.issuing_cert.subject
+        ]
+        renewed_pem = _pem(tmp_path / "renewed.pem", renewed)
+        assert ": OK" in _openssl("verify", "-CAfile", chain, renewed_pem)
+        revoked = request(
+            server.admin_url + "/admin/devices/hsm-dev-1/revoke",
+            server.client_ssl(),
+            "POST",
+            json.dumps({"reason": "key-compromise"}).encode(),
+            {"Authorization": f"Bearer {server.admin_token}", "Content-Type": "application/json"},
+        )
+        assert revoked.status == 200, revoked.text
+        deadline = time.monotonic() + 10
+        while True:  # the CRL publisher polls the registry
+            crl = x509.load_der_x509_crl(request(server.http_url + "/crl", None).body)
+            if crl.get_revoked_certificate_by_serial_number(renewed.serial_number) or (
+                time.monotonic() > deadline
+            ):
+                break
+            time.sleep(0.2)
+        crl_pem = _pem(tmp_path / "crl.pem", crl)
+        assert "verify OK" in _openssl("crl", "-in", crl_pem, "-noout", "-verify", "-CAfile", chain)
+        with_crl = _pem(tmp_path / "chain_crl.pem", result.issuing_cert, result.root_cert, crl)
+        done = subprocess.run(
+            ["openssl", "verify", "-crl_check", "-CAfile", with_crl, renewed_pem],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode != 0 and "revoked" in done.stdout + done.stderr
+        asked = request(
+            server.http_url + "/ocsp",
+            None,
+            "POST",
+            _ocsp_request(renewed, result.issuing_cert),
+            {"Content-Type": "application/ocsp-request"},
+        )
+        issuing_pem = _pem(tmp_path / "issuing.pem", result.issuing_cert)
+        assert ": revoked" in _ocsp_verified(tmp_path, asked.body, renewed_pem, chain, issuing_pem)
+        # The token goes away while the server runs.
+        shutil.rmtree(hsm.tokens / hsm.served_dir)
+        token2 = server.mint_device("hsm-dev-2")
+        refused = request(
+            server.est_url + EST + "/simpleenroll",
+            server.client_ssl(),
+            "POST",
+            base64.b64encode(csr_der(make_csr(generate_key(KeyType.EC_P256), "hsm-dev-2"))),
+            enroll_headers("hsm-dev-2", token2),
+        )
+        assert refused.status == 503, refused.text
+        assert int(refused.headers["retry-after"]) > 0 and "token 'served'" in refused.text
+        assert PIN not in refused.text
+        assert server.registry.certificates_of(DeviceId("hsm-dev-2")) == []
+        # Not burned: the same token is still accepted (and refused again, for the same reason).
+        assert (
+            request(
+                server.est_url + EST + "/simpleenroll",
+                server.client_ssl(),
+                "POST",
+                base64.b64encode(csr_der(make_csr(generate_key(KeyType.EC_P256), "hsm-dev-2"))),
+                enroll_headers("hsm-dev-2", token2),
+            ).status
+            == 503
+        )
+        # OCSP goes on: its delegated responder's key is in memory (until it needs renewing).
+        again = request(
+            server.http_url + "/ocsp",
+            None,
+            "POST",
+            _ocsp_request(renewed, result.issuing_cert),
+            {"Content-Type": "application/ocsp-request"},
+        )
+        assert ": revoked" in _ocsp_verified(tmp_path, again.body, renewed_pem, chain, issuing_pem)
+        # The last CRL is still served (the publisher keeps it when a rebuild fails).
+        assert request(server.http_url + "/crl", None).body == crl.public_bytes(Encoding.DER)
+        # A responder signing with the CA key itself answers tryLater; a new CRL cannot be made.
+        issuer = Issuer(result.issuing_cert, signer, cfg.urls())
+        by_issuer = RevocationState(
+            CrlPublisher(server.registry, issuer), issuer, lambda serial: CertStatusInfo.good()
+        )
+        assert by_issuer.answer(_ocsp_request(renewed, issuer.cert)).outcome == "tryLater"
+        with pytest.raises(SignerUnavailable, match="token 'served'"):
+            build_crl(issuer.cert, signer, [], 9, now, timedelta(hours=1), URLS.crl)
     finally:
-        registry.close()
+        server.stop()
