@@ -269,6 +269,8 @@ def init(
     console.print(f"[green]initialized[/green] {root}")
     console.print(f"  root CA      {result.layout.root_cert}  (give this to devices as ca.pem)")
     console.print(f"  issuing CA   {result.layout.issuing_cert}")
+    if cfg.ca_key:
+        console.print(f"  issuing key  {cfg.ca_key}  (in the token, not extractable)", markup=False)
     console.print(f"  TLS server   {result.layout.server_cert}  SANs: {', '.join(hosts)}")
     console.print(f"  registry     {location}")
     console.print(f"  admin token  {result.layout.admin_token}  (0600; keep it secret)")

@@ -80,6 +80,7 @@ def test_init_makes_the_key_in_the_token_and_serve_signs_with_it(
     done = _fleetpki(env, "init", "--home", str(home), "--ca-key", URI, "--pin-file", str(pin_file))
     assert done.returncode == 0, done.stderr
     assert PIN not in done.stdout + done.stderr
+    assert f"issuing key  {URI};type=private" in done.stdout
     assert not (home / "ca" / "issuing.key").exists()  # no key file: the token holds it
     toml = (home / "fleetpki.toml").read_text()
     assert PIN not in toml
@@ -123,6 +124,11 @@ def test_init_makes_the_key_in_the_token_and_serve_signs_with_it(
         {**env, "FLEETPKI_PKCS11_PIN": PIN}, "init", "--home", str(tmp_path / "h2"), "--ca-key", URI
     )
     assert again.returncode == 0, again.stderr
+    # `serve` with a wrong PIN: refused at start, naming the token, not the PIN.
+    pin_file.write_text("wrong-pin-7\n")
+    serve = _fleetpki(env, "serve", "--home", str(home), "--no-broker", "--est-port", "0")
+    assert serve.returncode == 2
+    assert "token 'fleet': wrong PIN" in serve.stderr and "wrong-pin-7" not in serve.stderr
 
 
 @pytest.mark.parametrize(
