@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -112,7 +113,7 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
         yield Tier(server, fleet, RabbitFiles(conf), node, folder)
     finally:
         if node is not None:
-            node.stop()
+            node.stop(kill=True)  # a throwaway node: no graceful shutdown to wait for
         stop_epmd(epmd)
         server.stop()
 
@@ -528,3 +529,52 @@ def test_garbage_is_dropped_and_the_node_keeps_serving(tier: Tier) -> None:
                 while raw.recv(4096):
                     pass
     connected(tier, "after-junk", device(tier, "after-junk")).close()
+
+
+def _sync_process(tier: Tier) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "enroll_server.cli", "broker", "rabbitmq-sync"]
+    argv += ["--home", str(tier.home), "--conf-dir", str(tier.files.folder), "--interval", "0.05"]
+    log = (tier.folder / "sync.log").open("ab")
+    return subprocess.Popen(argv, stdout=log, stderr=log)
+
+
+def _wait_closed(client: Client, seconds: float) -> float:
+    started = time.monotonic()
+    client.pump(seconds)
+    assert client.closed, "still connected"
+    return time.monotonic() - started
+
+
+def test_the_sync_daemon_killed_and_restarted_catches_up(tier: Tier) -> None:
+    device(tier, "kill-1")
+    device(tier, "kill-2")
+    proc = _sync_process(tier)
+    try:
+        time.sleep(3)  # started and polling (Python start-up on a loaded machine)
+        live = connected(tier, "kill-1")
+        tier.fleet.registry.revoke_device(
+            DeviceId("kill-1"), reason="keyCompromise", now=datetime.now(UTC), actor="t"
+        )
+        assert _wait_closed(live, 3) < 1.0
+        # SIGKILL, maybe between a kick and saving the cursor: kicks are at least once (a
+        # restarted syncer may kick kill-1 again, which is harmless)
+        proc.kill()
+        proc.wait(10)
+        live = connected(tier, "kill-2")
+        tier.fleet.registry.suspend_device(DeviceId("kill-2"), now=datetime.now(UTC), actor="t")
+        live.pump(0.5)
+        assert not live.closed
+        proc = _sync_process(tier)
+        _wait_closed(live, 15)  # the restarted syncer catches up from its cursor
+        assert not Client(tier, "kill-2", live_files(tier, "kill-2")).connect().accepted
+        proc.terminate()  # SIGTERM: stops by itself
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log = (tier.folder / "sync.log").read_text()
+    drops = [line for line in log.splitlines() if "dropped sessions of" in line]
+    assert any("kill-1" in line for line in drops) and any("kill-2" in line for line in drops)
+    password = read_secret(tier.home, SYNC_SECRET_FILE)
+    assert password is not None and password not in log
