@@ -36,6 +36,7 @@ from enroll_server.pki.ocsp import CertStatusInfo, OcspResponder, respond
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.pki.signer import (
     DEFAULT_PKCS11_MODULE,
+    BadSignature,
     Pkcs11Signer,
     SignerUnavailable,
     generate_pkcs11_key,
@@ -233,6 +234,23 @@ def test_ocsp_is_delegated_when_the_key_is_in_a_token(hsm: Hsm, tmp_path: Path) 
         assert ": unknown" in _ocsp_verified(tmp_path, reply.der, leaf, chain, issuing_pem)
     finally:
         registry.close()
+
+
+def test_a_signature_that_does_not_verify_never_leaves(
+    hsm: Hsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token that signs wrongly (a faulty device, the wrong key behind the label): the
+    signature is checked with the CA's public key and nothing is handed out."""
+    certificates = device_certificates(hsm.ca.issuing)
+    real = hsm.signer._raw_sign
+    monkeypatch.setattr(hsm.signer, "_raw_sign", lambda data: real(data + b"!"))
+    pub = generate_key(KeyType.EC_P256).public_key()
+    with pytest.raises(BadSignature, match="does not verify with the CA key"):
+        certificates.issue(pub, DeviceId("bad-sig"), datetime.now(UTC), DeviceProfile())
+    with pytest.raises(BadSignature):
+        build_crl(
+            hsm.ca.issuing.cert, hsm.signer, [], 3, datetime.now(UTC), timedelta(hours=1), URLS.crl
+        )
 
 
 def test_key_is_not_extractable(hsm: Hsm) -> None:
