@@ -81,6 +81,9 @@ class RabbitNode:
             **os.environ,
             "HOME": str(self.folder),  # the cookie: one per cluster folder
             "ERL_EPMD_PORT": str(self.epmd_port),
+            # loopback only: epmd and the Erlang distribution listen on every interface else
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_DIST_PORT": str(self.dist),
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
@@ -210,6 +213,15 @@ def configure(home: Path, out: Path, mqtt_port: int, management_port: int, admin
 
 
 def stop_epmd(epmd_port: int) -> None:
-    """epmd outlives the nodes; ours listens on a private port, so only ours is asked."""
+    """epmd outlives the nodes; ours listens on a private port, so only ours is asked. It
+    refuses while a node it knows is still registered (a killed node's is dropped a moment
+    later): asked again for up to 10 s."""
     env = {**os.environ, "ERL_EPMD_PORT": str(epmd_port)}
-    subprocess.run(["epmd", "-kill"], env=env, capture_output=True, timeout=10, check=False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        subprocess.run(["epmd", "-kill"], env=env, capture_output=True, timeout=10, check=False)
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", epmd_port)) != 0:
+                return
+        time.sleep(0.1)
