@@ -29,7 +29,7 @@ from enroll_server.cli.options import (
 )
 from enroll_server.enrollment.outcome import transition_outcome
 from enroll_server.home.config import ConfigError, ServerConfig
-from enroll_server.home.layout import HomeError, init_home, resolve_home
+from enroll_server.home.layout import HomeError, check_new_home, init_home, resolve_home
 from enroll_server.pki.ca import check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import KeyType, parse_key_type
@@ -247,6 +247,10 @@ def init(
     )
     signer = None
     if ca_key is not None:
+        try:
+            check_new_home(root, force=force)  # before a key is made in the token
+        except HomeError as exc:
+            fail(str(exc))
         cfg, signer = _token_key(root, cfg, ca_key, pin_file)
     now = utc_now()
     try:

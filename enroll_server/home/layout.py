@@ -172,6 +172,14 @@ class InitResult:
     server_cert: x509.Certificate
 
 
+def check_new_home(home: Path, *, force: bool) -> HomeLayout:
+    """The layout of a home `init` may create: HomeError if one is there and not `force`."""
+    layout = HomeLayout(home)
+    if layout.config.exists() and not force:
+        raise HomeError(home, "already initialized (fleetpki.toml exists); use --force to redo")
+    return layout
+
+
 def init_home(
     home: Path,
     config: ServerConfig,
@@ -185,9 +193,7 @@ def init_home(
     The registry is created by the caller (it owns SQL); this function only writes files.
     `issuing_signer`: the issuing CA key in a token (config.ca_key names it); no key file.
     """
-    layout = HomeLayout(home)
-    if layout.config.exists() and not force:
-        raise HomeError(home, "already initialized (fleetpki.toml exists); use --force to redo")
+    layout = check_new_home(home, force=force)
     make_private_dir(home)
     make_private_dir(layout.ca_dir)
     make_private_dir(layout.tls_dir)

@@ -71,6 +71,15 @@ Path(sys.argv[2]).write_bytes(signed.der)
 """
 
 
+# Opens the key a URI names, as `serve` would.
+_OPEN = """
+import os, sys
+from enroll_server.pki.signer import DEFAULT_PKCS11_MODULE, Pkcs11Signer, parse_pkcs11_uri
+pin = os.environ["FLEETPKI_PKCS11_PIN"]
+Pkcs11Signer(DEFAULT_PKCS11_MODULE, parse_pkcs11_uri(sys.argv[1]), pin)
+"""
+
+
 def test_init_makes_the_key_in_the_token_and_serve_signs_with_it(
     env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -119,6 +128,21 @@ def test_init_makes_the_key_in_the_token_and_serve_signs_with_it(
         check=False,
     )
     assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stderr
+    # Over an existing home without --force: refused before anything is made in the token.
+    other = "pkcs11:token=fleet;object=never-made"
+    refused = _fleetpki(
+        env, "init", "--home", str(home), "--ca-key", other, "--pin-file", str(pin_file)
+    )
+    assert refused.returncode == 2 and "already initialized" in refused.stderr
+    look = subprocess.run(
+        [sys.executable, "-c", _OPEN, other],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "FLEETPKI_PKCS11_PIN": PIN},
+        check=False,
+    )
+    assert look.returncode != 0 and "no private_key objects match" in look.stderr
     # A second home on the same token key (the key exists: taken, not made again).
     again = _fleetpki(
         {**env, "FLEETPKI_PKCS11_PIN": PIN}, "init", "--home", str(tmp_path / "h2"), "--ca-key", URI
