@@ -277,7 +277,7 @@ class Agent:
             from device_agent.est_client import EstClient
 
             cfg = self.config
-            self._est = EstClient(cfg.server, cfg.trust_anchor, timeout=cfg.http_timeout)
+            self._est = EstClient(cfg.est_servers, cfg.trust_anchor, timeout=cfg.http_timeout)
         return self._est
 
     # -- waiting -------------------------------------------------------------------------------
@@ -728,8 +728,7 @@ class Agent:
         cfg = self.config
         self.link = link = MqttLink(
             self.device_id,
-            cfg.mqtt_host,
-            cfg.mqtt_port,
+            *cfg.mqtt_brokers[0],
             cfg.trust_anchor,
             self._credentials,
             queue_size=cfg.queue_size,
@@ -740,6 +739,7 @@ class Agent:
             on_connection=self._on_connection,
             on_retry=self._on_mqtt_retry,
             on_refused=self._on_broker_refused,
+            brokers=cfg.mqtt_brokers,
         )
         self._set_state(AgentState.CONNECTING)
         assert self._stop is not None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from device_agent.errors import ConfigError
@@ -30,7 +32,7 @@ _KNOWN: dict[str, set[str]] = {
         "timeout",
         "suspended_retry_max",
     },
-    "mqtt": {"host", "port", "telemetry_interval", "keepalive", "queue_size"},
+    "mqtt": {"host", "port", "brokers", "telemetry_interval", "keepalive", "queue_size"},
     "state": {"dir"},
 }
 
@@ -90,6 +92,36 @@ class AgentConfig:
     # Set for bundles of `fleetpki batch create --idevid`: bootstrap with the birth
     # certificate; `token_file` is then only a default path that is never read.
     idevid: BirthCredentials | None = None
+    # Several nodes (`enroll.server` as a list, `mqtt.brokers`): every one the bundle names;
+    # empty when it names one. Use est_servers / mqtt_brokers, which apply the device's order.
+    servers: tuple[EstServer, ...] = ()
+    brokers: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def est_servers(self) -> tuple[EstServer, ...]:
+        """The EST servers in this device's order (spread): the first is tried first."""
+        return spread(self.servers or (self.server,), str(self.device_id), lambda s: s.url)
+
+    @property
+    def mqtt_brokers(self) -> tuple[tuple[str, int], ...]:
+        """The brokers in this device's order (spread): the first is tried first."""
+        return spread(
+            self.brokers or ((self.mqtt_host, self.mqtt_port),),
+            str(self.device_id),
+            lambda b: f"{b[0]}:{b[1]}",
+        )
+
+
+T = TypeVar("T")
+
+
+def spread(items: tuple[T, ...], device_id: str, key: Callable[[T], str]) -> tuple[T, ...]:
+    """`items` in an order fixed for this device and different across devices (a hash of the
+    device id and each item), so a fleet spreads over the nodes and each device keeps going
+    back to the same one first."""
+    return tuple(
+        sorted(items, key=lambda i: hashlib.sha256(f"{device_id}|{key(i)}".encode()).digest())
+    )
 
 
 def _section(path: Path, doc: dict[str, Any], name: str) -> dict[str, Any]:
@@ -143,6 +175,40 @@ def _server(path: Path, url: str) -> EstServer:
     except ValueError as exc:
         raise ConfigError(path, "enroll.server", f"bad port in {url!r}") from exc
     return EstServer(url=url, host=parts.hostname, port=port, path_prefix=parts.path.rstrip("/"))
+
+
+def _servers(path: Path, enroll: dict[str, Any]) -> tuple[EstServer, ...]:
+    """`enroll.server`: one https:// base URL, or a list of them (several nodes)."""
+    value = enroll.get("server")
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(path, "enroll.server", "must be a URL or a non-empty list of URLs")
+        return tuple(_server(path, v) for v in value)
+    return (_server(path, _get(path, enroll, "enroll", "server", str)),)
+
+
+def _brokers(path: Path, mqtt: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """`mqtt.brokers`: a list of "host:port" ("[::1]:8883" for an IPv6 address; port 8883 by
+    default); empty when absent (then mqtt.host and mqtt.port name the one broker)."""
+    value = mqtt.get("brokers")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "mqtt.brokers", 'must be a non-empty list of "host:port"')
+    found = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(path, "mqtt.brokers", f'entries are "host:port" strings: {item!r}')
+        try:
+            parts = urlsplit(f"mqtts://{item.strip()}")
+            host = parts.hostname
+            port = 8883 if parts.port is None else parts.port
+        except ValueError as exc:
+            raise ConfigError(path, "mqtt.brokers", f"bad entry {item!r} ({exc})") from exc
+        if not host or parts.path or parts.query or parts.username:
+            raise ConfigError(path, "mqtt.brokers", f'bad entry {item!r}: "host:port" only')
+        found.append((host, _port(path, "mqtt.brokers", port)))
+    return tuple(found)
 
 
 def _port(path: Path, key: str, value: int) -> int:
@@ -225,15 +291,23 @@ def parse_config(text: str, path: Path) -> AgentConfig:
             f"must be 1..86400 seconds, got {suspended_max}",
         )
 
+    servers = _servers(path, enroll)
+    brokers = _brokers(path, mqtt)
     return AgentConfig(
         path=path,
         device_id=device_id,
         key_type=key_type,
-        server=_server(path, _get(path, enroll, "enroll", "server", str)),
+        server=servers[0],
+        servers=servers if len(servers) > 1 else (),
         token_file=base / _get(path, enroll, "enroll", "token_file", str, default="token"),
         trust_anchor=base / _get(path, enroll, "enroll", "trust_anchor", str, default="ca.pem"),
-        mqtt_host=_get(path, mqtt, "mqtt", "host", str),
-        mqtt_port=_port(path, "mqtt.port", _get(path, mqtt, "mqtt", "port", int, default=8883)),
+        mqtt_host=brokers[0][0] if brokers else _get(path, mqtt, "mqtt", "host", str),
+        mqtt_port=(
+            brokers[0][1]
+            if brokers
+            else _port(path, "mqtt.port", _get(path, mqtt, "mqtt", "port", int, default=8883))
+        ),
+        brokers=brokers if len(brokers) > 1 else (),
         telemetry_interval=interval,
         state_dir=base / _get(path, state, "state", "dir", str, default="state"),
         mqtt_keepalive=keepalive,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import ssl
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from fleetpki.error_codes import ERROR_HEADER, ErrorCode
 from fleetpki.identity import DeviceId
 
 _REASON_MAX = 300
+log = logging.getLogger("fleetpki.agent")
 
 
 class EstClient:
@@ -40,14 +43,32 @@ class EstClient:
     device whose clock has not been set yet.
     """
 
-    def __init__(self, server: EstServer, trust_anchor: Path, *, timeout: float = 30.0) -> None:
-        self.server = server
+    def __init__(
+        self,
+        server: EstServer | Sequence[EstServer],
+        trust_anchor: Path,
+        *,
+        timeout: float = 30.0,
+    ) -> None:
+        """`server`: one EST server, or several nodes of one service in the order to try them
+        (AgentConfig.est_servers): a request that cannot reach one (refused, timed out, a TLS
+        failure) goes to the next, and the client stays on the one that answered."""
+        self.servers = (server,) if isinstance(server, EstServer) else tuple(server)
+        if not self.servers:
+            raise ValueError("EstClient needs at least one server")
+        self._current = 0
         self.trust_anchor = trust_anchor
         self.timeout = timeout
         self.last_server_date: datetime | None = None
 
-    def _url(self, path: str) -> str:
-        return f"https://{self.server.host}:{self.server.port}{path}"
+    @property
+    def server(self) -> EstServer:
+        """The server in use: the last one that answered (the first until one has)."""
+        return self.servers[self._current]
+
+    def _url(self, path: str, server: EstServer | None = None) -> str:
+        server = server or self.server
+        return f"https://{server.host}:{server.port}{path}"
 
     async def _call(
         self,
@@ -57,14 +78,46 @@ class EstClient:
         headers: dict[str, str] | None = None,
         body: bytes = b"",
     ) -> http11.HttpResponse:
-        url = self._url(path)
+        """One request, to the server in use, else to the next that can be reached. Only a
+        failure to get an answer moves on; an answer (any status) is the service's word."""
+        relative = path[len(self.server.path_prefix) :]
+        failed: EstUnavailable | TlsVerificationFailed | None = None
+        for step in range(len(self.servers)):
+            index = (self._current + step) % len(self.servers)
+            server = self.servers[index]
+            try:
+                response = await self._request(
+                    server, method, server.path_prefix + relative, ctx, headers, body
+                )
+            except (EstUnavailable, TlsVerificationFailed) as exc:
+                failed = exc
+                if len(self.servers) > 1:
+                    log.warning("EST %s: %s; trying the next server", exc.url, exc.why)
+                continue
+            if index != self._current:
+                log.info("EST: now using %s", server.url)
+                self._current = index
+            return response
+        assert failed is not None
+        raise failed
+
+    async def _request(
+        self,
+        server: EstServer,
+        method: str,
+        path: str,
+        ctx: ssl.SSLContext,
+        headers: dict[str, str] | None,
+        body: bytes,
+    ) -> http11.HttpResponse:
+        url = self._url(path, server)
         all_headers = {"User-Agent": f"fleetpki-agent/{__version__}", **(headers or {})}
         try:
             async with asyncio.timeout(self.timeout):
                 response = await http11.request(
                     method,
-                    self.server.host,
-                    self.server.port,
+                    server.host,
+                    server.port,
                     path,
                     ctx,
                     headers=all_headers,

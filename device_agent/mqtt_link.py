@@ -9,7 +9,7 @@ import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -105,10 +105,17 @@ class MqttLink:
         on_retry: RetryHandler | None = None,
         on_refused: RefusalHandler | None = None,
         timeout: float = 10.0,
+        brokers: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """`brokers`: several nodes' brokers in the order to try them (host, port: the first);
+        a connection that cannot be made or is lost moves on to the next at once, and only
+        when every one has failed in a row does the backoff wait. A refusal (CONNACK, a
+        revoked certificate's TLS alert) is the fleet's word whichever node said it: no
+        moving on."""
         self.device_id = device_id
-        self.host = host
-        self.port = port
+        self.brokers = tuple(brokers) or ((host, port),)
+        self._broker = 0
+        self.host, self.port = self.brokers[0]
         self.trust_anchor = trust_anchor
         self.credentials = credentials
         self.keepalive = keepalive
@@ -158,11 +165,13 @@ class MqttLink:
         """Connect, serve, reconnect with backoff. When refused: raises BrokerRefused, or,
         with `on_refused`, lets it decide (stop, wait, or back off as usual)."""
         attempt = 0
+        failed_in_a_row = 0  # brokers that failed since one last worked
         while True:
             self._rotate.clear()
             why = "stopped"  # unless set below: cancelled, the agent is stopping
             try:
                 await self._connect_and_serve()
+                failed_in_a_row = 0
                 why = "reconnecting with the renewed certificate"
                 attempt = 0  # a clean rotation: reconnect at once
                 continue
@@ -176,7 +185,20 @@ class MqttLink:
             except (aiomqtt.MqttError, OSError, ssl.SSLError, TimeoutError) as exc:
                 if self.connected.is_set():
                     attempt = 0  # the session was up: start the backoff afresh
+                    failed_in_a_row = 0
                 why = str(exc) or type(exc).__name__
+                if len(self.brokers) > 1:
+                    failed_in_a_row += 1
+                    self._broker = (self._broker + 1) % len(self.brokers)
+                    previous = f"{self.host}:{self.port}"
+                    self.host, self.port = self.brokers[self._broker]
+                    if failed_in_a_row < len(self.brokers):
+                        log.warning(
+                            "%s: MQTT %s unavailable (%s); trying %s:%d",
+                            self.device_id, previous, why, self.host, self.port,
+                        )  # fmt: skip
+                        continue  # (finally: below reports the lost session)
+                    failed_in_a_row = 0
             finally:
                 if self.connected.is_set():
                     self.connected.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from device_agent.errors import ConfigError as AgentConfigError
 from enroll_server.home.config import ServerConfig
 from enroll_server.home.layout import HomeLayout
 from enroll_server.pki.keys import KeyType, PublicKey, generate_key, private_key_pem
@@ -79,6 +81,10 @@ class BatchRequest:
     note: str = ""
     device_key_type: str = "ec-p256"
     idevid: IdevidOptions | None = None
+    # Several nodes: the EST base URLs and "host:port" brokers the bundles name (agent
+    # failover); empty: the home's own (public_host, its ports).
+    est_urls: tuple[str, ...] = ()
+    brokers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +212,22 @@ def _check_request(request: BatchRequest, batch_id: str) -> None:
         check_out_dir(Path(request.out_dir).absolute(), request.force)
 
 
+def _bundle_settings(config: ServerConfig, request: BatchRequest) -> b.BundleSettings:
+    """What every agent.toml of the batch says; InvalidBatchOption if the agent would refuse
+    it (a --est-url that is no https:// base URL, a --broker that is no host:port)."""
+    settings = b.BundleSettings.from_config(config, request.device_key_type)
+    if not (request.est_urls or request.brokers):
+        return settings
+    settings = dataclasses.replace(settings, est_urls=request.est_urls, brokers=request.brokers)
+    try:
+        settings.check()
+    except AgentConfigError as exc:
+        est = (exc.key or "").startswith("enroll")
+        option, given = ("--est-url", request.est_urls) if est else ("--broker", request.brokers)
+        raise InvalidBatchOption(option, " ".join(given), exc.why) from None
+    return settings
+
+
 def _precheck_ids(registry: Registry, source: _Source) -> None:
     # The common mistake (the same --prefix twice) caught before 100,000 bundles are written;
     # every other collision is caught by the all-or-nothing insert.
@@ -237,6 +259,7 @@ def create_batch(
     """
     batch_id = request.batch_id or new_batch_id(now)
     _check_request(request, batch_id)
+    _bundle_settings(config, request)
     source = _source(request)
     kind = BatchKind.IDEVID if request.idevid is not None else BatchKind.TOKEN
     ttl = check_ttl(request.token_ttl if request.token_ttl is not None else config.token_ttl)
@@ -317,7 +340,7 @@ def _write_bundles(
 ) -> None:
     """Phase 2: bundles + manifest + spool in the staging folder, then one sync."""
     ca_pem = layout.root_cert.read_bytes()
-    settings = b.BundleSettings.from_config(config, request.device_key_type)
+    settings = _bundle_settings(config, request)
     writer = b.BundleWriter(staged.staging, tar=request.tar, mtime=now.timestamp())
     idevid = request.idevid
     manufacturer = (

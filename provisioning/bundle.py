@@ -32,6 +32,11 @@ def _toml_str(value: str) -> str:
     return json.dumps(value, ensure_ascii=True)
 
 
+def _toml_value(value: str | tuple[str, ...]) -> str:
+    """A string, or an array of strings (a JSON array of strings is a TOML array too)."""
+    return _toml_str(value) if isinstance(value, str) else json.dumps(list(value))
+
+
 @dataclass(frozen=True, slots=True)
 class BundleSettings:
     """What every agent.toml of a batch shares: where to enroll and where the broker is."""
@@ -41,6 +46,18 @@ class BundleSettings:
     mqtt_port: int
     key_type: str = "ec-p256"
     telemetry_interval: float = 30.0
+    # Several nodes (`batch create --est-url ... --broker ...`, each repeatable): every EST
+    # base URL and every "host:port" broker the agent may use; empty: the one above.
+    est_urls: tuple[str, ...] = ()
+    brokers: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Refuse settings the agent would refuse: the agent's own parser reads a sample
+        agent.toml (device_agent.config, the one place that rule lives). ConfigError."""
+        from device_agent.config import parse_config
+
+        sample = render_agent_toml(DeviceId("check"), self, idevid=False)
+        parse_config(sample, Path("agent.toml"))
 
     @classmethod
     def from_config(cls, config: ServerConfig, key_type: str = "ec-p256") -> BundleSettings:
@@ -77,13 +94,14 @@ def _agent_toml_template(settings: BundleSettings, idevid: bool) -> tuple[str, s
         '"\n'
         f"key_type = {_toml_str(settings.key_type)}\n"
         "\n[enroll]\n"
-        f"server = {_toml_str(settings.est_url)}\n"
+        f"server = {_toml_value(settings.est_urls or settings.est_url)}\n"
         f"{credentials}"
         f"trust_anchor = {_toml_str(CA_PEM)}\n"
         "\n[mqtt]\n"
         f"host = {_toml_str(settings.mqtt_host)}\n"
         f"port = {settings.mqtt_port}\n"
-        f"telemetry_interval = {settings.telemetry_interval!r}\n"
+        + (f"brokers = {_toml_value(settings.brokers)}\n" if settings.brokers else "")
+        + f"telemetry_interval = {settings.telemetry_interval!r}\n"
         "\n[state]\n"
         f"dir = {_toml_str(STATE_DIR)}\n"
     )

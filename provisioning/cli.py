@@ -189,6 +189,21 @@ def create(
     idevid_key_type: Annotated[
         str, typer.Option(help="Key type of birth keys generated here (no --idevid-csrs).")
     ] = "ec-p256",
+    est_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--est-url",
+            help="An EST base URL the bundles name (repeatable: several nodes; the agent "
+            "fails over among them). Default: the home's own.",
+        ),
+    ] = None,
+    broker: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--broker",
+            help="A broker host:port the bundles name (repeatable, as --est-url).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Provision a factory lot: ids, tokens or birth certificates, bundles, manifest.csv.
@@ -220,6 +235,8 @@ def create(
             note=note,
             device_key_type=key_type,
             idevid=options,
+            est_urls=tuple(est_url or ()),
+            brokers=tuple(broker or ()),
         )
         started = time.perf_counter()
         with _Bars() as bars:
