@@ -394,7 +394,9 @@ def read_pin(pin_file: Path | None, environ: dict[str, str] | None = None) -> st
     else:
         pin = env.get(PIN_ENV, "")
     if not pin:
-        raise SignerUnavailable(f"no token PIN: give --pin-file or set ${PIN_ENV}")
+        raise SignerUnavailable(
+            f"no token PIN: give --pin-file (init), [ca] pkcs11_pin_file or ${PIN_ENV}"
+        )
     return pin
 
 
