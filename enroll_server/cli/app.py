@@ -489,6 +489,7 @@ def _mount_sub_apps() -> None:
     `server-cert`, simulators."""
     from enroll_server.broker import cli as broker_cli
     from enroll_server.broker import mosquitto_cli, rabbitmq_cli
+    from enroll_server.cli import backup as backup_cli
     from enroll_server.cli import certificate as certificate_cli
     from enroll_server.cli import node as node_cli
     from enroll_server.cli import operator as operator_cli
@@ -507,6 +508,7 @@ def _mount_sub_apps() -> None:
     app.add_typer(service_cli.app, name="service")
     app.add_typer(registry_cli.app, name="registry")
     app.add_typer(node_cli.app, name="node")
+    backup_cli.register(app)
     for command in (*mosquitto_cli.app.registered_commands, *rabbitmq_cli.app.registered_commands):
         broker_cli.app.registered_commands.append(command)
     app.add_typer(broker_cli.app, name="broker")

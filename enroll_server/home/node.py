@@ -82,7 +82,9 @@ def add_node(
     if not config.ca_key:
         wanted.append(theirs.issuing_key)
     for extra in (config.registry_password_file, config.pkcs11_pin_file):
-        if extra:
+        # A path outside the home (init writes the PIN file's absolute path) stays as it is:
+        # the node's operator puts that file in the same place on the node.
+        if extra and not Path(extra).is_absolute():
             wanted.append(theirs.root / extra)
     staging = out.with_name(out.name + ".partial")
     if staging.exists():
