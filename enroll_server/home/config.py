@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from enroll_server.pki.ca import PkiUrls
+from enroll_server.pki.ca_expiry import DEFAULT_EXPIRY_WARNING
 from enroll_server.pki.keys import KeyType
 from enroll_server.pki.signer import BadKeyUri, parse_pkcs11_uri
 from enroll_server.registry.errors import InvalidValue
@@ -48,6 +49,8 @@ class ServerConfig:
     backdate: timedelta = timedelta(minutes=5)
     token_ttl: timedelta = timedelta(days=7)
     crl_next_update: timedelta = timedelta(hours=24)
+    # `fleetpki serve` warns (log, metric) from this long before the issuing CA expires.
+    ca_expiry_warning: timedelta = DEFAULT_EXPIRY_WARNING
     # Largest MQTT packet a client may send, in bytes (embedded broker and mosquitto alike).
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     # Connection limits of every listener (enroll_server/transport/connection_limits.py).
@@ -190,6 +193,7 @@ def load_config(path: Path) -> ServerConfig:
         backdate=_duration(data, path, "ca", "backdate", "5m"),
         token_ttl=_duration(data, path, "enroll", "token_ttl", "7d"),
         crl_next_update=_duration(data, path, "crl", "next_update", "24h"),
+        ca_expiry_warning=_duration(data, path, "ca", "expiry_warning", "180d"),
         max_packet_size=_max_packet_size(data, path),
         head_timeout=_duration(data, path, "connections", "head_timeout", "10s"),
         idle_timeout=_duration(data, path, "connections", "idle_timeout", "30s"),
@@ -232,6 +236,8 @@ def render_config(cfg: ServerConfig) -> str:
 key_type = "{cfg.key_type.value}"
 device_validity = "{format_duration(cfg.device_validity)}"   # lifetime of device certificates
 backdate = "{format_duration(cfg.backdate)}"   # notBefore in the past: devices without RTC
+# serve warns (log, metric) from this long before the issuing CA itself expires
+expiry_warning = "{format_duration(cfg.ca_expiry_warning)}"
 {_render_ca_key(cfg)}
 [server]
 hostnames = [{hosts}]

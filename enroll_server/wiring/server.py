@@ -28,6 +28,7 @@ from enroll_server.home.layout import (
 )
 from enroll_server.home.layout import root_crl as home_root_crl
 from enroll_server.home.server_certificate import CHECK_INTERVAL, ServerCertificates
+from enroll_server.pki.ca_expiry import expiry_metrics, expiry_warning
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
@@ -373,6 +374,10 @@ async def start_server(
     )
     if (warning := serves_only_this_machine(host, cfg.public_host)) is not None:
         log.warning("%s", warning)
+    issuing = loaded.issuer.cert
+    if (warning := expiry_warning(issuing, clock(), cfg.ca_expiry_warning)) is not None:
+        log.warning("%s", warning)
+    state.metrics.extra.append(lambda: expiry_metrics(issuing, clock(), cfg.ca_expiry_warning))
     return handle
 
 
