@@ -11,7 +11,9 @@ or refused it, and a failed transaction fails every issuance in it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from functools import partial
@@ -39,7 +41,24 @@ class CommitFailed(Exception):
     def __init__(self, cause: BaseException, size: int) -> None:
         super().__init__(f"registry commit of {size} issuances failed: {cause}")
         self.__cause__ = cause
-        self.busy = isinstance(cause, RegistryBusy)
+        self.busy = isinstance(cause, RegistryBusy) or disk_full(cause)
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """The registry's disk is full: SQLite's SQLITE_FULL ("database or disk is full") or an
+    OSError ENOSPC. Like a held lock, the transaction was rolled back as a whole (nothing of
+    the request was used) and a retry succeeds once space is freed."""
+    while exc is not None:
+        if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == _FULL:
+            return True
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        exc = exc.__cause__
+    return False
+
+
+# SQLITE_FULL (https://www.sqlite.org/rescode.html#full).
+_FULL = 13
 
 
 # Seconds a client is asked to wait (Retry-After) when the registry stayed locked.
@@ -49,7 +68,9 @@ BUSY_RETRY_AFTER = 5
 def registry_busy(cause: BaseException | None = None) -> Unavailable:
     """What a client hears when its request met the registry locked past the deadline, or
     unreachable (PostgreSQL restarting: RegistryUnavailable): 503 with Retry-After."""
-    if isinstance(cause, RegistryUnavailable) or isinstance(
+    if disk_full(cause):
+        why = "the registry's disk is full (no space left on device)"
+    elif isinstance(cause, RegistryUnavailable) or isinstance(
         getattr(cause, "__cause__", None), RegistryUnavailable
     ):
         why = "the registry is unavailable"
@@ -227,7 +248,10 @@ class CommitQueue:
                 if not isinstance(result, RegistryUnavailable):
                     cause = RegistryBusy(result.path, round(self.busy_deadline * 1000))
             failed = CommitFailed(cause, len(batch))
-            log.error("%s", failed)
+            if disk_full(cause):
+                log.warning("%s: the disk is full; answering 503 until space is freed", failed)
+            else:
+                log.error("%s", failed)
             outcomes = [failed] * len(batch)
         else:
             outcomes = result
