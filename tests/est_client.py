@@ -8,6 +8,10 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
 
 @dataclass
 class Reply:
@@ -51,3 +55,18 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 def enroll_headers(user: str, password: str) -> dict[str, str]:
     return {**basic(user, password), "Content-Type": "application/pkcs10"}
+
+
+def ask_ocsp(http_url: str, cert: x509.Certificate, issuer: x509.Certificate) -> ocsp.OCSPResponse:
+    """POST /ocsp about `cert` (RFC 6960 A.1); asserts a 200 and returns the parsed response."""
+    der = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(cert, issuer, hashes.SHA1())
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    answer = request(
+        http_url + "/ocsp", None, "POST", der, {"Content-Type": "application/ocsp-request"}
+    )
+    assert answer.status == 200, (answer.status, answer.text)
+    return ocsp.load_der_ocsp_response(answer.body)

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.home.layout import hash_secret
 from fleetpki.identity import DeviceId
-from tests.est_client import request
+from tests.est_client import ask_ocsp, request
 from tests.integration.test_batch_enroll import raw_enroll
 from tests.live_server import start_live_server
 
@@ -104,21 +103,7 @@ def test_full_disk_refuses_for_now_and_recovers_by_itself(disk: Path) -> None:
         assert crl.status == 200
         x509.load_der_x509_crl(crl.body)
         issuer = x509.load_pem_x509_certificate(server.layout.issuing_cert.read_bytes())
-        ocsp_req = (
-            ocsp.OCSPRequestBuilder()
-            .add_certificate(cert, issuer, hashes.SHA1())
-            .build()
-            .public_bytes(serialization.Encoding.DER)
-        )
-        answer = request(
-            server.http_url + "/ocsp",
-            None,
-            "POST",
-            ocsp_req,
-            {"Content-Type": "application/ocsp-request"},
-        )
-        assert answer.status == 200
-        status = ocsp.load_der_ocsp_response(answer.body)
+        status = ask_ocsp(server.http_url, cert, issuer)
         assert status.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
         assert status.certificate_status == ocsp.OCSPCertStatus.GOOD
 
