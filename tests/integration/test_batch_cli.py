@@ -227,11 +227,13 @@ def test_ctrl_c_of_a_real_process_leaves_nothing(home: str, tmp_path: Path) -> N
             time.sleep(0.05)
         assert staged, "no staging folder appeared"
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    assert proc.returncode == 130, stderr
+    # (Seen twice in full-suite runs on a loaded machine, never alone: exit 0 with an empty
+    # stderr. The output is in the message so the next occurrence says what the child did.)
+    assert proc.returncode == 130, (stdout[-500:], stderr[-500:])
     assert b"interrupted" in stderr
     assert_nothing_created(home, tmp_path, set())
