@@ -22,7 +22,23 @@ class AuthenticationFailed(ServiceError):
     """No or wrong credentials (HTTP 401 with WWW-Authenticate).
 
     The reason never tells an unknown device from a wrong token (no enumeration oracle).
+    `challenge` is the WWW-Authenticate value: the scheme the client should have used.
     """
+
+    # RFC 7617 2 / RFC 7235 3.1: a 401 names the scheme; we decode credentials as UTF-8.
+    challenge = 'Basic realm="fleetpki EST", charset="UTF-8"'
+
+
+class OperatorAuthenticationFailed(AuthenticationFailed):
+    """No or wrong operator token on the admin API: it takes `Authorization: Bearer`
+    (RFC 6750 3: the challenge names the Bearer scheme, not Basic, and says
+    error="invalid_token" when a token was presented but is not valid, RFC 6750 3.1)."""
+
+    def __init__(self, reason: str, *, invalid_token: bool = False) -> None:
+        super().__init__(reason)
+        self.challenge = 'Bearer realm="fleetpki admin"' + (
+            ', error="invalid_token"' if invalid_token else ""
+        )
 
 
 class Forbidden(ServiceError):
@@ -99,6 +115,7 @@ ERRORS: dict[type[ServiceError], tuple[int, ErrorCode]] = {
     ServiceError: (400, ErrorCode.BAD_REQUEST),
     BadRequest: (400, ErrorCode.BAD_REQUEST),
     AuthenticationFailed: (401, ErrorCode.AUTHENTICATION_FAILED),
+    OperatorAuthenticationFailed: (401, ErrorCode.AUTHENTICATION_FAILED),
     Forbidden: (403, ErrorCode.FORBIDDEN),
     DeviceInactive: (403, ErrorCode.DEVICE_NOT_ACTIVE),
     DeviceSuspended: (403, ErrorCode.DEVICE_SUSPENDED),
@@ -109,8 +126,6 @@ ERRORS: dict[type[ServiceError], tuple[int, ErrorCode]] = {
     TooManyRequests: (429, ErrorCode.TOO_MANY_REQUESTS),
     Unavailable: (503, ErrorCode.UNAVAILABLE),
 }
-# RFC 7617 2 / RFC 7235 3.1: a 401 names the scheme; we decode credentials as UTF-8.
-WWW_AUTHENTICATE = 'Basic realm="fleetpki EST", charset="UTF-8"'
 
 
 def wire_error(exc: ServiceError) -> tuple[int, ErrorCode]:
@@ -128,10 +143,10 @@ def http_status(exc: ServiceError) -> int:
 def error_headers(exc: ServiceError) -> dict[str, str]:
     """The headers of the error response to `exc` (besides Content-Type): its code, the
     scheme of a 401, the Retry-After of a refusal for now (RFC 9110 10.2.3)."""
-    status, code = wire_error(exc)
+    _, code = wire_error(exc)
     headers = {ERROR_HEADER: code.value}
-    if status == 401:
-        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    if isinstance(exc, AuthenticationFailed):
+        headers["WWW-Authenticate"] = exc.challenge
     if isinstance(exc, RetryLater):
         headers["Retry-After"] = str(exc.retry_after)
     return headers

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
-from enroll_server.errors import AuthenticationFailed, Forbidden
+from enroll_server.errors import Forbidden, OperatorAuthenticationFailed
 from enroll_server.home.layout import hash_secret, new_secret
 from enroll_server.registry import (
     DuplicateOperator,
@@ -49,15 +49,15 @@ def may(operator: Operator, method: str) -> bool:
 
 def operator_for(registry: Registry, authorization: str | None, method: str) -> Operator:
     """The operator an `Authorization: Bearer <token>` header (RFC 6750 2.1) authenticates,
-    allowed to use `method`; AuthenticationFailed (401) or Forbidden (403) otherwise. The
-    token never appears in an error or a log."""
+    allowed to use `method`; OperatorAuthenticationFailed (401, Bearer challenge) or
+    Forbidden (403) otherwise. The token never appears in an error or a log."""
     scheme, _, token = (authorization or "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise AuthenticationFailed("needs 'Authorization: Bearer <operator token>'")
+        raise OperatorAuthenticationFailed("needs 'Authorization: Bearer <operator token>'")
     operator = authenticate(registry.operator_credentials(), token)
     if operator is None:
-        raise AuthenticationFailed("operator token is not valid")
+        raise OperatorAuthenticationFailed("operator token is not valid", invalid_token=True)
     if not may(operator, method):
         raise Forbidden(f"operator {operator.name} has the {operator.role.value} role: read only")
     return operator

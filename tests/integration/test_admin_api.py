@@ -32,8 +32,12 @@ def admin(
 def test_admin_requires_bearer_token(live_server: LiveServer) -> None:
     r = request(live_server.admin_url + "/admin/devices", live_server.client_ssl())
     assert r.status == 401 and "Bearer" in r.text
+    # RFC 6750 3: the challenge names the scheme the admin API takes (Bearer, not the EST
+    # port's Basic), with error="invalid_token" once a token was presented (3.1).
+    assert r.headers["www-authenticate"] == 'Bearer realm="fleetpki admin"'
     r = admin(live_server, "GET", "/admin/devices", token="wrong")
     assert r.status == 401 and r.text == "operator token is not valid\n"
+    assert r.headers["www-authenticate"] == ('Bearer realm="fleetpki admin", error="invalid_token"')
 
 
 def test_admin_api_and_metrics_are_not_on_the_device_facing_est_port(
