@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,8 +20,12 @@ from enroll_server.broker.policy import KeepalivePolicy
 from enroll_server.broker.server import BrokerConfig, start_broker
 from enroll_server.cli.exit_codes import fail
 from enroll_server.cli.options import HomeOpt, serve_port
+from enroll_server.enrollment.operators import operator_for
+from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.home.server_certificate import CHECK_INTERVAL, ServerCertificates
+from enroll_server.registry import Registry
 from enroll_server.transport.listen import ListenFailed, listening
+from enroll_server.web.app import admin_ssl_context
 
 app = typer.Typer(
     help="The embedded mTLS MQTT broker (run alone: `fleetpki broker --home H`).",
@@ -33,7 +38,11 @@ HostOpt = Annotated[
 ]
 PortOpt = Annotated[int | None, serve_port("MQTT over TLS port (default: server.mqtt_port).")]
 MetricsOpt = Annotated[
-    int | None, serve_port("Serve Prometheus metrics on http://BIND:PORT/metrics.")
+    int | None,
+    serve_port(
+        "Serve Prometheus metrics on https://BIND:PORT/metrics (the server certificate; an"
+        " operator token as 'Authorization: Bearer', as `fleetpki serve`'s /metrics)."
+    ),
 ]
 KeepaliveOpt = Annotated[
     int,
@@ -89,15 +98,33 @@ def broker_config_for_home(
     )
 
 
-async def _metrics_site(text: Callable[[], str], host: str, port: int) -> web.AppRunner:
-    async def metrics(_: web.Request) -> web.Response:
+async def _metrics_site(
+    text: Callable[[], str],
+    host: str,
+    port: int,
+    tls: ssl.SSLContext,
+    registry: Registry,
+) -> web.AppRunner:
+    """`GET /metrics` over HTTPS with the broker's server certificate, behind an operator's
+    bearer token: the same rule as `fleetpki serve`'s admin listener (operators.operator_for),
+    because the figures (connected devices, refusals by reason) are the operator's to read."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        try:
+            await asyncio.to_thread(
+                operator_for, registry, request.headers.get("Authorization"), request.method
+            )
+        except ServiceError as exc:
+            return web.Response(
+                status=http_status(exc), text=exc.reason + "\n", headers=error_headers(exc)
+            )
         return web.Response(text=text(), content_type="text/plain")
 
     web_app = web.Application()
     web_app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(web_app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=tls).start()
     return runner
 
 
@@ -107,23 +134,28 @@ async def serve_until_signal(
     with listening("the MQTT broker (mTLS)", config.host, config.port, "--mqtt-port"):
         running = await start_broker(config)
     runner = None
+    registry: Registry | None = None
+    metrics_tls = admin_ssl_context(config.server_cert, config.server_key)
     # A certificate renewed by `fleetpki serve` or `fleetpki server-cert renew` is loaded
     # without a restart; renewing is theirs (this process holds no CA key).
     certificates = ServerCertificates(
         config.server_cert,
         config.server_key,
-        [running.tls_context],
+        [running.tls_context, metrics_tls],
         lambda: datetime.now(UTC),
         interval=cert_check_interval,
     )
     certificates.start()
     try:
         if metrics_port is not None:
-            with listening("broker metrics (HTTP)", config.host, metrics_port, "--metrics-port"):
+            registry = Registry.open(config.registry_path)
+            with listening("broker metrics (HTTPS)", config.host, metrics_port, "--metrics-port"):
                 runner = await _metrics_site(
                     lambda: running.metrics_text() + certificates.metrics_text(),
                     config.host,
                     metrics_port,
+                    metrics_tls,
+                    registry,
                 )
         err.print(f"MQTT (mTLS) on {config.host}:{running.port}; Ctrl-C to stop", highlight=False)
         stop = asyncio.Event()
@@ -135,6 +167,8 @@ async def serve_until_signal(
         await certificates.stop()
         if runner is not None:
             await runner.cleanup()
+        if registry is not None:
+            registry.close()
         await running.stop()
 
 

@@ -8,8 +8,10 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -71,8 +73,26 @@ async def test_standalone_broker_serves_a_home_folder(tmp_path: Path):
         svc = PahoDevice(creds, port, folder / "ca.pem")
         assert await svc.connect() == PAHO_ACCEPTED
         assert await svc.subscribe("devices/+/telemetry") == [1]
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        text = (await asyncio.to_thread(urllib.request.urlopen, url, None, 5)).read().decode()
+        # Metrics: HTTPS with the server certificate (verified against the root) and an
+        # operator's bearer token, as on `fleetpki serve`'s admin listener.
+        url = f"https://127.0.0.1:{metrics_port}/metrics"
+        tls = ssl.create_default_context(cafile=str(home / "ca" / "root.pem"))
+        token = (home / "admin.token").read_text().strip()
+
+        def get(headers: dict[str, str]) -> tuple[int, str, str]:
+            req = urllib.request.Request(url, headers=headers)
+            try:
+                with urllib.request.urlopen(req, None, 5, context=tls) as r:
+                    return r.status, r.read().decode(), ""
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode(), e.headers.get("WWW-Authenticate", "")
+
+        status, text, challenge = await asyncio.to_thread(get, {})
+        assert status == 401 and challenge.startswith("Bearer ") and "fleetpki_" not in text
+        status, text, _ = await asyncio.to_thread(get, {"Authorization": "Bearer wrong"})
+        assert status == 401 and "fleetpki_" not in text
+        status, text, _ = await asyncio.to_thread(get, {"Authorization": f"Bearer {token}"})
+        assert status == 200
         assert 'fleetpki_broker_connected_clients{role="service"} 1' in text
         # Revoked by another process (the operator CLI): the live session ends within 1 s of
         # that process' commit, i.e. of its exit.
