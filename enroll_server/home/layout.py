@@ -163,6 +163,11 @@ def _passphrase(layout: HomeLayout, create: bool) -> bytes:
     return phrase
 
 
+def home_passphrase(layout: HomeLayout) -> bytes:
+    """The passphrase of the home's encrypted CA keys; HomeError if it is not to be had."""
+    return _passphrase(layout, create=False)
+
+
 @dataclass(frozen=True, slots=True)
 class InitResult:
     layout: HomeLayout

@@ -1,0 +1,86 @@
+"""load_root_issuer: the root CA from the home (online root) or from an offline folder."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from enroll_server.home.config import ServerConfig
+from enroll_server.home.layout import HomeError, HomeLayout, home_passphrase, init_home
+from enroll_server.home.root import OfflineRoot, load_root_issuer
+from enroll_server.pki.keys import load_private_key_pem, private_key_pem
+from fleetpki.atomic_file import write_atomic
+
+NOW = datetime(2026, 12, 5, 12, tzinfo=UTC)
+PHRASE = "offline-root-phrase-17"
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("FLEETPKI_CA_PASSPHRASE", raising=False)
+    monkeypatch.delenv("FLEETPKI_ROOT_PASSPHRASE", raising=False)
+    init_home(tmp_path / "home", ServerConfig(), NOW)
+    return tmp_path / "home"
+
+
+def _move_root_offline(home: Path, folder: Path) -> None:
+    """What an offline root looks like: DIR/root.{pem,key}, the key under its own phrase."""
+    layout = HomeLayout(home)
+    key = load_private_key_pem(layout.root_key.read_bytes(), home_passphrase(layout))
+    folder.mkdir()
+    write_atomic(OfflineRoot(folder).key, private_key_pem(key, PHRASE.encode()))
+    shutil.copy(layout.root_cert, OfflineRoot(folder).cert)
+    layout.root_key.unlink()
+
+
+def test_online_root_comes_from_the_home(home: Path) -> None:
+    layout = HomeLayout(home)
+    root = load_root_issuer(layout, None)
+    assert root.cert.public_bytes(serialization.Encoding.PEM) == layout.root_cert.read_bytes()
+    assert root.key.public_key() == root.cert.public_key()
+
+
+def test_offline_root_comes_from_its_folder_with_its_own_passphrase(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = HomeLayout(home)
+    folder = tmp_path / "usb"
+    _move_root_offline(home, folder)
+    with pytest.raises(HomeError, match=r"no root key in the home .*--root DIR"):
+        load_root_issuer(layout, None)
+    with pytest.raises(HomeError, match="FLEETPKI_ROOT_PASSPHRASE"):
+        load_root_issuer(layout, folder)
+    phrase_file = tmp_path / "phrase"
+    phrase_file.write_text("wrong passphrase here\n")
+    with pytest.raises(HomeError, match="wrong passphrase"):
+        load_root_issuer(layout, folder, phrase_file)
+    phrase_file.write_text(PHRASE + "\n")
+    root = load_root_issuer(layout, folder, phrase_file)
+    assert root.cert.public_key() == load_root_issuer(None, folder, phrase_file).cert.public_key()
+    monkeypatch.setenv("FLEETPKI_ROOT_PASSPHRASE", PHRASE)
+    assert load_root_issuer(layout, folder).key.public_key() == root.cert.public_key()
+
+
+def test_offline_folder_errors_name_what_is_missing_or_foreign(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEETPKI_ROOT_PASSPHRASE", PHRASE)
+    layout = HomeLayout(home)
+    with pytest.raises(HomeError, match="not found"):
+        load_root_issuer(layout, tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(HomeError, match=r"root\.pem and .*root\.key missing"):
+        load_root_issuer(layout, empty)
+    # Another home's root: refused against this home, accepted with no home (a ceremony).
+    monkeypatch.delenv("FLEETPKI_ROOT_PASSPHRASE")
+    init_home(tmp_path / "other", ServerConfig(), NOW)
+    _move_root_offline(tmp_path / "other", tmp_path / "other-usb")
+    monkeypatch.setenv("FLEETPKI_ROOT_PASSPHRASE", PHRASE)
+    with pytest.raises(HomeError, match="not the home's root"):
+        load_root_issuer(layout, tmp_path / "other-usb")
+    assert load_root_issuer(None, tmp_path / "other-usb").cert.subject is not None
