@@ -13,7 +13,8 @@ from enroll_server.registry.store import Registry
 
 # Every table with fleet data, its key (the copy's and the checksum's order) and its columns,
 # in an order that satisfies the foreign keys. schema_version is not copied: the target
-# has its own, at the same version (Registry.open migrated both).
+# has its own, at the same version (Registry.open migrated both). console_sessions is not
+# copied either: a moved fleet's operators log in again on the new registry.
 TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "batches",

@@ -379,7 +379,25 @@ _POSTGRES_V7: tuple[str, ...] = (
     "INSERT INTO counters (name, value) VALUES ('crl_number', 0)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+# Web console sessions in the registry, not in one process's memory: any node answers any
+# click of a session (no sticky sessions) and a restart logs nobody out. Keyed by the
+# SHA-256 of the session id; the operator's token hash binds the session to the token it was
+# opened with (a rotation or removal ends it).
+_CONSOLE_SESSIONS = """CREATE TABLE console_sessions (
+    id_hash TEXT PRIMARY KEY,
+    operator_name TEXT NOT NULL,
+    token_hash TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    last_seen TEXT NOT NULL
+)"""
+_V8 = Migration(
+    8,
+    "web console sessions",
+    (_CONSOLE_SESSIONS,),
+    postgresql=(_CONSOLE_SESSIONS,),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

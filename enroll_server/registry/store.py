@@ -8,6 +8,7 @@ from pathlib import Path
 
 from enroll_server.registry.certificates import CertificateStore
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS, enable_wal
+from enroll_server.registry.console_sessions import ConsoleSessionStore
 from enroll_server.registry.devices import DeviceStore
 from enroll_server.registry.fleet_view import FleetView
 from enroll_server.registry.issuance import IssuanceStore
@@ -34,6 +35,7 @@ class Registry(
     CertificateStore,
     RevocationStore,
     OperatorStore,
+    ConsoleSessionStore,
     Journal,
     FleetView,
 ):

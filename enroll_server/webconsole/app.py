@@ -103,7 +103,7 @@ def build_console_app(st: AppState) -> web.Application:
     """The console, to be mounted at /console/ on the admin listener (add_subapp)."""
     app = web.Application(middlewares=[gate])
     app[APP_STATE] = st
-    app[SESSIONS] = SessionStore()
+    app[SESSIONS] = SessionStore(st.registry)
     # Five wrong tokens a minute from one address, then 429 (a correct token always works).
     app[LOGIN_THROTTLE] = Throttle(per_source=5, per_device=5, window=timedelta(minutes=1))
     app[DOWNLOADS] = Downloads(

@@ -1,32 +1,40 @@
 """Console sessions: a login (an operator token) becomes a random session id held in a
 cookie; the server keeps what it means, so logout and expiry end it here, not in the browser.
 
-Sessions live in the serving process's memory: a restart logs everyone out (they log in again
-with their token), and nothing about a session is ever written to disk. A session remembers
-the SHA-256 of the token it was opened with and is checked against the registry's operators
-at every request (sessions.current): a token rotated or an operator removed by any process
-ends every session opened with it at the next click.
+Sessions live in the registry (registry/console_sessions.py), keyed by the SHA-256 of their
+id: any node that shares the registry answers any click (no sticky sessions), and a restart
+logs nobody out. A session remembers the SHA-256 of the token it was opened with and is
+checked against the registry's operators at every request (SessionStore.current): a token
+rotated or an operator removed by any process ends every session opened with it at the next
+click. The CSRF token is derived from the session id (an HMAC, OWASP's "signed double-submit"
+variant of the synchronizer token), so nothing more about a session needs storing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from enroll_server.home.layout import hash_secret
 from enroll_server.registry import Operator, OperatorCredential
+from enroll_server.registry.console_sessions import ConsoleSessionRow, ConsoleSessionStore
 
 # OWASP Session Management Cheat Sheet: an idle timeout of minutes and an absolute one of hours.
 IDLE_TIMEOUT = timedelta(minutes=30)
 ABSOLUTE_TIMEOUT = timedelta(hours=8)
 MAX_SESSIONS = 10_000
+# A use is written to the registry at most this often per session: the idle timeout is
+# minutes, so a minute of slack costs nothing and spares a write per click.
+TOUCH_INTERVAL = timedelta(minutes=1)
+_CSRF_LABEL = b"fleetpki console csrf"
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Session:
-    """One logged-in browser. `csrf`: the token every POST form carries (sessions.csrf_ok)."""
+    """One logged-in browser. `csrf`: the token every POST form carries (csrf_ok)."""
 
     operator_name: str
     token_hash: str
@@ -38,27 +46,39 @@ class Session:
         return now - self.last_seen >= IDLE_TIMEOUT or now - self.created_at >= ABSOLUTE_TIMEOUT
 
 
-@dataclass
-class SessionStore:
-    """Session id (only its SHA-256 is kept, as for every other secret) -> Session."""
+def _csrf(session_id: str) -> str:
+    return hmac.new(session_id.encode(), _CSRF_LABEL, hashlib.sha256).hexdigest()
 
-    max_sessions: int = MAX_SESSIONS
-    _by_hash: dict[str, Session] = field(default_factory=dict)
+
+def _session(session_id: str, row: ConsoleSessionRow) -> Session:
+    return Session(
+        row.operator_name, row.token_hash, _csrf(session_id), row.created_at, row.last_seen
+    )
+
+
+class SessionStore:
+    """Console sessions kept in `registry`, at most `max_sessions` (the least recently used
+    go first)."""
+
+    def __init__(self, registry: ConsoleSessionStore, max_sessions: int = MAX_SESSIONS) -> None:
+        self._registry = registry
+        self.max_sessions = max_sessions
 
     def __len__(self) -> int:
-        return len(self._by_hash)
+        return self._registry.console_session_count()
 
     def open(self, operator: Operator, token: str, now: datetime) -> tuple[str, Session]:
         """A new session for `operator`, who logged in with `token`: its id (for the cookie,
         nowhere else) and the session."""
-        self._sweep(now)
-        while len(self._by_hash) >= self.max_sessions:
-            oldest = min(self._by_hash, key=lambda h: self._by_hash[h].last_seen)
-            del self._by_hash[oldest]
         session_id = secrets.token_urlsafe(32)
-        session = Session(operator.name, hash_secret(token), secrets.token_urlsafe(32), now, now)
-        self._by_hash[hash_secret(session_id)] = session
-        return session_id, session
+        row = ConsoleSessionRow(operator.name, hash_secret(token), now, now)
+        self._registry.add_console_session(
+            hash_secret(session_id),
+            row,
+            expired_before=(now - IDLE_TIMEOUT, now - ABSOLUTE_TIMEOUT),
+            keep_at_most=self.max_sessions,
+        )
+        return session_id, _session(session_id, row)
 
     def current(
         self, session_id: str | None, credentials: list[OperatorCredential], now: datetime
@@ -69,29 +89,27 @@ class SessionStore:
         if not session_id:
             return None
         key = hash_secret(session_id)
-        session = self._by_hash.get(key)
-        if session is None:
+        row = self._registry.console_session(key)
+        if row is None:
             return None
+        session = _session(session_id, row)
         if session.expired(now):
-            del self._by_hash[key]
+            self._registry.end_console_session(key)
             return None
         for credential in credentials:
             if credential.operator.name == session.operator_name and hmac.compare_digest(
                 credential.token_hash, session.token_hash
             ):
-                session.last_seen = now
+                if now - session.last_seen >= TOUCH_INTERVAL:
+                    self._registry.touch_console_session(key, now)
                 return session, credential.operator
-        del self._by_hash[key]
+        self._registry.end_console_session(key)
         return None
 
     def close(self, session_id: str | None) -> None:
-        """Logout: the id means nothing from now on, whatever the browser keeps."""
+        """Logout: the id means nothing from now on, on every node, whatever the browser keeps."""
         if session_id:
-            self._by_hash.pop(hash_secret(session_id), None)
-
-    def _sweep(self, now: datetime) -> None:
-        for key in [k for k, s in self._by_hash.items() if s.expired(now)]:
-            del self._by_hash[key]
+            self._registry.end_console_session(hash_secret(session_id))
 
 
 def csrf_ok(session: Session, submitted: str | None) -> bool:

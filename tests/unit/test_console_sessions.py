@@ -4,19 +4,21 @@ no server."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from enroll_server.home.layout import hash_secret
-from enroll_server.registry import Operator, OperatorCredential, OperatorRole
+from enroll_server.registry import Operator, OperatorCredential, OperatorRole, Registry
 from enroll_server.registry.fleet_view import DeviceQuery
 from enroll_server.webconsole import activity
 from enroll_server.webconsole.downloads import DOWNLOAD_LIFETIME, DownloadGone, Downloads
 from enroll_server.webconsole.sessions import (
     ABSOLUTE_TIMEOUT,
     IDLE_TIMEOUT,
+    TOUCH_INTERVAL,
     SessionStore,
     csrf_ok,
 )
@@ -29,10 +31,19 @@ def creds(token: str, operator: Operator = ALICE) -> list[OperatorCredential]:
     return [OperatorCredential(operator, hash_secret(token))]
 
 
-def test_a_session_lives_while_used_and_ends_idle_or_old() -> None:
-    store = SessionStore()
+@pytest.fixture
+def reg(registry_location: Path | str) -> Iterator[Registry]:
+    """Sessions live in the registry: every test runs on SQLite and on PostgreSQL."""
+    with Registry.open(registry_location) as registry:
+        yield registry
+
+
+def test_a_session_lives_while_used_and_ends_idle_or_old(reg: Registry) -> None:
+    store = SessionStore(reg)
     sid, _ = store.open(ALICE, "tok", T0)
-    assert sid not in repr(store._by_hash)  # only its hash is kept
+    row = reg.console_session(hash_secret(sid))
+    assert row is not None and row.operator_name == "alice"  # only the id's hash is a key
+    assert reg.console_session(sid) is None
     found = store.current(sid, creds("tok"), T0 + IDLE_TIMEOUT / 2)
     assert found is not None and found[1] == ALICE
     # Kept alive by use, until the absolute limit.
@@ -46,8 +57,31 @@ def test_a_session_lives_while_used_and_ends_idle_or_old() -> None:
     assert len(store) == 0  # an expired session is forgotten, not just refused
 
 
-def test_logout_a_new_token_or_a_removed_operator_ends_the_session() -> None:
-    store = SessionStore()
+def test_another_node_and_a_restart_see_the_session(
+    reg: Registry, registry_location: Path | str
+) -> None:
+    """No sticky sessions: a store on another connection (another node, or this one after a
+    restart) answers for a session opened here, and a logout there ends it here."""
+    sid, opened = SessionStore(reg).open(ALICE, "tok", T0)
+    with Registry.open(registry_location) as other_node:
+        found = SessionStore(other_node).current(sid, creds("tok"), T0 + TOUCH_INTERVAL)
+        assert found is not None and found[0].csrf == opened.csrf
+        SessionStore(other_node).close(sid)
+    assert SessionStore(reg).current(sid, creds("tok"), T0) is None
+
+
+def test_use_is_recorded_so_the_idle_timeout_counts_from_the_last_click(reg: Registry) -> None:
+    store = SessionStore(reg)
+    sid, _ = store.open(ALICE, "tok", T0)
+    late = T0 + IDLE_TIMEOUT - TOUCH_INTERVAL
+    assert store.current(sid, creds("tok"), late) is not None
+    row = reg.console_session(hash_secret(sid))
+    assert row is not None and row.last_seen == late
+    assert store.current(sid, creds("tok"), late + IDLE_TIMEOUT / 2) is not None
+
+
+def test_logout_a_new_token_or_a_removed_operator_ends_the_session(reg: Registry) -> None:
+    store = SessionStore(reg)
     sid, _ = store.open(ALICE, "tok", T0)
     store.close(sid)
     assert store.current(sid, creds("tok"), T0) is None
@@ -61,24 +95,24 @@ def test_logout_a_new_token_or_a_removed_operator_ends_the_session() -> None:
     assert store.current(None, creds("tok"), T0) is None
 
 
-def test_the_role_is_read_at_each_request() -> None:
-    store = SessionStore()
+def test_the_role_is_read_at_each_request(reg: Registry) -> None:
+    store = SessionStore(reg)
     sid, _ = store.open(ALICE, "tok", T0)
     demoted = Operator("alice", OperatorRole.VIEWER, T0, None)
     found = store.current(sid, creds("tok", demoted), T0)
     assert found is not None and found[1].role is OperatorRole.VIEWER
 
 
-def test_the_store_is_bounded() -> None:
-    store = SessionStore(max_sessions=3)
+def test_the_store_is_bounded(reg: Registry) -> None:
+    store = SessionStore(reg, max_sessions=3)
     ids = [store.open(ALICE, "tok", T0 + timedelta(seconds=i))[0] for i in range(5)]
     assert len(store) == 3
     assert store.current(ids[0], creds("tok"), T0 + timedelta(seconds=6)) is None
     assert store.current(ids[4], creds("tok"), T0 + timedelta(seconds=6)) is not None
 
 
-def test_csrf_tokens_belong_to_their_session() -> None:
-    store = SessionStore()
+def test_csrf_tokens_belong_to_their_session(reg: Registry) -> None:
+    store = SessionStore(reg)
     _, one = store.open(ALICE, "tok", T0)
     _, two = store.open(ALICE, "tok", T0)
     assert csrf_ok(one, one.csrf)

@@ -25,7 +25,7 @@ from enroll_server.registry.location import (
     parse_location,
     redact,
 )
-from enroll_server.registry.schema import LATEST_VERSION
+from enroll_server.registry.schema import LATEST_VERSION, POSTGRES_BASELINE
 from fleetpki.identity import DeviceId
 from tests.pg_cluster import PASSWORD, PgCluster
 from tests.unit.test_registry import NOW
@@ -56,7 +56,8 @@ def test_a_database_without_the_schema_is_refused_until_created(pg_url: str) -> 
         assert reg.get_device(DeviceId("pg-1")) is not None
     with psycopg.connect(pg_url) as raw:
         rows = raw.execute("SELECT version FROM schema_version").fetchall()
-    assert rows == [(LATEST_VERSION,)]
+    # The baseline at once, then each later migration: one row per version.
+    assert rows == [(v,) for v in range(POSTGRES_BASELINE, LATEST_VERSION + 1)]
 
 
 def test_a_newer_schema_is_refused_and_left_alone(pg_url: str) -> None:
