@@ -7,11 +7,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from cryptography import x509
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +34,7 @@ from enroll_server.cli.options import (
 from enroll_server.enrollment.outcome import transition_outcome
 from enroll_server.home.config import ConfigError, ServerConfig
 from enroll_server.home.layout import HomeError, check_new_home, init_home, resolve_home
-from enroll_server.pki.ca import check_hostname
+from enroll_server.pki.ca import Issuer, check_hostname
 from enroll_server.pki.errors import PkiError, UnsupportedKey
 from enroll_server.pki.keys import KeyType, parse_key_type
 from enroll_server.pki.signer import Pkcs11Signer
@@ -209,9 +213,40 @@ def init(
             "its path goes to fleetpki.toml, the PIN never does.",
         ),
     ] = None,
+    root_offline: Annotated[
+        Path | None,
+        typer.Option(
+            "--root-offline",
+            help="Write the root key (encrypted with the root passphrase) and certificate only "
+            "to DIR (removable media); the home keeps root.pem, never the root key.",
+            show_default=False,
+        ),
+    ] = None,
+    root_passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--root-passphrase-file",
+            help="With --root-offline: a file holding the root passphrase (else "
+            "$FLEETPKI_ROOT_PASSPHRASE); 12+ characters, kept apart from DIR and the home.",
+            show_default=False,
+        ),
+    ] = None,
+    root_crl_days: Annotated[
+        int,
+        typer.Option(
+            "--root-crl-days", min=1, help="With --root-offline: the root CRL's lifetime."
+        ),
+    ] = 365,
+    external_root: Annotated[
+        bool,
+        typer.Option(
+            "--external-root",
+            help="Your own PKI signs the issuing CA: make its key and H/ca/issuing.csr, then "
+            "wait for `fleetpki ca import-issuing CERT CHAIN`.",
+        ),
+    ] = False,
 ) -> None:
     """Create the CA hierarchy, the TLS server certificate, the registry and an admin token."""
-    from enroll_server.enrollment.operators import set_admin_token
     from fleetpki.duration import InvalidDuration, parse_duration
 
     root = _home(home)
@@ -245,24 +280,85 @@ def init(
         registry=_configured(root, location),
         registry_password_file=registry_password_file or "",
     )
+    if external_root and root_offline is not None:
+        fail("--external-root and --root-offline exclude each other: whose root is it?")
+    try:
+        check_new_home(root, force=force)  # before a key is made in a token or DIR
+        keep_root = _offline_root(root_offline, root_passphrase_file)
+    except HomeError as exc:
+        fail(str(exc))
+    if keep_root is not None:
+        cfg = replace(cfg, root="offline")
     signer = None
     if ca_key is not None:
-        try:
-            check_new_home(root, force=force)  # before a key is made in the token
-        except HomeError as exc:
-            fail(str(exc))
         cfg, signer = _token_key(root, cfg, ca_key, pin_file)
     now = utc_now()
+    if external_root:
+        _init_external(root, cfg, location, force, signer, now)
+        return
     try:
-        result = init_home(root, cfg, now, force=force, issuing_signer=signer)
+        result = init_home(
+            root,
+            cfg,
+            now,
+            force=force,
+            issuing_signer=signer,
+            keep_root=keep_root,
+            root_crl_lifetime=timedelta(days=root_crl_days),
+        )
     except HomeError as exc:
         fail(str(exc))
         raise
+    _init_registry(location, result.admin_token, now, kind, hosts)
+    console.print(f"[green]initialized[/green] {root}")
+    console.print(f"  root CA      {result.layout.root_cert}  (give this to devices as ca.pem)")
+    if root_offline is not None:
+        console.print(
+            f"  root key     {root_offline}/root.key only (offline; its passphrase is yours, "
+            f"not in the home); root CRL valid {root_crl_days} days: re-sign it with "
+            "`fleetpki ca sign-root-crl --root DIR`",
+            markup=False,
+        )
+    console.print(f"  issuing CA   {result.layout.issuing_cert}")
+    if cfg.ca_key:
+        console.print(f"  issuing key  {cfg.ca_key}  (in the token, not extractable)", markup=False)
+    console.print(f"  TLS server   {result.layout.server_cert}  SANs: {', '.join(hosts)}")
+    console.print(f"  registry     {location}")
+    console.print(f"  admin token  {result.layout.admin_token}  (0600; keep it secret)")
+
+
+def _offline_root(
+    root_dir: Path | None, passphrase_file: Path | None
+) -> Callable[[Issuer, x509.CertificateRevocationList], None] | None:
+    """`init --root-offline DIR`: where init hands the root key (DIR, checked and the root
+    passphrase read before anything is made), or None for a root in the home."""
+    from enroll_server.home.layout import PASSPHRASE_ENV
+    from enroll_server.home.root import (
+        check_offline_folder,
+        new_root_passphrase,
+        write_offline_root,
+    )
+
+    if root_dir is None:
+        if passphrase_file is not None:
+            fail("--root-passphrase-file goes with --root-offline DIR")
+        return None
+    check_offline_folder(root_dir)
+    home_phrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
+    phrase = new_root_passphrase(passphrase_file, root_dir, home_phrase)
+    return partial(write_offline_root, root_dir, phrase)
+
+
+def _init_registry(
+    location: RegistryLocation, admin_token: str, now: datetime, kind: KeyType, hosts: list[str]
+) -> None:
+    from enroll_server.enrollment.operators import set_admin_token
+
     with Registry.open(location, create=True) as reg:
         if isinstance(location, SqliteLocation):
             # Token hashes and the audit trail: operator-only, like the CA files.
             os.chmod(location.path, 0o600)
-        set_admin_token(reg, result.admin_token, now, actor="cli")
+        set_admin_token(reg, admin_token, now, actor="cli")
         reg.append_audit(
             actor="cli",
             action="ca.init",
@@ -270,14 +366,31 @@ def init(
             detail={"key_type": kind.value, "hostnames": hosts},
             now=now,
         )
-    console.print(f"[green]initialized[/green] {root}")
-    console.print(f"  root CA      {result.layout.root_cert}  (give this to devices as ca.pem)")
-    console.print(f"  issuing CA   {result.layout.issuing_cert}")
-    if cfg.ca_key:
-        console.print(f"  issuing key  {cfg.ca_key}  (in the token, not extractable)", markup=False)
-    console.print(f"  TLS server   {result.layout.server_cert}  SANs: {', '.join(hosts)}")
-    console.print(f"  registry     {location}")
-    console.print(f"  admin token  {result.layout.admin_token}  (0600; keep it secret)")
+
+
+def _init_external(
+    root: Path,
+    cfg: ServerConfig,
+    location: RegistryLocation,
+    force: bool,
+    signer: Pkcs11Signer | None,
+    now: datetime,
+) -> None:
+    """`init --external-root`: the issuing CA key and its request; the rest at import-issuing."""
+    from enroll_server.home.external_root import init_external_home
+
+    try:
+        pending = init_external_home(root, cfg, force=force, issuing_signer=signer)
+    except HomeError as exc:
+        fail(str(exc))
+    _init_registry(location, pending.admin_token, now, cfg.key_type, list(cfg.hostnames))
+    console.print(f"[green]initialized[/green] {root}: waiting for the issuing CA certificate")
+    console.print(f"  request      {pending.layout.issuing_csr}  (have your PKI sign it as a CA)")
+    console.print(
+        "  next         fleetpki ca import-issuing CERT CHAIN  (CHAIN: your CAs up to the root)",
+        markup=False,
+    )
+    console.print(f"  admin token  {pending.layout.admin_token}  (0600; keep it secret)")
 
 
 @app.command()
@@ -490,6 +603,7 @@ def _mount_sub_apps() -> None:
     from enroll_server.broker import cli as broker_cli
     from enroll_server.broker import mosquitto_cli, rabbitmq_cli
     from enroll_server.cli import backup as backup_cli
+    from enroll_server.cli import ca as ca_cli
     from enroll_server.cli import certificate as certificate_cli
     from enroll_server.cli import node as node_cli
     from enroll_server.cli import operator as operator_cli
@@ -508,6 +622,7 @@ def _mount_sub_apps() -> None:
     app.add_typer(service_cli.app, name="service")
     app.add_typer(registry_cli.app, name="registry")
     app.add_typer(node_cli.app, name="node")
+    app.add_typer(ca_cli.app, name="ca")
     backup_cli.register(app)
     for command in (*mosquitto_cli.app.registered_commands, *rabbitmq_cli.app.registered_commands):
         broker_cli.app.registered_commands.append(command)

@@ -20,6 +20,9 @@ from fleetpki.packet_size import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
 
 # Where the root CA's CRL is served on the plain-HTTP listener (the issuing CA's CDP).
 ROOT_CRL_PATH = "root.crl"
+# Where the root CA lives: "home" (H/ca/root.key), "offline" (a folder on removable media,
+# `init --root-offline`), "external" (the operator's own PKI, `init --external-root`).
+ROOT_PLACES = ("home", "offline", "external")
 
 
 class ConfigError(ValueError):
@@ -51,6 +54,10 @@ class ServerConfig:
     crl_next_update: timedelta = timedelta(hours=24)
     # `fleetpki serve` warns (log, metric) from this long before the issuing CA expires.
     ca_expiry_warning: timedelta = DEFAULT_EXPIRY_WARNING
+    # Where the root CA is (ROOT_PLACES); an offline root's CRL: serve warns from this long
+    # before its nextUpdate (a ceremony must sign the next one).
+    root: str = "home"
+    root_crl_warning: timedelta = timedelta(days=30)
     # Largest MQTT packet a client may send, in bytes (embedded broker and mosquitto alike).
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     # Connection limits of every listener (enroll_server/transport/connection_limits.py).
@@ -173,6 +180,9 @@ def load_config(path: Path) -> ServerConfig:
     if not hostnames or not all(isinstance(h, str) and h for h in hostnames):
         raise ConfigError(path, "server.hostnames", "must be a non-empty list of host names")
     registry, password_file = _registry(data, path)
+    root = _get(data, path, "ca", "root", str, "home")
+    if root not in ROOT_PLACES:
+        raise ConfigError(path, "ca.root", f"must be one of {', '.join(ROOT_PLACES)}, got {root!r}")
     ca_key = _get(data, path, "ca", "key", str, "")
     if ca_key:
         try:
@@ -194,6 +204,8 @@ def load_config(path: Path) -> ServerConfig:
         token_ttl=_duration(data, path, "enroll", "token_ttl", "7d"),
         crl_next_update=_duration(data, path, "crl", "next_update", "24h"),
         ca_expiry_warning=_duration(data, path, "ca", "expiry_warning", "180d"),
+        root=root,
+        root_crl_warning=_duration(data, path, "ca", "root_crl_warning", "30d"),
         max_packet_size=_max_packet_size(data, path),
         head_timeout=_duration(data, path, "connections", "head_timeout", "10s"),
         idle_timeout=_duration(data, path, "connections", "idle_timeout", "30s"),
@@ -228,6 +240,18 @@ def _render_ca_key(cfg: ServerConfig) -> str:
     return lines
 
 
+def _render_root(cfg: ServerConfig) -> str:
+    if cfg.root == "home":
+        return ""
+    if cfg.root == "external":
+        return 'root = "external"   # the operator\'s PKI: no root key, no root CRL of ours\n'
+    return (
+        'root = "offline"   # the root key is on removable media, not here\n'
+        "# serve warns from this long before the root CRL's nextUpdate (sign the next one)\n"
+        f'root_crl_warning = "{format_duration(cfg.root_crl_warning)}"\n'
+    )
+
+
 def render_config(cfg: ServerConfig) -> str:
     hosts = ", ".join(f'"{h}"' for h in cfg.hostnames)
     return f"""# fleetpki server configuration (written by `fleetpki init`).
@@ -238,7 +262,7 @@ device_validity = "{format_duration(cfg.device_validity)}"   # lifetime of devic
 backdate = "{format_duration(cfg.backdate)}"   # notBefore in the past: devices without RTC
 # serve warns (log, metric) from this long before the issuing CA itself expires
 expiry_warning = "{format_duration(cfg.ca_expiry_warning)}"
-{_render_ca_key(cfg)}
+{_render_root(cfg)}{_render_ca_key(cfg)}
 [server]
 hostnames = [{hosts}]
 public_host = "{cfg.public_host}"   # the name devices use; goes into CRL/OCSP URLs and bundles

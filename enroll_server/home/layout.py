@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from enroll_server.pki.ca import (
     build_server_certificate,
     server_hostnames,
 )
-from enroll_server.pki.crl import build_crl, ca_certs_distribution_point, crl_needs_refresh
+from enroll_server.pki.crl import build_crl, ca_certs_distribution_point
 from enroll_server.pki.keys import (
     PrivateKey,
     generate_key,
@@ -43,7 +44,8 @@ PASSPHRASE_ENV = "FLEETPKI_CA_PASSPHRASE"
 # The TLS server certificate's lifetime: 397 days, the CA/Browser Forum's ceiling for TLS
 # server certificates (BR 6.3.2), which clients that check it hold private CAs to as well.
 SERVER_CERT_DAYS = 397
-# The root's CRL: re-signed at half life by `fleetpki serve` (the root key is online today).
+# The root's CRL when the root key is in the home: re-signed at half life by `fleetpki serve`.
+# An offline root's CRL is signed at a ceremony for longer (home/root.py ROOT_CRL_DAYS).
 ROOT_CRL_LIFETIME = timedelta(days=30)
 HOME_ENV = "FLEETPKI_HOME"
 
@@ -89,8 +91,18 @@ class HomeLayout:
         return self.ca_dir / "issuing.key"
 
     @property
+    def issuing_csr(self) -> Path:
+        """`init --external-root`: the request for the operator's PKI (home/external_root.py)."""
+        return self.ca_dir / "issuing.csr"
+
+    @property
+    def intermediates(self) -> Path:
+        """An external root: the operator's CAs between the root and our issuing CA, PEM."""
+        return self.ca_dir / "intermediates.pem"
+
+    @property
     def chain(self) -> Path:
-        """issuing + root, PEM: the CA file relying parties (brokers, openssl) load."""
+        """issuing + intermediates + root, PEM: the CA file relying parties (brokers) load."""
         return self.ca_dir / "chain.pem"
 
     @property
@@ -135,6 +147,32 @@ def resolve_home(home: Path | None) -> Path:
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def read_intermediates(layout: HomeLayout) -> tuple[x509.Certificate, ...]:
+    """The CAs between the operator's root and our issuing CA (none with a root of our own)."""
+    if not layout.intermediates.exists():
+        return ()
+    try:
+        return tuple(x509.load_pem_x509_certificates(layout.intermediates.read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise HomeError(layout.root, f"{layout.intermediates} unreadable: {exc}") from exc
+
+
+def write_server_certificate(
+    layout: HomeLayout,
+    key: PrivateKey,
+    cert: x509.Certificate,
+    issuing: x509.Certificate,
+    intermediates: tuple[x509.Certificate, ...],
+) -> None:
+    """The TLS key, then the certificate with the CAs a TLS server sends after it (issuing,
+    then any intermediates: RFC 8446 4.4.2, each certifying the one before), atomically."""
+    # The TLS key is not encrypted: servers must restart unattended; it is 0600 and can only
+    # impersonate the server, not issue certificates.
+    write_atomic(layout.server_key, private_key_pem(key, None))
+    sent = b"".join(_pem(c) for c in (cert, issuing, *intermediates))
+    write_atomic(layout.server_cert, sent, PUBLIC_MODE)
 
 
 def hash_secret(secret: str) -> str:
@@ -185,6 +223,23 @@ def check_new_home(home: Path, *, force: bool) -> HomeLayout:
     return layout
 
 
+def prepare_home(home: Path, *, force: bool) -> tuple[HomeLayout, bytes]:
+    """`init`'s first step: the folders (0700) and the passphrase of the home's CA keys."""
+    layout = check_new_home(home, force=force)
+    make_private_dir(home)
+    make_private_dir(layout.ca_dir)
+    make_private_dir(layout.tls_dir)
+    return layout, _passphrase(layout, create=True)
+
+
+def finish_home(layout: HomeLayout, config: ServerConfig) -> str:
+    """`init`'s last step: the admin token and fleetpki.toml (whose presence says "initialized")."""
+    admin_token = new_secret()
+    write_atomic(layout.admin_token, admin_token.encode() + b"\n")
+    write_atomic(layout.config, render_config(config).encode(), 0o600)
+    return admin_token
+
+
 def init_home(
     home: Path,
     config: ServerConfig,
@@ -192,20 +247,23 @@ def init_home(
     *,
     force: bool = False,
     issuing_signer: Signer | None = None,
+    keep_root: Callable[[Issuer, x509.CertificateRevocationList], None] | None = None,
+    root_crl_lifetime: timedelta = ROOT_CRL_LIFETIME,
 ) -> InitResult:
     """Create the CA hierarchy, the TLS server certificate, the config and the admin token.
 
     The registry is created by the caller (it owns SQL); this function only writes files.
     `issuing_signer`: the issuing CA key in a token (config.ca_key names it); no key file.
+    `keep_root`: where the root key goes instead of H/ca/root.key (an offline root folder,
+    home/root.py), called with the root and its first CRL before anything else is written.
     """
-    layout = check_new_home(home, force=force)
-    make_private_dir(home)
-    make_private_dir(layout.ca_dir)
-    make_private_dir(layout.tls_dir)
-    phrase = _passphrase(layout, create=True)
-
+    layout, phrase = prepare_home(home, force=force)
     root_key = generate_key(config.key_type)
     root_cert = build_root_ca(root_key, "fleetpki Root CA", now)
+    root = Issuer(root_cert, root_key)
+    first_root_crl = sign_root_crl(root, 1, now, root_crl_lifetime)
+    if keep_root is not None:
+        keep_root(root, first_root_crl)
     file_key: PrivateKey | None = None
     issuing_key: PrivateKey | Signer
     if issuing_signer is None:
@@ -214,7 +272,7 @@ def init_home(
         issuing_key = issuing_signer
     issuing_cert = build_issuing_ca(
         issuing_key,
-        Issuer(root_cert, root_key),
+        root,
         "fleetpki Issuing CA",
         now,
         crl_url=config.urls().root_crl,
@@ -228,22 +286,22 @@ def init_home(
         now,
         SERVER_CERT_DAYS,
     )
-    write_atomic(layout.root_key, private_key_pem(root_key, phrase))
+    if keep_root is None:
+        write_atomic(layout.root_key, private_key_pem(root_key, phrase))
+    elif layout.root_key.exists():
+        layout.root_key.unlink()  # a --force over a home whose root was online
     if file_key is not None:
         write_atomic(layout.issuing_key, private_key_pem(file_key, phrase))
     elif layout.issuing_key.exists():
         layout.issuing_key.unlink()  # a --force over a home whose key was a file
-    # The TLS key is not encrypted: servers must restart unattended; it is 0600 and can only
-    # impersonate the server, not issue certificates.
-    write_atomic(layout.server_key, private_key_pem(server_key, None))
+    for stale in (layout.intermediates, layout.issuing_csr):
+        stale.unlink(missing_ok=True)  # a --force over a home under an external root
+    write_server_certificate(layout, server_key, server_cert, issuing_cert, ())
     write_atomic(layout.root_cert, _pem(root_cert), PUBLIC_MODE)
     write_atomic(layout.issuing_cert, _pem(issuing_cert), PUBLIC_MODE)
     write_atomic(layout.chain, _pem(issuing_cert) + _pem(root_cert), PUBLIC_MODE)
-    write_atomic(layout.server_cert, _pem(server_cert) + _pem(issuing_cert), PUBLIC_MODE)
-    _write_root_crl(layout, Issuer(root_cert, root_key), 1, now)
-    admin_token = new_secret()
-    write_atomic(layout.admin_token, admin_token.encode() + b"\n")
-    write_atomic(layout.config, render_config(config).encode(), 0o600)
+    write_root_crl(layout, first_root_crl)
+    admin_token = finish_home(layout, config)
     return InitResult(layout, admin_token, root_cert, issuing_cert, server_cert)
 
 
@@ -265,8 +323,7 @@ def renew_server_certificate(
     cert = build_server_certificate(
         key.public_key(), issuer, server_hostnames(list(config.hostnames)), now, days
     )
-    write_atomic(layout.server_key, private_key_pem(key, None))
-    write_atomic(layout.server_cert, _pem(cert) + _pem(issuer.cert), PUBLIC_MODE)
+    write_server_certificate(layout, key, cert, issuer.cert, read_intermediates(layout))
     return cert
 
 
@@ -277,6 +334,8 @@ class LoadedHome:
     root_cert: x509.Certificate
     issuer: Issuer
     registry: RegistryLocation
+    # An external root: the operator's CAs between its root and our issuing CA.
+    intermediates: tuple[x509.Certificate, ...] = ()
 
 
 def registry_location(
@@ -304,6 +363,12 @@ def load_home(home: Path) -> LoadedHome:
     if not layout.config.exists():
         raise HomeError(home, "not initialized: run `fleetpki init --home` first")
     config = load_config(layout.config)
+    if config.root == "external" and not layout.issuing_cert.exists():
+        raise HomeError(
+            home,
+            "waiting for the issuing CA certificate: have your PKI sign "
+            f"{layout.issuing_csr}, then run `fleetpki ca import-issuing CERT CHAIN`",
+        )
     try:
         root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
         issuing_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
@@ -326,6 +391,7 @@ def load_home(home: Path) -> LoadedHome:
         root_cert,
         Issuer(issuing_cert, key, config.urls()),
         registry_location(layout, config),
+        read_intermediates(layout),
     )
 
 
@@ -348,34 +414,15 @@ def ca_token_signer(
     return token_signer(module, uri, pin, create=create, curve=curve)
 
 
-def _write_root_crl(
-    layout: HomeLayout, root: Issuer, number: int, now: datetime
+def sign_root_crl(
+    root: Issuer, number: int, now: datetime, lifetime: timedelta
 ) -> x509.CertificateRevocationList:
+    """The root CA's CRL number `number`, valid for `lifetime` from `now`."""
     # The root revokes nothing today (no command revokes an issuing CA): an empty CRL that
     # says so, for relying parties that check the whole chain.
-    crl = build_crl(
-        root.cert, root.key, [], number, now, ROOT_CRL_LIFETIME, ca_certs_distribution_point()
-    )
+    return build_crl(root.cert, root.key, [], number, now, lifetime, ca_certs_distribution_point())
+
+
+def write_root_crl(layout: HomeLayout, crl: x509.CertificateRevocationList) -> None:
+    """H/ca/root.crl, DER: what serve publishes at /root.crl."""
     write_atomic(layout.root_crl, crl.public_bytes(serialization.Encoding.DER), PUBLIC_MODE)
-    return crl
-
-
-def root_crl(layout: HomeLayout, now: datetime) -> x509.CertificateRevocationList:
-    """The root CA's CRL (`H/ca/root.crl`), signed anew with the root key when the file is
-    missing (homes from before 2026-12-05), unreadable, or half way to its nextUpdate."""
-    number = 1
-    try:
-        current = x509.load_der_x509_crl(layout.root_crl.read_bytes())
-    except (OSError, ValueError):
-        current = None
-    if current is not None:
-        if not crl_needs_refresh(current, now):
-            return current
-        number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
-    try:
-        root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
-        key_pem = layout.root_key.read_bytes()
-    except (OSError, ValueError) as exc:
-        raise HomeError(layout.root, f"root CA files unreadable: {exc}") from exc
-    key = load_private_key_pem(key_pem, _passphrase(layout, create=False), "root CA key")
-    return _write_root_crl(layout, Issuer(root_cert, key), number, now)

@@ -77,6 +77,7 @@ def add_node(
         theirs.issuing_cert,
         theirs.root_key,
         theirs.root_crl,
+        theirs.intermediates,
         theirs.passphrase_file,
     ]
     if not config.ca_key:

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from enroll_server.home.layout import HomeError, HomeLayout, home_passphrase
+from enroll_server.home.layout import (
+    ROOT_CRL_LIFETIME,
+    HomeError,
+    HomeLayout,
+    home_passphrase,
+    sign_root_crl,
+    write_root_crl,
+)
 from enroll_server.pki.ca import Issuer
+from enroll_server.pki.crl import crl_needs_refresh
 from enroll_server.pki.errors import PkiError
-from enroll_server.pki.keys import load_private_key_pem
+from enroll_server.pki.keys import PrivateKey, PublicKey, load_private_key_pem, private_key_pem
+from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
 
 # The offline root key's passphrase: never in the home (whoever holds the home would then hold
 # the root), never on the command line (ps, shell history). The operator keeps it apart from
@@ -19,6 +31,9 @@ from enroll_server.pki.keys import load_private_key_pem
 ROOT_PASSPHRASE_ENV = "FLEETPKI_ROOT_PASSPHRASE"
 # A passphrase shorter than this is refused when the offline root is created.
 MIN_ROOT_PASSPHRASE = 12
+# An offline root's CRL is signed at a ceremony, so it must outlast the time between two:
+# a year by default (`--root-crl-days`); serve warns from [ca] root_crl_warning before.
+ROOT_CRL_DAYS = 365
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,3 +142,132 @@ def load_root_issuer(
             "operator's own; pass --root DIR (the offline root folder)",
         )
     return _load(layout.root_cert, layout.root_key, home_passphrase(layout), layout.root)
+
+
+def new_root_passphrase(
+    passphrase_file: Path | None, where: Path, home_phrase: bytes | None
+) -> bytes:
+    """The passphrase for a new offline root key: given (never made up and printed), at least
+    MIN_ROOT_PASSPHRASE characters, and not the home's (the home must not open the root)."""
+    phrase = root_passphrase(passphrase_file, where)
+    if len(phrase) < MIN_ROOT_PASSPHRASE:
+        raise HomeError(
+            where, f"the root passphrase is {len(phrase)} characters; use {MIN_ROOT_PASSPHRASE}+"
+        )
+    if phrase == home_phrase:
+        raise HomeError(where, "the root passphrase must differ from the home's CA passphrase")
+    return phrase
+
+
+def check_offline_folder(root_dir: Path) -> None:
+    """`init --root-offline DIR`: DIR may be new or empty of a root, never overwritten."""
+    folder = OfflineRoot(root_dir)
+    if root_dir.exists() and not root_dir.is_dir():
+        raise HomeError(root_dir, "is not a folder")
+    if folder.key.exists() or folder.cert.exists():
+        raise HomeError(root_dir, "already holds a root (root.key / root.pem): use another folder")
+
+
+def write_offline_root(
+    root_dir: Path, phrase: bytes, root: Issuer, crl: x509.CertificateRevocationList
+) -> None:
+    """DIR/root.key (encrypted with `phrase`), DIR/root.pem, DIR/root.crl."""
+    check_offline_folder(root_dir)
+    folder = OfflineRoot(root_dir)
+    try:
+        make_private_dir(root_dir)
+        if not isinstance(root.key, PrivateKey):
+            raise HomeError(root_dir, "an offline root is a key file, not a token key")
+        write_atomic(folder.key, private_key_pem(root.key, phrase))
+        write_atomic(folder.cert, root.cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+        write_atomic(folder.crl, crl.public_bytes(serialization.Encoding.DER), PUBLIC_MODE)
+    except OSError as exc:
+        raise HomeError(root_dir, f"cannot write the offline root: {exc}") from exc
+
+
+def _read_crl(path: Path) -> x509.CertificateRevocationList | None:
+    try:
+        return x509.load_der_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _crl_number(crl: x509.CertificateRevocationList | None) -> int:
+    if crl is None:
+        return 0
+    number: int = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    return number
+
+
+def root_crl(layout: HomeLayout, now: datetime) -> x509.CertificateRevocationList | None:
+    """The root CA's CRL that serve publishes (`H/ca/root.crl`).
+
+    Root key in the home: signed anew when the file is missing (homes from before
+    2026-12-05), unreadable, or half way to its nextUpdate. No root key (an offline root):
+    the file as the last ceremony left it, even past its nextUpdate (serve warns), or None
+    when there is none; this never needs nor looks for the key.
+    """
+    current = _read_crl(layout.root_crl)
+    if not layout.root_key.exists():
+        return current
+    if current is not None and not crl_needs_refresh(current, now):
+        return current
+    root = load_root_issuer(layout, None)
+    crl = sign_root_crl(root, _crl_number(current) + 1, now, ROOT_CRL_LIFETIME)
+    write_root_crl(layout, crl)
+    return crl
+
+
+def sign_offline_root_crl(
+    root_dir: Path,
+    root: Issuer,
+    now: datetime,
+    days: int = ROOT_CRL_DAYS,
+    layout: HomeLayout | None = None,
+) -> x509.CertificateRevocationList:
+    """A ceremony: the offline root signs its next CRL, valid `days`; kept in DIR/root.crl and,
+    with a home at hand, in H/ca/root.crl (else the operator copies DIR/root.crl there with
+    `fleetpki ca import-root-crl`). The number follows the higher of the two copies."""
+    if days < 1:
+        raise HomeError(root_dir, f"--days must be at least 1, got {days}")
+    folder = OfflineRoot(root_dir)
+    number = _crl_number(_read_crl(folder.crl))
+    if layout is not None:
+        number = max(number, _crl_number(_read_crl(layout.root_crl)))
+    crl = sign_root_crl(root, number + 1, now, timedelta(days=days))
+    der = crl.public_bytes(serialization.Encoding.DER)
+    write_atomic(folder.crl, der, PUBLIC_MODE)
+    if layout is not None:
+        write_root_crl(layout, crl)
+    return crl
+
+
+def import_root_crl(
+    layout: HomeLayout, der: bytes, now: datetime
+) -> x509.CertificateRevocationList:
+    """`fleetpki ca import-root-crl F`: a CRL signed at a ceremony away from the home, checked
+    (the home's root signed it, it is current, its number is not older) before it replaces
+    H/ca/root.crl."""
+    try:
+        crl = x509.load_der_x509_crl(der)
+    except ValueError:
+        try:
+            crl = x509.load_pem_x509_crl(der)
+        except ValueError as exc:
+            raise HomeError(layout.root, f"not a CRL (DER or PEM): {exc}") from None
+    try:
+        root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise HomeError(layout.root, f"root certificate unreadable: {exc}") from exc
+    root_key = cast(PublicKey, root_cert.public_key())
+    if crl.issuer != root_cert.subject or not crl.is_signature_valid(root_key):
+        raise HomeError(layout.root, "that CRL was not signed by the home's root CA")
+    if crl.next_update_utc is not None and crl.next_update_utc <= now:
+        raise HomeError(layout.root, f"that CRL expired at {crl.next_update_utc.isoformat()}")
+    current = _crl_number(_read_crl(layout.root_crl))
+    if _crl_number(crl) < current:
+        raise HomeError(
+            layout.root, f"that CRL is number {_crl_number(crl)}, older than the home's {current}"
+        )
+    write_root_crl(layout, crl)
+    return crl

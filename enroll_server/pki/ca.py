@@ -7,12 +7,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from enroll_server.pki.keys import PrivateKey, PublicKey
+from enroll_server.pki.errors import CsrRejected
+from enroll_server.pki.keys import PrivateKey, PublicKey, key_type_of
 from enroll_server.pki.serial import new_serial
 from enroll_server.pki.signer import Signer, sign_x509
 
@@ -113,11 +115,21 @@ def build_issuing_ca(
     4.2.1.13), so relying parties that check the whole chain (`openssl verify
     -crl_check_all`) find it.
     """
-    pub = key.public_key()
+    return _issuing_ca(key.public_key(), _name(common_name), root, now, days, crl_url)
+
+
+def _issuing_ca(
+    pub: PublicKey,
+    subject: x509.Name,
+    root: Issuer,
+    now: datetime,
+    days: int,
+    crl_url: str | None,
+) -> x509.Certificate:
     not_after = min(now + timedelta(days=days), root.cert.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name))
+        .subject_name(subject)
         .issuer_name(root.cert.subject)
         .public_key(pub)
         .serial_number(new_serial())
@@ -131,6 +143,38 @@ def build_issuing_ca(
     if crl_url is not None:
         builder = builder.add_extension(crl_distribution_points(crl_url), critical=False)
     return sign_x509(builder, root.key)
+
+
+def issuing_ca_csr(key: PrivateKey | Signer, common_name: str) -> x509.CertificateSigningRequest:
+    """A PKCS#10 request (RFC 2986) for an issuing CA certificate, for a root elsewhere (an
+    offline root's ceremony, the operator's own PKI). It asks, as extensionRequest, for what
+    the CA needs: CA:TRUE with pathLen 0 and keyCertSign + cRLSign (RFC 5280 4.2.1.9, 4.2.1.3).
+    """
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(common_name))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+    )
+    return sign_x509(builder, key)
+
+
+def issuing_ca_from_csr(
+    csr: x509.CertificateSigningRequest,
+    root: Issuer,
+    now: datetime,
+    days: int = 1825,
+    crl_url: str | None = None,
+) -> x509.Certificate:
+    """The root signs an issuing CA request (`issuing_ca_csr`): the request's subject and key,
+    our issuing-CA profile (pathLen 0), whatever extensions the request asked for.
+    CsrRejected if the request's self-signature does not verify (RFC 2986 3: proof of
+    possession); UnsupportedKey if its key is not one we accept."""
+    if not csr.is_signature_valid:
+        raise CsrRejected("the request's signature does not verify with its own public key")
+    key_type_of(csr.public_key())  # UnsupportedKey for any key we do not issue for
+    pub = cast(PublicKey, csr.public_key())
+    return _issuing_ca(pub, csr.subject, root, now, days, crl_url)
 
 
 def _aki(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:

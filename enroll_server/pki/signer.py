@@ -200,10 +200,18 @@ def sign_x509(
 ) -> x509.CertificateRevocationList: ...
 
 
+@overload
 def sign_x509(
-    builder: x509.CertificateBuilder | x509.CertificateRevocationListBuilder,
+    builder: x509.CertificateSigningRequestBuilder, key: PrivateKey | Signer
+) -> x509.CertificateSigningRequest: ...
+
+
+def sign_x509(
+    builder: x509.CertificateBuilder
+    | x509.CertificateRevocationListBuilder
+    | x509.CertificateSigningRequestBuilder,
     key: PrivateKey | Signer,
-) -> x509.Certificate | x509.CertificateRevocationList:
+) -> x509.Certificate | x509.CertificateRevocationList | x509.CertificateSigningRequest:
     """builder.sign with `key`, a key in memory or any Signer (e.g. a PKCS#11 token)."""
     signer = as_signer(key)
     if isinstance(signer, FileKeySigner):
@@ -212,6 +220,9 @@ def sign_x509(
     whole = draft.public_bytes(serialization.Encoding.DER)
     if isinstance(draft, x509.Certificate):
         return x509.load_der_x509_certificate(_resign(whole, draft.tbs_certificate_bytes, signer))
+    if isinstance(draft, x509.CertificateSigningRequest):
+        # RFC 2986 4.2: SEQUENCE { certificationRequestInfo, signatureAlgorithm, signature }.
+        return x509.load_der_x509_csr(_resign(whole, draft.tbs_certrequest_bytes, signer))
     return x509.load_der_x509_crl(_resign(whole, draft.tbs_certlist_bytes, signer))
 
 

@@ -32,35 +32,48 @@ OCSP_GET_MAX_AGE = timedelta(seconds=60)
 
 
 class RootCrl:
-    """The root CA's CRL as `load(now)` gives it (home.root_crl: the file, re-signed at half
-    life), served at /root.crl; looked at again only once the one in hand is due."""
+    """The root CA's CRL as `load(now)` gives it (home.root.root_crl: the file, re-signed at
+    half life when the root key is in the home), served at /root.crl; looked at again once the
+    one in hand is due, or after `recheck` (an offline root: a ceremony replaces the file while
+    serve runs). `load` giving None (no file, an external root's home): 404."""
 
     def __init__(
         self,
-        load: Callable[[datetime], x509.CertificateRevocationList],
+        load: Callable[[datetime], x509.CertificateRevocationList | None],
         clock: Callable[[], datetime] = utc_now,
+        recheck: timedelta | None = None,
     ) -> None:
         self._load = load
         self._clock = clock
+        self._recheck = recheck
+        self.crl: x509.CertificateRevocationList | None = None
         self._der = b""
         self._refresh_at: datetime | None = None
         self._lock = asyncio.Lock()
 
     async def der(self) -> bytes:
+        """The CRL, DER; b"" when there is none."""
         async with self._lock:
             now = self._clock()
             if self._refresh_at is None or now >= self._refresh_at:
                 # Signing needs the root key, decrypted from its file: off the loop.
                 crl = await asyncio.to_thread(self._load, now)
-                self._der = crl.public_bytes(serialization.Encoding.DER)
-                self._refresh_at = crl_refresh_at(crl)
+                self.crl = crl
+                self._der = b"" if crl is None else crl.public_bytes(serialization.Encoding.DER)
+                due = [now + self._recheck] if self._recheck is not None else []
+                if crl is not None:
+                    due.append(crl_refresh_at(crl))
+                self._refresh_at = min(due) if due else None
             return self._der
 
     def routes(self) -> list[web.RouteDef]:
         async def get_root_crl(request: web.Request) -> web.Response:
             """The root CA's CRL, DER (the issuing CA certificate's CRL Distribution Point)."""
+            der = await self.der()
+            if not der:
+                raise web.HTTPNotFound(text="no root CRL here\n")
             return web.Response(
-                body=await self.der(), content_type=CRL_TYPE, headers={"Cache-Control": "no-cache"}
+                body=der, content_type=CRL_TYPE, headers={"Cache-Control": "no-cache"}
             )
 
         return [web.get(f"/{ROOT_CRL_PATH}", get_root_crl)]

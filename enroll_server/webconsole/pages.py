@@ -100,7 +100,7 @@ async def overview(request: web.Request) -> dict[str, Any]:
         "crl": crl,
         "tls": tls,
         "issuing": _expiry(st.ca_chain[0], now),
-        "root": _expiry(st.ca_chain[1], now) if len(st.ca_chain) > 1 else None,
+        "root": _expiry(st.ca_chain[-1], now) if len(st.ca_chain) > 1 else None,
         "recent": recent,
         "refused": refused,
         "last_seq": recent[0].seq if recent else 0,

@@ -7,7 +7,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -26,9 +26,14 @@ from enroll_server.home.layout import (
     registry_location,
     renew_server_certificate,
 )
-from enroll_server.home.layout import root_crl as home_root_crl
+from enroll_server.home.root import root_crl as home_root_crl
 from enroll_server.home.server_certificate import CHECK_INTERVAL, ServerCertificates
-from enroll_server.pki.ca_expiry import expiry_metrics, expiry_warning
+from enroll_server.pki.ca_expiry import (
+    expiry_metrics,
+    expiry_warning,
+    root_crl_metrics,
+    root_crl_warning,
+)
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
@@ -55,6 +60,8 @@ if TYPE_CHECKING:
 from fleetpki.clock import utc_now
 
 log = logging.getLogger("fleetpki.server")
+# How often serve looks at H/ca/root.crl again: a ceremony may replace it while serve runs.
+ROOT_CRL_RECHECK = timedelta(seconds=5)
 
 
 @dataclass
@@ -237,7 +244,7 @@ async def start_server(
         state = AppState(
             service=service,
             registry=registry,
-            ca_chain=(loaded.issuer.cert, loaded.root_cert),
+            ca_chain=(loaded.issuer.cert, *loaded.intermediates, loaded.root_cert),
             clock=clock,
             home=loaded,
             provisioner=provisioner,
@@ -263,9 +270,15 @@ async def start_server(
         port = _port(est_port, cfg.est_port)
         with listening("EST (HTTPS)", host, port, "--est-port"):
             https = await start_est_site(build_https_app(state), host, port, tls, limits)
-        root_crl = RootCrl(partial(home_root_crl, loaded.layout), clock)
-        await root_crl.der()  # signed now if missing or due: a broken root key fails start-up
-        http_app = build_http_app(state, revocation_routes(revocation) + root_crl.routes())
+        # The root CRL: none of ours under an external root (the operator's PKI publishes
+        # its own, at the CDP its CA put in our issuing certificate); an offline root's file
+        # as the last ceremony signed it (looked at every 5 s); else re-signed here.
+        root_crl = RootCrl(partial(home_root_crl, loaded.layout), clock, ROOT_CRL_RECHECK)
+        # Signed now if missing or due when the root key is here: a broken key fails start-up.
+        root_routes = [] if cfg.root == "external" else root_crl.routes()
+        if cfg.root != "external":
+            await root_crl.der()
+        http_app = build_http_app(state, revocation_routes(revocation) + root_routes)
         revocation.attach(http_app)
         port = _port(http_port, cfg.http_port)
         with listening("CRL/OCSP (HTTP)", host, port, "--http-port"):
@@ -378,6 +391,12 @@ async def start_server(
     if (warning := expiry_warning(issuing, clock(), cfg.ca_expiry_warning)) is not None:
         log.warning("%s", warning)
     state.metrics.extra.append(lambda: expiry_metrics(issuing, clock(), cfg.ca_expiry_warning))
+    if cfg.root != "external" and not loaded.layout.root_key.exists():  # an offline root
+        if (warning := root_crl_warning(root_crl.crl, clock(), cfg.root_crl_warning)) is not None:
+            log.warning("%s", warning)
+        state.metrics.extra.append(
+            lambda: root_crl_metrics(root_crl.crl, clock(), cfg.root_crl_warning)
+        )
     return handle
 
 

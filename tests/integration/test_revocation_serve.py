@@ -224,7 +224,8 @@ def test_the_whole_chain_checks_against_published_crls(live_server: Any, tmp_pat
 
 
 def test_root_crl_is_made_for_older_homes_and_re_signed_at_half_life(tmp_path: Path) -> None:
-    from enroll_server.home.layout import ROOT_CRL_LIFETIME, root_crl
+    from enroll_server.home.layout import ROOT_CRL_LIFETIME
+    from enroll_server.home.root import root_crl
     from tests.live_server import make_home
 
     layout = make_home(tmp_path / "home")

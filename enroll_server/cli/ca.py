@@ -1,0 +1,201 @@
+"""`fleetpki ca`: the ceremonies of the CA lifecycle (an offline root, the operator's root)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from enroll_server.cli.console import stdout_console
+from enroll_server.cli.exit_codes import ExitCode, fail
+from enroll_server.cli.options import HomeOpt, initialized_layout
+
+if TYPE_CHECKING:
+    from enroll_server.home.layout import HomeLayout
+
+app = typer.Typer(
+    help="CA ceremonies: sign an issuing CA or the root CRL with an offline root; import an "
+    "issuing CA certificate from your own PKI.",
+    no_args_is_help=True,
+)
+console = stdout_console(soft_wrap=True)
+
+RootDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--root", help="The offline root folder (removable media) made by init --root-offline."
+    ),
+]
+RootPassphraseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--root-passphrase-file",
+        help="A file holding the offline root passphrase (else $FLEETPKI_ROOT_PASSPHRASE).",
+        show_default=False,
+    ),
+]
+
+
+def _optional_home(home: Path | None) -> HomeLayout | None:
+    """The home of --home or $FLEETPKI_HOME, None when neither: a ceremony machine has none."""
+    from enroll_server.home.layout import HOME_ENV
+
+    if home is None and not os.environ.get(HOME_ENV):
+        return None
+    return initialized_layout(home)
+
+
+def _write_out(path: Path, data: bytes) -> None:
+    from fleetpki.atomic_file import PUBLIC_MODE, write_atomic
+
+    try:
+        write_atomic(path, data, PUBLIC_MODE)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}", ExitCode.FAILED)
+
+
+@app.command("sign-issuing")
+def sign_issuing(
+    root_dir: RootDirOpt,
+    csr: Annotated[Path, typer.Option("--csr", help="The issuing CA's request (PEM or DER).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the certificate (PEM).")],
+    days: Annotated[int, typer.Option(min=1, help="Lifetime (capped at the root's).")] = 1825,
+    crl_url: Annotated[
+        str | None,
+        typer.Option(
+            "--crl-url",
+            help="The root CRL's URL for the certificate's CDP (default with a home: its "
+            "/root.crl).",
+        ),
+    ] = None,
+    home: HomeOpt = None,
+    passphrase_file: RootPassphraseOpt = None,
+) -> None:
+    """The ceremony that needs the root: sign an issuing CA request with the offline root.
+    Run where DIR is mounted (the server, or an air-gapped machine without a home)."""
+    from enroll_server.home.config import load_config
+    from enroll_server.home.layout import HomeError
+    from enroll_server.home.root import load_root_issuer
+    from enroll_server.pki.ca import issuing_ca_from_csr
+    from enroll_server.pki.errors import PkiError
+
+    layout = _optional_home(home)
+    try:
+        data = csr.read_bytes()
+    except OSError as exc:
+        fail(f"--csr {csr}: {exc.strerror or exc}")
+    try:
+        request = (
+            x509.load_pem_x509_csr(data) if b"-----BEGIN" in data else x509.load_der_x509_csr(data)
+        )
+    except ValueError:
+        fail(f"--csr {csr}: not a PKCS#10 request (PEM or DER)")
+    if crl_url is None and layout is not None:
+        crl_url = load_config(layout.config).urls().root_crl
+    try:
+        root = load_root_issuer(layout, root_dir, passphrase_file)
+        cert = issuing_ca_from_csr(request, root, datetime.now(UTC), days, crl_url)
+    except HomeError as exc:
+        fail(str(exc))
+    except PkiError as exc:
+        fail(f"--csr {csr}: {exc}")
+    pem = serialization.Encoding.PEM
+    _write_out(out, cert.public_bytes(pem) + root.cert.public_bytes(pem))
+    console.print(f"signed {cert.subject.rfc4514_string()} until {cert.not_valid_after_utc}")
+    console.print(f"  {out}: the issuing CA certificate, then the root", markup=False)
+    if crl_url is None:
+        console.print("  no CRL Distribution Point (give --crl-url or --home)")
+
+
+@app.command("sign-root-crl")
+def sign_root_crl(
+    root_dir: RootDirOpt,
+    days: Annotated[int, typer.Option(min=1, help="Until the CRL's nextUpdate.")] = 365,
+    home: HomeOpt = None,
+    passphrase_file: RootPassphraseOpt = None,
+) -> None:
+    """The offline root signs its next CRL: into DIR/root.crl and, with a home, H/ca/root.crl
+    (a running serve publishes it within seconds). Without a home, copy DIR/root.crl over
+    with `fleetpki ca import-root-crl`."""
+    from enroll_server.home.layout import HomeError
+    from enroll_server.home.root import OfflineRoot, load_root_issuer, sign_offline_root_crl
+
+    layout = _optional_home(home)
+    try:
+        root = load_root_issuer(layout, root_dir, passphrase_file)
+        crl = sign_offline_root_crl(root_dir, root, datetime.now(UTC), days, layout)
+    except HomeError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the root CRL: {exc.strerror or exc}", ExitCode.FAILED)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    console.print(f"root CRL number {number}, nextUpdate {crl.next_update_utc}")
+    console.print(f"  {OfflineRoot(root_dir).crl}", markup=False)
+    if layout is not None:
+        console.print(f"  {layout.root_crl} (served at /root.crl)", markup=False)
+    else:
+        console.print("  next: fleetpki ca import-root-crl DIR/root.crl --home H (on the server)")
+
+
+@app.command("import-root-crl")
+def import_root_crl_command(
+    crl: Annotated[Path, typer.Argument(help="A root CRL signed by sign-root-crl.")],
+    home: HomeOpt = None,
+) -> None:
+    """Install a root CRL signed at a ceremony away from the home (checked: the home's root
+    signed it, it is current, not older than the one served)."""
+    from enroll_server.home.layout import HomeError
+    from enroll_server.home.root import import_root_crl
+
+    layout = initialized_layout(home)
+    try:
+        installed = import_root_crl(layout, crl.read_bytes(), datetime.now(UTC))
+    except OSError as exc:
+        fail(f"{crl}: {exc.strerror or exc}")
+    except HomeError as exc:
+        fail(str(exc))
+    console.print(f"root CRL installed, nextUpdate {installed.next_update_utc}")
+
+
+@app.command("import-issuing")
+def import_issuing_command(
+    cert: Annotated[Path, typer.Argument(help="The issuing CA certificate your PKI signed.")],
+    chain: Annotated[
+        Path | None,
+        typer.Argument(help="Your CAs above it, up to your self-signed root (PEM)."),
+    ] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Complete `fleetpki init --external-root`: check the certificate (our key, a CA with
+    keyCertSign + cRLSign, pathLen room for devices, valid now, signatures up to your root),
+    then write the TLS server certificate, root.pem (your root: the devices' trust anchor) and
+    chain.pem. Nothing is written if a check fails."""
+    from enroll_server.home.external_root import import_issuing
+    from enroll_server.home.layout import HomeError
+    from enroll_server.pki.errors import PkiError
+
+    layout = initialized_layout(home)
+    try:
+        cert_data = cert.read_bytes()
+        chain_data = chain.read_bytes() if chain is not None else None
+    except OSError as exc:
+        fail(f"{exc.filename}: {exc.strerror or exc}")
+    try:
+        done = import_issuing(layout, cert_data, chain_data, datetime.now(UTC))
+    except HomeError as exc:
+        fail(str(exc))
+    except PkiError as exc:
+        fail(f"{cert}: {exc}")
+    except OSError as exc:
+        fail(f"cannot write the home: {exc.strerror or exc}", ExitCode.FAILED)
+    issuing = done.chain.issuing
+    console.print(f"[green]imported[/green] {issuing.subject.rfc4514_string()}")
+    console.print(f"  root CA      {layout.root_cert}  (give this to devices as ca.pem)")
+    console.print(f"  chain        {layout.chain}  ({len(done.chain.intermediates)} intermediate)")
+    console.print(f"  TLS server   {layout.server_cert}")
+    console.print(f"  next: fleetpki serve --home {layout.root}", markup=False)

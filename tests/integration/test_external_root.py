@@ -1,0 +1,278 @@
+"""`fleetpki init --external-root` + `fleetpki ca import-issuing CERT CHAIN`: the issuing CA under
+the operator's own PKI (a root and an intermediate made here with cryptography). The home
+waits (serve refuses) until a certificate passes every check; each refusal names what is
+wrong and leaves the home as it was; then serve enrolls devices that verify with the
+operator's root only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from enroll_server.home.layout import HomeLayout
+from enroll_server.pki.keys import KeyType, PrivateKey, generate_key
+from tests.ca_ceremony import (
+    clean_env,
+    enroll_from_bundle,
+    fleetpki,
+    home_snapshot,
+    openssl_verify,
+    serving,
+    write_pem,
+)
+from tests.est_client import request
+
+NOW = datetime.now(UTC)
+OPERATOR_CDP = "http://pki.operator.example/intermediate.crl"
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Operator Corp"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _usage(cert_sign: bool = True, crl_sign: bool = True) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@dataclass
+class Ca:
+    cert: x509.Certificate
+    key: PrivateKey
+
+
+def _ca_cert(
+    subject: str,
+    public_key: object,
+    issuer: Ca | None,
+    signing_key: PrivateKey,
+    *,
+    ca: bool = True,
+    path_length: int | None = None,
+    usage: x509.KeyUsage | None = None,
+    not_after: datetime | None = None,
+    cdp: str | None = None,
+) -> x509.Certificate:
+    """A CA certificate as another PKI would make it (cryptography directly, not fleetpki)."""
+    name = _name(subject)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.cert.subject if issuer else name)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(not_after or NOW + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(usage or _usage(), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+            critical=False,
+        )
+    )
+    if issuer is not None:
+        ski = issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    if cdp is not None:
+        builder = builder.add_extension(
+            x509.CRLDistributionPoints(
+                [x509.DistributionPoint([x509.UniformResourceIdentifier(cdp)], None, None, None)]
+            ),
+            critical=False,
+        )
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def _operator_pki(intermediate_path_length: int | None = 1) -> tuple[Ca, Ca]:
+    root_key = generate_key(KeyType.EC_P384)
+    root = Ca(_ca_cert("Operator Root", root_key.public_key(), None, root_key), root_key)
+    int_key = generate_key(KeyType.EC_P256)
+    intermediate = Ca(
+        _ca_cert(
+            "Operator Devices Intermediate",
+            int_key.public_key(),
+            root,
+            root_key,
+            path_length=intermediate_path_length,
+        ),
+        int_key,
+    )
+    return root, intermediate
+
+
+def _sign_request(csr_path: Path, by: Ca, **options: object) -> x509.Certificate:
+    """The operator's PKI signs our request for an issuing CA (CA:TRUE, pathLen 0)."""
+    csr = x509.load_pem_x509_csr(csr_path.read_bytes())
+    kwargs = {"path_length": 0, "cdp": OPERATOR_CDP, **options}
+    public_key = kwargs.pop("public_key", csr.public_key())
+    return _ca_cert("fleetpki Issuing CA", public_key, by, by.key, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def waiting(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    done = fleetpki("init", "--home", str(home), "--external-root")
+    assert done.returncode == 0, done.stderr
+    assert "waiting for the issuing CA certificate" in done.stdout
+    return home
+
+
+def test_the_home_waits_for_its_certificate_and_serve_says_so(waiting: Path) -> None:
+    layout = HomeLayout(waiting)
+    csr = x509.load_pem_x509_csr(layout.issuing_csr.read_bytes())
+    assert csr.is_signature_valid
+    asked = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert asked.ca and asked.path_length == 0
+    usage = csr.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_cert_sign and usage.crl_sign
+    assert layout.issuing_key.exists() and layout.issuing_key.stat().st_mode & 0o777 == 0o600
+    for absent in (layout.root_key, layout.root_cert, layout.issuing_cert, layout.root_crl):
+        assert not absent.exists(), absent
+    refused = fleetpki("serve", "--home", str(waiting), "--no-broker", "--est-port", "0",
+                       "--http-port", "0", "--admin-port", "0")  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert "waiting for the issuing CA certificate" in message
+    assert "fleetpki ca import-issuing CERT CHAIN" in message
+
+
+def test_import_signed_certificate_then_serve_enrolls_under_the_operator_root(
+    waiting: Path, tmp_path: Path
+) -> None:
+    layout = HomeLayout(waiting)
+    root, intermediate = _operator_pki()
+    issuing = _sign_request(layout.issuing_csr, intermediate)
+    cert_file = write_pem(tmp_path / "issuing.pem", [issuing])
+    chain_file = write_pem(tmp_path / "chain.pem", [intermediate.cert, root.cert])
+    done = fleetpki("ca", "import-issuing", str(cert_file), str(chain_file), "--home", str(waiting))
+    assert done.returncode == 0, done.stderr
+    pem = serialization.Encoding.PEM
+    assert layout.root_cert.read_bytes() == root.cert.public_bytes(pem)
+    assert x509.load_pem_x509_certificates(layout.chain.read_bytes()) == [
+        issuing,
+        intermediate.cert,
+        root.cert,
+    ]
+    served_chain = x509.load_pem_x509_certificates(layout.server_cert.read_bytes())
+    assert served_chain[1:] == [issuing, intermediate.cert]
+    assert not layout.root_crl.exists() and not layout.root_key.exists()
+    # A second import: the home has its certificate.
+    again = fleetpki(
+        "ca", "import-issuing", str(cert_file), str(chain_file), "--home", str(waiting)
+    )
+    assert again.returncode == 2 and "already has its issuing CA certificate" in again.stderr
+    env = clean_env()
+    with serving(waiting, env) as server:
+        # No root CRL of ours: the operator's PKI publishes its own (the CDP it put in).
+        assert request(server.http_url + "/root.crl", None).status == 404
+        device = enroll_from_bundle(server, waiting, tmp_path / "lot", env)
+    # The bundle's trust anchor is the operator's root; /cacerts carries the whole chain.
+    assert device.ca_pem.read_bytes() == root.cert.public_bytes(pem)
+    assert set(device.cacerts) == {issuing, intermediate.cert, root.cert}  # a SET OF in PKCS#7
+    cdp = issuing.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert cdp[0].full_name == [x509.UniformResourceIdentifier(OPERATOR_CDP)]
+    untrusted = write_pem(tmp_path / "untrusted.pem", [issuing, intermediate.cert])
+    ok = openssl_verify(device.ca_pem, device.cert_path, untrusted)
+    assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stdout + ok.stderr
+    # Without the intermediate the path does not build: the check above is not vacuous.
+    bare = openssl_verify(device.ca_pem, device.cert_path, write_pem(tmp_path / "i.pem", [issuing]))
+    assert bare.returncode != 0
+
+
+def _wrong_key(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+    other = generate_key(KeyType.EC_P256).public_key()
+    return _sign_request(csr, intermediate, public_key=other), [intermediate, root]
+
+
+def _not_a_ca(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+    return _sign_request(csr, intermediate, ca=False, path_length=None), [intermediate, root]
+
+
+def _no_crl_sign(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+    return _sign_request(csr, intermediate, usage=_usage(crl_sign=False)), [intermediate, root]
+
+
+def _path_len_0_above(csr: Path, root: Ca, _: Ca) -> tuple[x509.Certificate, list[Ca]]:
+    # The same root signs an intermediate with pathLen 0: only that pathLen is wrong.
+    key = generate_key(KeyType.EC_P256)
+    cert = _ca_cert("Operator Tight Intermediate", key.public_key(), root, root.key, path_length=0)
+    tight = Ca(cert, key)
+    return _sign_request(csr, tight), [tight, root]
+
+
+def _expired(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+    gone = NOW - timedelta(hours=1)
+    return _sign_request(csr, intermediate, not_after=gone), [intermediate, root]
+
+
+def _wrong_chain(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+    # A chain of the same names and other keys: the signatures do not verify.
+    other_root, other_intermediate = _operator_pki()
+    return _sign_request(csr, intermediate), [other_intermediate, other_root]
+
+
+def _no_root(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+    return _sign_request(csr, intermediate), [intermediate]
+
+
+REFUSALS: dict[str, tuple[Callable[..., tuple[x509.Certificate, list[Ca]]], str]] = {
+    "wrong key": (_wrong_key, "is not for the issuing CA key this home made"),
+    "not a CA": (_not_a_ca, "is not a CA (basicConstraints CA:TRUE missing)"),
+    "no cRLSign": (_no_crl_sign, "keyUsage lacks cRLSign"),
+    "pathLen 0 above": (_path_len_0_above, "has pathLen 0: it allows 0 CA(s) below it"),
+    "expired": (_expired, "expired at"),
+    "wrong chain": (_wrong_chain, "does not verify with the key of"),
+    "chain without root": (_no_root, "no certificate in the chain is the issuer"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_import_issuing_refusals_name_the_problem_and_leave_the_home(
+    waiting: Path, tmp_path: Path, case: str
+) -> None:
+    layout = HomeLayout(waiting)
+    make, message = REFUSALS[case]
+    root, intermediate = _operator_pki()
+    cert, chain = make(layout.issuing_csr, root, intermediate)
+    cert_file = write_pem(tmp_path / "issuing.pem", [cert])
+    chain_file = write_pem(tmp_path / "chain.pem", [ca.cert for ca in chain])
+    before = home_snapshot(waiting)
+    done = fleetpki("ca", "import-issuing", str(cert_file), str(chain_file), "--home", str(waiting))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in " ".join(done.stderr.split()), done.stderr
+    assert home_snapshot(waiting) == before
+    assert not layout.issuing_cert.exists()
+
+
+def test_import_issuing_refuses_a_home_with_a_root_of_its_own(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert fleetpki("init", "--home", str(home)).returncode == 0
+    _, intermediate = _operator_pki()
+    cert = write_pem(tmp_path / "c.pem", [intermediate.cert])
+    before = home_snapshot(home)
+    done = fleetpki("ca", "import-issuing", str(cert), "--home", str(home))
+    assert done.returncode == 2 and "fleetpki ca rollover" in " ".join(done.stderr.split())
+    assert home_snapshot(home) == before
