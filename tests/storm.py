@@ -260,6 +260,7 @@ class Storm:
         self.agent_loop: asyncio.AbstractEventLoop | None = None
         self.agent_thread: threading.Thread | None = None
         self.agent_tasks: list[asyncio.Future[Any]] = []
+        self.agent_configs: list[Path] = []
 
     @property
     def home(self) -> Path:
@@ -267,7 +268,8 @@ class Storm:
 
     # -- set-up --------------------------------------------------------------------------
     def mint(self) -> None:
-        """Before any node starts: the enrollers' devices (one token each) and the renewers'."""
+        """Before any node starts: the enrollers' devices (one token each), the renewers' and
+        the agents' bundles."""
         now = datetime.now(UTC)
         rows, self.tokens = [], []
         for i in range(self.config.tokens + self.config.renewers):
@@ -282,6 +284,7 @@ class Storm:
         renewing = self.tokens[self.config.tokens :]
         self.tokens = self.tokens[: self.config.tokens]
         self._renewing = renewing
+        self.agent_configs = self.agent_bundles() if self.config.agents else []
 
     def enroll_renewers(self) -> None:
         """Once a node serves: the renewers' first certificates (plain enrollments)."""
@@ -337,8 +340,8 @@ class Storm:
             self._thread(
                 self._renewer, f"renewer-{device}", device, random.Random(self.rng.random())
             )
-        if self.config.agents:
-            self._start_agents(self.agent_bundles())
+        if self.agent_configs:
+            self._start_agents(self.agent_configs)
 
     def _thread(self, target: Any, name: str, *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -493,15 +496,13 @@ class Storm:
     def agents_connected(self) -> bool:
         return all(a.state is AgentState.CONNECTED for a in self.agents)
 
-    def wait_agents(self, timeout: float, *, renewed_since: dict[str, int] | None = None) -> float:
-        """Seconds until every agent is connected (and, if given, has renewed since)."""
+    def wait_agents(self, timeout: float, *, connected_after: datetime | None = None) -> float:
+        """Seconds until every agent is connected (a session opened after `connected_after`)."""
         started = time.monotonic()
         while True:
-            done = (
-                self.agents_connected()
-                and all(a.renewals > renewed_since[str(a.device_id)] for a in self.agents)
-                if renewed_since
-                else self.agents_connected()
+            done = self.agents_connected() and (
+                connected_after is None
+                or all(a.last_connected and a.last_connected > connected_after for a in self.agents)
             )
             if done:
                 return time.monotonic() - started
@@ -634,6 +635,7 @@ class Kill:
     after: float  # seconds of storm before the kill
     in_flight: int  # client requests sent and not yet answered at the kill
     to_serving: float  # seconds from SIGKILL to the restarted node's first 200
+    agents_back: float | None = None  # seconds from SIGKILL until every agent was connected
 
 
 @dataclass
@@ -676,11 +678,14 @@ def run_campaign(
     restart: bool = True,
     serving_timeout: float = 60,
     agents_timeout: float = 60,
+    wait_agents_each: bool = False,
     progress: Any = None,
 ) -> tuple[Campaign, Storm]:
     """Start `nodes` (their homes made, not yet served), storm them, kill one at random after a
     random `gap` `kills` times (restarting it unless not `restart`), check after each restart
-    and at the end. The nodes are left running; the caller stops them."""
+    and at the end. `wait_agents_each`: after each restart, also wait until every agent is
+    connected again (and time it) before the next gap. The nodes are left running; the caller
+    stops them."""
     storm = Storm(nodes, work, config, seed)
     campaign = Campaign()
     rng = random.Random(seed)
@@ -701,22 +706,67 @@ def run_campaign(
                 raise RuntimeError(f"no node running (exit codes {codes}), see {nodes[0].log}")
             node = rng.choice(up)
             in_flight = storm.ledger.in_flight
-            killed = time.monotonic()
+            killed, killed_at = time.monotonic(), datetime.now(UTC)
             node.kill()
             to_serving = 0.0
             if restart:
                 node.start()
                 node.wait_serving(serving_timeout)
                 to_serving = time.monotonic() - killed
-            campaign.kills.append(Kill(node.name, after, in_flight, to_serving))
+            back = None
+            if wait_agents_each and storm.agents:
+                storm.wait_agents(agents_timeout, connected_after=_alone(nodes, killed_at))
+                back = time.monotonic() - killed
+            campaign.kills.append(Kill(node.name, after, in_flight, to_serving, back))
             checked = check(nodes[0].home, storm.ledger, final=False)
             campaign.violations += [f"after kill {n + 1}: {v}" for v in checked.violations]
             if progress is not None:
                 progress(n + 1, campaign.kills[-1], storm.ledger)
         # Agents carry on by themselves: connected again (to a node that is up).
-        campaign.agents_back = storm.wait_agents(agents_timeout) if storm.agents else 0.0
+        if storm.agents and campaign.kills:
+            campaign.agents_back = storm.wait_agents(
+                agents_timeout, connected_after=_alone(nodes, killed_at)
+            )
     finally:
         storm.finish()
     campaign.checked = check(nodes[0].home, storm.ledger, final=True)
     campaign.violations += storm.ledger.violations + campaign.checked.violations
     return campaign, storm
+
+
+def _alone(nodes: Sequence[Node], killed_at: datetime) -> datetime | None:
+    """With one node, every agent was cut off by the kill: it must connect again after it."""
+    return killed_at if len(nodes) == 1 else None
+
+
+def make_nodes(
+    work: Path,
+    count: int = 1,
+    *,
+    registry: str | None = None,
+    registry_password: str | None = None,
+    device_validity: timedelta = timedelta(seconds=30),
+) -> list[Node]:
+    """A home (`fleetpki init` in-process; SQLite, or `registry` = a PostgreSQL URL without its
+    password) and, for more nodes, `fleetpki node add` homes of their own; not yet started.
+    Device certificates last `device_validity`, backdated 1 s, so agents renew often."""
+    from typer.testing import CliRunner
+
+    from enroll_server.cli.app import app
+    from tests.live_server import make_home
+
+    config: dict[str, Any] = {"device_validity": device_validity, "backdate": timedelta(seconds=1)}
+    if registry is not None:
+        config["registry"] = registry
+    make_home(work / "home-a", registry_password=registry_password, **config)
+    homes = [work / "home-a"]
+    for i in range(1, count):
+        home = work / f"home-{chr(ord('a') + i)}"
+        result = CliRunner().invoke(
+            app,
+            ["node", "add", "--home", str(homes[0]), "--out", str(home),
+             "--hostname", "localhost", "--hostname", "127.0.0.1"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        homes.append(home)
+    return [Node(home.name[-1], home, work / f"serve-{home.name[-1]}.log") for home in homes]

@@ -14,6 +14,7 @@ releases the GIL while SQLite works, so the loop keeps running meanwhile.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import struct
 import threading
@@ -57,6 +58,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._busy = threading.Lock()  # one checkpoint at a time on the connection
+        self._fd: int | None = None  # SQLite's descriptor of the WAL index (wal_pages)
 
     @property
     def running(self) -> bool:
@@ -115,13 +117,41 @@ class Checkpointer:
         Read from the WAL index's header (mxFrame, byte 16, native byte order:
         https://www.sqlite.org/walformat.html) without taking a lock or touching the
         database: the value may be a moment old, which only shifts one checkpoint a little.
+
+        Read through the descriptor SQLite itself holds on the WAL index, never one of our
+        own: closing any descriptor of a file drops every POSIX lock the process holds on it
+        (fcntl(2)), SQLite's included. Opening and closing the -shm file here dropped the
+        server's shared lock on the index every 0.5 s; the next process to open the registry
+        (a CLI command, a restarted node) then believed itself alone, reset the index and
+        truncated it under the server's mapping, and the server died of SIGBUS. 0 when no
+        connection of this process has the index open, or without /proc (then only the idle
+        checkpoint and the loop's backstop run).
         """
+        fd = self._shm_fd()
+        if fd is None:
+            return 0
         try:
-            with open(f"{self.path}-shm", "rb") as shm:
-                header = shm.read(20)
+            header = os.pread(fd, 20, 0)
         except OSError:
+            self._fd = None
             return 0
         return struct.unpack_from("=I", header, 16)[0] if len(header) == 20 else 0
+
+    def _shm_fd(self) -> int | None:
+        """SQLite's descriptor of `path`-shm in this process (/proc/self/fd), remembered."""
+        target = os.path.realpath(f"{self.path}-shm")
+        if self._fd is not None and _fd_target(self._fd) == target:
+            return self._fd
+        self._fd = None
+        try:
+            names = os.listdir("/proc/self/fd")
+        except OSError:
+            return None
+        for name in names:
+            if name.isdigit() and _fd_target(int(name)) == target:
+                self._fd = int(name)
+                break
+        return self._fd
 
     def _run(self) -> None:
         last = time.monotonic()
@@ -135,3 +165,10 @@ class Checkpointer:
                 # Never fatal: the loop's connection checkpoints by itself past its backstop.
                 log.warning("WAL checkpoint failed: %s", exc)
             last = time.monotonic()
+
+
+def _fd_target(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None

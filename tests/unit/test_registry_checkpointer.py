@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -131,3 +133,41 @@ def test_the_thread_waits_for_the_threshold_and_then_for_idle_time(
     assert checkpointer.runs >= 1  # a quiet WAL is copied back after `idle` seconds
     log_pages, copied = wal_pages(db)
     assert copied == log_pages
+
+
+# Run in another process: whether this one may lock SQLite's DMS byte of the WAL index
+# exclusively (os_unix.c: UNIX_SHM_DMS = (22 + 8) * 4 + 8 = 128), which it may only when no
+# process holds the registry open (each holds a shared lock on that byte while it does).
+DMS_PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+except OSError:
+    print("held")
+else:
+    print("free")
+"""
+
+
+def _dms(db: Path) -> str:
+    probe = subprocess.run(
+        [sys.executable, "-c", DMS_PROBE, f"{db}-shm"], capture_output=True, text=True, timeout=30
+    )
+    return probe.stdout.strip() or probe.stderr
+
+
+def test_reading_the_wal_size_keeps_sqlites_locks_on_the_wal_index(
+    db: Path, loop_registry: Registry
+) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it
+    (fcntl(2)), SQLite's included. The checkpointer used to open and close the -shm file to
+    read the WAL's size, every 0.5 s: the server's shared lock went with it, the next process
+    to open the registry (a CLI command, a restarted node, a check) believed itself alone,
+    reset the WAL index and truncated it under the server's mapping, and `fleetpki serve`
+    died of SIGBUS (found by tests/integration/test_kill_serve.py)."""
+    add_devices(loop_registry, "lk", 3)
+    assert _dms(db) == "held"
+    checkpointer = Checkpointer(db)
+    assert checkpointer.wal_pages() > 3
+    assert _dms(db) == "held", "reading the WAL size dropped this process's locks"
