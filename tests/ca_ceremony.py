@@ -14,17 +14,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.pki.keys import KeyType, generate_key, private_key_pem
+from enroll_server.pki.keys import KeyType, PrivateKey, generate_key, private_key_pem
 from tests.est_client import Reply, enroll_headers, request
 from tests.pki_helpers import csr_der, make_csr
 
 EST = "/.well-known/est"
+NOW = datetime.now(UTC)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,15 +38,26 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def fleetpki(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "enroll_server.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=env or clean_env(),
-        check=False,
-    )
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def fleetpki(*args: str, env: dict[str, str] | None = None) -> Ran:
+    """The `fleetpki` command in this process (CliRunner: a subprocess costs a second of
+    imports), with the FLEETPKI_* variables of `env` (default: none) and no others."""
+    from typer.testing import CliRunner
+
+    from enroll_server.cli.app import app
+
+    wanted = {k: v for k, v in (env or {}).items() if k.startswith("FLEETPKI_")}
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("FLEETPKI_")}
+    result = CliRunner().invoke(app, list(args), env={**unset, **wanted})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 @dataclass
@@ -52,14 +66,19 @@ class Served:
     est_url: str
     http_url: str
     lines: list[str]
+    mqtt_port: int | None = None
 
 
 @contextmanager
-def serving(home: Path, env: dict[str, str] | None = None) -> Iterator[Served]:
-    """`fleetpki serve --home H` (no broker) on free loopback ports, stopped with SIGTERM."""
+def serving(
+    home: Path, env: dict[str, str] | None = None, *, broker: bool = False
+) -> Iterator[Served]:
+    """`fleetpki serve --home H` on free loopback ports (the embedded broker if `broker`),
+    stopped with SIGTERM."""
+    ports = ["--est-port", "0", "--http-port", "0", "--admin-port", "0", "--mqtt-port", "0"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "enroll_server.cli", "serve", "--home", str(home),
-         "--est-port", "0", "--http-port", "0", "--admin-port", "0", "--no-broker"],
+        [sys.executable, "-m", "enroll_server.cli", "serve", "--home", str(home), *ports,
+         *([] if broker else ["--no-broker"])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or clean_env(),
     )  # fmt: skip
     lines: list[str] = []
@@ -76,7 +95,8 @@ def serving(home: Path, env: dict[str, str] | None = None) -> Iterator[Served]:
                 urls = re.findall(r"https?://127\.0\.0\.1:\d+", line)
                 break
         assert urls, f"serve did not start: {''.join(lines)}"
-        yield Served(proc, urls[0], urls[1], lines)
+        mqtt = re.findall(r"MQTT broker \(mTLS\) listening on 127\.0\.0\.1:(\d+)", "".join(lines))
+        yield Served(proc, urls[0], urls[1], lines, int(mqtt[0]) if mqtt else None)
         assert proc.poll() is None, "serve ended by itself"
     finally:
         if proc.poll() is None:
@@ -150,3 +170,94 @@ def home_snapshot(home: Path) -> dict[str, bytes]:
         for p in sorted(home.rglob("*"))
         if p.is_file() and not p.name.startswith("registry.db")
     }
+
+
+def mqtt_publish(server: Served, device: Enrolled) -> subprocess.CompletedProcess[str]:
+    """mosquitto_pub over mTLS to the embedded broker as the device, trusting its ca.pem."""
+    assert server.mqtt_port is not None, "serving(..., broker=True)"
+    device_id = device.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    return subprocess.run(
+        ["mosquitto_pub", "-h", "localhost", "-p", str(server.mqtt_port),
+         "--cafile", str(device.ca_pem), "--cert", str(device.cert_path),
+         "--key", str(device.key_path), "-i", str(device_id),
+         "-t", f"devices/{device_id}/telemetry", "-m", "hello", "-q", "1"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def _other_name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Operator Corp"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def ca_usage(cert_sign: bool = True, crl_sign: bool = True) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@dataclass
+class OtherCa:
+    """A CA of another PKI (the operator's), made with cryptography directly."""
+
+    cert: x509.Certificate
+    key: PrivateKey
+
+
+def other_pki_ca(
+    subject: str,
+    public_key: object,
+    issuer: OtherCa | None,
+    signing_key: PrivateKey,
+    *,
+    ca: bool = True,
+    path_length: int | None = None,
+    usage: x509.KeyUsage | None = None,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    cdp: str | None = None,
+    ski: bool = True,
+) -> x509.Certificate:
+    """A CA certificate as another PKI would make it (cryptography directly, not fleetpki)."""
+    name = _other_name(subject)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.cert.subject if issuer else name)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or NOW - timedelta(days=1))
+        .not_valid_after(not_after or NOW + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(usage or ca_usage(), critical=True)
+    )
+    if ski:
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+            critical=False,
+        )
+    if issuer is not None:
+        ski = issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    if cdp is not None:
+        builder = builder.add_extension(
+            x509.CRLDistributionPoints(
+                [x509.DistributionPoint([x509.UniformResourceIdentifier(cdp)], None, None, None)]
+            ),
+            critical=False,
+        )
+    return builder.sign(signing_key, hashes.SHA256())

@@ -7,111 +7,40 @@ operator's root only."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from enroll_server.home.layout import HomeLayout
-from enroll_server.pki.keys import KeyType, PrivateKey, generate_key
+from enroll_server.pki.keys import KeyType, generate_key
 from tests.ca_ceremony import (
+    NOW,
+    OtherCa,
+    ca_usage,
     clean_env,
     enroll_from_bundle,
     fleetpki,
     home_snapshot,
+    mqtt_publish,
     openssl_verify,
+    other_pki_ca,
     serving,
     write_pem,
 )
 from tests.est_client import request
 
-NOW = datetime.now(UTC)
 OPERATOR_CDP = "http://pki.operator.example/intermediate.crl"
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Operator Corp"),
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-        ]
-    )
-
-
-def _usage(cert_sign: bool = True, crl_sign: bool = True) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=crl_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-@dataclass
-class Ca:
-    cert: x509.Certificate
-    key: PrivateKey
-
-
-def _ca_cert(
-    subject: str,
-    public_key: object,
-    issuer: Ca | None,
-    signing_key: PrivateKey,
-    *,
-    ca: bool = True,
-    path_length: int | None = None,
-    usage: x509.KeyUsage | None = None,
-    not_after: datetime | None = None,
-    cdp: str | None = None,
-) -> x509.Certificate:
-    """A CA certificate as another PKI would make it (cryptography directly, not fleetpki)."""
-    name = _name(subject)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.cert.subject if issuer else name)
-        .public_key(public_key)  # type: ignore[arg-type]
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(not_after or NOW + timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
-        .add_extension(usage or _usage(), critical=True)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
-            critical=False,
-        )
-    )
-    if issuer is not None:
-        ski = issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-    if cdp is not None:
-        builder = builder.add_extension(
-            x509.CRLDistributionPoints(
-                [x509.DistributionPoint([x509.UniformResourceIdentifier(cdp)], None, None, None)]
-            ),
-            critical=False,
-        )
-    return builder.sign(signing_key, hashes.SHA256())
-
-
-def _operator_pki(intermediate_path_length: int | None = 1) -> tuple[Ca, Ca]:
+def _operator_pki(intermediate_path_length: int | None = 1) -> tuple[OtherCa, OtherCa]:
     root_key = generate_key(KeyType.EC_P384)
-    root = Ca(_ca_cert("Operator Root", root_key.public_key(), None, root_key), root_key)
+    root = OtherCa(other_pki_ca("Operator Root", root_key.public_key(), None, root_key), root_key)
     int_key = generate_key(KeyType.EC_P256)
-    intermediate = Ca(
-        _ca_cert(
+    intermediate = OtherCa(
+        other_pki_ca(
             "Operator Devices Intermediate",
             int_key.public_key(),
             root,
@@ -123,12 +52,12 @@ def _operator_pki(intermediate_path_length: int | None = 1) -> tuple[Ca, Ca]:
     return root, intermediate
 
 
-def _sign_request(csr_path: Path, by: Ca, **options: object) -> x509.Certificate:
+def _sign_request(csr_path: Path, by: OtherCa, **options: object) -> x509.Certificate:
     """The operator's PKI signs our request for an issuing CA (CA:TRUE, pathLen 0)."""
     csr = x509.load_pem_x509_csr(csr_path.read_bytes())
     kwargs = {"path_length": 0, "cdp": OPERATOR_CDP, **options}
     public_key = kwargs.pop("public_key", csr.public_key())
-    return _ca_cert("fleetpki Issuing CA", public_key, by, by.key, **kwargs)  # type: ignore[arg-type]
+    return other_pki_ca("fleetpki Issuing CA", public_key, by, by.key, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -185,10 +114,14 @@ def test_import_signed_certificate_then_serve_enrolls_under_the_operator_root(
     )
     assert again.returncode == 2 and "already has its issuing CA certificate" in again.stderr
     env = clean_env()
-    with serving(waiting, env) as server:
+    with serving(waiting, env, broker=True) as server:
         # No root CRL of ours: the operator's PKI publishes its own (the CDP it put in).
         assert request(server.http_url + "/root.crl", None).status == 404
         device = enroll_from_bundle(server, waiting, tmp_path / "lot", env)
+        # The broker: its certificate verifies from the operator's root (the intermediates
+        # follow it) and it takes the device's certificate (chain.pem holds them too).
+        published = mqtt_publish(server, device)
+        assert published.returncode == 0, published.stdout + published.stderr
     # The bundle's trust anchor is the operator's root; /cacerts carries the whole chain.
     assert device.ca_pem.read_bytes() == root.cert.public_bytes(pem)
     assert set(device.cacerts) == {issuing, intermediate.cert, root.cert}  # a SET OF in PKCS#7
@@ -202,43 +135,47 @@ def test_import_signed_certificate_then_serve_enrolls_under_the_operator_root(
     assert bare.returncode != 0
 
 
-def _wrong_key(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+Made = tuple[x509.Certificate, list[OtherCa]]  # the certificate to import, the CHAIN given
+
+
+def _wrong_key(csr: Path, root: OtherCa, intermediate: OtherCa) -> Made:
     other = generate_key(KeyType.EC_P256).public_key()
     return _sign_request(csr, intermediate, public_key=other), [intermediate, root]
 
 
-def _not_a_ca(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+def _not_a_ca(csr: Path, root: OtherCa, intermediate: OtherCa) -> Made:
     return _sign_request(csr, intermediate, ca=False, path_length=None), [intermediate, root]
 
 
-def _no_crl_sign(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
-    return _sign_request(csr, intermediate, usage=_usage(crl_sign=False)), [intermediate, root]
+def _no_crl_sign(csr: Path, root: OtherCa, intermediate: OtherCa) -> Made:
+    return _sign_request(csr, intermediate, usage=ca_usage(crl_sign=False)), [intermediate, root]
 
 
-def _path_len_0_above(csr: Path, root: Ca, _: Ca) -> tuple[x509.Certificate, list[Ca]]:
+def _path_len_0_above(csr: Path, root: OtherCa, _: OtherCa) -> Made:
     # The same root signs an intermediate with pathLen 0: only that pathLen is wrong.
     key = generate_key(KeyType.EC_P256)
-    cert = _ca_cert("Operator Tight Intermediate", key.public_key(), root, root.key, path_length=0)
-    tight = Ca(cert, key)
+    name = "Operator Tight Intermediate"
+    cert = other_pki_ca(name, key.public_key(), root, root.key, path_length=0)
+    tight = OtherCa(cert, key)
     return _sign_request(csr, tight), [tight, root]
 
 
-def _expired(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+def _expired(csr: Path, root: OtherCa, intermediate: OtherCa) -> Made:
     gone = NOW - timedelta(hours=1)
     return _sign_request(csr, intermediate, not_after=gone), [intermediate, root]
 
 
-def _wrong_chain(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+def _wrong_chain(csr: Path, root: OtherCa, intermediate: OtherCa) -> Made:
     # A chain of the same names and other keys: the signatures do not verify.
     other_root, other_intermediate = _operator_pki()
     return _sign_request(csr, intermediate), [other_intermediate, other_root]
 
 
-def _no_root(csr: Path, root: Ca, intermediate: Ca) -> tuple[x509.Certificate, list[Ca]]:
+def _no_root(csr: Path, root: OtherCa, intermediate: OtherCa) -> Made:
     return _sign_request(csr, intermediate), [intermediate]
 
 
-REFUSALS: dict[str, tuple[Callable[..., tuple[x509.Certificate, list[Ca]]], str]] = {
+REFUSALS: dict[str, tuple[Callable[..., Made], str]] = {
     "wrong key": (_wrong_key, "is not for the issuing CA key this home made"),
     "not a CA": (_not_a_ca, "is not a CA (basicConstraints CA:TRUE missing)"),
     "no cRLSign": (_no_crl_sign, "keyUsage lacks cRLSign"),

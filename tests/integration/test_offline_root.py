@@ -270,3 +270,59 @@ def test_serve_warns_before_the_root_crl_runs_out_and_never_needs_the_key(
         assert "fleetpki_root_crl_warning 0" in server.metrics()
     finally:
         server.stop()
+
+
+def test_air_gapped_root_crl_ceremony_and_its_import(
+    offline: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    home, usb, phrase_file = offline
+    layout = HomeLayout(home)
+    # The ceremony machine has no home: the CRL goes to DIR only.
+    done = fleetpki("ca", "sign-root-crl", "--root", str(usb), "--days", "300",
+                    "--root-passphrase-file", str(phrase_file))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    signed = OfflineRoot(usb).crl.read_bytes()
+    assert _crl_number(x509.load_der_x509_crl(signed)) == 2
+    assert layout.root_crl.read_bytes() != signed
+    # Back at the server: refused from another root, then taken, then an older one refused.
+    other_home, other_usb = tmp_path / "other", tmp_path / "other-usb"
+    made = fleetpki("init", "--home", str(other_home), "--root-offline", str(other_usb),
+                    "--root-passphrase-file", str(phrase_file))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    before = home_snapshot(home)
+    theirs = OfflineRoot(other_usb).crl
+    foreign = fleetpki("ca", "import-root-crl", str(theirs), "--home", str(home))
+    assert foreign.returncode == 2 and "not signed by the home's root CA" in foreign.stderr
+    garbage = tmp_path / "garbage.crl"
+    garbage.write_bytes(b"not a crl")
+    bad = fleetpki("ca", "import-root-crl", str(garbage), "--home", str(home))
+    assert bad.returncode == 2 and "not a CRL" in bad.stderr
+    assert home_snapshot(home) == before
+    taken = fleetpki("ca", "import-root-crl", str(OfflineRoot(usb).crl), "--home", str(home))
+    assert taken.returncode == 0, taken.stderr
+    assert layout.root_crl.read_bytes() == signed
+    first = tmp_path / "first.crl"
+    first.write_bytes(before["ca/root.crl"])
+    older = fleetpki("ca", "import-root-crl", str(first), "--home", str(home))
+    assert older.returncode == 2 and "older than the home's 2" in older.stderr
+    assert layout.root_crl.read_bytes() == signed
+
+
+def test_sign_issuing_refuses_a_request_that_is_not_one_or_not_self_signed(
+    offline: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _, usb, phrase_file = offline
+    key = generate_key(KeyType.EC_P256)
+    good = issuing_ca_csr(key, "fleetpki Issuing CA 3").public_bytes(serialization.Encoding.DER)
+    forged = bytearray(good)
+    forged[-3] ^= 0x01  # inside the signature value: proof of possession fails
+    cases = [(b"not a request", "not a PKCS#10 request"), (bytes(forged), "does not verify")]
+    for data, message in cases:
+        csr = tmp_path / "req.der"
+        csr.write_bytes(data)
+        out = tmp_path / "out.pem"
+        done = fleetpki("ca", "sign-issuing", "--root", str(usb), "--csr", str(csr), "--out",
+                        str(out), "--root-passphrase-file", str(phrase_file))  # fmt: skip
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert message in done.stderr, done.stderr
+        assert not out.exists()
