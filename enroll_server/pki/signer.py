@@ -179,15 +179,31 @@ def _stand_in_for(signer: Signer) -> PrivateKey:
     return _stand_in(("ed25519", 0))
 
 
-def _resign(whole: bytes, tbs: bytes, signer: Signer) -> bytes:
+def _resign(whole: bytes, tbs: bytes, signer: Signer, new_tbs: bytes | None = None) -> bytes:
     """SEQUENCE { tbs, signatureAlgorithm, BIT STRING signature } (RFC 5280 4.1, 5.1) with the
-    signer's signature over `tbs`; the algorithm identifier is the builder's."""
+    signer's signature over `tbs` (or over `new_tbs`, which then takes its place); the
+    algorithm identifier is the builder's."""
     _, start, end = der.read(whole)
     parts = list(der.children(whole, start, end))
     if len(parts) != 3 or parts[0] != tbs:
         raise SignerError("signed object is not SEQUENCE { TBS, algorithm, signature }")
+    tbs = new_tbs if new_tbs is not None else tbs
     signature = der.encode(0x03, b"\x00" + signer.sign(tbs))
     return der.encode(0x30, tbs + parts[1] + signature)
+
+
+def _request_info_for(info: bytes, public_key: PublicKey) -> bytes:
+    """CertificationRequestInfo (RFC 2986 4.1: SEQUENCE { version, subject, subjectPKInfo,
+    attributes [0] }) with `public_key` as subjectPKInfo: a CSR builder takes the key it
+    signs with as the subject's, so the stand-in's must be swapped for the signer's."""
+    _, start, end = der.read(info)
+    parts = list(der.children(info, start, end))
+    if len(parts) != 4:
+        raise SignerError("CertificationRequestInfo is not SEQUENCE { version, subject, spki, [0]}")
+    parts[2] = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der.encode(0x30, b"".join(parts))
 
 
 @overload
@@ -222,7 +238,9 @@ def sign_x509(
         return x509.load_der_x509_certificate(_resign(whole, draft.tbs_certificate_bytes, signer))
     if isinstance(draft, x509.CertificateSigningRequest):
         # RFC 2986 4.2: SEQUENCE { certificationRequestInfo, signatureAlgorithm, signature }.
-        return x509.load_der_x509_csr(_resign(whole, draft.tbs_certrequest_bytes, signer))
+        info = draft.tbs_certrequest_bytes
+        theirs = _request_info_for(info, signer.public_key())
+        return x509.load_der_x509_csr(_resign(whole, info, signer, theirs))
     return x509.load_der_x509_crl(_resign(whole, draft.tbs_certlist_bytes, signer))
 
 

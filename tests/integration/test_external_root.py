@@ -31,6 +31,10 @@ from tests.ca_ceremony import (
     write_pem,
 )
 from tests.est_client import request
+from tests.integration.test_hsm_init import PIN as HSM_PIN
+from tests.integration.test_hsm_init import URI as HSM_URI
+from tests.integration.test_hsm_init import _fleetpki as run_in_env
+from tests.integration.test_hsm_init import env as softhsm_env  # noqa: F401  (a fixture)
 
 OPERATOR_CDP = "http://pki.operator.example/intermediate.crl"
 
@@ -213,3 +217,30 @@ def test_import_issuing_refuses_a_home_with_a_root_of_its_own(tmp_path: Path) ->
     done = fleetpki("ca", "import-issuing", str(cert), "--home", str(home))
     assert done.returncode == 2 and "fleetpki ca rollover" in " ".join(done.stderr.split())
     assert home_snapshot(home) == before
+
+
+def test_external_root_with_the_issuing_key_in_a_token(
+    softhsm_env: dict[str, str],  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    """The request is signed in the token (a CSR re-signed over its TBS, like certificates)
+    and import-issuing finds the key there: the server certificate it signs verifies."""
+    home, pin_file = tmp_path / "home", tmp_path / "pin"
+    pin_file.write_text(HSM_PIN + "\n")
+    made = run_in_env(softhsm_env, "init", "--home", str(home), "--external-root",
+                      "--ca-key", HSM_URI, "--pin-file", str(pin_file))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    layout = HomeLayout(home)
+    assert not layout.issuing_key.exists()  # in the token only
+    csr = x509.load_pem_x509_csr(layout.issuing_csr.read_bytes())
+    assert csr.is_signature_valid
+    root, intermediate = _operator_pki()
+    issuing = _sign_request(layout.issuing_csr, intermediate)
+    cert_file = write_pem(tmp_path / "issuing.pem", [issuing])
+    chain_file = write_pem(tmp_path / "chain.pem", [intermediate.cert, root.cert])
+    done = run_in_env(softhsm_env, "ca", "import-issuing", str(cert_file), str(chain_file),
+                      "--home", str(home))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    served = layout.server_cert
+    ok = openssl_verify(layout.root_cert, served, layout.chain)
+    assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stdout + ok.stderr
