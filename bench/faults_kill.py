@@ -45,7 +45,7 @@ def main() -> int:
     parser.add_argument("--enrollers", type=int, default=6)
     parser.add_argument("--renewers", type=int, default=4)
     parser.add_argument("--agents", type=int, default=4)
-    parser.add_argument("--validity", type=float, default=20.0, help="device certificates, s")
+    parser.add_argument("--validity", type=float, default=60.0, help="device certificates, s")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/faults_kill.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the agents' reconnect warnings are expected

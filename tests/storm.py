@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -493,8 +493,23 @@ class Storm:
 
         return on_event
 
+    def agents_on(self, node: Node) -> list[Agent]:
+        """Agents whose MQTT session is on `node`'s broker now."""
+        return [
+            a
+            for a in self.agents
+            if a.state is AgentState.CONNECTED
+            and a.link is not None
+            and a.link.port == node.mqtt_port
+        ]
+
     def agents_connected(self) -> bool:
-        return all(a.state is AgentState.CONNECTED for a in self.agents)
+        """Every agent connected, to a broker of a node that is running."""
+        up = {n.mqtt_port for n in self.nodes if n.proc is not None and n.proc.poll() is None}
+        return all(
+            a.state is AgentState.CONNECTED and a.link is not None and a.link.port in up
+            for a in self.agents
+        )
 
     def wait_agents(self, timeout: float, *, connected_after: datetime | None = None) -> float:
         """Seconds until every agent is connected (a session opened after `connected_after`)."""
@@ -636,6 +651,7 @@ class Kill:
     in_flight: int  # client requests sent and not yet answered at the kill
     to_serving: float  # seconds from SIGKILL to the restarted node's first 200
     agents_back: float | None = None  # seconds from SIGKILL until every agent was connected
+    agents_on: int = 0  # agents whose MQTT session was on the killed node
 
 
 @dataclass
@@ -658,6 +674,7 @@ class Campaign:
             "recorded_not_received": self.checked.unreceived,
             "told_used_after_lost_reply": len(ledger.lost_then_used),
             "agents": len(storm.agents),
+            "agents_on_killed_nodes": sum(k.agents_on for k in self.kills),
             "agent_renewals": sum(a.renewals for a in storm.agents),
             "agent_reconnects": storm.agent_events["connected"],
             "agents_back_s": round(self.agents_back, 2),
@@ -679,13 +696,16 @@ def run_campaign(
     serving_timeout: float = 60,
     agents_timeout: float = 60,
     wait_agents_each: bool = False,
+    agents_first: bool = False,
+    victim: Callable[[list[Node], Storm], Node] | None = None,
     progress: Any = None,
 ) -> tuple[Campaign, Storm]:
     """Start `nodes` (their homes made, not yet served), storm them, kill one at random after a
     random `gap` `kills` times (restarting it unless not `restart`), check after each restart
     and at the end. `wait_agents_each`: after each restart, also wait until every agent is
-    connected again (and time it) before the next gap. The nodes are left running; the caller
-    stops them."""
+    connected again (and time it) before the next gap. `agents_first`: wait until every agent
+    is connected before the first gap. `victim(up_nodes, storm)` picks the node to kill
+    (default: one at random). The nodes are left running; the caller stops them."""
     storm = Storm(nodes, work, config, seed)
     campaign = Campaign()
     rng = random.Random(seed)
@@ -697,6 +717,8 @@ def run_campaign(
     storm.enroll_renewers()
     storm.start()
     try:
+        if agents_first and storm.agents:
+            storm.wait_agents(agents_timeout)
         for n in range(kills):
             after = rng.uniform(*gap)
             time.sleep(after)
@@ -704,8 +726,9 @@ def run_campaign(
             if not up:
                 codes = {n.name: n.proc and n.proc.returncode for n in nodes}
                 raise RuntimeError(f"no node running (exit codes {codes}), see {nodes[0].log}")
-            node = rng.choice(up)
+            node = victim(up, storm) if victim is not None else rng.choice(up)
             in_flight = storm.ledger.in_flight
+            agents_on = len(storm.agents_on(node))
             killed, killed_at = time.monotonic(), datetime.now(UTC)
             node.kill()
             to_serving = 0.0
@@ -717,7 +740,7 @@ def run_campaign(
             if wait_agents_each and storm.agents:
                 storm.wait_agents(agents_timeout, connected_after=_alone(nodes, killed_at))
                 back = time.monotonic() - killed
-            campaign.kills.append(Kill(node.name, after, in_flight, to_serving, back))
+            campaign.kills.append(Kill(node.name, after, in_flight, to_serving, back, agents_on))
             checked = check(nodes[0].home, storm.ledger, final=False)
             campaign.violations += [f"after kill {n + 1}: {v}" for v in checked.violations]
             if progress is not None:
