@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,7 +21,7 @@ from enroll_server.pki.ca import (
     build_server_certificate,
     server_hostnames,
 )
-from enroll_server.pki.crl import build_crl, ca_certs_distribution_point
+from enroll_server.pki.crl import RevokedEntryLike, build_crl, ca_certs_distribution_point
 from enroll_server.pki.keys import (
     PrivateKey,
     generate_key,
@@ -415,12 +415,17 @@ def ca_token_signer(
 
 
 def sign_root_crl(
-    root: Issuer, number: int, now: datetime, lifetime: timedelta
+    root: Issuer,
+    number: int,
+    now: datetime,
+    lifetime: timedelta,
+    revoked: Sequence[RevokedEntryLike] = (),
 ) -> x509.CertificateRevocationList:
-    """The root CA's CRL number `number`, valid for `lifetime` from `now`."""
-    # The root revokes nothing today (no command revokes an issuing CA): an empty CRL that
-    # says so, for relying parties that check the whole chain.
-    return build_crl(root.cert, root.key, [], number, now, lifetime, ca_certs_distribution_point())
+    """The root CA's CRL number `number`, valid for `lifetime` from `now`, listing `revoked`
+    (issuing CAs; empty until one is revoked, for relying parties that check the whole chain).
+    After init, home/root.py publish_root_crl carries the entries from one CRL to the next."""
+    idp = ca_certs_distribution_point()
+    return build_crl(root.cert, root.key, revoked, number, now, lifetime, idp)
 
 
 def write_root_crl(layout: HomeLayout, crl: x509.CertificateRevocationList) -> None:

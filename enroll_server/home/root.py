@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from enroll_server.home.layout import (
     write_root_crl,
 )
 from enroll_server.pki.ca import Issuer
-from enroll_server.pki.crl import crl_needs_refresh
+from enroll_server.pki.crl import RevokedEntryLike, crl_needs_refresh
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.keys import PrivateKey, PublicKey, load_private_key_pem, private_key_pem
 from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
@@ -199,6 +200,56 @@ def _crl_number(crl: x509.CertificateRevocationList | None) -> int:
     return number
 
 
+@dataclass(frozen=True, slots=True)
+class RootCrlEntry:
+    """A certificate the root revoked (an issuing CA): one entry of every root CRL after."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str
+
+
+def _entries(crl: x509.CertificateRevocationList | None) -> list[RootCrlEntry]:
+    """What `crl` revokes, to carry into the next one: the CRL file is the record."""
+    if crl is None:
+        return []
+    out = []
+    for revoked in crl:
+        try:
+            reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        except x509.ExtensionNotFound:
+            reason = x509.ReasonFlags.unspecified
+        out.append(RootCrlEntry(revoked.serial_number, revoked.revocation_date_utc, reason.value))
+    return out
+
+
+def publish_root_crl(
+    layout: HomeLayout | None,
+    root: Issuer,
+    now: datetime,
+    lifetime: timedelta,
+    *,
+    root_dir: Path | None = None,
+    revoke: Sequence[RevokedEntryLike] = (),
+) -> x509.CertificateRevocationList:
+    """The root's next CRL: numbered after the newest copy (H/ca/root.crl, DIR/root.crl),
+    revoking what that copy revoked plus `revoke` (a compromised issuing CA), valid for
+    `lifetime`; written to the home (`layout`) and to DIR (`root_dir`) when given. The one
+    way a root CRL is signed after init (serve's half-life re-sign, `ca sign-root-crl`)."""
+    copies = [layout.root_crl] if layout is not None else []
+    copies += [OfflineRoot(root_dir).crl] if root_dir is not None else []
+    newest = max((_read_crl(p) for p in copies), key=_crl_number, default=None)
+    entries: dict[int, RevokedEntryLike] = {e.serial: e for e in _entries(newest)}
+    entries.update({e.serial: e for e in revoke if e.serial not in entries})
+    crl = sign_root_crl(root, _crl_number(newest) + 1, now, lifetime, list(entries.values()))
+    if root_dir is not None:
+        crl_der = crl.public_bytes(serialization.Encoding.DER)
+        write_atomic(OfflineRoot(root_dir).crl, crl_der, PUBLIC_MODE)
+    if layout is not None:
+        write_root_crl(layout, crl)
+    return crl
+
+
 def root_crl(layout: HomeLayout, now: datetime) -> x509.CertificateRevocationList | None:
     """The root CA's CRL that serve publishes (`H/ca/root.crl`).
 
@@ -212,10 +263,7 @@ def root_crl(layout: HomeLayout, now: datetime) -> x509.CertificateRevocationLis
         return current
     if current is not None and not crl_needs_refresh(current, now):
         return current
-    root = load_root_issuer(layout, None)
-    crl = sign_root_crl(root, _crl_number(current) + 1, now, ROOT_CRL_LIFETIME)
-    write_root_crl(layout, crl)
-    return crl
+    return publish_root_crl(layout, load_root_issuer(layout, None), now, ROOT_CRL_LIFETIME)
 
 
 def sign_offline_root_crl(
@@ -227,19 +275,10 @@ def sign_offline_root_crl(
 ) -> x509.CertificateRevocationList:
     """A ceremony: the offline root signs its next CRL, valid `days`; kept in DIR/root.crl and,
     with a home at hand, in H/ca/root.crl (else the operator copies DIR/root.crl there with
-    `fleetpki ca import-root-crl`). The number follows the higher of the two copies."""
+    `fleetpki ca import-root-crl`)."""
     if days < 1:
         raise HomeError(root_dir, f"--days must be at least 1, got {days}")
-    folder = OfflineRoot(root_dir)
-    number = _crl_number(_read_crl(folder.crl))
-    if layout is not None:
-        number = max(number, _crl_number(_read_crl(layout.root_crl)))
-    crl = sign_root_crl(root, number + 1, now, timedelta(days=days))
-    der = crl.public_bytes(serialization.Encoding.DER)
-    write_atomic(folder.crl, der, PUBLIC_MODE)
-    if layout is not None:
-        write_root_crl(layout, crl)
-    return crl
+    return publish_root_crl(layout, root, now, timedelta(days=days), root_dir=root_dir)
 
 
 def import_root_crl(

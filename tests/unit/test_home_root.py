@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import shutil
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.home.config import ServerConfig
-from enroll_server.home.layout import HomeError, HomeLayout, home_passphrase, init_home
-from enroll_server.home.root import OfflineRoot, load_root_issuer
+from enroll_server.home.layout import (
+    ROOT_CRL_LIFETIME,
+    HomeError,
+    HomeLayout,
+    home_passphrase,
+    init_home,
+)
+from enroll_server.home.root import (
+    OfflineRoot,
+    RootCrlEntry,
+    load_root_issuer,
+    publish_root_crl,
+    root_crl,
+    sign_offline_root_crl,
+)
 from enroll_server.pki.keys import load_private_key_pem, private_key_pem
 from fleetpki.atomic_file import write_atomic
 
@@ -84,3 +98,28 @@ def test_offline_folder_errors_name_what_is_missing_or_foreign(
     with pytest.raises(HomeError, match="not the home's root"):
         load_root_issuer(layout, tmp_path / "other-usb")
     assert load_root_issuer(None, tmp_path / "other-usb").cert.subject is not None
+
+
+def test_a_root_revocation_is_carried_into_every_later_root_crl(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = HomeLayout(home)
+    root = load_root_issuer(layout, None)
+    gone = RootCrlEntry(0x1234, NOW, "cACompromise")
+    first = publish_root_crl(layout, root, NOW, ROOT_CRL_LIFETIME, revoke=[gone])
+    assert [r.serial_number for r in first] == [0x1234]
+    # serve's re-sign at half life keeps it, with its date and reason.
+    later = root_crl(layout, NOW + ROOT_CRL_LIFETIME * 0.6)
+    assert later is not None and later.last_update_utc > first.last_update_utc
+    (entry,) = list(later)
+    assert entry.serial_number == 0x1234 and entry.revocation_date_utc == NOW
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason == x509.ReasonFlags.ca_compromise
+    # So does an offline ceremony, numbered after the home's copy.
+    _move_root_offline(home, tmp_path / "usb")
+    monkeypatch.setenv("FLEETPKI_ROOT_PASSPHRASE", PHRASE)
+    offline = load_root_issuer(layout, tmp_path / "usb")
+    day_after = NOW + timedelta(days=1)
+    ceremony = sign_offline_root_crl(tmp_path / "usb", offline, day_after, 365, layout)
+    number = ceremony.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert [r.serial_number for r in ceremony] == [0x1234] and number == 4
