@@ -261,3 +261,18 @@ def other_pki_ca(
             critical=False,
         )
     return builder.sign(signing_key, hashes.SHA256())
+
+
+def agent_enroll(server: Served, bundle: Path) -> subprocess.CompletedProcess[str]:
+    """`fleetpki-agent enroll` of a device bundle, its EST URL pointed at `server`'s port: the
+    real agent, which checks /cacerts and the issued chain against its ca.pem."""
+    toml = bundle / "agent.toml"
+    text = re.sub(
+        r'server = "https://localhost:\d+"', f'server = "{server.est_url}"', toml.read_text()
+    )
+    toml.write_text(text.replace("https://127.0.0.1:", "https://localhost:"))
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from device_agent.cli import main; sys.exit(main())",
+         "enroll", "--config", str(toml)],
+        capture_output=True, text=True, timeout=60, check=False, env=clean_env(), cwd=bundle,
+    )  # fmt: skip

@@ -19,6 +19,7 @@ from enroll_server.pki.keys import KeyType, generate_key
 from tests.ca_ceremony import (
     NOW,
     OtherCa,
+    agent_enroll,
     ca_usage,
     clean_env,
     enroll_from_bundle,
@@ -126,6 +127,14 @@ def test_import_signed_certificate_then_serve_enrolls_under_the_operator_root(
         # follow it) and it takes the device's certificate (chain.pem holds them too).
         published = mqtt_publish(server, device)
         assert published.returncode == 0, published.stdout + published.stderr
+        # The real agent from a second bundle: it checks /cacerts and the issued chain (the
+        # intermediate included) against its ca.pem, the operator's root, and installs it.
+        more = fleetpki("batch", "create", "--home", str(waiting), "--count", "1",
+                        "--prefix", "agent", "--out", str(tmp_path / "lot2"))  # fmt: skip
+        assert more.returncode == 0, more.stderr
+        (bundle,) = [p for p in (tmp_path / "lot2").iterdir() if p.is_dir()]
+        enrolled = agent_enroll(server, bundle)
+        assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
     # The bundle's trust anchor is the operator's root; /cacerts carries the whole chain.
     assert device.ca_pem.read_bytes() == root.cert.public_bytes(pem)
     assert set(device.cacerts) == {issuing, intermediate.cert, root.cert}  # a SET OF in PKCS#7
