@@ -145,7 +145,7 @@ class Agent:
         self._event_hook_failed = False
         self.keystore = Keystore(config.state_dir)
         self._est: EstClient | None = None
-        self._anchor_cert: x509.Certificate | None = None
+        self._anchor_certs: list[x509.Certificate] | None = None
         self.identity: Identity | None = None
         self.link: MqttLink | None = None
         self.state = AgentState.STARTING
@@ -307,21 +307,68 @@ class Agent:
             why = exc.strerror or getattr(exc, "reason", None) or str(exc)
             raise ConfigError(path, None, f"cannot load the trust anchor: {why}") from exc
 
-    def _anchor(self) -> x509.Certificate:
-        """The trust anchor as a certificate object, for enrollment and renewal checks."""
-        if self._anchor_cert is not None:
-            return self._anchor_cert
+    def _anchors(self) -> list[x509.Certificate]:
+        """The trust anchors (every certificate in ca.pem: the bundle's root, and any root
+        adopted since through a cross-certificate), for enrollment and renewal checks."""
+        if self._anchor_certs is not None:
+            return self._anchor_certs
+        from device_agent.anchors import read_anchors
+
         path = self.config.trust_anchor
         try:
-            certs = x509.load_pem_x509_certificates(path.read_bytes())
+            certs = read_anchors(path)
         except OSError as exc:
             raise ConfigError(path, None, f"cannot read the trust anchor: {exc.strerror}") from exc
         except (ValueError, x509.InvalidVersion) as exc:
             raise ConfigError(path, None, f"not a PEM certificate: {exc}") from exc
         if not certs:
             raise ConfigError(path, None, "holds no certificate")
-        self._anchor_cert = certs[0]
-        return certs[0]
+        self._anchor_certs = certs
+        return certs
+
+    async def _cacerts(self) -> list[x509.Certificate]:
+        """GET /cacerts (over TLS verified against our anchors), checked against our anchors
+        (RFC 7030 4.1.3). A new root that a current anchor cross-certifies in it becomes an
+        anchor first (device_agent.anchors). Raises WireError if nothing chains."""
+        from device_agent.est_wire import check_cacerts
+
+        offered = await self.est.cacerts()
+        self._adopt_roots(offered)
+        return check_cacerts(offered, self._anchors())
+
+    def _adopt_roots(self, offered: list[x509.Certificate]) -> None:
+        """Root rollover (README, "Root rollover"): add to ca.pem each new root a current
+        anchor vouches for with a cross-certificate; keep every current anchor; say so."""
+        from device_agent.anchors import add_anchors, fingerprint, new_roots
+
+        adopted, refused = new_roots(offered, self._anchors(), self.now())
+        for no in refused:
+            log.warning(
+                "%s: /cacerts offers a new root %s (SHA-256 %s); not trusted: %s",
+                self.device_id,
+                no.root.subject.rfc4514_string(),
+                fingerprint(no.root),
+                no.why,
+            )
+        if not adopted:
+            return
+        path = self.config.trust_anchor
+        try:
+            add_anchors(path, [a.root for a in adopted])
+        except OSError as exc:
+            log.warning("%s: cannot add a trust anchor to %s: %s", self.device_id, path, exc)
+            return
+        self._anchor_certs = None
+        for yes in adopted:
+            log.info(
+                "%s: new trust anchor %s (SHA-256 %s), cross-certified by %s, added to %s; "
+                "the old anchors stay",
+                self.device_id,
+                yes.root.subject.rfc4514_string(),
+                fingerprint(yes.root),
+                yes.anchor.subject.rfc4514_string(),
+                path,
+            )
 
     async def _wait_for_clock(self, known_past: datetime) -> None:
         """A Pi without an RTC boots in 1970: judging certificates then would call every one
@@ -380,7 +427,7 @@ class Agent:
         ident = self.keystore.load()
         self.identity = ident
         self._check_anchor()
-        known_past = ident.not_before if ident else self._anchor().not_valid_before_utc
+        known_past = ident.not_before if ident else self._anchors()[0].not_valid_before_utc
         await self._wait_for_clock(known_past)
         now = self.now()
         if ident is not None and not force and not is_expired(ident.not_after, now):
@@ -391,10 +438,10 @@ class Agent:
             situation = "re-enrollment was requested"
         else:
             situation = f"the certificate expired at {ident.not_after.isoformat()}"
-        self.identity = await self._bootstrap(self._anchor(), situation)
+        self.identity = await self._bootstrap(situation)
         return self.identity
 
-    async def _bootstrap(self, anchor: x509.Certificate, situation: str) -> Identity:
+    async def _bootstrap(self, situation: str) -> Identity:
         """First enrollment (or re-bootstrap) with the bundle's credential: the factory birth
         certificate if agent.toml names one, else the one-time token. `situation` says why
         (for the log, and for the error when there is no token)."""
@@ -407,7 +454,7 @@ class Agent:
                     situation,
                     birth.cert,
                 )
-            return await self._enroll_idevid(birth, anchor)
+            return await self._enroll_idevid(birth)
         token = self._read_token()
         if token is None:
             raise NeedsRebootstrap(f"{situation} and no enrollment token", self.config.token_file)
@@ -418,7 +465,7 @@ class Agent:
                 situation,
                 self.config.token_file,
             )
-        return await self._enroll(token, anchor)
+        return await self._enroll(token)
 
     async def _new_key(self) -> PrivateKey:
         from device_agent.keys import generate_key
@@ -431,13 +478,13 @@ class Agent:
         key: PrivateKey,
         certs: list[x509.Certificate],
         cas: list[x509.Certificate],
-        anchor: x509.Certificate,
     ) -> list[x509.Certificate]:
         from device_agent.est_wire import WireError, check_issued, order_chain
 
+        anchors = self._anchors()
         try:
-            chain = order_chain(key, certs, cas)
-            check_issued(chain, key, self.device_id, anchor, self.now())
+            chain = order_chain(key, certs, cas, anchors)
+            check_issued(chain, key, self.device_id, anchors, self.now())
         except WireError as exc:
             raise CertificateRejected(exc.why) from exc
         return chain
@@ -449,15 +496,15 @@ class Agent:
         )
         return self.keystore.store(key, chain, due)
 
-    async def _enroll(self, token: str, anchor: x509.Certificate) -> Identity:
+    async def _enroll(self, token: str) -> Identity:
         """simpleenroll with the token; retries 202/5xx/network with backoff, never 401/403."""
         ident = await self._simpleenroll(
-            anchor, lambda csr: self.est.simpleenroll(csr, self.device_id, token)
+            lambda csr: self.est.simpleenroll(csr, self.device_id, token)
         )
         self._delete_token()
         return ident
 
-    async def _enroll_idevid(self, birth: BirthCredentials, anchor: x509.Certificate) -> Identity:
+    async def _enroll_idevid(self, birth: BirthCredentials) -> Identity:
         """simpleenroll over mutual TLS with the factory birth certificate (IEEE 802.1AR IDevID
         -> operational certificate). The birth pair stays where it is: it is the device's
         permanent factory identity, used again only to re-bootstrap, never for MQTT."""
@@ -466,17 +513,16 @@ class Agent:
         check_birth_credentials(birth, self.config.path)
         check_birth_subject(birth, self.device_id, self.config.path)
         return await self._simpleenroll(
-            anchor, lambda csr: self.est.simpleenroll_idevid(csr, birth.cert, birth.key)
+            lambda csr: self.est.simpleenroll_idevid(csr, birth.cert, birth.key)
         )
 
     async def _simpleenroll(
         self,
-        anchor: x509.Certificate,
         send: Callable[[x509.CertificateSigningRequest], Awaitable[list[x509.Certificate]]],
     ) -> Identity:
         """The bootstrap exchange with a fresh key (CN = device id): retries 202, 5xx and
         network errors with backoff; 401/403 propagate (refused: retrying would only hammer)."""
-        from device_agent.est_wire import WireError, build_csr, check_cacerts
+        from device_agent.est_wire import WireError, build_csr
 
         key = await self._new_key()
         csr = build_csr(key, self.device_id)
@@ -484,9 +530,9 @@ class Agent:
         while True:
             self._set_state(AgentState.ENROLLING)
             try:
-                cas = check_cacerts(await self.est.cacerts(), anchor)
+                cas = await self._cacerts()
                 certs = await send(csr)
-                chain = self._accept(key, certs, cas, anchor)
+                chain = self._accept(key, certs, cas)
                 break
             except WireError as exc:  # from check_cacerts
                 delay, why = self.est_backoff.delay(attempt, self.rng), f"/cacerts: {exc.why}"
@@ -519,17 +565,17 @@ class Agent:
         return ident
 
     # -- renewal -------------------------------------------------------------------------------
-    async def _renew_once(self, ident: Identity, anchor: x509.Certificate) -> Identity:
-        from device_agent.est_wire import WireError, build_csr, check_cacerts
+    async def _renew_once(self, ident: Identity) -> Identity:
+        from device_agent.est_wire import WireError, build_csr
 
         key = await self._new_key()  # rotation: every renewal brings a fresh key
         csr = build_csr(key, self.device_id)
         try:
-            cas = check_cacerts(await self.est.cacerts(), anchor)
+            cas = await self._cacerts()
         except WireError as exc:
             raise CertificateRejected(f"/cacerts: {exc.why}") from exc
         certs = await self.est.simplereenroll(csr, ident.cert_path, ident.key_path)
-        chain = self._accept(key, certs, cas, anchor)
+        chain = self._accept(key, certs, cas)
         # The swap: after this line the new key and certificate are current on disk and the
         # old key is gone. A crash before it leaves the old identity, which still works.
         new = self._store(key, chain)
@@ -540,9 +586,9 @@ class Agent:
         while True:
             assert self.identity is not None
             await self._sleep_until(self.identity.next_renewal)
-            await self._renew_with_retries(self._anchor())
+            await self._renew_with_retries()
 
-    async def _renew_with_retries(self, anchor: x509.Certificate) -> None:
+    async def _renew_with_retries(self) -> None:
         attempt = 0
         while True:
             ident = self.identity
@@ -553,7 +599,6 @@ class Agent:
                 # will not renew an expired certificate (RFC 7030 3.3.2 mTLS fails), so only a
                 # new bootstrap helps: the birth certificate, or a new token; don't loop.
                 self.identity = await self._bootstrap(
-                    anchor,
                     f"the certificate expired at {ident.not_after.isoformat()} before it "
                     "could be renewed",
                 )
@@ -561,7 +606,7 @@ class Agent:
                 return
             self._set_state(AgentState.RENEWING)
             try:
-                new = await self._renew_once(ident, anchor)
+                new = await self._renew_once(ident)
             except DeviceRevoked:
                 raise
             except DeviceSuspended as exc:

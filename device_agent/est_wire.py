@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
+from device_agent.anchors import directly_issued, is_self_signed
 from device_agent.clock import parse_http_date
 from device_agent.keys import PrivateKey, same_public_key, signature_hash
 from fleetpki.identity import DeviceId
@@ -119,15 +120,28 @@ def _public_key(cert: x509.Certificate) -> object:
         return None
 
 
-def _is_self_signed(cert: x509.Certificate) -> bool:
-    return cert.subject == cert.issuer
+def _key_ids_match(cert: x509.Certificate, parent: x509.Certificate) -> bool:
+    """False only when both key identifiers are there and differ (RFC 5280 4.2.1.1): after a
+    root rollover two CAs share a name, and only the key identifiers tell them apart."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        ski = parent.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except (x509.ExtensionNotFound, ValueError):
+        return True
+    return aki.key_identifier is None or aki.key_identifier == ski.digest
 
 
 def order_chain(
-    leaf_key: PrivateKey, certs: Sequence[x509.Certificate], extra_cas: Sequence[x509.Certificate]
+    leaf_key: PrivateKey,
+    certs: Sequence[x509.Certificate],
+    extra_cas: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate] = (),
 ) -> list[x509.Certificate]:
     """The chain to store and present in TLS: our leaf first, then its issuers up to (not
-    including) a self-signed root. Issuers come from the response or from /cacerts."""
+    including) a self-signed root, or up to the first one one of `anchors` issued (after a root
+    rollover /cacerts also holds cross-certificates: a device that trusts only the old root
+    ends its chain with the old-signed-new one, a device that trusts the new root stops
+    before it). Issuers come from the response or from /cacerts."""
     leaves = [c for c in certs if same_public_key(_public_key(c), leaf_key.public_key())]
     if not leaves:
         raise WireError("no certificate in the response carries our public key")
@@ -135,8 +149,17 @@ def order_chain(
     pool = [c for c in [*certs, *extra_cas] if c is not leaves[0]]
     while len(chain) < 8:
         current = chain[-1]
+        if any(directly_issued(current, a) for a in anchors):
+            break
         parent = next(
-            (c for c in pool if c.subject == current.issuer and not _is_self_signed(c)), None
+            (
+                c
+                for c in pool
+                if c.subject == current.issuer
+                and not is_self_signed(c)
+                and _key_ids_match(current, c)
+            ),
+            None,
         )
         if parent is None or parent in chain:
             break
@@ -148,11 +171,11 @@ def check_issued(
     chain: Sequence[x509.Certificate],
     key: PrivateKey,
     device_id: DeviceId,
-    anchor: x509.Certificate,
+    anchors: Sequence[x509.Certificate],
     now: datetime,
 ) -> None:
     """Refuse a certificate we must not install: wrong key, wrong name, or not chaining (as a
-    clientAuth certificate, RFC 5280 path validation at `now`) to the trust anchor."""
+    clientAuth certificate, RFC 5280 path validation at `now`) to one of the trust anchors."""
     leaf = chain[0]
     if not same_public_key(leaf.public_key(), key.public_key()):
         raise WireError("the certificate does not carry our public key")
@@ -161,39 +184,46 @@ def check_issued(
         raise WireError(
             f"certificate subject {leaf.subject.rfc4514_string()!r} is not CN={device_id}"
         )
+    # A root rollover's old-signed-new certificate (self-issued: both roots share a name,
+    # pki/root_rollover.py) is where our chain meets an old anchor. cryptography's verifier does
+    # not build through a self-issued intermediate (OpenSSL does), so one that an anchor signed
+    # and that is valid now stands in for that anchor: the path is the same, checked in full.
+    stand_ins = [
+        c
+        for c in chain[1:]
+        if c.subject == c.issuer
+        and c.not_valid_before_utc <= now <= c.not_valid_after_utc
+        and any(directly_issued(c, a) for a in anchors)
+    ]
     verifier = (
         verification.PolicyBuilder()
-        .store(verification.Store([anchor]))
+        .store(verification.Store([*anchors, *stand_ins]))
         .time(now)
         .build_client_verifier()
     )
     try:
-        verifier.verify(leaf, list(chain[1:]))
+        verifier.verify(leaf, [c for c in chain[1:] if c not in stand_ins])
     except verification.VerificationError as exc:
         raise WireError(f"certificate does not chain to the trust anchor: {exc}") from exc
 
 
 def check_cacerts(
-    certs: Sequence[x509.Certificate], anchor: x509.Certificate
+    certs: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate]
 ) -> list[x509.Certificate]:
-    """The CA certificates of a /cacerts answer that chain to our trust anchor (RFC 7030
+    """The CA certificates of a /cacerts answer that chain to our trust anchors (RFC 7030
     4.1.3: the client must verify them against its explicit trust anchor, not trust them
-    blindly). Raises WireError if none does."""
-    trusted: list[x509.Certificate] = [anchor]
+    blindly). Raises WireError if none does. These only help build our chain; a new root
+    becomes an anchor only through device_agent.anchors."""
+    trusted: list[x509.Certificate] = list(anchors)
     progress = True
     while progress:
         progress = False
         for cert in certs:
             if cert in trusted:
                 continue
-            for parent in trusted:
-                try:
-                    cert.verify_directly_issued_by(parent)
-                except (ValueError, TypeError, InvalidSignature):
-                    continue
+            if any(directly_issued(cert, parent) for parent in trusted):
                 trusted.append(cert)
                 progress = True
-                break
-    if len(trusted) == 1 and anchor not in certs:
+    if len(trusted) == len(anchors) and not any(a in certs for a in anchors):
         raise WireError("no certificate in /cacerts chains to the trust anchor")
-    return [c for c in trusted if c != anchor]
+    return [c for c in trusted if c not in anchors]

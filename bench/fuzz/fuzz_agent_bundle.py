@@ -79,7 +79,7 @@ def load(which: int) -> None:
     agent = Agent(CONFIG, persist_status=False)
     if which == 1:
         agent._check_anchor()
-        agent._anchor()
+        agent._anchors()
     elif which == 2:
         token = agent._read_token()
         assert token is None or (token and "\n" not in token)

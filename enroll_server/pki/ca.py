@@ -81,10 +81,17 @@ def _ca_key_usage() -> x509.KeyUsage:
 
 
 def build_root_ca(
-    key: PrivateKey | Signer, common_name: str, now: datetime, days: int = 3650
+    key: PrivateKey | Signer,
+    common_name: str,
+    now: datetime,
+    days: int = 3650,
+    *,
+    subject: x509.Name | None = None,
 ) -> x509.Certificate:
-    """Self-signed root, pathLen 1: it may sign one level of CA (the issuing CA) and no more."""
-    name = _name(common_name)
+    """Self-signed root, pathLen 1: it may sign one level of CA (the issuing CA) and no more.
+    `subject`: the whole name instead of one made of `common_name` (a root rollover keeps the
+    old root's name, pki/root_rollover.py)."""
+    name = subject or _name(common_name)
     pub = key.public_key()
     builder = (
         x509.CertificateBuilder()
@@ -175,6 +182,11 @@ def issuing_ca_from_csr(
     key_type_of(csr.public_key())  # UnsupportedKey for any key we do not issue for
     pub = cast(PublicKey, csr.public_key())
     return _issuing_ca(pub, csr.subject, root, now, days, crl_url)
+
+
+def ca_key_usage() -> x509.KeyUsage:
+    """The KeyUsage of every CA certificate we make."""
+    return _ca_key_usage()
 
 
 def _aki(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:

@@ -83,7 +83,7 @@ def test_order_chain_and_check_issued(ca: MemoryCa) -> None:
     assert chain == [cert, ca.issuing.cert]
     # Response with the leaf alone: the issuing CA comes from /cacerts.
     assert order_chain(key, [cert], [ca.issuing.cert]) == [cert, ca.issuing.cert]
-    check_issued(chain, key, DEV, ca.root.cert, datetime.now(UTC))
+    check_issued(chain, key, DEV, [ca.root.cert], datetime.now(UTC))
 
 
 def test_check_issued_refusals(ca: MemoryCa) -> None:
@@ -91,15 +91,17 @@ def test_check_issued_refusals(ca: MemoryCa) -> None:
     now = datetime.now(UTC)
     cert, _ = ca.device_cert(DEV.value, key=key)  # type: ignore[arg-type]
     with pytest.raises(WireError, match="public key"):
-        check_issued([cert, ca.issuing.cert], generate_key(KeyType.EC_P256), DEV, ca.root.cert, now)
+        check_issued(
+            [cert, ca.issuing.cert], generate_key(KeyType.EC_P256), DEV, [ca.root.cert], now
+        )
     other, _ = ca.device_cert("dev-000002", key=key)  # type: ignore[arg-type]
     with pytest.raises(WireError, match="CN=dev-000001"):
-        check_issued([other, ca.issuing.cert], key, DEV, ca.root.cert, now)
+        check_issued([other, ca.issuing.cert], key, DEV, [ca.root.cert], now)
     stranger = make_ca()
     with pytest.raises(WireError, match="trust anchor"):
-        check_issued([cert, ca.issuing.cert], key, DEV, stranger.root.cert, now)
+        check_issued([cert, ca.issuing.cert], key, DEV, [stranger.root.cert], now)
     with pytest.raises(WireError, match="trust anchor"):
-        check_issued([cert, ca.issuing.cert], key, DEV, ca.root.cert, now + timedelta(days=90))
+        check_issued([cert, ca.issuing.cert], key, DEV, [ca.root.cert], now + timedelta(days=90))
     with pytest.raises(WireError, match="no certificate"):
         order_chain(generate_key(KeyType.EC_P256), [cert], [])
     # Expired short-lived cert
@@ -110,18 +112,18 @@ def test_check_issued_refusals(ca: MemoryCa) -> None:
         profile=DeviceProfile(timedelta(minutes=1)),
     )  # type: ignore[arg-type]
     with pytest.raises(WireError):
-        check_issued([short, ca.issuing.cert], key, DEV, ca.root.cert, now)
+        check_issued([short, ca.issuing.cert], key, DEV, [ca.root.cert], now)
 
 
 def test_check_cacerts(ca: MemoryCa) -> None:
-    assert check_cacerts([ca.issuing.cert, ca.root.cert], ca.root.cert) == [ca.issuing.cert]
-    assert check_cacerts([ca.issuing.cert], ca.root.cert) == [ca.issuing.cert]
-    assert check_cacerts([ca.root.cert], ca.root.cert) == []
+    assert check_cacerts([ca.issuing.cert, ca.root.cert], [ca.root.cert]) == [ca.issuing.cert]
+    assert check_cacerts([ca.issuing.cert], [ca.root.cert]) == [ca.issuing.cert]
+    assert check_cacerts([ca.root.cert], [ca.root.cert]) == []
     stranger = make_ca()
     with pytest.raises(WireError, match="trust anchor"):
-        check_cacerts([stranger.issuing.cert, stranger.root.cert], ca.root.cert)
+        check_cacerts([stranger.issuing.cert, stranger.root.cert], [ca.root.cert])
     # A foreign CA mixed in is dropped, not trusted.
-    assert check_cacerts([stranger.issuing.cert, ca.issuing.cert], ca.root.cert) == [
+    assert check_cacerts([stranger.issuing.cert, ca.issuing.cert], [ca.root.cert]) == [
         ca.issuing.cert
     ]
 
