@@ -134,7 +134,7 @@ def _version_4(cert: x509.Certificate) -> bytes:
 
 
 def test_trust_anchor_of_version_4_is_a_config_error(ca: MemoryCa, bundle: Path) -> None:
-    """bench/fuzz/fuzz_agent_bundle.py: x509.InvalidVersion (no ValueError) escaped _anchor (now _anchors)."""
+    """bench/fuzz/fuzz_agent_bundle.py: x509.InvalidVersion (no ValueError) escaped _anchors."""
     (bundle.parent / "ca.pem").write_bytes(_version_4(ca.root.cert))
     with pytest.raises(ConfigError, match="not a PEM certificate"):
         Agent(load_config(bundle))._anchors()
