@@ -229,6 +229,7 @@ def other_pki_ca(
     not_after: datetime | None = None,
     cdp: str | None = None,
     ski: bool = True,
+    eku: list[x509.ObjectIdentifier] | None = None,
 ) -> x509.Certificate:
     """A CA certificate as another PKI would make it (cryptography directly, not fleetpki)."""
     name = _other_name(subject)
@@ -248,6 +249,8 @@ def other_pki_ca(
             x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
             critical=False,
         )
+    if eku is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     if issuer is not None:
         ski = issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         builder = builder.add_extension(

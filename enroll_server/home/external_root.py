@@ -27,7 +27,11 @@ from enroll_server.pki.ca import (
     issuing_ca_csr,
     server_hostnames,
 )
-from enroll_server.pki.issuing_import import IssuingChain, check_issuing_certificate
+from enroll_server.pki.issuing_import import (
+    IssuingChain,
+    check_issuing_certificate,
+    probe_device_path,
+)
 from enroll_server.pki.keys import (
     PrivateKey,
     PublicKey,
@@ -137,6 +141,7 @@ def import_issuing(
     pub: PublicKey = key.public_key()
     checked = check_issuing_certificate(certs[0], chain, pub, now)
     issuer = Issuer(checked.issuing, key, config.urls())
+    probe_device_path(checked, issuer, now)
     server_key = generate_key(config.key_type)
     server_cert = build_server_certificate(
         server_key.public_key(),

@@ -13,9 +13,16 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import verification
 
+from enroll_server.pki.ca import Issuer
 from enroll_server.pki.errors import PkiError
-from enroll_server.pki.keys import PublicKey
+from enroll_server.pki.keys import KeyType, PublicKey, generate_key
+from enroll_server.pki.profile import DeviceProfile, build_device_certificate
+from fleetpki.identity import DeviceId
+
+# The name of the throwaway device certificate `probe_device_path` signs and discards.
+PROBE_DEVICE = DeviceId("fleetpki-import-probe")
 
 
 class IssuingRejected(PkiError):
@@ -170,3 +177,28 @@ def check_issuing_certificate(
                 "below it; devices under it would not verify"
             )
     return IssuingChain(cert, tuple(path[1:-1]), path[-1])
+
+
+def probe_device_path(chain: IssuingChain, issuer: Issuer, now: datetime) -> None:
+    """Sign a throwaway device certificate with our issuing CA (`issuer`: chain.issuing and
+    its key) and validate it as the agent does (cryptography's client verifier: RFC 5280
+    path validation plus its profile, e.g. EKU on the CAs above), anchored at the root.
+    Catches what the structural checks do not: an intermediate whose extendedKeyUsage leaves
+    out clientAuth, an unknown critical extension, name constraints. IssuingRejected if the
+    certificates our devices would get do not verify; the probe is never stored or served."""
+    leaf = build_device_certificate(
+        generate_key(KeyType.EC_P256).public_key(), PROBE_DEVICE, issuer, now, DeviceProfile()
+    )
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store([chain.root]))
+        .time(now)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(leaf, [chain.issuing, *chain.intermediates])
+    except verification.VerificationError as exc:
+        raise IssuingRejected(
+            f"a device certificate under {_who(chain.issuing)} does not verify from the root "
+            f"{_who(chain.root)} (as devices and brokers check it): {exc}"
+        ) from None

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from enroll_server.home.layout import HomeLayout
 from enroll_server.pki.keys import KeyType, generate_key
@@ -173,6 +174,17 @@ def _path_len_0_above(csr: Path, root: OtherCa, _: OtherCa) -> Made:
     return _sign_request(csr, tight), [tight, root]
 
 
+def _server_only_above(csr: Path, root: OtherCa, _: OtherCa) -> Made:
+    # An intermediate limited to serverAuth: every structural check passes, but no device
+    # (clientAuth) certificate under it verifies: the probe finds that.
+    key = generate_key(KeyType.EC_P256)
+    name = "Operator TLS-server Intermediate"
+    eku = [ExtendedKeyUsageOID.SERVER_AUTH]
+    cert = other_pki_ca(name, key.public_key(), root, root.key, path_length=1, eku=eku)
+    servers = OtherCa(cert, key)
+    return _sign_request(csr, servers), [servers, root]
+
+
 def _expired(csr: Path, root: OtherCa, intermediate: OtherCa) -> Made:
     gone = NOW - timedelta(hours=1)
     return _sign_request(csr, intermediate, not_after=gone), [intermediate, root]
@@ -194,6 +206,7 @@ REFUSALS: dict[str, tuple[Callable[..., Made], str]] = {
     "no cRLSign": (_no_crl_sign, "keyUsage lacks cRLSign"),
     "pathLen 0 above": (_path_len_0_above, "has pathLen 0: it allows 0 CA(s) below it"),
     "expired": (_expired, "expired at"),
+    "EKU above": (_server_only_above, "does not verify from the root"),
     "wrong chain": (_wrong_chain, "does not verify with the key of"),
     "chain without root": (_no_root, "no certificate in the chain is the issuer"),
 }
