@@ -257,13 +257,14 @@ def init_home(
     `keep_root`: where the root key goes instead of H/ca/root.key (an offline root folder,
     home/root.py), called with the root and its first CRL before anything else is written.
     """
-    layout, phrase = prepare_home(home, force=force)
+    check_new_home(home, force=force)
     root_key = generate_key(config.key_type)
     root_cert = build_root_ca(root_key, "fleetpki Root CA", now)
     root = Issuer(root_cert, root_key)
     first_root_crl = sign_root_crl(root, 1, now, root_crl_lifetime)
     if keep_root is not None:
-        keep_root(root, first_root_crl)
+        keep_root(root, first_root_crl)  # first: if DIR cannot take it, no home is begun
+    layout, phrase = prepare_home(home, force=force)
     file_key: PrivateKey | None = None
     issuing_key: PrivateKey | Signer
     if issuing_signer is None:

@@ -209,13 +209,17 @@ def test_ceremony_refusals_name_the_problem_and_change_nothing(
         ("short", None, "use 12+"),
         (PHRASE, "root.key", "already holds a root"),
         (None, None, "FLEETPKI_ROOT_PASSPHRASE"),
+        (PHRASE, "parent is a file", "cannot write the offline root"),
     ],
 )
 def test_init_root_offline_refusals_write_nothing(
     tmp_path: Path, phrase: str | None, prepare: str | None, message: str
 ) -> None:
     home, usb = tmp_path / "home", tmp_path / "usb"
-    if prepare is not None:
+    if prepare == "parent is a file":  # DIR cannot be made: found only when writing it
+        (tmp_path / "medium").write_text("a file, not a mounted medium\n")
+        usb = tmp_path / "medium" / "usb"
+    elif prepare is not None:
         usb.mkdir()
         (usb / prepare).write_text("an earlier root\n")
     args = ["init", "--home", str(home), "--root-offline", str(usb)]
