@@ -51,7 +51,12 @@ from device_agent.events import AgentEvent, EventHandler
 from device_agent.exit_codes import ExitCode
 from device_agent.keystore import Identity, Keystore
 from device_agent.mqtt_link import CommandHandler, MqttLink
-from device_agent.schedule import is_expired, renewal_after_issue, retry_deadline_delay
+from device_agent.schedule import (
+    attempt_timeout,
+    is_expired,
+    renewal_after_issue,
+    retry_deadline_delay,
+)
 from device_agent.telemetry import TelemetryHook, telemetry_payload
 from device_agent.tls import client_context
 from fleetpki.clock import utc_now
@@ -605,8 +610,15 @@ class Agent:
                 self._rotated(ident)
                 return
             self._set_state(AgentState.RENEWING)
+            budget = attempt_timeout(self.config.http_timeout, ident.not_after, now)
             try:
-                new = await self._renew_once(ident)
+                async with asyncio.timeout(budget):
+                    new = await self._renew_once(ident)
+            except TimeoutError:  # ours: the EST client reports its own as EstUnavailable
+                delay, why = (
+                    self.est_backoff.delay(attempt, self.rng),
+                    f"no answer in {budget:.1f} s",
+                )
             except DeviceRevoked:
                 raise
             except DeviceSuspended as exc:
@@ -647,7 +659,7 @@ class Agent:
                 return
             attempt += 1
             self.last_error = why
-            delay = retry_deadline_delay(delay, ident.not_after, now)
+            delay = retry_deadline_delay(delay, ident.not_after, self.now())
             log.warning(
                 "%s: renewal failed: %s; retrying in %.1f s (certificate valid until %s)",
                 self.device_id,

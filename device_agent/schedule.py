@@ -48,11 +48,29 @@ def renewal_after_issue(
     return max(due, now + (not_after - now) / 3)
 
 
+# A renewal attempt or the pause before the next one may shrink to this before the last
+# seconds of a certificate's life; below it, to what is left (one more attempt still fits).
+MIN_RETRY_S = 1.0
+
+
 def retry_deadline_delay(delay: float, not_after: datetime, now: datetime) -> float:
     """Clamp a retry delay so that a renewal retry still happens before the certificate
-    expires: at most half of the remaining validity, and at least one second."""
+    expires: at most half of the remaining validity, and at least MIN_RETRY_S unless less than
+    twice that remains (then half of what remains, so the last attempt is not slept through).
+
+    `now` must be read after the failed attempt: an attempt can take most of what remained.
+    """
+    half = (not_after - now).total_seconds() / 2
+    return max(0.0, min(MIN_RETRY_S, half), min(delay, half))
+
+
+def attempt_timeout(timeout: float, not_after: datetime, now: datetime) -> float:
+    """How long one renewal attempt may take: the HTTP `timeout`, but at most half of the
+    remaining validity (a stalled attempt must leave time for another before notAfter), at
+    least MIN_RETRY_S, and never past notAfter: the server refuses an expired certificate in
+    the TLS handshake (RFC 5280 6.1.3 (a)(2)), so time spent after it is lost."""
     remaining = (not_after - now).total_seconds()
-    return max(1.0, min(delay, remaining / 2))
+    return max(0.0, min(timeout, max(MIN_RETRY_S, remaining / 2), remaining))
 
 
 def is_expired(not_after: datetime, now: datetime) -> bool:

@@ -9,7 +9,7 @@ import pytest
 
 from device_agent.backoff import Backoff
 from device_agent.clock import RELEASE_FLOOR, clock_floor, is_sane, parse_http_date
-from device_agent.schedule import next_renewal, retry_deadline_delay
+from device_agent.schedule import attempt_timeout, next_renewal, retry_deadline_delay
 
 NB = datetime(2026, 1, 1, tzinfo=UTC)
 NA = NB + timedelta(days=30)
@@ -49,8 +49,20 @@ def test_empty_lifetime_is_an_error() -> None:
 
 def test_retry_is_clamped_before_expiry() -> None:
     assert retry_deadline_delay(300, NA, NA - timedelta(seconds=100)) == 50
-    assert retry_deadline_delay(300, NA, NA + timedelta(seconds=5)) == 1.0
+    assert retry_deadline_delay(0.1, NA, NA - timedelta(seconds=100)) == 1.0  # no tight loop
     assert retry_deadline_delay(10, NA, NB) == 10
+    # The last seconds: the 1-s floor gives way, so the last attempt is not slept through.
+    assert retry_deadline_delay(300, NA, NA - timedelta(seconds=1.5)) == 0.75
+    assert retry_deadline_delay(300, NA, NA + timedelta(seconds=5)) == 0.0
+
+
+def test_attempt_is_bounded_by_half_the_remaining_validity() -> None:
+    assert attempt_timeout(30, NA, NB) == 30  # real lifetimes: the HTTP timeout
+    assert attempt_timeout(30, NA, NA - timedelta(seconds=20)) == 10
+    assert attempt_timeout(30, NA, NA - timedelta(seconds=1.5)) == 1.0  # the floor...
+    assert attempt_timeout(30, NA, NA - timedelta(seconds=0.5)) == 0.5  # ...never past notAfter
+    assert attempt_timeout(30, NA, NA + timedelta(seconds=5)) == 0.0
+    assert attempt_timeout(0.5, NA, NA - timedelta(seconds=20)) == 0.5
 
 
 def test_backoff_grows_caps_and_never_hits_zero() -> None:
