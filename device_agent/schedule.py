@@ -64,13 +64,19 @@ def retry_deadline_delay(delay: float, not_after: datetime, now: datetime) -> fl
     return max(0.0, min(MIN_RETRY_S, half), min(delay, half))
 
 
+# What a renewal attempt leaves of the validity for one more attempt if it stalls: a TLS
+# handshake and an issuance take a second or two even on a slow link.
+RETRY_RESERVE_S = 5.0
+
+
 def attempt_timeout(timeout: float, not_after: datetime, now: datetime) -> float:
-    """How long one renewal attempt may take: the HTTP `timeout`, but at most half of the
-    remaining validity (a stalled attempt must leave time for another before notAfter), at
-    least MIN_RETRY_S, and never past notAfter: the server refuses an expired certificate in
-    the TLS handshake (RFC 5280 6.1.3 (a)(2)), so time spent after it is lost."""
+    """How long one renewal attempt may take: the HTTP `timeout`, but no longer than the
+    remaining validity less RETRY_RESERVE_S (at least half of it, at least MIN_RETRY_S), so
+    that a stalled attempt leaves time for another, and never past notAfter: the server
+    refuses an expired certificate (RFC 5280 6.1.3 (a)(2)), so time spent after it is lost."""
     remaining = (not_after - now).total_seconds()
-    return max(0.0, min(timeout, max(MIN_RETRY_S, remaining / 2), remaining))
+    bound = max(MIN_RETRY_S, remaining / 2, remaining - RETRY_RESERVE_S)
+    return max(0.0, min(timeout, bound, remaining))
 
 
 def is_expired(not_after: datetime, now: datetime) -> bool:

@@ -95,10 +95,10 @@ async def stack(tmp_path: Path) -> AsyncIterator[tuple[StallingProxy, Path]]:
 
 async def test_renewal_survives_a_stall_that_ends_before_not_after(tmp_path: Path) -> None:
     """The first renewal attempt is swallowed; the server answers again well before notAfter.
-    Each attempt is bounded by half the remaining validity (not the 30-s HTTP timeout), and
-    the pause after it by half of what remains *after* it, so a second attempt happens in time
-    and renews. Before: the one attempt waited 30 s, past notAfter, and the agent stopped
-    asking for a new token (exit REBOOTSTRAP)."""
+    Each attempt is bounded so that it leaves time for another (here half of the ~6 s left,
+    not the 30-s HTTP timeout), and the pause after it by half of what remains *after* it, so
+    a second attempt happens in time and renews. Before: the one attempt waited 30 s, past
+    notAfter, and the agent stopped asking for a new token (exit REBOOTSTRAP)."""
     events: list[tuple[datetime, AgentEvent]] = []
     async with stack(tmp_path) as (proxy, config):
         agent = Agent(
@@ -124,7 +124,7 @@ async def test_renewal_survives_a_stall_that_ends_before_not_after(tmp_path: Pat
             assert not task.done(), f"agent ended: {task.result()}, {agent.last_error}"
             assert agent.renewals == 1 and agent.state is not AgentState.EXPIRED
             assert agent.identity is not None and agent.identity.not_after > first.not_after
-            # The swallowed attempt gave up within half the remaining validity, and its retry
+            # The swallowed attempt gave up in time for another, and its retry
             # was timed to happen before notAfter.
             assert retries, "the swallowed attempt must have been retried"
             at, retry = retries[0]

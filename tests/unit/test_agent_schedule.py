@@ -56,9 +56,10 @@ def test_retry_is_clamped_before_expiry() -> None:
     assert retry_deadline_delay(300, NA, NA + timedelta(seconds=5)) == 0.0
 
 
-def test_attempt_is_bounded_by_half_the_remaining_validity() -> None:
+def test_attempt_leaves_time_for_another_before_expiry() -> None:
     assert attempt_timeout(30, NA, NB) == 30  # real lifetimes: the HTTP timeout
-    assert attempt_timeout(30, NA, NA - timedelta(seconds=20)) == 10
+    assert attempt_timeout(30, NA, NA - timedelta(seconds=20)) == 15  # 5 s kept back
+    assert attempt_timeout(30, NA, NA - timedelta(seconds=6)) == 3  # at least half
     assert attempt_timeout(30, NA, NA - timedelta(seconds=1.5)) == 1.0  # the floor...
     assert attempt_timeout(30, NA, NA - timedelta(seconds=0.5)) == 0.5  # ...never past notAfter
     assert attempt_timeout(30, NA, NA + timedelta(seconds=5)) == 0.0
