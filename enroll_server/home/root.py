@@ -100,6 +100,18 @@ def _load(cert_path: Path, key_path: Path, phrase: bytes, where: Path) -> Issuer
     return Issuer(cert, key)
 
 
+def _who(cert: x509.Certificate) -> str:
+    return f"{cert.subject.rfc4514_string()} (serial {cert.serial_number:x})"
+
+
+def home_root_certificates(layout: HomeLayout) -> list[x509.Certificate]:
+    """Every root certificate in H/ca/root.pem (more than one while a root rolls over)."""
+    try:
+        return x509.load_pem_x509_certificates(layout.root_cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise HomeError(layout.root, f"root certificate unreadable: {exc}") from exc
+
+
 def load_offline_root(root_dir: Path, passphrase_file: Path | None = None) -> Issuer:
     """The root CA from an offline folder (a ceremony machine needs no home)."""
     folder = OfflineRoot(root_dir)
@@ -116,22 +128,17 @@ def load_root_issuer(
 
     `root_dir` None: the home's online root (H/ca/root.key, the home's passphrase).
     `root_dir` given: the offline root in DIR (the offline root passphrase); when `layout` is
-    given too, DIR must hold the home's root (same public key as H/ca/root.pem).
+    given too, DIR must hold a root of the home (the public key of one in H/ca/root.pem).
     HomeError naming what is missing or wrong.
     """
     if root_dir is not None:
         root = load_offline_root(root_dir, passphrase_file)
         if layout is not None and layout.root_cert.exists():
-            try:
-                home_root = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
-            except (OSError, ValueError) as exc:
-                raise HomeError(layout.root, f"root certificate unreadable: {exc}") from exc
-            if home_root.public_key() != root.cert.public_key():
+            home_roots = home_root_certificates(layout)
+            if not any(c.public_key() == root.cert.public_key() for c in home_roots):
+                theirs = ", ".join(_who(c) for c in home_roots)
                 raise HomeError(
-                    root_dir,
-                    f"holds the root {root.cert.subject.rfc4514_string()} "
-                    f"(serial {root.cert.serial_number:x}), not the home's root "
-                    f"{home_root.subject.rfc4514_string()} (serial {home_root.serial_number:x})",
+                    root_dir, f"holds the root {_who(root.cert)}, not the home's root {theirs}"
                 )
         return root
     if layout is None:
@@ -294,12 +301,10 @@ def import_root_crl(
             crl = x509.load_pem_x509_crl(der)
         except ValueError as exc:
             raise HomeError(layout.root, f"not a CRL (DER or PEM): {exc}") from None
-    try:
-        root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise HomeError(layout.root, f"root certificate unreadable: {exc}") from exc
-    root_key = cast(PublicKey, root_cert.public_key())
-    if crl.issuer != root_cert.subject or not crl.is_signature_valid(root_key):
+    if not any(
+        crl.issuer == c.subject and crl.is_signature_valid(cast(PublicKey, c.public_key()))
+        for c in home_root_certificates(layout)
+    ):
         raise HomeError(layout.root, "that CRL was not signed by the home's root CA")
     if crl.next_update_utc is not None and crl.next_update_utc <= now:
         raise HomeError(layout.root, f"that CRL expired at {crl.next_update_utc.isoformat()}")

@@ -123,3 +123,17 @@ def test_a_root_revocation_is_carried_into_every_later_root_crl(
     ceremony = sign_offline_root_crl(tmp_path / "usb", offline, day_after, 365, layout)
     number = ceremony.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     assert [r.serial_number for r in ceremony] == [0x1234] and number == 4
+
+
+def test_an_offline_root_is_accepted_while_root_pem_holds_two_roots(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # During a root rollover H/ca/root.pem holds the new root and the old one.
+    layout = HomeLayout(home)
+    _move_root_offline(home, tmp_path / "usb")
+    init_home(tmp_path / "next", ServerConfig(), NOW)
+    newer = HomeLayout(tmp_path / "next").root_cert.read_bytes()
+    layout.root_cert.write_bytes(newer + layout.root_cert.read_bytes())
+    monkeypatch.setenv("FLEETPKI_ROOT_PASSPHRASE", PHRASE)
+    root = load_root_issuer(layout, tmp_path / "usb")
+    assert root.cert.public_bytes(serialization.Encoding.PEM) in layout.root_cert.read_bytes()
