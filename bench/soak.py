@@ -31,6 +31,7 @@ from simulators.soak import SoakOptions, SoakResult, run_soak  # noqa: E402
 
 PROCESSES = ("server", "broker", "simulator")
 MIB = 1024 * 1024
+STUCK_SHOWN = 5  # stuck agents whose detail the table shows (all of them are in the JSON)
 
 
 def table(result: SoakResult) -> str:
@@ -62,6 +63,8 @@ def table(result: SoakResult) -> str:
         f"agents stuck: {len(result.stuck)}; revoked agents still connected: "
         f"{len(result.revoked_connected)}",
     ]
+    for device_id in result.stuck[:STUCK_SHOWN]:
+        lines.append(f"  stuck {device_id}: {result.stuck_detail.get(device_id)}")
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ Seconds = Callable[[], float]
 # A fleet-wide listener: (device id, event) for every event of every agent (the benchmark
 # counts retries with one).
 FleetListener = Callable[[str, AgentEvent], None]
+RENEW_RETRIES_KEPT = 5
 
 
 class TraceRecorder:
@@ -69,6 +70,9 @@ class TraceRecorder:
                 self.on_up(trace.device_id)
         elif kind is EventKind.DISCONNECTED and trace.connected:
             trace.disconnects.append(self.seconds())
+        elif kind is EventKind.RETRY and event.what == "renew":
+            trace.renew_retries.append((self.seconds(), event.why or "", event.delay or 0.0))
+            del trace.renew_retries[:-RENEW_RETRIES_KEPT]
         for listener in self.listeners:
             listener(trace.device_id, event)
 

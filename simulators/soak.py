@@ -101,7 +101,9 @@ class SoakResult:
     renewals: int = 0
     min_renewals: int = 0  # the fewest renewals of an agent never revoked
     stuck: list[str] = field(default_factory=list)
-    # device -> (agent state, last error, outcome, seconds since its last connect or None)
+    # device -> [agent state, last error, outcome, seconds since its last connect or None,
+    # its last 3 disconnects, its last renewal, its last failed renewal attempts (t, why,
+    # delay)] (times in soak seconds)
     stuck_detail: dict[str, list[object]] = field(default_factory=dict)
     revoked_connected: list[str] = field(default_factory=list)
     report: Report | None = None
@@ -414,6 +416,8 @@ class Soak(Scenario):
                     trace.outcome.value,
                     round(sim.seconds() - trace.connects[-1], 1) if trace.connects else None,
                     [round(t - begin, 1) for t in trace.disconnects[-3:]],
+                    round(trace.renewed[-1] - begin, 1) if trace.renewed else None,
+                    [(round(t - begin, 1), why, round(d, 1)) for t, why, d in trace.renew_retries],
                 ]
         # The last broker lifetime ends with the fleet switched off: what it acknowledged is
         # all there is to wait for.

@@ -32,6 +32,9 @@ class DeviceTrace:
     disconnects: list[float] = field(default_factory=list)
     serials: list[str] = field(default_factory=list)
     renewed: list[float] = field(default_factory=list)
+    # The last few failed renewal attempts: (t, why, delay before the next); what a device
+    # whose certificate expired ran into.
+    renew_retries: list[tuple[float, str, float]] = field(default_factory=list)
     sent: int = 0  # telemetry messages acknowledged by the broker (PUBACK)
     received: int = 0  # distinct telemetry messages the observer saw
     outcome: Outcome = Outcome.RUNNING
