@@ -199,3 +199,63 @@ def import_issuing_command(
     console.print(f"  chain        {layout.chain}  ({len(done.chain.intermediates)} intermediate)")
     console.print(f"  TLS server   {layout.server_cert}")
     console.print(f"  next: fleetpki serve --home {layout.root}", markup=False)
+
+
+@app.command("rollover-root")
+def rollover_root_command(
+    root_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="The offline root folder (an offline root); omit for a root in the home.",
+        ),
+    ] = None,
+    new_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--new-root",
+            help="An offline root: a new, empty folder for the new root's key (removable "
+            "media), under the same root passphrase.",
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="The new root's lifetime.")] = 3650,
+    home: HomeOpt = None,
+    passphrase_file: RootPassphraseOpt = None,
+) -> None:
+    """A new root (new key, the old root's name) certified by the old root and certifying it
+    back (cross-certificates both ways, RFC 4210 4.4). /cacerts serves them; devices adopt the
+    new root at their next renewal through the old-signed-new certificate; brokers trust both.
+    Then `fleetpki ca rollover` makes an issuing CA under the new root."""
+    from enroll_server.home.config import load_config
+    from enroll_server.home.layout import HomeError
+    from enroll_server.home.root import load_root_issuer
+    from enroll_server.home.root_update import rollover_root
+
+    layout = initialized_layout(home)
+    try:
+        old = load_root_issuer(layout, root_dir, passphrase_file)
+        done = rollover_root(
+            layout,
+            load_config(layout.config),
+            old,
+            datetime.now(UTC),
+            days=days,
+            new_root_dir=new_root,
+            root_passphrase_file=passphrase_file,
+        )
+    except HomeError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the home: {exc.strerror or exc}", ExitCode.FAILED)
+    new = done.update.new
+    console.print(
+        f"[green]new root[/green] {new.subject.rfc4514_string()} until {new.not_valid_after_utc}"
+    )
+    console.print(f"  root CA      {layout.root_cert}  (new bundles carry it as ca.pem)")
+    console.print(f"  cross-certs  {layout.root_update}  (served in /cacerts)")
+    if done.new_root_dir is not None:
+        console.print(f"  new root key {done.new_root_dir}/root.key (keep the old DIR too)")
+    console.print(
+        "  devices adopt it at their next renewal; next: fleetpki ca rollover (an issuing CA "
+        "under the new root)"
+    )

@@ -59,7 +59,7 @@ async def _csr_body(request: web.Request) -> bytes:
 
 async def cacerts(request: web.Request) -> web.Response:
     st = _state(request)
-    return _b64_response(encode_certs_only(st.ca_chain), CACERTS_CONTENT_TYPE)
+    return _b64_response(encode_certs_only(st.cacerts()), CACERTS_CONTENT_TYPE)
 
 
 async def csrattrs(request: web.Request) -> web.Response:

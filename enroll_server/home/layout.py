@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.home.config import ServerConfig, load_config, render_config
@@ -106,6 +107,12 @@ class HomeLayout:
         return self.ca_dir / "chain.pem"
 
     @property
+    def root_update(self) -> Path:
+        """A root rollover's certificates besides the new root (home/root_update.py): the
+        old-signed-new and new-signed-old cross-certificates and the old root, PEM."""
+        return self.ca_dir / "root-update.pem"
+
+    @property
     def root_crl(self) -> Path:
         """The root CA's CRL, DER: served at /root.crl, the issuing CA's CDP."""
         return self.ca_dir / "root.crl"
@@ -159,6 +166,38 @@ def read_intermediates(layout: HomeLayout) -> tuple[x509.Certificate, ...]:
         raise HomeError(layout.root, f"{layout.intermediates} unreadable: {exc}") from exc
 
 
+def read_root_update(layout: HomeLayout) -> tuple[x509.Certificate, ...]:
+    """H/ca/root-update.pem (none before a root rollover): newest rollover first."""
+    if not layout.root_update.exists():
+        return ()
+    try:
+        return tuple(x509.load_pem_x509_certificates(layout.root_update.read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise HomeError(layout.root, f"{layout.root_update} unreadable: {exc}") from exc
+
+
+def cross_certificates_for(
+    issuing: x509.Certificate, update: Sequence[x509.Certificate]
+) -> tuple[x509.Certificate, ...]:
+    """The cross-certificates of a root rollover that certify the key that signed `issuing`:
+    under the new root, the old-signed-new one, which lets a device that still trusts only the
+    old root verify a chain through the new (pki/root_rollover.py); under the old root, the
+    new-signed-old one, for devices that trust only the new root."""
+    found = []
+    for cross in update:
+        if cross.subject != cross.issuer or cross.issuer != issuing.issuer:
+            continue
+        try:
+            issuing.verify_directly_issued_by(cross)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        try:
+            cross.verify_directly_issued_by(cross)
+        except (ValueError, TypeError, InvalidSignature):
+            found.append(cross)  # signed by the other root: a cross-certificate, not a root
+    return tuple(found)
+
+
 def write_server_certificate(
     layout: HomeLayout,
     key: PrivateKey,
@@ -167,11 +206,14 @@ def write_server_certificate(
     intermediates: tuple[x509.Certificate, ...],
 ) -> None:
     """The TLS key, then the certificate with the CAs a TLS server sends after it (issuing,
-    then any intermediates: RFC 8446 4.4.2, each certifying the one before), atomically."""
+    then any intermediates: RFC 8446 4.4.2, each certifying the one before; after a root
+    rollover, the cross-certificate that links the issuing CA's root to the other root),
+    atomically."""
     # The TLS key is not encrypted: servers must restart unattended; it is 0600 and can only
     # impersonate the server, not issue certificates.
     write_atomic(layout.server_key, private_key_pem(key, None))
-    sent = b"".join(_pem(c) for c in (cert, issuing, *intermediates))
+    crosses = cross_certificates_for(issuing, read_root_update(layout))
+    sent = b"".join(_pem(c) for c in (cert, issuing, *intermediates, *crosses))
     write_atomic(layout.server_cert, sent, PUBLIC_MODE)
 
 

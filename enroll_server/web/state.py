@@ -40,6 +40,10 @@ class AppState:
     # sessions (device id -> certificate serial) and the CRL being served (PublishedCrl).
     live_sessions: Callable[[], Mapping[str, int]] | None = None
     current_crl: Callable[[], Any] | None = None
+    # The root certificates /cacerts carries after the issuing CAs, read when asked (a root
+    # rollover shows at once): the root, then its cross-certificates and the old root
+    # (home/root_update.py current_roots). None: ca_chain's own root.
+    roots: Callable[[], tuple[x509.Certificate, ...]] | None = None
 
     # Group commit of issuances (one registry transaction per loop iteration).
     commits: CommitQueue = field(init=False)
@@ -47,6 +51,14 @@ class AppState:
     def __post_init__(self) -> None:
         self.commits = CommitQueue(self.registry)
         self.metrics.extra.append(lambda: "\n".join(self.commits.batches.render()) + "\n")
+
+    def cacerts(self) -> tuple[x509.Certificate, ...]:
+        """What GET /cacerts answers (RFC 7030 4.1.3): the issuing CAs (and intermediates),
+        then the roots; after a root rollover, the new root, the old-signed-new and
+        new-signed-old certificates and the old root."""
+        if self.roots is None:
+            return self.ca_chain
+        return (*self.ca_chain[:-1], *self.roots())
 
     def on_registry_change(self) -> None:
         for hook in self.on_change:

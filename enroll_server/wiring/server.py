@@ -27,6 +27,7 @@ from enroll_server.home.layout import (
     renew_server_certificate,
 )
 from enroll_server.home.root import root_crl as home_root_crl
+from enroll_server.home.root_update import RootFiles
 from enroll_server.home.server_certificate import CHECK_INTERVAL, ServerCertificates
 from enroll_server.pki.ca_expiry import (
     expiry_metrics,
@@ -248,6 +249,7 @@ async def start_server(
             clock=clock,
             home=loaded,
             provisioner=provisioner,
+            roots=RootFiles(loaded.layout),
         )
         if registry.shared:
             # PostgreSQL: the group commits run in a worker thread on a connection of their
