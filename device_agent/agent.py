@@ -630,6 +630,8 @@ class Agent:
                 continue
             except EstRejected as exc:
                 if exc.status in (401, 403):
+                    if is_expired(ident.not_after, self.now()):
+                        continue  # it expired while the attempt was under way: re-bootstrap
                     raise  # refused: retrying blindly would only hammer the service
                 delay, why = self.est_backoff.cap, str(exc)  # other 4xx: slowly
             except EstRetryLater as exc:

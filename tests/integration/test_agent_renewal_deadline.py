@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from device_agent.agent import Agent, AgentState
 from device_agent.backoff import Backoff
 from device_agent.config import load_config
 from device_agent.events import AgentEvent, EventKind
+from device_agent.exit_codes import ExitCode
 from enroll_server.pki.profile import DeviceProfile
 from tests.integration.test_agent_e2e import DEV, FAST_MQTT, until, write_bundle
 from tests.live_server import start_live_server
@@ -76,8 +77,10 @@ class StallingProxy:
 
 
 @contextlib.asynccontextmanager
-async def stack(tmp_path: Path) -> AsyncIterator[tuple[StallingProxy, Path]]:
-    server = start_live_server(tmp_path / "home", profile=PROFILE)
+async def stack(
+    tmp_path: Path, clock: Callable[[], datetime] | None = None
+) -> AsyncIterator[tuple[StallingProxy, Path]]:
+    server = start_live_server(tmp_path / "home", profile=PROFILE, clock=clock)
     try:
         async with StallingProxy(server.handle.est_port) as proxy:
             config = write_bundle(
@@ -133,3 +136,32 @@ async def test_renewal_survives_a_stall_that_ends_before_not_after(tmp_path: Pat
         finally:
             agent.stop()
             await asyncio.wait_for(task, 15)
+
+
+async def test_expiry_during_the_attempt_is_an_expiry_not_a_refusal(tmp_path: Path) -> None:
+    """The attempt starts in time, but the certificate expires while it is under way (a
+    starved device, a slow link: here both clocks jump past notAfter as it starts), so the
+    server refuses it (403, expired). That is the expiry path (re-bootstrap with the birth
+    certificate or a token; without either exit 5, "needs a new token"), not a refusal (exit
+    3, which an IDevID device would never recover from by itself)."""
+    skew = [timedelta(0)]
+
+    def clock() -> datetime:
+        return datetime.now(UTC) + skew[0]
+
+    def on_event(event: AgentEvent) -> None:
+        if event.kind is EventKind.STATE and event.state == AgentState.RENEWING:
+            skew[0] = PROFILE.validity  # the attempt takes longer than what was left
+
+    async with stack(tmp_path, clock=clock) as (_, config):
+        agent = Agent(
+            load_config(config),
+            est_backoff=SLOW_EST,
+            mqtt_backoff=FAST_MQTT,
+            clock=clock,
+            on_event=on_event,
+        )
+        code = await asyncio.wait_for(agent.run(), 20)
+    assert skew[0], "the renewal must have started"
+    assert (code, agent.state) == (ExitCode.REBOOTSTRAP, AgentState.EXPIRED), agent.last_error
+    assert "expired" in (agent.last_error or "") and "no enrollment token" in agent.last_error
