@@ -10,7 +10,8 @@ memory: any request may go to any of them. What a node's home holds, and why:
   and signs CRLs and OCSP responses (or the `[ca] key` reference to the token, for a key in
   an HSM, and its `pkcs11_pin_file`: the node must reach the same token).
 - `ca/root.key` (encrypted) and `ca/root.crl`: `serve` re-signs the root CRL it serves at
-  `/root.crl` when it falls due.
+  `/root.crl` when it falls due (an offline root: no key here, the file is served as the
+  last ceremony signed it; an external root: neither, plus `ca/intermediates.pem`).
 - `tls/server.pem`, `tls/server.key`: NEW, for `--hostname`, signed by the issuing CA.
 - `fleetpki.toml`: the original's, with this node's host names; the registry URL and its
   `registry_password_file` (copied) point at the same PostgreSQL.
