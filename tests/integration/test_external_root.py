@@ -113,6 +113,12 @@ def test_import_signed_certificate_then_serve_enrolls_under_the_operator_root(
     ]
     served_chain = x509.load_pem_x509_certificates(layout.server_cert.read_bytes())
     assert served_chain[1:] == [issuing, intermediate.cert]
+    # A renewed server certificate keeps the intermediates after it.
+    renewed = fleetpki("server-cert", "renew", "--home", str(waiting))
+    assert renewed.returncode == 0, renewed.stderr
+    served_again = x509.load_pem_x509_certificates(layout.server_cert.read_bytes())
+    assert served_again[0] != served_chain[0]
+    assert served_again[1:] == [issuing, intermediate.cert]
     assert not layout.root_crl.exists() and not layout.root_key.exists()
     # A second import: the home has its certificate.
     again = fleetpki(
