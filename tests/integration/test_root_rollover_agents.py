@@ -15,14 +15,27 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device_agent.agent import Agent, AgentState
+from device_agent.est_wire import check_cacerts, check_issued, order_chain
 from device_agent.events import AgentEvent, EventKind
-from enroll_server.pki.ca import Issuer, build_root_ca
-from enroll_server.pki.keys import KeyType, generate_key
+from enroll_server.est.wire import decode_certs_only
+from enroll_server.home.config import load_config
+from enroll_server.home.layout import (
+    HomeLayout,
+    home_passphrase,
+    renew_server_certificate,
+)
+from enroll_server.home.root import load_root_issuer
+from enroll_server.pki.ca import Issuer, build_issuing_ca, build_root_ca
+from enroll_server.pki.keys import KeyType, generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.pki.root_rollover import cross_certificate
-from tests.ca_ceremony import fleetpki
+from fleetpki.atomic_file import PUBLIC_MODE, write_atomic
+from fleetpki.identity import DeviceId
+from tests.ca_ceremony import fleetpki, openssl_verify, write_pem
+from tests.integration.broker_harness import PAHO_ACCEPTED, Creds, PahoDevice
 from tests.integration.test_agent_e2e import bundle_for, make_agent, until
-from tests.live_server import LiveServer, start_live_server
+from tests.integration.test_est import enroll
+from tests.live_server import LiveServer, make_home, start_live_server
 
 PLANNED = "reconnecting with the renewed certificate"  # device_agent.mqtt_link: a renewal
 DEVICES = 3
@@ -119,3 +132,83 @@ async def test_a_fleet_of_agents_moves_to_the_new_root_without_a_disconnection(
         failed = [(e.what, e.why) for e in seen if e.kind is EventKind.RETRY]
         assert failed == [], (device, failed)
         assert sum(e.kind is EventKind.RENEWED for e in seen) >= 2
+
+
+def _issuing_under_the_new_root(layout: HomeLayout) -> x509.Certificate:
+    """What `fleetpki ca rollover` does after a root rollover, in the files: an issuing CA
+    under the new root becomes the current one (the old one stays trusted in chain.pem) and
+    the TLS server certificate is renewed by it."""
+    config = load_config(layout.config)
+    phrase = home_passphrase(layout)
+    now = datetime.now(UTC)
+    new_root = load_root_issuer(layout, None)
+    old_issuing = layout.issuing_cert.read_bytes()
+    key = generate_key(KeyType.EC_P256)
+    cert = build_issuing_ca(key, new_root, "fleetpki Issuing CA 2", now)
+    write_atomic(layout.issuing_key, private_key_pem(key, phrase))
+    write_atomic(layout.issuing_cert, cert.public_bytes(Encoding.PEM), PUBLIC_MODE)
+    pems = [cert.public_bytes(Encoding.PEM), old_issuing, layout.root_cert.read_bytes()]
+    write_atomic(layout.chain, b"".join([*pems, layout.root_update.read_bytes()]), PUBLIC_MODE)
+    renew_server_certificate(layout, Issuer(cert, key, config.urls()), config, now)
+    return cert
+
+
+async def test_devices_that_trust_only_the_old_root_work_under_the_new_issuing_ca(
+    tmp_path: Path,
+) -> None:
+    """After the issuing CA moved under the new root, a device whose ca.pem holds only the
+    old root verifies the server (server.pem sends the old-signed-new certificate) with the
+    agent's TLS and openssl's, and the broker admits its chain leaf -> new issuing CA ->
+    old-signed-new."""
+    layout = make_home(tmp_path / "home")
+    old_root = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
+    done = fleetpki("ca", "rollover-root", "--home", str(layout.root))
+    assert done.returncode == 0, done.stdout + done.stderr
+    issuing = _issuing_under_the_new_root(layout)
+    sent = x509.load_pem_x509_certificates(layout.server_cert.read_bytes())
+    old_with_new = x509.load_pem_x509_certificates(layout.root_update.read_bytes())[0]
+    assert sent[1:] == [issuing, old_with_new]
+    old_pem = write_pem(tmp_path / "old-root.pem", [old_root])
+    verified = openssl_verify(
+        old_pem, write_pem(tmp_path / "s.pem", sent[:1]), write_pem(tmp_path / "r.pem", sent[1:])
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    server = start_live_server(layout.root, broker=True)
+    try:
+        # A device with only the old root: the broker admits its chain through the
+        # cross-certificate, and it verifies the broker with the old root alone.
+        key = generate_key(KeyType.EC_P256)
+        reply = enroll(server, "dev-old-root", server.mint_device("dev-old-root"), key)
+        assert reply.status == 200, reply.text
+        cacerts = check_cacerts(list(server.handle.state.cacerts()), [old_root])
+        chain = order_chain(key, decode_certs_only(reply.body), cacerts, [old_root])
+        assert chain[1:] == [issuing, old_with_new]
+        check_issued(chain, key, DeviceId("dev-old-root"), [old_root], datetime.now(UTC))
+        cert_path = write_pem(tmp_path / "dev.pem", chain)
+        key_path = tmp_path / "dev.key"
+        key_path.write_bytes(private_key_pem(key, None))
+        creds = Creds("dev-old-root", chain[0], key, cert_path, key_path)
+        device = PahoDevice(creds, server.mqtt_port, old_pem)
+        try:
+            assert await device.connect() == PAHO_ACCEPTED
+        finally:
+            await device.close()
+
+        # The real agent from a bundle whose ca.pem is the old root: its first TLS connection
+        # verifies the server through the cross-certificate; it takes the new root with
+        # /cacerts, enrolls under the new issuing CA, and connects.
+        bundle = bundle_for(server, tmp_path, "dev-agent")
+        (bundle.parent / "ca.pem").write_bytes(old_pem.read_bytes())
+        agent = make_agent(bundle)
+        task = asyncio.create_task(agent.run())
+        try:
+            await until(lambda: agent.state is AgentState.CONNECTED, 20, "connected")
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 20)
+        new_root = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
+        assert _anchors(agent) == [old_root, new_root]
+        assert agent.identity is not None and agent.identity.chain[1] == issuing
+    finally:
+        server.stop()
