@@ -79,6 +79,7 @@ def add_node(
         theirs.root_key,
         theirs.root_crl,
         theirs.intermediates,
+        theirs.root_update,  # a root rollover's cross-certificates: /cacerts, server.pem
         theirs.passphrase_file,
     ]
     if not config.ca_key:

@@ -67,6 +67,22 @@ def test_a_node_home_serves_the_same_fleet_with_its_own_certificate(
         a.stop()
 
 
+def test_a_node_added_after_a_root_rollover_serves_the_cross_certificates(
+    tmp_path: Path, pg_url: str
+) -> None:
+    bare = pg_url.replace(f":{PASSWORD}@", "@")
+    first = make_home(tmp_path / "a", registry=bare, registry_password=PASSWORD)
+    rolled = CliRunner().invoke(app, ["ca", "rollover-root", "--home", str(first.root)])
+    assert rolled.exit_code == 0, rolled.output
+    code, output = _node_add(first.root, tmp_path / "b", "node-b.example")
+    assert code == 0, output
+    node = HomeLayout(tmp_path / "b")
+    assert node.root_update.read_bytes() == first.root_update.read_bytes()
+    # Its own server certificate (from the old root's issuing CA) ends with new-signed-old.
+    new_with_old = x509.load_pem_x509_certificates(first.root_update.read_bytes())[1]
+    assert x509.load_pem_x509_certificates(node.server_cert.read_bytes())[-1] == new_with_old
+
+
 def test_a_sqlite_home_and_a_used_folder_are_refused_with_nothing_written(
     tmp_path: Path, pg_url: str
 ) -> None:
