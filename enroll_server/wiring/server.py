@@ -62,7 +62,7 @@ from fleetpki.clock import utc_now
 
 log = logging.getLogger("fleetpki.server")
 # How often serve looks at H/ca/root.crl again: a ceremony may replace it while serve runs.
-ROOT_CRL_RECHECK = timedelta(seconds=5)
+ROOT_CRL_RECHECK = timedelta(seconds=1)
 
 
 @dataclass
@@ -274,7 +274,7 @@ async def start_server(
             https = await start_est_site(build_https_app(state), host, port, tls, limits)
         # The root CRL: none of ours under an external root (the operator's PKI publishes
         # its own, at the CDP its CA put in our issuing certificate); an offline root's file
-        # as the last ceremony signed it (looked at every 5 s); else re-signed here.
+        # as the last ceremony signed it (read again at most once a second); else re-signed here.
         root_crl = RootCrl(partial(home_root_crl, loaded.layout), clock, ROOT_CRL_RECHECK)
         # Signed now if missing or due when the root key is here: a broken key fails start-up.
         root_routes = [] if cfg.root == "external" else root_crl.routes()
