@@ -124,14 +124,14 @@ def new_roots(
     adopted: list[Adopted] = []
     refused: list[Refused] = []
     for root in offered:
+        if root in anchors or not is_self_signed(root):
+            continue
+        if all(root.not_valid_before_utc <= a.not_valid_before_utc for a in anchors):
+            continue
         try:
-            if root in anchors or not is_self_signed(root):
-                continue
-            if all(root.not_valid_before_utc <= a.not_valid_before_utc for a in anchors):
-                continue
             verdict = _vouched(root, offered, anchors, now)
-        except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
-            # A malformed field, extension or key in what the server sent: not a root of ours.
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            # A malformed extension or key somewhere in what the server sent: not a root.
             verdict = f"unreadable certificate: {exc}"
         if isinstance(verdict, Adopted):
             adopted.append(verdict)

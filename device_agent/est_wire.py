@@ -126,8 +126,8 @@ def _key_ids_match(cert: x509.Certificate, parent: x509.Certificate) -> bool:
     try:
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
         ski = parent.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
-        return True  # an unreadable identifier decides nothing; the signature checks do
+    except (x509.ExtensionNotFound, ValueError):
+        return True
     return aki.key_identifier is None or aki.key_identifier == ski.digest
 
 

@@ -2,9 +2,8 @@
 
 The body of a 200 to simpleenroll/simplereenroll, and of /cacerts, goes through
 decode_certs_only, then order_chain and check_issued (is this our key, our name, a chain to
-our anchor?) and check_cacerts, and /cacerts through new_roots (a root rollover: may a new root
-join the anchors?). Only WireError may come out of the first (the agent maps it to "the server
-sent garbage", retries later and keeps its current certificate), nothing out of new_roots.
+our anchor?) and check_cacerts. Only WireError may come out: the agent maps it to "the server
+sent garbage", retries later and keeps its current certificate.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import atheris
 with atheris.instrument_imports(include=_harness.INSTRUMENTED):
     from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
-    from device_agent.anchors import new_roots
     from device_agent.est_wire import (
         WireError,
         check_cacerts,
@@ -26,8 +24,6 @@ with atheris.instrument_imports(include=_harness.INSTRUMENTED):
         decode_certs_only,
         order_chain,
     )
-    from enroll_server.pki.keys import KeyType, generate_key
-    from enroll_server.pki.root_rollover import roll_root
     from fleetpki.identity import DeviceId
     from tests.pki_helpers import make_ca
 
@@ -46,7 +42,7 @@ def test_one_input(data: bytes) -> None:
     except WireError:
         return
     try:
-        chain = order_chain(KEY, certs, [CA.issuing.cert], [CA.root.cert])
+        chain = order_chain(KEY, certs, [CA.issuing.cert])
         check_issued(chain, KEY, DEVICE, [CA.root.cert], NOW)
     except WireError:
         pass
@@ -54,21 +50,17 @@ def test_one_input(data: bytes) -> None:
         check_cacerts(certs, [CA.root.cert])
     except WireError:
         pass
-    new_roots(certs, [CA.root.cert], NOW)
 
 
 def seeds() -> list[bytes]:
     full = pkcs7.serialize_certificates([CERT, CA.issuing.cert], Encoding.DER)
     leaf = pkcs7.serialize_certificates([CERT], Encoding.DER)
     cas = pkcs7.serialize_certificates([CA.issuing.cert, CA.root.cert], Encoding.DER)
-    rolled = roll_root(CA.root, generate_key(KeyType.EC_P256), NOW).certificates
-    rollover = pkcs7.serialize_certificates([CA.issuing.cert, *rolled], Encoding.DER)
     return [
         b"\x00" + base64.encodebytes(full),
         b"\x01" + full,
         b"\x02" + base64.b64encode(leaf),
         b"\x00" + base64.encodebytes(cas),
-        b"\x01" + rollover,
     ]
 
 

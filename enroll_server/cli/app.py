@@ -604,6 +604,7 @@ def _mount_sub_apps() -> None:
     from enroll_server.broker import mosquitto_cli, rabbitmq_cli
     from enroll_server.cli import backup as backup_cli
     from enroll_server.cli import ca as ca_cli
+    from enroll_server.cli import ca_issuers as ca_issuers_cli
     from enroll_server.cli import certificate as certificate_cli
     from enroll_server.cli import node as node_cli
     from enroll_server.cli import operator as operator_cli
@@ -622,6 +623,9 @@ def _mount_sub_apps() -> None:
     app.add_typer(service_cli.app, name="service")
     app.add_typer(registry_cli.app, name="registry")
     app.add_typer(node_cli.app, name="node")
+    # Issuing-CA rollover and revocation, beside the root ceremonies.
+    ca_cli.app.command("rollover")(ca_issuers_cli.rollover)
+    ca_cli.app.command("revoke-issuing")(ca_issuers_cli.revoke_issuing)
     app.add_typer(ca_cli.app, name="ca")
     backup_cli.register(app)
     for command in (*mosquitto_cli.app.registered_commands, *rabbitmq_cli.app.registered_commands):

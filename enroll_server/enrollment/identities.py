@@ -15,6 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.home.layout import LoadedHome, load_home
+from enroll_server.pki.key_id import key_id
 from enroll_server.pki.keys import generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile, build_device_certificate
 from enroll_server.registry import (
@@ -173,6 +174,7 @@ def _issue(
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             pem=pem.decode(),
+            issuer_key_id=key_id(loaded.issuer.cert),
         ),
         consume_token_hash=None,
         supersedes_serial=supersedes,

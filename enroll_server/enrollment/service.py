@@ -31,6 +31,7 @@ from enroll_server.pki.client_identity import (
 )
 from enroll_server.pki.csr_policy import Grant, check_csr, load_csr
 from enroll_server.pki.errors import BirthCertificateRejected, CsrRejected
+from enroll_server.pki.key_id import key_id
 from enroll_server.pki.keys import PublicKey
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.pki.signer import SignerError
@@ -123,10 +124,18 @@ class EnrollmentService:
         # Set by the server (start_server): unused tokens in memory, so that a first
         # enrollment skips the registry read; None reads the registry every time.
         self.tokens: TokenIndex | None = None
-        self.issuer = issuer
         self.profile = profile
         self.profile_for = profile_for
+        # The previous issuing CAs still live (after a rollover: home.issuers): their
+        # certificates still renew, onto the current issuer.
+        self.previous_issuers: tuple[x509.Certificate, ...] = ()
+        self.use_issuer(issuer)
+
+    def use_issuer(self, issuer: Issuer) -> None:
+        """Sign every certificate from now on with `issuer` (a rollover, picked up live)."""
+        self.issuer = issuer
         self._issuer_der = issuer.cert.public_bytes(serialization.Encoding.DER)
+        self._issuer_key_id = key_id(issuer.cert)
         # The profile of pki/profile.py, encoded from a template that proved itself against
         # the builder (pki/template.py); the builder itself if it did not.
         self._certificates = device_certificates(issuer, _template_mismatch)
@@ -179,7 +188,7 @@ class EnrollmentService:
         """
         # Our issuing CA's signature: the EST listener's TLS layer also trusts manufacturer
         # CAs (IDevID bootstrap), so its chain check does not say the certificate is ours.
-        if not issued_by(cert, self.issuer.cert):
+        if not any(issued_by(cert, ca) for ca in (self.issuer.cert, *self.previous_issuers)):
             raise Forbidden("client certificate was not issued by this CA's issuing CA")
         record = self.registry.get_certificate(cert.serial_number)
         cn = common_name(cert)
@@ -304,6 +313,7 @@ class EnrollmentService:
             not_before=signed.not_before,
             not_after=signed.not_after,
             pem=certificate_pem(der),
+            issuer_key_id=self._issuer_key_id,
         )
         return PendingEnrollment(
             Issuance(record, auth.token_hash, auth.supersedes_serial, now, auth.actor),

@@ -428,11 +428,13 @@ def load_home(home: Path) -> LoadedHome:
             raise HomeError(home, f"{config.ca_key} is not the issuing CA certificate's key")
     else:
         key = load_private_key_pem(key_pem, _passphrase(layout, create=False), "issuing CA key")
+    from enroll_server.home.issuers import issuer_urls  # issuers builds on this module
+
     return LoadedHome(
         layout,
         config,
         root_cert,
-        Issuer(issuing_cert, key, config.urls()),
+        Issuer(issuing_cert, key, issuer_urls(layout, config, issuing_cert)),
         registry_location(layout, config),
         read_intermediates(layout),
     )

@@ -111,12 +111,13 @@ def certificate_from_row(row: tuple[Any, ...]) -> CertificateRecord:
         revocation_reason=row[8],
         pem=row[9],
         fallback_serial=None if row[10] is None else serial_int(row[10]),
+        issuer_key_id=row[11],
     )
 
 
 CERTIFICATE_COLUMNS = (
     "serial, device_id, fingerprint_sha256, not_before, not_after, issued_at, status, "
-    "revoked_at, revocation_reason, pem, fallback"
+    "revoked_at, revocation_reason, pem, fallback, issuer_key_id"
 )
 
 

@@ -56,6 +56,7 @@ TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "revocation_reason",
             "pem",
             "fallback",
+            "issuer_key_id",
         ),
     ),
     ("audit", "seq", ("seq", "at", "actor", "action", "device_id", "detail")),

@@ -145,6 +145,7 @@ class IssuanceStore(RegistryBase):
                     cert.pem,
                     item.actor,
                     _issue_detail(serial_s, not_after_s, None, with_token),
+                    cert.issuer_key_id,
                 )
             )
         if tokens:
@@ -169,8 +170,8 @@ class IssuanceStore(RegistryBase):
             return False
         conn.executemany(
             f"INSERT INTO certificates ({CERTIFICATE_COLUMNS}) "  # noqa: S608
-            "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?, NULL)",
-            [(r[2], r[1], r[3], r[4], r[5], r[0], r[6]) for r in rows],
+            "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?, NULL, ?)",
+            [(r[2], r[1], r[3], r[4], r[5], r[0], r[6], r[9]) for r in rows],
         )
         conn.executemany(
             "INSERT INTO audit (at, actor, action, device_id, detail) "
@@ -226,7 +227,7 @@ class IssuanceStore(RegistryBase):
         try:
             conn.execute(
                 f"INSERT INTO certificates ({CERTIFICATE_COLUMNS}) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?, ?, ?)",
                 (
                     serial_s,
                     device_id.value,
@@ -236,6 +237,7 @@ class IssuanceStore(RegistryBase):
                     now_s,
                     cert.pem,
                     supersedes_s,
+                    cert.issuer_key_id,
                 ),
             )
         except sqlite3.IntegrityError as exc:

@@ -209,6 +209,8 @@ class IssuedCertificate:
     not_before: datetime
     not_after: datetime
     pem: str
+    # The signing issuing CA's SubjectKeyIdentifier, lowercase hex (home.issuers.key_id).
+    issuer_key_id: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.serial, int) or self.serial <= 0:
@@ -249,6 +251,9 @@ class CertificateRecord:
     # The certificate this one was renewed from, kept as its fallback (status SUPERSEDED)
     # until this one is first used; None once used, or when there is none.
     fallback_serial: int | None = None
+    # The issuing CA that signed it (its SubjectKeyIdentifier, hex); None: from before schema
+    # 9, signed by the home's first issuing CA (schema._V9).
+    issuer_key_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -363,22 +363,59 @@ class RevocationStore(RegistryBase):
                 progress(total)
         return total
 
-    def revoked_entries(self, now: datetime) -> list[RevokedEntry]:
+    def revoked_entries(
+        self, now: datetime, issuer_key_id: str | None = None
+    ) -> list[RevokedEntry]:
         """CRL input (RFC 5280 5.3): revoked and on-hold certificates not yet expired.
 
         Expired certificates leave the CRL (RFC 5280 3.3 allows it; nobody can use them).
+        `issuer_key_id`: only that issuing CA's certificates (its own CRL, RFC 5280 5.1.2.3),
+        with those from before schema 9 (NULL: the only issuer there was, until a rollover
+        assigns them, assign_issuer); None: every certificate.
         """
         now_s = ts(now, "now")
+        sql = (
+            "SELECT serial, revoked_at, revocation_reason FROM certificates "
+            "WHERE status IN ('revoked', 'on_hold') AND not_after > ?"
+        )
+        params: tuple[str, ...] = (now_s,)
+        if issuer_key_id is not None:
+            sql += " AND (issuer_key_id = ? OR issuer_key_id IS NULL)"
+            params = (now_s, issuer_key_id)
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT serial, revoked_at, revocation_reason FROM certificates "
-                "WHERE status IN ('revoked', 'on_hold') AND not_after > ?",
-                (now_s,),
-            ).fetchall()
+            rows = conn.execute(sql, params).fetchall()
         return [
             RevokedEntry(serial=serial_int(r[0]), revoked_at=parse_ts(r[1]), reason=r[2])
             for r in rows
         ]
+
+    def assign_issuer(self, issuer_key_id: str) -> int:
+        """Record `issuer_key_id` as the issuer of every certificate from before schema 9
+        (`fleetpki ca rollover`, before the new issuer signs anything); returns how many."""
+        with self._write() as conn:
+            return conn.execute(
+                "UPDATE certificates SET issuer_key_id = ? WHERE issuer_key_id IS NULL",
+                (issuer_key_id,),
+            ).rowcount
+
+    def issuer_last_expiry(self, issuer_key_id: str) -> datetime | None:
+        """The latest notAfter among an issuing CA's certificates; None if it signed none."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT max(not_after) FROM certificates WHERE issuer_key_id = ?",
+                (issuer_key_id,),
+            ).fetchone()
+        return None if row is None or row[0] is None else parse_ts(row[0])
+
+    def unexpired_issued_by(self, issuer_key_id: str, now: datetime) -> list[int]:
+        """Serials of an issuing CA's certificates not revoked and not yet expired."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT serial FROM certificates WHERE issuer_key_id = ? "
+                "AND status <> 'revoked' AND not_after > ? ORDER BY serial",
+                (issuer_key_id, ts(now, "now")),
+            ).fetchall()
+        return [serial_int(r[0]) for r in rows]
 
     def crl_number_next(self) -> int:
         """The next cRLNumber (RFC 5280 5.2.3: monotonically increasing), persisted."""

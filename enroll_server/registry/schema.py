@@ -397,7 +397,21 @@ _V8 = Migration(
     postgresql=(_CONSOLE_SESSIONS,),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
+# Several issuing CAs live at once after `fleetpki ca rollover` (home/issuers.py): each
+# certificate records the one that signed it, by its SubjectKeyIdentifier (lowercase hex, the
+# certificate's AuthorityKeyIdentifier), so that each issuer's CRL lists only its own
+# certificates (RFC 5280 5.1.2.3) and OCSP answers "unknown" for another issuer's serial
+# (RFC 6960 4.1.1 CertID). NULL: issued before the column existed, by the home's only issuing
+# CA then; the first rollover fills them in with that CA's identifier.
+_ISSUER_COLUMN = "ALTER TABLE certificates ADD COLUMN issuer_key_id TEXT"
+_V9 = Migration(
+    9,
+    "the issuing CA of each certificate",
+    (_ISSUER_COLUMN,),
+    postgresql=(_ISSUER_COLUMN,),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

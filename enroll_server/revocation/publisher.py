@@ -24,7 +24,9 @@ _EVENT_PAGE = 10_000
 class RevocationSource(Protocol):
     """The part of registry.Registry the revocation publisher reads."""
 
-    def revoked_entries(self, now: datetime) -> list[RevokedEntry]: ...
+    def revoked_entries(
+        self, now: datetime, issuer_key_id: str | None = None
+    ) -> list[RevokedEntry]: ...
 
     def crl_number_next(self) -> int: ...
 
@@ -114,8 +116,11 @@ class CrlPublisher:
         next_update: timedelta = timedelta(hours=24),
         idp_url: str | None = None,
         since_seq: int | None = None,
+        issuer_key_id: str | None = None,
     ) -> None:
-        """`since_seq`: report events after this seq (default: only those from now on)."""
+        """`since_seq`: report events after this seq (default: only those from now on).
+        `issuer_key_id`: list only that issuing CA's certificates (several live after a
+        rollover, each with its own CRL: home.issuers); None lists every one."""
         url = idp_url or (issuer.urls.crl if issuer.urls else None)
         if not url:
             raise ValueError("a CRL needs its distribution point URL (issuer.urls or idp_url)")
@@ -125,6 +130,7 @@ class CrlPublisher:
         self._idp_url = url
         self._seq = registry.last_event_seq() if since_seq is None else since_seq
         self._current: PublishedCrl | None = None
+        self._issuer_key_id = issuer_key_id
 
     @property
     def current(self) -> PublishedCrl | None:
@@ -139,7 +145,7 @@ class CrlPublisher:
         """Build and sign a new CRL now, whatever the registry says changed."""
         seq = self._registry.last_event_seq()
         started = time.perf_counter()
-        entries = self._registry.revoked_entries(now)
+        entries = self._registry.revoked_entries(now, self._issuer_key_id)
         number = self._registry.crl_number_next()
         crl = build_crl(
             self._issuer.cert,

@@ -18,6 +18,7 @@ from enroll_server.errors import UnsupportedMediaType
 from enroll_server.home.config import ROOT_CRL_PATH
 from enroll_server.pki.crl import crl_refresh_at
 from enroll_server.pki.ocsp import OcspReply
+from enroll_server.revocation.issuers import IssuerRevocation, crl_route_handler
 from enroll_server.revocation.publisher import PublishedCrl
 from enroll_server.revocation.state import RevocationState
 from fleetpki.clock import utc_now
@@ -65,6 +66,10 @@ class RootCrl:
                     due.append(crl_refresh_at(crl))
                 self._refresh_at = min(due) if due else None
             return self._der
+
+    def reload(self) -> None:
+        """Look at the file again at the next request (`fleetpki ca revoke-issuing` wrote it)."""
+        self._refresh_at = None
 
     def routes(self) -> list[web.RouteDef]:
         async def get_root_crl(request: web.Request) -> web.Response:
@@ -137,8 +142,11 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def revocation_routes(state: RevocationState) -> list[web.RouteDef]:
-    """GET /crl, GET /crl.pem, POST /ocsp, GET /ocsp/{b64}; also call `state.attach(app)`."""
+def revocation_routes(state: RevocationState | IssuerRevocation) -> list[web.RouteDef]:
+    """GET /crl, GET /crl.pem, POST /ocsp, GET /ocsp/{b64}; also call `state.attach(app)`.
+
+    With several issuing CAs (IssuerRevocation), also GET /crl/{id} and /crl/{id}.pem.
+    """
 
     async def get_crl(request: web.Request) -> web.Response:
         """The current CRL, DER (the CRL Distribution Point of RFC 5280 4.2.1.13)."""
@@ -168,7 +176,11 @@ def revocation_routes(state: RevocationState) -> list[web.RouteDef]:
         reply = state.answer_get(_get_path_tail(request))
         return _ocsp_response(reply, cacheable=reply.outcome in ("good", "revoked", "unknown"))
 
+    per_issuer = []
+    if isinstance(state, IssuerRevocation):
+        per_issuer = [web.get("/crl/{issuer}", crl_route_handler(state, _crl_response))]
     return [
+        *per_issuer,
         web.get("/crl", get_crl),
         web.get("/crl.pem", get_crl_pem),
         web.post("/ocsp", post_ocsp),

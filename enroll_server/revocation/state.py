@@ -107,6 +107,7 @@ class RevocationState:
         signer_policy: OcspSignerPolicy | None = None,
         clock: Callable[[], datetime] = utc_now,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        issuer_key_id: str | None = None,
     ) -> RevocationState:
         """The usual wiring: CRL from the registry, OCSP status from registry records.
 
@@ -116,12 +117,26 @@ class RevocationState:
         answer would tie every relying party's status check to the token (its latency, its
         sessions, its being there), for no gain: the responder certificate says exactly
         which CA delegated it, for how long, and carries id-pkix-ocsp-nocheck.
+
+        `issuer_key_id`: this issuing CA's own certificates only (one of several after a
+        rollover): its CRL lists only them, and OCSP says "unknown" for another issuer's serial
+        (RFC 6960 2.2: the responder does not know it as this CertID's issuer's).
         """
-        publisher = CrlPublisher(registry, issuer, next_update=next_update)
+        publisher = CrlPublisher(
+            registry, issuer, next_update=next_update, issuer_key_id=issuer_key_id
+        )
+
+        def lookup(serial: int) -> CertStatusInfo:
+            record = registry.get_certificate(serial)
+            if record is not None and issuer_key_id is not None:
+                if record.issuer_key_id not in (None, issuer_key_id):
+                    record = None
+            return status_of(record)
+
         return cls(
             publisher=publisher,
             issuer=issuer,
-            lookup=lambda serial: status_of(registry.get_certificate(serial)),
+            lookup=lookup,
             signer_policy=signer_policy or OcspSignerPolicy(delegated=in_token(issuer.key)),
             clock=clock,
             poll_interval=poll_interval,

@@ -19,6 +19,8 @@ from enroll_server.enrollment.commit_queue import registry_busy
 from enroll_server.errors import ServiceError, error_headers, http_status
 from enroll_server.est.front import MAX_FIELDS, MAX_LINE, EstFront
 from enroll_server.est.routes import EST_PREFIX, est_routes
+from enroll_server.home.issuers import first_issuer_id
+from enroll_server.pki.key_id import key_id
 from enroll_server.registry import RegistryBusy
 from enroll_server.transport.connection_limits import (
     CONNECTION_GUARD,
@@ -86,8 +88,18 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def issuing_ca_der(request: web.Request) -> web.Response:
-    """caIssuers target (RFC 5280 4.2.2.1): the issuing CA certificate, DER."""
-    cert = request.app[APP_STATE].ca_chain[0]
+    """caIssuers target (RFC 5280 4.2.2.1): an issuing CA certificate, DER. /issuing-ca.der:
+    the first issuer (what certificates from before any rollover name) while it lives, else
+    the current one; /issuing-ca/<id>.der: that live issuer (home.issuers)."""
+    st = request.app[APP_STATE]
+    issuers = [c for c in st.ca_chain if c.subject != c.issuer]
+    wanted = request.match_info.get("issuer")
+    if wanted is None and st.home is not None:
+        wanted = first_issuer_id(st.home.layout)
+    found = next((c for c in issuers if key_id(c) == wanted), None)
+    if found is None and "issuer" in request.match_info:
+        raise web.HTTPNotFound(text=f"no live issuing CA {wanted}\n")
+    cert = found or st.ca_chain[0]
     return web.Response(
         body=cert.public_bytes(serialization.Encoding.DER), content_type="application/pkix-cert"
     )
@@ -145,6 +157,7 @@ def build_http_app(state: AppState, extra: list[web.RouteDef] | None = None) -> 
         [
             web.get("/healthz", healthz),
             web.get("/issuing-ca.der", issuing_ca_der),
+            web.get("/issuing-ca/{issuer}.der", issuing_ca_der),
             *(extra or []),
         ]
     )

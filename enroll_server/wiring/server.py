@@ -20,6 +20,7 @@ from enroll_server.enrollment.operators import bootstrap_admin
 from enroll_server.enrollment.service import EnrollmentService, ProfileChooser
 from enroll_server.enrollment.token_index import TokenIndex
 from enroll_server.home.config import ServerConfig, load_config
+from enroll_server.home.issuers import crl_route, previous_issuers
 from enroll_server.home.layout import (
     LoadedHome,
     load_home,
@@ -29,15 +30,18 @@ from enroll_server.home.layout import (
 from enroll_server.home.root import root_crl as home_root_crl
 from enroll_server.home.root_update import RootFiles
 from enroll_server.home.server_certificate import CHECK_INTERVAL, ServerCertificates
+from enroll_server.pki.ca import Issuer
 from enroll_server.pki.ca_expiry import (
     expiry_metrics,
     expiry_warning,
     root_crl_metrics,
     root_crl_warning,
 )
+from enroll_server.pki.key_id import key_id
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.registry import Registry
 from enroll_server.registry.checkpointer import LOOP_AUTOCHECKPOINT_PAGES, Checkpointer
+from enroll_server.revocation.issuers import IssuerRevocation
 from enroll_server.revocation.routes import RootCrl, revocation_routes
 from enroll_server.revocation.state import RevocationState
 from enroll_server.transport.connection_limits import ConnectionLimits
@@ -55,6 +59,7 @@ from enroll_server.web.app import (
 )
 from enroll_server.web.provisioner import Provisioner
 from enroll_server.web.state import AppState
+from enroll_server.wiring.issuers import IssuerWatch
 
 if TYPE_CHECKING:
     from enroll_server.registry.notify import EventListener
@@ -62,7 +67,7 @@ from fleetpki.clock import utc_now
 
 log = logging.getLogger("fleetpki.server")
 # How often serve looks at H/ca/root.crl again: a ceremony may replace it while serve runs.
-ROOT_CRL_RECHECK = timedelta(seconds=1)
+ROOT_CRL_RECHECK = timedelta(seconds=5)
 
 
 @dataclass
@@ -95,6 +100,8 @@ class ServerHandle:
     event_listener: EventListener | None = None
     # The admin API and /metrics (build_admin_app); set by start_server.
     admin: RunningSite | None = None
+    # Every live issuing CA's CRL and OCSP (`revocation` is the current one's at start).
+    issuers: IssuerRevocation | None = None
 
     @property
     def est_port(self) -> int:
@@ -242,10 +249,18 @@ async def start_server(
         )
         # First enrollments check their token in memory, not with a registry read.
         service.tokens = TokenIndex(registry)
+        # The issuing CAs a rollover left live beside the current one (home.issuers).
+        previous = previous_issuers(loaded.layout, cfg, loaded.issuer.cert)
+        service.previous_issuers = tuple(i.cert for i in previous)
         state = AppState(
             service=service,
             registry=registry,
-            ca_chain=(loaded.issuer.cert, *loaded.intermediates, loaded.root_cert),
+            ca_chain=(
+                loaded.issuer.cert,
+                *service.previous_issuers,
+                *loaded.intermediates,
+                loaded.root_cert,
+            ),
             clock=clock,
             home=loaded,
             provisioner=provisioner,
@@ -260,11 +275,27 @@ async def start_server(
         # bumps the CRL number, a write that may wait for a lock another process holds: on a
         # connection of its own, so that wait never holds the loop's registry reads.
         crl_registry = Registry.open(loaded.registry)
-        revocation = RevocationState.from_registry(
-            crl_registry, loaded.issuer, next_update=cfg.crl_next_update, clock=clock
+
+        def issuer_state(
+            issuer: Issuer, kid: str, source: Registry = crl_registry
+        ) -> RevocationState:
+            return RevocationState.from_registry(
+                source, issuer, next_update=cfg.crl_next_update, clock=clock, issuer_key_id=kid
+            )
+
+        current_id = key_id(loaded.issuer.cert)
+        revocation = issuer_state(loaded.issuer, current_id)
+        revocations = IssuerRevocation(
+            current_id, revocation, crl_route(loaded.layout, loaded.issuer.cert)
         )
-        state.on_change.append(revocation.changed)
-        state.current_crl = revocation.crl
+        for issuer in previous:
+            revocations.add(
+                key_id(issuer.cert),
+                issuer_state(issuer, key_id(issuer.cert)),
+                crl_route(loaded.layout, issuer.cert),
+            )
+        state.on_change.append(revocations.changed)
+        state.current_crl = revocations.crl
         tokens = service.tokens
         state.on_revocation.append(lambda device, why: tokens.discard(device))
         state.metrics.extra.append(tokens.metrics_text)
@@ -274,14 +305,14 @@ async def start_server(
             https = await start_est_site(build_https_app(state), host, port, tls, limits)
         # The root CRL: none of ours under an external root (the operator's PKI publishes
         # its own, at the CDP its CA put in our issuing certificate); an offline root's file
-        # as the last ceremony signed it (read again at most once a second); else re-signed here.
+        # as the last ceremony signed it (looked at every 5 s); else re-signed here.
         root_crl = RootCrl(partial(home_root_crl, loaded.layout), clock, ROOT_CRL_RECHECK)
         # Signed now if missing or due when the root key is here: a broken key fails start-up.
         root_routes = [] if cfg.root == "external" else root_crl.routes()
         if cfg.root != "external":
             await root_crl.der()
-        http_app = build_http_app(state, revocation_routes(revocation) + root_routes)
-        revocation.attach(http_app)
+        http_app = build_http_app(state, revocation_routes(revocations) + root_routes)
+        revocations.attach(http_app)
         port = _port(http_port, cfg.http_port)
         with listening("CRL/OCSP (HTTP)", host, port, "--http-port"):
             http = await start_site(http_app, host, port, limits=limits)
@@ -352,7 +383,7 @@ async def start_server(
         from enroll_server.registry.notify import EventListener  # psycopg: only when used
 
         loop = asyncio.get_running_loop()
-        wake: list[Callable[[], object]] = [revocation.changed]
+        wake: list[Callable[[], object]] = [revocations.changed]
         if handle.broker is not None:
             wake.append(handle.broker.poll_revocations)
         location = cast(PostgresLocation, loaded.registry)
@@ -368,7 +399,10 @@ async def start_server(
             loaded.layout.server_key,
             [tls, admin_tls] + ([handle.broker.tls_context] if handle.broker is not None else []),
             clock,
-            renew=partial(renew_and_record, loaded, actor="server"),
+            # By the current issuing CA (it changes at a rollover).
+            renew=lambda now: renew_and_record(
+                replace(loaded, issuer=service.issuer), now, actor="server"
+            ),
             interval=server_cert_check_interval,
         )
     except BaseException:
@@ -377,6 +411,21 @@ async def start_server(
     certificates.start()
     handle.server_certificates = certificates
     handle.stoppers.append(certificates.stop)
+    # `fleetpki ca rollover` / `ca revoke-issuing` picked up live; old issuers retired.
+    watch = IssuerWatch(
+        loaded,
+        service,
+        state,
+        revocations,
+        issuer_state,
+        [tls] + ([handle.broker.tls_context] if handle.broker is not None else []),
+        clock,
+        server_cert_check_interval,
+        on_change=root_crl.reload,
+    )
+    watch.start()
+    handle.issuers = revocations
+    handle.stoppers.append(watch.stop)
     state.metrics.extra.append(certificates.metrics_text)
     log.info(
         "EST on https://%s:%d, CRL/OCSP on http://%s:%d, admin API on https://%s:%d",

@@ -53,7 +53,8 @@ def test_kill_9_of_serve_during_an_enrollment_and_renewal_storm(tmp_path: Path) 
         conn.execute(
             "INSERT INTO certificates SELECT 'ff' || serial, device_id, "
             "'00' || fingerprint_sha256, not_before, not_after, issued_at, status, revoked_at, "
-            "revocation_reason, pem, fallback FROM certificates WHERE device_id = ?",
+            "revocation_reason, pem, fallback, issuer_key_id FROM certificates "
+            "WHERE device_id = ?",
             (doubled,),
         )
         conn.commit()

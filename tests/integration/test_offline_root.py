@@ -330,20 +330,3 @@ def test_sign_issuing_refuses_a_request_that_is_not_one_or_not_self_signed(
         assert done.returncode == 2, done.stdout + done.stderr
         assert message in done.stderr, done.stderr
         assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--external-root", "--root-offline", "usb"], "exclude each other"),
-        (["--root-passphrase-file", "phrase"], "goes with --root-offline DIR"),
-    ],
-)
-def test_init_root_options_that_do_not_go_together(
-    tmp_path: Path, extra: list[str], message: str
-) -> None:
-    (tmp_path / "phrase").write_text(PHRASE + "\n")
-    args = [str(tmp_path / a) if a in ("usb", "phrase") else a for a in extra]
-    done = fleetpki("init", "--home", str(tmp_path / "home"), *args)
-    assert done.returncode == 2 and message in done.stderr, done.stdout + done.stderr
-    assert not (tmp_path / "home").exists() and not (tmp_path / "usb").exists()

@@ -188,24 +188,3 @@ def test_certificate_with_an_unreadable_subject_is_a_wire_error(ca: MemoryCa) ->
     assert broken != subject
     with pytest.raises(WireError, match="certificate 1 of the reply has an unreadable name"):
         decode_certs_only(body.replace(subject, broken), "binary")
-
-
-def test_a_ca_with_a_duplicated_extension_is_skipped_not_a_crash(ca: MemoryCa) -> None:
-    """fuzz_agent_pkcs7.py: order_chain's key identifier match (root rollover: same-name CAs)
-    raised x509.DuplicateExtension, which is no ValueError, out of the agent."""
-    key = generate_key(KeyType.EC_P256)
-    cert, _ = ca.device_cert(DEV.value, key=key)  # type: ignore[arg-type]
-    raw = ca.issuing.cert.public_bytes(Encoding.DER)
-    ski_oid, key_usage_oid = bytes.fromhex("0603551d0e"), bytes.fromhex("0603551d0f")
-    assert raw.count(ski_oid) == 1
-    broken = x509.load_der_x509_certificate(raw.replace(ski_oid, key_usage_oid))
-    with pytest.raises(x509.DuplicateExtension):
-        broken.extensions
-    assert order_chain(key, [cert, broken], [], [ca.root.cert]) == [cert, broken]
-    with pytest.raises(WireError, match="trust anchor"):
-        check_issued([cert, broken], key, DEV, [ca.root.cert], datetime.now(UTC))
-    from device_agent.anchors import new_roots
-
-    root_raw = ca.root.cert.public_bytes(Encoding.DER)
-    broken_root = x509.load_der_x509_certificate(root_raw.replace(ski_oid, key_usage_oid))
-    assert new_roots([broken_root], [ca.root.cert], datetime.now(UTC)) == ([], [])
