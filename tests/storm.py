@@ -554,10 +554,24 @@ class Storm:
         for task in self.agent_tasks:
             with contextlib.suppress(Exception):
                 task.result(15)
-        self.agent_loop.call_soon_threadsafe(self.agent_loop.stop)
+        loop = self.agent_loop
+        # What the agents leave behind (MQTT clients' helper tasks) ends on the loop before it
+        # closes, rather than calling into a closed loop when collected.
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
         if self.agent_thread is not None:
             self.agent_thread.join(10)
+        if not loop.is_running():
+            loop.close()
         self.agent_loop = None
+
+
+async def _cancel_the_rest() -> None:
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 # -- the checks ------------------------------------------------------------------------------
