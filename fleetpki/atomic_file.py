@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -85,3 +88,27 @@ def make_private_dir(path: Path) -> None:
     """Create a 0700 folder (and parents); tighten it if it already exists."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
+
+
+# renameat2(2) flags and the "current directory" fd (linux/fs.h, fcntl.h).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two paths in one step: renameat2(RENAME_EXCHANGE) (Linux 3.15+), so a crash at
+    any moment leaves each path with its old content or the other's, never neither. Two
+    folders swapped this way change all their files at once. False where the C library or
+    the file system cannot (the caller falls back to plain renames); OSError otherwise."""
+    name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(name, use_errno=True), "renameat2", None) if name else None
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes.append(ctypes.c_uint)
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))

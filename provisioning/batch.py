@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -98,6 +99,9 @@ class BatchResult:
     manifest: Path | None
     # Only when no output folder was given: the clear tokens, for the caller to hand over.
     tokens: tuple[DeviceToken, ...] | None = field(default=None, repr=False)
+    # True: this run did not create the batch but finished one a killed run had registered
+    # and not yet moved into its folder (see finish_interrupted).
+    resumed: bool = False
 
     def to_json(self, *, include_tokens: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -108,6 +112,7 @@ class BatchResult:
             "token_expires_at": iso_utc(self.token_expires_at),
             "out_dir": None if self.out_dir is None else str(self.out_dir),
             "manifest": None if self.manifest is None else str(self.manifest),
+            "resumed": self.resumed,
         }
         if include_tokens and self.tokens is not None:
             out["tokens"] = [
@@ -255,9 +260,16 @@ def create_batch(
     3. insert the batch in one registry transaction (DuplicateDevice rolls it all back);
     4. rename the staging folder to DIR.
     Any exception in 1-3 (including KeyboardInterrupt) removes the staging folder and leaves
-    the registry without a row of the batch. Not resumable: run the command again.
+    the registry without a row of the batch. A run killed outright (kill -9, power cut) leaves
+    a hidden staging folder; the next run into the same parent folder finishes it
+    (finish_interrupted): published if the registry committed its batch, removed if not. If
+    that batch was this request's (the same DIR or batch id), the result is that batch.
     """
     batch_id = request.batch_id or new_batch_id(now)
+    if request.out_dir is not None:
+        resumed = finish_interrupted(registry, Path(request.out_dir).absolute(), batch_id)
+        if resumed is not None:
+            return resumed
     _check_request(request, batch_id)
     _bundle_settings(config, request)
     source = _source(request)
@@ -279,7 +291,7 @@ def create_batch(
         _report(progress, "registry", count, source.count)
         return BatchResult(batch_id, kind, count, now, token_expires_at, None, None, tuple(tokens))
 
-    staged = StagedOutput.prepare(Path(request.out_dir), force=request.force)
+    staged = StagedOutput.prepare(Path(request.out_dir), force=request.force, batch_id=batch_id)
     try:
         _write_bundles(staged, layout, config, request, source, batch_id, kind, now, ttl, progress)
         count = _register(
@@ -308,6 +320,40 @@ def create_batch(
         staged.out_dir,
         staged.out_dir / MANIFEST_NAME,
     )
+
+
+def finish_interrupted(registry: Registry, out_dir: Path, batch_id: str) -> BatchResult | None:
+    """Finish what killed runs left beside `out_dir`: a staging folder whose batch the
+    registry committed is published into its DIR (its bundles hold the only copy of live
+    tokens); one whose batch never committed is removed (its tokens were never registered).
+    Returns the finished batch if it is the one asked for (same DIR or same batch id)."""
+    mine = None
+    for staged in StagedOutput.leftovers(out_dir.parent):
+        batch = registry.get_batch(staged.batch_id)
+        if batch is None:
+            staged.discard()
+            continue
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged.staging / _SPOOL)
+            staged.publish()
+        except OSError as exc:
+            staged.release()
+            raise BundlesNotPublished(
+                batch.batch_id, staged.staging, staged.out_dir, exc.strerror or str(exc)
+            ) from exc
+        if staged.out_dir == out_dir or batch.batch_id == batch_id:
+            mine = BatchResult(
+                batch.batch_id,
+                batch.kind,
+                batch.device_count,
+                batch.created_at,
+                batch.created_at + batch.token_ttl if batch.kind is BatchKind.TOKEN else None,
+                staged.out_dir,
+                staged.out_dir / MANIFEST_NAME,
+                resumed=True,
+            )
+    return mine
 
 
 def _report(progress: Progress | None, phase: str, done: int, total: int) -> None:

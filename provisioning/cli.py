@@ -262,10 +262,17 @@ def _print_created(result: BatchResult, elapsed: float, as_json: bool) -> None:
         _emit_json({**result.to_json(), "seconds": round(elapsed, 3)})
         return
     rate = result.count / elapsed if elapsed > 0 else 0.0
-    out.print(
-        f"[green]created[/green] batch [bold]{result.batch_id}[/bold] ({result.kind.value}): "
-        f"{result.count} devices in {elapsed:.1f} s ({rate:,.0f}/s)"
-    )
+    if result.resumed:
+        out.print(
+            f"[green]finished[/green] batch [bold]{result.batch_id}[/bold] "
+            f"({result.kind.value}, {result.count} devices): an interrupted run had registered "
+            "it; its bundles are now in place"
+        )
+    else:
+        out.print(
+            f"[green]created[/green] batch [bold]{result.batch_id}[/bold] ({result.kind.value}): "
+            f"{result.count} devices in {elapsed:.1f} s ({rate:,.0f}/s)"
+        )
     out.print(f"  bundles   {result.out_dir}")
     out.print(f"  manifest  {result.manifest}")
     if result.token_expires_at is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -39,7 +40,13 @@ from enroll_server.pki.signer import (
     token_signer,
 )
 from enroll_server.registry.location import RegistryLocation, choose_location
-from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
+from fleetpki.atomic_file import (
+    PUBLIC_MODE,
+    exchange_paths,
+    fsync_dir,
+    make_private_dir,
+    write_atomic,
+)
 
 PASSPHRASE_ENV = "FLEETPKI_CA_PASSPHRASE"
 # The TLS server certificate's lifetime: 397 days, the CA/Browser Forum's ceiling for TLS
@@ -205,16 +212,15 @@ def write_server_certificate(
     issuing: x509.Certificate,
     intermediates: tuple[x509.Certificate, ...],
 ) -> None:
-    """The TLS key, then the certificate with the CAs a TLS server sends after it (issuing,
+    """The TLS key and the certificate with the CAs a TLS server sends after it (issuing,
     then any intermediates: RFC 8446 4.4.2, each certifying the one before; after a root
     rollover, the cross-certificate that links the issuing CA's root to the other root),
-    atomically."""
-    # The TLS key is not encrypted: servers must restart unattended; it is 0600 and can only
-    # impersonate the server, not issue certificates.
-    write_atomic(layout.server_key, private_key_pem(key, None))
+    both at once (_replace_server_pair)."""
     crosses = cross_certificates_for(issuing, read_root_update(layout))
     sent = b"".join(_pem(c) for c in (cert, issuing, *intermediates, *crosses))
-    write_atomic(layout.server_cert, sent, PUBLIC_MODE)
+    # The TLS key is not encrypted: servers must restart unattended; it is 0600 and can only
+    # impersonate the server, not issue certificates.
+    _replace_server_pair(layout, private_key_pem(key, None), sent)
 
 
 def hash_secret(secret: str) -> str:
@@ -357,10 +363,11 @@ def renew_server_certificate(
 ) -> x509.Certificate:
     """A new key and TLS server certificate for the configured host names, written in place.
 
-    The key is written first and the certificate (with the issuing CA after it) last, each
-    atomically: a reader that sees the new certificate also sees its key. Readers that load
-    both while they change (a running server) must check that they match (ServerCertificates
-    does); `fleetpki serve` and `fleetpki broker` pick the new pair up without a restart.
+    Both files change in one step (_replace_server_pair): killed at any moment, the home
+    holds the old pair or the new one, never a key of one and the certificate of the other.
+    Readers that load both while they change (a running server) must still check that they
+    match (ServerCertificates does); `fleetpki serve` and `fleetpki broker` pick the new pair
+    up without a restart.
     """
     key = generate_key(config.key_type)
     cert = build_server_certificate(
@@ -368,6 +375,33 @@ def renew_server_certificate(
     )
     write_server_certificate(layout, key, cert, issuer.cert, read_intermediates(layout))
     return cert
+
+
+def _replace_server_pair(layout: HomeLayout, key_pem: bytes, chain_pem: bytes) -> None:
+    """Write the new pair complete into H/.tls.next (with links to anything else in tls/),
+    then swap that folder with tls/ in one renameat2(RENAME_EXCHANGE); the old pair, now in
+    .tls.next, is removed. A leftover .tls.next (a run killed before or after the swap) is
+    not read by anything and is removed by the next renewal. Where the file system cannot
+    swap, the key and then the certificate are renamed into tls/ one by one."""
+    staging = layout.root / ".tls.next"
+    shutil.rmtree(staging, ignore_errors=True)
+    make_private_dir(staging)
+    pair = (layout.server_key.name, layout.server_cert.name)
+    for entry in layout.tls_dir.iterdir():
+        if entry.name in pair:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True)
+        else:
+            os.link(entry, staging / entry.name, follow_symlinks=False)
+    write_atomic(staging / layout.server_key.name, key_pem)
+    write_atomic(staging / layout.server_cert.name, chain_pem, PUBLIC_MODE)
+    if not exchange_paths(staging, layout.tls_dir):
+        for name in pair:
+            os.replace(staging / name, layout.tls_dir / name)
+        fsync_dir(layout.tls_dir)
+    fsync_dir(layout.root)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass(frozen=True, slots=True)
