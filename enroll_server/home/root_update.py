@@ -9,7 +9,7 @@ still works with the old root):
 - the new root's key: H/ca/root.key (online root, the home's passphrase) or DIR2/root.key (an
   offline root: `--new-root DIR2`, the root passphrase);
 - H/ca/root.pem: the new root, the anchor new bundles carry; its first CRL in H/ca/root.crl;
-- H/ca/chain.pem: the new root added (brokers trust both roots);
+- H/ca/chain.pem: the live issuing CAs and both roots (home/issuers.py write_chain);
 - server.pem: the same certificate, now followed by the new-signed-old cross-certificate.
 The issuing CA stays until `fleetpki ca rollover` makes one under the new root.
 """
@@ -111,6 +111,8 @@ def rollover_root(
     needs `new_root_dir` (a new, empty folder: the new root's only key copy) and its
     passphrase; an online one keeps the new key in the home. HomeError before anything is
     written if a check fails."""
+    from enroll_server.home.issuers import write_chain  # it imports this module
+
     if config.root == "external":
         raise HomeError(
             layout.root,
@@ -133,6 +135,7 @@ def rollover_root(
     if new_root_dir is not None:
         check_offline_folder(new_root_dir)
         phrase = new_root_passphrase(root_passphrase_file, new_root_dir, home_phrase)
+    issuers = _live_issuers(layout, config)
     key = generate_key(config.key_type)
     update = roll_root(old, key, now, days)
     new = Issuer(update.new, key)
@@ -152,12 +155,24 @@ def rollover_root(
     write_atomic(layout.root_cert, _pem([update.new]), PUBLIC_MODE)
     if new_root_dir is None:
         publish_root_crl(layout, new, now, ROOT_CRL_LIFETIME)
-    chain = layout.chain.read_bytes()
-    if not chain.endswith(b"\n"):
-        chain += b"\n"
-    write_atomic(layout.chain, chain + _pem([update.new]), PUBLIC_MODE)
+    # chain.pem: the live issuing CAs, then both roots (current_roots: root.pem, then the
+    # self-signed old root of root-update.pem), written by the one writer of chain.pem.
+    write_chain(layout, *issuers)
     _resend_server_chain(layout)
     return RootRollover(update, new_root_dir)
+
+
+def _live_issuers(
+    layout: HomeLayout, config: ServerConfig
+) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    """The current and previous live issuing CAs: what chain.pem lists before the roots."""
+    from enroll_server.home.issuers import previous_issuers  # it imports this module
+
+    try:
+        current = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise HomeError(layout.root, f"issuing CA unreadable: {exc}") from exc
+    return current, [i.cert for i in previous_issuers(layout, config, current)]
 
 
 def _resend_server_chain(layout: HomeLayout) -> None:

@@ -15,7 +15,7 @@ Pure: keys and certificates in, certificates out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 
@@ -71,8 +71,13 @@ def cross_certificate(subject: x509.Certificate, issuer: Issuer, now: datetime) 
 def roll_root(
     old: Issuer, new_key: PrivateKey | Signer, now: datetime, days: int = 3650
 ) -> RootKeyUpdate:
-    """A new root under the old root's name with `new_key`, and the two cross-certificates."""
-    new_cert = build_root_ca(new_key, "", now, days, subject=old.cert.subject)
+    """A new root under the old root's name with `new_key`, and the two cross-certificates.
+
+    The new root's notBefore is later than the old one's, even a second after it was made:
+    agents take only a root newer than their anchors (device_agent/anchors.py), so that a
+    device holding the new root never adopts the old one back through new-signed-old."""
+    earliest = old.cert.not_valid_before_utc + CA_BACKDATE + timedelta(seconds=1)
+    new_cert = build_root_ca(new_key, "", max(now, earliest), days, subject=old.cert.subject)
     new = Issuer(new_cert, new_key)
     return RootKeyUpdate(
         old=old.cert,

@@ -1,7 +1,8 @@
 """Real agents (6-second certificates) connected to the embedded broker through a root
-rollover: each renews, takes the new root through the old-signed-new certificate, and has no
-disconnection but the planned one of each renewal; a new root offered without a valid
-cross-certificate is refused and the agent keeps its anchor alone."""
+rollover: each renews, takes the new root through the old-signed-new certificate, renews
+under the issuing CA that then moves under the new root, and has no disconnection but the
+planned one of each renewal; a new root offered without a valid cross-certificate is refused
+and the agent keeps its anchor alone; a device that trusts only the old root still works."""
 
 from __future__ import annotations
 
@@ -18,18 +19,13 @@ from device_agent.agent import Agent, AgentState
 from device_agent.est_wire import check_cacerts, check_issued, order_chain
 from device_agent.events import AgentEvent, EventKind
 from enroll_server.est.wire import decode_certs_only
-from enroll_server.home.config import load_config
 from enroll_server.home.layout import (
     HomeLayout,
-    home_passphrase,
-    renew_server_certificate,
 )
-from enroll_server.home.root import load_root_issuer
-from enroll_server.pki.ca import Issuer, build_issuing_ca, build_root_ca
+from enroll_server.pki.ca import Issuer, build_root_ca
 from enroll_server.pki.keys import KeyType, generate_key, private_key_pem
 from enroll_server.pki.profile import DeviceProfile
 from enroll_server.pki.root_rollover import cross_certificate
-from fleetpki.atomic_file import PUBLIC_MODE, write_atomic
 from fleetpki.identity import DeviceId
 from tests.ca_ceremony import fleetpki, openssl_verify, write_pem
 from tests.integration.broker_harness import PAHO_ACCEPTED, Creds, PahoDevice
@@ -116,6 +112,12 @@ async def test_a_fleet_of_agents_moves_to_the_new_root_without_a_disconnection(
         for agent in agents:
             assert _anchors(agent) == [old_root, new_root]  # the old anchor stays
         assert caplog.text.count("new trust anchor") == DEVICES
+
+        # 3. Issuance moves under the new root, while they are connected.
+        issuing = await asyncio.to_thread(_issuing_under_the_new_root, layout)
+        await _renew_once_more(agents)
+        for agent in agents:
+            assert agent.identity is not None and agent.identity.chain[1:] == (issuing,)
         await until(
             lambda: all(a.state is AgentState.CONNECTED for a in agents), 10, "all connected"
         )
@@ -135,22 +137,11 @@ async def test_a_fleet_of_agents_moves_to_the_new_root_without_a_disconnection(
 
 
 def _issuing_under_the_new_root(layout: HomeLayout) -> x509.Certificate:
-    """What `fleetpki ca rollover` does after a root rollover, in the files: an issuing CA
-    under the new root becomes the current one (the old one stays trusted in chain.pem) and
-    the TLS server certificate is renewed by it."""
-    config = load_config(layout.config)
-    phrase = home_passphrase(layout)
-    now = datetime.now(UTC)
-    new_root = load_root_issuer(layout, None)
-    old_issuing = layout.issuing_cert.read_bytes()
-    key = generate_key(KeyType.EC_P256)
-    cert = build_issuing_ca(key, new_root, "fleetpki Issuing CA 2", now)
-    write_atomic(layout.issuing_key, private_key_pem(key, phrase))
-    write_atomic(layout.issuing_cert, cert.public_bytes(Encoding.PEM), PUBLIC_MODE)
-    pems = [cert.public_bytes(Encoding.PEM), old_issuing, layout.root_cert.read_bytes()]
-    write_atomic(layout.chain, b"".join([*pems, layout.root_update.read_bytes()]), PUBLIC_MODE)
-    renew_server_certificate(layout, Issuer(cert, key, config.urls()), config, now)
-    return cert
+    """`fleetpki ca rollover` after a root rollover: an issuing CA under the new root becomes
+    the current one; the old one stays live; server.pem is renewed by the new one."""
+    done = fleetpki("ca", "rollover", "--home", str(layout.root))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
 
 
 async def test_devices_that_trust_only_the_old_root_work_under_the_new_issuing_ca(

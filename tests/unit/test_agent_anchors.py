@@ -179,3 +179,14 @@ def test_chains_through_a_rollover_for_old_both_and_new_anchors(
     assert chain == [cert, issuing.cert]
     check_issued(chain, key, DEV, both, moment)
     check_issued(chain, key, DEV, [upd.new], moment)
+
+
+def test_a_root_rolled_over_at_once_is_still_newer_than_the_old(old: MemoryCa) -> None:
+    """Agents take only a root newer than their anchors; roll_root makes the new root's
+    notBefore later than the old one's even within the same second."""
+    upd = roll_root(old.root, generate_key(KeyType.EC_P256), old.root.cert.not_valid_before_utc)
+    assert upd.new.not_valid_before_utc > upd.old.not_valid_before_utc
+    moment = datetime.now(UTC)
+    adopted, refused = new_roots(list(upd.certificates), [upd.old], moment)
+    assert [a.root for a in adopted] == [upd.new] and refused == []
+    assert new_roots(list(upd.certificates), [upd.new], moment) == ([], [])
