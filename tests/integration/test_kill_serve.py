@@ -9,11 +9,9 @@ by themselves (BENCHMARKS.md, Faults / kill -9 of serve)."""
 from __future__ import annotations
 
 import sqlite3
-from datetime import timedelta
 from pathlib import Path
 
-from tests.live_server import make_home
-from tests.storm import Node, StormConfig, check, run_campaign
+from tests.storm import StormConfig, check, make_nodes, run_campaign
 
 # What the suite asserts of a restart (SIGKILL to the first 200 of the new process); measured
 # 0.8-2 s on a loaded 2-core host (BENCHMARKS.md), so only a hang or a crash loop fails this.
@@ -21,10 +19,8 @@ SERVING_BOUND_S = 20.0
 
 
 def test_kill_9_of_serve_during_an_enrollment_and_renewal_storm(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    # Agents' certificates last 30 s: long enough that none expires while serve is down.
-    make_home(home, device_validity=timedelta(seconds=30), backdate=timedelta(seconds=1))
-    node = Node("serve", home, tmp_path / "serve.log")
+    (node,) = make_nodes(tmp_path)
+    home = node.home
     config = StormConfig(enrollers=4, renewers=3, agents=2, tokens=300)
     try:
         campaign, storm = run_campaign(
