@@ -360,7 +360,7 @@ class Agent:
         path = self.config.trust_anchor
         try:
             add_anchors(path, [a.root for a in adopted])
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # not writable, or no longer PEM since we read it
             log.warning("%s: cannot add a trust anchor to %s: %s", self.device_id, path, exc)
             return
         self._anchor_certs = None

@@ -168,9 +168,14 @@ def read_anchors(path: Path) -> list[x509.Certificate]:
 def add_anchors(path: Path, roots: Sequence[x509.Certificate]) -> None:
     """Append `roots` to the trust store, atomically: a power cut leaves the old file or the
     new one, never a half-written anchor (fleetpki.atomic_file). What the file held before
-    stays byte for byte."""
+    stays byte for byte; a root it already holds (another agent sharing the file added it
+    since we read it) is not added twice."""
     old = path.read_bytes()
+    held = x509.load_pem_x509_certificates(old) if b"-----BEGIN" in old else []
+    missing = [r for r in roots if r not in held]
+    if not missing:
+        return
     new = old if old.endswith(b"\n") or not old else old + b"\n"
-    new += b"".join(r.public_bytes(Encoding.PEM) for r in roots)
+    new += b"".join(r.public_bytes(Encoding.PEM) for r in missing)
     with atomic_writer(path, PUBLIC_MODE) as fh:
         fh.write(new)

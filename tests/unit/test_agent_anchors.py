@@ -146,6 +146,10 @@ def test_add_anchors_keeps_the_old_file_and_appends(tmp_path: Path, update: Root
     assert read_anchors(path) == [update.old, update.new]
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["ca.pem"]
+    # Agents sharing one ca.pem (a simulator): a root already added is not added again.
+    after = path.read_bytes()
+    add_anchors(path, [update.new])
+    assert path.read_bytes() == after
 
 
 def test_chains_through_a_rollover_for_old_both_and_new_anchors(
