@@ -177,6 +177,12 @@ async def test_devices_that_trust_only_the_old_root_work_under_the_new_issuing_c
         assert chain[1:] == [issuing, old_with_new]
         check_issued(chain, key, DeviceId("dev-old-root"), [old_root], datetime.now(UTC))
         cert_path = write_pem(tmp_path / "dev.pem", chain)
+        # What mosquitto and the RabbitMQ tier load (chain.pem) verifies it too (OpenSSL).
+        by_chain_pem = openssl_verify(
+            layout.chain, write_pem(tmp_path / "leaf.pem", chain[:1]),
+            write_pem(tmp_path / "sent.pem", chain[1:]),
+        )  # fmt: skip
+        assert by_chain_pem.returncode == 0, by_chain_pem.stdout + by_chain_pem.stderr
         key_path = tmp_path / "dev.key"
         key_path.write_bytes(private_key_pem(key, None))
         creds = Creds("dev-old-root", chain[0], key, cert_path, key_path)
