@@ -107,7 +107,8 @@ class Registry(
             # of it, power cut included. NORMAL only survives a crash of the process: a power
             # cut could take back the last commits, and with them certificates devices hold
             # (https://www.sqlite.org/pragma.html#pragma_synchronous). The server's commits
-            # are grouped (enrollment/commit_queue), one sync per group: ~0.3 ms here.
+            # are grouped (enrollment/commit_queue), one sync per group: a commit of 15 took
+            # 3-4 ms instead of ~1.1 ms on a shared VM's disk (BENCHMARKS.md, "kill -9 of serve").
             conn.execute("PRAGMA synchronous = FULL")
             # Checkpoint every ~40 MB of WAL instead of SQLite's 4 MB default: a checkpoint
             # copies each changed page back once however often it changed, so under a busy
