@@ -33,6 +33,9 @@ def issued_record(cert: x509.Certificate, device_id: str) -> IssuedCertificate:
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        issuer_key_id=cert.extensions.get_extension_for_class(
+            x509.AuthorityKeyIdentifier
+        ).value.key_identifier.hex(),  # type: ignore[union-attr]
     )
 
 

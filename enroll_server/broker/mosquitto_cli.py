@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from enroll_server.broker.issuer_crls import IssuerCrls
 from enroll_server.broker.mosquitto_config import (
     DEFAULT_ADMIN_PORT,
     BrokerMaterial,
@@ -46,7 +47,6 @@ from enroll_server.home.layout import (
 )
 from enroll_server.pki.errors import PkiError
 from enroll_server.registry import Registry, RegistryError
-from enroll_server.revocation.publisher import CrlPublisher
 from fleetpki.packet_size import check_max_packet_size
 
 app = typer.Typer(
@@ -183,10 +183,9 @@ def mosquitto_config(
     )
     try:
         with Registry.open(registry_location(layout)) as registry:
-            publisher = CrlPublisher(
-                registry, loaded.issuer, next_update=loaded.config.crl_next_update
-            )
-            published = publisher.publish(datetime.now(UTC))
+            # One CRL per live issuing CA (after a rollover, home.issuers) in one crlfile.
+            crls = IssuerCrls(registry, loaded, next_update=loaded.config.crl_next_update)
+            published = crls.publish(datetime.now(UTC))
             services = service_names(registry)
         material = BrokerMaterial(
             ca_chain_pem=layout.chain.read_bytes(),
@@ -194,10 +193,8 @@ def mosquitto_config(
             server_key_pem=layout.server_key.read_bytes(),
             crl_pem=published.pem,
         )
-        files = write_mosquitto_config(
-            files.folder, material, settings, published.event_seq, services
-        )
-    except (OSError, RegistryError, MosquittoError) as exc:
+        files = write_mosquitto_config(files.folder, material, settings, crls.event_seq, services)
+    except (OSError, RegistryError, MosquittoError, HomeError, PkiError) as exc:
         raise _fail(str(exc)) from exc
     console.print(f"wrote {files.conf} (CRL #{published.number}, {published.entries} entries)")
     where = "every interface" if settings.bind in ("0.0.0.0", "::") else settings.bind
@@ -254,20 +251,24 @@ def mosquitto_sync(
     except (OSError, RegistryError, MosquittoError) as exc:
         raise _fail(str(exc)) from exc
     try:
-        publisher = CrlPublisher(
-            registry,
-            loaded.issuer,
-            next_update=loaded.config.crl_next_update,
-            since_seq=read_cursor(files),
-        )
+        try:
+            crls = IssuerCrls(
+                registry,
+                loaded,
+                next_update=loaded.config.crl_next_update,
+                since_seq=read_cursor(files),
+            )
+        except (HomeError, PkiError) as exc:
+            raise _fail(str(exc)) from exc
         sync = MosquittoSync(
-            publisher,
+            crls,
             files,
             current_pid,
             control,
             lambda: datetime.now(UTC),
             server_pair=(loaded.layout.server_cert, loaded.layout.server_key),
             services=lambda: service_names(registry),
+            ca_chain=loaded.layout.chain,
         )
         if once:
             try:

@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from enroll_server.broker.issuer_crls import CrlFeed
 from enroll_server.broker.mosquitto_acl import render_acl
 from enroll_server.broker.mosquitto_config import MosquittoFiles, write_crl
 from enroll_server.broker.mosquitto_dynsec import DynsecControl
@@ -40,7 +41,6 @@ from enroll_server.broker.mosquitto_errors import MosquittoError, MosquittoNotRu
 from enroll_server.home.server_certificate import ServerCertificateError, read_pair
 from enroll_server.registry.errors import RegistryError
 from enroll_server.registry.models import EventKind
-from enroll_server.revocation.publisher import CrlPublisher
 from fleetpki.atomic_file import PUBLIC_MODE, SECRET_MODE, write_atomic
 
 log = logging.getLogger("fleetpki.mosquitto")
@@ -111,7 +111,7 @@ class MosquittoSync:
 
     def __init__(
         self,
-        publisher: CrlPublisher,
+        publisher: CrlFeed,
         files: MosquittoFiles,
         pid: Callable[[], int],
         control: DynsecControl | None,
@@ -120,8 +120,10 @@ class MosquittoSync:
         server_pair: tuple[Path, Path] | None = None,
         services: Callable[[], Iterable[str]] | None = None,
         acl_interval: float = SERVICE_ACL_INTERVAL,
+        ca_chain: Path | None = None,
     ) -> None:
         self._server_pair = server_pair
+        self._ca_chain = ca_chain
         self._services = services
         self._acl_interval = acl_interval
         self._acl_checked: float | None = None
@@ -148,13 +150,16 @@ class MosquittoSync:
         current = self._publisher.current
         applied = None
         server_serial = self._copy_server_pair()
+        ca_changed = self._copy_ca_chain()
         crl_changed = current is not None and current.number != self._applied_crl
         if crl_changed:
             assert current is not None
             write_crl(self._files, current.pem)
         acl_services = self._refresh_acl()
-        if crl_changed or server_serial is not None or acl_services is not None:
+        if crl_changed or server_serial is not None or acl_services is not None or ca_changed:
             signal_reload(self._pid())
+            if ca_changed:
+                log.info("mosquitto: CA file with the home's live issuing CAs loaded")
             if acl_services is not None:
                 log.info("mosquitto: ACL with %d service identities loaded", acl_services)
             if current is not None and crl_changed:
@@ -203,6 +208,22 @@ class MosquittoSync:
                 return None
         write_atomic(self._files.acl, text, PUBLIC_MODE)
         return len(names)
+
+    def _copy_ca_chain(self) -> bool:
+        """Copy the home's chain.pem (every live issuing CA: a rollover, a retirement) into
+        mosquitto's cafile when it changed; True if it did."""
+        if self._ca_chain is None:
+            return False
+        try:
+            chain = self._ca_chain.read_bytes()
+        except OSError as exc:
+            log.warning("mosquitto: %s unreadable, CA file left as is: %s", self._ca_chain, exc)
+            return False
+        with contextlib.suppress(OSError):
+            if self._files.cafile.read_bytes() == chain:
+                return False
+        write_atomic(self._files.cafile, chain, PUBLIC_MODE)
+        return True
 
     def _copy_server_pair(self) -> int | None:
         """Copy a changed, matching server pair into mosquitto's folder; its serial if so."""

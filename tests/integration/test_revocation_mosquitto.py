@@ -16,8 +16,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import pytest
 from cryptography import x509
 from typer.testing import CliRunner
 
+from enroll_server.broker.issuer_crls import IssuerCrls
 from enroll_server.broker.mosquitto_cli import app as mosquitto_app
 from enroll_server.broker.mosquitto_config import (
     SYNC_USERNAME,
@@ -34,6 +35,7 @@ from enroll_server.broker.mosquitto_config import (
 )
 from enroll_server.broker.mosquitto_dynsec import open_control
 from enroll_server.broker.mosquitto_sync import MosquittoSync, read_cursor, read_pid
+from enroll_server.cli.app import app as fleetpki_app
 from enroll_server.home.layout import LoadedHome, load_home, renew_server_certificate
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.keys import load_private_key_pem
@@ -669,3 +671,50 @@ def test_broker_dropping_to_its_own_account_still_reloads_and_kicks(
         assert _presented_serial(broker) == new.serial_number
     finally:
         dev.stop()
+
+
+# ------------------------------------------------------------------------- issuing CA rollover
+
+
+def test_sync_follows_an_issuing_ca_rollover(broker: Broker, tmp_path: Path) -> None:
+    """After `fleetpki ca rollover`, mosquitto-sync hands mosquitto the new chain and one CRL
+    per live issuer: old and new certificates (presented alone) connect, and a revoked one of
+    the new issuer is refused."""
+    fleet, files = broker.fleet, broker.files
+    fleet.enroll("mq-old-1")
+    fleet.enroll("mq-old-2")
+    crls = IssuerCrls(
+        fleet.registry, broker.loaded, next_update=timedelta(hours=1), since_seq=read_cursor(files)
+    )
+    sync = MosquittoSync(
+        crls,
+        files,
+        lambda: read_pid(files.pidfile),
+        open_control(files),
+        lambda: datetime.now(UTC),
+        ca_chain=broker.loaded.layout.chain,
+    )
+    sync.step()
+    assert _can_connect(broker, "mq-old-1")
+    rolled = runner.invoke(fleetpki_app, ["ca", "rollover", "--home", str(broker.home)])
+    assert rolled.exit_code == 0, rolled.output
+    reloads = broker.log().count("Reloading config.")
+    assert sync.step().crl_number is not None
+    broker.wait_reloads(reloads + 1)
+    assert files.cafile.read_bytes() == broker.loaded.layout.chain.read_bytes()
+    assert files.crlfile.read_bytes().count(b"-----BEGIN X509 CRL-----") == 2
+    new_issuer = load_home(broker.home).issuer
+    fleet.ca = replace(fleet.ca, issuing=new_issuer)
+    fleet.enroll("mq-new-1")
+    fleet.enroll("mq-new-2")
+    assert _can_connect(broker, "mq-old-1")
+    assert _can_connect(broker, "mq-new-1")
+    # A revocation of each issuer's certificate reaches mosquitto through that issuer's CRL.
+    for name in ("mq-old-2", "mq-new-2"):
+        fleet.registry.revoke_device(
+            DeviceId(name), reason="keyCompromise", now=datetime.now(UTC), actor="t"
+        )
+    assert sync.step().crl_number is not None
+    assert not _can_connect(broker, "mq-new-2")
+    assert not _can_connect(broker, "mq-old-2")
+    assert _can_connect(broker, "mq-new-1") and _can_connect(broker, "mq-old-1")

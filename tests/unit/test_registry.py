@@ -1007,7 +1007,10 @@ def test_v3_registry_migrates_to_certificates_without_a_fingerprint_index(
                 second, consume_token_hash=None, supersedes_serial=None, now=NOW, actor="est"
             )
     with sqlite3.connect(db_path) as raw:
-        assert raw.execute("SELECT * FROM certificates ORDER BY rowid").fetchall() == before
+        after = raw.execute("SELECT * FROM certificates ORDER BY rowid").fetchall()
+        # Every column but schema 9's issuer_key_id, which the trip back to schema 3 dropped.
+        assert [r[:-1] for r in after] == [r[:-1] for r in before]
+        assert [r[-1] for r in after] == [None, None]
         indexes = {r[1]: r[2] for r in raw.execute("PRAGMA index_list(certificates)")}
         assert {"certificates_device", "certificates_revoked"} <= set(indexes)
         assert sum(indexes.values()) == 1  # one unique index: the serial's
