@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -254,7 +255,7 @@ class Storm:
         self.agent_events: Counter[str] = Counter()
         self.agent_loop: asyncio.AbstractEventLoop | None = None
         self.agent_thread: threading.Thread | None = None
-        self.agent_tasks: list[asyncio.Future[Any]] = []
+        self.agent_tasks: list[concurrent.futures.Future[Any]] = []
         self.agent_configs: list[Path] = []
 
     @property
@@ -468,11 +469,13 @@ class Storm:
         loop = asyncio.new_event_loop()
         ready = threading.Event()
         self.agent_loop = loop
-        self.agent_thread = threading.Thread(
-            target=lambda: (asyncio.set_event_loop(loop), ready.set(), loop.run_forever()),
-            name="storm-agents",
-            daemon=True,
-        )
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            ready.set()
+            loop.run_forever()
+
+        self.agent_thread = threading.Thread(target=run, name="storm-agents", daemon=True)
         self.agent_thread.start()
         ready.wait(5)
         for config in configs:
@@ -483,7 +486,7 @@ class Storm:
                 on_event=self._agent_event_handler(),
             )
             self.agents.append(agent)
-            self.agent_tasks.append(asyncio.run_coroutine_threadsafe(agent.run(), loop))  # type: ignore[arg-type]
+            self.agent_tasks.append(asyncio.run_coroutine_threadsafe(agent.run(), loop))
 
     def _agent_event_handler(self) -> Any:
         def on_event(event: AgentEvent) -> None:
@@ -620,8 +623,8 @@ def check(home: Path, ledger: Ledger, *, final: bool) -> Checked:
         with registry._read() as conn:
             rows = conn.execute(f"SELECT {CERTIFICATE_COLUMNS} FROM certificates").fetchall()
     for row in rows:
-        record = certificate_from_row(row)
-        by_device.setdefault(record.device_id.value, {})[record.serial] = record
+        one = certificate_from_row(row)
+        by_device.setdefault(one.device_id.value, {})[one.serial] = one
     for device in sorted(set(received) | enrollers):
         chain = received.get(device, [])
         records = by_device.get(device, {})
@@ -738,12 +741,12 @@ def run_campaign(
     try:
         if agents_first and storm.agents:
             storm.wait_agents(agents_timeout)
-        for n in range(kills):
+        for k in range(kills):
             after = rng.uniform(*gap)
             time.sleep(after)
-            up = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
+            up = [x for x in nodes if x.proc is not None and x.proc.poll() is None]
             if not up:
-                codes = {n.name: n.proc and n.proc.returncode for n in nodes}
+                codes = {x.name: x.proc and x.proc.returncode for x in nodes}
                 raise RuntimeError(f"no node running (exit codes {codes}), see {nodes[0].log}")
             node = victim(up, storm) if victim is not None else rng.choice(up)
             in_flight = storm.ledger.in_flight
@@ -765,9 +768,9 @@ def run_campaign(
                 back = time.monotonic() - killed
             campaign.kills.append(Kill(node.name, after, in_flight, to_serving, back, agents_on))
             checked = check(nodes[0].home, storm.ledger, final=False)
-            campaign.violations += [f"after kill {n + 1}: {v}" for v in checked.violations]
+            campaign.violations += [f"after kill {k + 1}: {v}" for v in checked.violations]
             if progress is not None:
-                progress(n + 1, campaign.kills[-1], storm.ledger)
+                progress(k + 1, campaign.kills[-1], storm.ledger)
         # Agents carry on by themselves: connected again (to a node that is up).
         if storm.agents and campaign.kills:
             campaign.agents_back = storm.wait_agents(
