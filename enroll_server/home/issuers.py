@@ -24,7 +24,6 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.home.config import PkiUrls, ServerConfig
@@ -39,6 +38,7 @@ from enroll_server.home.root_update import current_roots
 from enroll_server.pki.ca import Issuer, build_issuing_ca
 from enroll_server.pki.key_id import key_id
 from enroll_server.pki.keys import PrivateKey, generate_key, load_private_key_pem, private_key_pem
+from enroll_server.pki.root_rollover import is_self_signed
 from enroll_server.pki.signer import Signer
 from enroll_server.registry.models import RevokedEntry
 from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
@@ -145,18 +145,9 @@ def write_chain(
     root rollover, the old root: an old issuing CA may be under it). What the brokers and the
     EST listener trust for client certificates: old and new certificates both verify."""
     between = read_intermediates(layout)
-    roots = [c for c in current_roots(layout) if _self_signed(c)]
+    roots = [c for c in current_roots(layout) if is_self_signed(c)]
     certs = [current, *previous, *between, *roots]
     write_atomic(layout.chain, b"".join(_pem(c) for c in certs), PUBLIC_MODE)
-
-
-def _self_signed(cert: x509.Certificate) -> bool:
-    """A root, not a root rollover's cross-certificate (same name, the other root's key)."""
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)

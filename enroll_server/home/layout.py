@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from enroll_server.home.config import ServerConfig, load_config, render_config
@@ -30,6 +29,7 @@ from enroll_server.pki.keys import (
     load_private_key_pem,
     private_key_pem,
 )
+from enroll_server.pki.root_rollover import is_self_signed, signed_by
 from enroll_server.pki.signer import (
     Pkcs11Signer,
     Signer,
@@ -192,16 +192,13 @@ def cross_certificates_for(
     new-signed-old one, for devices that trust only the new root."""
     found = []
     for cross in update:
-        if cross.subject != cross.issuer or cross.issuer != issuing.issuer:
-            continue
-        try:
-            issuing.verify_directly_issued_by(cross)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        try:
-            cross.verify_directly_issued_by(cross)
-        except (ValueError, TypeError, InvalidSignature):
-            found.append(cross)  # signed by the other root: a cross-certificate, not a root
+        # Self-issued, the key that signed `issuing`, and not a root: a cross-certificate.
+        if (
+            cross.subject == cross.issuer
+            and signed_by(issuing, cross)
+            and not is_self_signed(cross)
+        ):
+            found.append(cross)
     return tuple(found)
 
 

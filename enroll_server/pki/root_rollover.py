@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from enroll_server.pki.ca import (
     CA_BACKDATE,
@@ -29,6 +30,21 @@ from enroll_server.pki.ca import (
 from enroll_server.pki.keys import PrivateKey
 from enroll_server.pki.serial import new_serial
 from enroll_server.pki.signer import Signer, sign_x509
+
+
+def signed_by(cert: x509.Certificate, parent: x509.Certificate) -> bool:
+    """`parent`'s name is `cert`'s issuer and `parent`'s key verifies `cert`'s signature."""
+    try:
+        cert.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    """A root. A rollover's cross-certificate has a root's name as both subject and issuer
+    (self-issued) but the other root's signature."""
+    return signed_by(cert, cert)
 
 
 @dataclass(frozen=True)
