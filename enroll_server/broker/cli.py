@@ -27,6 +27,8 @@ from enroll_server.registry import Registry
 from enroll_server.transport.listen import ListenFailed, listening
 from enroll_server.web.app import admin_ssl_context
 
+log = logging.getLogger("fleetpki.broker")
+
 app = typer.Typer(
     help="The embedded mTLS MQTT broker (run alone: `fleetpki broker --home H`).",
     pretty_exceptions_enable=False,
@@ -128,6 +130,28 @@ async def _metrics_site(
     return runner
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+async def follow_ca_file(path: Path, contexts: list[ssl.SSLContext], interval: float) -> None:
+    """Load `path` again into `contexts` whenever it changes (until cancelled). OpenSSL's
+    store only grows: an issuing CA gone from the file stays trusted until a restart, and the
+    registry check refuses its certificates (retired: expired; revoked: all revoked)."""
+    seen = await asyncio.to_thread(_read, path)
+    while True:
+        await asyncio.sleep(interval)
+        now = await asyncio.to_thread(_read, path)
+        if now and now != seen:
+            for ctx in contexts:
+                ctx.load_verify_locations(cafile=str(path))
+            seen = now
+            log.info("%s changed: its CAs are trusted", path)
+
+
 async def serve_until_signal(
     config: BrokerConfig, metrics_port: int | None, cert_check_interval: float = CHECK_INTERVAL
 ) -> None:
@@ -146,6 +170,11 @@ async def serve_until_signal(
         interval=cert_check_interval,
     )
     certificates.start()
+    # A rollover (`fleetpki ca rollover`) adds an issuing CA to chain.pem: trusted at once.
+    follow = asyncio.create_task(
+        follow_ca_file(config.ca_file, [running.tls_context], cert_check_interval),
+        name="fleetpki-ca-file",
+    )
     try:
         if metrics_port is not None:
             registry = Registry.open(config.registry_path)
@@ -164,6 +193,7 @@ async def serve_until_signal(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        follow.cancel()
         await certificates.stop()
         if runner is not None:
             await runner.cleanup()

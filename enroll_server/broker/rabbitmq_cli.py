@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from enroll_server.broker.issuer_crls import IssuerCrls
 from enroll_server.broker.mosquitto_cli import _load, console, until_signalled
 from enroll_server.broker.mosquitto_config import BrokerMaterial
 from enroll_server.broker.mosquitto_sync import DEFAULT_SYNC_INTERVAL
@@ -28,9 +29,9 @@ from enroll_server.broker.rabbitmq_sync import (
 )
 from enroll_server.cli.exit_codes import ExitCode, error_exit
 from enroll_server.cli.options import HomeOpt
-from enroll_server.home.layout import new_secret, registry_location
+from enroll_server.home.layout import HomeError, new_secret, registry_location
+from enroll_server.pki.errors import PkiError
 from enroll_server.registry import Registry, RegistryError
-from enroll_server.revocation.publisher import CrlPublisher
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -81,18 +82,17 @@ def rabbitmq_config(
         secret = ensure_secret(layout.root, new_secret())
         ensure_secret(layout.root, new_secret(), SYNC_SECRET_FILE)
         with Registry.open(registry_location(layout)) as registry:
-            publisher = CrlPublisher(
-                registry, loaded.issuer, next_update=loaded.config.crl_next_update
-            )
-            published = publisher.publish(datetime.now(UTC))
+            # One CRL per live issuing CA (after a rollover, home.issuers).
+            crls = IssuerCrls(registry, loaded, next_update=loaded.config.crl_next_update)
+            published = crls.publish(datetime.now(UTC))
         material = BrokerMaterial(
             ca_chain_pem=layout.chain.read_bytes(),
             server_chain_pem=layout.server_cert.read_bytes(),
             server_key_pem=layout.server_key.read_bytes(),
             crl_pem=published.pem,
         )
-        files = write_rabbitmq_config(files.folder, material, settings, secret, published.event_seq)
-    except (OSError, RegistryError, RabbitConfigError) as exc:
+        files = write_rabbitmq_config(files.folder, material, settings, secret, crls.event_seq)
+    except (OSError, RegistryError, RabbitConfigError, HomeError, PkiError) as exc:
         raise error_exit(str(exc)) from exc
     console.print(f"wrote {files.folder} (CRL #{published.number}, {published.entries} entries)")
     console.print(
@@ -157,19 +157,23 @@ def rabbitmq_sync(
     except (OSError, RegistryError) as exc:
         raise error_exit(str(exc)) from exc
     try:
-        publisher = CrlPublisher(
-            registry,
-            loaded.issuer,
-            next_update=loaded.config.crl_next_update,
-            since_seq=read_cursor(files),
-        )
+        try:
+            crls = IssuerCrls(
+                registry,
+                loaded,
+                next_update=loaded.config.crl_next_update,
+                since_seq=read_cursor(files),
+            )
+        except (HomeError, PkiError) as exc:
+            raise error_exit(str(exc)) from exc
         sync = RabbitSync(
-            publisher,
+            crls,
             files,
             management,
             lambda: datetime.now(UTC),
             server_pair=(loaded.layout.server_cert, loaded.layout.server_key),
             reload_certificates=PemCacheClear(tuple(node), rabbitmqctl) if node else None,
+            ca_chain=loaded.layout.chain,
         )
         if once:
             try:

@@ -237,13 +237,26 @@ def crl_hash(crl_pem: bytes) -> str:
     return done.stdout.decode().strip()
 
 
-def write_crl(files: RabbitFiles, crl_pem: bytes) -> Path:
-    """Replace `crl/<hash>.r0` atomically: RabbitMQ never reads half a CRL nor finds none."""
-    x509.load_pem_x509_crl(crl_pem)  # never write what is not a CRL
+_CRL_END = b"-----END X509 CRL-----"
+
+
+def write_crl(files: RabbitFiles, crl_pem: bytes) -> list[Path]:
+    """Replace `crl/<hash>.r0` atomically for each CRL in `crl_pem` (one per live issuing CA
+    after a rollover: ssl_crl_hash_dir finds a certificate's CRL by its issuer's name hash,
+    and with crl_check peer a certificate whose issuer has none is refused): RabbitMQ never
+    reads half a CRL nor finds none."""
+    pems = [
+        part.strip() + b"\n" + _CRL_END + b"\n" for part in crl_pem.split(_CRL_END) if part.strip()
+    ]
+    for pem in pems:
+        x509.load_pem_x509_crl(pem)  # never write what is not a CRL
     files.crl_dir.mkdir(parents=True, exist_ok=True)
-    path = files.crl_dir / f"{crl_hash(crl_pem)}.r0"
-    write_atomic(path, crl_pem, PUBLIC_MODE)
-    return path
+    paths = []
+    for pem in pems:
+        path = files.crl_dir / f"{crl_hash(pem)}.r0"
+        write_atomic(path, pem, PUBLIC_MODE)
+        paths.append(path)
+    return paths
 
 
 def write_rabbitmq_config(

@@ -17,6 +17,7 @@ registry events moves only when every kick is done, so a restarted syncer catche
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import logging
 import subprocess
@@ -28,10 +29,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from enroll_server.broker.issuer_crls import CrlFeed
 from enroll_server.broker.mosquitto_sync import RECHECK_DELAYS, copy_server_pair, run_rounds
 from enroll_server.broker.rabbitmq_auth import SYNC_USERNAME
 from enroll_server.broker.rabbitmq_config import RabbitConfigError, RabbitFiles, write_crl
-from enroll_server.revocation.publisher import CrlPublisher
 from fleetpki.atomic_file import PUBLIC_MODE, write_atomic
 
 log = logging.getLogger("fleetpki.rabbitmq")
@@ -120,7 +121,7 @@ class RabbitSync:
 
     def __init__(
         self,
-        publisher: CrlPublisher,
+        publisher: CrlFeed,
         files: RabbitFiles,
         management: Management,
         clock: Callable[[], datetime],
@@ -128,8 +129,10 @@ class RabbitSync:
         server_pair: tuple[Path, Path] | None = None,
         reload_certificates: Callable[[], None] | None = None,
         recheck_delays: Sequence[float] = RECHECK_DELAYS,
+        ca_chain: Path | None = None,
     ) -> None:
         self._publisher = publisher
+        self._ca_chain = ca_chain
         self._files = files
         self._management = management
         self._clock = clock
@@ -155,13 +158,17 @@ class RabbitSync:
             serial = copy_server_pair(self._server_pair, self._files.certfile, self._files.keyfile)
             if serial is not None:
                 log.info("rabbitmq: TLS server certificate serial %x copied", serial)
-                if self._reload_certificates is not None:
-                    self._reload_certificates()
-                else:
-                    log.warning(
-                        "rabbitmq: the nodes present the old server certificate until "
-                        "ssl:clear_pem_cache() or a restart (rabbitmq-sync --node)"
-                    )
+        ca_changed = self._copy_ca_chain()
+        if ca_changed:
+            log.info("rabbitmq: CA file with the home's live issuing CAs copied")
+        if serial is not None or ca_changed:
+            if self._reload_certificates is not None:
+                self._reload_certificates()
+            else:
+                log.warning(
+                    "rabbitmq: the nodes use the old server certificate and CA file until "
+                    "ssl:clear_pem_cache() or a restart (rabbitmq-sync --node)"
+                )
         now = self._monotonic()
         # A handshake under way while the CRL file was replaced may have read the old one:
         # the same users are kicked again a little later.
@@ -181,6 +188,22 @@ class RabbitSync:
             self._files.sync_cursor, f"{self._publisher.event_seq}\n".encode(), PUBLIC_MODE
         )
         return RabbitRound(applied, tuple(dropped), serial)
+
+    def _copy_ca_chain(self) -> bool:
+        """Copy the home's chain.pem (every live issuing CA: a rollover, a retirement) over
+        the nodes' cafile when it changed; True if it did."""
+        if self._ca_chain is None:
+            return False
+        try:
+            chain = self._ca_chain.read_bytes()
+        except OSError as exc:
+            log.warning("rabbitmq: %s unreadable, CA file left as is: %s", self._ca_chain, exc)
+            return False
+        with contextlib.suppress(OSError):
+            if self._files.cafile.read_bytes() == chain:
+                return False
+        write_atomic(self._files.cafile, chain, PUBLIC_MODE)
+        return True
 
     def run(self, interval: float, stop: threading.Event) -> None:
         run_rounds(self.step, interval, stop, RabbitConfigError, "rabbitmq")

@@ -441,7 +441,10 @@ async def start_server(
     issuing = loaded.issuer.cert
     if (warning := expiry_warning(issuing, clock(), cfg.ca_expiry_warning)) is not None:
         log.warning("%s", warning)
-    state.metrics.extra.append(lambda: expiry_metrics(issuing, clock(), cfg.ca_expiry_warning))
+    # The current issuing CA's, which a rollover replaces while serve runs.
+    state.metrics.extra.append(
+        lambda: expiry_metrics(service.issuer.cert, clock(), cfg.ca_expiry_warning)
+    )
     if cfg.root != "external" and not loaded.layout.root_key.exists():  # an offline root
         if (warning := root_crl_warning(root_crl.crl, clock(), cfg.root_crl_warning)) is not None:
             log.warning("%s", warning)

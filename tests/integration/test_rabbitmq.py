@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from device_agent.backoff import Backoff
 from device_agent.mqtt_link import MqttLink
+from enroll_server.broker.issuer_crls import IssuerCrls
 from enroll_server.broker.rabbitmq_auth_routes import SYNC_SECRET_FILE, read_secret
 from enroll_server.broker.rabbitmq_cli import app as rabbitmq_app
 from enroll_server.broker.rabbitmq_config import RabbitFiles, crl_hash
@@ -40,6 +41,7 @@ from enroll_server.broker.rabbitmq_sync import (
     RabbitSync,
     read_cursor,
 )
+from enroll_server.cli.app import app as fleetpki_app
 from enroll_server.home.layout import load_home, renew_server_certificate
 from enroll_server.pki.keys import private_key_pem
 from enroll_server.revocation.publisher import CrlPublisher
@@ -578,3 +580,47 @@ def test_the_sync_daemon_killed_and_restarted_catches_up(tier: Tier) -> None:
     assert any("kill-1" in line for line in drops) and any("kill-2" in line for line in drops)
     password = read_secret(tier.home, SYNC_SECRET_FILE)
     assert password is not None and password not in log
+
+
+def test_sync_follows_an_issuing_ca_rollover(tier: Tier) -> None:
+    """Last in this module (it changes the home's issuing CA): after `fleetpki ca rollover`,
+    rabbitmq-sync writes each live issuer's CRL under its own hash (a certificate whose
+    issuer has none is refused) and the new chain as the CA file: old and new certificates,
+    presented alone, connect; a revoked one of the new issuer is refused."""
+    device(tier, "roll-old")
+    device(tier, "roll-old-gone")
+    loaded = load_home(tier.home)
+    crls = IssuerCrls(
+        tier.fleet.registry,
+        loaded,
+        next_update=timedelta(hours=1),
+        since_seq=read_cursor(tier.files),
+    )
+    sync = RabbitSync(
+        crls,
+        tier.files,
+        tier.management(),
+        lambda: datetime.now(UTC),
+        reload_certificates=PemCacheClear((tier.node.node,), str(CTL), tier.node.env()),
+        ca_chain=loaded.layout.chain,
+    )
+    sync.step()
+    rolled = CliRunner().invoke(fleetpki_app, ["ca", "rollover", "--home", str(tier.home)])
+    assert rolled.exit_code == 0, rolled.output
+    assert sync.step().crl_number is not None
+    assert tier.files.cafile.read_bytes() == loaded.layout.chain.read_bytes()
+    assert len(list(tier.files.crl_dir.iterdir())) == 2
+    tier.fleet.ca = replace(tier.fleet.ca, issuing=load_home(tier.home).issuer)
+    device(tier, "roll-new")
+    device(tier, "roll-gone")
+    connected(tier, "roll-old").close()
+    connected(tier, "roll-new").close()
+    # A revocation of each issuer's certificate reaches RabbitMQ through that issuer's CRL.
+    for name in ("roll-gone", "roll-old-gone"):
+        tier.fleet.registry.revoke_device(
+            DeviceId(name), reason="keyCompromise", now=datetime.now(UTC), actor="t"
+        )
+    assert sync.step().crl_number is not None
+    for name in ("roll-gone", "roll-old-gone"):
+        assert not Client(tier, name, live_files(tier, name)).connect().accepted, name
+    connected(tier, "roll-old").close()

@@ -202,3 +202,58 @@ async def test_the_broker_alone_loads_a_renewed_certificate(tmp_path: Path) -> N
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_the_broker_alone_trusts_a_new_issuing_ca_after_a_rollover(tmp_path: Path) -> None:
+    """`fleetpki broker` loads chain.pem again when `fleetpki ca rollover` changes it: a
+    device certificate of the new issuing CA, presented alone, is admitted without a restart."""
+    from enroll_server.broker.cli import broker_config_for_home, serve_until_signal
+    from enroll_server.registry import Registry
+    from tests.integration.broker_harness import PAHO_ACCEPTED, Creds, PahoDevice
+    from tests.pki_helpers import issued_record
+
+    layout = make_home(tmp_path / "home")
+    port = free_port()
+    config = broker_config_for_home(layout.root, bind="127.0.0.1", port=port)
+    task = asyncio.create_task(serve_until_signal(config, None, cert_check_interval=0.1))
+    try:
+        rolled = await asyncio.to_thread(
+            CliRunner().invoke, app, ["ca", "rollover", "--home", str(layout.root)]
+        )
+        assert rolled.exit_code == 0, rolled.output
+        now = datetime.now(UTC)
+        key = generate_key(KeyType.EC_P256)
+        profile = DeviceProfile(validity=timedelta(hours=1), backdate=timedelta(minutes=1))
+        cert = build_device_certificate(
+            key.public_key(), DeviceId("dev-new-ca"), load_home(layout.root).issuer, now, profile
+        )
+        with Registry.open(load_home(layout.root).registry) as registry:
+            registry.add_device(DeviceId("dev-new-ca"), now=now, actor="test")
+            registry.record_issuance(
+                issued_record(cert, "dev-new-ca"),
+                consume_token_hash=None,
+                supersedes_serial=None,
+                now=now,
+                actor="test",
+            )
+        cert_path, key_path = tmp_path / "dev.pem", tmp_path / "dev.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(private_key_pem(key, None))
+        creds = Creds("dev-new-ca", cert, key, cert_path, key_path)
+        deadline = time.monotonic() + 10
+        while True:
+            device = PahoDevice(creds, port, layout.root_cert)
+            try:
+                code = await device.connect()
+            except OSError:
+                code = None  # not listening yet
+            finally:
+                await device.close()
+            if code == PAHO_ACCEPTED or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert code == PAHO_ACCEPTED
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
