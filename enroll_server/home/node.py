@@ -31,6 +31,7 @@ from pathlib import Path
 from cryptography import x509
 
 from enroll_server.home.config import render_config
+from enroll_server.home.issuers import IssuerFiles
 from enroll_server.home.layout import (
     HomeError,
     HomeLayout,
@@ -84,6 +85,12 @@ def add_node(
     ]
     if not config.ca_key:
         wanted.append(theirs.issuing_key)
+    # After an issuing CA rollover: the previous live issuers (their CRLs and OCSP), which
+    # issuer owns /crl, and the revoked ones (home.issuers).
+    issuers = IssuerFiles(theirs)
+    wanted.append(issuers.first_issuer)
+    for folder in (issuers.previous_dir, issuers.revoked_dir):
+        wanted += sorted(folder.glob("*")) if folder.is_dir() else []
     for extra in (config.registry_password_file, config.pkcs11_pin_file):
         # A path outside the home (init writes the PIN file's absolute path) stays as it is:
         # the node's operator puts that file in the same place on the node.

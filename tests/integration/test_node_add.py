@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from enroll_server.cli.app import app
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.home.layout import HomeLayout
 from fleetpki.identity import DeviceId
+from tests.est_client import request
 from tests.integration.test_est import enroll, leaf
 from tests.live_server import make_home, start_live_server
 from tests.pg_cluster import PASSWORD
@@ -100,3 +102,31 @@ def test_a_sqlite_home_and_a_used_folder_are_refused_with_nothing_written(
     assert [p.name for p in used.iterdir()] == ["keep.txt"]
     code, output = _node_add(shared.root, tmp_path / "n3")
     assert code == 2 and "--hostname" in output, output
+
+
+def test_a_node_added_after_an_issuing_ca_rollover_serves_both_issuers(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The previous issuing CA and which issuer owns /crl go with the node: its certificates
+    name the new issuer's /crl/<id>, and it serves the old issuer's CRL at /crl."""
+    bare = pg_url.replace(f":{PASSWORD}@", "@")
+    first = make_home(tmp_path / "a", registry=bare, registry_password=PASSWORD)
+    old = x509.load_pem_x509_certificate(first.issuing_cert.read_bytes())
+    rolled = CliRunner().invoke(app, ["ca", "rollover", "--home", str(first.root), "--json"])
+    assert rolled.exit_code == 0, rolled.output
+    new_id = json.loads(rolled.output)["new"]
+    code, output = _node_add(first.root, tmp_path / "b", "node-b.example", "127.0.0.1")
+    assert code == 0, output
+    node = HomeLayout(tmp_path / "b")
+    assert node.chain.read_bytes() == first.chain.read_bytes()
+    b = start_live_server(node.root)
+    try:
+        reply = enroll(b, "node-dev-2", b.mint_device("node-dev-2"))
+        assert reply.status == 200, reply.text
+        cert = leaf(decode_certs_only(reply.body))
+        cdp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        assert str(cdp[0].full_name[0].value).endswith(f"/crl/{new_id}")  # type: ignore[index]
+        crl = x509.load_der_x509_crl(request(b.http_url + "/crl", None).body)
+        assert crl.is_signature_valid(old.public_key())  # /crl: the old issuer's, still live
+    finally:
+        b.stop()
