@@ -210,20 +210,8 @@ class MosquittoSync:
         return len(names)
 
     def _copy_ca_chain(self) -> bool:
-        """Copy the home's chain.pem (every live issuing CA: a rollover, a retirement) into
-        mosquitto's cafile when it changed; True if it did."""
-        if self._ca_chain is None:
-            return False
-        try:
-            chain = self._ca_chain.read_bytes()
-        except OSError as exc:
-            log.warning("mosquitto: %s unreadable, CA file left as is: %s", self._ca_chain, exc)
-            return False
-        with contextlib.suppress(OSError):
-            if self._files.cafile.read_bytes() == chain:
-                return False
-        write_atomic(self._files.cafile, chain, PUBLIC_MODE)
-        return True
+        """Copy the home's chain.pem into mosquitto's cafile when it changed; True if so."""
+        return self._ca_chain is not None and copy_ca_file(self._ca_chain, self._files.cafile)
 
     def _copy_server_pair(self) -> int | None:
         """Copy a changed, matching server pair into mosquitto's folder; its serial if so."""
@@ -261,6 +249,21 @@ def run_rounds(
         except retried as exc:
             log.warning("%s sync round failed, retrying: %s", broker, exc)
         stop.wait(interval)
+
+
+def copy_ca_file(chain: Path, cafile: Path) -> bool:
+    """Copy the home's chain.pem (every live issuing CA: a rollover, a retirement, a revoked
+    issuer gone) over a broker's CA file when it differs; True if it was copied."""
+    try:
+        pem = chain.read_bytes()
+    except OSError as exc:
+        log.warning("%s unreadable, the broker's CA file left as is: %s", chain, exc)
+        return False
+    with contextlib.suppress(OSError):
+        if cafile.read_bytes() == pem:
+            return False
+    write_atomic(cafile, pem, PUBLIC_MODE)
+    return True
 
 
 def copy_server_pair(server_pair: tuple[Path, Path], certfile: Path, keyfile: Path) -> int | None:

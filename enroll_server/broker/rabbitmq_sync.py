@@ -17,7 +17,6 @@ registry events moves only when every kick is done, so a restarted syncer catche
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.client
 import logging
 import subprocess
@@ -30,7 +29,12 @@ from datetime import datetime
 from pathlib import Path
 
 from enroll_server.broker.issuer_crls import CrlFeed
-from enroll_server.broker.mosquitto_sync import RECHECK_DELAYS, copy_server_pair, run_rounds
+from enroll_server.broker.mosquitto_sync import (
+    RECHECK_DELAYS,
+    copy_ca_file,
+    copy_server_pair,
+    run_rounds,
+)
 from enroll_server.broker.rabbitmq_auth import SYNC_USERNAME
 from enroll_server.broker.rabbitmq_config import RabbitConfigError, RabbitFiles, write_crl
 from fleetpki.atomic_file import PUBLIC_MODE, write_atomic
@@ -190,20 +194,8 @@ class RabbitSync:
         return RabbitRound(applied, tuple(dropped), serial)
 
     def _copy_ca_chain(self) -> bool:
-        """Copy the home's chain.pem (every live issuing CA: a rollover, a retirement) over
-        the nodes' cafile when it changed; True if it did."""
-        if self._ca_chain is None:
-            return False
-        try:
-            chain = self._ca_chain.read_bytes()
-        except OSError as exc:
-            log.warning("rabbitmq: %s unreadable, CA file left as is: %s", self._ca_chain, exc)
-            return False
-        with contextlib.suppress(OSError):
-            if self._files.cafile.read_bytes() == chain:
-                return False
-        write_atomic(self._files.cafile, chain, PUBLIC_MODE)
-        return True
+        """Copy the home's chain.pem over the nodes' cafile when it changed; True if so."""
+        return self._ca_chain is not None and copy_ca_file(self._ca_chain, self._files.cafile)
 
     def run(self, interval: float, stop: threading.Event) -> None:
         run_rounds(self.step, interval, stop, RabbitConfigError, "rabbitmq")

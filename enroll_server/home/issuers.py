@@ -193,7 +193,11 @@ def roll_over(
     if root.cert.subject != current.cert.issuer:
         raise HomeError(layout.root, "the root given did not sign the current issuing CA")
     if not isinstance(current.key, PrivateKey):
-        raise HomeError(layout.root, "rollover of an issuing CA key in a token is not supported")
+        raise HomeError(
+            layout.root,
+            f"the issuing CA key is in a PKCS#11 token ({config.ca_key}): `ca rollover` keeps "
+            "issuing keys as files and cannot roll it over",
+        )
     files = IssuerFiles(layout)
     phrase = home_passphrase(layout)
     old_id = key_id(current.cert)

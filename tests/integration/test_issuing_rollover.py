@@ -316,6 +316,9 @@ async def test_a_compromised_issuing_ca_is_revoked_at_the_root_and_its_devices_r
     # The current issuer cannot be revoked: roll over first.
     refused = runner.invoke(app, ["ca", "revoke-issuing", bad_id, "--home", home])
     assert refused.exit_code == 2 and "ca rollover" in refused.output
+    unknown = runner.invoke(app, ["ca", "revoke-issuing", "00" * 20, "--home", home])
+    assert unknown.exit_code == 2 and "no live previous issuing CA" in unknown.output
+    assert not IssuerFiles(server.layout).revoked_dir.exists()
     new_id = rollover(server)
     wait_for(lambda: new_id in issuing_ids(cacerts(server)), "rollover picked up")
     bad_crl = crl_at(server, "/crl")  # the old CA's, as a relying party fetched it
