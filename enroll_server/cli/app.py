@@ -84,31 +84,45 @@ def _home(home: Path | None) -> Path:
 
 
 def _token_key(
-    root: Path, cfg: ServerConfig, ca_key: str, pin_file: Path | None
+    root: Path, cfg: ServerConfig, flag: str, key_uri: str, pin_file: Path | None
 ) -> tuple[ServerConfig, Pkcs11Signer]:
-    """`init --ca-key`: the issuing CA key in its token (made there if absent), and the
+    """`init --ca-key` / `--root-key`: a CA key in its token (made there if absent), and the
     config that names it: URI, module, PIN file path; never the PIN."""
-    from enroll_server.home.layout import HomeLayout, ca_token_signer
+    from enroll_server.home.layout import TOKEN_CURVES, HomeLayout, token_key_signer
     from enroll_server.pki.signer import BadKeyUri, SignerError, module_path, parse_pkcs11_uri
 
-    curves = {KeyType.EC_P256: "secp256r1", KeyType.EC_P384: "secp384r1"}
-    if cfg.key_type not in curves:
-        fail("--ca-key makes an EC key in the token: use --key-type ec-p256 or ec-p384")
+    if cfg.key_type not in TOKEN_CURVES:
+        fail(f"{flag} makes an EC key in the token: use --key-type ec-p256 or ec-p384")
     try:
-        uri = parse_pkcs11_uri(ca_key)
+        uri = parse_pkcs11_uri(key_uri)
     except BadKeyUri as exc:
-        fail(f"--ca-key: {exc}")
+        fail(f"{flag}: {exc}")
+    if flag == "--root-key":
+        cfg = replace(cfg, root_key=str(uri))
+    else:
+        cfg = replace(cfg, ca_key=str(uri))
     cfg = replace(
         cfg,
-        ca_key=str(uri),
         pkcs11_module=module_path(None, uri),
         pkcs11_pin_file=str(pin_file.resolve()) if pin_file is not None else "",
     )
     try:
-        signer = ca_token_signer(HomeLayout(root), cfg, create=True, curve=curves[cfg.key_type])
+        signer = token_key_signer(
+            HomeLayout(root), cfg, str(uri), create=True, curve=TOKEN_CURVES[cfg.key_type]
+        )
     except SignerError as exc:
         fail(str(exc), ExitCode.FAILED)
     return cfg, signer
+
+
+def _same_key(a: str, b: str) -> bool:
+    """Two key URIs naming the same key (a malformed one is reported by _token_key)."""
+    from enroll_server.pki.signer import BadKeyUri, parse_pkcs11_uri
+
+    try:
+        return parse_pkcs11_uri(a) == parse_pkcs11_uri(b)
+    except BadKeyUri:
+        return False
 
 
 def _new_registry(root: Path, registry: str | None, password_file: str | None) -> RegistryLocation:
@@ -205,12 +219,21 @@ def init(
             "FLEETPKI_PKCS11_MODULE or the URI's module-path (default SoftHSM2's).",
         ),
     ] = None,
+    root_key: Annotated[
+        str | None,
+        typer.Option(
+            "--root-key",
+            help="The root CA key in a PKCS#11 token, like --ca-key (another object; the same "
+            "module and PIN); the home keeps no root.key.",
+            show_default=False,
+        ),
+    ] = None,
     pin_file: Annotated[
         Path | None,
         typer.Option(
             "--pin-file",
-            help="With --ca-key: a file holding the token PIN (else FLEETPKI_PKCS11_PIN); "
-            "its path goes to fleetpki.toml, the PIN never does.",
+            help="With --ca-key / --root-key: a file holding the token PIN (else "
+            "FLEETPKI_PKCS11_PIN); its path goes to fleetpki.toml, the PIN never does.",
         ),
     ] = None,
     root_offline: Annotated[
@@ -282,6 +305,12 @@ def init(
     )
     if external_root and root_offline is not None:
         fail("--external-root and --root-offline exclude each other: whose root is it?")
+    if root_key is not None and (external_root or root_offline is not None):
+        which = "--external-root" if external_root else "--root-offline"
+        fail(
+            f"--root-key and {which} exclude each other: --root-key keeps the root key in a "
+            "token, which is its own offline medium (unplug it between ceremonies)"
+        )
     try:
         check_new_home(root, force=force)  # before a key is made in a token or DIR
         keep_root = _offline_root(root_offline, root_passphrase_file)
@@ -289,9 +318,13 @@ def init(
         fail(str(exc))
     if keep_root is not None:
         cfg = replace(cfg, root="offline")
-    signer = None
+    if root_key is not None and ca_key is not None and _same_key(root_key, ca_key):
+        fail("--root-key and --ca-key name the same key: the root and the issuing CA need two")
+    signer = root_signer = None
+    if root_key is not None:
+        cfg, root_signer = _token_key(root, cfg, "--root-key", root_key, pin_file)
     if ca_key is not None:
-        cfg, signer = _token_key(root, cfg, ca_key, pin_file)
+        cfg, signer = _token_key(root, cfg, "--ca-key", ca_key, pin_file)
     now = utc_now()
     if external_root:
         _init_external(root, cfg, location, force, signer, now)
@@ -303,6 +336,7 @@ def init(
             now,
             force=force,
             issuing_signer=signer,
+            root_signer=root_signer,
             keep_root=keep_root,
             root_crl_lifetime=timedelta(days=root_crl_days),
         )
@@ -318,6 +352,10 @@ def init(
             f"not in the home); root CRL valid {root_crl_days} days: re-sign it with "
             "`fleetpki ca sign-root-crl --root DIR`",
             markup=False,
+        )
+    if cfg.root_key:
+        console.print(
+            f"  root key     {cfg.root_key}  (in the token, not extractable)", markup=False
         )
     console.print(f"  issuing CA   {result.layout.issuing_cert}")
     if cfg.ca_key:

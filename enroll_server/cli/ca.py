@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,7 +17,9 @@ from enroll_server.cli.exit_codes import ExitCode, fail
 from enroll_server.cli.options import HomeOpt, initialized_layout
 
 if TYPE_CHECKING:
+    from enroll_server.home.config import ServerConfig
     from enroll_server.home.layout import HomeLayout
+    from enroll_server.pki.signer import Pkcs11Signer
 
 app = typer.Typer(
     help="CA ceremonies: sign an issuing CA or the root CRL with an offline root; import an "
@@ -26,9 +29,12 @@ app = typer.Typer(
 console = stdout_console(soft_wrap=True)
 
 RootDirOpt = Annotated[
-    Path,
+    Path | None,
     typer.Option(
-        "--root", help="The offline root folder (removable media) made by init --root-offline."
+        "--root",
+        help="The offline root folder (removable media) made by init --root-offline; omit "
+        "for a home whose root key is in a token (init --root-key).",
+        show_default=False,
     ),
 ]
 RootPassphraseOpt = Annotated[
@@ -50,6 +56,21 @@ def _optional_home(home: Path | None) -> HomeLayout | None:
     return initialized_layout(home)
 
 
+def _root_at_hand(layout: HomeLayout | None, root_dir: Path | None) -> None:
+    """`--root DIR`, or a home whose root key is in a token (fleetpki.toml [ca] root_key)."""
+    from enroll_server.home.layout import HomeError
+    from enroll_server.home.root import root_token_uri
+
+    if root_dir is not None:
+        return
+    try:
+        in_token = layout is not None and bool(root_token_uri(layout))
+    except HomeError as exc:
+        fail(str(exc))
+    if not in_token:
+        fail("pass --root DIR (the offline root folder), or --home H whose root key is in a token")
+
+
 def _write_out(path: Path, data: bytes) -> None:
     from fleetpki.atomic_file import PUBLIC_MODE, write_atomic
 
@@ -61,9 +82,9 @@ def _write_out(path: Path, data: bytes) -> None:
 
 @app.command("sign-issuing")
 def sign_issuing(
-    root_dir: RootDirOpt,
     csr: Annotated[Path, typer.Option("--csr", help="The issuing CA's request (PEM or DER).")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the certificate (PEM).")],
+    root_dir: RootDirOpt = None,
     days: Annotated[int, typer.Option(min=1, help="Lifetime (capped at the root's).")] = 1825,
     crl_url: Annotated[
         str | None,
@@ -76,8 +97,9 @@ def sign_issuing(
     home: HomeOpt = None,
     passphrase_file: RootPassphraseOpt = None,
 ) -> None:
-    """The ceremony that needs the root: sign an issuing CA request with the offline root.
-    Run where DIR is mounted (the server, or an air-gapped machine without a home)."""
+    """The ceremony that needs the root: sign an issuing CA request with the offline root
+    (run where DIR is mounted: the server, or an air-gapped machine without a home), or with
+    the home's root key in its token (--home, no --root)."""
     from enroll_server.home.config import load_config
     from enroll_server.home.layout import HomeError
     from enroll_server.home.root import load_root_issuer
@@ -85,6 +107,7 @@ def sign_issuing(
     from enroll_server.pki.errors import PkiError
 
     layout = _optional_home(home)
+    _root_at_hand(layout, root_dir)
     try:
         data = csr.read_bytes()
     except OSError as exc:
@@ -114,28 +137,51 @@ def sign_issuing(
 
 @app.command("sign-root-crl")
 def sign_root_crl(
-    root_dir: RootDirOpt,
-    days: Annotated[int, typer.Option(min=1, help="Until the CRL's nextUpdate.")] = 365,
+    root_dir: RootDirOpt = None,
+    days: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Until the CRL's nextUpdate (default 365 with --root; a token root's 30, "
+            "re-signed by serve at half life).",
+            show_default=False,
+        ),
+    ] = None,
     home: HomeOpt = None,
     passphrase_file: RootPassphraseOpt = None,
 ) -> None:
     """The offline root signs its next CRL: into DIR/root.crl and, with a home, H/ca/root.crl
     (a running serve publishes it within seconds). Without a home, copy DIR/root.crl over
-    with `fleetpki ca import-root-crl`."""
-    from enroll_server.home.layout import HomeError
-    from enroll_server.home.root import OfflineRoot, load_root_issuer, sign_offline_root_crl
+    with `fleetpki ca import-root-crl`. A home whose root key is in a token: --home, no --root."""
+    from datetime import timedelta
+
+    from enroll_server.home.layout import ROOT_CRL_LIFETIME, HomeError
+    from enroll_server.home.root import (
+        ROOT_CRL_DAYS,
+        OfflineRoot,
+        load_root_issuer,
+        publish_root_crl,
+        sign_offline_root_crl,
+    )
 
     layout = _optional_home(home)
+    _root_at_hand(layout, root_dir)
+    now = datetime.now(UTC)
     try:
         root = load_root_issuer(layout, root_dir, passphrase_file)
-        crl = sign_offline_root_crl(root_dir, root, datetime.now(UTC), days, layout)
+        if root_dir is not None:
+            crl = sign_offline_root_crl(root_dir, root, now, days or ROOT_CRL_DAYS, layout)
+        else:
+            lifetime = ROOT_CRL_LIFETIME if days is None else timedelta(days=days)
+            crl = publish_root_crl(layout, root, now, lifetime)
     except HomeError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot write the root CRL: {exc.strerror or exc}", ExitCode.FAILED)
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     console.print(f"root CRL number {number}, nextUpdate {crl.next_update_utc}")
-    console.print(f"  {OfflineRoot(root_dir).crl}", markup=False)
+    if root_dir is not None:
+        console.print(f"  {OfflineRoot(root_dir).crl}", markup=False)
     if layout is not None:
         console.print(f"  {layout.root_crl} (served at /root.crl)", markup=False)
     else:
@@ -218,6 +264,15 @@ def rollover_root_command(
             "media), under the same root passphrase.",
         ),
     ] = None,
+    new_root_key: Annotated[
+        str | None,
+        typer.Option(
+            "--new-root-key",
+            help="A root key in a token (init --root-key): the new root's key, a new object "
+            "(pkcs11:token=...;object=...; made there unless it exists; the same PIN).",
+            show_default=False,
+        ),
+    ] = None,
     days: Annotated[int, typer.Option(min=1, help="The new root's lifetime.")] = 3650,
     home: HomeOpt = None,
     passphrase_file: RootPassphraseOpt = None,
@@ -233,15 +288,19 @@ def rollover_root_command(
 
     layout = initialized_layout(home)
     try:
+        config = load_config(layout.config)
         old = load_root_issuer(layout, root_dir, passphrase_file)
         done = rollover_root(
             layout,
-            load_config(layout.config),
+            config,
             old,
             datetime.now(UTC),
             days=days,
             new_root_dir=new_root,
             root_passphrase_file=passphrase_file,
+            new_root_key=None
+            if new_root_key is None
+            else partial(_new_token_key, layout, config, new_root_key),
         )
     except HomeError as exc:
         fail(str(exc))
@@ -259,3 +318,19 @@ def rollover_root_command(
         "  devices adopt it at their next renewal; next: fleetpki ca rollover (an issuing CA "
         "under the new root)"
     )
+
+
+def _new_token_key(layout: HomeLayout, config: ServerConfig, uri: str) -> Pkcs11Signer:
+    """`rollover-root --new-root-key URI`: the new root's key in its token (made there unless
+    it exists). HomeError if unusable."""
+    from enroll_server.home.layout import TOKEN_CURVES, HomeError, token_key_signer
+    from enroll_server.pki.signer import SignerError
+
+    if config.key_type not in TOKEN_CURVES:
+        raise HomeError(layout.root, "--new-root-key makes an EC key: [ca] key_type is not EC")
+    try:
+        return token_key_signer(
+            layout, config, uri, create=True, curve=TOKEN_CURVES[config.key_type]
+        )
+    except SignerError as exc:
+        raise HomeError(layout.root, f"--new-root-key: {exc}") from None

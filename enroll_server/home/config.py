@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -75,6 +76,9 @@ class ServerConfig:
     ca_key: str = ""
     pkcs11_module: str = ""
     pkcs11_pin_file: str = ""
+    # The root CA key in a PKCS#11 token (`init --root-key`; root = "home": the home uses it,
+    # but holds no root.key); the same module and PIN sources as `ca_key`.
+    root_key: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def urls(self) -> PkiUrls:
@@ -183,12 +187,12 @@ def load_config(path: Path) -> ServerConfig:
     root = _get(data, path, "ca", "root", str, "home")
     if root not in ROOT_PLACES:
         raise ConfigError(path, "ca.root", f"must be one of {', '.join(ROOT_PLACES)}, got {root!r}")
-    ca_key = _get(data, path, "ca", "key", str, "")
-    if ca_key:
-        try:
-            parse_pkcs11_uri(ca_key)
-        except BadKeyUri as exc:
-            raise ConfigError(path, "ca.key", exc.why) from None
+    ca_key = _token_uri(data, path, "key")
+    root_key = _token_uri(data, path, "root_key")
+    if root_key and root != "home":
+        raise ConfigError(
+            path, "ca.root_key", f'a root key in a token is a root = "home", not {root!r}'
+        )
     return ServerConfig(
         key_type=key_type,
         hostnames=tuple(hostnames),
@@ -216,6 +220,7 @@ def load_config(path: Path) -> ServerConfig:
         ca_key=ca_key,
         pkcs11_module=_get(data, path, "ca", "pkcs11_module", str, ""),
         pkcs11_pin_file=_get(data, path, "ca", "pkcs11_pin_file", str, ""),
+        root_key=root_key,
         extra=data,
     )
 
@@ -230,10 +235,38 @@ def _render_registry(cfg: ServerConfig) -> str:
     return lines
 
 
+def _token_uri(data: dict[str, Any], path: Path, key: str) -> str:
+    """[ca] `key`: a PKCS#11 URI (RFC 7512), checked, or "" (a key file)."""
+    uri = _get(data, path, "ca", key, str, "")
+    if uri:
+        try:
+            parse_pkcs11_uri(uri)
+        except BadKeyUri as exc:
+            raise ConfigError(path, f"ca.{key}", exc.why) from None
+    return uri
+
+
+def _root_key_line(uri: str) -> str:
+    return f"root_key = {json.dumps(uri)}   # the root CA key, in a PKCS#11 token"
+
+
+def with_root_key(text: str, uri: str) -> str:
+    """fleetpki.toml's `text` naming the root key `uri` instead (a root rollover in a token);
+    the rest of the file as the operator left it. ValueError if it names no root key."""
+    new, count = re.subn(r"(?m)^root_key\s*=.*$", lambda _: _root_key_line(uri), text, count=1)
+    if count != 1:
+        raise ValueError("no root_key line in [ca]")
+    return new
+
+
 def _render_ca_key(cfg: ServerConfig) -> str:
-    if not cfg.ca_key:
+    if not cfg.ca_key and not cfg.root_key:
         return ""
-    lines = f"key = {json.dumps(cfg.ca_key)}   # the issuing CA key, in a PKCS#11 token\n"
+    lines = ""
+    if cfg.ca_key:
+        lines += f"key = {json.dumps(cfg.ca_key)}   # the issuing CA key, in a PKCS#11 token\n"
+    if cfg.root_key:
+        lines += _root_key_line(cfg.root_key) + "\n"
     lines += f"pkcs11_module = {json.dumps(cfg.pkcs11_module)}\n"
     if cfg.pkcs11_pin_file:
         lines += f"pkcs11_pin_file = {json.dumps(cfg.pkcs11_pin_file)}   # the PIN, never here\n"

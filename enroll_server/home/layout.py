@@ -24,6 +24,7 @@ from enroll_server.pki.ca import (
 )
 from enroll_server.pki.crl import RevokedEntryLike, build_crl, ca_certs_distribution_point
 from enroll_server.pki.keys import (
+    KeyType,
     PrivateKey,
     generate_key,
     load_private_key_pem,
@@ -292,6 +293,7 @@ def init_home(
     *,
     force: bool = False,
     issuing_signer: Signer | None = None,
+    root_signer: Signer | None = None,
     keep_root: Callable[[Issuer, x509.CertificateRevocationList], None] | None = None,
     root_crl_lifetime: timedelta = ROOT_CRL_LIFETIME,
 ) -> InitResult:
@@ -299,11 +301,12 @@ def init_home(
 
     The registry is created by the caller (it owns SQL); this function only writes files.
     `issuing_signer`: the issuing CA key in a token (config.ca_key names it); no key file.
+    `root_signer`: the root CA key in a token (config.root_key names it); no H/ca/root.key.
     `keep_root`: where the root key goes instead of H/ca/root.key (an offline root folder,
     home/root.py), called with the root and its first CRL before anything else is written.
     """
     check_new_home(home, force=force)
-    root_key = generate_key(config.key_type)
+    root_key: PrivateKey | Signer = root_signer or generate_key(config.key_type)
     root_cert = build_root_ca(root_key, "fleetpki Root CA", now)
     root = Issuer(root_cert, root_key)
     first_root_crl = sign_root_crl(root, 1, now, root_crl_lifetime)
@@ -332,10 +335,10 @@ def init_home(
         now,
         SERVER_CERT_DAYS,
     )
-    if keep_root is None:
+    if keep_root is None and isinstance(root_key, PrivateKey):
         write_atomic(layout.root_key, private_key_pem(root_key, phrase))
     elif layout.root_key.exists():
-        layout.root_key.unlink()  # a --force over a home whose root was online
+        layout.root_key.unlink()  # a --force over a home whose root key was a file here
     if file_key is not None:
         write_atomic(layout.issuing_key, private_key_pem(file_key, phrase))
     elif layout.issuing_key.exists():
@@ -471,6 +474,10 @@ def load_home(home: Path) -> LoadedHome:
     )
 
 
+# The curves `init --ca-key` / `--root-key` make a key on in a token (PKCS#11 EC key pairs).
+TOKEN_CURVES = {KeyType.EC_P256: "secp256r1", KeyType.EC_P384: "secp384r1"}
+
+
 def ca_token_signer(
     layout: HomeLayout,
     config: ServerConfig,
@@ -479,10 +486,23 @@ def ca_token_signer(
     create: bool = False,
     curve: str = "secp256r1",
 ) -> Pkcs11Signer:
-    """The issuing CA key in its token (config.ca_key): the module from fleetpki.toml or the
-    environment, the PIN from `pin_file`, fleetpki.toml's pkcs11_pin_file (relative to the
-    home) or $FLEETPKI_PKCS11_PIN. SignerError (BadKeyUri, SignerUnavailable) if unusable."""
-    uri = parse_pkcs11_uri(config.ca_key)
+    """The issuing CA key in its token (config.ca_key): token_key_signer's."""
+    return token_key_signer(layout, config, config.ca_key, pin_file, create=create, curve=curve)
+
+
+def token_key_signer(
+    layout: HomeLayout,
+    config: ServerConfig,
+    key_uri: str,
+    pin_file: Path | None = None,
+    *,
+    create: bool = False,
+    curve: str = "secp256r1",
+) -> Pkcs11Signer:
+    """A CA key in its token (`key_uri`, RFC 7512): the module from the URI, fleetpki.toml or
+    the environment, the PIN from `pin_file`, fleetpki.toml's pkcs11_pin_file (relative to
+    the home) or $FLEETPKI_PKCS11_PIN. SignerError (BadKeyUri, SignerUnavailable) if unusable."""
+    uri = parse_pkcs11_uri(key_uri)
     if pin_file is None and config.pkcs11_pin_file:
         pin_file = layout.root / config.pkcs11_pin_file
     pin = read_pin(pin_file)

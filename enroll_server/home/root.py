@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,19 +13,24 @@ from typing import cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from enroll_server.home.config import ConfigError, load_config
 from enroll_server.home.layout import (
     ROOT_CRL_LIFETIME,
     HomeError,
     HomeLayout,
     home_passphrase,
     sign_root_crl,
+    token_key_signer,
     write_root_crl,
 )
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.crl import RevokedEntryLike, crl_needs_refresh
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.keys import PrivateKey, PublicKey, load_private_key_pem, private_key_pem
+from enroll_server.pki.signer import Pkcs11Signer, SignerError
 from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
+
+log = logging.getLogger("fleetpki.root")
 
 # The offline root key's passphrase: never in the home (whoever holds the home would then hold
 # the root), never on the command line (ps, shell history). The operator keeps it apart from
@@ -143,6 +149,9 @@ def load_root_issuer(
         return root
     if layout is None:
         raise HomeError(Path("."), "no root CA: pass --home (online root) or --root DIR")
+    uri = root_token_uri(layout)
+    if uri:
+        return _token_root(layout, uri)
     if not layout.root_key.exists():
         raise HomeError(
             layout.root,
@@ -150,6 +159,29 @@ def load_root_issuer(
             "operator's own; pass --root DIR (the offline root folder)",
         )
     return _load(layout.root_cert, layout.root_key, home_passphrase(layout), layout.root)
+
+
+def root_token_uri(layout: HomeLayout) -> str:
+    """fleetpki.toml's [ca] root_key: the root key's token (`init --root-key`), or ""."""
+    if not layout.config.exists():
+        return ""
+    try:
+        return load_config(layout.config).root_key
+    except ConfigError as exc:
+        raise HomeError(layout.root, str(exc)) from None
+
+
+def _token_root(layout: HomeLayout, uri: str) -> Issuer:
+    """The root whose key is in a token: the certificate of H/ca/root.pem with that key."""
+    try:
+        signer = token_key_signer(layout, load_config(layout.config), uri)
+    except SignerError as exc:
+        raise HomeError(layout.root, f"the root CA key {uri}: {exc}") from None
+    for cert in home_root_certificates(layout):
+        if cert.public_key() == signer.public_key():
+            return Issuer(cert, signer)
+    signer.close_session()
+    raise HomeError(layout.root, f"{uri} is not the key of a root in {layout.root_cert}")
 
 
 def new_root_passphrase(
@@ -260,17 +292,54 @@ def publish_root_crl(
 def root_crl(layout: HomeLayout, now: datetime) -> x509.CertificateRevocationList | None:
     """The root CA's CRL that serve publishes (`H/ca/root.crl`).
 
-    Root key in the home: signed anew when the file is missing (homes from before
-    2026-12-05), unreadable, or half way to its nextUpdate. No root key (an offline root):
-    the file as the last ceremony left it, even past its nextUpdate (serve warns), or None
-    when there is none; this never needs nor looks for the key.
+    Root key in the home (a file, or a token: [ca] root_key): signed anew when the file is
+    missing (homes from before 2026-12-05), unreadable, or half way to its nextUpdate. A token
+    that cannot sign (not plugged in, wrong PIN): the file as it is, with a warning, tried
+    again at the next look; the CRL has the other half of its life for the token to come back.
+    No root key (an offline root): the file as the last ceremony left it, even past its
+    nextUpdate (serve warns), or None when there is none; this never needs nor looks for the key.
     """
     current = _read_crl(layout.root_crl)
-    if not layout.root_key.exists():
-        return current
     if current is not None and not crl_needs_refresh(current, now):
         return current
-    return publish_root_crl(layout, load_root_issuer(layout, None), now, ROOT_CRL_LIFETIME)
+    uri = root_token_uri(layout)
+    if not uri and not layout.root_key.exists():
+        return current
+    failed = _token_failed.get(layout.root)
+    if uri and failed is not None and now < failed + TOKEN_RETRY:
+        return current
+    try:
+        root = load_root_issuer(layout, None)
+    except HomeError as exc:
+        if not uri:
+            raise
+        return _unsigned(layout, current, exc.why, now)
+    try:
+        crl = publish_root_crl(layout, root, now, ROOT_CRL_LIFETIME)
+    except SignerError as exc:  # the token went away between opening and signing
+        return _unsigned(layout, current, str(exc), now)
+    finally:
+        if isinstance(root.key, Pkcs11Signer):
+            root.key.close_session()
+    _token_failed.pop(layout.root, None)
+    return crl
+
+
+# A root key in a token that could not sign: tried again (and logged again) after this long,
+# not at every look at the file (serve's is every second).
+TOKEN_RETRY = timedelta(minutes=1)
+_token_failed: dict[Path, datetime] = {}
+
+
+def _unsigned(
+    layout: HomeLayout, current: x509.CertificateRevocationList | None, why: str, now: datetime
+) -> x509.CertificateRevocationList | None:
+    _token_failed[layout.root] = now
+    kept = (
+        "none to serve" if current is None else f"serving the last until {current.next_update_utc}"
+    )
+    log.warning("root CRL not re-signed: %s (%s; next try in %s)", why, kept, TOKEN_RETRY)
+    return current
 
 
 def sign_offline_root_crl(

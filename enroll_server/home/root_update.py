@@ -6,8 +6,9 @@ still works with the old root):
 - H/ca/root-update.pem: old-signed-new, new-signed-old, the old root (then any earlier
   rollover's), served in /cacerts after the new root (RFC 7030 4.1.3) and sent in server.pem
   (layout.cross_certificates_for);
-- the new root's key: H/ca/root.key (online root, the home's passphrase) or DIR2/root.key (an
-  offline root: `--new-root DIR2`, the root passphrase);
+- the new root's key: H/ca/root.key (online root, the home's passphrase), DIR2/root.key (an
+  offline root: `--new-root DIR2`, the root passphrase) or a new key in a token (a root key
+  in a token: `--new-root-key URI`, named in fleetpki.toml's [ca] root_key);
 - H/ca/root.pem: the new root, the anchor new bundles carry; its first CRL in H/ca/root.crl;
 - H/ca/chain.pem: the live issuing CAs and both roots (home/issuers.py write_chain);
 - server.pem: the same certificate, now followed by the new-signed-old cross-certificate.
@@ -16,6 +17,7 @@ The issuing CA stays until `fleetpki ca rollover` makes one under the new root.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.home.config import ServerConfig
+from enroll_server.home.config import ServerConfig, with_root_key
 from enroll_server.home.layout import (
     ROOT_CRL_LIFETIME,
     HomeError,
@@ -44,6 +46,7 @@ from enroll_server.pki.ca import Issuer
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.keys import PrivateKey, generate_key, load_private_key_pem, private_key_pem
 from enroll_server.pki.root_rollover import RootKeyUpdate, roll_root
+from enroll_server.pki.signer import Pkcs11Signer
 from fleetpki.atomic_file import PUBLIC_MODE, write_atomic
 
 
@@ -104,13 +107,15 @@ def rollover_root(
     days: int = 3650,
     new_root_dir: Path | None = None,
     root_passphrase_file: Path | None = None,
+    new_root_key: Callable[[], Pkcs11Signer] | None = None,
 ) -> RootRollover:
     """Make the new root and its cross-certificates and install them (module docstring).
 
     `old`: the current root with its key (home/root.py load_root_issuer). An offline root
     needs `new_root_dir` (a new, empty folder: the new root's only key copy) and its
-    passphrase; an online one keeps the new key in the home. HomeError before anything is
-    written if a check fails."""
+    passphrase; an online one keeps the new key in the home; a root key in a token
+    ([ca] root_key) needs `new_root_key`, a new key in a token, which fleetpki.toml then
+    names. HomeError before anything is written if a check fails."""
     from enroll_server.home.issuers import write_chain  # it imports this module
 
     if config.root == "external":
@@ -121,7 +126,18 @@ def rollover_root(
         )
     if days < 1:
         raise HomeError(layout.root, f"--days must be at least 1, got {days}")
-    offline = config.root == "offline" or not layout.root_key.exists()
+    in_token = bool(config.root_key)
+    if in_token and new_root_key is None:
+        raise HomeError(
+            layout.root,
+            "the root key is in a token: pass --new-root-key pkcs11:token=...;object=... (a new "
+            "object for the new root's key)",
+        )
+    if not in_token and new_root_key is not None:
+        raise HomeError(
+            layout.root, "--new-root-key is for a root key in a token (init --root-key)"
+        )
+    offline = not in_token and (config.root == "offline" or not layout.root_key.exists())
     if offline and new_root_dir is None:
         raise HomeError(
             layout.root,
@@ -136,7 +152,9 @@ def rollover_root(
         check_offline_folder(new_root_dir)
         phrase = new_root_passphrase(root_passphrase_file, new_root_dir, home_phrase)
     issuers = _live_issuers(layout, config)
-    key = generate_key(config.key_type)
+    key = new_root_key() if new_root_key is not None else generate_key(config.key_type)
+    if key.public_key() == old.cert.public_key():
+        raise HomeError(layout.root, "--new-root-key is the current root's key: name a new one")
     update = roll_root(old, key, now, days)
     new = Issuer(update.new, key)
     earlier = read_root_update(layout)
@@ -150,6 +168,9 @@ def rollover_root(
         # Signed for as long as an offline root's (a ceremony away), numbered after the home's.
         crl = publish_root_crl(layout, new, now, timedelta(days=ROOT_CRL_DAYS))
         write_offline_root(new_root_dir, phrase, new, crl)
+    elif isinstance(key, Pkcs11Signer):
+        text = with_root_key(layout.config.read_text(), str(key.uri))
+        write_atomic(layout.config, text.encode(), 0o600)
     else:
         write_atomic(layout.root_key, private_key_pem(key, home_phrase))
     write_atomic(layout.root_cert, _pem([update.new]), PUBLIC_MODE)

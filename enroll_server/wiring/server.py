@@ -445,7 +445,8 @@ async def start_server(
     state.metrics.extra.append(
         lambda: expiry_metrics(service.issuer.cert, clock(), cfg.ca_expiry_warning)
     )
-    if cfg.root != "external" and not loaded.layout.root_key.exists():  # an offline root
+    # An offline root (no root key here, none in a token): its CRL is the last ceremony's.
+    if cfg.root != "external" and not cfg.root_key and not loaded.layout.root_key.exists():
         if (warning := root_crl_warning(root_crl.crl, clock(), cfg.root_crl_warning)) is not None:
             log.warning("%s", warning)
         state.metrics.extra.append(

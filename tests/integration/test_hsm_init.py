@@ -7,7 +7,6 @@ suite's process never loads the module with another configuration (test_hsm_sign
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tomllib
@@ -15,27 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.softhsm import softhsm_env
+
 PIN = "init-pin-0042"
 URI = "pkcs11:token=fleet;object=issuing-ca"
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    tokens = tmp_path / "tokens"
-    tokens.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("FLEETPKI_")}
-    environ["SOFTHSM2_CONF"] = str(conf)
-    init_token = ["softhsm2-util", "--init-token", "--free", "--label", "fleet"]
-    subprocess.run(
-        [*init_token, "--pin", PIN, "--so-pin", "so-" + PIN],
-        check=True,
-        capture_output=True,
-        timeout=30,
-        env=environ,
-    )
-    return environ
+    return softhsm_env(tmp_path, PIN)
 
 
 def _fleetpki(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

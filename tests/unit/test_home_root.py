@@ -137,3 +137,27 @@ def test_an_offline_root_is_accepted_while_root_pem_holds_two_roots(
     monkeypatch.setenv("FLEETPKI_ROOT_PASSPHRASE", PHRASE)
     root = load_root_issuer(layout, tmp_path / "usb")
     assert root.cert.public_bytes(serialization.Encoding.PEM) in layout.root_cert.read_bytes()
+
+
+def test_fleetpki_toml_names_a_root_key_in_a_token_only_for_a_root_of_the_home(
+    tmp_path: Path,
+) -> None:
+    from enroll_server.home.config import ConfigError, load_config, render_config, with_root_key
+
+    uri = "pkcs11:token=fleet;object=root;type=private"
+    path = tmp_path / "fleetpki.toml"
+    path.write_text(render_config(ServerConfig(root_key=uri)))
+    assert load_config(path).root_key == uri
+    path.write_text(with_root_key(path.read_text(), uri.replace("root;", "root2;")))
+    assert load_config(path).root_key == uri.replace("root;", "root2;")
+    offline = render_config(ServerConfig(root="offline")).replace(
+        "[ca]\n", f'[ca]\nroot_key = "{uri}"\n'
+    )
+    path.write_text(offline)
+    with pytest.raises(ConfigError, match=r"\[ca.root_key\] a root key in a token"):
+        load_config(path)
+    path.write_text(render_config(ServerConfig(root_key="pkcs11:object=root")))
+    with pytest.raises(ConfigError, match=r"\[ca.root_key\] a token label is required"):
+        load_config(path)
+    with pytest.raises(ValueError, match="no root_key line"):
+        with_root_key(render_config(ServerConfig()), uri)
