@@ -227,12 +227,37 @@ def test_init_refuses_a_root_key_with_another_root_place(
     assert not home.exists() and not (tmp_path / "usb").exists()
 
 
-def test_init_with_a_wrong_root_token_pin_writes_nothing(
-    env: dict[str, str], tmp_path: Path
+@pytest.mark.parametrize(
+    ("uri", "pin", "message"),
+    [
+        (ROOT_URI, "wrong-pin-9", "token 'fleet': wrong PIN"),
+        ("pkcs11:token=absent;object=root-ca", PIN, "no token labelled 'absent'"),
+    ],
+)
+def test_init_with_a_root_token_that_cannot_sign_writes_nothing(
+    env: dict[str, str], tmp_path: Path, uri: str, pin: str, message: str
 ) -> None:
     home = tmp_path / "home"
-    bad = {**env, "FLEETPKI_PKCS11_PIN": "wrong-pin-9"}
-    done = _run(bad, "init", "--home", str(home), "--root-key", ROOT_URI, "--ca-key", ISSUING_URI)
-    assert done.returncode == 1 and "token 'fleet': wrong PIN" in done.stderr, done.stderr
-    assert "wrong-pin-9" not in done.stdout + done.stderr
+    bad = {**env, "FLEETPKI_PKCS11_PIN": pin}
+    done = _run(bad, "init", "--home", str(home), "--root-key", uri, "--ca-key", ISSUING_URI)
+    assert done.returncode == 1 and message in done.stderr, done.stderr
+    assert pin not in done.stdout + done.stderr
     assert not home.exists()
+
+
+def test_ca_commands_without_root_dir_need_a_home_whose_root_key_is_in_a_token(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    assert fleetpki("init", "--home", str(home)).returncode == 0
+    before = home_snapshot(home)
+    csr = tmp_path / "issuing.csr"
+    csr.write_bytes(b"")
+    for args in (["sign-root-crl"], ["sign-issuing", "--csr", str(csr), "--out", "x.pem"]):
+        done = fleetpki("ca", *args, "--home", str(home))
+        assert done.returncode == 2
+        assert (
+            "pass --root DIR (the offline root folder), or --home H whose root key is in a "
+            "token" in " ".join(done.stderr.split())
+        )
+    assert home_snapshot(home) == before
