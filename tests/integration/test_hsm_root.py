@@ -207,6 +207,10 @@ def test_a_root_token_that_cannot_sign_writes_nothing_and_serve_keeps_the_crl(
     old_with_new.verify_directly_issued_by(old_root)
     crl = x509.load_der_x509_crl((ca / "root.crl").read_bytes())
     assert crl.is_signature_valid(new_root.public_key())  # type: ignore[arg-type]
+    # The issuing CA rollover then signs a new issuing CA with the new root's token key.
+    issuing = _run(good, "ca", "rollover", "--home", str(home))
+    assert issuing.returncode == 0, issuing.stderr
+    assert openssl_verify(ca / "root.pem", ca / "issuing.pem").returncode == 0
 
 
 @pytest.mark.parametrize(
