@@ -176,7 +176,7 @@ async def test_a_fleet_of_agents_keeps_working_through_an_issuing_ca_rollover(
         old_cert = x509.load_pem_x509_certificate(agents[0].identity.cert_path.read_bytes())  # type: ignore[union-attr]
         new_id = await asyncio.to_thread(rollover, server)
         # Every agent renews onto the new issuer, on its own schedule.
-        await until(lambda: issuers() == {new_id}, 12, "renewed onto the new issuer")
+        await until(lambda: issuers() == {new_id}, 20, "renewed onto the new issuer")
         await until(lambda: all(a.link and a.link.connected.is_set() for a in agents), 5, "up")
         new_cert = x509.load_pem_x509_certificate(agents[0].identity.cert_path.read_bytes())  # type: ignore[union-attr]
 
@@ -211,7 +211,7 @@ async def test_a_fleet_of_agents_keeps_working_through_an_issuing_ca_rollover(
 
         # The old issuer retires by itself once its last certificate has expired.
         files = IssuerFiles(layout)
-        await until(lambda: (files.retired_dir / f"{old_id}.pem").exists(), 12, "retired")
+        await until(lambda: (files.retired_dir / f"{old_id}.pem").exists(), 20, "retired")
         await until(lambda: len(cacerts(server)) == 2, 3, "cacerts without the old issuer")
         assert issuing_ids(cacerts(server)) == {new_id}
         assert not files.previous(old_id)[1].exists()  # its key is gone
@@ -219,8 +219,8 @@ async def test_a_fleet_of_agents_keeps_working_through_an_issuing_ca_rollover(
         assert request(server.http_url + f"/crl/{old_id}", None).status == 404
         # /crl now serves the current issuer's CRL.
         assert crl_at(server, "/crl").is_signature_valid(new_issuer.public_key())
-        await asyncio.sleep(1.0)
-        assert all(a.link and a.link.connected.is_set() for a in agents)
+        # Still all up (a renewal's planned reconnect may be under way at any instant).
+        await until(lambda: all(a.link and a.link.connected.is_set() for a in agents), 5, "up")
         during = list(unplanned)  # before the agents stop ("stopped" is planned too)
     finally:
         for agent in agents:
