@@ -112,6 +112,11 @@ def test_a_node_added_after_an_issuing_ca_rollover_serves_both_issuers(
     bare = pg_url.replace(f":{PASSWORD}@", "@")
     first = make_home(tmp_path / "a", registry=bare, registry_password=PASSWORD)
     old = x509.load_pem_x509_certificate(first.issuing_cert.read_bytes())
+    a = start_live_server(first.root)
+    try:  # a certificate of the old issuer keeps it live (else it retires at once)
+        assert enroll(a, "node-dev-old", a.mint_device("node-dev-old")).status == 200
+    finally:
+        a.stop()
     rolled = CliRunner().invoke(app, ["ca", "rollover", "--home", str(first.root), "--json"])
     assert rolled.exit_code == 0, rolled.output
     new_id = json.loads(rolled.output)["new"]
