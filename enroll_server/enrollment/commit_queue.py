@@ -113,8 +113,7 @@ class CommitQueue:
     the same loop iteration submitted), so an idle server adds no latency. While commits
     follow each other closely, the next flush waits until `window` seconds after the previous
     one, so a busy server commits in groups of everything signed meanwhile: a few ms of
-    latency for a much cheaper commit per certificate. The flush runs on the loop thread, the
-    only user of the registry connection on the hot path.
+    latency for a much cheaper commit per certificate.
 
     A transaction costs about 330 us of server CPU whatever it holds (BEGIN/COMMIT, a
     statement per table, the WAL pages every issuance appends to) and about 40 us per
@@ -129,14 +128,20 @@ class CommitQueue:
     retried every few ms, up to `busy_deadline` seconds (the registry's busy timeout); then
     each of its issuances fails with CommitFailed.
 
-    On a PostgreSQL registry (`writer`: a second connection) the transaction runs in a worker
-    thread, one at a time: a group there costs a few network round trips and the server's
-    commit sync (about 3.5 ms for 16 issuances against a loopback PostgreSQL, 2 ms of it
-    waiting), which the loop spends serving instead; what is submitted meanwhile forms the
-    next group, committed right after. Its write lock is only tried
-    (pg_try_advisory_xact_lock, registry.postgres); a held or unreachable one (a
-    RegistryUnavailable is a RegistryBusy) is retried as above. SQLite keeps the commit on
-    the loop: it takes ~0.5 ms of CPU and no wait.
+    With a `writer` (a second registry connection: what `fleetpki serve` gives it on either
+    backend) the transaction runs in a worker thread, one at a time, and the loop serves on
+    meanwhile; what is submitted meanwhile forms the next group, committed right after. A
+    group's commit waits for its sync: on SQLite (`synchronous = FULL`) the WAL's fsync, 3-4 ms
+    for 15 issuances on a VM's disk, which on the loop held every other connection that long;
+    on PostgreSQL a few network round trips and the server's commit sync (about 3.5 ms for 16
+    issuances against a loopback PostgreSQL, 2 ms of it waiting). The writer only tries the
+    write lock (SQLite: BEGIN IMMEDIATE with no busy timeout; PostgreSQL:
+    pg_try_advisory_xact_lock, registry.postgres); a held or unreachable one (a
+    RegistryUnavailable is a RegistryBusy) is retried as above, from the loop. While the
+    writer holds the lock, the loop's own connection still reads (WAL readers never wait for
+    the writer) and its writes on the hot path do not wait either (`wait=False`: the broker's
+    settle_certificate, a console session's touch). Without a writer (tests, tools) the
+    transaction runs on the loop's thread, on `registry`.
     """
 
     def __init__(
@@ -148,7 +153,7 @@ class CommitQueue:
         writer: Registry | None = None,
     ) -> None:
         self.registry = registry
-        # A connection of the commits' own, used from a worker thread (a shared registry).
+        # A connection of the commits' own, used from a worker thread.
         self.writer = writer
         self._in_flight = False
         self.window = window

@@ -266,11 +266,11 @@ async def start_server(
             provisioner=provisioner,
             roots=RootFiles(loaded.layout),
         )
-        if registry.shared:
-            # PostgreSQL: the group commits run in a worker thread on a connection of their
-            # own, so the loop serves on while the database syncs (commit_queue).
-            commit_writer = Registry.open(loaded.registry)
-            state.commits.writer = commit_writer
+        # The group commits run in a worker thread on a connection of their own, so the loop
+        # serves on while the registry syncs its commit (commit_queue). Like the loop's, this
+        # connection leaves SQLite's WAL checkpoints to the checkpointer thread.
+        commit_writer = Registry.open(loaded.registry, wal_autocheckpoint=LOOP_AUTOCHECKPOINT_PAGES)
+        state.commits.writer = commit_writer
         # The CRL publisher works in a worker thread (a big CRL takes a second to sign) and
         # bumps the CRL number, a write that may wait for a lock another process holds: on a
         # connection of its own, so that wait never holds the loop's registry reads.

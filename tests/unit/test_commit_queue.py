@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -564,6 +565,64 @@ async def test_a_short_wait_for_the_lock_is_routine_and_not_logged(
     assert "held by another connection" not in caplog.text
     assert "free again" not in caplog.text
     assert all(recorded(reg, i) for i in items)
+
+
+# ---------------------------------------------------------------- a writer of SQLite's own
+
+
+def stall_transactions(conn: sqlite3.Connection) -> tuple[threading.Event, threading.Event]:
+    """Make `conn` stop inside its next write transaction, holding the write lock, until
+    released (as a slow sync would): SQLite's progress handler, on the thread running it."""
+    stalled, release = threading.Event(), threading.Event()
+
+    def progress() -> int:
+        if conn.in_transaction and not stalled.is_set():
+            stalled.set()
+            release.wait(10)
+        return 0
+
+    conn.set_progress_handler(progress, 20)
+    return stalled, release
+
+
+async def test_a_sqlite_writer_commits_off_the_loop_and_the_loop_connection_never_waits(
+    reg: Registry, ca: MemoryCa, tmp_path: Path, holder: sqlite3.Connection
+) -> None:
+    """The server's SQLite commits run in a worker thread on a connection of their own: while
+    one holds the write lock (slowed here), the loop ticks, its connection reads, and its own
+    non-waiting writes are refused at once instead of waiting; a lock held by another process
+    is waited for by retrying, never in SQLite's busy handler."""
+    first, second, late = (item(ca, d) for d in provision(reg, 3))
+    with Registry.open(tmp_path / "r.db") as writer:
+        raw = writer._raw
+        assert isinstance(raw, sqlite3.Connection)
+        stalled, release = stall_transactions(raw)
+        queue = CommitQueue(reg, writer=writer)
+        try:
+            waiting = [asyncio.ensure_future(queue.record(first))]
+            started = time.monotonic()
+            while not stalled.is_set() and time.monotonic() - started < 5:
+                await asyncio.sleep(0.005)
+            assert stalled.is_set()  # in its thread, holding the write lock
+            before = time.monotonic()
+            assert reg.get_device(DeviceId("q-000000")) is not None
+            assert not reg.touch_console_session("x" * 64, NOW)  # refused, not waited for
+            assert time.monotonic() - before < 0.5
+            waiting.append(asyncio.ensure_future(queue.record(second)))
+            await asyncio.sleep(0.05)
+            assert not any(w.done() for w in waiting)  # no reply before the commit
+        finally:
+            release.set()
+        assert await asyncio.wait_for(asyncio.gather(*waiting), timeout=5) == [None] * 2
+        # Another process holds the lock: the writer is refused at once and retried.
+        holder.execute("BEGIN IMMEDIATE")
+        pending = asyncio.ensure_future(queue.record(late))
+        await asyncio.sleep(0.2)
+        assert not pending.done() and queue._busy_since is not None
+        holder.execute("COMMIT")
+        assert await asyncio.wait_for(pending, timeout=5) is None
+        assert raw.execute("PRAGMA busy_timeout").fetchone() == (5000,)
+    assert all(recorded(reg, i) for i in (first, second, late))
 
 
 # ---------------------------------------------------------------- a shared registry (PostgreSQL)
