@@ -189,10 +189,11 @@ class Served:
     """`fleetpki serve` on a fresh home, every port ephemeral on 127.0.0.1."""
 
     home: Path
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes]
     est_url: str
     http_url: str
     mqtt_port: int
+    log: Path
 
     @property
     def layout(self) -> HomeLayout:
@@ -217,41 +218,33 @@ def served_home(folder: Path) -> Iterator[Served]:
     done = run_cli(cli("init", "--home", str(home)), folder)
     if done.returncode != 0:
         raise RuntimeError(f"fleetpki init: {done.stderr}")
-    proc = subprocess.Popen(
-        cli("serve", "--home", str(home), "--est-port", "0", "--http-port", "0",
-            "--admin-port", "0", "--mqtt-port", "0"),
-        cwd=folder, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    log = folder / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cli("serve", "--home", str(home), "--est-port", "0", "--http-port", "0",
+                "--admin-port", "0", "--mqtt-port", "0"),
+            cwd=folder, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
-        assert proc.stdout is not None
         urls: list[str] = []
         mqtt = 0
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (urls and mqtt):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if m := re.search(r"MQTT broker \(mTLS\) listening on [^:]+:(\d+)", line):
+        while time.monotonic() < deadline and not (urls and mqtt) and proc.poll() is None:
+            text = log.read_text(errors="replace")
+            if m := re.search(r"MQTT broker \(mTLS\) listening on [^:]+:(\d+)", text):
                 mqtt = int(m.group(1))
-            if "EST on" in line:
-                urls = re.findall(r"https?://127\.0\.0\.1:\d+", line)
+            if m := re.search(r"EST on .*", text):
+                urls = re.findall(r"https?://127\.0\.0\.1:\d+", m.group(0))
+            time.sleep(0.1)
         if not (urls and mqtt):
-            raise RuntimeError("fleetpki serve did not start")
-        # Drain the log so that the server never blocks on a full pipe.
-        drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
-        try:
-            yield Served(home, proc, urls[0], urls[1], mqtt)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            drain.wait(timeout=10)
+            raise RuntimeError(f"fleetpki serve did not start: {log.read_text()[-2000:]}")
+        yield Served(home, proc, urls[0], urls[1], mqtt, log)
     finally:
         if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
 
@@ -688,17 +681,17 @@ def campaign(
         work = folder / "work"
         work.mkdir()
         tallies = []
+        runs: dict[str, Callable[[], Tally]] = {
+            "batch create": lambda: kill_batch_create(served, work, kills, rng, batch_size),
+            "device revoke": lambda: kill_device_revoke(served, work, kills, rng),
+            "batch revoke": lambda: kill_batch_revoke(served, work, kills, rng, revoke_size),
+            "server-cert renew": lambda: kill_server_cert_renew(served, work, kills, rng),
+        }
         for command in commands:
-            if command == "batch create":
-                tallies.append(kill_batch_create(served, work, kills, rng, batch_size))
-            elif command == "device revoke":
-                tallies.append(kill_device_revoke(served, work, kills, rng))
-            elif command == "batch revoke":
-                tallies.append(kill_batch_revoke(served, work, kills, rng, revoke_size))
-            else:
-                tallies.append(kill_server_cert_renew(served, work, kills, rng))
+            tallies.append(runs[command]())
             if not served.alive():
-                tallies[-1].violations.append("fleetpki serve died")
+                tail = served.log.read_text(errors="replace")[-3000:]
+                tallies[-1].violations.append(f"fleetpki serve died: {tail}")
                 break
         return tallies
 
