@@ -17,11 +17,11 @@ from typing import Protocol
 
 from cryptography import x509
 
-from enroll_server.home.issuers import load_current, previous_issuers
-from enroll_server.home.layout import HomeError, LoadedHome, home_passphrase
+from enroll_server.home.issuers import current_key, load_current, previous_issuers
+from enroll_server.home.layout import HomeError, LoadedHome
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.key_id import key_id
-from enroll_server.pki.keys import PrivateKey, load_private_key_pem
+from enroll_server.pki.keys import PrivateKey
 from enroll_server.pki.signer import Signer
 from enroll_server.revocation.publisher import CrlPublisher, CrlUpdate, RevocationSource
 
@@ -89,10 +89,7 @@ class IssuerCrls:
     def _key_of(self, cert: x509.Certificate) -> PrivateKey | Signer:
         if self._key.public_key() == cert.public_key():
             return self._key
-        layout = self._loaded.layout
-        return load_private_key_pem(
-            layout.issuing_key.read_bytes(), home_passphrase(layout), "issuing CA key"
-        )
+        return current_key(self._loaded.layout, cert)  # a rollover's new key
 
     def follow(self) -> bool:
         """Take up the home's live issuers if its files changed; True if they did. Files that

@@ -300,7 +300,7 @@ def rollover_root_command(
             root_passphrase_file=passphrase_file,
             new_root_key=None
             if new_root_key is None
-            else partial(_new_token_key, layout, config, new_root_key),
+            else partial(new_token_key, layout, config, new_root_key),
         )
     except HomeError as exc:
         fail(str(exc))
@@ -320,17 +320,19 @@ def rollover_root_command(
     )
 
 
-def _new_token_key(layout: HomeLayout, config: ServerConfig, uri: str) -> Pkcs11Signer:
-    """`rollover-root --new-root-key URI`: the new root's key in its token (made there unless
-    it exists). HomeError if unusable."""
+def new_token_key(
+    layout: HomeLayout, config: ServerConfig, uri: str, option: str = "--new-root-key"
+) -> Pkcs11Signer:
+    """A new CA key in its token, `option URI` (`rollover-root --new-root-key`, `rollover
+    --ca-key`): made there unless it exists. HomeError if unusable."""
     from enroll_server.home.layout import TOKEN_CURVES, HomeError, token_key_signer
     from enroll_server.pki.signer import SignerError
 
     if config.key_type not in TOKEN_CURVES:
-        raise HomeError(layout.root, "--new-root-key makes an EC key: [ca] key_type is not EC")
+        raise HomeError(layout.root, f"{option} makes an EC key: [ca] key_type is not EC")
     try:
         return token_key_signer(
             layout, config, uri, create=True, curve=TOKEN_CURVES[config.key_type]
         )
     except SignerError as exc:
-        raise HomeError(layout.root, f"--new-root-key: {exc}") from None
+        raise HomeError(layout.root, f"{option}: {exc}") from None

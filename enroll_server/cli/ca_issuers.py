@@ -54,11 +54,24 @@ def rollover(
     days: Annotated[
         int, typer.Option(min=1, help="Lifetime of the new issuing CA, in days.")
     ] = 1825,
+    ca_key: Annotated[
+        str | None,
+        typer.Option(
+            "--ca-key",
+            help="The new issuing key in a PKCS#11 token, a new object (pkcs11:token=...;"
+            "object=...; made there unless it exists; the PIN as for [ca] key). Required when "
+            "the issuing key is in a token; a file-key home moves into the token.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Roll over to a new issuing CA (a new key, signed by the same root). New certificates
     come from it; the old issuing CA stays trusted, with its own CRL and OCSP, until its last
     certificate expires, then is retired by itself. A running `fleetpki serve` picks it up."""
+    from functools import partial
+
+    from enroll_server.cli.ca import new_token_key
     from enroll_server.home.issuers import crl_route, roll_over
     from enroll_server.home.layout import load_home
     from enroll_server.home.root import load_root_issuer
@@ -79,6 +92,9 @@ def rollover(
                 now,
                 backfill=registry.assign_issuer,
                 days=days,
+                new_key=None
+                if ca_key is None
+                else partial(new_token_key, layout, loaded.config, ca_key, "--ca-key"),
             )
             detail = {
                 "old": key_id(done.old),

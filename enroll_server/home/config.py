@@ -259,12 +259,31 @@ def with_root_key(text: str, uri: str) -> str:
     return new
 
 
+def _ca_key_line(uri: str) -> str:
+    return f"key = {json.dumps(uri)}   # the issuing CA key, in a PKCS#11 token"
+
+
+def with_ca_key(text: str, uri: str) -> str:
+    """fleetpki.toml's `text` naming the issuing CA key `uri` (an issuing rollover in a
+    token): its [ca] `key` line replaced, or added after [ca]'s key_type line when the key was
+    a file; the rest of the file as the operator left it. ValueError if neither is there."""
+    new, count = re.subn(r"(?m)^key\s*=.*$", lambda _: _ca_key_line(uri), text, count=1)
+    if count == 1:
+        return new
+    new, count = re.subn(
+        r"(?m)^key_type\s*=.*$", lambda m: m.group(0) + "\n" + _ca_key_line(uri), text, count=1
+    )
+    if count != 1:
+        raise ValueError("no key or key_type line in [ca]")
+    return new
+
+
 def _render_ca_key(cfg: ServerConfig) -> str:
     if not cfg.ca_key and not cfg.root_key:
         return ""
     lines = ""
     if cfg.ca_key:
-        lines += f"key = {json.dumps(cfg.ca_key)}   # the issuing CA key, in a PKCS#11 token\n"
+        lines += _ca_key_line(cfg.ca_key) + "\n"
     if cfg.root_key:
         lines += _root_key_line(cfg.root_key) + "\n"
     lines += f"pkcs11_module = {json.dumps(cfg.pkcs11_module)}\n"

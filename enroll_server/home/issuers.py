@@ -2,10 +2,12 @@
 
 Files (all under H/ca/; nothing else moves):
 - issuing.pem / issuing.key: the CURRENT issuing CA, which signs every new certificate.
+- issuing.next: during a rollover in a PKCS#11 token only, the URI of the new key (roll_over).
 - issuers/<id>.pem / <id>.key: previous issuing CAs still live (their certificates have not all
   expired): they keep signing their own CRL and OCSP answers, and relying parties trust them.
+  A key in a PKCS#11 token stays there: issuers/<id>.uri names it (RFC 7512) instead of .key.
 - retired/<id>.pem / <id>.crl: an issuer whose last certificate has expired (retire_expired);
-  its key is deleted, its last CRL kept as a record.
+  its key is deleted (a token key: its objects destroyed), its last CRL kept as a record.
 - revoked/<id>.pem / <id>.json: an issuer the root revoked (compromise, revoke_issuer); the root
   CRL lists it (revoked_issuer_entries).
 - first-issuer: the id of the issuing CA whose certificates name /crl (the one `init` made);
@@ -26,20 +28,21 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enroll_server.home.config import PkiUrls, ServerConfig
+from enroll_server.home.config import PkiUrls, ServerConfig, load_config, with_ca_key
 from enroll_server.home.layout import (
     HomeError,
     HomeLayout,
     home_passphrase,
     read_intermediates,
     renew_server_certificate,
+    token_key_signer,
 )
 from enroll_server.home.root_update import current_roots
 from enroll_server.pki.ca import Issuer, build_issuing_ca
 from enroll_server.pki.key_id import key_id
 from enroll_server.pki.keys import PrivateKey, generate_key, load_private_key_pem, private_key_pem
 from enroll_server.pki.root_rollover import is_self_signed
-from enroll_server.pki.signer import Signer
+from enroll_server.pki.signer import KeyNotFound, Pkcs11Signer, Signer, SignerError
 from enroll_server.registry.models import RevokedEntry
 from fleetpki.atomic_file import PUBLIC_MODE, make_private_dir, write_atomic
 
@@ -70,8 +73,15 @@ class IssuerFiles:
     def first_issuer(self) -> Path:
         return self.layout.ca_dir / "first-issuer"
 
+    @property
+    def next_key(self) -> Path:
+        return self.layout.ca_dir / "issuing.next"
+
     def previous(self, kid: str) -> tuple[Path, Path]:
         return self.previous_dir / f"{kid}.pem", self.previous_dir / f"{kid}.key"
+
+    def previous_uri(self, kid: str) -> Path:
+        return self.previous_dir / f"{kid}.uri"
 
 
 def first_issuer_id(layout: HomeLayout) -> str | None:
@@ -108,29 +118,108 @@ def issuer_urls(layout: HomeLayout, config: ServerConfig, cert: x509.Certificate
     )
 
 
+def previous_certificates(layout: HomeLayout, current: x509.Certificate) -> list[x509.Certificate]:
+    """The previous issuing CAs still live, oldest first, without their keys. HomeError if
+    one is unreadable."""
+    files = IssuerFiles(layout)
+    found: list[x509.Certificate] = []
+    if not files.previous_dir.is_dir():
+        return found
+    current_id = key_id(current)
+    for pem in sorted(files.previous_dir.glob("*.pem")):
+        if pem.stem == current_id:
+            continue
+        try:
+            found.append(x509.load_pem_x509_certificate(pem.read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise HomeError(
+                layout.root, f"previous issuing CA {pem.stem} unreadable: {exc}"
+            ) from exc
+    found.sort(key=lambda c: c.not_valid_before_utc)
+    return found
+
+
+def _token_key(
+    layout: HomeLayout, config: ServerConfig, uri: str, cert: x509.Certificate | None = None
+) -> Pkcs11Signer:
+    """The token key `uri` names (HomeError if it is not to be had), checked against `cert`."""
+    try:
+        signer = token_key_signer(layout, config, uri)
+    except SignerError as exc:
+        raise HomeError(layout.root, str(exc)) from None
+    if cert is not None and signer.public_key() != cert.public_key():
+        signer.close_session()
+        raise HomeError(layout.root, f"{uri} is not the key of issuing CA {key_id(cert)}")
+    return signer
+
+
+def previous_key(
+    layout: HomeLayout, config: ServerConfig, cert: x509.Certificate
+) -> PrivateKey | Signer:
+    """A previous issuing CA's key: issuers/<id>.uri's token key, else issuers/<id>.key."""
+    files = IssuerFiles(layout)
+    kid = key_id(cert)
+    try:
+        if files.previous_uri(kid).exists():
+            uri = files.previous_uri(kid).read_text().strip()
+            return _token_key(layout, config, uri, cert)
+        key_pem = files.previous(kid)[1].read_bytes()
+    except OSError as exc:
+        raise HomeError(layout.root, f"previous issuing CA {kid} key unreadable: {exc}") from exc
+    return load_private_key_pem(key_pem, home_passphrase(layout), f"issuing CA key {kid}")
+
+
 def previous_issuers(
     layout: HomeLayout, config: ServerConfig, current: x509.Certificate
 ) -> list[Issuer]:
     """The previous issuing CAs still live, oldest first, with their keys (to sign their CRL
     and OCSP answers). HomeError if one is unreadable."""
+    return [
+        Issuer(cert, previous_key(layout, config, cert), issuer_urls(layout, config, cert))
+        for cert in previous_certificates(layout, current)
+    ]
+
+
+def current_key(layout: HomeLayout, cert: x509.Certificate) -> PrivateKey | Signer:
+    """The key of the current issuing CA `cert`, as fleetpki.toml names it now (read again: a
+    rollover may have changed it): [ca] key's token object, else H/ca/issuing.key.
+
+    A rollover in a token cut short between issuing.pem and fleetpki.toml (roll_over) is
+    finished here: issuing.next names the new certificate's key; fleetpki.toml is rewritten
+    to name it. HomeError if no key matches `cert`."""
+    config = load_config(layout.config)
     files = IssuerFiles(layout)
-    found: list[Issuer] = []
-    if not files.previous_dir.is_dir():
-        return found
-    current_id = key_id(current)
-    for pem in sorted(files.previous_dir.glob("*.pem")):
-        kid = pem.stem
-        if kid == current_id:
+    pending = files.next_key.read_text().strip() if files.next_key.exists() else ""
+    for uri in dict.fromkeys(u for u in (config.ca_key, pending) if u):
+        signer = _token_key(layout, config, uri)
+        if signer.public_key() != cert.public_key():
+            signer.close_session()
             continue
-        try:
-            cert = x509.load_pem_x509_certificate(pem.read_bytes())
-            key_pem = files.previous(kid)[1].read_bytes()
-        except (OSError, ValueError) as exc:
-            raise HomeError(layout.root, f"previous issuing CA {kid} unreadable: {exc}") from exc
-        key = load_private_key_pem(key_pem, home_passphrase(layout), f"issuing CA key {kid}")
-        found.append(Issuer(cert, key, issuer_urls(layout, config, cert)))
-    found.sort(key=lambda i: i.cert.not_valid_before_utc)
-    return found
+        if uri != config.ca_key:
+            _name_ca_key(layout, uri)
+        return signer
+    if config.ca_key:
+        raise HomeError(layout.root, f"{config.ca_key} is not the issuing CA certificate's key")
+    try:
+        key_pem = layout.issuing_key.read_bytes()
+    except OSError as exc:
+        raise HomeError(layout.root, f"issuing CA key unreadable: {exc}") from exc
+    key = load_private_key_pem(key_pem, home_passphrase(layout), "issuing CA key")
+    if key.public_key() != cert.public_key():
+        raise HomeError(layout.root, "the issuing CA key does not match its certificate")
+    return key
+
+
+def _name_ca_key(layout: HomeLayout, uri: str) -> None:
+    """fleetpki.toml's [ca] key = `uri`, then the issuing.key and issuing.next it replaces
+    (a file key moved into a token has its copy in issuers/<id>.key)."""
+    try:
+        text = with_ca_key(layout.config.read_text(), uri)
+    except ValueError as exc:
+        raise HomeError(layout.root, f"{layout.config}: {exc}") from None
+    write_atomic(layout.config, text.encode(), 0o600)
+    layout.issuing_key.unlink(missing_ok=True)
+    IssuerFiles(layout).next_key.unlink(missing_ok=True)
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -181,35 +270,62 @@ def roll_over(
     *,
     backfill: Callable[[str], object],
     days: int = 1825,
+    new_key: Callable[[], Pkcs11Signer] | None = None,
 ) -> Rollover:
     """A new issuing CA (new key) under `root` becomes the current one; the old one moves to
     issuers/<id> and stays live (it signs its CRL and OCSP answers) until retire_expired.
 
-    `backfill(old_id)` records the old issuer on the registry's certificates from before
-    schema 9 (Registry.assign_issuer), before anything is moved. Files are written so that a
-    crash leaves a working home: the old issuer's copy first, the new key, then the new
-    certificate (a running serve loads both and checks they match), chain.pem, server.pem.
+    `new_key`: the new key made in a PKCS#11 token (`ca rollover --ca-key URI`, required when
+    the current key is in one; a file-key home given one moves into the token). Otherwise a
+    new key file. `backfill(old_id)` records the old issuer on the registry's certificates
+    from before schema 9 (Registry.assign_issuer), before anything is moved. HomeError before
+    anything is written if a check fails.
+
+    Files are written so that a crash at any step leaves a working home:
+    1. issuers/<old>.pem and its key (.key, or .uri naming the token object): the old pair
+       stays current; a copy beside it is ignored (previous_issuers skips the current id).
+    2. (token) issuing.next: the new key's URI. Crash: ignored, fleetpki.toml's key matches.
+    3. the new key: issuing.key (file; a running serve checks key and certificate match and
+       keeps the old pair until they do: load_current), or none (the token holds it).
+    4. issuing.pem: the new certificate. Crash (token): fleetpki.toml still names the old key;
+       current_key finds the new one in issuing.next and rewrites fleetpki.toml.
+    5. (token) fleetpki.toml's [ca] key = the new URI, then issuing.next (and a moved file
+       key's issuing.key) removed: the new pair is coherent.
+    6. chain.pem, then server.pem under the new issuer (a crash before them leaves those two
+       as they were, key file or token alike: the new issuer signs, brokers loading chain.pem
+       do not yet trust its certificates; `fleetpki serve` still works with every file).
     """
     if root.cert.subject != current.cert.issuer:
         raise HomeError(layout.root, "the root given did not sign the current issuing CA")
-    if not isinstance(current.key, PrivateKey):
+    if isinstance(current.key, Pkcs11Signer) and new_key is None:
         raise HomeError(
             layout.root,
-            f"the issuing CA key is in a PKCS#11 token ({config.ca_key}): `ca rollover` keeps "
-            "issuing keys as files and cannot roll it over",
+            f"the issuing CA key is in a PKCS#11 token ({current.key.uri}): pass --ca-key "
+            "pkcs11:token=...;object=... naming a new object for the new issuing key",
         )
+    if not isinstance(current.key, PrivateKey | Pkcs11Signer):
+        raise HomeError(layout.root, "the issuing CA key is neither a file nor a token key")
     files = IssuerFiles(layout)
     phrase = home_passphrase(layout)
     old_id = key_id(current.cert)
-    previous = [i.cert for i in previous_issuers(layout, config, current.cert)]
+    previous = previous_certificates(layout, current.cert)
+    key: PrivateKey | Pkcs11Signer = generate_key(config.key_type) if new_key is None else new_key()
+    if isinstance(key, Pkcs11Signer) and (
+        key.public_key() == current.cert.public_key()
+        or any(key.public_key() == c.public_key() for c in previous)
+    ):
+        key.close_session()
+        raise HomeError(layout.root, f"{key.uri} is a live issuing CA's key: name a new object")
     backfill(old_id)
     make_private_dir(files.previous_dir)
     cert_path, key_path = files.previous(old_id)
-    write_atomic(key_path, private_key_pem(current.key, phrase))
+    if isinstance(current.key, Pkcs11Signer):
+        write_atomic(files.previous_uri(old_id), f"{current.key.uri}\n".encode(), PUBLIC_MODE)
+    else:
+        write_atomic(key_path, private_key_pem(current.key, phrase))
     write_atomic(cert_path, _pem(current.cert), PUBLIC_MODE)
     if first_issuer_id(layout) is None:
         write_atomic(files.first_issuer, old_id.encode() + b"\n", PUBLIC_MODE)
-    key = generate_key(config.key_type)
     new = build_issuing_ca(
         key,
         root,
@@ -218,8 +334,13 @@ def roll_over(
         days,
         crl_url=config.urls().root_crl,
     )
-    write_atomic(layout.issuing_key, private_key_pem(key, phrase))
-    write_atomic(layout.issuing_cert, _pem(new), PUBLIC_MODE)
+    if isinstance(key, Pkcs11Signer):
+        write_atomic(files.next_key, f"{key.uri}\n".encode(), PUBLIC_MODE)
+        write_atomic(layout.issuing_cert, _pem(new), PUBLIC_MODE)
+        _name_ca_key(layout, str(key.uri))
+    else:
+        write_atomic(layout.issuing_key, private_key_pem(key, phrase))
+        write_atomic(layout.issuing_cert, _pem(new), PUBLIC_MODE)
     write_chain(layout, new, [*previous, current.cert])
     issuer = Issuer(new, key, issuer_urls(layout, config, new))
     server_cert = renew_server_certificate(layout, issuer, config, now)
@@ -256,26 +377,48 @@ def retire_expired(
     has itself expired: its certificate and last CRL (`crl_of(id)`, DER) go to retired/, its
     key is deleted, chain.pem no longer carries it. Returns the ids retired."""
     files = IssuerFiles(layout)
-    live = previous_issuers(layout, config, current)
+    live = previous_certificates(layout, current)
     retired: list[str] = []
-    for issuer in live:
-        kid = key_id(issuer.cert)
+    for cert in live:
+        kid = key_id(cert)
         latest = last_expiry(kid)
-        if (latest is not None and latest > now) and issuer.cert.not_valid_after_utc > now:
+        if (latest is not None and latest > now) and cert.not_valid_after_utc > now:
             continue
         make_private_dir(files.retired_dir)
-        write_atomic(files.retired_dir / f"{kid}.pem", _pem(issuer.cert), PUBLIC_MODE)
+        write_atomic(files.retired_dir / f"{kid}.pem", _pem(cert), PUBLIC_MODE)
         crl = crl_of(kid)
         if crl is not None:
             write_atomic(files.retired_dir / f"{kid}.crl", crl, PUBLIC_MODE)
         retired.append(kid)
     if retired:
-        keep = [i.cert for i in live if key_id(i.cert) not in retired]
+        keep = [c for c in live if key_id(c) not in retired]
         write_chain(layout, current, keep)
-        for kid in retired:
-            for path in files.previous(kid):
-                path.unlink(missing_ok=True)
+        for cert in live:
+            if key_id(cert) in retired:
+                _delete_previous(layout, config, cert)
     return retired
+
+
+def _delete_previous(layout: HomeLayout, config: ServerConfig, cert: x509.Certificate) -> None:
+    """A previous issuer's key gone for good, after chain.pem dropped it: its key file, or
+    its token objects (destroyed, then the .uri naming them), and its issuers/ certificate."""
+    files = IssuerFiles(layout)
+    kid = key_id(cert)
+    if files.previous_uri(kid).exists():
+        uri = files.previous_uri(kid).read_text().strip()
+        try:
+            key = token_key_signer(layout, config, uri)
+            if key.public_key() != cert.public_key():
+                key.close_session()
+                raise HomeError(layout.root, f"{uri} is not the key of issuing CA {kid}")
+            key.destroy()
+        except KeyNotFound:
+            pass  # destroyed already: a crash before the .uri file went
+        except SignerError as exc:
+            raise HomeError(layout.root, f"issuing CA {kid}: {exc}") from None
+        files.previous_uri(kid).unlink()
+    for path in files.previous(kid):
+        path.unlink(missing_ok=True)
 
 
 REVOKED_REASON = "cACompromise"
@@ -298,8 +441,8 @@ def revoke_issuer(
             layout.root,
             f"{kid} is the current issuing CA: run `fleetpki ca rollover` first, then revoke it",
         )
-    live = previous_issuers(layout, config, current)
-    target = next((i.cert for i in live if key_id(i.cert) == kid), None)
+    live = previous_certificates(layout, current)
+    target = next((c for c in live if key_id(c) == kid), None)
     if target is None:
         raise HomeError(layout.root, f"no live previous issuing CA {kid} (see H/ca/issuers/)")
     record = {
@@ -310,9 +453,8 @@ def revoke_issuer(
     make_private_dir(files.revoked_dir)
     write_atomic(files.revoked_dir / f"{kid}.pem", _pem(target), PUBLIC_MODE)
     write_atomic(files.revoked_dir / f"{kid}.json", json.dumps(record).encode(), PUBLIC_MODE)
-    write_chain(layout, current, [i.cert for i in live if i.cert is not target])
-    for path in files.previous(kid):
-        path.unlink(missing_ok=True)
+    write_chain(layout, current, [c for c in live if c is not target])
+    _delete_previous(layout, config, target)
     return target
 
 

@@ -27,14 +27,12 @@ from enroll_server.pki.keys import (
     KeyType,
     PrivateKey,
     generate_key,
-    load_private_key_pem,
     private_key_pem,
 )
 from enroll_server.pki.root_rollover import is_self_signed, signed_by
 from enroll_server.pki.signer import (
     Pkcs11Signer,
     Signer,
-    SignerError,
     module_path,
     parse_pkcs11_uri,
     read_pin,
@@ -449,21 +447,13 @@ def load_home(home: Path) -> LoadedHome:
     try:
         root_cert = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())
         issuing_cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
-        key_pem = b"" if config.ca_key else layout.issuing_key.read_bytes()
     except (OSError, ValueError) as exc:
         raise HomeError(home, f"CA files unreadable: {exc}") from exc
-    key: PrivateKey | Signer
-    if config.ca_key:
-        try:
-            key = ca_token_signer(layout, config)
-        except SignerError as exc:
-            raise HomeError(home, str(exc)) from None
-        if key.public_key() != issuing_cert.public_key():
-            raise HomeError(home, f"{config.ca_key} is not the issuing CA certificate's key")
-    else:
-        key = load_private_key_pem(key_pem, _passphrase(layout, create=False), "issuing CA key")
-    from enroll_server.home.issuers import issuer_urls  # issuers builds on this module
+    # issuers builds on this module: the key fleetpki.toml names (a token's or issuing.key).
+    from enroll_server.home.issuers import current_key, issuer_urls
 
+    key = current_key(layout, issuing_cert)
+    config = load_config(layout.config)  # again: current_key may have finished a rollover
     return LoadedHome(
         layout,
         config,

@@ -644,6 +644,23 @@ class Pkcs11Signer:
             raise BadSignature("to-be-signed structure")
         return signature
 
+    def destroy(self) -> None:
+        """Destroy the key's private and public objects in the token (PKCS#11 v2.40
+        C_DestroyObject): a retired or revoked CA key can sign nothing more. SignerError if
+        the token refuses."""
+        import pkcs11
+
+        with self._lock:
+            try:
+                if self._session is None:
+                    self._connect()
+                for kind in (pkcs11.ObjectClass.PRIVATE_KEY, pkcs11.ObjectClass.PUBLIC_KEY):
+                    _find(self._session, self.uri, kind).destroy()
+            except pkcs11.PKCS11Error as exc:
+                raise SignerUnavailable(f"token {self.uri.token!r}: {_pkcs11_error(exc)}") from None
+            finally:
+                self.close_session()
+
     def close_session(self) -> None:
         """Drop the session (the next signature opens a new one); errors closing are moot."""
         session, self._session, self._private = self._session, None, None

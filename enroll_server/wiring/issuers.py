@@ -19,12 +19,18 @@ from datetime import datetime
 from cryptography import x509
 
 from enroll_server.enrollment.service import EnrollmentService
-from enroll_server.home.issuers import crl_route, load_current, previous_issuers, retire_expired
-from enroll_server.home.layout import HomeError, LoadedHome, home_passphrase
+from enroll_server.home.issuers import (
+    crl_route,
+    current_key,
+    load_current,
+    previous_issuers,
+    retire_expired,
+)
+from enroll_server.home.layout import HomeError, LoadedHome
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.key_id import key_id
-from enroll_server.pki.keys import PrivateKey, load_private_key_pem
+from enroll_server.pki.keys import PrivateKey
 from enroll_server.pki.signer import Signer
 from enroll_server.registry import Registry
 from enroll_server.revocation.issuers import IssuerRevocation
@@ -80,10 +86,7 @@ class IssuerWatch:
         current = self._service.issuer
         if current.key.public_key() == cert.public_key():
             return current.key
-        layout = self._loaded.layout
-        return load_private_key_pem(
-            layout.issuing_key.read_bytes(), home_passphrase(layout), "issuing CA key"
-        )
+        return current_key(self._loaded.layout, cert)  # a rollover's new key
 
     def load(self) -> IssuerSet | None:
         """The issuers, if the files changed since the last look (worker thread: decrypts keys)."""

@@ -88,10 +88,11 @@ with lib.get_token(token_label="fleet").open(user_pin=sys.argv[2]) as session:
 """
 
 
-def _enroll(env: dict[str, str], home: Path, est_url: str, out: Path) -> Path:
-    """A device of a new batch enrolls over EST (TLS verified with its bundle's ca.pem);
-    its certificate's PEM path."""
-    made = _run(env, "batch", "create", "--home", str(home), "--count", "1", "--out", str(out))
+def _enroll(env: dict[str, str], home: Path, est_url: str, out: Path, *batch: str) -> Path:
+    """A device of a new batch (`batch create --count 1 BATCH...`) enrolls over EST (TLS
+    verified with its bundle's ca.pem); its certificate's PEM path."""
+    made = _run(env, "batch", "create", "--home", str(home), "--count", "1", "--out", str(out),
+                *batch)  # fmt: skip
     assert made.returncode == 0, made.stderr
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     device, token = folder.name, (folder / "token").read_text().strip()
