@@ -71,13 +71,19 @@ def _crl(url: str) -> x509.CertificateRevocationList:
     return x509.load_der_x509_crl(_get(url))
 
 
+def _init(base: dict[str, str], tmp_path: Path, *args: str) -> tuple[Path, Path, dict[str, str]]:
+    """`fleetpki init ARGS` with the right PIN: the home, its ca/ and that environment."""
+    home, good = tmp_path / "home", {**base, "FLEETPKI_PKCS11_PIN": PIN}
+    done = _run(good, "init", "--home", str(home), *args)
+    assert done.returncode == 0, done.stderr
+    return home, home / "ca", good
+
+
 def test_issuing_rollover_in_a_token_signs_with_the_new_key_and_keeps_the_old_one_live(
     env: dict[str, str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    home, ca = tmp_path / "home", tmp_path / "home" / "ca"
-    good = {**env, "FLEETPKI_PKCS11_PIN": PIN}
-    assert _run(good, "init", "--home", str(home), "--ca-key", OLD_URI).returncode == 0
+    home, ca, good = _init(env, tmp_path, "--ca-key", OLD_URI)
     old_issuer = x509.load_pem_x509_certificate((ca / "issuing.pem").read_bytes())
     before = home_snapshot(home)
     # Refused, nothing written: no --ca-key; the current key's object; a wrong PIN.
@@ -166,9 +172,7 @@ def test_a_file_key_home_rolls_over_into_a_token(
     env: dict[str, str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    home, ca = tmp_path / "home", tmp_path / "home" / "ca"
-    good = {**env, "FLEETPKI_PKCS11_PIN": PIN}
-    assert _run(good, "init", "--home", str(home)).returncode == 0
+    home, ca, good = _init(env, tmp_path)
     old_id = key_id(x509.load_pem_x509_certificate((ca / "issuing.pem").read_bytes()))
     rolled = _run(good, "ca", "rollover", "--home", str(home), "--ca-key", NEW_URI)
     assert rolled.returncode == 0, rolled.stderr
