@@ -896,7 +896,12 @@ def fail_next_commit(server: LiveServer) -> None:
     commits = server.handle.state.commits
 
     async def swap() -> None:  # on the server's loop, between two flushes
-        commits.registry = FailingCommits(commits.registry)  # type: ignore[assignment]
+        # The group commit runs on the queue's writer connection (a worker thread) when it
+        # has one, as `fleetpki serve` sets it up; else on the loop's registry.
+        if commits.writer is not None:
+            commits.writer = FailingCommits(commits.writer)  # type: ignore[assignment]
+        else:
+            commits.registry = FailingCommits(commits.registry)  # type: ignore[assignment]
 
     server.call(swap())
 

@@ -217,6 +217,21 @@ async def test_the_broker_alone_trusts_a_new_issuing_ca_after_a_rollover(tmp_pat
     config = broker_config_for_home(layout.root, bind="127.0.0.1", port=port)
     task = asyncio.create_task(serve_until_signal(config, None, cert_check_interval=0.1))
     try:
+        # The broker listens before the rollover starts: a start that reads tls/ while the
+        # rollover swaps in a new server pair is not this test's subject.
+        deadline = time.monotonic() + 20
+        while True:
+            if task.done():
+                task.result()  # the broker's own error, if it failed to start
+                raise AssertionError("the broker stopped before listening")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                assert time.monotonic() < deadline, "the broker is not listening"
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            break
         rolled = await asyncio.to_thread(
             CliRunner().invoke, app, ["ca", "rollover", "--home", str(layout.root)]
         )
@@ -249,9 +264,10 @@ async def test_the_broker_alone_trusts_a_new_issuing_ca_after_a_rollover(tmp_pat
                 code = None  # not listening yet
             finally:
                 await device.close()
-            if code == PAHO_ACCEPTED or time.monotonic() > deadline:
+            if code == PAHO_ACCEPTED or time.monotonic() > deadline or task.done():
                 break
             await asyncio.sleep(0.1)
+        assert not task.done(), task.exception()
         assert code == PAHO_ACCEPTED
     finally:
         task.cancel()
