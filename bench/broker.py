@@ -326,6 +326,8 @@ class BrokerProcess:
         self._stop = stop
         self.syncer: SyncerProcess | None = None
         self.boot_s: float | None = None
+        # where the broker says its memory goes (RabbitMQ: `rabbitmqctl status`), MB by use
+        self.memory_breakdown: Callable[[], dict[str, float]] | None = None
 
     def cpu(self) -> float:
         t = self.ps.cpu_times()
@@ -494,6 +496,10 @@ def start_rabbitmq(fleet: Fleet, auth_port: int) -> BrokerProcess:
     conf = folder / "conf"
     mqtt_port, management_port, epmd = _free_port(), _free_port(), _free_port()
     rabbitmq_config(fleet.home, conf, mqtt_port, management_port, auth_port)
+    with (conf / "rabbitmq.conf").open("a") as f:
+        # (b) holds up to 10,000 idle sessions at about 1 MB each on 3.10: the default memory
+        # alarm (0.4 of RAM) would block the node before that. Raised for the bench only.
+        f.write("vm_memory_high_watermark.relative = 0.8\n")
     node = RabbitNode(folder, conf, f"bench{n}", mqtt_port, management_port, epmd)
 
     def stop() -> None:
@@ -513,6 +519,7 @@ def start_rabbitmq(fleet: Fleet, auth_port: int) -> BrokerProcess:
             raise RuntimeError(f"{node.pidfile}: no pid")
         broker = BrokerProcess(RABBITMQ, beam, mqtt_port, stop)
         broker.boot_s = boot
+        broker.memory_breakdown = lambda: rabbitmq_memory(node)
         files = RabbitFiles(conf)
         broker.syncer = SyncerProcess(
             fleet, "rabbitmq", files.folder, files.sync_cursor, folder / "rabbitmq-sync.log"
@@ -521,6 +528,15 @@ def start_rabbitmq(fleet: Fleet, auth_port: int) -> BrokerProcess:
         stop()
         raise
     return broker
+
+
+def rabbitmq_memory(node: RabbitNode) -> dict[str, float]:
+    """The node's own account of its memory (`rabbitmqctl status`: bytes by use), in MB,
+    largest first: which part grows with the sessions."""
+    data = json.loads(node.ctl("status", "--formatter", "json"))
+    memory = data.get("memory", {})
+    uses = {k: v / 1e6 for k, v in memory.items() if isinstance(v, int) and k != "total"}
+    return dict(sorted(uses.items(), key=lambda kv: -kv[1]))
 
 
 # ------------------------------------------------------------------ a lean MQTT 3.1.1 client
@@ -687,18 +703,27 @@ async def bench_idle_memory(
         w.close()
     await asyncio.sleep(1.0)
     rss0 = broker.rss()
+    uses0 = await asyncio.to_thread(broker.memory_breakdown) if broker.memory_breakdown else {}
     t0 = time.perf_counter()
     conns = await open_idle(broker, fleet, live[:n])
     elapsed = time.perf_counter() - t0
     await asyncio.sleep(2.0)
     rss1 = broker.rss()
-    return {
+    out: dict[str, Any] = {
         "connections": n,
         "rss_before_mb": rss0 / 2**20,
         "rss_after_mb": rss1 / 2**20,
         "kb_per_connection": (rss1 - rss0) / n / 1000,
         "connect_all_s": elapsed,
-    }, conns
+    }
+    if broker.memory_breakdown is not None:
+        uses1 = await asyncio.to_thread(broker.memory_breakdown)
+        out["memory_breakdown_mb"] = uses1
+        growth = {k: (v - uses0.get(k, 0.0)) * 1000 / n for k, v in uses1.items()}
+        out["kb_per_connection_by_use"] = {
+            k: round(v, 1) for k, v in sorted(growth.items(), key=lambda kv: -kv[1]) if v >= 1
+        }
+    return out, conns
 
 
 # ------------------------------------------------------------------ (c) revocation latency
