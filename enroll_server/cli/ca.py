@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from enroll_server.home.config import ServerConfig
     from enroll_server.home.layout import HomeLayout
     from enroll_server.pki.signer import Pkcs11Signer
+    from enroll_server.registry import Registry
 
 app = typer.Typer(
     help="CA ceremonies: sign an issuing CA or the root CRL with an offline root; import an "
@@ -69,6 +72,19 @@ def _root_at_hand(layout: HomeLayout | None, root_dir: Path | None) -> None:
         fail(str(exc))
     if not in_token:
         fail("pass --root DIR (the offline root folder), or --home H whose root key is in a token")
+
+
+@contextmanager
+def changing_ca(layout: HomeLayout, now: datetime) -> Iterator[Registry]:
+    """The home's registry, open for a change of the home's CA files: on a shared registry
+    the change is recorded there for the other nodes (home.ca_state.ca_change), after the
+    home has caught up with theirs. Load the home inside the block."""
+    from enroll_server.home.ca_state import ca_change
+    from enroll_server.home.layout import registry_location
+    from enroll_server.registry import Registry
+
+    with Registry.open(registry_location(layout)) as registry, ca_change(layout, registry, now):
+        yield registry
 
 
 def _write_out(path: Path, data: bytes) -> None:
@@ -163,19 +179,23 @@ def sign_root_crl(
         publish_root_crl,
         sign_offline_root_crl,
     )
+    from enroll_server.registry import RegistryError
 
     layout = _optional_home(home)
     _root_at_hand(layout, root_dir)
     now = datetime.now(UTC)
     try:
-        root = load_root_issuer(layout, root_dir, passphrase_file)
-        if root_dir is not None:
-            crl = sign_offline_root_crl(root_dir, root, now, days or ROOT_CRL_DAYS, layout)
-        else:
-            lifetime = ROOT_CRL_LIFETIME if days is None else timedelta(days=days)
-            crl = publish_root_crl(layout, root, now, lifetime)
+        with nullcontext() if layout is None else changing_ca(layout, now):
+            root = load_root_issuer(layout, root_dir, passphrase_file)
+            if root_dir is not None:
+                crl = sign_offline_root_crl(root_dir, root, now, days or ROOT_CRL_DAYS, layout)
+            else:
+                lifetime = ROOT_CRL_LIFETIME if days is None else timedelta(days=days)
+                crl = publish_root_crl(layout, root, now, lifetime)
     except HomeError as exc:
         fail(str(exc))
+    except RegistryError as exc:
+        fail(str(exc), ExitCode.FAILED)
     except OSError as exc:
         fail(f"cannot write the root CRL: {exc.strerror or exc}", ExitCode.FAILED)
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
@@ -197,14 +217,23 @@ def import_root_crl_command(
     signed it, it is current, not older than the one served)."""
     from enroll_server.home.layout import HomeError
     from enroll_server.home.root import import_root_crl
+    from enroll_server.registry import RegistryError
 
     layout = initialized_layout(home)
+    now = datetime.now(UTC)
     try:
-        installed = import_root_crl(layout, crl.read_bytes(), datetime.now(UTC))
+        data = crl.read_bytes()
     except OSError as exc:
         fail(f"{crl}: {exc.strerror or exc}")
+    try:
+        with changing_ca(layout, now):
+            installed = import_root_crl(layout, data, now)
     except HomeError as exc:
         fail(str(exc))
+    except RegistryError as exc:
+        fail(str(exc), ExitCode.FAILED)
+    except OSError as exc:
+        fail(f"cannot write the root CRL: {exc.strerror or exc}", ExitCode.FAILED)
     console.print(f"root CRL installed, nextUpdate {installed.next_update_utc}")
 
 
@@ -285,25 +314,30 @@ def rollover_root_command(
     from enroll_server.home.layout import HomeError
     from enroll_server.home.root import load_root_issuer
     from enroll_server.home.root_update import rollover_root
+    from enroll_server.registry import RegistryError
 
     layout = initialized_layout(home)
+    now = datetime.now(UTC)
     try:
-        config = load_config(layout.config)
-        old = load_root_issuer(layout, root_dir, passphrase_file)
-        done = rollover_root(
-            layout,
-            config,
-            old,
-            datetime.now(UTC),
-            days=days,
-            new_root_dir=new_root,
-            root_passphrase_file=passphrase_file,
-            new_root_key=None
-            if new_root_key is None
-            else partial(new_token_key, layout, config, new_root_key),
-        )
+        with changing_ca(layout, now):
+            config = load_config(layout.config)
+            old = load_root_issuer(layout, root_dir, passphrase_file)
+            done = rollover_root(
+                layout,
+                config,
+                old,
+                now,
+                days=days,
+                new_root_dir=new_root,
+                root_passphrase_file=passphrase_file,
+                new_root_key=None
+                if new_root_key is None
+                else partial(new_token_key, layout, config, new_root_key),
+            )
     except HomeError as exc:
         fail(str(exc))
+    except RegistryError as exc:
+        fail(str(exc), ExitCode.FAILED)
     except OSError as exc:
         fail(f"cannot write the home: {exc.strerror or exc}", ExitCode.FAILED)
     new = done.update.new

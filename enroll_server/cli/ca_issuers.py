@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from enroll_server.cli.ca import RootPassphraseOpt
+from enroll_server.cli.ca import RootPassphraseOpt, changing_ca
 from enroll_server.cli.console import stdout_console
 from enroll_server.cli.exit_codes import ExitCode, fail
 from enroll_server.cli.options import HomeOpt, JsonOpt, initialized_layout
@@ -76,36 +76,34 @@ def rollover(
     from enroll_server.home.layout import load_home
     from enroll_server.home.root import load_root_issuer
     from enroll_server.pki.key_id import key_id
-    from enroll_server.registry import Registry
 
     layout = initialized_layout(home)
     now = datetime.now(UTC)
-    with _refusals():
+    with _refusals(), changing_ca(layout, now) as registry:
         loaded = load_home(layout.root)
         root = load_root_issuer(layout, root_dir, root_passphrase_file)
-        with Registry.open(loaded.registry) as registry:
-            done = roll_over(
-                layout,
-                loaded.config,
-                loaded.issuer,
-                root,
-                now,
-                backfill=registry.assign_issuer,
-                days=days,
-                new_key=None
-                if ca_key is None
-                else partial(new_token_key, layout, loaded.config, ca_key, "--ca-key"),
-            )
-            detail = {
-                "old": key_id(done.old),
-                "new": key_id(done.new),
-                "subject": done.new.subject.rfc4514_string(),
-                "not_after": done.new.not_valid_after_utc.isoformat(),
-                "crl": "/" + crl_route(layout, done.new),
-            }
-            registry.append_audit(
-                actor="cli", action="ca.rollover", device_id=None, detail=detail, now=now
-            )
+        done = roll_over(
+            layout,
+            loaded.config,
+            loaded.issuer,
+            root,
+            now,
+            backfill=registry.assign_issuer,
+            days=days,
+            new_key=None
+            if ca_key is None
+            else partial(new_token_key, layout, loaded.config, ca_key, "--ca-key"),
+        )
+        detail = {
+            "old": key_id(done.old),
+            "new": key_id(done.new),
+            "subject": done.new.subject.rfc4514_string(),
+            "not_after": done.new.not_valid_after_utc.isoformat(),
+            "crl": "/" + crl_route(layout, done.new),
+        }
+        registry.append_audit(
+            actor="cli", action="ca.rollover", device_id=None, detail=detail, now=now
+        )
     if as_json:
         sys.stdout.write(json.dumps(detail, indent=2) + "\n")
         return
@@ -133,38 +131,36 @@ def revoke_issuing(
     from enroll_server.home.issuers import revoke_issuer, revoked_issuer_entry
     from enroll_server.home.layout import ROOT_CRL_LIFETIME, load_home
     from enroll_server.home.root import ROOT_CRL_DAYS, load_root_issuer, publish_root_crl
-    from enroll_server.registry import Registry
 
     layout = initialized_layout(home)
     now = datetime.now(UTC)
     kid = issuer.strip().lower().replace(":", "")
-    with _refusals():
+    with _refusals(), changing_ca(layout, now) as registry:
         loaded = load_home(layout.root)
         root = load_root_issuer(layout, root_dir, root_passphrase_file)
-        with Registry.open(loaded.registry) as registry:
-            # Refused before anything changes: the current issuer, an unknown id.
-            revoked = revoke_issuer(layout, loaded.config, loaded.issuer.cert, kid, now)
-            devices: dict[str, None] = {}
-            for serial in registry.unexpired_issued_by(kid, now):
-                device, _ = registry.revoke_certificate(
-                    serial, reason="cACompromise", now=now, actor="cli"
-                )
-                devices.setdefault(device.value)
-            # Signed now, whatever the age of the last; into DIR too with an offline root.
-            lifetime = ROOT_CRL_LIFETIME if root_dir is None else timedelta(days=ROOT_CRL_DAYS)
-            entry = revoked_issuer_entry(layout, kid)
-            crl = publish_root_crl(layout, root, now, lifetime, root_dir=root_dir, revoke=[entry])
-            detail = {
-                "issuer": kid,
-                "serial": f"{revoked.serial_number:x}",
-                "devices": list(devices),
-                "root_crl_number": crl.extensions.get_extension_for_class(
-                    x509.CRLNumber
-                ).value.crl_number,
-            }
-            registry.append_audit(
-                actor="cli", action="ca.revoke-issuing", device_id=None, detail=detail, now=now
+        # Refused before anything changes: the current issuer, an unknown id.
+        revoked = revoke_issuer(layout, loaded.config, loaded.issuer.cert, kid, now)
+        devices: dict[str, None] = {}
+        for serial in registry.unexpired_issued_by(kid, now):
+            device, _ = registry.revoke_certificate(
+                serial, reason="cACompromise", now=now, actor="cli"
             )
+            devices.setdefault(device.value)
+        # Signed now, whatever the age of the last; into DIR too with an offline root.
+        lifetime = ROOT_CRL_LIFETIME if root_dir is None else timedelta(days=ROOT_CRL_DAYS)
+        entry = revoked_issuer_entry(layout, kid)
+        crl = publish_root_crl(layout, root, now, lifetime, root_dir=root_dir, revoke=[entry])
+        detail = {
+            "issuer": kid,
+            "serial": f"{revoked.serial_number:x}",
+            "devices": list(devices),
+            "root_crl_number": crl.extensions.get_extension_for_class(
+                x509.CRLNumber
+            ).value.crl_number,
+        }
+        registry.append_audit(
+            actor="cli", action="ca.revoke-issuing", device_id=None, detail=detail, now=now
+        )
     if as_json:
         sys.stdout.write(json.dumps(detail, indent=2) + "\n")
         return

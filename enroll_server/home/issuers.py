@@ -139,7 +139,7 @@ def previous_certificates(layout: HomeLayout, current: x509.Certificate) -> list
     return found
 
 
-def _token_key(
+def issuer_token_key(
     layout: HomeLayout, config: ServerConfig, uri: str, cert: x509.Certificate | None = None
 ) -> Pkcs11Signer:
     """The token key `uri` names (HomeError if it is not to be had), checked against `cert`."""
@@ -162,7 +162,7 @@ def previous_key(
     try:
         if files.previous_uri(kid).exists():
             uri = files.previous_uri(kid).read_text().strip()
-            return _token_key(layout, config, uri, cert)
+            return issuer_token_key(layout, config, uri, cert)
         key_pem = files.previous(kid)[1].read_bytes()
     except OSError as exc:
         raise HomeError(layout.root, f"previous issuing CA {kid} key unreadable: {exc}") from exc
@@ -191,7 +191,7 @@ def current_key(layout: HomeLayout, cert: x509.Certificate) -> PrivateKey | Sign
     files = IssuerFiles(layout)
     pending = files.next_key.read_text().strip() if files.next_key.exists() else ""
     for uri in dict.fromkeys(u for u in (config.ca_key, pending) if u):
-        signer = _token_key(layout, config, uri)
+        signer = issuer_token_key(layout, config, uri)
         if signer.public_key() != cert.public_key():
             signer.close_session()
             continue

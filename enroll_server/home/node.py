@@ -13,6 +13,8 @@ memory: any request may go to any of them. What a node's home holds, and why:
   `/root.crl` when it falls due (an offline root: no key here, the file is served as the
   last ceremony signed it; an external root: neither, plus `ca/intermediates.pem`).
 - `tls/server.pem`, `tls/server.key`: NEW, for `--hostname`, signed by the issuing CA.
+- `ca/generation`: the registry's CA state generation the copied files are at; the node then
+  adopts every CA change any node records (home/ca_state.py).
 - `fleetpki.toml`: the original's, with this node's host names; the registry URL and its
   `registry_password_file` (copied) point at the same PostgreSQL.
 
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from enroll_server.home.ca_state import GENERATION
 from enroll_server.home.config import render_config
 from enroll_server.home.issuers import IssuerFiles
 from enroll_server.home.layout import (
@@ -89,6 +92,8 @@ def add_node(
     # issuer owns /crl, and the revoked ones (home.issuers).
     issuers = IssuerFiles(theirs)
     wanted.append(issuers.first_issuer)
+    # The registry's CA state generation these files are at: the node adopts only newer ones.
+    wanted.append(theirs.ca_dir / GENERATION)
     for folder in (issuers.previous_dir, issuers.revoked_dir):
         wanted += sorted(folder.glob("*")) if folder.is_dir() else []
     for extra in (config.registry_password_file, config.pkcs11_pin_file):

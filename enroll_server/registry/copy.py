@@ -63,6 +63,7 @@ TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("events", "seq", ("seq", "at", "kind", "device_id", "serials")),
     ("operators", "name", ("name", "role", "token_hash", "created_at", "rotated_at")),
     ("counters", "name", ("name", "value")),
+    ("ca_states", "generation", ("generation", "recorded_at", "state")),
 )
 # Sequence-like columns whose next value must follow the copied rows on PostgreSQL.
 _IDENTITIES = (("tokens", "rowid"), ("audit", "seq"), ("events", "seq"))

@@ -214,3 +214,11 @@ class CopyMismatch(RegistryError):
     def __init__(self, table: str, detail: str) -> None:
         super().__init__(f"table {table} differs after the copy: {detail}")
         self.table = table
+
+
+class CaStateConflict(RegistryError):
+    """A CA state generation another process recorded first (home/ca_state.py)."""
+
+    def __init__(self, generation: int) -> None:
+        super().__init__(f"CA state generation {generation} was recorded meanwhile by another node")
+        self.generation = generation

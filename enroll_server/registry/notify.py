@@ -8,6 +8,8 @@ number (the broker's revocation watcher, the CRL refresh): a revocation made thr
 reaches node B's broker, CRL and OCSP within a round trip instead of at the next poll. The
 polls stay as the safety net, and after the listening connection is lost and re-made the
 callbacks run once more, since notifications sent meanwhile are gone (the catch-up read).
+A new CA state generation (registry/ca_state.py) notifies on the same channel with the
+payload CA_STATE_PAYLOAD, which wakes only the callbacks registered for it (`on`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from enroll_server.registry.postgres import _params, _why
 log = logging.getLogger("fleetpki.registry")
 
 CHANNEL = "fleetpki_events"
+# The payload of a new CA state generation's notification (schema 10's trigger); events
+# notify with an empty one.
+CA_STATE_PAYLOAD = "ca_state"
 # How long one wait for notifications lasts: the bound on how late `stop` is noticed.
 _WAIT_S = 0.5
 _RETRY_FIRST_S = 0.5
@@ -36,6 +41,8 @@ class EventListener:
     def __init__(self, location: PostgresLocation, callbacks: Sequence[Callable[[], object]]):
         self.location = location
         self.callbacks = list(callbacks)
+        # Called only for notifications with that payload (and after a reconnect).
+        self.payload_callbacks: dict[str, list[Callable[[], object]]] = {}
         self.notifications = 0
         self.reconnects = 0
         self._stop = threading.Event()
@@ -52,8 +59,18 @@ class EventListener:
         self._stop.set()
         self._thread.join(_WAIT_S * 4)
 
-    def _fire(self) -> None:
-        for callback in self.callbacks:
+    def on(self, payload: str, callback: Callable[[], object]) -> None:
+        """Call `callback` on each notification carrying `payload` (CA_STATE_PAYLOAD: a new
+        CA state generation), not on every event."""
+        self.payload_callbacks.setdefault(payload, []).append(callback)
+
+    def _fire(self, payload: str | None = None) -> None:
+        """The callbacks for a notification with `payload`; None (a reconnect): all of them."""
+        chosen = list(self.callbacks)
+        for key, more in list(self.payload_callbacks.items()):
+            if payload is None or key == payload:
+                chosen += more
+        for callback in chosen:
             try:
                 callback()
             except Exception:  # one failing callback must not silence the others
@@ -77,9 +94,9 @@ class EventListener:
                     while not self._stop.is_set():
                         # Each notification wakes the readers at once; a burst of them costs
                         # a few extra wake-ups, each an indexed read of nothing new.
-                        for _ in conn.notifies(timeout=_WAIT_S):
+                        for note in conn.notifies(timeout=_WAIT_S):
                             self.notifications += 1
-                            self._fire()
+                            self._fire(note.payload)
                             if self._stop.is_set():
                                 break
             except psycopg.Error as exc:

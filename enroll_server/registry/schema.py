@@ -411,7 +411,35 @@ _V9 = Migration(
     postgresql=(_ISSUER_COLUMN,),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
+# The CA state every node of a shared registry follows (registry/ca_state.py,
+# home/ca_state.py): each `fleetpki ca rollover`, `ca revoke-issuing`, retirement and
+# `ca rollover-root` records the home's CA files as one numbered generation, which every
+# other node adopts into its own home. `state` is JSON: certificates, CRLs, keys only as the
+# home stores them (encrypted under the CA passphrase) or a PKCS#11 URI; never a clear key.
+_CA_STATES = """CREATE TABLE ca_states (
+    generation INTEGER PRIMARY KEY,
+    recorded_at TEXT NOT NULL,
+    state TEXT NOT NULL
+)"""
+_V10 = Migration(
+    10,
+    "the CA state nodes share",
+    (_CA_STATES,),
+    postgresql=(
+        _CA_STATES,
+        # Nodes hear of a new generation at its commit, as of a revocation (registry/notify.py
+        # CA_STATE_PAYLOAD: only the CA state followers wake).
+        """CREATE FUNCTION ca_states_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             PERFORM pg_notify('fleetpki_events', 'ca_state');
+             RETURN NULL;
+           END $$""",
+        "CREATE TRIGGER ca_states_changed AFTER INSERT ON ca_states "
+        "FOR EACH STATEMENT EXECUTE FUNCTION ca_states_notify()",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from enroll_server.registry.ca_state import CaStateStore
 from enroll_server.registry.certificates import CertificateStore
 from enroll_server.registry.connection import BUSY_TIMEOUT_MS, enable_wal
 from enroll_server.registry.console_sessions import ConsoleSessionStore
@@ -36,6 +37,7 @@ class Registry(
     RevocationStore,
     OperatorStore,
     ConsoleSessionStore,
+    CaStateStore,
     Journal,
     FleetView,
 ):

@@ -5,20 +5,28 @@ at them every few seconds and, when they changed, signs with the new current iss
 every live one (EST and broker TLS, /cacerts), serves each one's CRL and OCSP, and stops
 serving those gone. It also retires, by itself, a previous issuer once its last certificate
 has expired (home.issuers.retire_expired).
+
+On a shared (PostgreSQL) registry it also follows the CA changes other nodes record there
+(home.ca_state): woken by the registry's NOTIFY at their commit, and every CA_STATE_POLL
+seconds as the safety net, it adopts a newer generation into this node's home, then looks at
+the files at once. A home that cannot adopt (a key it cannot reach) keeps serving what it has,
+logs why, and says so in /metrics (`fleetpki_ca_state_adopt_failing 1`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from cryptography import x509
 
 from enroll_server.enrollment.service import EnrollmentService
+from enroll_server.home.ca_state import ca_change, follow, home_generation
 from enroll_server.home.issuers import (
     crl_route,
     current_key,
@@ -26,18 +34,24 @@ from enroll_server.home.issuers import (
     previous_issuers,
     retire_expired,
 )
-from enroll_server.home.layout import HomeError, LoadedHome
+from enroll_server.home.layout import HomeError, LoadedHome, load_home
 from enroll_server.pki.ca import Issuer
 from enroll_server.pki.errors import PkiError
 from enroll_server.pki.key_id import key_id
 from enroll_server.pki.keys import PrivateKey
 from enroll_server.pki.signer import Signer
-from enroll_server.registry import Registry
+from enroll_server.registry import Registry, RegistryError
 from enroll_server.revocation.issuers import IssuerRevocation
 from enroll_server.revocation.state import RevocationState
 from enroll_server.web.state import AppState
 
 log = logging.getLogger("fleetpki.issuers")
+
+# Seconds between looks at the registry's CA state when no NOTIFY came: the bound on how late
+# a node adopts another node's CA change if the notification is lost.
+CA_STATE_POLL = 5.0
+# What adopting another node's CA state may fail with; the node keeps serving what it has.
+_ADOPT_ERRORS = (HomeError, PkiError, RegistryError, OSError, ValueError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +61,27 @@ class IssuerSet:
     current: Issuer
     previous: tuple[Issuer, ...]
     files: bytes  # issuing.pem + chain.pem as read: what "changed" compares
+
+
+def catch_up_at_start(loaded: LoadedHome, registry: Registry, now: datetime) -> LoadedHome:
+    """The home as it is after adopting what other nodes recorded while this one was down
+    (home.ca_state.follow); the home as it was, with the reason logged, if it cannot."""
+    if not registry.shared:
+        return loaded
+    try:
+        adopted = follow(loaded.layout, registry, now)
+    except _ADOPT_ERRORS as exc:
+        log.error(
+            "cannot adopt the CA state other nodes recorded in the registry; serving CA "
+            "generation %d: %s",
+            home_generation(loaded.layout),
+            exc,
+        )
+        return loaded
+    if adopted is None:
+        return loaded
+    log.info("adopted CA state generation %d from the registry at start", adopted)
+    return replace(load_home(loaded.layout.root), registry=loaded.registry)
 
 
 class IssuerWatch:
@@ -61,8 +96,11 @@ class IssuerWatch:
         clock: Callable[[], datetime],
         interval: float,
         on_change: Callable[[], object] = lambda: None,
+        on_adopt: Callable[[], object] = lambda: None,
     ) -> None:
-        """`on_change`: called when the files changed (the root CRL may list a revoked one)."""
+        """`on_change`: called when the files changed (the root CRL may list a revoked one).
+        `on_adopt`: called after another node's CA state was adopted (the TLS server
+        certificate was renewed under the new issuer)."""
         self._loaded = loaded
         self._service = service
         self._state = state
@@ -72,8 +110,15 @@ class IssuerWatch:
         self._clock = clock
         self._interval = interval
         self._on_change = on_change
+        self._on_adopt = on_adopt
         self._seen = self._files()
         self._task: asyncio.Task[None] | None = None
+        self._follow_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._checking = asyncio.Lock()
+        self._registry: Registry | None = None  # follow's connection (worker thread)
+        self.adopt_failure = ""  # why the last adoption failed, "" when none did
+        self.adopted = 0
 
     def _files(self) -> bytes:
         layout = self._loaded.layout
@@ -146,24 +191,88 @@ class IssuerWatch:
             current = state.publisher.current if state is not None else None
             return None if current is None else current.der
 
-        with Registry.open(loaded.registry) as registry:
+        now = self._clock()
+        with Registry.open(loaded.registry) as registry, ca_change(loaded.layout, registry, now):
+            # As the files are now: ca_change may just have adopted another node's rollover.
+            current = x509.load_pem_x509_certificate(loaded.layout.issuing_cert.read_bytes())
             retired = retire_expired(
                 loaded.layout,
                 loaded.config,
-                self._service.issuer.cert,
+                current,
                 registry.issuer_last_expiry,
                 crl_of,
-                self._clock(),
+                now,
             )
         for kid in retired:
             log.info("issuing CA %s retired: its last certificate has expired", kid)
         return retired
 
     async def check(self) -> None:
-        await asyncio.to_thread(self.retire)
-        found = await asyncio.to_thread(self.load)
-        if found is not None:
-            self.apply(found)
+        async with self._checking:
+            await asyncio.to_thread(self.retire)
+            found = await asyncio.to_thread(self.load)
+            if found is not None:
+                self.apply(found)
+
+    def wake(self) -> None:
+        """Look at the registry's CA state now (the registry's NOTIFY; on the event loop)."""
+        self._wake.set()
+
+    def follow(self) -> int | None:
+        """Adopt a newer CA state from the registry (worker thread); the generation adopted.
+        A failure is logged once per reason and kept in `adopt_failure`."""
+        loaded = self._loaded
+        try:
+            if self._registry is None:
+                self._registry = Registry.open(loaded.registry)
+            adopted = follow(loaded.layout, self._registry, self._clock())
+        except _ADOPT_ERRORS as exc:
+            why = str(exc)
+            if why != self.adopt_failure:
+                log.error(
+                    "cannot adopt the CA state other nodes recorded in the registry; this node "
+                    "keeps serving its CA generation %d: %s",
+                    home_generation(loaded.layout),
+                    why,
+                )
+            self.adopt_failure = why
+            if isinstance(exc, RegistryError) and self._registry is not None:
+                self._registry.close()
+                self._registry = None
+            return None
+        if self.adopt_failure:
+            log.info("CA state adopted again after: %s", self.adopt_failure)
+        self.adopt_failure = ""
+        if adopted is not None:
+            self.adopted += 1
+            log.info("adopted CA state generation %d from the registry", adopted)
+        return adopted
+
+    async def follow_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), CA_STATE_POLL)
+            self._wake.clear()
+            if await asyncio.to_thread(self.follow) is None:
+                continue
+            self._on_adopt()
+            try:
+                await self.check()
+            except (HomeError, PkiError, OSError, ValueError) as exc:
+                log.warning("reading the issuing CAs failed, trying again: %s", exc)
+
+    def metrics_text(self) -> str:
+        """Prometheus lines: the CA state generation of the home, whether adopting fails."""
+        return (
+            "# HELP fleetpki_ca_state_generation The registry's CA state generation this "
+            "node's home is at.\n"
+            "# TYPE fleetpki_ca_state_generation gauge\n"
+            f"fleetpki_ca_state_generation {home_generation(self._loaded.layout)}\n"
+            "# HELP fleetpki_ca_state_adopt_failing Whether this node cannot adopt the CA "
+            "state other nodes recorded (then the log says what is missing).\n"
+            "# TYPE fleetpki_ca_state_adopt_failing gauge\n"
+            f"fleetpki_ca_state_adopt_failing {int(bool(self.adopt_failure))}\n"
+        )
 
     async def run(self) -> None:
         while True:
@@ -175,8 +284,21 @@ class IssuerWatch:
             await asyncio.sleep(self._interval)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run(), name="fleetpki-issuers")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self.run(), name="fleetpki-issuers")
+        if self._shared():
+            self._wake.set()  # a look at once: what was recorded while this node started
+            self._follow_task = loop.create_task(self.follow_loop(), name="fleetpki-ca-state")
+
+    def _shared(self) -> bool:
+        from enroll_server.registry.location import PostgresLocation
+
+        return isinstance(self._loaded.registry, PostgresLocation)
 
     def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._follow_task):
+            if task is not None:
+                task.cancel()
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None

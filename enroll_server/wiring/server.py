@@ -59,7 +59,7 @@ from enroll_server.web.app import (
 )
 from enroll_server.web.provisioner import Provisioner
 from enroll_server.web.state import AppState
-from enroll_server.wiring.issuers import IssuerWatch
+from enroll_server.wiring.issuers import IssuerWatch, catch_up_at_start
 
 if TYPE_CHECKING:
     from enroll_server.registry.notify import EventListener
@@ -219,11 +219,13 @@ async def start_server(
         loaded = replace(
             loaded, registry=registry_location(loaded.layout, loaded.config, flag=registry_at)
         )
-    cfg = loaded.config
     # The event loop's connection leaves WAL checkpoints to a thread (registry.checkpointer):
     # a checkpoint in a commit on the loop held every connection for 45-140 ms at fleet size.
     # PostgreSQL checkpoints by itself, off this process.
     registry = Registry.open(loaded.registry, wal_autocheckpoint=LOOP_AUTOCHECKPOINT_PAGES)
+    # A node that was down while another changed the CA starts with that change.
+    loaded = await asyncio.to_thread(catch_up_at_start, loaded, registry, clock())
+    cfg = loaded.config
     checkpointer = Checkpointer(registry.path) if not registry.shared else None
     https: RunningSite | None = None
     http: RunningSite | None = None
@@ -422,8 +424,15 @@ async def start_server(
         clock,
         server_cert_check_interval,
         on_change=root_crl.reload,
+        on_adopt=certificates.reload_if_changed,
     )
     watch.start()
+    if handle.event_listener is not None:  # another node's CA change, at its commit
+        from enroll_server.registry.notify import CA_STATE_PAYLOAD
+
+        loop = asyncio.get_running_loop()
+        handle.event_listener.on(CA_STATE_PAYLOAD, partial(loop.call_soon_threadsafe, watch.wake))
+        state.metrics.extra.append(watch.metrics_text)
     handle.issuers = revocations
     handle.stoppers.append(watch.stop)
     state.metrics.extra.append(certificates.metrics_text)

@@ -20,7 +20,7 @@ from tests.unit.test_registry import NOW, TTL, enroll, issued, new_devices, toke
 
 def _fleet(path: Path, ca: MemoryCa) -> None:
     """A registry with a row in every table: a batch, enrollments, a renewal, a revocation,
-    a suspension, an operator, a CRL number."""
+    a suspension, an operator, a CRL number, a CA state."""
     with Registry.open(path) as reg:
         reg.create_batch(
             "lot", new_devices("lot", 30), kind="token", token_ttl=TTL, now=NOW, actor="op"
@@ -41,6 +41,7 @@ def _fleet(path: Path, ca: MemoryCa) -> None:
         reg.add_operator("alice", OperatorRole.ADMIN, token_hash("alice"), NOW, actor="cli")
         reg.crl_number_next()
         reg.crl_number_next()
+        reg.record_ca_state(1, '{"files": {}}', NOW)  # what a node of a shared registry records
 
 
 def test_copy_moves_every_table_and_the_copy_works_on(
