@@ -14,10 +14,12 @@ import json
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from cryptography import x509
 from cryptography.x509 import ocsp
 from typer.testing import CliRunner
@@ -25,9 +27,8 @@ from typer.testing import CliRunner
 from enroll_server.cli.app import app
 from enroll_server.est.wire import decode_certs_only
 from enroll_server.home.ca_state import GENERATION, PENDING, ca_change, follow, home_generation
-from enroll_server.home.issuers import IssuerFiles, retire_expired, roll_over
+from enroll_server.home.issuers import IssuerFiles, retire_expired
 from enroll_server.home.layout import HomeLayout, load_home
-from enroll_server.home.root import load_root_issuer
 from enroll_server.pki.key_id import key_id
 from enroll_server.pki.keys import load_private_key_pem, private_key_pem
 from enroll_server.registry import Registry
@@ -35,8 +36,11 @@ from enroll_server.wiring.issuers import CA_STATE_POLL
 from tests.est_client import ask_ocsp, request
 from tests.integration.test_est import enroll, leaf
 from tests.integration.test_issuing_rollover import aki, cacerts, crl_at, issuing_ids
+from tests.integration.test_kill_cli import killed_at
+from tests.kill_cli import cli
 from tests.live_server import LiveServer, make_home, start_live_server
 from tests.pg_cluster import PASSWORD
+from tests.storm import Node
 
 runner = CliRunner()
 T = TypeVar("T")
@@ -65,8 +69,42 @@ def _ca(*args: str) -> dict[str, object]:
     return dict(json.loads(result.output))
 
 
-def _issued(node: LiveServer, device: str) -> x509.Certificate:
-    reply = enroll(node, device, node.mint_device(device))
+@dataclass
+class ServeProcess:
+    """Node B as a real `fleetpki serve` process (tests/storm.py's Node), with what the
+    helpers here use of a LiveServer."""
+
+    node: Node
+    admin_token: str
+    shared: LiveServer  # node A, on the same registry: tokens minted there work at B
+
+    def mint_device(self, device_id: str) -> str:
+        return self.shared.mint_device(device_id)
+
+    @property
+    def est_url(self) -> str:
+        return self.node.est_url
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.node.http_port}"
+
+    def client_ssl(self) -> ssl.SSLContext:
+        return self.node.ssl()
+
+    def metrics(self) -> str:
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        url = f"https://127.0.0.1:{self.node.admin_port}/metrics"
+        reply = request(url, self.client_ssl(), headers=headers)
+        assert reply.status == 200, (reply.status, reply.text)
+        return reply.text
+
+
+Served = LiveServer | ServeProcess
+
+
+def _issued(node: Served, device: str) -> x509.Certificate:
+    reply = enroll(node, device, node.mint_device(device))  # type: ignore[arg-type]
     assert reply.status == 200, reply.text
     return leaf(decode_certs_only(reply.body))
 
@@ -87,7 +125,7 @@ def _chain_issuers(home: HomeLayout) -> set[str]:
     return {key_id(c) for c in chain if c.subject != c.issuer}
 
 
-def _metric(node: LiveServer, name: str) -> str:
+def _metric(node: Served, name: str) -> str:
     """The value of one metric line of the node's /metrics."""
     (value,) = [
         line.split()[1] for line in node.metrics().splitlines() if line.startswith(name + " ")
@@ -95,7 +133,7 @@ def _metric(node: LiveServer, name: str) -> str:
     return value
 
 
-def _ocsp_status(node: LiveServer, cert: x509.Certificate, issuer: x509.Certificate) -> object:
+def _ocsp_status(node: Served, cert: x509.Certificate, issuer: x509.Certificate) -> object:
     answer = ask_ocsp(node.http_url, cert, issuer)
     assert answer.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
     return answer.certificate_status
@@ -105,17 +143,16 @@ def test_a_ca_change_at_node_a_reaches_node_b_by_itself(tmp_path: Path, pg_url: 
     home_a, home_b = _two_homes(tmp_path, pg_url)
     first = x509.load_pem_x509_certificate(home_a.issuing_cert.read_bytes())
     a = start_live_server(home_a.root)
+    node = Node("b", home_b.root, tmp_path / "b.log", broker=False)
+    b = ServeProcess(node, home_a.admin_token.read_text().strip(), a)
     try:
-        b = start_live_server(home_b.root)
-        try:
-            old_cert = _issued(b, "ca-dev-1")  # keeps the first issuer live after rollovers
-        finally:
-            b.stop()
+        old_cert = _issued(a, "ca-dev-1")  # keeps the first issuer live after rollovers
 
         # 1. Node B is down while A's home rolls over; B starts with the new issuer.
         second_id = str(_ca("rollover", "--home", str(home_a.root))["new"])
-        b = start_live_server(home_b.root)
+        node.start()
         try:
+            node.wait_serving(30)
             cert = _issued(b, "ca-dev-2")
             assert aki(cert) == second_id, "node B signed with the issuer it had before"
             assert home_generation(home_b) == home_generation(home_a) == 1
@@ -172,7 +209,7 @@ def test_a_ca_change_at_node_a_reaches_node_b_by_itself(tmp_path: Path, pg_url: 
             assert root_crl.get_revoked_certificate_by_serial_number(second.serial_number)
             assert _chain_issuers(home_b) == {key_id(first), third_id}
             assert request(b.http_url + f"/crl/{second_id}", None).status == 404
-            record = b.registry.get_certificate(cert.serial_number)
+            record = a.registry.get_certificate(cert.serial_number)
             assert record is not None and record.status.value == "revoked"
             assert aki(_issued(b, "ca-dev-4")) == third_id
 
@@ -194,7 +231,7 @@ def test_a_ca_change_at_node_a_reaches_node_b_by_itself(tmp_path: Path, pg_url: 
             assert home_b.root_cert.read_bytes() == home_a.root_cert.read_bytes()
             assert _metric(b, "fleetpki_ca_state_generation") == "4"
         finally:
-            b.stop()
+            node.stop()
     finally:
         a.stop()
 
@@ -224,39 +261,55 @@ def test_a_node_that_cannot_adopt_keeps_serving_and_says_so(tmp_path: Path, pg_u
         b.stop()
 
 
-def test_a_change_killed_before_it_was_recorded_converges(tmp_path: Path, pg_url: str) -> None:
-    """What a kill -9 of `ca rollover` between changing A's files and recording them leaves
-    (A's files rolled over, H/ca/generation.next, nothing in the registry): the next look at
+# kill -9 of `ca rollover` with A's files changed, as it records them in the registry.
+AT_RECORD = """
+    from enroll_server.registry.ca_state import CaStateStore
+    def patch(kill):
+        CaStateStore.record_ca_state = lambda *args, **kwargs: kill()
+"""
+# ... and half way through changing them: issuing.pem is the new CA, chain.pem not yet.
+MID_ROLLOVER = """
+    from enroll_server.home import issuers
+    def patch(kill):
+        issuers.write_chain = lambda *args, **kwargs: kill()
+"""
+
+
+@pytest.mark.parametrize("hook", [AT_RECORD, MID_ROLLOVER], ids=["at-record", "mid-rollover"])
+def test_a_ca_change_killed_before_it_was_recorded_converges(
+    tmp_path: Path, pg_url: str, hook: str
+) -> None:
+    """kill -9 of `ca rollover` after it changed A's files and before it recorded them (A's
+    files rolled over, H/ca/generation.next left, nothing in the registry): the next look at
     A's home (its serve's, or the next CA command's) records them, and B adopts them; an
     adoption cut short is done again. A retirement at A reaches B too."""
     home_a, home_b = _two_homes(tmp_path, pg_url)
     now = datetime.now(UTC)
+    old = x509.load_pem_x509_certificate(home_a.issuing_cert.read_bytes())
+    killed_at(hook, cli("ca", "rollover", "--home", str(home_a.root)), tmp_path)
+    new = x509.load_pem_x509_certificate(home_a.issuing_cert.read_bytes())
+    assert new != old and (home_a.ca_dir / PENDING).exists()
     loaded = load_home(home_a.root)
     with Registry.open(loaded.registry) as registry:
-        (home_a.ca_dir / PENDING).write_text("1\n")
-        root = load_root_issuer(home_a, None)
-        done = roll_over(
-            home_a, loaded.config, loaded.issuer, root, now, backfill=registry.assign_issuer
-        )
+        assert registry.ca_state_generation() == 0
         assert follow(home_b, registry, now) is None  # nothing recorded: nothing to adopt
         assert follow(home_a, registry, now) is None  # records A's files, adopts nothing
         assert registry.ca_state_generation() == home_generation(home_a) == 1
         assert not (home_a.ca_dir / PENDING).exists()
         assert follow(home_b, registry, now) == 1
-        assert load_home(home_b.root).issuer.cert == done.new
+        assert load_home(home_b.root).issuer.cert == new
+        assert _chain_issuers(home_b) == {key_id(old), key_id(new)}
         # B killed before it wrote its generation: it adopts again, and its home still loads.
         (home_b.ca_dir / GENERATION).unlink()
         assert follow(home_b, registry, now) == 1
-        assert load_home(home_b.root).issuer.cert == done.new
-        assert home_b.chain.read_bytes() == home_a.chain.read_bytes()
+        assert load_home(home_b.root).issuer.cert == new
         # A's serve retires the old issuer (none of its certificates is left): B follows.
-        old_id = key_id(done.old)
         with ca_change(home_a, registry, now):
             retired = retire_expired(
-                home_a, loaded.config, done.new, lambda kid: None, lambda kid: None, now
+                home_a, loaded.config, new, lambda kid: None, lambda kid: None, now
             )
-        assert retired == [old_id]
+        assert retired == [key_id(old)]
         assert follow(home_b, registry, now) == 2
         assert not list(IssuerFiles(home_b).previous_dir.iterdir())
-        assert (IssuerFiles(home_b).retired_dir / f"{old_id}.pem").exists()
-        assert _chain_issuers(home_b) == {key_id(done.new)}
+        assert (IssuerFiles(home_b).retired_dir / f"{key_id(old)}.pem").exists()
+        assert _chain_issuers(home_b) == _chain_issuers(home_a) == {key_id(new)}
