@@ -473,10 +473,9 @@ class Agent:
         return await self._enroll(token)
 
     async def _new_key(self) -> PrivateKey:
-        from device_agent.keys import generate_key
+        from device_agent.keys import new_key
 
-        # RSA generation takes a while on a Pi; keep the loop (and other agents) responsive.
-        return await asyncio.to_thread(generate_key, self.config.key_type)
+        return await new_key(self.config.key_type)
 
     def _accept(
         self,

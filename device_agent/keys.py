@@ -6,6 +6,9 @@ which an idle agent never needs.
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 from fleetpki.keys import KeyType, PrivateKey, generate_key, signature_hash
 
 __all__ = [
@@ -13,10 +16,27 @@ __all__ = [
     "PrivateKey",
     "generate_key",
     "load_private_key_pem",
+    "new_key",
     "private_key_pem",
     "same_public_key",
     "signature_hash",
 ]
+
+
+# Key generation's own threads. Not the loop's default executor: aiomqtt runs each MQTT connect
+# there (paho's blocking TCP connect and TLS handshake), so after a broker restart a
+# simulator's thousands of reconnects queue ahead of a renewal's key and the renewal misses
+# its window with "no answer" (bench/soak.py, 2,000 agents). Made on first use.
+_keygen: ThreadPoolExecutor | None = None
+
+
+async def new_key(kind: KeyType) -> PrivateKey:
+    """A fresh key pair, made off the event loop (RSA takes a while on a Pi; the loop and any
+    other agents in the process stay responsive) in threads no other work queues in."""
+    global _keygen
+    if _keygen is None:
+        _keygen = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fleetpki-keygen")
+    return await asyncio.get_running_loop().run_in_executor(_keygen, generate_key, kind)
 
 
 def private_key_pem(key: PrivateKey) -> bytes:
