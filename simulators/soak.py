@@ -290,8 +290,13 @@ class Soak(Scenario):
         # The harness's own threads for sampling and broker restarts. The loop's default
         # executor is the fleet's: aiomqtt runs every agent's MQTT connect there, and after a
         # broker stop thousands of reconnects queued ahead of the restart (the 2,000-agent
-        # run's first restart took 28 s instead of about 1) and of the samples.
+        # run's first restart took 28 s instead of about 1) and of the samples. They must
+        # outlive the broker they start: PR_SET_PDEATHSIG (_die_with_parent) signals the
+        # child when the *thread* that forked it ends. Shut down by close(), after Services.
         self._harness = ThreadPoolExecutor(max_workers=2, thread_name_prefix="soak-harness")
+
+    def close(self) -> None:
+        self._harness.shutdown(wait=True)
 
     async def _aside(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._harness, fn, *args)
@@ -407,7 +412,6 @@ class Soak(Scenario):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._harness.shutdown(wait=False)
         result.samples.append(_sample(now(), self.services.pids(), sim.journal.connected_count()))
         result.seconds = now()
         # Stuck: every agent not revoked reconnects by itself within a minute at most.
@@ -456,6 +460,7 @@ async def run_soak(
     folder = Path(tempfile.mkdtemp(prefix="fleetpki-soak-", dir=options.workdir))
     home, config, ports = await asyncio.to_thread(_home, folder / "home")
     services = Services(home, folder)
+    scenario: Soak | None = None
     try:
         # The server reads the short device lifetime at its start; the file then goes back to
         # the normal one for what the simulator issues in-process (its observer's service
@@ -479,6 +484,8 @@ async def run_soak(
         return scenario.result
     finally:
         await asyncio.to_thread(services.close)
+        if scenario is not None:
+            scenario.close()
         if not options.keep:
             import shutil
 
