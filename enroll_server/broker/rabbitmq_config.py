@@ -149,6 +149,10 @@ class RabbitSettings:
             ) from exc
 
 
+# Erlang ssl's `hibernate_after` for the MQTT listener's TLS connections, in ms.
+HIBERNATE_AFTER_MS = 5000
+
+
 def erlang_string(value: str) -> str:
     """An Erlang string literal (advanced.config is Erlang terms)."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -204,7 +208,10 @@ def render_advanced(files: RabbitFiles, auth_host: str) -> str:
      %% the device's certificate against our issuing CA's CRL (RFC 5280 6.3); a missing
      %% CRL file refuses every client, so rabbitmq-sync only ever replaces it atomically
      {{crl_check, peer}},
-     {{crl_cache, {{ssl_crl_hash_dir, {{internal, [{{dir, {s(str(files.crl_dir))}}}]}}}}}}
+     {{crl_cache, {{ssl_crl_hash_dir, {{internal, [{{dir, {s(str(files.crl_dir))}}}]}}}}}},
+     %% an idle device's TLS connection process hibernates (a full garbage collection): its
+     %% heap keeps the peak of the handshake otherwise (BENCHMARKS.md, "MQTT brokers")
+     {{hibernate_after, {HIBERNATE_AFTER_MS}}}
    ]}}
  ]}},
  {{rabbitmq_auth_backend_http, [

@@ -264,7 +264,12 @@ def test_generated_configuration(tier: Tier) -> None:
     ):
         assert line in conf, line
     advanced = files.advanced.read_text()
-    for term in ("{verify, verify_peer}", "{fail_if_no_peer_cert, true}", "{crl_check, peer}"):
+    for term in (
+        "{verify, verify_peer}",
+        "{fail_if_no_peer_cert, true}",
+        "{crl_check, peer}",
+        "{hibernate_after, 5000}",
+    ):
         assert term in advanced, term
     for private in (files.keyfile, files.conf, files.advanced):
         assert private.stat().st_mode & 0o777 == 0o600, private
