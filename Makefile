@@ -17,11 +17,18 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fleetpki demo
 
+# Two pytest workers (pytest-xdist), each test file whole on one worker so that its module
+# fixtures (a RabbitMQ cluster, a browser, a PostgreSQL cluster per worker) start once: most
+# of the suite waits on real servers and subprocesses, so two workers overlap those waits.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python $(PYTEST)
 
 # The suite's CPython-sensitive part again on Python 3.13 (PY313=path), in its own venv: the
 # TLS fast paths lean on CPython internals (enroll_server/transport/tls_socket.py,
@@ -42,7 +49,7 @@ $(VENV313)/.installed: pyproject.toml
 	touch $(VENV313)/.installed
 
 test-py313: $(VENV313)/.installed
-	$(VENV313)/bin/python -m pytest -q $(PY313_TESTS)
+	$(VENV313)/bin/python $(PYTEST) $(PY313_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

@@ -25,7 +25,7 @@ generator (this process, raw asyncio TLS + hand-written MQTT 3.1.1 packets) is p
     CONNECT, CONNACK, DISCONNECT; --rounds interleaved rounds, lowest kept (CPU time is only
     ever inflated by other load on the machine). Target: embedded <= 1.5 x mosquitto.
 (b) RSS per idle mTLS connection with --connections admitted sessions (keepalive 600 s;
-    RabbitMQ: --rabbitmq-connections, default the same; it holds about 1 MB per session).
+    RabbitMQ: --rabbitmq-connections, default the same; it holds 0.3-1.2 MB per session).
     Target: embedded <= 64 KB. Stock amqtt 0.12.1 (anonymous auth, its own TLS listener) is
     measured at --stock-connections for reference.
 (c) revocation-to-disconnect latency with --drop-connections of those sessions still
@@ -497,7 +497,7 @@ def start_rabbitmq(fleet: Fleet, auth_port: int) -> BrokerProcess:
     mqtt_port, management_port, epmd = _free_port(), _free_port(), _free_port()
     rabbitmq_config(fleet.home, conf, mqtt_port, management_port, auth_port)
     with (conf / "rabbitmq.conf").open("a") as f:
-        # (b) holds up to 10,000 idle sessions at about 1 MB each on 3.10: the default memory
+        # (b) holds up to 10,000 idle sessions at up to 1.2 MB each on 3.10: the default memory
         # alarm (0.4 of RAM) would block the node before that. Raised for the bench only.
         f.write("vm_memory_high_watermark.relative = 0.8\n")
     node = RabbitNode(folder, conf, f"bench{n}", mqtt_port, management_port, epmd)
@@ -1240,7 +1240,7 @@ def main() -> None:
     ap.add_argument(
         "--rabbitmq-connections",
         type=int,
-        help="(b) idle sessions for RabbitMQ (default --connections; about 1 MB each)",
+        help="(b) idle sessions for RabbitMQ (default --connections; 0.3-1.2 MB each)",
     )
     ap.add_argument(
         "--brokers",
