@@ -65,6 +65,14 @@ def table(result: SoakResult) -> str:
     ]
     for device_id in result.stuck[:STUCK_SHOWN]:
         lines.append(f"  stuck {device_id}: {result.stuck_detail.get(device_id)}")
+    if result.loop_lag:
+        worst = sorted(result.loop_lag, key=lambda tl: -tl[1])[:5]
+        lags = sorted(lag for _, lag in result.loop_lag)
+        lines.append(
+            f"simulator loop lag per {result.options.sample_every:g}-s sample: median "
+            f"{lags[len(lags) // 2]:.2f} s; worst "
+            + ", ".join(f"{lag:.1f} s at {t:.0f} s" for t, lag in worst)
+        )
     return "\n".join(lines)
 
 

@@ -107,6 +107,9 @@ class SoakResult:
     # delay)] (times in soak seconds)
     stuck_detail: dict[str, list[object]] = field(default_factory=dict)
     revoked_connected: list[str] = field(default_factory=list)
+    # (t, seconds): the simulator's event loop lateness, the worst of each sample period (a
+    # 0.1-s heartbeat): how long 2,000 agents in one process wait for their own loop.
+    loop_lag: list[tuple[float, float]] = field(default_factory=list)
     report: Report | None = None
 
     @property
@@ -210,6 +213,9 @@ class Services:
         if self.server is not None:
             _stop(self.server)
             self.server = None
+
+
+HEARTBEAT = 0.1  # seconds between the loop-lag heartbeat's wake-ups
 
 
 def _die_with_parent() -> None:
@@ -372,11 +378,23 @@ class Soak(Scenario):
             result.segments.append(segment)
             self._closed_at = (sent, received)
 
+        worst_lag = [0.0]
+
+        async def heartbeat() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                due = loop.time() + HEARTBEAT
+                await asyncio.sleep(HEARTBEAT)
+                worst_lag[0] = max(worst_lag[0], loop.time() - due)
+
         async def sampler() -> None:
             while True:
                 pids = self.services.pids()
                 connected = sim.journal.connected_count()
-                result.samples.append(await self._aside(_sample, now(), pids, connected))
+                lag, worst_lag[0] = worst_lag[0], 0.0
+                sample = await self._aside(_sample, now(), pids, connected)
+                result.samples.append(sample)
+                result.loop_lag.append((sample.t, round(lag, 3)))
                 await asyncio.sleep(opts.sample_every - now() % opts.sample_every)
 
         async def revoker() -> None:
@@ -390,7 +408,7 @@ class Soak(Scenario):
                     result.revocations.append((now(), device_id))
 
         # Sampling and revocations go on through broker restarts.
-        tasks = [asyncio.create_task(sampler()), asyncio.create_task(revoker())]
+        tasks = [asyncio.create_task(f()) for f in (sampler, revoker, heartbeat)]
         base = counts()
         segment = Segment(0.0)
         try:

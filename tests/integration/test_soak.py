@@ -37,6 +37,11 @@ async def test_two_minute_soak(tmp_path_factory: pytest.TempPathFactory) -> None
     assert result.lost == 0, f"{result.lost} of {result.acknowledged} acknowledged were lost"
     assert result.stuck == [], f"stuck agents: {result.stuck}"
     assert result.revoked_connected == []
+    # The loop-lag heartbeat reports once per sample (the last sample is taken after it stops);
+    # ten agents leave the loop free: a blocked loop would show here.
+    assert len(result.loop_lag) == len(result.samples) - 1
+    lags = sorted(lag for _, lag in result.loop_lag)
+    assert lags[len(lags) // 2] < 0.5, lags
     # No descriptor leaks: ~70 renewals (a TLS connection to EST, a new MQTT session each).
     for process in ("server", "simulator", "broker"):
         warm, end = result.after_warmup("fds", process)
