@@ -50,7 +50,7 @@ from device_agent.errors import (
 from device_agent.events import AgentEvent, EventHandler
 from device_agent.exit_codes import ExitCode
 from device_agent.keystore import Identity, Keystore
-from device_agent.mqtt_link import CommandHandler, MqttLink
+from device_agent.mqtt_link import CommandHandler, DeliveredHandler, MqttLink
 from device_agent.schedule import (
     attempt_timeout,
     is_expired,
@@ -112,7 +112,9 @@ class Agent:
     tests and the simulator; only this entry point reads the wall clock. `on_event(event)`
     receives an AgentEvent at each lifecycle step (enrolled, renewed, connected, disconnected,
     state change, retry); it runs in the agent's loop, so it must not block, and an exception
-    it raises is logged (once) and otherwise ignored.
+    it raises is logged (once) and otherwise ignored. `on_delivered(payload)` is called with
+    each telemetry message the broker acknowledged (PUBACK), in the agent's loop: a delivery
+    receipt (must not block; at-least-once, so a message may be reported twice).
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class Agent:
         clock_poll: float = CLOCK_POLL_S,
         persist_status: bool = True,
         on_event: EventHandler | None = None,
+        on_delivered: DeliveredHandler | None = None,
     ) -> None:
         self.config = config
         self.device_id = config.device_id
@@ -147,6 +150,7 @@ class Agent:
         self.clock_poll = clock_poll
         self.persist_status = persist_status
         self.on_event = on_event
+        self.on_delivered = on_delivered
         self._event_hook_failed = False
         self.keystore = Keystore(config.state_dir)
         self._est: EstClient | None = None
@@ -797,6 +801,7 @@ class Agent:
             on_connection=self._on_connection,
             on_retry=self._on_mqtt_retry,
             on_refused=self._on_broker_refused,
+            on_delivered=self.on_delivered,
             brokers=cfg.mqtt_brokers,
         )
         self._set_state(AgentState.CONNECTING)

@@ -36,6 +36,9 @@ RetryHandler = Callable[[str, float], None]
 # Called when the broker refuses the device; raises to end the link, else returns True to
 # reconnect at once (the device was reinstated after a wait) or False to back off as usual.
 RefusalHandler = Callable[[BrokerRefused], Awaitable[bool]]
+# Called with a telemetry message's bytes once the broker acknowledged it (PUBACK): the
+# delivery receipt (a message may be acknowledged twice if a PUBACK was lost on the way).
+DeliveredHandler = Callable[[bytes], None]
 
 # MQTT 3.1.1 section 3.2.2.3: CONNACK 4 = bad user name or password, 5 = not authorized.
 # paho 2 reports them as MQTT 5 reason codes 134 and 135.
@@ -104,6 +107,7 @@ class MqttLink:
         on_connection: ConnectionHandler | None = None,
         on_retry: RetryHandler | None = None,
         on_refused: RefusalHandler | None = None,
+        on_delivered: DeliveredHandler | None = None,
         timeout: float = 10.0,
         brokers: Sequence[tuple[str, int]] = (),
     ) -> None:
@@ -125,6 +129,8 @@ class MqttLink:
         self.on_connection = on_connection
         self.on_retry = on_retry
         self.on_refused = on_refused
+        self.on_delivered = on_delivered
+        self._receipt_failed = False
         self.timeout = timeout
         self.telemetry_topic = telemetry_topic(device_id)
         self.commands_topic = commands_topic(device_id)
@@ -310,6 +316,19 @@ class MqttLink:
             if self._queue and self._queue[0][0] == seq:
                 self._queue.popleft()
             self.published += 1
+            if self.on_delivered is not None:
+                self._receipt(payload)
+
+    def _receipt(self, payload: bytes) -> None:
+        """The delivery receipt; a failing handler is the application's bug, and must not
+        end the session (logged once)."""
+        assert self.on_delivered is not None
+        try:
+            self.on_delivered(payload)
+        except Exception:
+            if not self._receipt_failed:
+                self._receipt_failed = True
+                log.exception("%s: the on_delivered handler failed (logged once)", self.device_id)
 
     async def _listen(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -125,6 +126,9 @@ class AgentSettings:
     # Where the agents enroll and connect, overriding their bundles (a `serve` started with
     # other ports than its fleetpki.toml says); None: as the bundle says.
     endpoints: Endpoints | None = None
+    # (device id, payload) for each telemetry message the broker acknowledged: every agent's
+    # delivery receipts (Agent on_delivered).
+    on_delivered: Callable[[str, bytes], None] | None = None
 
 
 class Fleet:
@@ -188,6 +192,8 @@ class Fleet:
             kwargs["est_backoff"] = s.est_backoff
         if s.clock_for is not None:
             kwargs["clock"] = s.clock_for(device_id)
+        if s.on_delivered is not None:
+            kwargs["on_delivered"] = functools.partial(s.on_delivered, device_id)
         recorder = TraceRecorder(trace, self.seconds, on_up=self._settle, listeners=self.listeners)
         agent = Agent(self.config_of(device_id), on_event=recorder, **kwargs)
         self.agents[device_id] = agent

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import ssl
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,6 +46,10 @@ class Observer:
         # QoS 1 is at-least-once: a redelivered duplicate must not count twice.
         self._seen: dict[str, set[int]] = defaultdict(set)
         self.messages = 0
+        # Called with (device id, payload) for every telemetry message, duplicates included
+        # (the soak matches them against the agents' delivery receipts). With any listener the
+        # observer keeps no per-device record of its own: a long run's memory stays flat.
+        self.listeners: list[Callable[[str, bytes], None]] = []
 
     def _tls(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.identity.ca))
@@ -56,6 +61,11 @@ class Observer:
         if len(parts) != 3:
             return
         device_id = parts[1]
+        if self.listeners:
+            self.messages += 1
+            for listener in self.listeners:
+                listener(device_id, payload)
+            return
         seen = self._seen[device_id]
         digest = hash(payload)
         if digest not in seen:

@@ -11,11 +11,13 @@ agents.
 
 What it reports (SoakResult; bench/soak.py prints it, plots it and writes JSON):
 - the slope of RSS and fds after the warm-up (target: flat);
-- QoS 1 telemetry: acknowledged by the broker (PUBACK) vs seen by the observer, counted per
-  broker lifetime after the observer is subscribed and the fleet reconnected (a subscriber
-  with a clean session has no claim on what is published while it is away, so what is
-  acknowledged during a restart is reported apart);
-- stuck agents: not revoked, yet not connected at the end (or stopped on an error);
+- QoS 1 telemetry: acknowledged by the broker (PUBACK) vs seen by the observer, matched
+  message by message (simulators/delivery.py) per broker lifetime after the observer is
+  subscribed and the fleet reconnected (a subscriber with a clean session has no claim on
+  what is published while it is away, so what is acknowledged during a restart is reported
+  apart);
+- stuck agents: not revoked, yet down at the end and for ROTATION_GRACE s more (or stopped
+  on an error);
 - revoked agents still connected at the end.
 """
 
@@ -39,6 +41,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simulators.delivery import DeliveryLedger
 from simulators.report import Check, Report
 from simulators.scenarios.base import Scenario
 from simulators.simulation import Simulation, SimulationOptions
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
 
 START_TIMEOUT = 60.0
 QUIET = 5.0  # seconds without a message reaching the observer: it has all it will get
+ROTATION_GRACE = 20.0  # seconds an agent found down at the end has to show it is not stuck
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,9 @@ class Sample:
     connected: int
 
 
+LOST_TIMES_KEPT = 100  # acknowledgment times of lost messages kept per segment
+
+
 @dataclass
 class Segment:
     """One broker lifetime's telemetry accounting (from the baseline to the drain)."""
@@ -86,6 +93,8 @@ class Segment:
     received: int = 0
     lost: int = 0
     lost_by_device: dict[str, int] = field(default_factory=dict)
+    # when (soak seconds) the lost messages were acknowledged: the first LOST_TIMES_KEPT
+    lost_acked_at: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -292,7 +301,8 @@ class Soak(Scenario):
         self.options = options
         self.services = services
         self.result = SoakResult(options, options.devices, 0.0)
-        self._closed_at: tuple[dict[str, int], dict[str, int]] = ({}, {})
+        # QoS 1 accounting, message by message (simulators/delivery.py has why not counts).
+        self.ledger = DeliveryLedger()
         # The harness's own threads for sampling and broker restarts. The loop's default
         # executor is the fleet's: aiomqtt runs every agent's MQTT connect there, and after a
         # broker stop thousands of reconnects queued ahead of the restart (the 2,000-agent
@@ -312,9 +322,15 @@ class Soak(Scenario):
         from simulators.fleet import AgentSettings
 
         # A broker restart every few minutes: reconnect within seconds, not two minutes.
+        ledger = self.ledger
+
+        def delivered(device_id: str, payload: bytes) -> None:
+            ledger.acknowledged(device_id, payload, time.monotonic())
+
         return AgentSettings(
             telemetry_interval=options.telemetry_interval,
             mqtt_backoff=Backoff(base=1.0, factor=2.0, cap=10.0),
+            on_delivered=delivered,
         )
 
     async def run(self, sim: Simulation) -> Report:
@@ -329,14 +345,11 @@ class Soak(Scenario):
 
         revoked: set[str] = set()
         live = [d for d in fleet.ids]
-
-        def counts() -> tuple[dict[str, int], dict[str, int]]:
-            fleet.sync_counts()
-            traces = sim.journal.traces
-            return (
-                {d: traces[d].sent for d in fleet.ids},
-                {d: traces[d].received for d in fleet.ids},
-            )
+        ledger = self.ledger
+        mono_begin = time.monotonic() - now()
+        observer.listeners.append(
+            lambda device_id, payload: ledger.seen(device_id, payload, time.monotonic())
+        )
 
         async def settle(within: float) -> None:
             """Until the observer is subscribed and every agent not revoked is connected."""
@@ -349,34 +362,36 @@ class Soak(Scenario):
             await fleet.wait_until(ready, within, poll=0.2)
             await asyncio.sleep(2.0)
 
-        async def close_segment(
-            segment: Segment, base: tuple[dict[str, int], dict[str, int]]
-        ) -> None:
-            sent, _ = counts()
-            # Until every acknowledged message has reached the observer, or none has arrived
-            # for QUIET s (the observer lags behind a busy broker; it is not loss), 60 s at most.
+        async def close_segment(segment: Segment, period: int, window: int | None) -> int:
+            """Account for one broker lifetime (and the restart window before it); returns the
+            ledger period of the restart window that begins now."""
+            # Until every message acknowledged in the lifetime has reached the observer, or
+            # none has arrived for QUIET s (the observer lags behind a busy broker; it is not
+            # loss), 60 s at most.
+            following = ledger.begin()  # the acknowledgments from now on are not waited for
             deadline = sim.seconds() + 60.0
             last, last_change = observer.messages, sim.seconds()
-            while sim.seconds() < deadline:
-                traces = sim.journal.traces
-                if all(traces[d].received - base[1][d] >= sent[d] - base[0][d] for d in fleet.ids):
-                    break
+            while sim.seconds() < deadline and ledger.outstanding(period):
                 await asyncio.sleep(0.2)
                 if observer.messages != last:
                     last, last_change = observer.messages, sim.seconds()
                 elif sim.seconds() - last_change >= QUIET:
                     break
-            _, received = counts()
-            for d in fleet.ids:
-                acked = sent[d] - base[0][d]
-                seen = received[d] - base[1][d]
-                segment.acknowledged += acked
-                segment.received += min(seen, acked)
-                segment.lost += max(0, acked - seen)
-                if acked > seen:
-                    segment.lost_by_device[d] = acked - seen
+            mono = time.monotonic()
+            count = ledger.close(period, mono)
+            segment.acknowledged, segment.received = count.acknowledged, count.received
+            segment.lost, segment.lost_by_device = count.lost, count.lost_by_device
+            segment.lost_acked_at = [
+                round(t - mono_begin, 1) for t in count.lost_acked_at[:LOST_TIMES_KEPT]
+            ]
             result.segments.append(segment)
-            self._closed_at = (sent, received)
+            # The restart window before this lifetime (observer away: reported apart).
+            if window is not None:
+                gap = ledger.close(window, mono)
+                result.window_acknowledged += gap.acknowledged
+                result.window_received += gap.received
+            # What was acknowledged during the drain belongs to the next restart window.
+            return following
 
         worst_lag = [0.0]
 
@@ -409,22 +424,18 @@ class Soak(Scenario):
 
         # Sampling and revocations go on through broker restarts.
         tasks = [asyncio.create_task(f()) for f in (sampler, revoker, heartbeat)]
-        base = counts()
-        segment = Segment(0.0)
+        segment, period, window = Segment(0.0), ledger.begin(), None
+        ledger.close(0, time.monotonic())  # the bring-up's messages are not accounted for
         try:
             while now() + opts.broker_every < opts.duration:
                 await asyncio.sleep(opts.broker_every - now() % opts.broker_every)
-                await close_segment(segment, base)
+                window = await close_segment(segment, period, window)
                 result.restarts.append(now())
                 sim.journal.mark(sim.seconds(), "broker restart")
                 await self._aside(self.services.stop_broker)
                 await self._aside(self.services.start_broker)
                 await settle(60.0)
-                base = counts()
-                sent_closed, received_closed = self._closed_at
-                result.window_acknowledged += sum(base[0][d] - sent_closed[d] for d in fleet.ids)
-                result.window_received += sum(base[1][d] - received_closed[d] for d in fleet.ids)
-                segment = Segment(now())
+                segment, period = Segment(now()), ledger.begin()
             await asyncio.sleep(max(0.0, opts.duration - now()))
         finally:
             for task in tasks:
@@ -432,14 +443,30 @@ class Soak(Scenario):
             await asyncio.gather(*tasks, return_exceptions=True)
         result.samples.append(_sample(now(), self.services.pids(), sim.journal.connected_count()))
         result.seconds = now()
-        # Stuck: every agent not revoked reconnects by itself within a minute at most.
-        await settle(60.0)
+
+        # Stuck: an agent not revoked that is down (or has stopped) when the rest have been
+        # up, a minute at most after the end, and still down ROTATION_GRACE s later. Not one
+        # snapshot after a pause: an agent that renews in the meantime is reconnecting with
+        # its new certificate, not stuck (the runs of 19:32 and 21:25 counted one such each).
+        def down() -> set[str]:
+            traces = sim.journal.traces
+            return {
+                d
+                for d in live
+                if not traces[d].connected or traces[d].outcome is not Outcome.RUNNING
+            }
+
+        await fleet.wait_until(lambda: not down(), 60.0, poll=0.2)
+        suspects = down()
+        if suspects:
+            await fleet.wait_until(lambda: not suspects & down(), ROTATION_GRACE, poll=0.2)
+        suspects &= down()
         for device_id in fleet.ids:
             trace = sim.journal.trace(device_id)
             if device_id in revoked:
                 if trace.connected:
                     result.revoked_connected.append(device_id)
-            elif not trace.connected or trace.outcome is not Outcome.RUNNING:
+            elif device_id in suspects:
                 result.stuck.append(device_id)
                 agent = fleet.agents.get(device_id)
                 result.stuck_detail[device_id] = [
@@ -454,7 +481,7 @@ class Soak(Scenario):
         # The last broker lifetime ends with the fleet switched off: what it acknowledged is
         # all there is to wait for.
         await fleet.stop()
-        await close_segment(segment, base)
+        await close_segment(segment, period, window)
         renewals = {d: len(sim.journal.trace(d).renewed) for d in live}
         result.renewals = sum(len(t.renewed) for t in sim.journal.traces.values())
         result.min_renewals = min(renewals.values(), default=0)

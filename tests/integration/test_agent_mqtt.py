@@ -186,11 +186,26 @@ async def next_payloads(client: aiomqtt.Client, n: int, timeout: float = 10) -> 
 
 
 async def test_telemetry_and_commands_over_mtls(
-    ca: MemoryCa, mosquitto: Mosquitto, observer: aiomqtt.Client, tmp_path: Path
+    ca: MemoryCa,
+    mosquitto: Mosquitto,
+    observer: aiomqtt.Client,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     commands: list[bytes] = []
+    receipts: list[bytes] = []
+
+    def delivered(payload: bytes) -> None:
+        receipts.append(payload)
+        if len(receipts) == 1:  # an application bug must not end the session
+            raise RuntimeError("receipt handler bug")
+
     link = make_link(
-        tmp_path, mosquitto.port, device_creds(ca, tmp_path, "dev"), on_command=commands.append
+        tmp_path,
+        mosquitto.port,
+        device_creds(ca, tmp_path, "dev"),
+        on_command=commands.append,
+        on_delivered=delivered,
     )
     task = asyncio.create_task(link.run())
     try:
@@ -205,6 +220,9 @@ async def test_telemetry_and_commands_over_mtls(
                 await asyncio.sleep(0.02)
         assert commands == [b"reboot"]
         assert link.queued == 0 and link.published == 2
+        # A delivery receipt per PUBACK, in order; the failing handler logged once.
+        assert receipts == [b'{"n": 1}', b'{"n": 2}']
+        assert caplog.text.count("on_delivered handler failed") == 1
     finally:
         # cancel_all: one cancel may be lost on 3.11 (CPython gh-86296) while aiomqtt's
         # wait_for completes in the same loop iteration, and the link would reconnect on.
@@ -320,7 +338,10 @@ async def test_broker_restart_mid_session_loses_no_queued_telemetry(
     m = Mosquitto(broker_dir, free_port())
     m.write_conf("use_identity_as_username true\n")
     m.start()
-    link = make_link(tmp_path, m.port, device_creds(ca, tmp_path, "dev"))
+    receipts: list[bytes] = []
+    link = make_link(
+        tmp_path, m.port, device_creds(ca, tmp_path, "dev"), on_delivered=receipts.append
+    )
     task = asyncio.create_task(link.run())
     try:
         async with asyncio.timeout(10):
@@ -337,6 +358,11 @@ async def test_broker_restart_mid_session_loses_no_queued_telemetry(
             got = await next_payloads(obs, 2)
         assert [p["n"] for p in got] == [10, 11]
         assert link.connections == 2
+        # Receipts only for what the restarted broker acknowledged, each once.
+        async with asyncio.timeout(5):
+            while len(receipts) < 2:
+                await asyncio.sleep(0.02)
+        assert receipts == [b'{"n": 10}', b'{"n": 11}']
     finally:
         # cancel_all: one cancel may be lost on 3.11 (CPython gh-86296) while aiomqtt's
         # wait_for completes in the same loop iteration, and the link would reconnect on.
