@@ -1,12 +1,14 @@
 """Soak: renewals, revocations and broker restarts for a long time; memory, fds, QoS 1, stuck.
 
     nice -n 19 .venv/bin/python bench/soak.py [--devices 2000] [--minutes 30] [--validity 60]
-        [--broker-every 300] [--revoke-share 0.01] [--sample-every 10] [--png docs/soak.png]
+        [--broker-every 300] [--revoke-share 0.01] [--sample-every 10] [--shards 1]
+        [--png docs/soak.png]
 
 `fleetpki serve --no-broker` and `fleetpki broker` run as two processes on a temporary home
 whose device certificates last --validity seconds; the simulated fleet (this process) renews
 at 2/3 of each lifetime, --revoke-share of it is revoked every minute, the broker is
-restarted every --broker-every seconds (simulators/soak.py has the details). Prints a table:
+restarted every --broker-every seconds (simulators/soak.py has the details); --shards runs
+the agents in that many processes (the simulator's RSS and fds are their sum). Prints a table:
 RSS and open fds of server, broker and simulator (after the warm-up: first, last, slope per
 hour), QoS 1 telemetry acknowledged vs received, stuck agents; writes JSON (--json) and a PNG
 of RSS, fds and connected devices over time (--png). Exit status 1 if a check failed.
@@ -122,6 +124,9 @@ def main() -> int:
     parser.add_argument("--sample-every", type=float, default=10.0, help="seconds")
     parser.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds")
     parser.add_argument("--max-inflight", type=int, default=32)
+    parser.add_argument(
+        "--shards", type=int, default=1, help="processes the simulated agents run in"
+    )
     parser.add_argument("--png", type=Path, default=ROOT / "bench/results/soak.png")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/soak.json")
     args = parser.parse_args()
@@ -136,6 +141,7 @@ def main() -> int:
         sample_every=args.sample_every,
         telemetry_interval=args.telemetry_interval,
         max_inflight=args.max_inflight,
+        shards=args.shards,
     )
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result = asyncio.run(run_soak(options))

@@ -25,8 +25,9 @@ __all__ = [
 
 # Key generation's own threads. Not the loop's default executor: aiomqtt runs each MQTT connect
 # there (paho's blocking TCP connect and TLS handshake), so after a broker restart a
-# simulator's thousands of reconnects queue ahead of a renewal's key and the renewal misses
-# its window with "no answer" (bench/soak.py, 2,000 agents). Made on first use.
+# simulator's thousands of reconnects would queue ahead of a renewal's key (bench/soak.py,
+# 2,000 agents in one process; renewals there still missed their window afterwards, for the
+# loop's own lateness: simulators/shard.py). Made on first use.
 _keygen: ThreadPoolExecutor | None = None
 
 

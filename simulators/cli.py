@@ -97,6 +97,10 @@ def simulate(
         int | None,
         typer.Option(help="At most this many agents enrolling or connecting at once."),
     ] = None,
+    shards: Annotated[
+        int,
+        typer.Option(help="Run the agents in this many processes (1..64; 1: this one)."),
+    ] = 1,
     telemetry_interval: Annotated[
         float, typer.Option(help="Seconds between telemetry messages of each device.")
     ] = 2.0,
@@ -124,7 +128,7 @@ def simulate(
     ] = False,
 ) -> None:
     """Run N real device agents (own key, token, certificate, mTLS session each) in one
-    process through a scenario, and report what happened."""
+    process (or --shards processes) through a scenario, and report what happened."""
     from simulators.errors import SimulatorError
     from simulators.plot import check_plot_available, plot_timeline
     from simulators.report import as_json as report_json
@@ -149,6 +153,7 @@ def simulate(
             home=home,
             ramp=ramp,
             max_inflight=max_inflight,
+            shards=shards,
             telemetry_interval=telemetry_interval,
             duration=duration,
             revoke=revoke,

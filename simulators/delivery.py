@@ -1,9 +1,9 @@
 """The delivery ledger: which QoS 1 messages the broker acknowledged and the observer saw.
 
-Messages are matched one by one, by a digest of their bytes (every telemetry message carries
-its own timestamp, so no two of a device's messages are equal), not by counts. The PUBACK of a
-message and the observer's copy of it reach the simulator in either order, in the same event
-loop; a pair of count snapshots taken between the two calls an in-flight message lost. That
+Messages are matched one by one, by a digest of their bytes (`message_key`; every telemetry
+message carries its own timestamp, so no two of a device's messages are equal), not by counts.
+The PUBACK of a message and the observer's copy of it reach the simulator in either order; a
+pair of count snapshots taken between the two calls an in-flight message lost. That
 is what the soak of 2026-12-05 21:25 reported as 179 lost messages: the snapshot opening one
 broker lifetime was taken while the loop ran 6.7 s late, after the observer had counted
 messages whose acknowledgments the agents had not read yet. Devices still publishing made up
@@ -15,10 +15,18 @@ left of a period is forgotten when the period is closed.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 EARLY_KEPT_S = 120.0  # an observer copy with no acknowledgment after this is a duplicate
+
+
+def message_key(payload: bytes) -> int:
+    """A message's identity: 64 bits of BLAKE2b, the same in every process (the agents may
+    run in other processes than the observer; Python's hash() of bytes differs between
+    processes)."""
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "big")
 
 
 @dataclass
@@ -56,8 +64,8 @@ class DeliveryLedger:
         self.period += 1
         return self.period
 
-    def acknowledged(self, device_id: str, payload: bytes, t: float) -> None:
-        key = hash(payload)
+    def acknowledged(self, device_id: str, key: int, t: float) -> None:
+        """A delivery receipt: the broker acknowledged the message `key` (message_key)."""
         count = self._counts[self.period]
         early = self._early.get(device_id)
         if early is not None and early.pop(key, None) is not None:
@@ -69,8 +77,8 @@ class DeliveryLedger:
             pending[key] = (self.period, t)
             count.acknowledged += 1
 
-    def seen(self, device_id: str, payload: bytes, t: float) -> None:
-        key = hash(payload)
+    def seen(self, device_id: str, key: int, t: float) -> None:
+        """The observer's copy of the message `key`."""
         pending = self._pending.get(device_id)
         hit = pending.pop(key, None) if pending is not None else None
         if hit is not None:

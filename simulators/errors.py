@@ -71,6 +71,18 @@ class NeedsHostedStack(SimulatorError):
         self.why = why
 
 
+class NeedsLocalAgents(SimulatorError):
+    """A scenario that reaches into the agents' objects cannot run them in fleet shards."""
+
+    def __init__(self, scenario: str, why: str) -> None:
+        super().__init__(
+            f"scenario {scenario!r} {why}, so its agents run in the simulator's own process: "
+            "leave out --shards (or use --shards 1)"
+        )
+        self.scenario = scenario
+        self.why = why
+
+
 class PlotUnavailable(SimulatorError):
     """--plot was asked for but matplotlib (the optional 'plot' extra) is not installed."""
 

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from device_agent.backoff import Backoff
 from device_agent.config import AgentConfig, EstServer, load_config
 from device_agent.events import AgentEvent, EventKind
 from device_agent.exit_codes import ExitCode
+from simulators.delivery import message_key
 from simulators.stack import Endpoints
 from simulators.trace import DeviceTrace, Journal, Outcome
 
@@ -36,6 +38,12 @@ Seconds = Callable[[], float]
 # counts retries with one).
 FleetListener = Callable[[str, AgentEvent], None]
 RENEW_RETRIES_KEPT = 5
+# (device id, message key, monotonic time): a delivery receipt.
+Receipt = Callable[[str, int, float], None]
+
+
+def _receipt(on_receipt: Receipt, device_id: str, payload: bytes) -> None:
+    on_receipt(device_id, message_key(payload), time.monotonic())
 
 
 class TraceRecorder:
@@ -126,13 +134,16 @@ class AgentSettings:
     # Where the agents enroll and connect, overriding their bundles (a `serve` started with
     # other ports than its fleetpki.toml says); None: as the bundle says.
     endpoints: Endpoints | None = None
-    # (device id, payload) for each telemetry message the broker acknowledged: every agent's
-    # delivery receipts (Agent on_delivered).
-    on_delivered: Callable[[str, bytes], None] | None = None
+    # (device id, message_key(payload), time.monotonic()) for each telemetry message the
+    # broker acknowledged: every agent's delivery receipts (Agent on_delivered), by key so
+    # that agents in other processes can report them too (simulators/sharded_fleet.py).
+    on_receipt: Receipt | None = None
 
 
-class Fleet:
-    """Starts, watches and stops the agents of a set of bundle folders."""
+class FleetBase:
+    """What a scenario sees of a fleet, wherever its agents run: this process (`Fleet`) or
+    several (`simulators.sharded_fleet.ShardedFleet`). Subclasses start and stop agents and
+    call `_settle` when one connects or ends."""
 
     def __init__(
         self,
@@ -147,11 +158,10 @@ class Fleet:
         self.seconds = seconds
         self.settings = settings
         self.rng = rng
-        self.agents: dict[str, Agent] = {}
         # Called with (device id, event) for every agent's every event.
         self.listeners: list[FleetListener] = []
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        self._sent_before: dict[str, int] = {}
+        # Called with the device id when an agent's run ends (its trace has the outcome).
+        self.ended_listeners: list[Callable[[str], None]] = []
         # Started, but neither connected yet nor stopped: the bring-up still in flight.
         self.pending: set[str] = set()
         self._settled = asyncio.Event()
@@ -161,6 +171,99 @@ class Fleet:
     @property
     def ids(self) -> list[str]:
         return list(self.bundles)
+
+    def _settle(self, device_id: str) -> None:
+        self.pending.discard(device_id)
+        self._settled.set()
+
+    def _record_end(self, device_id: str) -> None:
+        """An agent's run ended (its trace has the outcome): note when, and tell listeners."""
+        trace = self.journal.trace(device_id)
+        trace.ended = self.seconds()
+        if trace.connected:  # a stopped agent's session ended with it
+            trace.disconnects.append(trace.ended)
+        self._settle(device_id)
+        for listener in self.ended_listeners:
+            listener(device_id)
+
+    async def start(
+        self,
+        ids: Iterable[str] | None = None,
+        ramp: float | None = None,
+        max_inflight: int | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    async def stop(self, ids: Iterable[str] | None = None, grace: float = 15.0) -> None:
+        raise NotImplementedError
+
+    def running(self, device_id: str) -> bool:
+        raise NotImplementedError
+
+    def describe(self, device_id: str) -> tuple[str | None, str | None]:
+        """(the agent's state, its last error) for a report; (None, None) if never started."""
+        raise NotImplementedError
+
+    def sync_counts(self) -> None:
+        """Copy each agent's acknowledged-message count into its trace."""
+        raise NotImplementedError
+
+    def processes(self) -> list[int]:
+        """The pids of the processes the agents run in besides this one."""
+        return []
+
+    def take_lag(self) -> float:
+        """The worst event-loop lateness in those processes since the last call."""
+        return 0.0
+
+    async def wait_settled(self, within: float) -> bool:
+        """Until every started agent is connected or stopped (cheap at any fleet size)."""
+        deadline = self.seconds() + within
+        while self.pending:
+            left = deadline - self.seconds()
+            if left <= 0:
+                return False
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self._settled.wait()
+        return True
+
+    async def wait_until(
+        self, predicate: Callable[[], bool], within: float, poll: float = 0.05
+    ) -> bool:
+        """Poll `predicate` until true or `within` seconds; returns its last value."""
+        deadline = self.seconds() + within
+        while not predicate():
+            if self.seconds() >= deadline:
+                return False
+            await asyncio.sleep(poll)
+        return True
+
+    def connected(self, ids: Iterable[str] | None = None) -> list[str]:
+        chosen = self.ids if ids is None else ids
+        return [d for d in chosen if self.journal.trace(d).connected]
+
+    def settled(self, device_id: str) -> bool:
+        """Connected, or stopped for good: nothing more will happen without a change."""
+        return self.journal.trace(device_id).connected or not self.running(device_id)
+
+
+class Fleet(FleetBase):
+    """Starts, watches and stops the agents of a set of bundle folders, in this process."""
+
+    def __init__(
+        self,
+        bundles: dict[str, Path],
+        journal: Journal,
+        seconds: Seconds,
+        settings: AgentSettings,
+        rng: random.Random,
+    ) -> None:
+        super().__init__(bundles, journal, seconds, settings, rng)
+        self.agents: dict[str, Agent] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._sent_before: dict[str, int] = {}
 
     def config_of(self, device_id: str) -> AgentConfig:
         """The agent configuration of `device_id`: its bundle plus the simulator's settings."""
@@ -192,8 +295,8 @@ class Fleet:
             kwargs["est_backoff"] = s.est_backoff
         if s.clock_for is not None:
             kwargs["clock"] = s.clock_for(device_id)
-        if s.on_delivered is not None:
-            kwargs["on_delivered"] = functools.partial(s.on_delivered, device_id)
+        if s.on_receipt is not None:
+            kwargs["on_delivered"] = functools.partial(_receipt, s.on_receipt, device_id)
         recorder = TraceRecorder(trace, self.seconds, on_up=self._settle, listeners=self.listeners)
         agent = Agent(self.config_of(device_id), on_event=recorder, **kwargs)
         self.agents[device_id] = agent
@@ -223,15 +326,8 @@ class Fleet:
                 trace.reason = failure_reason(agent.state, agent.last_error)
                 trace.detail = agent.last_error
         finally:
-            self._settle(device_id)
-            trace.ended = self.seconds()
-            if trace.connected:  # a stopped agent's session ended with it
-                trace.disconnects.append(trace.ended)
             self._sent_before[device_id] = self._sent_before.get(device_id, 0) + published(agent)
-
-    def _settle(self, device_id: str) -> None:
-        self.pending.discard(device_id)
-        self._settled.set()
+            self._record_end(device_id)
 
     async def start(
         self,
@@ -276,41 +372,14 @@ class Fleet:
         task = self.tasks.get(device_id)
         return task is not None and not task.done()
 
+    def describe(self, device_id: str) -> tuple[str | None, str | None]:
+        """(the agent's state, its last error) for a report; (None, None) if never started."""
+        agent = self.agents.get(device_id)
+        return (str(agent.state), agent.last_error) if agent is not None else (None, None)
+
     def sync_counts(self) -> None:
         """Copy each agent's acknowledged-message count into its trace."""
         for device_id, trace in self.journal.traces.items():
             agent = self.agents.get(device_id)
             live = published(agent) if agent is not None and self.running(device_id) else 0
             trace.sent = self._sent_before.get(device_id, 0) + live
-
-    async def wait_settled(self, within: float) -> bool:
-        """Until every started agent is connected or stopped (cheap at any fleet size)."""
-        deadline = self.seconds() + within
-        while self.pending:
-            left = deadline - self.seconds()
-            if left <= 0:
-                return False
-            self._settled.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, 1.0)):
-                    await self._settled.wait()
-        return True
-
-    async def wait_until(
-        self, predicate: Callable[[], bool], within: float, poll: float = 0.05
-    ) -> bool:
-        """Poll `predicate` until true or `within` seconds; returns its last value."""
-        deadline = self.seconds() + within
-        while not predicate():
-            if self.seconds() >= deadline:
-                return False
-            await asyncio.sleep(poll)
-        return True
-
-    def connected(self, ids: Iterable[str] | None = None) -> list[str]:
-        chosen = self.ids if ids is None else ids
-        return [d for d in chosen if self.journal.trace(d).connected]
-
-    def settled(self, device_id: str) -> bool:
-        """Connected, or stopped for good: nothing more will happen without a change."""
-        return self.journal.trace(device_id).connected or not self.running(device_id)

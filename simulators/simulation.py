@@ -30,12 +30,14 @@ from simulators.errors import (
     InvalidDeviceCount,
     InvalidOption,
     NeedsHostedStack,
+    NeedsLocalAgents,
     ServerUnreachable,
     SimulatorError,
 )
-from simulators.fleet import AgentSettings, Fleet
+from simulators.fleet import AgentSettings, Fleet, FleetBase
 from simulators.observer import Observer, issue_observer
 from simulators.report import Check, Report, build_report
+from simulators.sharded_fleet import ShardedFleet
 from simulators.stack import Endpoints, HostedStack, Ports, existing_endpoints, probe_tls
 from simulators.trace import Journal
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetpki.simulator")
 
 MAX_DEVICES = 50_000
+MAX_SHARDS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,7 @@ class SimulationOptions:
     bring_up_timeout: float | None = None  # default: grows with the device count
     revoke: int = 1  # devices the revoke scenario revokes
     max_inflight: int | None = None  # at most this many agents enrolling/connecting at once
+    shards: int = 1  # processes the agents run in; 1: this one (simulators/sharded_fleet.py)
 
     def up_timeout(self) -> float:
         if self.bring_up_timeout is not None:
@@ -78,6 +82,8 @@ def check_options(options: SimulationOptions) -> None:
     n = options.devices
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DEVICES:
         raise InvalidDeviceCount(n, MAX_DEVICES)
+    if not 1 <= options.shards <= MAX_SHARDS:
+        raise InvalidOption("--shards", options.shards, f"must be 1..{MAX_SHARDS}")
     if options.max_inflight is not None and options.max_inflight < 1:
         raise InvalidOption("--max-inflight", options.max_inflight, "must be at least 1")
     if options.ramp is not None and not options.ramp > 0:
@@ -106,6 +112,8 @@ def preflight(options: SimulationOptions) -> Scenario:
     scenario = get_scenario(options.scenario)
     if options.home is not None and scenario.hosted_only:
         raise NeedsHostedStack(scenario.name, scenario.hosted_only)
+    if options.shards > 1 and scenario.in_process_only:
+        raise NeedsLocalAgents(scenario.name, scenario.in_process_only)
     return scenario
 
 
@@ -121,6 +129,8 @@ class Simulation:
         check_options(options)
         if options.home is not None and scenario.hosted_only:
             raise NeedsHostedStack(scenario.name, scenario.hosted_only)
+        if options.shards > 1 and scenario.in_process_only:
+            raise NeedsLocalAgents(scenario.name, scenario.in_process_only)
         self.options = options
         self.scenario = scenario
         self.seed = options.seed if options.seed is not None else secrets.randbits(32)
@@ -134,7 +144,7 @@ class Simulation:
         self.registry: Registry | None = None
         self.observer: Observer | None = None
         self._observer_task: asyncio.Task[None] | None = None
-        self.fleet: Fleet | None = None
+        self.fleet: FleetBase | None = None
         self.batch_id: str | None = None
         self.bundle_dir: Path | None = None
         self.notes: list[str] = []  # plain-words log of what the run did (demo, --verbose)
@@ -260,13 +270,36 @@ class Simulation:
         )
         settings = self.scenario.agent_settings(self.options)
         settings.endpoints = self.endpoints
-        self.fleet = Fleet(bundles, self.journal, self.seconds, settings, self.rng)
+        if self.options.shards > 1:
+            sharded = ShardedFleet(
+                bundles,
+                self.journal,
+                self.seconds,
+                settings,
+                self.rng,
+                self.options.shards,
+                self.folder / "shards",
+            )
+            self.fleet = sharded
+            await sharded.open()
+            self.note(f"the agents run in {self.options.shards} processes (fleet shards)")
+        else:
+            self.fleet = Fleet(bundles, self.journal, self.seconds, settings, self.rng)
 
     # -- actions for scenarios -------------------------------------------------------------
     @property
     def ids(self) -> list[str]:
         assert self.fleet is not None
         return self.fleet.ids
+
+    @property
+    def local_fleet(self) -> Fleet:
+        """The fleet, for scenarios that reach into the agents themselves (their objects, their
+        configuration): only when they run in this process."""
+        if not isinstance(self.fleet, Fleet):
+            why = self.scenario.in_process_only or "reaches into the agents' objects"
+            raise NeedsLocalAgents(self.scenario.name, why)
+        return self.fleet
 
     def revoke(self, device_id: str, reason: str = "keyCompromise") -> float:
         """Revoke a device in the registry as an operator's CLI would; returns when (t)."""

@@ -24,7 +24,6 @@ What it reports (SoakResult; bench/soak.py prints it, plots it and writes JSON):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import re
@@ -41,11 +40,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simulators.delivery import DeliveryLedger
+from simulators.delivery import DeliveryLedger, message_key
 from simulators.report import Check, Report
 from simulators.scenarios.base import Scenario
 from simulators.simulation import Simulation, SimulationOptions
-from simulators.stack import HOST, Ports, free_port, init_temp_home
+from simulators.stack import HOST, Ports, die_with_parent, free_port, init_temp_home
 from simulators.trace import Outcome
 
 if TYPE_CHECKING:
@@ -71,6 +70,7 @@ class SoakOptions:
     workdir: Path | None = None
     seed: int | None = None
     keep: bool = False  # keep the temporary folder (home, process logs) for inspection
+    shards: int = 1  # processes the simulated agents run in (simulators/sharded_fleet.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +190,7 @@ class Services:
         log = (self.logs / f"{name}.log").open("ab")
         command = [sys.executable, "-m", "enroll_server.cli", *args, "--home", str(self.home)]
         return subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
 
     def start(self, est_port: int, http_port: int, mqtt_port: int) -> None:
@@ -209,12 +209,13 @@ class Services:
             _stop(self.broker)
             self.broker = None
 
-    def pids(self) -> dict[str, int]:
-        found = {"simulator": os.getpid()}
+    def pids(self, shards: list[int] | None = None) -> dict[str, list[int]]:
+        """The processes sampled, by name: the simulator is this one plus its fleet shards."""
+        found = {"simulator": [os.getpid(), *(shards or [])]}
         if self.server is not None and self.server.poll() is None:
-            found["server"] = self.server.pid
+            found["server"] = [self.server.pid]
         if self.broker is not None and self.broker.poll() is None:
-            found["broker"] = self.broker.pid
+            found["broker"] = [self.broker.pid]
         return found
 
     def close(self) -> None:
@@ -225,15 +226,6 @@ class Services:
 
 
 HEARTBEAT = 0.1  # seconds between the loop-lag heartbeat's wake-ups
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when the soak's process dies (PR_SET_PDEATHSIG), so a
-    killed soak leaves no server or broker behind."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -261,18 +253,20 @@ def _wait_listening(proc: subprocess.Popen[bytes], what: str, ports: list[int]) 
             time.sleep(0.2)
 
 
-def _sample(t: float, pids: dict[str, int], connected: int) -> Sample:
+def sample_processes(t: float, pids: dict[str, list[int]], connected: int) -> Sample:
+    """RSS and open fds of each named group of processes (summed over the group)."""
     import psutil
 
     rss: dict[str, int] = {}
     fds: dict[str, int] = {}
-    for name, pid in pids.items():
-        try:
-            proc = psutil.Process(pid)
-            rss[name] = proc.memory_info().rss
-            fds[name] = proc.num_fds()
-        except psutil.Error:
-            continue
+    for name, group in pids.items():
+        for pid in group:
+            try:
+                proc = psutil.Process(pid)
+                rss[name] = rss.get(name, 0) + proc.memory_info().rss
+                fds[name] = fds.get(name, 0) + proc.num_fds()
+            except psutil.Error:
+                continue
     return Sample(t, rss, fds, connected)
 
 
@@ -307,7 +301,7 @@ class Soak(Scenario):
         # executor is the fleet's: aiomqtt runs every agent's MQTT connect there, and after a
         # broker stop thousands of reconnects queued ahead of the restart (the 2,000-agent
         # run's first restart took 28 s instead of about 1) and of the samples. They must
-        # outlive the broker they start: PR_SET_PDEATHSIG (_die_with_parent) signals the
+        # outlive the broker they start: PR_SET_PDEATHSIG (die_with_parent) signals the
         # child when the *thread* that forked it ends. Shut down by close(), after Services.
         self._harness = ThreadPoolExecutor(max_workers=2, thread_name_prefix="soak-harness")
 
@@ -322,15 +316,10 @@ class Soak(Scenario):
         from simulators.fleet import AgentSettings
 
         # A broker restart every few minutes: reconnect within seconds, not two minutes.
-        ledger = self.ledger
-
-        def delivered(device_id: str, payload: bytes) -> None:
-            ledger.acknowledged(device_id, payload, time.monotonic())
-
         return AgentSettings(
             telemetry_interval=options.telemetry_interval,
             mqtt_backoff=Backoff(base=1.0, factor=2.0, cap=10.0),
-            on_delivered=delivered,
+            on_receipt=self.ledger.acknowledged,
         )
 
     async def run(self, sim: Simulation) -> Report:
@@ -348,7 +337,9 @@ class Soak(Scenario):
         ledger = self.ledger
         mono_begin = time.monotonic() - now()
         observer.listeners.append(
-            lambda device_id, payload: ledger.seen(device_id, payload, time.monotonic())
+            lambda device_id, payload: ledger.seen(
+                device_id, message_key(payload), time.monotonic()
+            )
         )
 
         async def settle(within: float) -> None:
@@ -404,10 +395,11 @@ class Soak(Scenario):
 
         async def sampler() -> None:
             while True:
-                pids = self.services.pids()
+                pids = self.services.pids(fleet.processes())
                 connected = sim.journal.connected_count()
-                lag, worst_lag[0] = worst_lag[0], 0.0
-                sample = await self._aside(_sample, now(), pids, connected)
+                # The worst of this loop's and the shards' (where the agents are).
+                lag, worst_lag[0] = max(worst_lag[0], fleet.take_lag()), 0.0
+                sample = await self._aside(sample_processes, now(), pids, connected)
                 result.samples.append(sample)
                 result.loop_lag.append((sample.t, round(lag, 3)))
                 await asyncio.sleep(opts.sample_every - now() % opts.sample_every)
@@ -441,7 +433,8 @@ class Soak(Scenario):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        result.samples.append(_sample(now(), self.services.pids(), sim.journal.connected_count()))
+        pids = self.services.pids(fleet.processes())
+        result.samples.append(sample_processes(now(), pids, sim.journal.connected_count()))
         result.seconds = now()
 
         # Stuck: an agent not revoked that is down (or has stopped) when the rest have been
@@ -468,10 +461,10 @@ class Soak(Scenario):
                     result.revoked_connected.append(device_id)
             elif device_id in suspects:
                 result.stuck.append(device_id)
-                agent = fleet.agents.get(device_id)
+                state, last_error = fleet.describe(device_id)
                 result.stuck_detail[device_id] = [
-                    str(agent.state) if agent else None,
-                    agent.last_error if agent else None,
+                    state,
+                    last_error,
                     trace.outcome.value,
                     round(sim.seconds() - trace.connects[-1], 1) if trace.connects else None,
                     [round(t - begin, 1) for t in trace.disconnects[-3:]],
@@ -523,6 +516,7 @@ async def run_soak(
             workdir=folder,
             seed=options.seed,
             bring_up_timeout=60.0 + options.devices * 0.2,
+            shards=options.shards,
         )
         async with Simulation(sim_options, scenario, narrate=on_progress) as sim:
             scenario.result.report = await scenario.run(sim)

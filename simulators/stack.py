@@ -70,6 +70,18 @@ class Ports:
     mqtt: int = 0
 
 
+def die_with_parent() -> None:
+    """A child process's preexec_fn (Linux): SIGTERM when its parent dies (PR_SET_PDEATHSIG),
+    so a killed simulator leaves no server, broker or fleet shard behind. The signal comes
+    when the *thread* that started the child ends: start children from a thread that lives
+    as long as they should."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def free_port(host: str = HOST) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))

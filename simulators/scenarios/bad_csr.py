@@ -93,6 +93,7 @@ async def send(cfg: AgentConfig, device_id: str, token: str, der: bytes) -> tupl
 
 class BadCsr(Scenario):
     name = "bad-csr"
+    in_process_only = "sends bad CSRs with the agents' own configuration"
     summary = (
         "before the devices enroll, requests the CA must refuse are sent with their valid "
         "tokens (another device's CN or SAN, CA:TRUE, serverAuth, an RSA-1024 key, a broken "
@@ -101,7 +102,7 @@ class BadCsr(Scenario):
     )
 
     async def run(self, sim: Simulation) -> Report:
-        fleet, registry, bundles = sim.fleet, sim.registry, sim.bundle_dir
+        fleet, registry, bundles = sim.local_fleet, sim.registry, sim.bundle_dir
         assert fleet is not None and registry is not None and bundles is not None
         ids = fleet.ids
         cfgs = {d: fleet.config_of(d) for d in ids}

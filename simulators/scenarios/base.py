@@ -17,12 +17,15 @@ class Scenario:
 
     `hosted_only`: why the scenario needs the simulator's own stack (it restarts the broker,
     shortens certificate lifetimes...), or None if it can run against any deployment.
+    `in_process_only`: why the scenario needs its agents in the simulator's own process (it
+    reaches into their objects), or None if they may run in fleet shards (`--shards`).
     `delivery_check`: whether to check at the end that no acknowledged message was lost.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     hosted_only: ClassVar[str | None] = None
+    in_process_only: ClassVar[str | None] = None
     delivery_check: ClassVar[bool] = True
     prefix: ClassVar[str | None] = None  # device id prefix; None: a fresh one per run
 

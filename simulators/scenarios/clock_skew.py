@@ -40,6 +40,7 @@ class DeviceClock:
 
 class ClockSkew(Scenario):
     name = "clock-skew"
+    in_process_only = "gives agents clocks of their own and reads their state"
     summary = (
         "device clocks on time, 2 min slow, 10 min fast, and booted in 1970 (no RTC): the "
         "skewed ones enroll and connect normally (certificates are backdated), the 1970 ones "
@@ -63,7 +64,7 @@ class ClockSkew(Scenario):
         )
 
     async def run(self, sim: Simulation) -> Report:
-        fleet = sim.fleet
+        fleet = sim.local_fleet
         assert fleet is not None
         ids = fleet.ids
         for i, device_id in enumerate(ids):

@@ -49,8 +49,7 @@ async def broker_refuses(sim: Simulation, device_id: str, ident: Identity) -> tu
 
 async def renewal_refused(sim: Simulation, device_id: str, ident: Identity) -> tuple[bool, str]:
     """simplereenroll with the expired certificate (RFC 7030 3.3.2: mTLS must fail)."""
-    assert sim.fleet is not None
-    cfg = sim.fleet.config_of(device_id)
+    cfg = sim.local_fleet.config_of(device_id)
     client = EstClient(cfg.server, cfg.trust_anchor, timeout=10)
     csr = build_csr(generate_key(cfg.key_type), cfg.device_id)
     try:
@@ -62,6 +61,7 @@ async def renewal_refused(sim: Simulation, device_id: str, ident: Identity) -> t
 
 class ExpiredCert(Scenario):
     name = "expired-cert"
+    in_process_only = "renews with an agent's expired certificate itself"
     summary = (
         "devices enroll, are switched off before renewal and back on after their certificate "
         "expired: each agent stops with 'needs a new token' instead of looping, the broker "
@@ -77,7 +77,7 @@ class ExpiredCert(Scenario):
         return timedelta(seconds=1)
 
     async def run(self, sim: Simulation) -> Report:
-        fleet, registry, layout = sim.fleet, sim.registry, sim.layout
+        fleet, registry, layout = sim.local_fleet, sim.registry, sim.layout
         assert fleet is not None and registry is not None and layout is not None
         ids = fleet.ids
         journal = sim.journal

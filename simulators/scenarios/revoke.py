@@ -21,8 +21,7 @@ DROP_LIMIT_S = 1.0
 
 async def reenroll_refused(sim: Simulation, device_id: str) -> tuple[bool, str]:
     """Try simplereenroll (RFC 7030 4.2.2) with the revoked device's own certificate."""
-    assert sim.fleet is not None
-    agent = sim.fleet.agents[device_id]
+    agent = sim.local_fleet.agents[device_id]
     ident = Keystore(agent.config.state_dir).load()
     if ident is None:
         return False, "no identity on disk"
@@ -41,6 +40,7 @@ async def reenroll_refused(sim: Simulation, device_id: str) -> tuple[bool, str]:
 
 class Revoke(Scenario):
     name = "revoke"
+    in_process_only = "re-enrolls with a revoked agent's own key"
     summary = (
         "K devices (--revoke) are revoked in the registry mid-run, as an operator would: each "
         "live session is dropped within 1 s, each reconnect is refused and the agent stops, "
@@ -48,7 +48,7 @@ class Revoke(Scenario):
     )
 
     async def run(self, sim: Simulation) -> Report:
-        fleet = sim.fleet
+        fleet = sim.local_fleet
         assert fleet is not None
         checks = [await sim.bring_up()]
         await sim.hold(max(1.0, sim.options.telemetry_interval))

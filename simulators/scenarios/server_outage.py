@@ -18,6 +18,7 @@ EXPIRY_MARGIN_S = 3.0  # the service comes back this long before the first certi
 
 class ServerOutage(Scenario):
     name = "server-outage"
+    in_process_only = "reads the agents' certificates to time the outage"
     summary = (
         "half the fleet is up when the EST service stops; the other half boots during the "
         "outage, and the first half's renewals fall due in it: MQTT sessions are undisturbed, "
@@ -35,7 +36,7 @@ class ServerOutage(Scenario):
         return timedelta(seconds=1)
 
     async def run(self, sim: Simulation) -> Report:
-        fleet, stack = sim.fleet, sim.stack
+        fleet, stack = sim.local_fleet, sim.stack
         assert fleet is not None and stack is not None
         ids = fleet.ids
         first, late = ids[: max(1, len(ids) // 2)], ids[max(1, len(ids) // 2) :]

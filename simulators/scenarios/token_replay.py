@@ -25,8 +25,7 @@ REFUSED = (401, 429)  # wrong/used token, or throttled after too many of them
 
 async def replay(sim: Simulation, device_id: str, token: str, as_id: str) -> tuple[bool, str]:
     """simpleenroll as `as_id` with `device_id`'s used token and a fresh key."""
-    assert sim.fleet is not None
-    cfg = sim.fleet.agents[device_id].config
+    cfg = sim.local_fleet.agents[device_id].config
     client = EstClient(cfg.server, cfg.trust_anchor, timeout=10)
     key = generate_key(cfg.key_type)
     try:
@@ -40,6 +39,7 @@ async def replay(sim: Simulation, device_id: str, token: str, as_id: str) -> tup
 
 class TokenReplay(Scenario):
     name = "token-replay"
+    in_process_only = "reads the agents' configuration to replay their tokens"
     summary = (
         "after the fleet enrolled, an attacker replays copied factory tokens: with the same "
         "id and a new key, under another device's id, and as a cloned agent; every replay is "
@@ -48,7 +48,7 @@ class TokenReplay(Scenario):
     )
 
     async def run(self, sim: Simulation) -> Report:
-        fleet, registry, bundles = sim.fleet, sim.registry, sim.bundle_dir
+        fleet, registry, bundles = sim.local_fleet, sim.registry, sim.bundle_dir
         assert fleet is not None and registry is not None and bundles is not None
         assert sim.folder is not None
         # The attacker copied the tokens at the factory, before any device used its own.

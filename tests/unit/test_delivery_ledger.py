@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from simulators.delivery import EARLY_KEPT_S, DeliveryLedger
+from simulators.delivery import EARLY_KEPT_S, DeliveryLedger, message_key
 
 
-def msg(n: int) -> bytes:
-    return b'{"ts":"2026-12-05T21:31:%02d.000001Z"}' % n
+def msg(n: int) -> int:
+    return message_key(b'{"ts":"2026-12-05T21:31:%02d.000001Z"}' % n)
+
+
+def test_message_key_is_stable_across_processes() -> None:
+    # BLAKE2b-64 of the bytes, not hash(): the same in a shard process and in the observer's.
+    assert message_key(b"telemetry") == 0x0282D20164C97A02
+    assert message_key(b"a") != message_key(b"b")
 
 
 def test_observer_copy_before_the_acknowledgment_is_not_lost() -> None:
