@@ -293,15 +293,17 @@ class MqttLink:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_all(tasks)
-        ended = [task for task in done if task is not rotate]
-        # A lost connection fails the pump and the listener in the same turn: read every
-        # failure (else asyncio logs "Task exception was never retrieved" for the second),
-        # then re-raise the first MqttError, which ends the session.
-        for task in ended:
-            if not task.cancelled():
-                task.exception()
-        for task in ended:
-            task.result()
+            # A lost connection fails the pump and the listener in the same turn, or the
+            # second while it is being cancelled (aiomqtt may turn the cancel into its own
+            # "Disconnected" error): read every failure, whether asyncio.wait saw it or not
+            # (else asyncio logs "Task exception was never retrieved").
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()
+        # Then re-raise the first MqttError, which ends the session.
+        for task in done:
+            if task is not rotate:
+                task.result()
         if rotate in done:
             log.info("%s: reconnecting with the renewed certificate", self.device_id)
 

@@ -1,5 +1,6 @@
 """MqttLink._serve when the connection is lost: the pump and the listener fail in the same
-turn, and both failures are read (none left for asyncio's "never retrieved" log)."""
+turn, or the second while it is cancelled, and every failure is read (none left for asyncio's
+"never retrieved" log)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,27 @@ class _LostClient:
         return gen()
 
 
-def test_both_failures_are_read_and_the_first_is_raised(tmp_path: Path) -> None:
+class _CancelTurnedIntoError(_LostClient):
+    """The publish fails first; the listener, cancelled, ends with an error instead (what
+    aiomqtt's iterator did in the 2,000-agent soak: "Disconnected during message iteration"
+    on a task asyncio.wait had not returned as done)."""
+
+    @property
+    def messages(self) -> AsyncIterator[Any]:
+        async def gen() -> AsyncIterator[Any]:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise aiomqtt.MqttError("Disconnected during message iteration") from None
+            yield  # an async generator
+
+        return gen()
+
+
+@pytest.mark.parametrize("client_type", [_LostClient, _CancelTurnedIntoError])
+def test_every_failure_is_read_and_the_first_is_raised(
+    tmp_path: Path, client_type: type[_LostClient]
+) -> None:
     unretrieved: list[dict[str, Any]] = []
 
     async def main() -> None:
@@ -53,7 +74,7 @@ def test_both_failures_are_read_and_the_first_is_raised(tmp_path: Path) -> None:
         )
         link.enqueue(b"{}")
         lost = asyncio.Event()
-        client = _LostClient(lost)
+        client = client_type(lost)
         loop.call_later(0.05, lost.set)
         with pytest.raises(aiomqtt.MqttError):
             await link._serve(client)  # type: ignore[arg-type]
