@@ -82,6 +82,16 @@ def _connack_code(exc: aiomqtt.MqttCodeError) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def _read_failure(task: asyncio.Task[Any]) -> None:
+    """A session task's done callback: read its failure as it ends. A lost connection fails
+    the pump and the listener in the same turn, or the second while it is being cancelled
+    (aiomqtt may turn the cancel into its own "Disconnected" error), or after `_serve` itself
+    was cancelled twice in a stop; whoever looks at the outcome, asyncio must not log "Task
+    exception was never retrieved" for any of them."""
+    if not task.cancelled():
+        task.exception()
+
+
 class MqttLink:
     """Keeps one device's MQTT session up; survives broker restarts; stops only when refused.
 
@@ -289,18 +299,13 @@ class MqttLink:
         listen = asyncio.create_task(self._listen(client))
         rotate = asyncio.create_task(self._rotate.wait())
         tasks = {pump, listen, rotate}
+        for task in tasks:
+            task.add_done_callback(_read_failure)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_all(tasks)
-            # A lost connection fails the pump and the listener in the same turn, or the
-            # second while it is being cancelled (aiomqtt may turn the cancel into its own
-            # "Disconnected" error): read every failure, whether asyncio.wait saw it or not
-            # (else asyncio logs "Task exception was never retrieved").
-            for task in tasks:
-                if task.done() and not task.cancelled():
-                    task.exception()
-        # Then re-raise the first MqttError, which ends the session.
+        # Re-raise the first MqttError, which ends the session.
         for task in done:
             if task is not rotate:
                 task.result()

@@ -84,3 +84,38 @@ def test_every_failure_is_read_and_the_first_is_raised(
     asyncio.run(main())
     gc.collect()
     assert [c.get("message") for c in unretrieved] == []
+
+
+def test_a_stop_that_cancels_twice_leaves_no_failure_unread(tmp_path: Path) -> None:
+    """The agent stops: `_serve` is cancelled, and cancelled again while it cancels its own
+    tasks (cancel_all's second round); the listener ends with aiomqtt's error meanwhile."""
+    unretrieved: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+        link = MqttLink(
+            DeviceId("dev-1"),
+            "127.0.0.1",
+            1,
+            tmp_path / "ca.pem",
+            lambda: (tmp_path / "c.pem", tmp_path / "k.pem"),
+            rng=random.Random(1),
+        )
+        link.enqueue(b"{}")
+        client = _CancelTurnedIntoError(asyncio.Event())  # the publish never completes
+        serve = asyncio.create_task(link._serve(client))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        serve.cancel()
+        await asyncio.sleep(0)
+        serve.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serve
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    gc.collect()
+    assert [c.get("message") for c in unretrieved] == []
